@@ -1,0 +1,48 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// The runtime: one C shim module for what Swift cannot call, one library with the
+// layers of ../shared/DESIGN.md, one executable that only parses arguments and wires.
+// Benchmarks live in perf/ as their own package so this build never pays for them.
+let package = Package(
+    name: "kuasar",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "kuasar", targets: ["kuasar"]),
+        .library(name: "Runtime", targets: ["Runtime"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CLibURing", pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(
+            name: "CLibSeccomp", pkgConfig: "libseccomp",
+            providers: [.apt(["libseccomp-dev"])]),
+        .target(
+            name: "CShims",
+            dependencies: ["CLibURing", "CLibSeccomp"],
+            cSettings: [.define("_GNU_SOURCE")],
+            linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("seccomp")]),
+        .target(
+            name: "Runtime",
+            dependencies: [
+                "CShims",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .executableTarget(
+            name: "kuasar",
+            dependencies: [
+                "Runtime",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
+        .testTarget(
+            name: "RuntimeTests",
+            dependencies: ["Runtime", "CShims"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,126 @@
+// CShims: the only C in the runtime. It holds exactly what Swift cannot call
+// directly — variadic or raw syscalls (clone3, pidfd_*, close_range), macros and
+// sigset_t juggling (signalfd, sigprocmask), liburing's static inline helpers, and
+// the code that runs between clone and exec (where only async-signal-safe C may run).
+// Everything else lives in Swift under Sources/Runtime/System.
+//
+// Conventions: every symbol starts with `ks_`; every pointer says whether it may be
+// null; functions return -errno on failure (never set errno for the caller to read
+// later), so the Swift side has one way to turn a failure into a typed error.
+#ifndef KS_CSHIMS_H
+#define KS_CSHIMS_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#pragma clang assume_nonnull begin
+
+// ---- epoll -------------------------------------------------------------------
+typedef struct ks_event {
+    uint64_t token;   // epoll data.u64 / io_uring user_data
+    uint32_t events;  // poll(2) bits: POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP
+    int32_t  result;  // io_uring: cqe->res; epoll: 0
+} ks_event;
+
+int ks_epoll_create(void);
+int ks_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+/// Waits up to `timeout_ms` (-1 forever). Returns the number of events or -errno.
+int ks_epoll_wait(int epfd, ks_event *out, int max, int timeout_ms);
+enum { KS_EPOLL_ADD = 1, KS_EPOLL_DEL = 2, KS_EPOLL_MOD = 3 };
+
+// ---- io_uring (readiness through one-shot POLL_ADD) ---------------------------
+typedef struct ks_uring ks_uring;
+/// Creates a ring; returns NULL and sets *err to -errno when the kernel refuses.
+ks_uring *_Nullable ks_uring_create(unsigned entries, int *err);
+void ks_uring_destroy(ks_uring *ring);
+int ks_uring_fd(const ks_uring *ring);
+/// Queue a one-shot poll of `fd` for `mask`; completions carry `token`.
+int ks_uring_poll_add(ks_uring *ring, int fd, uint32_t mask, uint64_t token);
+/// Queue removal of the poll whose user_data is `target`; its own completion carries `token`.
+int ks_uring_poll_remove(ks_uring *ring, uint64_t target, uint64_t token);
+/// Queue a change of the mask of the armed poll `target` (kernel ≥ 5.13).
+int ks_uring_poll_update(ks_uring *ring, uint64_t target, uint32_t mask, uint64_t token);
+/// Submits what is queued; waits for at least `wait_nr` completions.
+int ks_uring_submit_and_wait(ks_uring *ring, unsigned wait_nr);
+/// Copies up to `max` completions out (token=user_data, result=res, events=res when
+/// positive) and marks them seen. Returns how many.
+int ks_uring_reap(ks_uring *ring, ks_event *out, int max);
+/// Whether the kernel supports every opcode this backend needs.
+int ks_uring_probe_ok(void);
+
+// ---- eventfd, timerfd, signalfd ---------------------------------------------
+int ks_eventfd(unsigned initial);
+/// Creates a CLOCK_MONOTONIC timerfd (non-blocking, close-on-exec).
+int ks_timerfd_create(void);
+/// Arms the timer for an absolute CLOCK_MONOTONIC deadline in ns; 0 disarms.
+int ks_timerfd_arm(int fd, uint64_t deadline_ns);
+uint64_t ks_monotonic_ns(void);
+/// A signalfd for `signals[0..<count]`; fd = -1 makes a new one.
+int ks_signalfd(int fd, const int *signals, int count);
+/// SIG_BLOCK / SIG_UNBLOCK / SIG_SETMASK of this thread for the given signals.
+int ks_sigmask(int how, const int *_Nullable signals, int count);
+enum { KS_SIG_BLOCK = 0, KS_SIG_UNBLOCK = 1 };
+/// Reads one siginfo from a signalfd: returns the signal number, 0 when none is
+/// pending (EAGAIN), or -errno. *pid gets the sender.
+int ks_signalfd_read(int fd, int32_t *pid);
+int ks_ignore_signal(int sig);
+pid_t ks_gettid(void);
+int ks_tgkill(pid_t tgid, pid_t tid, int sig);
+
+// ---- processes -----------------------------------------------------------------
+int ks_pidfd_open(pid_t pid);
+int ks_pidfd_send_signal(int pidfd, int sig);
+/// waitid(P_PIDFD). Returns the pid reaped (>0), 0 when still running with WNOHANG,
+/// or -errno. *code is CLD_EXITED/CLD_KILLED/CLD_DUMPED; *status the exit code or signal.
+int ks_pidfd_wait(int pidfd, int nohang, int *code, int *status);
+/// waitid(P_ALL, WNOWAIT) peek: the pid of any exited child without reaping it,
+/// 0 when none, -errno (ECHILD when there are no children).
+int ks_peek_exited_child(void);
+/// Reaps `pid` (waitpid). Returns pid or -errno; fills code/status like ks_pidfd_wait.
+int ks_reap_pid(pid_t pid, int *code, int *status);
+
+typedef struct ks_fd_map {
+    int from;   // fd in the parent
+    int to;     // fd number it becomes in the child
+} ks_fd_map;
+
+typedef struct ks_spawn_attr {
+    const char *path;
+    char *_Nullable const *_Nonnull argv;
+    char *_Nullable const *_Nonnull envp;
+    const char *_Nullable cwd;
+    const ks_fd_map *_Nullable fds;
+    int fd_count;
+    uint64_t clone_flags;      // extra CLONE_NEW* flags
+    int new_session;           // setsid() in the child
+    int parent_death_signal;   // PR_SET_PDEATHSIG, 0 for none
+} ks_spawn_attr;
+
+/// clone3(CLONE_PIDFD) + exec. On success returns 0 with *pid and *pidfd set.
+/// When the child cannot exec, its errno comes back over a CLOEXEC pipe and this
+/// returns -errno with *stage naming the step that failed (0 exec, 1 fds, 2 cwd,
+/// 3 setsid, 4 signals); the child has been reaped.
+int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
+
+int ks_close_range(unsigned first, unsigned last, unsigned flags);
+
+// ---- sockets and terminals ------------------------------------------------------
+/// A vsock address family socket bound or connected to (cid, port).
+int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
+int ks_vsock_connect(int fd, uint32_t cid, uint32_t port);
+int ks_af_vsock(void);
+/// accept4(SOCK_NONBLOCK | SOCK_CLOEXEC): the new fd or -errno (-EAGAIN when none).
+int ks_accept(int fd);
+/// pipe2(O_CLOEXEC [| O_NONBLOCK]) into fds[0] (read) and fds[1] (write).
+int ks_pipe(int *fds, int nonblocking);
+/// A pty pair, both non-blocking and close-on-exec.
+int ks_openpty(int *master, int *slave);
+
+// ---- libseccomp -----------------------------------------------------------------
+/// "major.minor.micro" of the libseccomp in use.
+void ks_seccomp_version(char *buf, size_t len);
+
+#pragma clang assume_nonnull end
+
+#endif

@@ -1,0 +1,58 @@
+#include "CShims.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <pty.h>
+#include <seccomp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+int ks_af_vsock(void) { return AF_VSOCK; }
+
+static struct sockaddr_vm vsock_addr(uint32_t cid, uint32_t port) {
+    struct sockaddr_vm a;
+    memset(&a, 0, sizeof a);
+    a.svm_family = AF_VSOCK;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    return a;
+}
+
+int ks_vsock_bind(int fd, uint32_t cid, uint32_t port) {
+    struct sockaddr_vm a = vsock_addr(cid, port);
+    return bind(fd, (struct sockaddr *)&a, sizeof a) < 0 ? -errno : 0;
+}
+
+int ks_vsock_connect(int fd, uint32_t cid, uint32_t port) {
+    struct sockaddr_vm a = vsock_addr(cid, port);
+    int rc;
+    do { rc = connect(fd, (struct sockaddr *)&a, sizeof a); } while (rc < 0 && errno == EINTR);
+    return rc < 0 ? -errno : 0;
+}
+
+int ks_openpty(int *master, int *slave) {
+    int m, s;
+    if (openpty(&m, &s, NULL, NULL, NULL) < 0) return -errno;
+    fcntl(m, F_SETFD, FD_CLOEXEC);
+    fcntl(s, F_SETFD, FD_CLOEXEC);
+    fcntl(m, F_SETFL, fcntl(m, F_GETFL) | O_NONBLOCK);
+    *master = m;
+    *slave = s;
+    return 0;
+}
+
+void ks_seccomp_version(char *buf, size_t len) {
+    const struct scmp_version *v = seccomp_version();
+    snprintf(buf, len, "%u.%u.%u", v->major, v->minor, v->micro);
+}
+
+int ks_accept(int fd) {
+    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    return c < 0 ? -errno : c;
+}
+
+int ks_pipe(int *fds, int nonblocking) {
+    return pipe2(fds, O_CLOEXEC | (nonblocking ? O_NONBLOCK : 0)) < 0 ? -errno : 0;
+}

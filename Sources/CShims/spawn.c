@@ -1,0 +1,178 @@
+#include "CShims.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+int ks_pidfd_open(pid_t pid) {
+    long fd = syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) return -errno;
+    // pidfd_open has no CLOEXEC flag: a pidfd is always close-on-exec.
+    return (int)fd;
+}
+
+int ks_pidfd_send_signal(int pidfd, int sig) {
+    return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) < 0 ? -errno : 0;
+}
+
+static void decode(const siginfo_t *si, int *code, int *status) {
+    *code = si->si_code;
+    *status = si->si_status;
+}
+
+int ks_pidfd_wait(int pidfd, int nohang, int *code, int *status) {
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int rc;
+    do {
+        rc = waitid((idtype_t)P_PIDFD, (id_t)pidfd, &si, WEXITED | (nohang ? WNOHANG : 0));
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return -errno;
+    if (si.si_pid == 0) return 0;
+    decode(&si, code, status);
+    return si.si_pid;
+}
+
+int ks_peek_exited_child(void) {
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int rc;
+    do { rc = waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT); } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return -errno;
+    return si.si_pid;
+}
+
+int ks_reap_pid(pid_t pid, int *code, int *status) {
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    int rc;
+    do { rc = waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG); } while (rc < 0 && errno == EINTR);
+    if (rc < 0) return -errno;
+    if (si.si_pid == 0) return 0;
+    decode(&si, code, status);
+    return si.si_pid;
+}
+
+int ks_close_range(unsigned first, unsigned last, unsigned flags) {
+    return syscall(SYS_close_range, first, last, flags) < 0 ? -errno : 0;
+}
+
+enum { STAGE_EXEC = 0, STAGE_FDS = 1, STAGE_CWD = 2, STAGE_SETSID = 3, STAGE_SIGNALS = 4 };
+
+// Runs in the child between clone3 and exec. The address space is a copy of a
+// possibly multi-threaded parent, so only async-signal-safe calls are allowed here:
+// no malloc, no locks, no stdio.
+__attribute__((noreturn))
+static void child(const ks_spawn_attr *a, int err_fd) {
+    int stage = STAGE_SIGNALS;
+    // The parent blocks signals it reads through a signalfd; a container must not
+    // inherit that mask, nor ignored dispositions.
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < _NSIG; s++) {
+        if (s == SIGKILL || s == SIGSTOP) continue;
+        sigaction(s, &dfl, NULL);  // fails harmlessly for the libc-reserved signals
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) < 0) goto fail;
+
+    if (a->parent_death_signal && prctl(PR_SET_PDEATHSIG, a->parent_death_signal) < 0) goto fail;
+
+    stage = STAGE_SETSID;
+    if (a->new_session && setsid() < 0) goto fail;
+
+    stage = STAGE_FDS;
+    {
+        // Two passes so a mapping never overwrites the source of a later one:
+        // first lift every source (and the error pipe) above the highest target,
+        // then dup2 each down to its number (dup2 clears close-on-exec).
+        int top = 2;
+        for (int i = 0; i < a->fd_count; i++)
+            if (a->fds[i].to > top) top = a->fds[i].to;
+        int lifted_err = fcntl(err_fd, F_DUPFD_CLOEXEC, top + 1);
+        if (lifted_err < 0) goto fail;
+        err_fd = lifted_err;
+        int lifted[a->fd_count > 0 ? a->fd_count : 1];
+        for (int i = 0; i < a->fd_count; i++) {
+            lifted[i] = fcntl(a->fds[i].from, F_DUPFD_CLOEXEC, top + 1);
+            if (lifted[i] < 0) goto fail;
+        }
+        for (int i = 0; i < a->fd_count; i++)
+            if (dup2(lifted[i], a->fds[i].to) < 0) goto fail;
+        // Close every low fd that is not a target; mark every high one close-on-exec
+        // (this keeps the error pipe open until exec).
+        for (int fd = 0; fd <= top; fd++) {
+            int keep = 0;
+            for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to == fd) keep = 1;
+            if (!keep) close(fd);
+        }
+        if (ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0) goto fail;
+    }
+
+    stage = STAGE_CWD;
+    if (a->cwd && chdir(a->cwd) < 0) goto fail;
+
+    stage = STAGE_EXEC;
+    execve(a->path, (char *const *)a->argv, (char *const *)a->envp);
+
+fail:;
+    int report[2] = { errno, stage };
+    ssize_t w;
+    do { w = write(err_fd, report, sizeof report); } while (w < 0 && errno == EINTR);
+    _exit(127);
+}
+
+int ks_spawn(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0) return -errno;
+
+    int child_pidfd = -1;
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.flags = CLONE_PIDFD | a->clone_flags;
+    args.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
+    args.exit_signal = SIGCHLD;
+
+    long rc = syscall(SYS_clone3, &args, sizeof args);
+    if (rc < 0) {
+        int e = errno;
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return -e;
+    }
+    if (rc == 0) {
+        close(pipefd[0]);
+        child(a, pipefd[1]);
+    }
+    close(pipefd[1]);
+
+    int report[2] = {0, 0};
+    ssize_t n;
+    do { n = read(pipefd[0], report, sizeof report); } while (n < 0 && errno == EINTR);
+    close(pipefd[0]);
+    if (n == 0) {  // the pipe closed on exec: the child runs the new image
+        *pid = (pid_t)rc;
+        *pidfd = child_pidfd;
+        return 0;
+    }
+    // The child failed before exec and has exited 127: reap it so nothing leaks.
+    int code, status;
+    ks_pidfd_wait(child_pidfd, 0, &code, &status);
+    close(child_pidfd);
+    *stage = report[1];
+    return n == (ssize_t)sizeof report ? -report[0] : -EIO;
+}

@@ -1,0 +1,111 @@
+import CShims
+
+/// What a registration wants to hear about.
+public struct Interest: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let readable = Interest(rawValue: 0x001)  // POLLIN
+    public static let writable = Interest(rawValue: 0x004)  // POLLOUT
+    public static let none: Interest = []
+
+    /// The poll(2)/epoll bits for this interest. Peer hang-up (POLLRDHUP) always rides
+    /// along with readable; POLLERR and POLLHUP are reported whatever one asks.
+    var pollMask: UInt32 { rawValue | (contains(.readable) ? 0x2000 : 0) }
+}
+
+/// What happened on a descriptor: poll(2) bits as the kernel gave them.
+public struct ReadyEvents: OptionSet, Sendable, Hashable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let readable = ReadyEvents(rawValue: 0x001)
+    public static let writable = ReadyEvents(rawValue: 0x004)
+    public static let error = ReadyEvents(rawValue: 0x008)
+    public static let hangup = ReadyEvents(rawValue: 0x010)
+    public static let readHangup = ReadyEvents(rawValue: 0x2000)
+
+    /// Worth a read: data, or an end of file / error that a read will reveal.
+    public var wantsRead: Bool { !intersection([.readable, .hangup, .readHangup, .error]).isEmpty }
+
+    public var description: String {
+        var parts: [String] = []
+        if contains(.readable) { parts.append("readable") }
+        if contains(.writable) { parts.append("writable") }
+        if contains(.error) { parts.append("error") }
+        if contains(.hangup) { parts.append("hangup") }
+        if contains(.readHangup) { parts.append("readHangup") }
+        return "[" + parts.joined(separator: ",") + "]"
+    }
+}
+
+/// Which kernel interface the reactor waits with.
+public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible {
+    case uring = "io_uring"
+    case epoll
+
+    public var description: String { rawValue }
+
+    /// io_uring unless `KUASAR_REACTOR=epoll` asks otherwise or the kernel refuses it
+    /// (io_uring_disabled, seccomp in a container, an old kernel).
+    public static func preferred(environment: [String: String]) -> BackendKind {
+        if let forced = environment["KUASAR_REACTOR"], let kind = BackendKind(rawValue: forced) {
+            return kind
+        }
+        return UringBackend.isAvailable ? .uring : .epoll
+    }
+}
+
+/// A kernel readiness interface. Tokens are opaque 64-bit values chosen by the
+/// reactor (fd + generation); a backend hands them back with each event and never
+/// interprets them. Both backends deliver level-triggered readiness: an fd that stays
+/// ready is reported again on the next wait.
+protocol ReactorBackend: AnyObject {
+    var kind: BackendKind { get }
+    func add(fd: Int32, interest: Interest, token: UInt64) throws(SystemError)
+    func modify(fd: Int32, interest: Interest, token: UInt64) throws(SystemError)
+    func remove(fd: Int32, token: UInt64) throws(SystemError)
+    /// Waits for events (forever when `block`, else only collects what is ready) and
+    /// calls `deliver(token, events)` for each, in the loop's thread.
+    func wait(block: Bool, _ deliver: (UInt64, ReadyEvents) -> Void) throws(SystemError)
+    func close()
+}
+
+/// Readiness through epoll, level-triggered (no EPOLLET): a handler that stops short
+/// of EAGAIN is simply called again, and back-pressure is just dropping an interest.
+final class EpollBackend: ReactorBackend {
+    let kind = BackendKind.epoll
+    private var epfd: OwnedFD?
+    private let epfdRaw: Int32
+    private var events: UnsafeMutablePointer<ks_event>
+    private let capacity = 256
+
+    init() throws(SystemError) {
+        let fd = try shim("epoll_create1") { ks_epoll_create() }
+        epfd = OwnedFD(adopting: fd)
+        epfdRaw = fd
+        events = .allocate(capacity: capacity)
+    }
+
+    func add(fd: Int32, interest: Interest, token: UInt64) throws(SystemError) {
+        _ = try shim("epoll_ctl(ADD)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_ADD), fd, interest.pollMask, token) }
+    }
+
+    func modify(fd: Int32, interest: Interest, token: UInt64) throws(SystemError) {
+        _ = try shim("epoll_ctl(MOD)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_MOD), fd, interest.pollMask, token) }
+    }
+
+    func remove(fd: Int32, token: UInt64) throws(SystemError) {
+        _ = try shim("epoll_ctl(DEL)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_DEL), fd, 0, token) }
+    }
+
+    func wait(block: Bool, _ deliver: (UInt64, ReadyEvents) -> Void) throws(SystemError) {
+        let n = try shim("epoll_wait") { ks_epoll_wait(epfdRaw, events, Int32(capacity), block ? -1 : 0) }
+        for i in 0..<Int(n) {
+            deliver(events[i].token, ReadyEvents(rawValue: events[i].events))
+        }
+    }
+
+    func close() {
+        epfd.take()?.close()
+        events.deallocate()
+    }
+}

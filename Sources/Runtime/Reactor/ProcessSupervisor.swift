@@ -1,0 +1,131 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+import Logging
+
+/// Children of the daemon, each watched through its pidfd on the reactor.
+///
+/// A child's exit is reaped with `waitid(P_PIDFD)` and reported to its `onExit`
+/// exactly once. As a fallback for children that were not started here (re-parented
+/// orphans when the daemon is a subreaper, helpers of libraries), SIGCHLD triggers a
+/// peek with `WNOWAIT`: unknown children are reaped and logged, known ones are left to
+/// their pidfd so their status is never stolen.
+public final class ProcessSupervisor {
+    public typealias ExitHandler = (ExitStatus) -> Void
+
+    final class Child {
+        let pid: pid_t
+        var pidfd: OwnedFD?
+        var registration: Reactor.Registration?
+        let onExit: ExitHandler
+        init(pid: pid_t, pidfd: consuming OwnedFD, onExit: @escaping ExitHandler) {
+            self.pid = pid
+            self.pidfd = consume pidfd
+            self.onExit = onExit
+        }
+    }
+
+    let reactor: Reactor
+    var children: [pid_t: Child] = [:]
+    public private(set) var strayChildrenReaped = 0
+
+    public init(reactor: Reactor) {
+        self.reactor = reactor
+    }
+
+    public var runningCount: Int { children.count }
+    public var runningPIDs: [pid_t] { Array(children.keys) }
+
+    /// Starts `spec` and watches it; `onExit` runs on the loop once it has exited.
+    @discardableResult
+    public func spawn(_ spec: ProcessSpec, onExit: @escaping ExitHandler) throws(SystemError) -> pid_t {
+        try adopt(try Spawner.spawn(spec), onExit: onExit)
+    }
+
+    /// Watches an already started child (or any process we hold a pidfd for).
+    @discardableResult
+    public func adopt(_ process: consuming SpawnedProcess, onExit: @escaping ExitHandler) throws(SystemError) -> pid_t {
+        let pid = process.pid
+        let raw = process.pidfd.rawValue
+        let child = Child(pid: pid, pidfd: process.pidfd.take().adopted(), onExit: onExit)
+        do {
+            child.registration = try reactor.register(fd: raw, interest: .readable) { [unowned self, unowned child] _ in
+                self.collect(child)
+            }
+        } catch {
+            child.pidfd.take()?.close()
+            throw error
+        }
+        children[pid] = child
+        return pid
+    }
+
+    /// Sends `signal` to a supervised child. ESRCH names a pid that is not ours.
+    public func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) {
+        guard let child = children[pid], let raw = child.pidfd?.rawValue else {
+            throw SystemError("pidfd_send_signal", "pid \(pid)", errno: .ESRCH)
+        }
+        try sendSignal(pidfd: raw, signal)
+    }
+
+    /// Reaps `child` if it has exited; a spurious wake-up leaves it alone.
+    private func collect(_ child: Child) {
+        guard let raw = child.pidfd?.rawValue else { return }
+        var code: Int32 = 0, status: Int32 = 0
+        let rc = ks_pidfd_wait(raw, 1, &code, &status)
+        if rc == 0 { return }
+        let result: ExitStatus
+        if rc > 0 {
+            result = ExitStatus(siginfoCode: code, status: status)
+        } else {
+            // ECHILD: someone else reaped it (a stray waitpid(-1) in a library). The
+            // status is gone; say so rather than inventing a success.
+            reactor.logger.error("pid \(child.pid): waitid(P_PIDFD) failed: \(Errno(rawValue: -rc)); reporting exit 255")
+            result = .exited(255)
+        }
+        finish(child)
+        child.onExit(result)
+    }
+
+    private func finish(_ child: Child) {
+        if let reg = child.registration { reactor.deregister(reg) }
+        child.registration = nil
+        child.pidfd.take()?.close()
+        children[child.pid] = nil
+    }
+
+    /// Reaps exited children that are not supervised here. Wire it to SIGCHLD.
+    public func reapStrays() {
+        while true {
+            let pid = ks_peek_exited_child()
+            if pid <= 0 { return }
+            if let child = children[pid] {
+                collect(child)
+                continue
+            }
+            var code: Int32 = 0, status: Int32 = 0
+            if ks_reap_pid(pid, &code, &status) > 0 {
+                strayChildrenReaped += 1
+                reactor.logger.info("reaped unsupervised child \(pid): \(ExitStatus(siginfoCode: code, status: status))")
+            } else {
+                return
+            }
+        }
+    }
+
+    /// Makes SIGCHLD run `reapStrays` on the loop.
+    public func enableSIGCHLDFallback() throws(SystemError) {
+        try reactor.onSignals([SIGCHLD]) { [unowned self] _ in self.reapStrays() }
+    }
+
+    /// Stops watching every child (they keep running) and closes their pidfds.
+    public func close() {
+        for child in Array(children.values) { finish(child) }
+    }
+}
+
+extension Int32 {
+    /// Wraps a raw descriptor just handed off by `take()` in a new owner.
+    func adopted() -> OwnedFD { OwnedFD(adopting: self) }
+}

@@ -1,0 +1,178 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+
+/// Unix and vsock stream sockets. Every socket is created non-blocking and
+/// close-on-exec; ownership of each descriptor is an `OwnedFD`.
+public enum Socket {
+    static let streamFlags = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+
+    /// Calls `body` with a `sockaddr_un` for `path`; refuses paths the kernel would truncate.
+    static func withUnixAddress<R>(
+        _ path: String, _ call: StaticString, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R
+    ) throws(SystemError) -> R {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        guard !bytes.isEmpty, bytes.count < capacity, !bytes.contains(0) else {
+            throw SystemError("\(call)", path, errno: Errno(rawValue: ENAMETOOLONG))
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                body($0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+    }
+
+    /// Listens on a unix socket at `path` with permissions `mode` (0600 by default).
+    ///
+    /// The parent directory is created (0700) when missing. A socket file left by a
+    /// process that died is removed; if something still answers on it, this throws
+    /// `EADDRINUSE` rather than stealing the address from a live daemon.
+    public static func listenUnix(path: String, mode: mode_t = 0o600, backlog: Int32 = 4096) throws(SystemError) -> OwnedFD {
+        try makeDirectories(parentOf: path)
+        if access(path, F_OK) == 0 {
+            var st = stat()
+            _ = try sys("lstat", path) { lstat(path, &st) }
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw SystemError("bind", path, errno: .EEXIST)  // never unlink a non-socket
+            }
+            if let probe = try? connectUnix(path: path, blocking: true) as OwnedFD? {
+                probe.close()
+                throw SystemError("bind", path, errno: .EADDRINUSE)
+            }
+            _ = try sys("unlink", path) { unlink(path) }
+        }
+        let fd = OwnedFD(adopting: try sys("socket(AF_UNIX)") { socket(AF_UNIX, streamFlags, 0) })
+        do throws(SystemError) {
+            // umask narrows the file bind creates, so it is never wider than `mode`,
+            // even for an instant; chmod then sets exactly `mode`.
+            let old = umask(~mode & 0o777)
+            let rc = try withUnixAddress(path, "bind") { addr, len in bind(fd.rawValue, addr, len) }
+            let bindErrno = Errno.current
+            umask(old)
+            if rc != 0 { throw SystemError("bind", path, errno: bindErrno) }
+            _ = try sys("chmod", path) { chmod(path, mode) }
+            _ = try sys("listen", path) { listen(fd.rawValue, backlog) }
+        } catch {
+            fd.close()
+            throw error
+        }
+        return fd
+    }
+
+    /// Connects to a unix socket. Non-blocking sockets may answer EAGAIN when the
+    /// listener's backlog is full; that is thrown, named, for the caller to retry.
+    public static func connectUnix(path: String, blocking: Bool = false) throws(SystemError) -> OwnedFD {
+        let flags = blocking ? Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) : streamFlags
+        let fd = OwnedFD(adopting: try sys("socket(AF_UNIX)") { socket(AF_UNIX, flags, 0) })
+        while true {
+            let rc = try! withUnixAddress(path, "connect") { addr, len in connect(fd.rawValue, addr, len) }
+            if rc == 0 { return fd }
+            let e = Errno.current
+            if e == .EINTR { continue }
+            fd.close()
+            throw SystemError("connect", path, errno: e)
+        }
+    }
+
+    /// Accepts one connection, non-blocking and close-on-exec; nil when none is pending.
+    public static func accept(_ listener: Int32) throws(SystemError) -> OwnedFD? {
+        while true {
+            let fd = ks_accept(listener)
+            if fd >= 0 { return OwnedFD(adopting: fd) }
+            let e = Errno(rawValue: -fd)
+            if e == .EINTR { continue }
+            if e == .EAGAIN { return nil }
+            throw SystemError("accept4", errno: e)
+        }
+    }
+
+    /// A connected pair of unix stream sockets, both non-blocking.
+    public static func pair() throws(SystemError) -> FDPair {
+        var fds: [Int32] = [-1, -1]
+        _ = try sys("socketpair") { socketpair(AF_UNIX, streamFlags, 0, &fds) }
+        return FDPair(OwnedFD(adopting: fds[0]), OwnedFD(adopting: fds[1]))
+    }
+
+    /// A vsock listener on `port` (any CID). Works where the host has a vsock transport
+    /// (vhost-vsock, or a guest's virtio-vsock).
+    public static func listenVsock(port: UInt32, backlog: Int32 = 128) throws(SystemError) -> OwnedFD {
+        let fd = OwnedFD(adopting: try sys("socket(AF_VSOCK)") { socket(ks_af_vsock(), streamFlags, 0) })
+        do throws(SystemError) {
+            _ = try shim("bind(vsock)", "port \(port)") { ks_vsock_bind(fd.rawValue, UInt32.max, port) }
+            _ = try sys("listen(vsock)") { listen(fd.rawValue, backlog) }
+        } catch {
+            fd.close()
+            throw error
+        }
+        return fd
+    }
+
+    /// Connects to (cid, port) over vsock; blocking, for the agent's side.
+    public static func connectVsock(cid: UInt32, port: UInt32) throws(SystemError) -> OwnedFD {
+        let fd = OwnedFD(adopting: try sys("socket(AF_VSOCK)") {
+            socket(ks_af_vsock(), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        })
+        do throws(SystemError) {
+            _ = try shim("connect(vsock)", "cid \(cid) port \(port)") { ks_vsock_connect(fd.rawValue, cid, port) }
+        } catch {
+            fd.close()
+            throw error
+        }
+        return fd
+    }
+
+    /// Half-closes the write side: the peer reads end of file, and can still answer.
+    public static func shutdownWrite(_ fd: Int32) throws(SystemError) {
+        _ = try sys("shutdown(SHUT_WR)") { shutdown(fd, Int32(SHUT_WR)) }
+    }
+}
+
+/// Creates the directories above `path` (0700), like `mkdir -p $(dirname path)`.
+public func makeDirectories(parentOf path: String) throws(SystemError) {
+    guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return }
+    try makeDirectories(String(path[..<slash]))
+}
+
+public func makeDirectories(_ dir: String, mode: mode_t = 0o700) throws(SystemError) {
+    var prefix = ""
+    for part in dir.split(separator: "/", omittingEmptySubsequences: true) {
+        prefix += "/" + part
+        if mkdir(prefix, mode) != 0 {
+            let e = Errno.current
+            if e != .EEXIST { throw SystemError("mkdir", prefix, errno: e) }
+        }
+    }
+}
+
+/// A pipe; both ends close-on-exec, and non-blocking when asked.
+public func makePipe(nonBlocking: Bool = true) throws(SystemError) -> FDPair {
+    var fds: [Int32] = [-1, -1]
+    _ = try shim("pipe2") { ks_pipe(&fds, nonBlocking ? 1 : 0) }
+    return FDPair(OwnedFD(adopting: fds[0]), OwnedFD(adopting: fds[1]))
+}
+
+/// A pseudo-terminal pair; the master is non-blocking.
+public func makePTY() throws(SystemError) -> FDPair {
+    var m: Int32 = -1, s: Int32 = -1
+    _ = try shim("openpty") { ks_openpty(&m, &s) }
+    return FDPair(OwnedFD(adopting: m), OwnedFD(adopting: s))
+}
+
+/// Two owned descriptors made together: a pipe (`first` reads, `second` writes), a
+/// socket pair, or a pty (`first` is the master). Take each part by consuming it.
+public struct FDPair: ~Copyable {
+    public var first: OwnedFD
+    public var second: OwnedFD
+    public init(_ first: consuming OwnedFD, _ second: consuming OwnedFD) {
+        self.first = first
+        self.second = second
+    }
+}

@@ -1,0 +1,170 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+
+/// How a child ended.
+public enum ExitStatus: Equatable, Hashable, Sendable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32, coreDumped: Bool)
+
+    /// The shell's convention: the exit code, or 128 + signal.
+    public var code: Int32 {
+        switch self {
+        case .exited(let c): return c
+        case .signaled(let s, _): return 128 + s
+        }
+    }
+
+    init(siginfoCode: Int32, status: Int32) {
+        // CLD_EXITED = 1, CLD_KILLED = 2, CLD_DUMPED = 3
+        switch siginfoCode {
+        case 1: self = .exited(status)
+        default: self = .signaled(status, coreDumped: siginfoCode == 3)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .exited(let c): return "exited with \(c)"
+        case .signaled(let s, let core): return "killed by signal \(s)\(core ? " (core dumped)" : "")"
+        }
+    }
+}
+
+/// What to run and with which descriptors.
+public struct ProcessSpec: Sendable {
+    /// A path, or a bare name looked up in PATH.
+    public var executable: String
+    /// argv, including argv[0].
+    public var arguments: [String]
+    /// The environment; nil inherits the caller's.
+    public var environment: [String]?
+    public var workingDirectory: String?
+    /// (parent fd → child fd) pairs. Every other descriptor is closed in the child.
+    public var fdMap: [(from: Int32, to: Int32)]
+    public var newSession = false
+    public var parentDeathSignal: Int32 = 0
+    /// Extra clone flags (CLONE_NEW*), for the container engine.
+    public var cloneFlags: UInt64 = 0
+
+    public init(
+        executable: String, arguments: [String]? = nil, environment: [String]? = nil,
+        workingDirectory: String? = nil, fdMap: [(from: Int32, to: Int32)] = []
+    ) {
+        self.executable = executable
+        self.arguments = arguments ?? [executable]
+        self.environment = environment
+        self.workingDirectory = workingDirectory
+        self.fdMap = fdMap
+    }
+}
+
+/// A started child: its pid and the pidfd that owns it.
+public struct SpawnedProcess: ~Copyable {
+    public let pid: pid_t
+    public var pidfd: OwnedFD
+}
+
+/// Starts processes with clone3(CLONE_PIDFD) and exec, both in C (see CShims' spawn.c).
+/// Failure to exec comes back over a close-on-exec pipe as the child's errno, so
+/// "no such file" is an error here, not a mysterious exit 127 later.
+public enum Spawner {
+    public static func spawn(_ spec: ProcessSpec) throws(SystemError) -> SpawnedProcess {
+        let path = try resolve(spec.executable, environment: spec.environment)
+        let argv = CStringArray(spec.arguments)
+        let envp = CStringArray(spec.environment ?? currentEnvironment())
+        defer { argv.free(); envp.free() }
+        let map = spec.fdMap.map { ks_fd_map(from: $0.from, to: $0.to) }
+
+        var pid: pid_t = 0, pidfd: Int32 = -1, stage: Int32 = 0
+        let rc: Int32 = path.withCString { cpath in
+            let cwd = spec.workingDirectory
+            return map.withUnsafeBufferPointer { fds in
+                withOptionalCString(cwd) { ccwd in
+                    var attr = ks_spawn_attr(
+                        path: cpath, argv: argv.pointer, envp: envp.pointer, cwd: ccwd,
+                        fds: fds.baseAddress, fd_count: Int32(fds.count),
+                        clone_flags: spec.cloneFlags, new_session: spec.newSession ? 1 : 0,
+                        parent_death_signal: spec.parentDeathSignal)
+                    return ks_spawn(&attr, &pid, &pidfd, &stage)
+                }
+            }
+        }
+        if rc < 0 {
+            let call: String
+            switch stage {
+            case 1: call = "dup2"
+            case 2: call = "chdir"
+            case 3: call = "setsid"
+            case 4: call = "sigprocmask"
+            default: call = rc == -Errno.ENOSYS.rawValue ? "clone3" : "execve"
+            }
+            let subject = stage == 2 ? (spec.workingDirectory ?? "") : path
+            throw SystemError(call, subject, errno: Errno(rawValue: -rc))
+        }
+        return SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: pidfd))
+    }
+
+    /// Finds a bare command name in PATH, like execvp, but before the fork so the
+    /// child does nothing that allocates.
+    static func resolve(_ name: String, environment: [String]?) throws(SystemError) -> String {
+        if name.contains("/") { return name }
+        let pathVar = (environment ?? currentEnvironment())
+            .first { $0.hasPrefix("PATH=") }.map { String($0.dropFirst(5)) }
+            ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        for dir in pathVar.split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        throw SystemError("execve", name, errno: .ENOENT)
+    }
+
+    /// Waits for a child synchronously (tools and tests; the daemon uses the reactor).
+    public static func wait(_ process: consuming SpawnedProcess) throws(SystemError) -> ExitStatus {
+        var code: Int32 = 0, status: Int32 = 0
+        let pid = process.pid
+        let fd = process.pidfd.take()
+        defer { _ = Glibc.close(fd) }
+        _ = try shim("waitid(P_PIDFD)", "pid \(pid)") { ks_pidfd_wait(fd, 0, &code, &status) }
+        return ExitStatus(siginfoCode: code, status: status)
+    }
+}
+
+/// Sends `signal` through a pidfd, which cannot hit a recycled pid.
+public func sendSignal(pidfd: Int32, _ signal: Int32) throws(SystemError) {
+    _ = try shim("pidfd_send_signal", "signal \(signal)") { ks_pidfd_send_signal(pidfd, signal) }
+}
+
+public func currentEnvironment() -> [String] {
+    var out: [String] = []
+    var p = environ
+    while let s = p.pointee {
+        out.append(String(cString: s))
+        p += 1
+    }
+    return out
+}
+
+/// A NULL-terminated `char *[]` that lives until `free()`.
+struct CStringArray {
+    let pointer: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>
+    let count: Int
+
+    init(_ strings: [String]) {
+        count = strings.count
+        pointer = .allocate(capacity: count + 1)
+        for (i, s) in strings.enumerated() { pointer[i] = strdup(s) }
+        pointer[count] = nil
+    }
+
+    func free() {
+        for i in 0..<count { Glibc.free(pointer[i]) }
+        pointer.deallocate()
+    }
+}
+
+func withOptionalCString<R>(_ s: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+    guard let s else { return body(nil) }
+    return s.withCString { body($0) }
+}
