@@ -1,1 +1,93 @@
-print("kuasar")
+import ArgumentParser
+import Logging
+import Runtime
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `kuasar` command: argument parsing and wiring only; all behaviour is in Runtime.
+struct Kuasar: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kuasar",
+        abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
+        version: KuasarVersion.string,
+        subcommands: [DaemonCommand.self, HealthCommand.self, InfoCommand.self])
+}
+
+struct DaemonCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "daemon", abstract: "Run the daemon in the foreground.")
+
+    @Option(help: "The API socket (created 0600, parent directory created).")
+    var socket = DaemonOptions().socketPath
+
+    @Option(help: "Reactor backend: io_uring or epoll (default: io_uring when the kernel allows it; KUASAR_REACTOR overrides).")
+    var reactor: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel = "info"
+
+    func run() throws {
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw ValidationError("unknown log level \"\(logLevel)\"")
+        }
+        var options = DaemonOptions()
+        options.socketPath = socket
+        if let reactor {
+            guard let kind = BackendKind(rawValue: reactor) else {
+                throw ValidationError("--reactor must be io_uring or epoll, not \"\(reactor)\"")
+            }
+            options.backend = kind
+        }
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let daemon = Daemon(options: options, logger: Logger(label: "kuasar.daemon"))
+        do {
+            try daemon.run()
+        } catch {
+            // The error names the call and its subject, e.g. bind("/run/kuasar/kuasar.sock").
+            FileHandleStderr.write("kuasar daemon: \(error)\n")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct HealthCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "health", abstract: "Ask a running daemon whether it is healthy.")
+
+    @Option(help: "The daemon's API socket.")
+    var socket = DaemonOptions().socketPath
+
+    func run() throws {
+        do {
+            let answer = try HealthProtocol.query(socketPath: socket)
+            print(answer)
+            if !answer.hasPrefix("ok") { throw ExitCode(1) }
+        } catch let e as SystemError {
+            FileHandleStderr.write("kuasar health: \(e)\n")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "What this host gives the runtime.")
+
+    func run() throws {
+        print("version: \(KuasarVersion.string)")
+        print("reactor: \(BackendKind.preferred(environment: [:]).rawValue) (io_uring available: \(BackendKind.preferred(environment: [:]) == .uring))")
+        print("libseccomp: \(RuntimeInfo.seccompVersion)")
+    }
+}
+
+enum FileHandleStderr {
+    static func write(_ s: String) {
+        var s = s
+        s.withUTF8 { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+    }
+}
+
+Kuasar.main()

@@ -44,6 +44,14 @@ public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible
 
     public var description: String { rawValue }
 
+    /// Whether this kernel lets us use the backend here.
+    public var isAvailable: Bool {
+        switch self {
+        case .uring: return UringBackend.isAvailable
+        case .epoll: return true
+        }
+    }
+
     /// io_uring unless `KUASAR_REACTOR=epoll` asks otherwise or the kernel refuses it
     /// (io_uring_disabled, seccomp in a container, an old kernel).
     public static func preferred(environment: [String: String]) -> BackendKind {

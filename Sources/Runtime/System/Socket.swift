@@ -168,7 +168,7 @@ public func makePTY() throws(SystemError) -> FDPair {
 
 /// Two owned descriptors made together: a pipe (`first` reads, `second` writes), a
 /// socket pair, or a pty (`first` is the master). Take each part by consuming it.
-public struct FDPair: ~Copyable {
+@frozen public struct FDPair: ~Copyable {
     public var first: OwnedFD
     public var second: OwnedFD
     public init(_ first: consuming OwnedFD, _ second: consuming OwnedFD) {

@@ -1,0 +1,157 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+
+public enum KuasarVersion {
+    public static let string = "0.1.0"
+}
+
+/// What `kuasar daemon` needs to start. Everything has a default, so the daemon runs
+/// with no configuration at all.
+public struct DaemonOptions: Sendable {
+    public var socketPath = "/run/kuasar/kuasar.sock"
+    /// nil: io_uring when the kernel allows it, else epoll (`KUASAR_REACTOR` overrides).
+    public var backend: BackendKind?
+    public init() {}
+}
+
+/// The daemon process: one reactor, the API socket, the children it supervises.
+///
+/// At this stage the API socket speaks a line protocol with one request, `health`;
+/// gRPC (Sandbox API) and ttrpc (Task API) replace it.
+public final class Daemon {
+    let options: DaemonOptions
+    let logger: Logger
+    private(set) var reactor: Reactor?
+    private var listener: Listener?
+    private var supervisor: ProcessSupervisor?
+    private var connections: [ObjectIdentifier: Connection] = [:]
+    private let startedAt = ks_monotonic_now()
+
+    public init(options: DaemonOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    /// Signals the daemon handles on its loop. Blocked before anything else runs so
+    /// no thread (ours or a library's) takes them with the default action.
+    public static let handledSignals: [Int32] = [SIGTERM, SIGINT, SIGCHLD]
+
+    /// Runs until SIGTERM or SIGINT, then closes every descriptor it opened.
+    public func run() throws(SystemError) {
+        try Signals.block(Self.handledSignals)
+        Signals.ignoreSIGPIPE()
+        let reactor = try Reactor(backend: options.backend, logger: logger)
+        self.reactor = reactor
+        defer { shutdown() }
+
+        let supervisor = ProcessSupervisor(reactor: reactor)
+        self.supervisor = supervisor
+        try supervisor.enableSIGCHLDFallback()
+        try reactor.onSignals([SIGTERM, SIGINT]) { [unowned self] sig in
+            self.logger.info("signal \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): shutting down")
+            self.reactor?.stop()
+        }
+
+        let fd = try Socket.listenUnix(path: options.socketPath)
+        listener = try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.accept(conn) }
+        logger.info("kuasar \(KuasarVersion.string) listening on \(options.socketPath) (reactor: \(reactor.backendKind))")
+        try reactor.run()
+    }
+
+    private func accept(_ fd: consuming OwnedFD) {
+        guard let reactor else { fd.close(); return }
+        let conn = Connection(reactor: reactor, fd: fd)
+        var line: [UInt8] = []
+        conn.onRead = { [unowned self] conn, bytes in
+            for b in bytes {
+                if b == UInt8(ascii: "\n") {
+                    self.answer(String(decoding: line, as: UTF8.self), on: conn)
+                    line.removeAll(keepingCapacity: true)
+                } else if line.count >= HealthProtocol.maxLine {
+                    conn.write("error request line over \(HealthProtocol.maxLine) bytes\n")
+                    conn.closeAfterFlush()
+                    return
+                } else {
+                    line.append(b)
+                }
+            }
+        }
+        conn.onClose = { [unowned self] conn, error in
+            if let error { self.logger.debug("connection closed: \(error)") }
+            self.connections[ObjectIdentifier(conn)] = nil
+        }
+        do {
+            try conn.start()
+            connections[ObjectIdentifier(conn)] = conn
+        } catch {
+            logger.error("cannot serve a connection: \(error)")
+            conn.close(error: error)
+        }
+    }
+
+    private func answer(_ request: String, on conn: Connection) {
+        let req = request.hasSuffix("\r") ? String(request.dropLast()) : request
+        switch req.trimmingSpaces {
+        case "health":
+            let uptimeMS = (ks_monotonic_now() - startedAt) / 1_000_000
+            conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0)\n")
+        case "":
+            break
+        default:
+            conn.write("error unknown request \"\(req.prefix(64))\": this daemon answers \"health\"\n")
+        }
+    }
+
+    private func shutdown() {
+        for conn in Array(connections.values) { conn.close() }
+        connections.removeAll()
+        listener?.close()
+        listener = nil
+        supervisor?.close()
+        supervisor = nil
+        reactor?.close()
+        reactor = nil
+        if unlink(options.socketPath) != 0 && Errno.current != .ENOENT {
+            logger.warning("could not remove \(options.socketPath): \(Errno.current)")
+        }
+        logger.info("stopped; \(openFDCount()) descriptors open (stdio and the logger's)")
+    }
+}
+
+/// The interim health protocol: newline-terminated request lines, one answer line each.
+public enum HealthProtocol {
+    public static let maxLine = 4096
+
+    /// Asks a daemon at `socketPath` for its health line (blocking; for the CLI and tests).
+    public static func query(socketPath: String, request: String = "health") throws -> String {
+        let fd = try Socket.connectUnix(path: socketPath, blocking: true)
+        var out: [UInt8] = []
+        do {
+            try fd.writeAll(Array((request + "\n").utf8))
+            while true {
+                let chunk = try fd.readExactly(1)
+                if chunk.isEmpty || chunk[0] == UInt8(ascii: "\n") { break }
+                out.append(chunk[0])
+            }
+        } catch {
+            fd.close()
+            throw error
+        }
+        fd.close()
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while s.first == " " || s.first == "\t" { s = s.dropFirst() }
+        while s.last == " " || s.last == "\t" { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+import CShims
+func ks_monotonic_now() -> UInt64 { ks_monotonic_ns() }
