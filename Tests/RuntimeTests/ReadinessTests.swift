@@ -9,7 +9,7 @@ extension AllTests {
     @Test(arguments: BackendKind.allCases)
     func pipeReadableThenHangup(kind: BackendKind) throws {
         try withReactor(kind) { reactor in
-            var pipe = try makePipe()
+            let pipe = try makePipe()
             let r = pipe.first.rawValue
             var seen: [ReadyEvents] = []
             var got: [UInt8] = []
@@ -116,7 +116,7 @@ extension AllTests {
     @Test(arguments: BackendKind.allCases)
     func peerHangUpClosesTheConnection(kind: BackendKind) throws {
         try withReactor(kind) { reactor in
-            var pair = try Socket.pair()
+            let pair = try Socket.pair()
             let conn = Connection(reactor: reactor, fd: pair.first)
             var closed = false
             var closeError: SystemError?
@@ -132,7 +132,7 @@ extension AllTests {
     @Test(arguments: BackendKind.allCases)
     func peerResetIsReportedAsAnError(kind: BackendKind) throws {
         try withReactor(kind) { reactor in
-            var pair = try Socket.pair()
+            let pair = try Socket.pair()
             let conn = Connection(reactor: reactor, fd: pair.first)
             var closeError: SystemError?
             var closed = false

@@ -58,7 +58,14 @@ public final class Reactor {
 
     /// Events dropped because their registration was gone (stale generation).
     public private(set) var staleEventsDropped = 0
-    public private(set) var registrationCount = 0
+    var registrationCount = 0
+    /// Registrations made by users of the reactor (its own timerfd, eventfd and
+    /// signalfd not counted): non-zero at close means someone leaked one.
+    public var userRegistrationCount: Int {
+        registrationCount - internalRegistrations.count - (signalRegistration == nil ? 0 : 1)
+    }
+    /// Jobs run from `inbox` so far.
+    public private(set) var inboxJobsRun = 0
 
     var timers = TimerQueue()
     private var timerFD: OwnedFD?
@@ -309,7 +316,10 @@ public final class Reactor {
     private func drainInbox() {
         var counter: UInt64 = 0
         _ = withUnsafeMutableBytes(of: &counter) { read(inboxRaw, $0.baseAddress, 8) }
-        for job in inbox.takeAll() { job() }
+        for job in inbox.takeAll() {
+            job()
+            inboxJobsRun += 1
+        }
     }
 }
 

@@ -61,7 +61,7 @@ public struct ProcessSpec: Sendable {
 }
 
 /// A started child: its pid and the pidfd that owns it.
-public struct SpawnedProcess: ~Copyable {
+@frozen public struct SpawnedProcess: ~Copyable {
     public let pid: pid_t
     public var pidfd: OwnedFD
 }
