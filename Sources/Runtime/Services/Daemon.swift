@@ -28,6 +28,10 @@ public final class Daemon {
     private var supervisor: ProcessSupervisor?
     private var connections: [ObjectIdentifier: Connection] = [:]
     private let startedAt = ks_monotonic_now()
+    /// Only a path we bound is ours to remove: a failed start must not delete another
+    /// daemon's socket, or a file that merely sits where the socket should be.
+    private var ownsSocketPath = false
+    private var fdsAtStart = 0
 
     public init(options: DaemonOptions, logger: Logger) {
         self.options = options
@@ -40,6 +44,7 @@ public final class Daemon {
 
     /// Runs until SIGTERM or SIGINT, then closes every descriptor it opened.
     public func run() throws(SystemError) {
+        fdsAtStart = openFDCount()
         try Signals.block(Self.handledSignals)
         Signals.ignoreSIGPIPE()
         let reactor = try Reactor(backend: options.backend, logger: logger)
@@ -55,6 +60,7 @@ public final class Daemon {
         }
 
         let fd = try Socket.listenUnix(path: options.socketPath)
+        ownsSocketPath = true
         listener = try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.accept(conn) }
         logger.info("kuasar \(KuasarVersion.string) listening on \(options.socketPath) (reactor: \(reactor.backendKind))")
         try reactor.run()
@@ -113,10 +119,11 @@ public final class Daemon {
         supervisor = nil
         reactor?.close()
         reactor = nil
-        if unlink(options.socketPath) != 0 && Errno.current != .ENOENT {
+        if ownsSocketPath && unlink(options.socketPath) != 0 && Errno.current != .ENOENT {
             logger.warning("could not remove \(options.socketPath): \(Errno.current)")
         }
-        logger.info("stopped; \(openFDCount()) descriptors open (stdio and the logger's)")
+        // Every descriptor opened since start must be closed by now.
+        logger.info("stopped; descriptors open: \(openFDCount()) (at start: \(fdsAtStart))")
     }
 }
 
