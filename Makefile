@@ -1,0 +1,47 @@
+# Two commands for a fresh Debian machine (root, as in CI):
+#   make run    install what the daemon needs, build, start the daemon, ask it for health
+#   make test   install what the tests need, build with warnings as errors, run every test
+SHELL := /bin/bash
+APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux
+SWIFT_FLAGS := -Xswiftc -warnings-as-errors
+SOCKET ?= /run/kuasar/kuasar.sock
+
+.PHONY: deps build run test test-release bench clean install
+
+# apt-get only when something is missing, so repeated runs cost nothing.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+build: deps
+	swift build $(SWIFT_FLAGS)
+
+# The main job: the daemon with its embedded defaults on $(SOCKET), asked for its
+# health once it is up; Ctrl-C (SIGINT) stops it cleanly.
+run: build
+	@bin=$$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar; \
+	$$bin daemon --socket $(SOCKET) & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' INT TERM; \
+	for i in $$(seq 100); do $$bin health --socket $(SOCKET) >/dev/null 2>&1 && break; sleep 0.05; done; \
+	$$bin health --socket $(SOCKET); \
+	echo "daemon running as pid $$pid; try: $$bin health --socket $(SOCKET); Ctrl-C stops it"; \
+	wait $$pid
+
+test: build
+	swift build $(SWIFT_FLAGS) --build-tests
+	swift test $(SWIFT_FLAGS) --no-parallel
+
+test-release: deps
+	swift test -c release --no-parallel
+
+bench: deps
+	cd perf && swift build -c release && ./.build/release/kuasar-perf reactor
+
+install: build
+	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar /usr/local/bin/kuasar
+
+clean:
+	rm -rf .build perf/.build

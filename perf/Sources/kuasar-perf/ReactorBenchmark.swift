@@ -1,0 +1,136 @@
+import Foundation
+import Runtime
+
+/// The reactor benchmark: echo over a unix socket against each server, each pinned
+/// to CPU 0 (the client runs on CPU 1), then process spawning.
+enum ReactorBenchmark {
+    static let servers = ["io_uring", "epoll", "nio"]
+    static let shapes: [(size: Int, inFlight: Int)] = [(64, 1), (64, 32), (16384, 1), (16384, 32)]
+
+    struct Report: Codable {
+        var host: String
+        var date: String
+        var echo: [EchoResult]
+        var ratios: [Ratio]
+        var spawn: SpawnResult
+    }
+    struct Ratio: Codable {
+        var server: String
+        var size: Int
+        var inFlight: Int
+        var throughputVsNIO: Double
+        var p99VsNIO: Double
+    }
+    struct SpawnResult: Codable {
+        var count: Int
+        var clone3MeanUS: Double
+        var clone3P50US: Double
+        var posixSpawnMeanUS: Double
+        var posixSpawnP50US: Double
+        var speedup: Double
+    }
+
+    static func run(seconds: Double, spawnCount: Int, executable: String) throws {
+        pin(to: 1)
+        var results: [EchoResult] = []
+        for server in servers {
+            let socket = "/tmp/kuasar-perf-\(getpid())-\(server).sock"
+            let proc = Process()
+            proc.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+            proc.arguments = ["-c", "0", executable, "echo-server", server, socket]
+            let out = Pipe()
+            proc.standardOutput = out
+            try proc.run()
+            _ = out.fileHandleForReading.readData(ofLength: 6)  // "ready\n"
+            for shape in shapes {
+                // A short warm-up, then the measured run.
+                _ = try EchoClient.run(socket: socket, size: shape.size, inFlight: shape.inFlight, seconds: 0.2, server: server)
+                let r = try EchoClient.run(socket: socket, size: shape.size, inFlight: shape.inFlight, seconds: seconds, server: server)
+                results.append(r)
+                FileHandle.standardError.write("  \(server) \(shape.size)B x\(shape.inFlight): \(Int(r.perSecond)) msg/s\n".data(using: .utf8)!)
+            }
+            kill(proc.processIdentifier, server == "nio" ? SIGKILL : SIGTERM)
+            proc.waitUntilExit()
+            unlink(socket)
+        }
+
+        var ratios: [Ratio] = []
+        print("\nEcho over a unix socket, one client process (CPU 1), server on one core (CPU 0), \(seconds) s per row")
+        print(pad("server", 10) + pad("size", 8) + pad("inflight", 10) + pad("msg/s", 12) + pad("p50 us", 10) + pad("p99 us", 10) + pad("x NIO tput", 12) + "x NIO p99")
+        for r in results {
+            let nio = results.first { $0.server == "nio" && $0.size == r.size && $0.inFlight == r.inFlight }!
+            let tput = r.perSecond / nio.perSecond
+            let p99 = r.p99us / max(nio.p99us, 0.001)
+            if r.server != "nio" {
+                ratios.append(Ratio(server: r.server, size: r.size, inFlight: r.inFlight, throughputVsNIO: tput, p99VsNIO: p99))
+            }
+            print(pad(r.server, 10) + pad("\(r.size)", 8) + pad("\(r.inFlight)", 10) + pad(String(Int(r.perSecond)), 12)
+                  + pad(fmt(r.p50us), 10) + pad(fmt(r.p99us), 10) + pad(fmt(tput) + "x", 12) + fmt(p99) + "x")
+        }
+
+        let spawn = try spawnBenchmark(count: spawnCount)
+        print("\nSpawn + wait of /bin/true, \(spawn.count) times each")
+        print(pad("spawner", 34) + pad("mean us", 10) + "p50 us")
+        print(pad("kuasar (clone3 + CLONE_PIDFD)", 34) + pad(fmt(spawn.clone3MeanUS), 10) + fmt(spawn.clone3P50US))
+        print(pad("Foundation.Process (posix_spawn)", 34) + pad(fmt(spawn.posixSpawnMeanUS), 10) + fmt(spawn.posixSpawnP50US))
+        print("kuasar is \(fmt(spawn.speedup))x faster (mean)")
+
+        var host = utsname()
+        uname(&host)
+        let release = withUnsafeBytes(of: host.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let report = Report(host: "Linux \(release), \(ProcessInfo.processInfo.activeProcessorCount) cores",
+                            date: ISO8601DateFormatter().string(from: Date()), echo: results, ratios: ratios, spawn: spawn)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let path = resultsDirectory() + "/reactor.json"
+        try encoder.encode(report).write(to: URL(fileURLWithPath: path))
+        print("\nwrote \(path)")
+    }
+
+    static func spawnBenchmark(count: Int) throws -> SpawnResult {
+        var ours: [Double] = []
+        var theirs: [Double] = []
+        for _ in 0..<20 { _ = try Spawner.wait(try Spawner.spawn(ProcessSpec(executable: "/bin/true"))) }
+        for i in 0..<(count * 2) {
+            // Interleave so drift on a noisy machine hits both alike.
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            if i % 2 == 0 {
+                let status = try Spawner.wait(try Spawner.spawn(ProcessSpec(executable: "/bin/true")))
+                precondition(status == .exited(0))
+                ours.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
+            } else {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: "/bin/true")
+                try p.run()
+                p.waitUntilExit()
+                precondition(p.terminationStatus == 0)
+                theirs.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
+            }
+        }
+        func mean(_ a: [Double]) -> Double { a.reduce(0, +) / Double(a.count) }
+        func p50(_ a: [Double]) -> Double { a.sorted()[a.count / 2] }
+        return SpawnResult(count: count, clone3MeanUS: mean(ours), clone3P50US: p50(ours),
+                           posixSpawnMeanUS: mean(theirs), posixSpawnP50US: p50(theirs), speedup: mean(theirs) / mean(ours))
+    }
+
+    static func resultsDirectory() -> String {
+        // perf/results next to this package, wherever it is run from.
+        var dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()  // Sources/kuasar-perf
+        dir = dir.deletingLastPathComponent().deletingLastPathComponent()
+        let out = dir.appendingPathComponent("results").path
+        try? FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        return out
+    }
+
+    static func pin(to cpu: Int) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        p.arguments = ["-cp", "\(cpu)", "\(getpid())"]
+        p.standardOutput = FileHandle.nullDevice
+        try? p.run()
+        p.waitUntilExit()
+    }
+
+    static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+    static func fmt(_ x: Double) -> String { String(format: x >= 100 ? "%.0f" : "%.2f", x) }
+}
