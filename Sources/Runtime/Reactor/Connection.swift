@@ -42,9 +42,8 @@ public final class Connection {
     public let rawFD: Int32
     private var registration: Reactor.Registration?
 
-    private var queue: [[UInt8]] = []
-    private var headOffset = 0
-    public private(set) var queuedBytes = 0
+    private var queue = WriteQueue()
+    public var queuedBytes: Int { queue.count }
     private var pausedByUser = false
     private var pausedByPressure = false
     private var parkedOnHangup = false
@@ -127,7 +126,8 @@ public final class Connection {
             if n > 0 {
                 onRead?(self, UnsafeRawBufferPointer(rebasing: buffer[..<n]))
                 if state != .open || pausedByUser || pausedByPressure { return }
-                if n < buffer.count { return }  // most likely drained; level-triggered if not
+                // Most likely drained; level-triggered readiness brings us back if not.
+                if n < buffer.count { return }
                 continue
             }
             if n == 0 {
@@ -177,9 +177,8 @@ public final class Connection {
             close(error: SystemError("write", "queue over \(limits.hardLimit) bytes: peer is not reading", errno: Errno(rawValue: ENOBUFS)))
             return false
         }
-        queue.append(Array(UnsafeRawBufferPointer(rebasing: bytes[offset...])))
         let wasEmpty = queuedBytes == 0
-        queuedBytes += rest
+        queue.append(UnsafeRawBufferPointer(rebasing: bytes[offset...]), pool: reactor.chunkPool)
         if queuedBytes >= limits.highWatermark && !pausedByPressure {
             pausedByPressure = true
             updateInterest()
@@ -202,25 +201,12 @@ public final class Connection {
 
     private func flush() {
         while queuedBytes > 0 {
-            let count = min(queue.count, 64)
-            let n: Int = withUnsafeTemporaryAllocation(of: iovec.self, capacity: count) { iov in
-                // The arrays stay alive in `queue` for the duration of writev.
-                for i in 0..<count {
-                    queue[i].withUnsafeBytes { raw in
-                        let skip = i == 0 ? headOffset : 0
-                        iov[i] = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress! + skip), iov_len: raw.count - skip)
-                    }
-                }
-                return writev(rawFD, iov.baseAddress, Int32(count))
-            }
+            let n = queue.flush(fd: rawFD, pool: reactor.chunkPool)
+            if n == 0 { break }
             if n < 0 {
-                let e = Errno.current
-                if e == .EINTR { continue }
-                if e == .EAGAIN { break }
-                close(error: SystemError("writev", "fd \(rawFD)", errno: e))
+                close(error: SystemError("writev", "fd \(rawFD)", errno: Errno(rawValue: Int32(-n))))
                 return
             }
-            consume(n)
         }
         if pausedByPressure && queuedBytes <= limits.lowWatermark {
             pausedByPressure = false
@@ -245,22 +231,6 @@ public final class Connection {
         _ = shutdown(rawFD, Int32(SHUT_WR))
         // Both directions are done: nothing more can happen on this connection.
         if state == .readClosed { close() }
-    }
-
-    private func consume(_ n: Int) {
-        var left = n
-        queuedBytes -= n
-        while left > 0 {
-            let avail = queue[0].count - headOffset
-            if left >= avail {
-                left -= avail
-                queue.removeFirst()
-                headOffset = 0
-            } else {
-                headOffset += left
-                left = 0
-            }
-        }
     }
 
     // MARK: Flow control and closing
@@ -298,8 +268,7 @@ public final class Connection {
         if let reg = registration { reactor.deregister(reg) }
         registration = nil
         fd.take()?.close()
-        queue.removeAll()
-        queuedBytes = 0
+        queue.removeAll(pool: reactor.chunkPool)
         let handler = onClose
         onRead = nil
         onReadEOF = nil

@@ -82,7 +82,9 @@ public final class Reactor {
     private let inboxRaw: Int32
 
     /// One read buffer for every connection of this loop: only one handler runs at a time.
-    lazy var sharedReadBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 16)
+    /// Write-queue chunks shared by this loop's connections.
+    let chunkPool = ChunkPool()
+    lazy var sharedReadBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 16)
 
     private let threadID: pid_t
     private var running = false
@@ -242,6 +244,7 @@ public final class Reactor {
         inbox.close()
         backend.close()
         sharedReadBuffer.deallocate()
+        chunkPool.drain()
         closed = true
     }
 

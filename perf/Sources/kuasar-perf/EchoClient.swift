@@ -15,19 +15,22 @@ struct EchoResult: Codable {
     var perSecond: Double
     var p50us: Double
     var p99us: Double
+    var serverCPUPercent: Double = 0
+    var serverCPUusPerMessage: Double = 0
 }
 
 enum EchoClient {
     static func run(socket: String, size: Int, inFlight: Int, seconds: Double, server: String) throws -> EchoResult {
-        let fd = try Socket.connectUnix(path: socket)
-        let raw = fd.rawValue
-        defer { fd.close() }
-        let message = [UInt8](repeating: 0x5A, count: size)
+        // The client owns this raw descriptor for the whole function.
+        let raw = try Socket.connectUnix(path: socket).take()
+        defer { close(raw) }
+        // Everything queued goes out in one write: the client must cost less than any
+        // server it measures, or it measures itself.
+        let outBuffer = [UInt8](repeating: 0x5A, count: size * inFlight)
         var sendTimes = [UInt64](repeating: 0, count: inFlight + 1)  // ring of send times
         var head = 0, tail = 0
         var outstanding = 0
         var toSend = 0        // bytes of queued messages not yet written
-        var sendOffset = 0    // offset in the current message
         var received = 0      // bytes of the current incoming message
         var latencies: [UInt32] = []
         latencies.reserveCapacity(2_000_000)
@@ -55,11 +58,9 @@ enum EchoClient {
             if poll(&p, 1, 5000) <= 0 { throw SystemError("poll", "echo server stalled", errno: .ETIMEDOUT) }
             if p.revents & Int16(POLLOUT) != 0 {
                 while toSend > 0 {
-                    let n = message.withUnsafeBytes { write(raw, $0.baseAddress! + sendOffset, size - sendOffset) }
+                    let n = outBuffer.withUnsafeBytes { write(raw, $0.baseAddress!, min(toSend, $0.count)) }
                     if n <= 0 { break }
-                    sendOffset += n
                     toSend -= n
-                    if sendOffset == size { sendOffset = 0 }
                 }
             }
             if p.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {

@@ -20,6 +20,8 @@ enum ReactorBenchmark {
         var inFlight: Int
         var throughputVsNIO: Double
         var p99VsNIO: Double
+        /// NIO's server CPU per message divided by ours: >1 means we spend less.
+        var cpuEfficiencyVsNIO: Double
     }
     struct SpawnResult: Codable {
         var count: Int
@@ -45,7 +47,13 @@ enum ReactorBenchmark {
             for shape in shapes {
                 // A short warm-up, then the measured run.
                 _ = try EchoClient.run(socket: socket, size: shape.size, inFlight: shape.inFlight, seconds: 0.2, server: server)
-                let r = try EchoClient.run(socket: socket, size: shape.size, inFlight: shape.inFlight, seconds: seconds, server: server)
+                let cpuBefore = cpuTicks(proc.processIdentifier)
+                var r = try EchoClient.run(socket: socket, size: shape.size, inFlight: shape.inFlight, seconds: seconds, server: server)
+                // The client can be the bottleneck; the server's CPU time per message is
+                // what tells servers apart then.
+                let ticks = cpuTicks(proc.processIdentifier) - cpuBefore
+                r.serverCPUPercent = Double(ticks) / Double(sysconf(Int32(_SC_CLK_TCK))) / r.seconds * 100
+                r.serverCPUusPerMessage = Double(ticks) / Double(sysconf(Int32(_SC_CLK_TCK))) * 1e6 / Double(r.messages)
                 results.append(r)
                 FileHandle.standardError.write("  \(server) \(shape.size)B x\(shape.inFlight): \(Int(r.perSecond)) msg/s\n".data(using: .utf8)!)
             }
@@ -56,16 +64,20 @@ enum ReactorBenchmark {
 
         var ratios: [Ratio] = []
         print("\nEcho over a unix socket, one client process (CPU 1), server on one core (CPU 0), \(seconds) s per row")
-        print(pad("server", 10) + pad("size", 8) + pad("inflight", 10) + pad("msg/s", 12) + pad("p50 us", 10) + pad("p99 us", 10) + pad("x NIO tput", 12) + "x NIO p99")
+        print(pad("server", 10) + pad("size", 7) + pad("inflight", 9) + pad("msg/s", 10) + pad("p50 us", 8) + pad("p99 us", 8)
+              + pad("srv CPU%", 9) + pad("CPU us/msg", 11) + pad("tput/NIO", 9) + pad("p99/NIO", 8) + "NIO CPU/ours")
         for r in results {
             let nio = results.first { $0.server == "nio" && $0.size == r.size && $0.inFlight == r.inFlight }!
             let tput = r.perSecond / nio.perSecond
             let p99 = r.p99us / max(nio.p99us, 0.001)
             if r.server != "nio" {
-                ratios.append(Ratio(server: r.server, size: r.size, inFlight: r.inFlight, throughputVsNIO: tput, p99VsNIO: p99))
+                ratios.append(Ratio(server: r.server, size: r.size, inFlight: r.inFlight, throughputVsNIO: tput, p99VsNIO: p99,
+                                    cpuEfficiencyVsNIO: nio.serverCPUusPerMessage / max(r.serverCPUusPerMessage, 0.0001)))
             }
-            print(pad(r.server, 10) + pad("\(r.size)", 8) + pad("\(r.inFlight)", 10) + pad(String(Int(r.perSecond)), 12)
-                  + pad(fmt(r.p50us), 10) + pad(fmt(r.p99us), 10) + pad(fmt(tput) + "x", 12) + fmt(p99) + "x")
+            let eff = nio.serverCPUusPerMessage / max(r.serverCPUusPerMessage, 0.0001)
+            print(pad(r.server, 10) + pad("\(r.size)", 7) + pad("\(r.inFlight)", 9) + pad(String(Int(r.perSecond)), 10)
+                  + pad(fmt(r.p50us), 8) + pad(fmt(r.p99us), 8) + pad(fmt(r.serverCPUPercent), 9) + pad(fmt(r.serverCPUusPerMessage), 11)
+                  + pad(fmt(tput) + "x", 9) + pad(fmt(p99) + "x", 8) + fmt(eff) + "x")
         }
 
         let spawn = try spawnBenchmark(count: spawnCount)
@@ -111,6 +123,15 @@ enum ReactorBenchmark {
         func p50(_ a: [Double]) -> Double { a.sorted()[a.count / 2] }
         return SpawnResult(count: count, clone3MeanUS: mean(ours), clone3P50US: p50(ours),
                            posixSpawnMeanUS: mean(theirs), posixSpawnP50US: p50(theirs), speedup: mean(theirs) / mean(ours))
+    }
+
+    /// utime + stime of every thread of `pid`, in clock ticks (/proc/PID/stat fields 14, 15).
+    static func cpuTicks(_ pid: Int32) -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return 0 }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is the state (field 3), so utime (14) is fields[11], stime (15) fields[12].
+        return (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)
     }
 
     static func resultsDirectory() -> String {

@@ -15,6 +15,10 @@ func option(_ name: String, default value: Double) -> Double {
 switch args.count > 1 ? args[1] : "reactor" {
 case "echo-server":
     try EchoServers.run(kind: args[2], socket: args[3])
+case "echo-client":
+    // echo-client SOCKET SIZE INFLIGHT SECONDS: one run against a server started by hand (profiling).
+    let r = try EchoClient.run(socket: args[2], size: Int(args[3])!, inFlight: Int(args[4])!, seconds: Double(args[5])!, server: "manual")
+    print("\(Int(r.perSecond)) msg/s p50 \(r.p50us) us p99 \(r.p99us) us")
 case "reactor":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
 default:
