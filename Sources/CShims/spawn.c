@@ -4,6 +4,8 @@
 #include <linux/sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -71,14 +73,25 @@ int ks_close_range(unsigned first, unsigned last, unsigned flags) {
 
 enum { STAGE_EXEC = 0, STAGE_FDS = 1, STAGE_CWD = 2, STAGE_SETSID = 3, STAGE_SIGNALS = 4 };
 
-// Runs in the child between clone3 and exec. The address space is a copy of a
-// possibly multi-threaded parent, so only async-signal-safe calls are allowed here:
-// no malloc, no locks, no stdio.
+// What the child needs, and where it reports a failure before exec: through shared
+// memory when it shares our address space (vfork path), else over a pipe.
+struct child_ctx {
+    const ks_spawn_attr *attr;
+    int err_fd;            // -1 on the vfork path
+    volatile int err;
+    volatile int stage;
+};
+
+// Runs in the child between clone and exec. Its memory is either shared with a
+// suspended parent (vfork path) or a copy of a possibly multi-threaded one, so only
+// async-signal-safe calls are allowed: no malloc, no locks, no stdio.
 __attribute__((noreturn))
-static void child(const ks_spawn_attr *a, int err_fd) {
+static void child(struct child_ctx *ctx) {
+    const ks_spawn_attr *a = ctx->attr;
+    int err_fd = ctx->err_fd;
     int stage = STAGE_SIGNALS;
-    // The parent blocks signals it reads through a signalfd; a container must not
-    // inherit that mask, nor ignored dispositions.
+    // No handler of the parent may run here (it would run on shared memory), and a
+    // container must not inherit ignored dispositions nor the parent's mask.
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
@@ -88,7 +101,6 @@ static void child(const ks_spawn_attr *a, int err_fd) {
     }
     sigset_t none;
     sigemptyset(&none);
-    if (sigprocmask(SIG_SETMASK, &none, NULL) < 0) goto fail;
 
     if (a->parent_death_signal && prctl(PR_SET_PDEATHSIG, a->parent_death_signal) < 0) goto fail;
 
@@ -97,15 +109,17 @@ static void child(const ks_spawn_attr *a, int err_fd) {
 
     stage = STAGE_FDS;
     {
-        // Two passes so a mapping never overwrites the source of a later one:
-        // first lift every source (and the error pipe) above the highest target,
-        // then dup2 each down to its number (dup2 clears close-on-exec).
+        // Two passes so a mapping never overwrites the source of a later one: first
+        // lift every source (and the error pipe) above the highest target, then dup2
+        // each down to its number (dup2 clears close-on-exec).
         int top = 2;
         for (int i = 0; i < a->fd_count; i++)
             if (a->fds[i].to > top) top = a->fds[i].to;
-        int lifted_err = fcntl(err_fd, F_DUPFD_CLOEXEC, top + 1);
-        if (lifted_err < 0) goto fail;
-        err_fd = lifted_err;
+        if (err_fd >= 0) {
+            int lifted_err = fcntl(err_fd, F_DUPFD_CLOEXEC, top + 1);
+            if (lifted_err < 0) goto fail;
+            err_fd = lifted_err;
+        }
         int lifted[a->fd_count > 0 ? a->fd_count : 1];
         for (int i = 0; i < a->fd_count; i++) {
             lifted[i] = fcntl(a->fds[i].from, F_DUPFD_CLOEXEC, top + 1);
@@ -114,7 +128,8 @@ static void child(const ks_spawn_attr *a, int err_fd) {
         for (int i = 0; i < a->fd_count; i++)
             if (dup2(lifted[i], a->fds[i].to) < 0) goto fail;
         // Close every low fd that is not a target; mark every high one close-on-exec
-        // (this keeps the error pipe open until exec).
+        // (this keeps the error pipe open until exec). The descriptor table is the
+        // child's own even on the vfork path (no CLONE_FILES).
         for (int fd = 0; fd <= top; fd++) {
             int keep = 0;
             for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to == fd) keep = 1;
@@ -126,17 +141,63 @@ static void child(const ks_spawn_attr *a, int err_fd) {
     stage = STAGE_CWD;
     if (a->cwd && chdir(a->cwd) < 0) goto fail;
 
+    stage = STAGE_SIGNALS;
+    if (sigprocmask(SIG_SETMASK, &none, NULL) < 0) goto fail;
+
     stage = STAGE_EXEC;
     execve(a->path, (char *const *)a->argv, (char *const *)a->envp);
 
 fail:;
-    int report[2] = { errno, stage };
-    ssize_t w;
-    do { w = write(err_fd, report, sizeof report); } while (w < 0 && errno == EINTR);
+    int e = errno;
+    if (err_fd >= 0) {
+        int report[2] = { e, stage };
+        ssize_t w;
+        do { w = write(err_fd, report, sizeof report); } while (w < 0 && errno == EINTR);
+    } else {
+        ctx->stage = stage;
+        ctx->err = e;
+    }
     _exit(127);
 }
 
-int ks_spawn(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
+static int child_entry(void *p) { child(p); }
+
+// The vfork path: the child borrows our address space and we sleep until it has
+// exec'd or exited, so nothing is copied (a fork of a large daemon copies its page
+// tables and takes a copy-on-write fault for every page it touches afterwards).
+static int spawn_vfork(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
+    enum { STACK = 64 * 1024 };
+    void *stack = mmap(NULL, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -errno;
+
+    struct child_ctx ctx = { .attr = a, .err_fd = -1, .err = 0, .stage = 0 };
+    int child_pidfd = -1;
+    // Block every signal while the child runs on our memory; it unblocks its own.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | (int)a->clone_flags | SIGCHLD;
+    int rc = clone(child_entry, (char *)stack + STACK, flags, &ctx, &child_pidfd);
+    int clone_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    munmap(stack, STACK);
+    if (rc < 0) return -clone_errno;
+
+    if (ctx.err != 0) {
+        int code, status;
+        ks_pidfd_wait(child_pidfd, 0, &code, &status);
+        close(child_pidfd);
+        *stage = ctx.stage;
+        return -ctx.err;
+    }
+    *pid = rc;
+    *pidfd = child_pidfd;
+    return 0;
+}
+
+// The fork path (clone3 without CLONE_VM): for children that must run on their own
+// memory, e.g. one that waits in a new user namespace for its id maps.
+static int spawn_fork(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0) return -errno;
 
@@ -156,7 +217,8 @@ int ks_spawn(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
     }
     if (rc == 0) {
         close(pipefd[0]);
-        child(a, pipefd[1]);
+        struct child_ctx ctx = { .attr = a, .err_fd = pipefd[1], .err = 0, .stage = 0 };
+        child(&ctx);
     }
     close(pipefd[1]);
 
@@ -175,4 +237,9 @@ int ks_spawn(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
     close(child_pidfd);
     *stage = report[1];
     return n == (ssize_t)sizeof report ? -report[0] : -EIO;
+}
+
+int ks_spawn(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage) {
+    if (a->fork || (a->clone_flags & CLONE_NEWUSER)) return spawn_fork(a, pid, pidfd, stage);
+    return spawn_vfork(a, pid, pidfd, stage);
 }

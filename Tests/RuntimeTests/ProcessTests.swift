@@ -71,19 +71,29 @@ extension AllTests {
         #expect(childCount() == 0)
     }
 
-    @Test func execFailureIsAnErrorNamingTheCall() throws {
+    /// Both clone paths (vfork-style on our memory, clone3 on a copy) report why a
+    /// child could not start, name the call, and leave no child or fd behind.
+    @Test(arguments: [false, true])
+    func execFailureIsAnErrorNamingTheCall(forkStyle: Bool) throws {
         let fdsBefore = openFDCount()
+        var missing = ProcessSpec(executable: "/nonexistent/binary")
+        missing.forkStyle = forkStyle
         #expect {
-            _ = try Spawner.spawn(ProcessSpec(executable: "/nonexistent/binary"))
+            _ = try Spawner.spawn(missing)
         } throws: { error in
             let e = error as? SystemError
             return e?.call == "execve" && e?.errno == .ENOENT && e?.subject == "/nonexistent/binary"
         }
+        var badDir = ProcessSpec(executable: "/bin/true", workingDirectory: "/nonexistent-dir")
+        badDir.forkStyle = forkStyle
         #expect {
-            _ = try Spawner.spawn(ProcessSpec(executable: "/bin/true", workingDirectory: "/nonexistent-dir"))
+            _ = try Spawner.spawn(badDir)
         } throws: { error in
             (error as? SystemError)?.call == "chdir"
         }
+        var bare = ProcessSpec(executable: "sh", arguments: ["sh", "-c", "exit 42"])  // PATH lookup
+        bare.forkStyle = forkStyle
+        #expect(try Spawner.wait(try Spawner.spawn(bare)) == .exited(42))
         #expect(openFDCount() == fdsBefore)
         #expect(childCount() == 0)
     }

@@ -95,12 +95,15 @@ typedef struct ks_spawn_attr {
     uint64_t clone_flags;      // extra CLONE_NEW* flags
     int new_session;           // setsid() in the child
     int parent_death_signal;   // PR_SET_PDEATHSIG, 0 for none
+    int fork;                  // 1: clone3 on a copy of our memory instead of vfork-style
 } ks_spawn_attr;
 
-/// clone3(CLONE_PIDFD) + exec. On success returns 0 with *pid and *pidfd set.
-/// When the child cannot exec, its errno comes back over a CLOEXEC pipe and this
-/// returns -errno with *stage naming the step that failed (0 exec, 1 fds, 2 cwd,
-/// 3 setsid, 4 signals); the child has been reaped.
+/// Starts a child with a pidfd and execs it. By default clone(CLONE_VM | CLONE_VFORK |
+/// CLONE_PIDFD): nothing is copied and the child's exec error comes back through
+/// shared memory. With `fork` (or CLONE_NEWUSER) it is clone3(CLONE_PIDFD) on a copy
+/// of our memory, reporting over a close-on-exec pipe. On success returns 0 with *pid
+/// and *pidfd set; on failure -errno with *stage naming the step that failed (0 exec,
+/// 1 fds, 2 cwd, 3 setsid, 4 signals), the child already reaped.
 int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
 
 int ks_close_range(unsigned first, unsigned last, unsigned flags);

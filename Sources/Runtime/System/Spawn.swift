@@ -47,6 +47,9 @@ public struct ProcessSpec: Sendable {
     public var parentDeathSignal: Int32 = 0
     /// Extra clone flags (CLONE_NEW*), for the container engine.
     public var cloneFlags: UInt64 = 0
+    /// Run the child on a copy of our memory (clone3) rather than vfork-style on ours:
+    /// for children that must wait for the parent before exec. Slower for a large parent.
+    public var forkStyle = false
 
     public init(
         executable: String, arguments: [String]? = nil, environment: [String]? = nil,
@@ -66,15 +69,17 @@ public struct ProcessSpec: Sendable {
     public var pidfd: OwnedFD
 }
 
-/// Starts processes with clone3(CLONE_PIDFD) and exec, both in C (see CShims' spawn.c).
-/// Failure to exec comes back over a close-on-exec pipe as the child's errno, so
-/// "no such file" is an error here, not a mysterious exit 127 later.
+/// Starts processes with a pidfd from the start (CLONE_PIDFD: no window where the pid
+/// could be recycled) and execs them; the clone-to-exec path is C (CShims' spawn.c).
+/// Failure to exec comes back as the child's errno, so "no such file" is an error
+/// here, not a mysterious exit 127 later.
 public enum Spawner {
     public static func spawn(_ spec: ProcessSpec) throws(SystemError) -> SpawnedProcess {
         let path = try resolve(spec.executable, environment: spec.environment)
         let argv = CStringArray(spec.arguments)
-        let envp = CStringArray(spec.environment ?? currentEnvironment())
-        defer { argv.free(); envp.free() }
+        // An inherited environment is passed as it is, not copied string by string.
+        let envp = spec.environment.map { CStringArray($0) }
+        defer { argv.free(); envp?.free() }
         let map = spec.fdMap.map { ks_fd_map(from: $0.from, to: $0.to) }
 
         var pid: pid_t = 0, pidfd: Int32 = -1, stage: Int32 = 0
@@ -83,10 +88,10 @@ public enum Spawner {
             return map.withUnsafeBufferPointer { fds in
                 withOptionalCString(cwd) { ccwd in
                     var attr = ks_spawn_attr(
-                        path: cpath, argv: argv.pointer, envp: envp.pointer, cwd: ccwd,
+                        path: cpath, argv: argv.pointer, envp: envp?.pointer ?? UnsafeMutablePointer(environ), cwd: ccwd,
                         fds: fds.baseAddress, fd_count: Int32(fds.count),
                         clone_flags: spec.cloneFlags, new_session: spec.newSession ? 1 : 0,
-                        parent_death_signal: spec.parentDeathSignal)
+                        parent_death_signal: spec.parentDeathSignal, fork: spec.forkStyle ? 1 : 0)
                     return ks_spawn(&attr, &pid, &pidfd, &stage)
                 }
             }
@@ -98,7 +103,7 @@ public enum Spawner {
             case 2: call = "chdir"
             case 3: call = "setsid"
             case 4: call = "sigprocmask"
-            default: call = rc == -Errno.ENOSYS.rawValue ? "clone3" : "execve"
+            default: call = rc == -Errno.ENOSYS.rawValue ? (spec.forkStyle ? "clone3" : "clone") : "execve"
             }
             let subject = stage == 2 ? (spec.workingDirectory ?? "") : path
             throw SystemError(call, subject, errno: Errno(rawValue: -rc))
@@ -110,7 +115,8 @@ public enum Spawner {
     /// child does nothing that allocates.
     static func resolve(_ name: String, environment: [String]?) throws(SystemError) -> String {
         if name.contains("/") { return name }
-        let pathVar = (environment ?? currentEnvironment())
+        let inherited = environment == nil ? getenv("PATH").map { String(cString: $0) } : nil
+        let pathVar = inherited ?? environment?
             .first { $0.hasPrefix("PATH=") }.map { String($0.dropFirst(5)) }
             ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         for dir in pathVar.split(separator: ":") {

@@ -29,7 +29,11 @@ enum ReactorBenchmark {
         var clone3P50US: Double
         var posixSpawnMeanUS: Double
         var posixSpawnP50US: Double
+        var foundationMeanUS: Double
+        var foundationP50US: Double
+        /// posix_spawn's mean over ours.
         var speedup: Double
+        var speedupVsFoundation: Double
     }
 
     static func run(seconds: Double, spawnCount: Int, executable: String) throws {
@@ -83,9 +87,10 @@ enum ReactorBenchmark {
         let spawn = try spawnBenchmark(count: spawnCount)
         print("\nSpawn + wait of /bin/true, \(spawn.count) times each")
         print(pad("spawner", 34) + pad("mean us", 10) + "p50 us")
-        print(pad("kuasar (clone3 + CLONE_PIDFD)", 34) + pad(fmt(spawn.clone3MeanUS), 10) + fmt(spawn.clone3P50US))
-        print(pad("Foundation.Process (posix_spawn)", 34) + pad(fmt(spawn.posixSpawnMeanUS), 10) + fmt(spawn.posixSpawnP50US))
-        print("kuasar is \(fmt(spawn.speedup))x faster (mean)")
+        print(pad("kuasar Spawner (pidfd)", 34) + pad(fmt(spawn.clone3MeanUS), 10) + fmt(spawn.clone3P50US))
+        print(pad("posix_spawn + waitpid (glibc)", 34) + pad(fmt(spawn.posixSpawnMeanUS), 10) + fmt(spawn.posixSpawnP50US))
+        print(pad("Foundation.Process", 34) + pad(fmt(spawn.foundationMeanUS), 10) + fmt(spawn.foundationP50US))
+        print("kuasar vs posix_spawn: \(fmt(spawn.speedup))x; vs Foundation.Process: \(fmt(spawn.speedupVsFoundation))x (mean time ratio, >1 = kuasar faster)")
 
         var host = utsname()
         uname(&host)
@@ -100,29 +105,42 @@ enum ReactorBenchmark {
     }
 
     static func spawnBenchmark(count: Int) throws -> SpawnResult {
-        var ours: [Double] = []
-        var theirs: [Double] = []
+        var ours: [Double] = [], posix: [Double] = [], foundation: [Double] = []
         for _ in 0..<20 { _ = try Spawner.wait(try Spawner.spawn(ProcessSpec(executable: "/bin/true"))) }
-        for i in 0..<(count * 2) {
-            // Interleave so drift on a noisy machine hits both alike.
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/true"), nil]
+        defer { free(argv[0]) }
+        // Ours and posix_spawn interleaved so drift on a noisy machine hits both alike;
+        // Foundation afterwards, as its SIGCHLD monitor thread would wake on every
+        // exit of the others and tax whoever runs next.
+        for i in 0..<(count * 3) {
             let t0 = DispatchTime.now().uptimeNanoseconds
-            if i % 2 == 0 {
+            switch i < count * 2 ? i % 2 : 2 {
+            case 0:
                 let status = try Spawner.wait(try Spawner.spawn(ProcessSpec(executable: "/bin/true")))
                 precondition(status == .exited(0))
                 ours.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
-            } else {
+            case 1:
+                // glibc's posix_spawn (CLONE_VM | CLONE_VFORK) + waitpid: what Process uses underneath.
+                var pid: pid_t = 0
+                precondition(posix_spawn(&pid, "/bin/true", nil, nil, argv, environ) == 0)
+                var st: Int32 = 0
+                waitpid(pid, &st, 0)
+                posix.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
+            default:
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: "/bin/true")
                 try p.run()
                 p.waitUntilExit()
                 precondition(p.terminationStatus == 0)
-                theirs.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
+                foundation.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1000)
             }
         }
         func mean(_ a: [Double]) -> Double { a.reduce(0, +) / Double(a.count) }
         func p50(_ a: [Double]) -> Double { a.sorted()[a.count / 2] }
         return SpawnResult(count: count, clone3MeanUS: mean(ours), clone3P50US: p50(ours),
-                           posixSpawnMeanUS: mean(theirs), posixSpawnP50US: p50(theirs), speedup: mean(theirs) / mean(ours))
+                           posixSpawnMeanUS: mean(posix), posixSpawnP50US: p50(posix),
+                           foundationMeanUS: mean(foundation), foundationP50US: p50(foundation),
+                           speedup: mean(posix) / mean(ours), speedupVsFoundation: mean(foundation) / mean(ours))
     }
 
     /// utime + stime of every thread of `pid`, in clock ticks (/proc/PID/stat fields 14, 15).

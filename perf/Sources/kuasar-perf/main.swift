@@ -19,6 +19,9 @@ case "echo-client":
     // echo-client SOCKET SIZE INFLIGHT SECONDS: one run against a server started by hand (profiling).
     let r = try EchoClient.run(socket: args[2], size: Int(args[3])!, inFlight: Int(args[4])!, seconds: Double(args[5])!, server: "manual")
     print("\(Int(r.perSecond)) msg/s p50 \(r.p50us) us p99 \(r.p99us) us")
+case "spawn":
+    let r = try ReactorBenchmark.spawnBenchmark(count: Int(option("--spawns", default: 300)))
+    print(r)
 case "reactor":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
 default:
