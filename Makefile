@@ -2,11 +2,11 @@
 #   make run    install what the daemon needs, build, start the daemon, ask it for health
 #   make test   install what the tests need, build with warnings as errors, run every test
 SHELL := /bin/bash
-APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux
+APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev
 SWIFT_FLAGS := -Xswiftc -warnings-as-errors
 SOCKET ?= /run/kuasar/kuasar.sock
 
-.PHONY: deps build run test test-release bench clean install
+.PHONY: deps build run test test-release bench clean install protos
 
 # apt-get only when something is missing, so repeated runs cost nothing.
 deps:
@@ -45,3 +45,20 @@ install: build
 
 clean:
 	rm -rf .build perf/.build
+
+# Regenerates Sources/Runtime/Wire/Generated from Protos/. Needs protoc (apt
+# protobuf-compiler) and builds protoc-gen-swift from the swift-protobuf this package
+# resolves (minutes, once; never in CI). containerd.task.v3 is v2's file under the v3
+# package, as in containerd 2.x.
+PROTO_OUT := Sources/Runtime/Wire/Generated
+protos:
+	dpkg -s protobuf-compiler >/dev/null 2>&1 || apt-get install -y -qq protobuf-compiler
+	swift package resolve
+	test -x .build-protoc/release/protoc-gen-swift || swift build -c release --package-path .build/checkouts/swift-protobuf --scratch-path .build-protoc --product protoc-gen-swift
+	rm -rf .build-protos && mkdir -p .build-protos/containerd/task/v3
+	sed 's/^package containerd.task.v2;/package containerd.task.v3;/' Protos/containerd/task/v2/shim.proto > .build-protos/containerd/task/v3/shim.proto
+	rm -f $(PROTO_OUT)/*.pb.swift
+	protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift \
+	  --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores --swift_out=$(PROTO_OUT) \
+	  -I Protos -I .build-protos -I /usr/include \
+	  $$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort) containerd/task/v3/shim.proto

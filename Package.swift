@@ -14,6 +14,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
     ],
     targets: [
         .systemLibrary(
@@ -32,6 +33,7 @@ let package = Package(
             dependencies: [
                 "CShims",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             ]),
         .executableTarget(
             name: "kuasar",
@@ -42,7 +44,7 @@ let package = Package(
             ]),
         .testTarget(
             name: "RuntimeTests",
-            dependencies: ["Runtime", "CShims"]),
+            dependencies: ["Runtime", "CShims", .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,0 +1,144 @@
+/// ttrpc framing: a 10-byte header — data length (u32 BE, at most 4 MiB), stream id
+/// (u32 BE, odd when the client opened the stream), message type (u8), flags (u8) —
+/// then the data. Pure bytes: nothing here touches a descriptor.
+public enum TTRPC {
+    public static let headerLength = 10
+    public static let maxDataLength = 4 << 20
+
+    public enum MessageType: UInt8, Sendable {
+        case request = 1
+        case response = 2
+        case data = 3
+    }
+
+    public struct Flags: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// The sender will send nothing more on this stream.
+        public static let remoteClosed = Flags(rawValue: 0x1)
+        /// A request that opens a stream the sender keeps sending on.
+        public static let remoteOpen = Flags(rawValue: 0x2)
+        /// A data frame that carries no message (as opposed to an empty one).
+        public static let noData = Flags(rawValue: 0x4)
+    }
+
+    public struct Frame: Equatable, Sendable {
+        public var streamID: UInt32
+        public var type: UInt8
+        public var flags: Flags
+        public var payload: [UInt8]
+
+        public init(streamID: UInt32, type: MessageType, flags: Flags = [], payload: [UInt8]) {
+            self.streamID = streamID
+            self.type = type.rawValue
+            self.flags = flags
+            self.payload = payload
+        }
+
+        init(streamID: UInt32, rawType: UInt8, flags: Flags, payload: [UInt8]) {
+            self.streamID = streamID
+            self.type = rawType
+            self.flags = flags
+            self.payload = payload
+        }
+
+        public var messageType: MessageType? { MessageType(rawValue: type) }
+    }
+
+    /// Appends the header for a frame of `length` data bytes to `out`.
+    public static func appendHeader(to out: inout [UInt8], length: Int, streamID: UInt32, type: MessageType, flags: Flags) {
+        precondition(length <= maxDataLength, "ttrpc frame of \(length) bytes exceeds 4 MiB")
+        let l = UInt32(length)
+        out.append(UInt8(l >> 24)); out.append(UInt8(truncatingIfNeeded: l >> 16))
+        out.append(UInt8(truncatingIfNeeded: l >> 8)); out.append(UInt8(truncatingIfNeeded: l))
+        out.append(UInt8(streamID >> 24)); out.append(UInt8(truncatingIfNeeded: streamID >> 16))
+        out.append(UInt8(truncatingIfNeeded: streamID >> 8)); out.append(UInt8(truncatingIfNeeded: streamID))
+        out.append(type.rawValue)
+        out.append(flags.rawValue)
+    }
+
+    public static func encode(_ frame: Frame) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(headerLength + frame.payload.count)
+        appendHeader(to: &out, length: frame.payload.count, streamID: frame.streamID,
+                     type: MessageType(rawValue: frame.type) ?? .data, flags: frame.flags)
+        out += frame.payload
+        return out
+    }
+}
+
+/// What the decoder found in the bytes so far.
+public enum TTRPCDecoded: Equatable, Sendable {
+    case frame(TTRPC.Frame)
+    /// A frame whose declared length exceeds 4 MiB. Its data is skipped as it arrives
+    /// (the connection stays in sync); the peer gets ResourceExhausted for the stream.
+    case oversized(streamID: UInt32, length: UInt32)
+}
+
+/// Turns a byte stream into frames. Memory is bounded: at most one frame's data
+/// (≤ 4 MiB) plus one header is ever buffered; oversized data is dropped as it comes.
+public struct TTRPCFrameDecoder: Sendable {
+    private var buffer: [UInt8] = []
+    private var start = 0
+    private var skipping = 0
+
+    public init() {}
+
+    /// Bytes buffered and not yet returned as frames.
+    public var bufferedCount: Int { buffer.count - start }
+
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        var input = bytes
+        if skipping > 0 {
+            let n = min(skipping, input.count)
+            skipping -= n
+            input = UnsafeRawBufferPointer(rebasing: input[n...])
+        }
+        if input.isEmpty { return }
+        if start > 0 && start == buffer.count {
+            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
+            start = 0
+        }
+        buffer.append(contentsOf: input)
+    }
+
+    public mutating func append(_ bytes: [UInt8]) {
+        bytes.withUnsafeBytes { append($0) }
+    }
+
+    /// The next complete frame, or nil when more bytes are needed.
+    public mutating func next() -> TTRPCDecoded? {
+        let available = buffer.count - start
+        guard available >= TTRPC.headerLength else { compact(); return nil }
+        let h = start
+        let length = UInt32(buffer[h]) << 24 | UInt32(buffer[h + 1]) << 16 | UInt32(buffer[h + 2]) << 8 | UInt32(buffer[h + 3])
+        let stream = UInt32(buffer[h + 4]) << 24 | UInt32(buffer[h + 5]) << 16 | UInt32(buffer[h + 6]) << 8 | UInt32(buffer[h + 7])
+        let type = buffer[h + 8]
+        let flags = TTRPC.Flags(rawValue: buffer[h + 9])
+        if length > UInt32(TTRPC.maxDataLength) {
+            // Drop what of its data is already here; skip the rest as it arrives.
+            let here = min(available - TTRPC.headerLength, Int(length))
+            start += TTRPC.headerLength + here
+            skipping = Int(length) - here
+            compact()
+            return .oversized(streamID: stream, length: length)
+        }
+        guard available >= TTRPC.headerLength + Int(length) else { compact(); return nil }
+        let body = h + TTRPC.headerLength
+        let payload = Array(buffer[body..<(body + Int(length))])
+        start = body + Int(length)
+        return .frame(TTRPC.Frame(streamID: stream, rawType: type, flags: flags, payload: payload))
+    }
+
+    /// Moves the unread tail to the front once the consumed part dominates, so a long
+    /// connection does not keep every byte it ever read.
+    private mutating func compact() {
+        if start == buffer.count {
+            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
+            start = 0
+        } else if start > 64 * 1024 && start > buffer.count / 2 {
+            buffer.removeFirst(start)
+            start = 0
+        }
+    }
+}

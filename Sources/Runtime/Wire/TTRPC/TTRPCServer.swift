@@ -1,0 +1,340 @@
+import Foundation
+import Logging
+import SwiftProtobuf
+
+/// A ttrpc server on the reactor: a registry of "/service/method" handlers and the
+/// connections it serves. Handlers run on the loop and must not block; a handler that
+/// needs to wait (a Task/Wait, a VM agent call) keeps its `TTRPCServerCall` and answers
+/// later. Unary calls and client-, server- and bidirectional streams share one model:
+/// a call receives the request payload, then optional data frames, and ends with
+/// exactly one response (or a final data frame with `remote closed`).
+public final class TTRPCServer {
+    public struct Limits: Sendable {
+        /// Open calls per connection; more are refused with ResourceExhausted.
+        public var maxConcurrentCalls = 1024
+        public init() {}
+    }
+
+    public typealias Handler = (TTRPCServerCall) throws -> Void
+
+    let reactor: Reactor
+    let logger: Logger
+    public let limits: Limits
+    private var handlers: [String: Handler] = [:]
+    private var listeners: [Listener] = []
+    private var connections: [ObjectIdentifier: TTRPCServerConnection] = [:]
+
+    public init(reactor: Reactor, limits: Limits = Limits(), logger: Logger = Logger(label: "kuasar.ttrpc")) {
+        self.reactor = reactor
+        self.limits = limits
+        self.logger = logger
+    }
+
+    public var connectionCount: Int { connections.count }
+
+    /// Registers a handler for any kind of call.
+    public func register(service: String, method: String, _ handler: @escaping Handler) {
+        handlers["/\(service)/\(method)"] = handler
+    }
+
+    /// Registers a unary protobuf method: the request arrives decoded; answer with
+    /// `call.respond(message)` now or later, or throw / `call.fail` with a status.
+    public func registerUnary<Request: SwiftProtobuf.Message>(
+        service: String, method: String, _ body: @escaping (TTRPCServerCall, Request) throws -> Void
+    ) {
+        register(service: service, method: method) { call in
+            let request: Request
+            do {
+                request = try Request(serializedBytes: call.requestPayload)
+            } catch {
+                throw RPCError(.invalidArgument, "\(method): cannot decode \(Request.protoMessageName): \(error)")
+            }
+            try body(call, request)
+        }
+    }
+
+    func handler(for service: String, _ method: String) -> Handler? {
+        handlers["/\(service)/\(method)"]
+    }
+
+    /// Listens on a unix socket (0600) and serves every connection it accepts.
+    public func listen(path: String) throws(SystemError) {
+        let fd = try Socket.listenUnix(path: path)
+        listeners.append(try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.serve(conn) })
+    }
+
+    /// Serves an already connected stream (an accepted socket, a VM agent channel).
+    public func serve(_ fd: consuming OwnedFD) {
+        let conn = TTRPCServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd))
+        connections[ObjectIdentifier(conn)] = conn
+        conn.start()
+    }
+
+    func connectionClosed(_ conn: TTRPCServerConnection) {
+        connections[ObjectIdentifier(conn)] = nil
+    }
+
+    /// Stops listening and closes every connection; open calls see Canceled.
+    public func close() {
+        for l in listeners { l.close() }
+        listeners.removeAll()
+        for c in Array(connections.values) { c.close() }
+        connections.removeAll()
+    }
+}
+
+/// One client connection: decodes frames, routes them to calls, writes responses.
+final class TTRPCServerConnection {
+    unowned let server: TTRPCServer
+    let connection: Connection
+    private var decoder = TTRPCFrameDecoder()
+    private var calls: [UInt32: TTRPCServerCall] = [:]
+    private var closed = false
+
+    init(server: TTRPCServer, connection: Connection) {
+        self.server = server
+        self.connection = connection
+    }
+
+    func start() {
+        connection.onRead = { [unowned self] _, bytes in
+            self.decoder.append(bytes)
+            while !self.closed, let item = self.decoder.next() { self.handle(item) }
+        }
+        connection.onClose = { [unowned self] _, error in
+            if let error { self.server.logger.debug("ttrpc connection closed: \(error)") }
+            self.teardown()
+        }
+        do {
+            try connection.start()
+        } catch {
+            server.logger.error("ttrpc: cannot serve a connection: \(error)")
+            connection.close(error: error)
+        }
+    }
+
+    func close() {
+        connection.close()
+    }
+
+    private func teardown() {
+        guard !closed else { return }
+        closed = true
+        // The client is gone: every open call is cancelled; nothing can be answered.
+        for call in Array(calls.values) { call.cancel(RPCError(.cancelled, "client disconnected")) }
+        calls.removeAll()
+        server.connectionClosed(self)
+    }
+
+    private func handle(_ item: TTRPCDecoded) {
+        switch item {
+        case .oversized(let stream, let length):
+            sendResponse(stream: stream, status: RPCError(.resourceExhausted,
+                "message length \(length) exceeds the maximum message size of \(TTRPC.maxDataLength)"), payload: [])
+            calls[stream]?.cancel(RPCError(.resourceExhausted, "oversized message on the stream"))
+        case .frame(let frame):
+            switch frame.messageType {
+            case .request: handleRequest(frame)
+            case .data: handleData(frame)
+            case .response, .none:
+                // A client never sends responses; an unknown type cannot be routed.
+                sendResponse(stream: frame.streamID, status: RPCError(.invalidArgument,
+                    "unexpected ttrpc message type \(frame.type) from a client"), payload: [])
+            }
+        }
+    }
+
+    private func handleRequest(_ frame: TTRPC.Frame) {
+        let stream = frame.streamID
+        guard stream % 2 == 1 else {
+            sendResponse(stream: stream, status: RPCError(.invalidArgument, "stream id \(stream) must be odd for client initiated streams"), payload: [])
+            return
+        }
+        guard calls[stream] == nil else {
+            sendResponse(stream: stream, status: RPCError(.invalidArgument, "stream id \(stream) is already in use"), payload: [])
+            return
+        }
+        let request: Ttrpc_Request
+        do {
+            request = try Ttrpc_Request(serializedBytes: frame.payload)
+        } catch {
+            sendResponse(stream: stream, status: RPCError(.invalidArgument, "cannot decode ttrpc request: \(error)"), payload: [])
+            return
+        }
+        guard let handler = server.handler(for: request.service, request.method) else {
+            sendResponse(stream: stream, status: RPCError(.unimplemented,
+                "method /\(request.service)/\(request.method) is not implemented by this server"), payload: [])
+            return
+        }
+        guard calls.count < server.limits.maxConcurrentCalls else {
+            sendResponse(stream: stream, status: RPCError(.resourceExhausted,
+                "too many concurrent calls on this connection (limit \(server.limits.maxConcurrentCalls))"), payload: [])
+            return
+        }
+        let streaming = !frame.flags.intersection([.remoteOpen, .remoteClosed]).isEmpty
+        let call = TTRPCServerCall(connection: self, streamID: stream, request: request,
+                                   clientStreaming: frame.flags.contains(.remoteOpen), streaming: streaming)
+        calls[stream] = call
+        if request.timeoutNano > 0 {
+            call.armDeadline(reactor: server.reactor, afterNS: UInt64(request.timeoutNano))
+        }
+        do {
+            try handler(call)
+        } catch {
+            call.fail(RPCError.from(error))
+        }
+    }
+
+    private func handleData(_ frame: TTRPC.Frame) {
+        guard let call = calls[frame.streamID] else {
+            // Data for a finished or unknown stream: nothing to route it to. The Go
+            // implementation drops it too; a reply could race the finished call's response.
+            server.logger.debug("ttrpc: data for unknown stream \(frame.streamID) dropped")
+            return
+        }
+        call.receiveData(frame.flags.contains(.noData) ? nil : frame.payload, closed: frame.flags.contains(.remoteClosed))
+    }
+
+    func sendResponse(stream: UInt32, status: RPCError?, payload: [UInt8]) {
+        var response = Ttrpc_Response()
+        if let status {
+            response.status.code = status.code.rawValue
+            response.status.message = status.message
+        }
+        response.payload = Data(payload)
+        let body: [UInt8]
+        do { body = try response.serializedBytes() } catch { return }
+        send(stream: stream, type: .response, flags: [], body: body)
+    }
+
+    func send(stream: UInt32, type: TTRPC.MessageType, flags: TTRPC.Flags, body: [UInt8]) {
+        guard !closed else { return }
+        if body.count > TTRPC.maxDataLength {
+            // Never put an illegal frame on the wire: the peer would drop the connection.
+            if type == .response || type == .data {
+                sendResponse(stream: stream, status: RPCError(.resourceExhausted,
+                    "response of \(body.count) bytes exceeds the maximum message size of \(TTRPC.maxDataLength)"), payload: [])
+            }
+            return
+        }
+        var frame: [UInt8] = []
+        frame.reserveCapacity(TTRPC.headerLength + body.count)
+        TTRPC.appendHeader(to: &frame, length: body.count, streamID: stream, type: type, flags: flags)
+        frame += body
+        connection.write(frame)
+    }
+
+    func finished(_ call: TTRPCServerCall) {
+        if calls[call.streamID] === call { calls[call.streamID] = nil }
+    }
+}
+
+/// One call on the server side, from request to its single final answer.
+public final class TTRPCServerCall {
+    public enum State: Equatable, Sendable {
+        case open
+        /// The client will send no more data; the answer is still owed.
+        case clientClosed
+        case finished
+    }
+
+    unowned let connection: TTRPCServerConnection
+    public let streamID: UInt32
+    public let service: String
+    public let method: String
+    public let requestPayload: [UInt8]
+    public let metadata: [(key: String, value: String)]
+    /// The request opened a stream (ttrpc 1.2 flags) rather than a unary call.
+    public let isStreaming: Bool
+    public private(set) var state: State
+    private var deadlineTimer: TimerID?
+    private weak var reactor: Reactor?
+
+    /// Data frames from a client stream; nil for a frame that carried no message.
+    public var onData: (([UInt8]) -> Void)?
+    /// The client closed its side of the stream.
+    public var onClientClosed: (() -> Void)?
+    /// The call ended without an answer from its handler: deadline, disconnect.
+    public var onCancel: ((RPCError) -> Void)?
+
+    init(connection: TTRPCServerConnection, streamID: UInt32, request: Ttrpc_Request, clientStreaming: Bool, streaming: Bool) {
+        self.connection = connection
+        self.streamID = streamID
+        service = request.service
+        method = request.method
+        requestPayload = [UInt8](request.payload)
+        metadata = request.metadata.map { (key: $0.key, value: $0.value) }
+        isStreaming = streaming
+        state = clientStreaming ? .open : .clientClosed
+    }
+
+    /// Every value of metadata `key` (e.g. `containerd-namespace-ttrpc`).
+    public func metadata(_ key: String) -> [String] {
+        metadata.filter { $0.key == key }.map(\.value)
+    }
+
+    public var isFinished: Bool { state == .finished }
+
+    func armDeadline(reactor: Reactor, afterNS: UInt64) {
+        self.reactor = reactor
+        deadlineTimer = reactor.schedule(afterNS: afterNS) { [weak self] in
+            guard let self, !self.isFinished else { return }
+            self.deadlineTimer = nil
+            let error = RPCError(.deadlineExceeded, "deadline of \(afterNS / 1_000_000) ms exceeded")
+            self.fail(error)
+            self.onCancel?(error)
+        }
+    }
+
+    func receiveData(_ payload: [UInt8]?, closed: Bool) {
+        guard state == .open else { return }
+        if let payload { onData?(payload) }
+        if closed {
+            state = .clientClosed
+            onClientClosed?()
+        }
+    }
+
+    func cancel(_ error: RPCError) {
+        guard !isFinished else { return }
+        finish()
+        onCancel?(error)
+    }
+
+    private func finish() {
+        state = .finished
+        if let t = deadlineTimer { reactor?.cancel(t) }
+        deadlineTimer = nil
+        onData = nil
+        onClientClosed = nil
+        connection.finished(self)
+    }
+
+    /// Sends one message on a server stream (a data frame).
+    public func send(_ payload: [UInt8]) {
+        guard !isFinished else { return }
+        connection.send(stream: streamID, type: .data, flags: [], body: payload)
+    }
+
+    public func send<M: SwiftProtobuf.Message>(_ message: M) {
+        do { send(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+    }
+
+    /// The successful answer; ends the call.
+    public func respond(_ payload: [UInt8] = []) {
+        guard !isFinished else { return }
+        connection.sendResponse(stream: streamID, status: nil, payload: payload)
+        finish()
+    }
+
+    public func respond<M: SwiftProtobuf.Message>(_ message: M) {
+        do { respond(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+    }
+
+    /// Ends the call with an error status.
+    public func fail(_ error: RPCError) {
+        guard !isFinished else { return }
+        connection.sendResponse(stream: streamID, status: error, payload: [])
+        finish()
+    }
+}
