@@ -71,6 +71,8 @@ extension AllTests {
     @Test func deadlineFromTimeoutNanoEndsTheCall() throws {
         try goClient("deadline") { out, probe in
             #expect(out.hasPrefix("code=DeadlineExceeded"), "\(out)")
+            let elapsed = Int(out.split(separator: "=").last ?? "") ?? 0
+            #expect(elapsed >= 190 && elapsed < 2000, "answered after \(elapsed) ms")
             // Our server saw timeout_nano and cancelled the held Wait itself.
             #expect(probe.cancellations.first?.code == .deadlineExceeded)
         }

@@ -20,7 +20,11 @@ final class UringBackend: ReactorBackend {
     private struct Slot {
         var token: UInt64 = 0
         var interest: Interest = []
+        /// The mask of the poll in flight, when `armed`.
+        var armedMask: Interest = []
         var armed = false
+        /// A POLL_REMOVE for the armed poll is on its way; its completion re-arms.
+        var cancelling = false
         var registered = false
     }
     private var slots: [Slot] = []
@@ -52,6 +56,7 @@ final class UringBackend: ReactorBackend {
             ks_uring_poll_add(ring, fd, slots[i].interest.pollMask, slots[i].token)
         }
         slots[i].armed = true
+        slots[i].armedMask = slots[i].interest
     }
 
     func add(fd: Int32, interest: Interest, token: UInt64) throws(SystemError) {
@@ -66,15 +71,15 @@ final class UringBackend: ReactorBackend {
         guard slots[i].registered else { throw SystemError("io_uring modify", "fd \(fd)", errno: .ENOENT) }
         slots[i].interest = interest
         if slots[i].armed {
-            // An armed poll is never cancelled here: a cancelled poll and a new one with
-            // the same token could both be in flight. Narrowing to nothing leaves it
-            // armed, and its completion is dropped without a re-arm; anything else
-            // changes its mask in place. If it already fired, the update fails with
-            // ENOENT and the completion on its way re-arms with the new interest.
-            if !interest.isEmpty {
-                _ = try shim("io_uring POLL_UPDATE") {
-                    ks_uring_poll_update(ring, slots[i].token, interest.pollMask, Self.controlBit)
-                }
+            // Narrowing needs nothing: the armed poll's completion is filtered and not
+            // re-armed past the new interest. Widening cancels the armed poll; exactly
+            // one completion for it follows (cancelled, or fired first) and re-arms
+            // with the new interest, so two polls with one token are never in flight.
+            // (POLL_UPDATE would avoid the round trip, but kernels refuse it with
+            // EINVAL for one-shot polls in some versions.)
+            if !interest.isSubset(of: slots[i].armedMask) && !slots[i].cancelling {
+                _ = try shim("io_uring POLL_REMOVE") { ks_uring_poll_remove(ring, slots[i].token, Self.controlBit) }
+                slots[i].cancelling = true
             }
         } else if !interest.isEmpty {
             try arm(fd, i)
@@ -99,13 +104,18 @@ final class UringBackend: ReactorBackend {
                 let token = cqes[k].token
                 if token & Self.controlBit != 0 { continue }
                 let res = cqes[k].result
-                // Only polls of retired tokens are ever cancelled.
-                if res == -Errno.ECANCELED.rawValue { continue }
                 let fd = Int32(truncatingIfNeeded: token & 0xFFFF_FFFF)
                 let i = Int(fd)
                 if i < slots.count && slots[i].registered && slots[i].token == token {
                     slots[i].armed = false
-                    if slots[i].interest.isEmpty { continue }
+                    slots[i].cancelling = false
+                    if res == -Errno.ECANCELED.rawValue || slots[i].interest.isEmpty {
+                        // Our own cancellation for a widened interest: just re-arm.
+                        if !slots[i].interest.isEmpty { try arm(fd, i) }
+                        continue
+                    }
+                } else if res == -Errno.ECANCELED.rawValue {
+                    continue  // a retired registration's poll, removed by deregister
                 }
                 deliver(token, res >= 0 ? ReadyEvents(rawValue: UInt32(res)) : .error)
                 // The handler may have removed, re-added or changed the fd.
