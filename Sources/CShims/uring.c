@@ -61,14 +61,6 @@ int ks_uring_poll_remove(ks_uring *r, uint64_t target, uint64_t token) {
     return 0;
 }
 
-int ks_uring_poll_update(ks_uring *r, uint64_t target, uint32_t mask, uint64_t token) {
-    struct io_uring_sqe *sqe = next_sqe(r);
-    if (!sqe) return -EBUSY;
-    io_uring_prep_poll_update(sqe, target, target, mask, IORING_POLL_UPDATE_EVENTS);
-    io_uring_sqe_set_data64(sqe, token);
-    return 0;
-}
-
 int ks_uring_submit_and_wait(ks_uring *r, unsigned wait_nr) {
     int rc = io_uring_submit_and_wait(&r->ring, wait_nr);
     return rc < 0 ? rc : 0;

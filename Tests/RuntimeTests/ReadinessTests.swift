@@ -83,6 +83,30 @@ extension AllTests {
         }
     }
 
+    /// Adding an interest to a registration whose poll is already armed (io_uring) or
+    /// set (epoll) must take effect at once, with no other event to trigger it.
+    @Test(arguments: BackendKind.allCases)
+    func wideningInterestWhileArmedTakesEffect(kind: BackendKind) throws {
+        try withReactor(kind) { reactor in
+            let pair = try Socket.pair()
+            var events: [ReadyEvents] = []
+            let reg = try reactor.register(fd: pair.first.rawValue, interest: .readable) { events.append($0) }
+            try reactor.runOnce(block: false)  // the read poll is now armed in the kernel
+            #expect(events.isEmpty)
+            try reactor.modify(reg, interest: [.readable, .writable])
+            try spin(reactor, "writable after widening") { events.contains { $0.contains(.writable) } }
+            // Narrow again: no more writable events, readable still works.
+            try reactor.modify(reg, interest: .readable)
+            events.removeAll()
+            #expect(writeRaw(pair.second.rawValue, [1]) == 1)
+            try spin(reactor, "readable after narrowing") { events.contains { $0.contains(.readable) } }
+            #expect(!events.contains { $0.contains(.writable) })
+            reactor.deregister(reg)
+            pair.first.close()
+            pair.second.close()
+        }
+    }
+
     @Test(arguments: BackendKind.allCases)
     func halfCloseKeepsTheOtherDirection(kind: BackendKind) throws {
         try withReactor(kind) { reactor in

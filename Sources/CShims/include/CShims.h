@@ -39,8 +39,6 @@ int ks_uring_fd(const ks_uring *ring);
 int ks_uring_poll_add(ks_uring *ring, int fd, uint32_t mask, uint64_t token);
 /// Queue removal of the poll whose user_data is `target`; its own completion carries `token`.
 int ks_uring_poll_remove(ks_uring *ring, uint64_t target, uint64_t token);
-/// Queue a change of the mask of the armed poll `target` (kernel ≥ 5.13).
-int ks_uring_poll_update(ks_uring *ring, uint64_t target, uint32_t mask, uint64_t token);
 /// Submits what is queued; waits for at least `wait_nr` completions.
 int ks_uring_submit_and_wait(ks_uring *ring, unsigned wait_nr);
 /// Copies up to `max` completions out (token=user_data, result=res, events=res when
