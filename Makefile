@@ -38,7 +38,7 @@ test-release: deps
 	swift test -c release --no-parallel
 
 bench: deps
-	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf reactor
+	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf all
 
 install: build
 	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar /usr/local/bin/kuasar

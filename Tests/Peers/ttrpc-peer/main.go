@@ -3,6 +3,9 @@
 //
 //	ttrpc-peer client SOCKET SCENARIO   drive a server, print one result line
 //	ttrpc-peer server SOCKET            serve containerd.task.v2.Task until killed
+//	ttrpc-peer bench SOCKET CONNS PER SECONDS
+//	                                    unary State calls from CONNS connections with
+//	                                    PER callers each; prints calls/s p50_us p99_us
 package main
 
 import (
@@ -11,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -30,6 +34,8 @@ func main() {
 		client(os.Args[2], os.Args[3])
 	case "server":
 		server(os.Args[2])
+	case "bench":
+		bench(os.Args[2], os.Args[3], os.Args[4], os.Args[5])
 	}
 }
 
@@ -161,4 +167,52 @@ func server(socket string) {
 	task.RegisterTaskService(s, &service{})
 	fmt.Println("ready")
 	s.Serve(context.Background(), l)
+}
+
+func bench(socket, connsArg, perArg, secondsArg string) {
+	var conns, per int
+	var seconds float64
+	fmt.Sscan(connsArg, &conns)
+	fmt.Sscan(perArg, &per)
+	fmt.Sscan(secondsArg, &seconds)
+	var mu sync.Mutex
+	var lat []time.Duration
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(time.Duration(seconds * float64(time.Second)))
+	start := time.Now()
+	for c := 0; c < conns; c++ {
+		conn, err := net.Dial("unix", socket)
+		if err != nil {
+			fmt.Println("dial-error", err)
+			os.Exit(1)
+		}
+		client := ttrpc.NewClient(conn)
+		defer client.Close()
+		tc := task.NewTaskClient(client)
+		for g := 0; g < per; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx := withNamespace(context.Background(), "bench")
+				local := make([]time.Duration, 0, 100000)
+				req := &task.StateRequest{ID: "c1"}
+				for time.Now().Before(deadline) {
+					t0 := time.Now()
+					if _, err := tc.State(ctx, req); err != nil {
+						fmt.Println("call-error", err)
+						os.Exit(1)
+					}
+					local = append(local, time.Since(t0))
+				}
+				mu.Lock()
+				lat = append(lat, local...)
+				mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	p := func(q float64) float64 { return float64(lat[int(float64(len(lat)-1)*q)].Nanoseconds()) / 1000 }
+	fmt.Printf("%d %.1f %.2f %.2f\n", len(lat), float64(len(lat))/elapsed, p(0.5), p(0.99))
 }
