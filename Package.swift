@@ -15,6 +15,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
+        // HPACK only (RFC 7541, Huffman, dynamic table): its encoder and decoder are
+        // plain values, used on our loop thread; no NIO event loop is ever started.
+        .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
     ],
     targets: [
         .systemLibrary(
@@ -34,6 +37,7 @@ let package = Package(
                 "CShims",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),
         .executableTarget(
             name: "kuasar",
