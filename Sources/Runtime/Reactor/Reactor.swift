@@ -100,6 +100,9 @@ public final class Reactor {
         backendKind = chosen
         self.logger = logger
         threadID = ks_gettid()
+        // A write to a peer that went away must come back as EPIPE to the connection
+        // that made it, not kill the whole process (pipes and ptys have no MSG_NOSIGNAL).
+        Signals.ignoreSIGPIPE()
 
         let tfd = try shim("timerfd_create") { ks_timerfd_create() }
         timerFD = OwnedFD(adopting: tfd)
