@@ -48,6 +48,7 @@ public final class Connection {
     private var pausedByPressure = false
     private var parkedOnHangup = false
     private var afterFlush = AfterFlush.nothing
+    private var corked = false
     private var writeClosed = false
 
     public var onRead: ((Connection, UnsafeRawBufferPointer) -> Void)?
@@ -160,7 +161,7 @@ public final class Connection {
     public func write(_ bytes: UnsafeRawBufferPointer) -> Bool {
         guard isOpenForWrites else { return false }
         var offset = 0
-        if queuedBytes == 0 {
+        if queuedBytes == 0 && !corked {
             while offset < bytes.count {
                 let n = Glibc.write(rawFD, bytes.baseAddress! + offset, bytes.count - offset)
                 if n >= 0 { offset += n; continue }
@@ -182,7 +183,7 @@ public final class Connection {
         if queuedBytes >= limits.highWatermark && !pausedByPressure {
             pausedByPressure = true
             updateInterest()
-        } else if wasEmpty {
+        } else if wasEmpty && !corked {
             updateInterest()
         }
         return true
@@ -231,6 +232,21 @@ public final class Connection {
         _ = shutdown(rawFD, Int32(SHUT_WR))
         // Both directions are done: nothing more can happen on this connection.
         if state == .readClosed { close() }
+    }
+
+    /// Holds writes in the queue until `uncork`, so the answers to a batch of requests
+    /// leave in one writev instead of a syscall each.
+    public func cork() {
+        corked = true
+    }
+
+    public func uncork() {
+        guard corked else { return }
+        corked = false
+        if queuedBytes > 0 && state != .closed {
+            flush()
+            if queuedBytes > 0 { updateInterest() }
+        }
     }
 
     // MARK: Flow control and closing

@@ -4,8 +4,9 @@ import Runtime
 /// kuasar-perf: benchmarks side by side with their peers, in one run.
 ///   kuasar-perf reactor [--seconds S]   echo: io_uring, epoll, SwiftNIO; and spawn: clone3 vs posix_spawn
 ///   kuasar-perf ttrpc [--seconds S]     ttrpc unary: our server vs the Go ttrpc server, same Go client
+///   kuasar-perf grpc [--seconds S]      gRPC unary: our server vs grpc-go, same grpc-go client
 ///   kuasar-perf all                     both
-///   kuasar-perf echo-server KIND SOCKET, ttrpc-server SOCKET (internal: the server processes)
+///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
 let args = CommandLine.arguments
 let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
 
@@ -25,15 +26,18 @@ case "spawn":
     let r = try ReactorBenchmark.spawnBenchmark(count: Int(option("--spawns", default: 300)))
     print(r)
 case "ttrpc-server":
-    try TTRPCBenchmark.serve(socket: args[2])
-case "ttrpc":
-    try TTRPCBenchmark.run(seconds: option("--seconds", default: 2), executable: me)
+    try RPCBenchmark.serveTTRPC(socket: args[2])
+case "grpc-server":
+    try RPCBenchmark.serveGRPC(socket: args[2])
+case "ttrpc", "grpc":
+    try RPCBenchmark.run(RPCBenchmark.Wire(rawValue: args[1])!, seconds: option("--seconds", default: 2), executable: me)
 case "all":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
-    try TTRPCBenchmark.run(seconds: option("--seconds", default: 2), executable: me)
+    try RPCBenchmark.run(.ttrpc, seconds: option("--seconds", default: 2), executable: me)
+    try RPCBenchmark.run(.grpc, seconds: option("--seconds", default: 2), executable: me)
 case "reactor":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
 default:
-    print("usage: kuasar-perf [reactor|ttrpc|all|spawn] [--seconds S] [--spawns N]")
+    print("usage: kuasar-perf [reactor|ttrpc|grpc|all|spawn] [--seconds S] [--spawns N]")
     exit(2)
 }

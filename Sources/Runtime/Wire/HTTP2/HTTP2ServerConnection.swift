@@ -108,6 +108,8 @@ final class HTTP2ServerConnection {
 
     private func receive(_ bytes: UnsafeRawBufferPointer) {
         decoder.append(bytes)
+        connection.cork()
+        defer { connection.uncork() }
         do {
             while !closed, let frame = try decoder.next() { try handle(frame) }
         } catch {

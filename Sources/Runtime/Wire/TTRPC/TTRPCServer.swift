@@ -99,6 +99,8 @@ final class TTRPCServerConnection {
     func start() {
         connection.onRead = { [unowned self] _, bytes in
             self.decoder.append(bytes)
+            self.connection.cork()
+            defer { self.connection.uncork() }
             while !self.closed, let item = self.decoder.next() { self.handle(item) }
         }
         connection.onClose = { [unowned self] _, error in
