@@ -48,7 +48,11 @@ let package = Package(
             ]),
         .testTarget(
             name: "RuntimeTests",
-            dependencies: ["Runtime", "CShims", .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
+            dependencies: [
+                "Runtime", "CShims",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+            ]),
     ],
     swiftLanguageModes: [.v6]
 )
