@@ -78,8 +78,12 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         print("version: \(KuasarVersion.string)")
-        print("reactor: \(BackendKind.preferred(environment: [:]).rawValue) (io_uring available: \(BackendKind.preferred(environment: [:]) == .uring))")
-        print("libseccomp: \(RuntimeInfo.seccompVersion)")
+        let env = currentEnvironmentDictionary()
+        let chosen = BackendKind.preferred(environment: env)
+        let why = env["KUASAR_REACTOR"] != nil ? "forced by KUASAR_REACTOR"
+            : BackendKind.uring.isAvailable ? "io_uring is available" : "the kernel refuses io_uring"
+        print("reactor: \(chosen.rawValue) (\(why))")
+        print("libseccomp: \(HostInfo.seccompVersion)")
     }
 }
 

@@ -365,7 +365,8 @@ public final class ReactorInbox: Sendable {
     }
 }
 
-func currentEnvironmentDictionary() -> [String: String] {
+/// This process's environment as a dictionary.
+public func currentEnvironmentDictionary() -> [String: String] {
     var out: [String: String] = [:]
     for entry in currentEnvironment() {
         if let eq = entry.firstIndex(of: "=") {

@@ -27,7 +27,7 @@ public final class Daemon {
     private var listener: Listener?
     private var supervisor: ProcessSupervisor?
     private var connections: [ObjectIdentifier: Connection] = [:]
-    private let startedAt = ks_monotonic_now()
+    private let startedAt = MonotonicClock.nanoseconds()
     /// Only a path we bound is ours to remove: a failed start must not delete another
     /// daemon's socket, or a file that merely sits where the socket should be.
     private var ownsSocketPath = false
@@ -101,7 +101,7 @@ public final class Daemon {
         let req = request.hasSuffix("\r") ? String(request.dropLast()) : request
         switch req.trimmingSpaces {
         case "health":
-            let uptimeMS = (ks_monotonic_now() - startedAt) / 1_000_000
+            let uptimeMS = (MonotonicClock.nanoseconds() - startedAt) / 1_000_000
             conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0)\n")
         case "":
             break
@@ -159,6 +159,3 @@ extension String {
         return String(s)
     }
 }
-
-import CShims
-func ks_monotonic_now() -> UInt64 { ks_monotonic_ns() }

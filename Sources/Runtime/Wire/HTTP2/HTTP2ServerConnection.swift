@@ -133,7 +133,7 @@ final class HTTP2ServerConnection {
     }
 
     private func countControlFrame() throws(HTTP2ConnectionError) {
-        let now = ks_monotonic_now()
+        let now = MonotonicClock.nanoseconds()
         if now - controlWindowStart > 1_000_000_000 {
             controlWindowStart = now
             controlCount = 0
