@@ -74,8 +74,7 @@ public struct HTTP2ConnectionError: Error, Equatable, Sendable {
 /// Splits the client's byte stream into the preface and frames. At most one frame
 /// (bounded by the max frame size we advertised) is buffered.
 public struct HTTP2FrameDecoder: Sendable {
-    private var buffer: [UInt8] = []
-    private var start = 0
+    private var input = InputBuffer()
     private var prefaceSeen = false
     public var maxFrameSize: Int
 
@@ -83,15 +82,9 @@ public struct HTTP2FrameDecoder: Sendable {
         self.maxFrameSize = maxFrameSize
     }
 
-    public var bufferedCount: Int { buffer.count - start }
+    public var bufferedCount: Int { input.count }
 
-    public mutating func append(_ bytes: UnsafeRawBufferPointer) {
-        if start > 0 && start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
-            start = 0
-        }
-        buffer.append(contentsOf: bytes)
-    }
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) { input.append(bytes) }
 
     public mutating func append(_ bytes: [UInt8]) { bytes.withUnsafeBytes { append($0) } }
 
@@ -99,36 +92,25 @@ public struct HTTP2FrameDecoder: Sendable {
     /// frame over the size we allow.
     public mutating func next() throws(HTTP2ConnectionError) -> HTTP2.Frame? {
         if !prefaceSeen {
-            let have = min(buffer.count - start, HTTP2.preface.count)
-            guard buffer[start..<(start + have)].elementsEqual(HTTP2.preface[..<have]) else {
+            let have = min(input.count, HTTP2.preface.count)
+            guard input.slice(0..<have).elementsEqual(HTTP2.preface[..<have]) else {
                 throw HTTP2ConnectionError(code: .protocolError, reason: "bad connection preface (not HTTP/2 prior knowledge)")
             }
             if have < HTTP2.preface.count { return nil }
-            start += HTTP2.preface.count
+            input.consume(HTTP2.preface.count)
             prefaceSeen = true
         }
-        let available = buffer.count - start
-        guard available >= HTTP2.headerLength else { compact(); return nil }
-        let h = start
-        let length = Int(buffer[h]) << 16 | Int(buffer[h + 1]) << 8 | Int(buffer[h + 2])
+        guard input.count >= HTTP2.headerLength else { return nil }
+        let length = Int(input[0]) << 16 | Int(input[1]) << 8 | Int(input[2])
         if length > maxFrameSize {
             throw HTTP2ConnectionError(code: .frameSizeError, reason: "frame of \(length) bytes exceeds SETTINGS_MAX_FRAME_SIZE \(maxFrameSize)")
         }
-        guard available >= HTTP2.headerLength + length else { compact(); return nil }
-        let frame = HTTP2.Frame(type: buffer[h + 3], flags: HTTP2.Flags(rawValue: buffer[h + 4]),
-                                streamID: HTTP2.u32(buffer[(h + 5)..<(h + 9)]) & 0x7FFF_FFFF,
-                                payload: Array(buffer[(h + 9)..<(h + 9 + length)]))
-        start = h + 9 + length
+        let total = HTTP2.headerLength + length
+        guard input.count >= total else { return nil }
+        let frame = HTTP2.Frame(type: input[3], flags: HTTP2.Flags(rawValue: input[4]),
+                                streamID: HTTP2.u32(input.slice(5..<9)) & 0x7FFF_FFFF,
+                                payload: Array(input.slice(HTTP2.headerLength..<total)))
+        input.consume(total)
         return frame
-    }
-
-    private mutating func compact() {
-        if start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
-            start = 0
-        } else if start > 64 * 1024 && start > buffer.count / 2 {
-            buffer.removeFirst(start)
-            start = 0
-        }
     }
 }

@@ -78,28 +78,22 @@ public enum TTRPCDecoded: Equatable, Sendable {
 /// Turns a byte stream into frames. Memory is bounded: at most one frame's data
 /// (≤ 4 MiB) plus one header is ever buffered; oversized data is dropped as it comes.
 public struct TTRPCFrameDecoder: Sendable {
-    private var buffer: [UInt8] = []
-    private var start = 0
+    private var input = InputBuffer()
     private var skipping = 0
 
     public init() {}
 
     /// Bytes buffered and not yet returned as frames.
-    public var bufferedCount: Int { buffer.count - start }
+    public var bufferedCount: Int { input.count }
 
     public mutating func append(_ bytes: UnsafeRawBufferPointer) {
-        var input = bytes
+        var rest = bytes
         if skipping > 0 {
-            let n = min(skipping, input.count)
+            let n = min(skipping, rest.count)
             skipping -= n
-            input = UnsafeRawBufferPointer(rebasing: input[n...])
+            rest = UnsafeRawBufferPointer(rebasing: rest[n...])
         }
-        if input.isEmpty { return }
-        if start > 0 && start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
-            start = 0
-        }
-        buffer.append(contentsOf: input)
+        if !rest.isEmpty { input.append(rest) }
     }
 
     public mutating func append(_ bytes: [UInt8]) {
@@ -108,37 +102,22 @@ public struct TTRPCFrameDecoder: Sendable {
 
     /// The next complete frame, or nil when more bytes are needed.
     public mutating func next() -> TTRPCDecoded? {
-        let available = buffer.count - start
-        guard available >= TTRPC.headerLength else { compact(); return nil }
-        let h = start
-        let length = UInt32(buffer[h]) << 24 | UInt32(buffer[h + 1]) << 16 | UInt32(buffer[h + 2]) << 8 | UInt32(buffer[h + 3])
-        let stream = UInt32(buffer[h + 4]) << 24 | UInt32(buffer[h + 5]) << 16 | UInt32(buffer[h + 6]) << 8 | UInt32(buffer[h + 7])
-        let type = buffer[h + 8]
-        let flags = TTRPC.Flags(rawValue: buffer[h + 9])
+        guard input.count >= TTRPC.headerLength else { return nil }
+        let length = UInt32(input[0]) << 24 | UInt32(input[1]) << 16 | UInt32(input[2]) << 8 | UInt32(input[3])
+        let stream = UInt32(input[4]) << 24 | UInt32(input[5]) << 16 | UInt32(input[6]) << 8 | UInt32(input[7])
+        let type = input[8]
+        let flags = TTRPC.Flags(rawValue: input[9])
         if length > UInt32(TTRPC.maxDataLength) {
             // Drop what of its data is already here; skip the rest as it arrives.
-            let here = min(available - TTRPC.headerLength, Int(length))
-            start += TTRPC.headerLength + here
+            let here = min(input.count - TTRPC.headerLength, Int(length))
+            input.consume(TTRPC.headerLength + here)
             skipping = Int(length) - here
-            compact()
             return .oversized(streamID: stream, length: length)
         }
-        guard available >= TTRPC.headerLength + Int(length) else { compact(); return nil }
-        let body = h + TTRPC.headerLength
-        let payload = Array(buffer[body..<(body + Int(length))])
-        start = body + Int(length)
+        let total = TTRPC.headerLength + Int(length)
+        guard input.count >= total else { return nil }
+        let payload = Array(input.slice(TTRPC.headerLength..<total))
+        input.consume(total)
         return .frame(TTRPC.Frame(streamID: stream, rawType: type, flags: flags, payload: payload))
-    }
-
-    /// Moves the unread tail to the front once the consumed part dominates, so a long
-    /// connection does not keep every byte it ever read.
-    private mutating func compact() {
-        if start == buffer.count {
-            buffer.removeAll(keepingCapacity: buffer.capacity <= 64 * 1024)
-            start = 0
-        } else if start > 64 * 1024 && start > buffer.count / 2 {
-            buffer.removeFirst(start)
-            start = 0
-        }
     }
 }
