@@ -37,7 +37,10 @@ test: build
 test-release: deps
 	swift test -c release --no-parallel
 
+BENCH_APT_PACKAGES := golang-google-grpc-dev
+
 bench: deps
+	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null
 	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf all
 
 install: build
