@@ -1,5 +1,3 @@
-import CShims
-
 /// What a registration wants to hear about.
 public struct Interest: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32
@@ -81,39 +79,29 @@ protocol ReactorBackend: AnyObject {
 /// of EAGAIN is simply called again, and back-pressure is just dropping an interest.
 final class EpollBackend: ReactorBackend {
     let kind = BackendKind.epoll
-    private var epfd: OwnedFD?
-    private let epfdRaw: Int32
-    private var events: UnsafeMutablePointer<ks_event>
-    private let capacity = 256
+    private let set: EpollSet
 
     init() throws(SystemError) {
-        let fd = try shim("epoll_create1") { ks_epoll_create() }
-        epfd = OwnedFD(adopting: fd)
-        epfdRaw = fd
-        events = .allocate(capacity: capacity)
+        set = try EpollSet()
     }
 
     func add(fd: Int32, interest: Interest, token: UInt64) throws(SystemError) {
-        _ = try shim("epoll_ctl(ADD)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_ADD), fd, interest.pollMask, token) }
+        try set.add(fd: fd, events: interest.pollMask, token: token)
     }
 
     func modify(fd: Int32, interest: Interest, token: UInt64) throws(SystemError) {
-        _ = try shim("epoll_ctl(MOD)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_MOD), fd, interest.pollMask, token) }
+        try set.modify(fd: fd, events: interest.pollMask, token: token)
     }
 
     func remove(fd: Int32, token: UInt64) throws(SystemError) {
-        _ = try shim("epoll_ctl(DEL)", "fd \(fd)") { ks_epoll_ctl(epfdRaw, Int32(KS_EPOLL_DEL), fd, 0, token) }
+        try set.remove(fd: fd)
     }
 
     func wait(block: Bool, _ deliver: (UInt64, ReadyEvents) -> Void) throws(SystemError) {
-        let n = try shim("epoll_wait") { ks_epoll_wait(epfdRaw, events, Int32(capacity), block ? -1 : 0) }
-        for i in 0..<Int(n) {
-            deliver(events[i].token, ReadyEvents(rawValue: events[i].events))
-        }
+        try set.wait(block: block) { token, events in deliver(token, ReadyEvents(rawValue: events)) }
     }
 
     func close() {
-        epfd.take()?.close()
-        events.deallocate()
+        set.close()
     }
 }

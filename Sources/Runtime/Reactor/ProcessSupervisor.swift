@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CShims
 import Logging
 
 /// Children of the daemon, each watched through its pidfd on the reactor.
@@ -72,16 +71,16 @@ public final class ProcessSupervisor {
     /// Reaps `child` if it has exited; a spurious wake-up leaves it alone.
     private func collect(_ child: Child) {
         guard let raw = child.pidfd?.rawValue else { return }
-        var code: Int32 = 0, status: Int32 = 0
-        let rc = ks_pidfd_wait(raw, 1, &code, &status)
-        if rc == 0 { return }
         let result: ExitStatus
-        if rc > 0 {
-            result = ExitStatus(siginfoCode: code, status: status)
-        } else {
+        switch ChildReaper.collect(pidfd: raw) {
+        case .running:
+            return
+        case .exited(let status):
+            result = status
+        case .gone(let errno):
             // ECHILD: someone else reaped it (a stray waitpid(-1) in a library). The
             // status is gone; say so rather than inventing a success.
-            reactor.logger.error("pid \(child.pid): waitid(P_PIDFD) failed: \(Errno(rawValue: -rc)); reporting exit 255")
+            reactor.logger.error("pid \(child.pid): waitid(P_PIDFD) failed: \(errno); reporting exit 255")
             result = .exited(255)
         }
         finish(child)
@@ -97,20 +96,14 @@ public final class ProcessSupervisor {
 
     /// Reaps exited children that are not supervised here. Wire it to SIGCHLD.
     public func reapStrays() {
-        while true {
-            let pid = ks_peek_exited_child()
-            if pid <= 0 { return }
+        while let pid = ChildReaper.peekExited() {
             if let child = children[pid] {
                 collect(child)
                 continue
             }
-            var code: Int32 = 0, status: Int32 = 0
-            if ks_reap_pid(pid, &code, &status) > 0 {
-                strayChildrenReaped += 1
-                reactor.logger.info("reaped unsupervised child \(pid): \(ExitStatus(siginfoCode: code, status: status))")
-            } else {
-                return
-            }
+            guard let status = ChildReaper.reap(pid) else { return }
+            strayChildrenReaped += 1
+            reactor.logger.info("reaped unsupervised child \(pid): \(status)")
         }
     }
 

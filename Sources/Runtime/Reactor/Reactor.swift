@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CShims
 import Logging
 import Synchronization
 
@@ -99,16 +98,18 @@ public final class Reactor {
         }
         backendKind = chosen
         self.logger = logger
-        threadID = ks_gettid()
+        threadID = Signals.currentThreadID()
         // A write to a peer that went away must come back as EPIPE to the connection
         // that made it, not kill the whole process (pipes and ptys have no MSG_NOSIGNAL).
         Signals.ignoreSIGPIPE()
 
-        let tfd = try shim("timerfd_create") { ks_timerfd_create() }
-        timerFD = OwnedFD(adopting: tfd)
+        let timer = try TimerFD.make()
+        let tfd = timer.rawValue
+        timerFD = consume timer
         timerRaw = tfd
-        let efd = try shim("eventfd") { ks_eventfd(0) }
-        inboxFD = OwnedFD(adopting: efd)
+        let event = try EventFD.make()
+        let efd = event.rawValue
+        inboxFD = consume event
         inboxRaw = efd
         inbox = ReactorInbox(eventFD: efd)
 
@@ -122,7 +123,7 @@ public final class Reactor {
 
     @inline(__always)
     func assertLoopThread() {
-        assert(ks_gettid() == threadID, "reactor used from a thread that is not its loop thread")
+        assert(Signals.currentThreadID() == threadID, "reactor used from a thread that is not its loop thread")
     }
 
     // MARK: Registrations
@@ -257,7 +258,7 @@ public final class Reactor {
     @discardableResult
     public func schedule(afterNS: UInt64, repeatingNS: UInt64? = nil, _ body: @escaping () -> Void) -> TimerID {
         assertLoopThread()
-        let id = timers.insert(deadline: ks_monotonic_ns() &+ afterNS, interval: repeatingNS, body: body)
+        let id = timers.insert(deadline: MonotonicClock.nanoseconds() &+ afterNS, interval: repeatingNS, body: body)
         rearmTimerFD()
         return id
     }
@@ -272,14 +273,13 @@ public final class Reactor {
         guard let next = timers.nextDeadline else { return }
         if armedDeadline != 0 && armedDeadline <= next { return }
         armedDeadline = next
-        _ = ks_timerfd_arm(timerRaw, next)
+        TimerFD.arm(timerRaw, deadlineNS: next)
     }
 
     private func fireTimers() {
-        var expirations: UInt64 = 0
-        _ = withUnsafeMutableBytes(of: &expirations) { read(timerRaw, $0.baseAddress, 8) }
+        EventFD.drain(timerRaw)
         armedDeadline = 0
-        let now = ks_monotonic_ns()
+        let now = MonotonicClock.nanoseconds()
         while let (id, body) = timers.popDue(now: now) {
             _ = id
             body()
@@ -298,7 +298,7 @@ public final class Reactor {
         for s in signals { signalHandlers[s] = handler }
         let all = Array(signalHandlers.keys)
         if let raw = signalFD?.rawValue {
-            _ = try shim("signalfd") { ks_signalfd(raw, all, Int32(all.count)) }
+            try Signals.updateSignalFD(raw, all)
         } else {
             let fd = try Signals.makeSignalFD(all)
             let raw = fd.rawValue
@@ -309,10 +309,7 @@ public final class Reactor {
 
     private func drainSignals() {
         guard let fd = signalFD?.rawValue else { return }
-        while true {
-            var pid: Int32 = 0
-            let sig = ks_signalfd_read(fd, &pid)
-            if sig <= 0 { break }
+        while let sig = Signals.readSignalFD(fd) {
             signalHandlers[sig]?(sig)
         }
     }
@@ -320,8 +317,7 @@ public final class Reactor {
     // MARK: Inbox
 
     private func drainInbox() {
-        var counter: UInt64 = 0
-        _ = withUnsafeMutableBytes(of: &counter) { read(inboxRaw, $0.baseAddress, 8) }
+        EventFD.drain(inboxRaw)
         for job in inbox.takeAll() {
             job()
             inboxJobsRun += 1
@@ -345,10 +341,7 @@ public final class ReactorInbox: Sendable {
             q.jobs.append(job)
             return true
         }
-        if accepted {
-            var one: UInt64 = 1
-            _ = withUnsafeBytes(of: &one) { write(eventFD, $0.baseAddress, 8) }
-        }
+        if accepted { EventFD.signal(eventFD) }
         return accepted
     }
 
