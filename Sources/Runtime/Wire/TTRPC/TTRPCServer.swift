@@ -20,7 +20,8 @@ public final class TTRPCServer {
     let reactor: Reactor
     let logger: Logger
     public let limits: Limits
-    private var handlers: [String: Handler] = [:]
+    /// service → method → handler: looked up per call without building a path string.
+    private var handlers: [String: [String: Handler]] = [:]
     private var listeners: [Listener] = []
     private var connections: [ObjectIdentifier: TTRPCServerConnection] = [:]
 
@@ -34,7 +35,7 @@ public final class TTRPCServer {
 
     /// Registers a handler for any kind of call.
     public func register(service: String, method: String, _ handler: @escaping Handler) {
-        handlers["/\(service)/\(method)"] = handler
+        handlers[service, default: [:]][method] = handler
     }
 
     /// Registers a unary protobuf method: the request arrives decoded; answer with
@@ -45,7 +46,7 @@ public final class TTRPCServer {
         register(service: service, method: method) { call in
             let request: Request
             do {
-                request = try Request(serializedBytes: call.requestPayload)
+                request = try Request(serializedBytes: call.requestData)
             } catch {
                 throw RPCError(.invalidArgument, "\(method): cannot decode \(Request.protoMessageName): \(error)")
             }
@@ -54,7 +55,7 @@ public final class TTRPCServer {
     }
 
     func handler(for service: String, _ method: String) -> Handler? {
-        handlers["/\(service)/\(method)"]
+        handlers[service]?[method]
     }
 
     /// Listens on a unix socket (0600) and serves every connection it accepts.
@@ -198,6 +199,21 @@ final class TTRPCServerConnection {
     }
 
     func sendResponse(stream: UInt32, status: RPCError?, payload: [UInt8]) {
+        if status == nil && payload.count <= TTRPC.maxDataLength - 8 {
+            // The hot path: ttrpc.Response{payload = 2} written straight into the frame
+            // (tag 0x12, varint length, bytes) — no intermediate message or copies.
+            var frame: [UInt8] = []
+            let body = payload.isEmpty ? 0 : 1 + varintSize(payload.count) + payload.count
+            frame.reserveCapacity(TTRPC.headerLength + body)
+            TTRPC.appendHeader(to: &frame, length: body, streamID: stream, type: .response, flags: [])
+            if !payload.isEmpty {
+                frame.append(0x12)
+                appendVarint(&frame, UInt64(payload.count))
+                frame += payload
+            }
+            if !closed { connection.write(frame) }
+            return
+        }
         var response = Ttrpc_Response()
         if let status {
             response.status.code = status.code.rawValue
@@ -244,7 +260,9 @@ public final class TTRPCServerCall {
     public let streamID: UInt32
     public let service: String
     public let method: String
-    public let requestPayload: [UInt8]
+    /// The request message's bytes.
+    public var requestPayload: [UInt8] { [UInt8](requestData) }
+    let requestData: Data
     public let metadata: [(key: String, value: String)]
     /// The request opened a stream (ttrpc 1.2 flags) rather than a unary call.
     public let isStreaming: Bool
@@ -264,7 +282,7 @@ public final class TTRPCServerCall {
         self.streamID = streamID
         service = request.service
         method = request.method
-        requestPayload = [UInt8](request.payload)
+        requestData = request.payload
         metadata = request.metadata.map { (key: $0.key, value: $0.value) }
         isStreaming = streaming
         state = clientStreaming ? .open : .clientClosed
@@ -339,4 +357,22 @@ public final class TTRPCServerCall {
         connection.sendResponse(stream: streamID, status: error, payload: [])
         finish()
     }
+}
+
+/// Protobuf base-128 varints, for the few envelopes written by hand.
+@inline(__always)
+func varintSize(_ n: Int) -> Int {
+    var v = UInt64(n), size = 1
+    while v >= 0x80 { v >>= 7; size += 1 }
+    return size
+}
+
+@inline(__always)
+func appendVarint(_ out: inout [UInt8], _ value: UInt64) {
+    var v = value
+    while v >= 0x80 {
+        out.append(UInt8(truncatingIfNeeded: v) | 0x80)
+        v >>= 7
+    }
+    out.append(UInt8(v))
 }
