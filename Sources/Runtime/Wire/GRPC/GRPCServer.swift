@@ -12,12 +12,14 @@ public final class GRPCServer {
 
     let reactor: Reactor
     let logger: Logger
+    public let limits: HTTP2Limits
     private var handlers: [String: Handler] = [:]
     private var listeners: [Listener] = []
     private var connections: [ObjectIdentifier: HTTP2ServerConnection] = [:]
 
-    public init(reactor: Reactor, logger: Logger = Logger(label: "kuasar.grpc")) {
+    public init(reactor: Reactor, limits: HTTP2Limits = HTTP2Limits(), logger: Logger = Logger(label: "kuasar.grpc")) {
         self.reactor = reactor
+        self.limits = limits
         self.logger = logger
     }
 
@@ -47,7 +49,7 @@ public final class GRPCServer {
     }
 
     public func serve(_ fd: consuming OwnedFD) {
-        let h2 = HTTP2ServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd))
+        let h2 = HTTP2ServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd), limits: limits)
         connections[ObjectIdentifier(h2)] = h2
         h2.start()
     }

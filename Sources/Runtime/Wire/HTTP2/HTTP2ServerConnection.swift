@@ -6,14 +6,7 @@ import NIOHPACK
 /// dials a unix socket), on the reactor. It owns the HPACK state, the streams and both
 /// directions of flow control, and hands complete requests to its `GRPCServer`.
 final class HTTP2ServerConnection {
-    struct Limits {
-        var maxConcurrentStreams = 1024
-        var initialWindow = 1 << 20            // per stream, what we let a client send ahead
-        var connectionWindow = 16 << 20        // for the whole connection
-        var maxHeaderListSize = 16 * 1024
-        var maxHeaderBlock = 64 * 1024         // HEADERS + CONTINUATION before END_HEADERS
-        var controlFramesPerSecond = 1000      // SETTINGS, PING, RST_STREAM, empty frames
-    }
+    typealias Limits = HTTP2Limits
 
     final class Stream {
         let id: UInt32
@@ -60,10 +53,11 @@ final class HTTP2ServerConnection {
     private var headerBlock: [UInt8] = []
     private var headerBlockEndsStream = false
 
+    private var bufferedInbound = 0
     private var controlWindowStart: UInt64 = 0
     private var controlCount = 0
 
-    init(server: GRPCServer, connection: Connection, limits: Limits = Limits()) {
+    init(server: GRPCServer, connection: Connection, limits: Limits) {
         self.server = server
         self.connection = connection
         self.limits = limits
@@ -173,7 +167,7 @@ final class HTTP2ServerConnection {
             try countControlFrame()
             if let s = streams[f.streamID] {
                 s.call?.cancel(RPCError(.cancelled, "client reset the stream"))
-                streams[f.streamID] = nil
+                removeStream(s)
             }
         case .priority:
             guard f.payload.count == 5 else { throw HTTP2ConnectionError(code: .frameSizeError, reason: "PRIORITY of \(f.payload.count) bytes") }
@@ -330,12 +324,14 @@ final class HTTP2ServerConnection {
         guard length <= s.recvWindow else {
             resetStream(s.id, .flowControlError)
             s.call?.cancel(RPCError(.resourceExhausted, "client exceeded the stream's flow-control window"))
-            streams[s.id] = nil
+            removeStream(s)
             return
         }
         s.recvWindow -= length
         s.unackedRecv += length
-        s.inbound += try fragment(f, priority: false)
+        let data = try fragment(f, priority: false)
+        s.inbound += data
+        bufferedInbound += data.count
         if f.flags.contains(.endStream) {
             s.remoteClosed = true
         } else if s.unackedRecv >= limits.initialWindow / 4 {
@@ -343,7 +339,13 @@ final class HTTP2ServerConnection {
             s.recvWindow += s.unackedRecv
             s.unackedRecv = 0
         }
+        let before = s.inbound.count
         s.call?.receive(&s.inbound)
+        bufferedInbound -= before - s.inbound.count
+        if bufferedInbound > limits.maxBufferedInbound {
+            throw HTTP2ConnectionError(code: .enhanceYourCalm,
+                reason: "more than \(limits.maxBufferedInbound >> 20) MiB of unfinished request messages buffered")
+        }
         if s.remoteClosed, streams[s.id] != nil { requestComplete(s) }
     }
 
@@ -360,12 +362,12 @@ final class HTTP2ServerConnection {
             return
         }
         guard let s = streams[f.streamID] else { return }
-        guard inc > 0 else { resetStream(s.id, .protocolError); streams[s.id] = nil; return }
+        guard inc > 0 else { resetStream(s.id, .protocolError); removeStream(s); return }
         s.sendWindow += inc
         guard s.sendWindow <= HTTP2.maxWindow else {
             resetStream(s.id, .flowControlError)
             s.call?.cancel(RPCError(.internal, "stream window overflow"))
-            streams[s.id] = nil
+            removeStream(s)
             return
         }
         pump(s)
@@ -469,7 +471,7 @@ final class HTTP2ServerConnection {
             s.pendingTrailers = nil
             writeHeaders(s, trailers, endStream: true)
             if !s.remoteClosed { resetStream(s.id, .noError) }  // we are done; stop the client sending
-            streams[s.id] = nil
+            removeStream(s)
             if goingAway && streams.isEmpty { connection.closeAfterFlush() }
         }
     }
@@ -503,5 +505,27 @@ final class HTTP2ServerConnection {
         server.connectionClosed(self)
     }
 
-    func forget(_ s: Stream) { streams[s.id] = nil }
+    private func removeStream(_ s: Stream) {
+        bufferedInbound -= s.inbound.count
+        s.inbound = []
+        streams[s.id] = nil
+    }
+}
+
+/// What one HTTP/2 connection may cost us, whatever the client sends.
+public struct HTTP2Limits: Sendable {
+    public var maxConcurrentStreams = 1024
+    /// Per stream: what we let a client send ahead.
+    public var initialWindow = 1 << 20
+    /// For the whole connection.
+    public var connectionWindow = 16 << 20
+    public var maxHeaderListSize = 16 * 1024
+    /// HEADERS + CONTINUATION before END_HEADERS.
+    public var maxHeaderBlock = 64 * 1024
+    /// SETTINGS, PING, RST_STREAM and empty DATA frames per second.
+    public var controlFramesPerSecond = 1000
+    /// Request bytes buffered across all streams before their messages complete.
+    /// Each message may be 16 MiB, so without this a client could park 1024 of them.
+    public var maxBufferedInbound = 64 << 20
+    public init() {}
 }

@@ -12,6 +12,9 @@ public final class TTRPCServer {
     public struct Limits: Sendable {
         /// Open calls per connection; more are refused with ResourceExhausted.
         public var maxConcurrentCalls = 1024
+        /// Request bytes held by a connection's open calls (up to 4 MiB each): more
+        /// are refused with ResourceExhausted until some calls finish.
+        public var maxHeldRequestBytes = 64 << 20
         public init() {}
     }
 
@@ -90,6 +93,7 @@ final class TTRPCServerConnection {
     let connection: Connection
     private var decoder = TTRPCFrameDecoder()
     private var calls: [UInt32: TTRPCServerCall] = [:]
+    private var heldRequestBytes = 0
     private var closed = false
 
     init(server: TTRPCServer, connection: Connection) {
@@ -174,10 +178,16 @@ final class TTRPCServerConnection {
                 "too many concurrent calls on this connection (limit \(server.limits.maxConcurrentCalls))"), payload: [])
             return
         }
+        guard heldRequestBytes + request.payload.count <= server.limits.maxHeldRequestBytes else {
+            sendResponse(stream: stream, status: RPCError(.resourceExhausted,
+                "open calls on this connection already hold \(heldRequestBytes) request bytes (limit \(server.limits.maxHeldRequestBytes))"), payload: [])
+            return
+        }
         let streaming = !frame.flags.intersection([.remoteOpen, .remoteClosed]).isEmpty
         let call = TTRPCServerCall(connection: self, streamID: stream, request: request,
                                    clientStreaming: frame.flags.contains(.remoteOpen), streaming: streaming)
         calls[stream] = call
+        heldRequestBytes += call.requestData.count
         if request.timeoutNano > 0 {
             call.armDeadline(reactor: server.reactor, afterNS: UInt64(request.timeoutNano))
         }
@@ -243,7 +253,10 @@ final class TTRPCServerConnection {
     }
 
     func finished(_ call: TTRPCServerCall) {
-        if calls[call.streamID] === call { calls[call.streamID] = nil }
+        if calls[call.streamID] === call {
+            calls[call.streamID] = nil
+            heldRequestBytes -= call.requestData.count
+        }
     }
 }
 
