@@ -339,9 +339,18 @@ final class HTTP2ServerConnection {
             s.recvWindow += s.unackedRecv
             s.unackedRecv = 0
         }
-        let before = s.inbound.count
-        s.call?.receive(&s.inbound)
-        bufferedInbound -= before - s.inbound.count
+        // The call may finish (and the stream go) while it parses: hand it the bytes
+        // out of the stream rather than an inout into it.
+        var pending = s.inbound
+        s.inbound = []
+        let before = pending.count
+        s.call?.receive(&pending)
+        if streams[s.id] === s {
+            bufferedInbound -= before - pending.count
+            s.inbound = pending
+        } else {
+            bufferedInbound -= before
+        }
         if bufferedInbound > limits.maxBufferedInbound {
             throw HTTP2ConnectionError(code: .enhanceYourCalm,
                 reason: "more than \(limits.maxBufferedInbound >> 20) MiB of unfinished request messages buffered")
