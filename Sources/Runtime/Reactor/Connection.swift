@@ -123,25 +123,26 @@ public final class Connection {
     private func readLoop() {
         let buffer = reactor.sharedReadBuffer
         for _ in 0..<limits.readsPerWake {
-            let n = Glibc.read(rawFD, buffer.baseAddress, buffer.count)
-            if n > 0 {
-                onRead?(self, UnsafeRawBufferPointer(rebasing: buffer[..<n]))
-                if state != .open || pausedByUser || pausedByPressure { return }
-                // Most likely drained; level-triggered readiness brings us back if not.
-                if n < buffer.count { return }
-                continue
+            let result: IOResult<Int>
+            do {
+                result = try sysNonBlocking("read", "fd \(rawFD)") { Glibc.read(rawFD, buffer.baseAddress, buffer.count) }
+            } catch let error where error.errno == .EIO {
+                // EIO is how a pty master reports that the slave side closed.
+                peerClosedWrite()
+                return
+            } catch {
+                close(error: error)
+                return
             }
+            guard case .done(let n) = result else { return }
             if n == 0 {
                 peerClosedWrite()
                 return
             }
-            let e = Errno.current
-            if e == .EINTR { continue }
-            if e == .EAGAIN { return }
-            // EIO is how a pty master reports that the slave side closed.
-            if e == .EIO { peerClosedWrite(); return }
-            close(error: SystemError("read", "fd \(rawFD)", errno: e))
-            return
+            onRead?(self, UnsafeRawBufferPointer(rebasing: buffer[..<n]))
+            if state != .open || pausedByUser || pausedByPressure { return }
+            // Most likely drained; level-triggered readiness brings us back if not.
+            if n < buffer.count { return }
         }
     }
 
@@ -163,13 +164,17 @@ public final class Connection {
         var offset = 0
         if queuedBytes == 0 && !corked {
             while offset < bytes.count {
-                let n = Glibc.write(rawFD, bytes.baseAddress! + offset, bytes.count - offset)
-                if n >= 0 { offset += n; continue }
-                let e = Errno.current
-                if e == .EINTR { continue }
-                if e == .EAGAIN { break }
-                close(error: SystemError("write", "fd \(rawFD)", errno: e))
-                return false
+                let result: IOResult<Int>
+                do {
+                    result = try sysNonBlocking("write", "fd \(rawFD)") {
+                        Glibc.write(rawFD, bytes.baseAddress! + offset, bytes.count - offset)
+                    }
+                } catch {
+                    close(error: error)
+                    return false
+                }
+                guard case .done(let n) = result else { break }
+                offset += n
             }
             if offset == bytes.count { return true }
         }
@@ -202,10 +207,10 @@ public final class Connection {
 
     private func flush() {
         while queuedBytes > 0 {
-            let n = queue.flush(fd: rawFD, pool: reactor.chunkPool)
-            if n == 0 { break }
-            if n < 0 {
-                close(error: SystemError("writev", "fd \(rawFD)", errno: Errno(rawValue: Int32(-n))))
+            do {
+                if try queue.flush(fd: rawFD, pool: reactor.chunkPool) == 0 { break }
+            } catch {
+                close(error: error)
                 return
             }
         }

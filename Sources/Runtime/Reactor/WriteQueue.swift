@@ -53,24 +53,19 @@ struct WriteQueue {
         }
     }
 
-    /// One writev of what is queued. Returns bytes written, 0 at EAGAIN, or -errno.
-    mutating func flush(fd: Int32, pool: ChunkPool) -> Int {
+    /// One writev of what is queued. Returns the bytes written, 0 when the fd would block.
+    mutating func flush(fd: Int32, pool: ChunkPool) throws(SystemError) -> Int {
         guard count > 0 else { return 0 }
         let n = min(chunks.count, 64)
-        let written: Int = withUnsafeTemporaryAllocation(of: iovec.self, capacity: n) { iov in
+        let result: IOResult<Int> = try withUnsafeTemporaryAllocation(of: iovec.self, capacity: n) { (iov) throws(SystemError) in
             for i in 0..<n {
                 let start = i == 0 ? headOffset : 0
                 let end = i == chunks.count - 1 ? tailFill : ChunkPool.chunkSize
                 iov[i] = iovec(iov_base: chunks[i] + start, iov_len: end - start)
             }
-            while true {
-                let r = writev(fd, iov.baseAddress, Int32(n))
-                if r >= 0 { return r }
-                let e = errno
-                if e == EINTR { continue }
-                return e == EAGAIN ? 0 : -Int(e)
-            }
+            return try sysNonBlocking("writev", "fd \(fd)") { writev(fd, iov.baseAddress, Int32(n)) }
         }
+        guard case .done(let written) = result else { return 0 }
         if written > 0 { consume(written, pool: pool) }
         return written
     }

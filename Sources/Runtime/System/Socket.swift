@@ -10,7 +10,7 @@ public enum Socket {
 
     /// Calls `body` with a `sockaddr_un` for `path`; refuses paths the kernel would truncate.
     static func withUnixAddress<R>(
-        _ path: String, _ call: StaticString, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R
+        _ path: String, _ call: StaticString, _ body: (UnsafePointer<sockaddr>, socklen_t) throws(SystemError) -> R
     ) throws(SystemError) -> R {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
@@ -23,9 +23,9 @@ public enum Socket {
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
-        return withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                body($0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        return try withUnsafePointer(to: &addr) { (p) throws(SystemError) in
+            try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws(SystemError) in
+                try body(sa, socklen_t(MemoryLayout<sockaddr_un>.size))
             }
         }
     }
@@ -72,25 +72,22 @@ public enum Socket {
     public static func connectUnix(path: String, blocking: Bool = false) throws(SystemError) -> OwnedFD {
         let flags = blocking ? Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) : streamFlags
         let fd = OwnedFD(adopting: try sys("socket(AF_UNIX)") { socket(AF_UNIX, flags, 0) })
-        while true {
-            let rc = try! withUnixAddress(path, "connect") { addr, len in connect(fd.rawValue, addr, len) }
-            if rc == 0 { return fd }
-            let e = Errno.current
-            if e == .EINTR { continue }
+        do throws(SystemError) {
+            _ = try withUnixAddress(path, "connect") { (addr, len) throws(SystemError) in
+                try sys("connect", path) { connect(fd.rawValue, addr, len) }
+            }
+        } catch {
             fd.close()
-            throw SystemError("connect", path, errno: e)
+            throw error
         }
+        return fd
     }
 
     /// Accepts one connection, non-blocking and close-on-exec; nil when none is pending.
     public static func accept(_ listener: Int32) throws(SystemError) -> OwnedFD? {
-        while true {
-            let fd = ks_accept(listener)
-            if fd >= 0 { return OwnedFD(adopting: fd) }
-            let e = Errno(rawValue: -fd)
-            if e == .EINTR { continue }
-            if e == .EAGAIN { return nil }
-            throw SystemError("accept4", errno: e)
+        switch try shimNonBlocking("accept4", nil, { ks_accept(listener) }) {
+        case .done(let fd): return OwnedFD(adopting: fd)
+        case .wouldBlock: return nil
         }
     }
 

@@ -58,3 +58,18 @@ public func shim<T: FixedWidthInteger & SignedInteger>(
         throw SystemError("\(call)", subject(), errno: e)
     }
 }
+
+/// Like `shim`, but EAGAIN comes back as `.wouldBlock`.
+@inline(__always)
+public func shimNonBlocking<T: FixedWidthInteger & SignedInteger>(
+    _ call: StaticString, _ subject: @autoclosure () -> String? = nil, _ body: () -> T
+) throws(SystemError) -> IOResult<T> {
+    while true {
+        let rc = body()
+        if rc >= 0 { return .done(rc) }
+        let e = Errno(rawValue: Int32(truncatingIfNeeded: -rc))
+        if e == .EINTR { continue }
+        if e == .EAGAIN { return .wouldBlock }
+        throw SystemError("\(call)", subject(), errno: e)
+    }
+}
