@@ -34,7 +34,6 @@ public final class ProcessSupervisor {
     }
 
     public var runningCount: Int { children.count }
-    public var runningPIDs: [pid_t] { Array(children.keys) }
 
     /// Starts `spec` and watches it; `onExit` runs on the loop once it has exited.
     @discardableResult

@@ -10,15 +10,12 @@ final class ChunkPool {
     /// Chunks kept for reuse; beyond this they are freed (4 MiB retained at most).
     let maxRetained = 64
     private var free: [UnsafeMutableRawPointer] = []
-    private(set) var outstanding = 0
 
     func take() -> UnsafeMutableRawPointer {
-        outstanding += 1
         return free.popLast() ?? UnsafeMutableRawPointer.allocate(byteCount: Self.chunkSize, alignment: 64)
     }
 
     func give(_ chunk: UnsafeMutableRawPointer) {
-        outstanding -= 1
         if free.count < maxRetained { free.append(chunk) } else { chunk.deallocate() }
     }
 

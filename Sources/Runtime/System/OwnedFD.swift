@@ -43,12 +43,6 @@ public struct OwnedFD: ~Copyable {
 }
 
 extension OwnedFD {
-    public func setNonBlocking(_ on: Bool = true) throws(SystemError) {
-        let flags = try sys("fcntl(F_GETFL)") { fcntl(rawValue, F_GETFL) }
-        let new = on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK
-        if new != flags { _ = try sys("fcntl(F_SETFL)") { fcntl(rawValue, F_SETFL, new) } }
-    }
-
     /// Reads into `buffer`; `.done(0)` is end of file.
     @inline(__always)
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> IOResult<Int> {

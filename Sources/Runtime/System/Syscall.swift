@@ -9,10 +9,6 @@ public enum IOResult<Value> {
     case done(Value)
     case wouldBlock
 
-    public var value: Value? {
-        if case .done(let v) = self { return v }
-        return nil
-    }
 }
 
 /// The one choke point for libc calls that report failure as -1 + errno.

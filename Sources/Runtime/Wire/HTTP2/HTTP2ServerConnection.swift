@@ -66,8 +66,6 @@ final class HTTP2ServerConnection {
         hpackEncoder = HPACKEncoder(allocator: ByteBufferAllocator())
     }
 
-    var activeStreams: Int { streams.count }
-
     func start() {
         connection.onRead = { [unowned self] _, bytes in self.receive(bytes) }
         connection.onWritable = { [unowned self] _ in self.pumpAll() }
