@@ -113,11 +113,7 @@ public final class TTRPCClient {
     }
 
     func send(stream: UInt32, type: TTRPC.MessageType, flags: TTRPC.Flags, body: [UInt8]) {
-        var frame: [UInt8] = []
-        frame.reserveCapacity(TTRPC.headerLength + body.count)
-        TTRPC.appendHeader(to: &frame, length: body.count, streamID: stream, type: type, flags: flags)
-        frame += body
-        connection.write(frame)
+        connection.write(TTRPC.frame(streamID: stream, type: type, flags: flags, body: body))
     }
 
     private func handle(_ item: TTRPCDecoded) {

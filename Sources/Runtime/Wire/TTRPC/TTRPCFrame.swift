@@ -57,13 +57,17 @@ public enum TTRPC {
         out.append(flags.rawValue)
     }
 
-    public static func encode(_ frame: Frame) -> [UInt8] {
+    /// Header and body as one buffer, ready for the wire.
+    public static func frame(streamID: UInt32, type: MessageType, flags: Flags = [], body: [UInt8]) -> [UInt8] {
         var out: [UInt8] = []
-        out.reserveCapacity(headerLength + frame.payload.count)
-        appendHeader(to: &out, length: frame.payload.count, streamID: frame.streamID,
-                     type: MessageType(rawValue: frame.type) ?? .data, flags: frame.flags)
-        out += frame.payload
+        out.reserveCapacity(headerLength + body.count)
+        appendHeader(to: &out, length: body.count, streamID: streamID, type: type, flags: flags)
+        out += body
         return out
+    }
+
+    public static func encode(_ frame: Frame) -> [UInt8] {
+        Self.frame(streamID: frame.streamID, type: MessageType(rawValue: frame.type) ?? .data, flags: frame.flags, body: frame.payload)
     }
 }
 

@@ -245,11 +245,7 @@ final class TTRPCServerConnection {
             }
             return
         }
-        var frame: [UInt8] = []
-        frame.reserveCapacity(TTRPC.headerLength + body.count)
-        TTRPC.appendHeader(to: &frame, length: body.count, streamID: stream, type: type, flags: flags)
-        frame += body
-        connection.write(frame)
+        connection.write(TTRPC.frame(streamID: stream, type: type, flags: flags, body: body))
     }
 
     func finished(_ call: TTRPCServerCall) {
