@@ -20,20 +20,31 @@ enum EchoServers {
 
     /// Our reactor with the daemon's own building blocks: Listener + Connection.
     static func runReactor(_ backend: BackendKind, socket: String) throws {
+        try serveUntilSIGTERM(backend) { reactor in
+            var conns: [Connection] = []
+            let listener = try Listener(reactor: reactor, fd: try Socket.listenUnix(path: socket)) { fd in
+                let c = Connection(reactor: reactor, fd: fd)
+                c.onRead = { c, bytes in c.write(bytes) }
+                try? c.start()
+                conns.append(c)
+            }
+            return {
+                for c in conns { c.close() }
+                listener.close()
+            }
+        }
+    }
+
+    /// A server process on our reactor: `setup` starts serving and returns how to stop;
+    /// "ready" goes to stdout, SIGTERM ends it cleanly.
+    static func serveUntilSIGTERM(_ backend: BackendKind? = nil, _ setup: (Reactor) throws -> () -> Void) throws {
         try Signals.block([SIGTERM])
         let reactor = try Reactor(backend: backend)
         try reactor.onSignals([SIGTERM]) { _ in reactor.stop() }
-        var conns: [Connection] = []
-        let listener = try Listener(reactor: reactor, fd: try Socket.listenUnix(path: socket)) { fd in
-            let c = Connection(reactor: reactor, fd: fd)
-            c.onRead = { c, bytes in c.write(bytes) }
-            try? c.start()
-            conns.append(c)
-        }
+        let stop = try setup(reactor)
         ready()
         try reactor.run()
-        for c in conns { c.close() }
-        listener.close()
+        stop()
         reactor.close()
     }
 

@@ -33,41 +33,33 @@ enum RPCBenchmark {
 
     /// Our gRPC server process: echoes /test.Echo/Echo like the grpc-go peer.
     static func serveGRPC(socket: String) throws {
-        try Signals.block([SIGTERM])
-        let reactor = try Reactor()
-        try reactor.onSignals([SIGTERM]) { _ in reactor.stop() }
-        let server = GRPCServer(reactor: reactor)
-        server.register(service: "test.Echo", method: "Echo") { call in call.respond(call.requestMessage) }
-        unlink(socket)
-        try server.listen(path: socket)
-        EchoServers.ready()
-        try reactor.run()
-        server.close()
-        reactor.close()
+        try EchoServers.serveUntilSIGTERM { reactor in
+            let server = GRPCServer(reactor: reactor)
+            server.register(service: "test.Echo", method: "Echo") { call in call.respond(call.requestMessage) }
+            unlink(socket)
+            try server.listen(path: socket)
+            return { server.close() }
+        }
     }
 
     /// Our ttrpc server process: the State handler answers from the request, like the Go peer's.
     static func serveTTRPC(socket: String) throws {
-        try Signals.block([SIGTERM])
-        let reactor = try Reactor()
-        try reactor.onSignals([SIGTERM]) { _ in reactor.stop() }
-        let server = TTRPCServer(reactor: reactor)
-        server.registerUnary(service: "containerd.task.v2.Task", method: "State") { (call, req: Containerd_Task_V2_StateRequest) in
-            var r = Containerd_Task_V2_StateResponse()
-            r.id = req.id
-            r.execID = req.execID
-            r.bundle = "/run/bundle/" + (call.metadata("containerd-namespace-ttrpc").first ?? "")
-            r.pid = 42
-            r.exitStatus = 3
-            r.exitedAt = Google_Protobuf_Timestamp(seconds: 1_700_000_000)
-            call.respond(r)
+        try EchoServers.serveUntilSIGTERM { reactor in
+            let server = TTRPCServer(reactor: reactor)
+            server.registerUnary(service: "containerd.task.v2.Task", method: "State") { (call, req: Containerd_Task_V2_StateRequest) in
+                var r = Containerd_Task_V2_StateResponse()
+                r.id = req.id
+                r.execID = req.execID
+                r.bundle = "/run/bundle/" + (call.metadata("containerd-namespace-ttrpc").first ?? "")
+                r.pid = 42
+                r.exitStatus = 3
+                r.exitedAt = Google_Protobuf_Timestamp(seconds: 1_700_000_000)
+                call.respond(r)
+            }
+            unlink(socket)
+            try server.listen(path: socket)
+            return { server.close() }
         }
-        unlink(socket)
-        try server.listen(path: socket)
-        EchoServers.ready()
-        try reactor.run()
-        server.close()
-        reactor.close()
     }
 
     static func goPeer(_ name: String) throws -> String {
