@@ -41,12 +41,8 @@ extension AllTests {
             echo.register(on: server)
             try server.listen(path: socket)
             let supervisor = ProcessSupervisor(reactor: reactor)
-            let client = try PeerProcess(reactor: reactor, supervisor: supervisor,
-                                         [systemPython, "\(repositoryRoot)/Tests/Peers/python/grpc_client.py", socket, scenario])
-            try spin(reactor, timeoutMS: 60_000, "grpcio \(scenario)") { client.done }
-            var settled = false
-            reactor.schedule(afterNS: 30_000_000) { settled = true }
-            try spin(reactor) { settled }
+            let client = try runPeer(reactor, supervisor, pythonPeer("grpc_client.py", socket, scenario), timeoutMS: 60_000)
+            try settle(reactor, ms: 30)
             #expect(client.exit == .exited(0), "python: \(client.text)")
             try check(client.text, echo)
             client.close()

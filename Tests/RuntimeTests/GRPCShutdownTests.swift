@@ -47,9 +47,7 @@ extension AllTests {
 
             server.shutdownGracefully()
             var received: [UInt8] = []
-            var settled = false
-            reactor.schedule(afterNS: 20_000_000) { settled = true }
-            try spin(reactor) { settled }
+            try settle(reactor, ms: 20)
             received += (try drain(client)) ?? []
             let goaway = Self.frames(received).first { $0.0 == HTTP2.FrameType.goAway.rawValue }
             #expect(goaway != nil)

@@ -77,9 +77,7 @@ extension AllTests {
                 try reactor.runOnce(block: false)
             }
             let supervisor = ProcessSupervisor(reactor: reactor)
-            let good = try PeerProcess(reactor: reactor, supervisor: supervisor,
-                                       [systemPython, "\(repositoryRoot)/Tests/Peers/python/grpc_client.py", socket, "unary"])
-            try spin(reactor, timeoutMS: 30_000, "good client after the fuzz") { good.done }
+            let good = try runPeer(reactor, supervisor, pythonPeer("grpc_client.py", socket, "unary"))
             #expect(good.text == "ok hello|ns=k8s.io")
             good.close()
             server.close()

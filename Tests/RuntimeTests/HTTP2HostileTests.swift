@@ -30,17 +30,13 @@ extension AllTests {
             EchoService().register(on: server)
             try server.listen(path: socket)
             let supervisor = ProcessSupervisor(reactor: reactor)
-            let hostile = try PeerProcess(reactor: reactor, supervisor: supervisor,
-                                          [systemPython, "\(repositoryRoot)/Tests/Peers/python/h2_hostile.py", socket, testCase])
-            try spin(reactor, timeoutMS: 30_000, "hostile \(testCase)") { hostile.done }
+            let hostile = try runPeer(reactor, supervisor, pythonPeer("h2_hostile.py", socket, testCase))
             #expect(hostile.exit == .exited(0))
             // Some answers carry more than the code we look for (e.g. SETTINGS acks); the
             // line names only GOAWAY and RST_STREAM codes.
             #expect(hostile.text == expected, "\(testCase): \(hostile.text)")
 
-            let good = try PeerProcess(reactor: reactor, supervisor: supervisor,
-                                       [systemPython, "\(repositoryRoot)/Tests/Peers/python/grpc_client.py", socket, "unary"])
-            try spin(reactor, timeoutMS: 30_000, "good client after \(testCase)") { good.done }
+            let good = try runPeer(reactor, supervisor, pythonPeer("grpc_client.py", socket, "unary"))
             #expect(good.text == "ok hello|ns=k8s.io")
             hostile.close()
             good.close()

@@ -36,9 +36,7 @@ extension AllTests {
             try spin(reactor, "all answered") { results.count == 5 }
             client.close()
             server.close()
-            var settled = false
-            reactor.schedule(afterNS: 5_000_000) { settled = true }
-            try spin(reactor) { settled }
+            try settle(reactor, ms: 5)
         }
     }
 

@@ -63,6 +63,20 @@ final class PeerProcess {
     func close() { connection?.close() }
 }
 
+/// argv for one of the Python peers in Tests/Peers/python, run by Debian's python3.
+func pythonPeer(_ script: String, _ arguments: String...) -> [String] {
+    [systemPython, "\(repositoryRoot)/Tests/Peers/python/\(script)"] + arguments
+}
+
+/// Runs a peer to completion under the reactor (its output collected on the loop).
+func runPeer(_ reactor: Reactor, _ supervisor: ProcessSupervisor, _ arguments: [String],
+             timeoutMS: UInt64 = 30_000, sourceLocation: SourceLocation = #_sourceLocation) throws -> PeerProcess {
+    let peer = try PeerProcess(reactor: reactor, supervisor: supervisor, arguments)
+    try spin(reactor, timeoutMS: timeoutMS, "peer \(arguments.dropFirst().joined(separator: " "))",
+             sourceLocation: sourceLocation) { peer.done }
+    return peer
+}
+
 extension String {
     func trimmingCharacters(in set: Set<Character>) -> String {
         var s = Substring(self)

@@ -31,9 +31,7 @@ extension AllTests {
             for pid in toKill { try supervisor.signal(pid, SIGKILL) }
             try spin(reactor, timeoutMS: 30_000, "200 exits") { supervisor.runningCount == 0 }
             // Let anything late arrive: nothing may.
-            var settled = false
-            reactor.schedule(afterNS: 20_000_000) { settled = true }
-            try spin(reactor) { settled }
+            try settle(reactor, ms: 20)
             for (pid, want) in expected {
                 #expect(recorders[pid]?.statuses == [want], "pid \(pid)")
             }

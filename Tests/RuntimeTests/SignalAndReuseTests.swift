@@ -62,9 +62,7 @@ extension AllTests {
             #expect(newOwnerEvents == 0)
             #expect(reactor.staleEventsDropped == droppedBefore + 1)
             // Let a few more iterations pass: still nothing for the new owner.
-            var done = false
-            reactor.schedule(afterNS: 10_000_000) { done = true }
-            try spin(reactor) { done }
+            try settle(reactor, ms: 10)
             #expect(newOwnerEvents == 0)
 
             reactor.deregister(regs[firstFired]!)

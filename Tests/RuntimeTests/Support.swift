@@ -38,6 +38,13 @@ func spin(_ reactor: Reactor, timeoutMS: UInt64 = 10_000, _ what: String = "cond
     #expect(ok, "timed out waiting for \(what)", sourceLocation: sourceLocation)
 }
 
+/// Runs the loop for `ms` milliseconds: lets late events arrive (or prove none do).
+func settle(_ reactor: Reactor, ms: UInt64) throws {
+    var settled = false
+    reactor.schedule(afterNS: ms * 1_000_000) { settled = true }
+    try spin(reactor) { settled }
+}
+
 /// Non-blocking read of whatever is there (empty at EAGAIN, nil at end of file).
 func drain(_ fd: Int32) throws -> [UInt8]? {
     var out: [UInt8] = []

@@ -47,12 +47,9 @@ extension AllTests {
             probe.register(on: server)
             try server.listen(path: socket)
             let supervisor = ProcessSupervisor(reactor: reactor)
-            let client = try PeerProcess(reactor: reactor, supervisor: supervisor, [peer, "client", socket, scenario])
-            try spin(reactor, timeoutMS: timeoutMS, "Go client \(scenario)") { client.done }
+            let client = try runPeer(reactor, supervisor, [peer, "client", socket, scenario], timeoutMS: timeoutMS)
             // Let the server notice the client's departure.
-            var settled = false
-            reactor.schedule(afterNS: 30_000_000) { settled = true }
-            try spin(reactor) { settled }
+            try settle(reactor, ms: 30)
             #expect(client.exit == .exited(0), "go client: \(client.text)")
             try check(client.text, probe)
             client.close()

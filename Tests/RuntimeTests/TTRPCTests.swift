@@ -35,9 +35,7 @@ extension AllTests {
             try body(reactor, server, client)
             client.close()
             server.close()
-            var settled = false
-            reactor.schedule(afterNS: 5_000_000) { settled = true }
-            try spin(reactor) { settled }
+            try settle(reactor, ms: 5)
         }
     }
 
