@@ -35,11 +35,7 @@ public final class GRPCServer {
         service: String, method: String, _ body: @escaping (GRPCServerCall, Request) throws -> Void
     ) {
         register(service: service, method: method) { call in
-            let request: Request
-            do { request = try Request(serializedBytes: call.requestMessage) } catch {
-                throw RPCError(.invalidArgument, "\(method): cannot decode \(Request.protoMessageName): \(error)")
-            }
-            try body(call, request)
+            try body(call, MessageCoding.decode(Request.self, from: call.requestMessage, code: .invalidArgument, context: method).get())
         }
     }
 
@@ -218,7 +214,10 @@ public final class GRPCServerCall {
     }
 
     public func send<M: SwiftProtobuf.Message>(_ message: M) {
-        do { send(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+        switch MessageCoding.encode(message) {
+        case .success(let bytes): send(bytes)
+        case .failure(let error): fail(error)
+        }
     }
 
     /// The unary answer: message, then OK.
@@ -229,7 +228,10 @@ public final class GRPCServerCall {
     }
 
     public func respond<M: SwiftProtobuf.Message>(_ message: M) {
-        do { respond(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+        switch MessageCoding.encode(message) {
+        case .success(let bytes): respond(bytes)
+        case .failure(let error): fail(error)
+        }
     }
 
     /// Ends a server stream with OK.

@@ -99,16 +99,12 @@ public final class TTRPCClient {
         metadata: [(String, String)] = [], completion: @escaping (Result<Response, RPCError>) -> Void
     ) {
         let payload: [UInt8]
-        do { payload = try request.serializedBytes() } catch {
-            completion(.failure(RPCError(.internal, "cannot encode \(Request.protoMessageName): \(error)")))
-            return
+        switch MessageCoding.encode(request) {
+        case .success(let bytes): payload = bytes
+        case .failure(let error): completion(.failure(error)); return
         }
         start(service: service, method: method, payload: payload, timeoutNS: timeoutNS, metadata: metadata) { result in
-            completion(result.flatMap { bytes in
-                do { return .success(try Response(serializedBytes: bytes)) } catch {
-                    return .failure(RPCError(.internal, "cannot decode \(Response.protoMessageName): \(error)"))
-                }
-            })
+            completion(result.flatMap { MessageCoding.decode(Response.self, from: $0, code: .internal, context: "\(service)/\(method) answer") })
         }
     }
 

@@ -47,13 +47,7 @@ public final class TTRPCServer {
         service: String, method: String, _ body: @escaping (TTRPCServerCall, Request) throws -> Void
     ) {
         register(service: service, method: method) { call in
-            let request: Request
-            do {
-                request = try Request(serializedBytes: call.requestData)
-            } catch {
-                throw RPCError(.invalidArgument, "\(method): cannot decode \(Request.protoMessageName): \(error)")
-            }
-            try body(call, request)
+            try body(call, MessageCoding.decode(Request.self, from: call.requestData, code: .invalidArgument, context: method).get())
         }
     }
 
@@ -346,7 +340,10 @@ public final class TTRPCServerCall {
     }
 
     public func send<M: SwiftProtobuf.Message>(_ message: M) {
-        do { send(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+        switch MessageCoding.encode(message) {
+        case .success(let bytes): send(bytes)
+        case .failure(let error): fail(error)
+        }
     }
 
     /// The successful answer; ends the call.
@@ -357,7 +354,10 @@ public final class TTRPCServerCall {
     }
 
     public func respond<M: SwiftProtobuf.Message>(_ message: M) {
-        do { respond(try message.serializedBytes()) } catch { fail(RPCError(.internal, "cannot encode \(M.protoMessageName): \(error)")) }
+        switch MessageCoding.encode(message) {
+        case .success(let bytes): respond(bytes)
+        case .failure(let error): fail(error)
+        }
     }
 
     /// Ends the call with an error status.
