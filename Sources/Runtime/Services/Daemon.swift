@@ -26,7 +26,7 @@ public final class Daemon {
     private(set) var reactor: Reactor?
     private var listener: Listener?
     private var supervisor: ProcessSupervisor?
-    private var connections: [ObjectIdentifier: Connection] = [:]
+    private var connections = LiveSet<Connection>()
     private let startedAt = MonotonicClock.nanoseconds()
     /// Only a path we bound is ours to remove: a failed start must not delete another
     /// daemon's socket, or a file that merely sits where the socket should be.
@@ -86,11 +86,11 @@ public final class Daemon {
         }
         conn.onClose = { [unowned self] conn, error in
             if let error { self.logger.debug("connection closed: \(error)") }
-            self.connections[ObjectIdentifier(conn)] = nil
+            self.connections.remove(conn)
         }
         do {
             try conn.start()
-            connections[ObjectIdentifier(conn)] = conn
+            connections.insert(conn)
         } catch {
             logger.error("cannot serve a connection: \(error)")
             conn.close(error: error)
@@ -111,8 +111,7 @@ public final class Daemon {
     }
 
     private func shutdown() {
-        for conn in Array(connections.values) { conn.close() }
-        connections.removeAll()
+        for conn in connections.takeAll() { conn.close() }
         listener?.close()
         listener = nil
         supervisor?.close()

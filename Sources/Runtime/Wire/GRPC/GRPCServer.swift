@@ -14,8 +14,8 @@ public final class GRPCServer {
     let logger: Logger
     public let limits: HTTP2Limits
     private var handlers: [String: Handler] = [:]
-    private var listeners: [Listener] = []
-    private var connections: [ObjectIdentifier: HTTP2ServerConnection] = [:]
+    private var listeners = ListenerGroup()
+    private var connections = LiveSet<HTTP2ServerConnection>()
 
     public init(reactor: Reactor, limits: HTTP2Limits = HTTP2Limits(), logger: Logger = Logger(label: "kuasar.grpc")) {
         self.reactor = reactor
@@ -40,33 +40,29 @@ public final class GRPCServer {
     }
 
     public func listen(path: String) throws(SystemError) {
-        let fd = try Socket.listenUnix(path: path)
-        listeners.append(try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.serve(conn) })
+        try listeners.listen(reactor: reactor, path: path) { [unowned self] conn in self.serve(conn) }
     }
 
     public func serve(_ fd: consuming OwnedFD) {
         let h2 = HTTP2ServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd), limits: limits)
-        connections[ObjectIdentifier(h2)] = h2
+        connections.insert(h2)
         h2.start()
     }
 
     func connectionClosed(_ c: HTTP2ServerConnection) {
-        connections[ObjectIdentifier(c)] = nil
+        connections.remove(c)
     }
 
     /// Stops accepting; sends GOAWAY to every connection, which close once their
     /// calls are done.
     public func shutdownGracefully() {
-        for l in listeners { l.close() }
-        listeners.removeAll()
-        for c in connections.values { c.shutdownGracefully() }
+        listeners.close()
+        for c in connections.all { c.shutdownGracefully() }
     }
 
     public func close() {
-        for l in listeners { l.close() }
-        listeners.removeAll()
-        for c in Array(connections.values) { c.close() }
-        connections.removeAll()
+        listeners.close()
+        for c in connections.takeAll() { c.close() }
     }
 
     /// A new stream's request headers: validate, find the method, make the call.

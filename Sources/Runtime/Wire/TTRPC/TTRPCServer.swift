@@ -25,8 +25,8 @@ public final class TTRPCServer {
     public let limits: Limits
     /// service → method → handler: looked up per call without building a path string.
     private var handlers: [String: [String: Handler]] = [:]
-    private var listeners: [Listener] = []
-    private var connections: [ObjectIdentifier: TTRPCServerConnection] = [:]
+    private var listeners = ListenerGroup()
+    private var connections = LiveSet<TTRPCServerConnection>()
 
     public init(reactor: Reactor, limits: Limits = Limits(), logger: Logger = Logger(label: "kuasar.ttrpc")) {
         self.reactor = reactor
@@ -57,27 +57,24 @@ public final class TTRPCServer {
 
     /// Listens on a unix socket (0600) and serves every connection it accepts.
     public func listen(path: String) throws(SystemError) {
-        let fd = try Socket.listenUnix(path: path)
-        listeners.append(try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.serve(conn) })
+        try listeners.listen(reactor: reactor, path: path) { [unowned self] conn in self.serve(conn) }
     }
 
     /// Serves an already connected stream (an accepted socket, a VM agent channel).
     public func serve(_ fd: consuming OwnedFD) {
         let conn = TTRPCServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd))
-        connections[ObjectIdentifier(conn)] = conn
+        connections.insert(conn)
         conn.start()
     }
 
     func connectionClosed(_ conn: TTRPCServerConnection) {
-        connections[ObjectIdentifier(conn)] = nil
+        connections.remove(conn)
     }
 
     /// Stops listening and closes every connection; open calls see Canceled.
     public func close() {
-        for l in listeners { l.close() }
-        listeners.removeAll()
-        for c in Array(connections.values) { c.close() }
-        connections.removeAll()
+        listeners.close()
+        for c in connections.takeAll() { c.close() }
     }
 }
 
