@@ -106,6 +106,115 @@ int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
 
 int ks_close_range(unsigned first, unsigned last, unsigned flags);
 
+// ---- containers ------------------------------------------------------------------
+/// One mount into a container's root, done in the child before pivot_root. The
+/// target is resolved inside the rootfs (openat2 RESOLVE_IN_ROOT): a symlink in the
+/// image can never point a mount outside it.
+typedef struct ks_mount_op {
+    const char *_Nullable source;
+    const char *_Nullable target;  // absolute path inside the container (required)
+    const char *_Nullable fstype;  // NULL for a bind mount
+    unsigned long flags;           // MS_* for mount(2); MS_BIND marks a bind
+    unsigned long remount_flags;   // bind mounts: MS_RDONLY/MS_NOSUID/... applied by a remount
+    unsigned long propagation;     // MS_SHARED/MS_SLAVE/MS_PRIVATE/MS_UNBINDABLE [|MS_REC]; 0 leaves it
+    const char *_Nullable data;
+    int target_is_file;            // create the mount point as an empty file (bind of a file)
+} ks_mount_op;
+
+typedef struct ks_device {
+    const char *path;              // inside the container
+    uint32_t mode;                 // S_IFCHR / S_IFBLK / S_IFIFO | permissions
+    uint32_t major, minor;
+    uint32_t uid, gid;
+} ks_device;
+
+typedef struct ks_rlimit { int resource; uint64_t soft, hard; } ks_rlimit;
+typedef struct ks_sysctl { const char *key; const char *value; } ks_sysctl;
+
+/// Everything the child of a container (init or exec) does between clone and exec.
+typedef struct ks_container_attr {
+    // path, argv and envp are required; nullable only so Swift can zero-initialize.
+    const char *_Nullable path;              // bare names are looked up in envp's PATH inside the container
+    char *_Nullable const *_Nullable argv;
+    char *_Nullable const *_Nullable envp;
+    const char *_Nullable cwd;
+    const ks_fd_map *_Nullable fds;
+    int fd_count;
+    int console_fd;                          // pty slave: stdio + controlling terminal; -1 none
+    uint32_t uid, gid;
+    const uint32_t *_Nullable gids;
+    int gid_count;
+    int umask;                               // -1 leaves it
+    int has_caps;
+    uint64_t cap_bounding, cap_effective, cap_permitted, cap_inheritable, cap_ambient;
+    const ks_rlimit *_Nullable rlimits;
+    int rlimit_count;
+    int has_oom_score_adj, oom_score_adj;
+    int no_new_privs;
+    const void *_Nullable seccomp_filter;    // struct sock_filter[], exported by libseccomp in the parent
+    unsigned short seccomp_len;
+    uint64_t clone_flags;                    // CLONE_NEW* to create
+    int cgroup_fd;                           // cgroup v2 directory for CLONE_INTO_CGROUP, -1 none
+    const int *_Nullable join_fds;           // namespaces joined with setns (user ns first)
+    const int *_Nullable join_types;
+    int join_count;
+    int setns_pidfd;                         // exec: join these namespaces of that process, -1 none
+    int setns_pidfd_flags;
+    const char *_Nullable rootfs;            // set up a root filesystem and pivot into it
+    int rootfs_readonly;
+    unsigned long rootfs_propagation;
+    int no_pivot;
+    int setup_dev;                           // /dev symlinks (fd, stdin, ptmx, ...) after the devices
+    const ks_mount_op *_Nullable mounts;
+    int mount_count;
+    const ks_device *_Nullable devices;
+    int device_count;
+    const char *_Nullable const *_Nullable masked;
+    int masked_count;
+    const char *_Nullable const *_Nullable readonly;
+    int readonly_count;
+    const ks_sysctl *_Nullable sysctls;
+    int sysctl_count;
+    const char *_Nullable hostname;
+    const char *_Nullable domainname;
+    int sync_fd;                             // child's end of the sync socket
+    int wait_for_start;                      // report ready, then wait for 'S' before exec
+} ks_container_attr;
+
+/// What the child writes on its sync socket: ready (kind 0) or an error (kind 1)
+/// naming the step, e.g. `mount proc on /proc`, with its errno. End of file after
+/// 'S' means the exec succeeded.
+typedef struct ks_child_report {
+    int32_t kind;
+    int32_t err;
+    char what[248];
+} ks_child_report;
+
+/// clone3(CLONE_PIDFD | clone_flags) a container child running `attr`. The child first
+/// waits for one byte 'G' on its sync socket (the parent moves it into cgroups and
+/// writes its id maps meanwhile). Returns 0 with *pid/*pidfd or -errno.
+int ks_container_clone(const ks_container_attr *attr, pid_t *pid, int *pidfd);
+
+int ks_setns(int fd, int nstype);
+int ks_mount(const char *_Nullable source, const char *target, const char *_Nullable fstype,
+             unsigned long flags, const char *_Nullable data);
+int ks_umount(const char *target, int flags);
+/// openat2(dirfd, path, flags, RESOLVE_* `resolve`): fd or -errno.
+int ks_openat2(int dirfd, const char *path, int flags, uint64_t resolve);
+/// Builds a seccomp filter and exports it as BPF into a memfd; returns the fd or -errno.
+/// `default_action`/`actions` are SCMP_ACT_* values; each rule has up to 6 argument
+/// comparisons (arg index, op SCMP_CMP_*, value, value2).
+typedef struct ks_seccomp_arg { unsigned index; int op; uint64_t value, value2; } ks_seccomp_arg;
+typedef struct ks_seccomp_rule {
+    const char *name;
+    uint32_t action;
+    const ks_seccomp_arg *_Nullable args;
+    int arg_count;
+} ks_seccomp_rule;
+int ks_seccomp_export(uint32_t default_action, const uint32_t *_Nullable arches, int arch_count,
+                      const ks_seccomp_rule *_Nullable rules, int rule_count, char *errbuf, size_t errlen);
+int ks_memfd(const char *name);
+
 // ---- sockets and terminals ------------------------------------------------------
 /// A vsock address family socket bound or connected to (cid, port).
 int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);

@@ -51,6 +51,9 @@ public final class Connection {
     private var corked = false
     private var writeClosed = false
 
+    /// Never read (a FIFO opened to write into, a pipe's write end): only writes flow.
+    public var isWriteOnly = false
+
     public var onRead: ((Connection, UnsafeRawBufferPointer) -> Void)?
     /// The peer will send no more. Default: close once everything queued is written.
     public var onReadEOF: ((Connection) -> Void)?
@@ -80,7 +83,7 @@ public final class Connection {
 
     private var wantedInterest: Interest {
         var i: Interest = []
-        if state == .open && !pausedByUser && !pausedByPressure { i.insert(.readable) }
+        if state == .open && !pausedByUser && !pausedByPressure && !isWriteOnly { i.insert(.readable) }
         if queuedBytes > 0 { i.insert(.writable) }
         return i
     }
@@ -103,7 +106,7 @@ public final class Connection {
             flush()
             if state == .closed { return }
         }
-        let reading = state == .open && !pausedByUser && !pausedByPressure
+        let reading = state == .open && !pausedByUser && !pausedByPressure && !isWriteOnly
         if reading && events.wantsRead {
             readLoop()
             return

@@ -1,0 +1,547 @@
+// The container child: what runs between clone3 and execve for a container's init or
+// an exec into it. It runs on a copy of the daemon's memory (no CLONE_VM), so it may
+// read the attr the parent prepared, but it calls only async-signal-safe functions:
+// no malloc, no stdio, no locks (another thread of the parent may have held one).
+#include "CShims.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/openat2.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <limits.h>
+#include <unistd.h>
+
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_RAISE 2
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+int ks_setns(int fd, int nstype) { return setns(fd, nstype) < 0 ? -errno : 0; }
+
+int ks_mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data) {
+    return mount(source, target, fstype, flags, data) < 0 ? -errno : 0;
+}
+
+int ks_umount(const char *target, int flags) { return umount2(target, flags) < 0 ? -errno : 0; }
+
+int ks_openat2(int dirfd, const char *path, int flags, uint64_t resolve) {
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)flags | O_CLOEXEC;
+    how.resolve = resolve;
+    long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int ks_memfd(const char *name) {
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+// ---- seccomp (parent side: libseccomp allocates, so it never runs in the child) ----
+
+int ks_seccomp_export(uint32_t default_action, const uint32_t *arches, int arch_count,
+                      const ks_seccomp_rule *rules, int rule_count, char *errbuf, size_t errlen) {
+    errbuf[0] = 0;
+    scmp_filter_ctx ctx = seccomp_init(default_action);
+    if (!ctx) return -EINVAL;
+    int rc = 0;
+    for (int i = 0; i < arch_count && rc == 0; i++) {
+        rc = seccomp_arch_add(ctx, arches[i]);
+        if (rc == -EEXIST) rc = 0;  // the native arch is already in
+    }
+    // A filter that only blocks must not stop the runtime's own last steps.
+    for (int i = 0; i < rule_count && rc == 0; i++) {
+        int nr = seccomp_syscall_resolve_name(rules[i].name);
+        if (nr == __NR_SCMP_ERROR) continue;  // unknown on this arch/kernel: runc skips it too
+        if (rules[i].action == default_action) continue;
+        struct scmp_arg_cmp cmp[6];
+        int n = rules[i].arg_count > 6 ? 6 : rules[i].arg_count;
+        for (int a = 0; a < n; a++) {
+            cmp[a].arg = rules[i].args[a].index;
+            cmp[a].op = (enum scmp_compare)rules[i].args[a].op;
+            cmp[a].datum_a = rules[i].args[a].value;
+            cmp[a].datum_b = rules[i].args[a].value2;
+        }
+        rc = seccomp_rule_add_array(ctx, rules[i].action, nr, (unsigned)n, n ? cmp : NULL);
+        if (rc < 0) {
+            size_t k = 0;
+            for (const char *p = rules[i].name; *p && k + 1 < errlen; p++) errbuf[k++] = *p;
+            errbuf[k] = 0;
+        }
+    }
+    int fd = -1;
+    if (rc == 0) {
+        fd = memfd_create("seccomp", MFD_CLOEXEC);
+        if (fd < 0) rc = -errno;
+        else rc = seccomp_export_bpf(ctx, fd);
+    }
+    seccomp_release(ctx);
+    if (rc < 0) {
+        if (fd >= 0) close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+// ---- the child ---------------------------------------------------------------------
+
+struct report_buf { ks_child_report r; size_t len; };
+
+static void put(struct report_buf *b, const char *s) {
+    while (s && *s && b->len + 1 < sizeof b->r.what) b->r.what[b->len++] = *s++;
+    b->r.what[b->len] = 0;
+}
+
+__attribute__((noreturn))
+static void fail(int sync_fd, const char *step, const char *_Nullable subject, int err) {
+    struct report_buf b;
+    memset(&b, 0, sizeof b);
+    b.r.kind = 1;
+    b.r.err = err;
+    put(&b, step);
+    if (subject) { put(&b, " "); put(&b, subject); }
+    ssize_t w;
+    do { w = write(sync_fd, &b.r, sizeof b.r); } while (w < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static int join_path(char *out, size_t cap, const char *a, const char *b) {
+    size_t k = 0;
+    for (; a && *a; a++) { if (k + 1 >= cap) return -1; out[k++] = *a; }
+    for (; b && *b; b++) { if (k + 1 >= cap) return -1; out[k++] = *b; }
+    out[k] = 0;
+    return 0;
+}
+
+static const uint64_t IN_ROOT = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+
+// Opens `path` inside the root `rootfd` as O_PATH, creating what is missing: every
+// directory, and the last component as a file when `last_is_file`. Each step resolves
+// from the root again, so no symlink (absolute or "..") can lead outside it.
+static int open_in_root(int rootfd, const char *path, int create, int last_is_file) {
+    char prefix[PATH_MAX];
+    size_t plen = 0;
+    const char *p = path;
+    int fd = -1;
+    while (*p == '/') p++;
+    if (!*p) return ks_openat2(rootfd, ".", O_PATH, IN_ROOT);
+    while (*p) {
+        const char *start = p;
+        while (*p && *p != '/') p++;
+        size_t clen = (size_t)(p - start);
+        while (*p == '/') p++;
+        int last = *p == 0;
+        if (plen + clen + 2 >= sizeof prefix) return -ENAMETOOLONG;
+        size_t parent_len = plen;
+        prefix[plen++] = '/';
+        memcpy(prefix + plen, start, clen);
+        plen += clen;
+        prefix[plen] = 0;
+        if (fd >= 0) close(fd);
+        fd = ks_openat2(rootfd, prefix, O_PATH, IN_ROOT);
+        if (fd == -ENOENT && create) {
+            prefix[parent_len] = 0;
+            int parent = ks_openat2(rootfd, parent_len ? prefix : ".", O_PATH | O_DIRECTORY, IN_ROOT);
+            prefix[parent_len] = '/';
+            if (parent < 0) return parent;
+            char name[NAME_MAX + 1];
+            if (clen > NAME_MAX) { close(parent); return -ENAMETOOLONG; }
+            memcpy(name, start, clen);
+            name[clen] = 0;
+            // O_PATH parents cannot create: reopen them as real directories.
+            int dir = openat(parent, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            close(parent);
+            if (dir < 0) return -errno;
+            int rc;
+            if (last && last_is_file) {
+                rc = openat(dir, name, O_CREAT | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
+                if (rc >= 0) close(rc);
+            } else {
+                rc = mkdirat(dir, name, 0755);
+            }
+            int e = errno;
+            close(dir);
+            if (rc < 0 && e != EEXIST) return -e;
+            fd = ks_openat2(rootfd, prefix, O_PATH, IN_ROOT);
+        }
+        if (fd < 0) return fd;
+    }
+    return fd;
+}
+
+static void fd_path(char *out, int fd) {
+    char num[16];
+    int k = 0;
+    unsigned v = (unsigned)fd;
+    char tmp[16];
+    do { tmp[k++] = (char)('0' + v % 10); v /= 10; } while (v);
+    for (int i = 0; i < k; i++) num[i] = tmp[k - 1 - i];
+    num[k] = 0;
+    join_path(out, 64, "/proc/self/fd/", num);
+}
+
+static void do_mount(const ks_container_attr *a, int sync_fd, int rootfd, const ks_mount_op *m) {
+    int is_bind = (m->flags & MS_BIND) != 0;
+    int fd = open_in_root(rootfd, m->target, 1, m->target_is_file);
+    if (fd < 0) fail(sync_fd, "create mount point", m->target, -fd);
+    char where[64];
+    fd_path(where, fd);
+    if (mount(m->source, where, m->fstype, m->flags, m->data) < 0) {
+        int e = errno;
+        // sysfs cannot be mounted without owning the network namespace: bind the host's
+        // read-only instead, as runc does for rootless containers.
+        if (m->fstype && strcmp(m->fstype, "sysfs") == 0 && (e == EPERM || e == EBUSY)) {
+            if (mount("/sys", where, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "mount sysfs on", m->target, errno);
+        } else {
+            fail(sync_fd, "mount on", m->target, e);
+        }
+    }
+    close(fd);
+    if ((is_bind && m->remount_flags) || m->propagation) {
+        // The new mount sits on top of the dentry `fd` pointed at: reopen to reach it.
+        fd = open_in_root(rootfd, m->target, 0, 0);
+        if (fd < 0) fail(sync_fd, "reopen mount", m->target, -fd);
+        fd_path(where, fd);
+        if (is_bind && m->remount_flags &&
+            mount(NULL, where, NULL, MS_BIND | MS_REMOUNT | m->remount_flags, NULL) < 0)
+            fail(sync_fd, "remount", m->target, errno);
+        if (m->propagation && mount(NULL, where, NULL, m->propagation, NULL) < 0)
+            fail(sync_fd, "set propagation of", m->target, errno);
+        close(fd);
+    }
+    (void)a;
+}
+
+static void make_device(int sync_fd, int rootfd, const ks_device *d) {
+    // Parent directory inside the root, then mknod by name under it.
+    char parent[PATH_MAX];
+    const char *slash = strrchr(d->path, '/');
+    size_t plen = slash ? (size_t)(slash - d->path) : 0;
+    if (plen >= sizeof parent) fail(sync_fd, "device path too long", d->path, ENAMETOOLONG);
+    memcpy(parent, d->path, plen);
+    parent[plen] = 0;
+    int pfd = open_in_root(rootfd, plen ? parent : "/", 1, 0);
+    if (pfd < 0) fail(sync_fd, "create device directory for", d->path, -pfd);
+    int dir = openat(pfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    close(pfd);
+    if (dir < 0) fail(sync_fd, "open device directory for", d->path, errno);
+    const char *name = slash ? slash + 1 : d->path;
+    if (mknodat(dir, name, d->mode, makedev(d->major, d->minor)) < 0) {
+        int e = errno;
+        if (e == EEXIST) { close(dir); return; }
+        if (e != EPERM) fail(sync_fd, "mknod", d->path, e);
+        // In a user namespace mknod is refused: bind the host's device node instead.
+        int f = openat(dir, name, O_CREAT | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0666);
+        if (f < 0) fail(sync_fd, "create device file", d->path, errno);
+        close(f);
+        int t = open_in_root(rootfd, d->path, 0, 0);
+        if (t < 0) fail(sync_fd, "open device file", d->path, -t);
+        char where[64];
+        fd_path(where, t);
+        if (mount(d->path, where, NULL, MS_BIND, NULL) < 0) fail(sync_fd, "bind device", d->path, errno);
+        close(t);
+    } else {
+        fchownat(dir, name, d->uid, d->gid, AT_SYMLINK_NOFOLLOW);
+        fchmodat(dir, name, d->mode & 07777, 0);
+    }
+    close(dir);
+}
+
+static void dev_symlinks(int rootfd) {
+    static const char *const links[][2] = {
+        {"/proc/self/fd", "dev/fd"}, {"/proc/self/fd/0", "dev/stdin"}, {"/proc/self/fd/1", "dev/stdout"},
+        {"/proc/self/fd/2", "dev/stderr"}, {"/proc/kcore", "dev/core"}, {"pts/ptmx", "dev/ptmx"},
+    };
+    int dev = ks_openat2(rootfd, "/dev", O_RDONLY | O_DIRECTORY, IN_ROOT);
+    if (dev < 0) return;
+    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
+        symlinkat(links[i][0], dev, links[i][1] + 4);  // an existing entry is kept
+    }
+    close(dev);
+}
+
+static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
+    unsigned long prop = a->rootfs_propagation ? a->rootfs_propagation : (MS_SLAVE | MS_REC);
+    if (mount(NULL, "/", NULL, prop, NULL) < 0) fail(sync_fd, "set propagation of /", NULL, errno);
+    // pivot_root needs the new root to be a mount point.
+    if (mount(a->rootfs, a->rootfs, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "bind rootfs", a->rootfs, errno);
+    int rootfd = open(a->rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) fail(sync_fd, "open rootfs", a->rootfs, errno);
+    for (int i = 0; i < a->mount_count; i++) do_mount(a, sync_fd, rootfd, &a->mounts[i]);
+    for (int i = 0; i < a->device_count; i++) make_device(sync_fd, rootfd, &a->devices[i]);
+    if (a->setup_dev) dev_symlinks(rootfd);
+    close(rootfd);
+
+    if (a->no_pivot) {
+        if (chdir(a->rootfs) < 0) fail(sync_fd, "chdir", a->rootfs, errno);
+        if (mount(a->rootfs, "/", NULL, MS_MOVE, NULL) < 0) fail(sync_fd, "move rootfs to /", NULL, errno);
+        if (chroot(".") < 0) fail(sync_fd, "chroot", a->rootfs, errno);
+    } else {
+        int oldroot = open("/", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
+        int newroot = open(a->rootfs, O_DIRECTORY | O_RDONLY | O_CLOEXEC);
+        if (oldroot < 0 || newroot < 0) fail(sync_fd, "open roots for pivot_root", a->rootfs, errno);
+        if (fchdir(newroot) < 0) fail(sync_fd, "chdir", a->rootfs, errno);
+        if (syscall(SYS_pivot_root, ".", ".") < 0) {
+            int e = errno;
+            // A root on ramfs/initramfs cannot be pivoted: move it over / and chroot,
+            // as the OCI spec allows.
+            if (e != EINVAL) fail(sync_fd, "pivot_root", a->rootfs, e);
+            if (mount(a->rootfs, "/", NULL, MS_MOVE, NULL) < 0) fail(sync_fd, "move rootfs to /", NULL, errno);
+            if (chroot(".") < 0) fail(sync_fd, "chroot", a->rootfs, errno);
+        } else {
+            // The old root is stacked under the new one at "/": detach it.
+            if (fchdir(oldroot) < 0) fail(sync_fd, "chdir to old root", NULL, errno);
+            if (mount(NULL, ".", NULL, MS_SLAVE | MS_REC, NULL) < 0) fail(sync_fd, "make old root slave", NULL, errno);
+            if (umount2(".", MNT_DETACH) < 0) fail(sync_fd, "detach old root", NULL, errno);
+        }
+        close(oldroot);
+        close(newroot);
+    }
+    if (chdir("/") < 0) fail(sync_fd, "chdir /", NULL, errno);
+
+    for (int i = 0; i < a->masked_count; i++) {
+        const char *p = a->masked[i];
+        struct stat st;
+        if (lstat(p, &st) < 0) continue;  // absent paths need no masking
+        int rc = S_ISDIR(st.st_mode) ? mount("tmpfs", p, "tmpfs", MS_RDONLY, NULL)
+                                     : mount("/dev/null", p, NULL, MS_BIND, NULL);
+        if (rc < 0) fail(sync_fd, "mask", p, errno);
+    }
+    for (int i = 0; i < a->readonly_count; i++) {
+        const char *p = a->readonly[i];
+        if (mount(p, p, NULL, MS_BIND | MS_REC, NULL) < 0) {
+            if (errno == ENOENT) continue;
+            fail(sync_fd, "bind read-only path", p, errno);
+        }
+        if (mount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0 &&
+            mount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC, NULL) < 0)
+            fail(sync_fd, "remount read-only", p, errno);
+    }
+    if (a->rootfs_readonly && mount(NULL, "/", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
+        fail(sync_fd, "remount / read-only", NULL, errno);
+}
+
+static void write_file(int sync_fd, const char *path, const char *value, const char *step) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) fail(sync_fd, step, path, errno);
+    size_t n = strlen(value);
+    if (write(fd, value, n) != (ssize_t)n) fail(sync_fd, step, path, errno);
+    close(fd);
+}
+
+static void set_capabilities(const ks_container_attr *a, int sync_fd) {
+    struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    data[0].effective = (uint32_t)a->cap_effective;
+    data[1].effective = (uint32_t)(a->cap_effective >> 32);
+    data[0].permitted = (uint32_t)a->cap_permitted;
+    data[1].permitted = (uint32_t)(a->cap_permitted >> 32);
+    data[0].inheritable = (uint32_t)a->cap_inheritable;
+    data[1].inheritable = (uint32_t)(a->cap_inheritable >> 32);
+    if (syscall(SYS_capset, &hdr, data) < 0) fail(sync_fd, "capset", NULL, errno);
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    for (int c = 0; c < 64; c++)
+        if (a->cap_ambient & (1ULL << c)) prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0);
+}
+
+static void load_seccomp(const ks_container_attr *a, int sync_fd) {
+    struct sock_fprog prog = { .len = a->seccomp_len, .filter = (struct sock_filter *)a->seccomp_filter };
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) fail(sync_fd, "load seccomp filter", NULL, errno);
+}
+
+// execvpe with the container's PATH (from envp), after pivot_root.
+static void exec_in_container(const ks_container_attr *a, int sync_fd) {
+    if (strchr(a->path, '/')) {
+        execve(a->path, (char *const *)a->argv, (char *const *)a->envp);
+        fail(sync_fd, "exec", a->path, errno);
+    }
+    const char *pathvar = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char *const *e = a->envp; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0) { pathvar = *e + 5; break; }
+    int last_err = ENOENT;
+    const char *p = pathvar;
+    while (1) {
+        const char *end = strchr(p, ':');
+        size_t dlen = end ? (size_t)(end - p) : strlen(p);
+        char full[PATH_MAX];
+        if (dlen + strlen(a->path) + 2 < sizeof full) {
+            memcpy(full, p, dlen);
+            full[dlen] = '/';
+            strcpy(full + dlen + 1, a->path);
+            execve(full, (char *const *)a->argv, (char *const *)a->envp);
+            if (errno != ENOENT && errno != ENOTDIR) last_err = errno;
+        }
+        if (!end) break;
+        p = end + 1;
+    }
+    fail(sync_fd, "exec", a->path, last_err);
+}
+
+__attribute__((noreturn))
+static void container_child(const ks_container_attr *a) {
+    int sync_fd = a->sync_fd;
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < _NSIG; s++)
+        if (s != SIGKILL && s != SIGSTOP) sigaction(s, &dfl, NULL);
+    // Die with the daemon while still being set up (cleared before exec).
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    // The parent's socket pair is non-blocking; this end waits.
+    int fl = fcntl(sync_fd, F_GETFL);
+    if (fl >= 0) fcntl(sync_fd, F_SETFL, fl & ~O_NONBLOCK);
+
+    char go = 0;
+    ssize_t n;
+    do { n = read(sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1 || go != 'G') _exit(0);  // the parent gave up on us
+
+    if (a->setns_pidfd >= 0 && setns(a->setns_pidfd, a->setns_pidfd_flags) < 0)
+        fail(sync_fd, "join the container's namespaces", NULL, errno);
+    for (int i = 0; i < a->join_count; i++)
+        if (setns(a->join_fds[i], a->join_types[i]) < 0) fail(sync_fd, "setns", NULL, errno);
+    if ((a->clone_flags & CLONE_NEWUSER) && (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0))
+        fail(sync_fd, "become root in the user namespace", NULL, errno);
+
+    if (setsid() < 0) fail(sync_fd, "setsid", NULL, errno);
+    if (a->console_fd >= 0 && ioctl(a->console_fd, TIOCSCTTY, 0) < 0) fail(sync_fd, "set controlling terminal", NULL, errno);
+
+    {
+        // Same two-pass fd mapping as ks_spawn; the sync socket is lifted above it.
+        int top = 2;
+        for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to > top) top = a->fds[i].to;
+        int lifted_sync = fcntl(sync_fd, F_DUPFD_CLOEXEC, top + 1);
+        if (lifted_sync < 0) fail(sync_fd, "dup sync socket", NULL, errno);
+        sync_fd = lifted_sync;
+        int lifted[a->fd_count > 0 ? a->fd_count : 1];
+        for (int i = 0; i < a->fd_count; i++) {
+            lifted[i] = fcntl(a->fds[i].from, F_DUPFD_CLOEXEC, top + 1);
+            if (lifted[i] < 0) fail(sync_fd, "dup stdio", NULL, errno);
+        }
+        for (int i = 0; i < a->fd_count; i++)
+            if (dup2(lifted[i], a->fds[i].to) < 0) fail(sync_fd, "dup2 stdio", NULL, errno);
+        for (int fd = 0; fd <= top; fd++) {
+            int keep = 0;
+            for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to == fd) keep = 1;
+            if (!keep) close(fd);
+        }
+        if (ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0) fail(sync_fd, "close_range", NULL, errno);
+    }
+
+    if (a->rootfs) setup_rootfs(a, sync_fd);
+
+    for (int i = 0; i < a->sysctl_count; i++) {
+        char path[PATH_MAX] = "/proc/sys/";
+        size_t k = strlen(path);
+        for (const char *c = a->sysctls[i].key; *c && k + 1 < sizeof path; c++) path[k++] = *c == '.' ? '/' : *c;
+        path[k] = 0;
+        write_file(sync_fd, path, a->sysctls[i].value, "write sysctl");
+    }
+    if (a->hostname && sethostname(a->hostname, strlen(a->hostname)) < 0) fail(sync_fd, "sethostname", a->hostname, errno);
+    if (a->domainname && setdomainname(a->domainname, strlen(a->domainname)) < 0) fail(sync_fd, "setdomainname", a->domainname, errno);
+
+    if (a->has_oom_score_adj) {
+        char v[16];
+        int x = a->oom_score_adj, k = 0, neg = x < 0;
+        unsigned u = neg ? (unsigned)(-x) : (unsigned)x;
+        char tmp[16];
+        do { tmp[k++] = (char)('0' + u % 10); u /= 10; } while (u);
+        int j = 0;
+        if (neg) v[j++] = '-';
+        while (k) v[j++] = tmp[--k];
+        v[j] = 0;
+        write_file(sync_fd, "/proc/self/oom_score_adj", v, "write oom_score_adj");
+    }
+    for (int i = 0; i < a->rlimit_count; i++) {
+        struct rlimit rl = { .rlim_cur = a->rlimits[i].soft, .rlim_max = a->rlimits[i].hard };
+        if (setrlimit(a->rlimits[i].resource, &rl) < 0) fail(sync_fd, "setrlimit", NULL, errno);
+    }
+
+    if (a->seccomp_filter && !a->no_new_privs) load_seccomp(a, sync_fd);
+
+    if (a->has_caps) {
+        for (int c = 0; c < 64; c++) {
+            if (a->cap_bounding & (1ULL << c)) continue;
+            if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno == EINVAL) break;  // past the last cap
+        }
+        prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0);
+    }
+    if (setgroups((size_t)a->gid_count, a->gid_count ? (const gid_t *)a->gids : NULL) < 0 && errno != EPERM)
+        fail(sync_fd, "setgroups", NULL, errno);
+    if (setresgid(a->gid, a->gid, a->gid) < 0) fail(sync_fd, "setgid", NULL, errno);
+    if (setresuid(a->uid, a->uid, a->uid) < 0) fail(sync_fd, "setuid", NULL, errno);
+    if (a->has_caps) {
+        prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
+        set_capabilities(a, sync_fd);
+    }
+    if (a->umask >= 0) umask((mode_t)a->umask);
+    if (a->cwd && chdir(a->cwd) < 0) fail(sync_fd, "chdir", a->cwd, errno);
+    if (a->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail(sync_fd, "set no_new_privs", NULL, errno);
+
+    if (a->wait_for_start) {
+        ks_child_report ready;
+        memset(&ready, 0, sizeof ready);
+        ssize_t w;
+        do { w = write(sync_fd, &ready, sizeof ready); } while (w < 0 && errno == EINTR);
+        char s = 0;
+        do { n = read(sync_fd, &s, 1); } while (n < 0 && errno == EINTR);
+        if (n != 1 || s != 'S') _exit(0);  // deleted before it was started
+    }
+    prctl(PR_SET_PDEATHSIG, 0);
+    if (a->seccomp_filter && a->no_new_privs) load_seccomp(a, sync_fd);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    exec_in_container(a, sync_fd);
+    _exit(127);
+}
+
+int ks_container_clone(const ks_container_attr *a, pid_t *pid, int *pidfd) {
+    int child_pidfd = -1;
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.flags = CLONE_PIDFD | a->clone_flags;
+    args.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
+    args.exit_signal = SIGCHLD;
+    if (a->cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)a->cgroup_fd;
+    }
+    // Signals stay blocked across the clone so no handler of ours runs in the child.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    long rc = syscall(SYS_clone3, &args, sizeof args);
+    if (rc == 0) container_child(a);
+    int e = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc < 0) return -e;
+    *pid = (pid_t)rc;
+    *pidfd = child_pidfd;
+    return 0;
+}

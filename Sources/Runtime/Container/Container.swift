@@ -1,0 +1,446 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+import Logging
+
+/// Wall-clock time of an event (exit, creation), as protobuf Timestamps want it.
+public struct WallTime: Sendable, Equatable, Codable {
+    public var seconds: Int64
+    public var nanos: Int32
+    public static func now() -> WallTime {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return WallTime(seconds: Int64(ts.tv_sec), nanos: Int32(ts.tv_nsec))
+    }
+}
+
+/// An error a container operation reports to its caller, already worded for people.
+public struct ContainerError: Error, CustomStringConvertible, Sendable {
+    public enum Kind: Sendable { case notFound, alreadyExists, invalid, failedPrecondition, failed }
+    public let kind: Kind
+    public let message: String
+    public init(_ kind: Kind, _ message: String) { self.kind = kind; self.message = message }
+    public var description: String { message }
+}
+
+/// The daemon-wide parts every container uses: the reactor, exit supervision, the
+/// cgroup layout and our own pid namespace (to return to after cloning into another).
+public final class ContainerEngine {
+    public let reactor: Reactor
+    public let supervisor: ProcessSupervisor
+    public let cgroups: CgroupHost?
+    public let logger: Logger
+    let selfPidNamespace: Int32
+
+    public init(reactor: Reactor, supervisor: ProcessSupervisor, logger: Logger = Logger(label: "kuasar.container")) throws(SystemError) {
+        self.reactor = reactor
+        self.supervisor = supervisor
+        self.logger = logger
+        cgroups = try? CgroupHost.detect()
+        selfPidNamespace = try sys("open", "/proc/self/ns/pid") { open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC) }
+    }
+
+    deinit { _ = close(selfPidNamespace) }
+}
+
+/// One process of a container — its init or an exec — from clone to reaped exit.
+public final class ContainerProcess {
+    public enum State: Equatable, Sendable {
+        /// Cloned, setting itself up (init) or about to exec.
+        case creating
+        /// Init only: set up and waiting for Start.
+        case created
+        case running
+        case stopped
+    }
+
+    public let execID: String
+    public private(set) var state: State = .creating
+    public private(set) var pid: pid_t = 0
+    public private(set) var exitStatus: ExitStatus?
+    public private(set) var exitedAt: WallTime?
+    public let stdio: StdioPaths
+    public let io: ProcessIO
+    /// The spec of this process (exec: the request's; init: the container's).
+    public let spec: OCISpec.Process
+    var pidfdRaw: Int32 = -1
+    var sync: Connection?
+    private var syncBuffer: [UInt8] = []
+    private var pendingReady: ((Result<pid_t, ContainerError>) -> Void)?
+    private var pendingStart: ((Result<pid_t, ContainerError>) -> Void)?
+    private var waiters: [(ExitStatus, WallTime) -> Void] = []
+    /// Runs once with the exit, after the output is drained (events, state).
+    var onExit: ((ContainerProcess) -> Void)?
+    weak var container: Container?
+
+    init(execID: String, spec: OCISpec.Process, stdio: StdioPaths, io: ProcessIO) {
+        self.execID = execID
+        self.spec = spec
+        self.stdio = stdio
+        self.io = io
+    }
+
+    public var isInit: Bool { execID.isEmpty }
+
+    /// Calls `body` once this process has exited (at once if it already has).
+    public func wait(_ body: @escaping (ExitStatus, WallTime) -> Void) {
+        if let s = exitStatus, let t = exitedAt { body(s, t); return }
+        waiters.append(body)
+    }
+
+    public func signal(_ sig: Int32) throws(ContainerError) {
+        guard state == .running || state == .created || state == .creating, pidfdRaw >= 0 else {
+            throw ContainerError(.notFound, "process \(pid) has already exited")
+        }
+        do { try sendSignal(pidfd: pidfdRaw, sig) } catch {
+            if error.errno == .ESRCH { throw ContainerError(.notFound, "process \(pid) has already exited") }
+            throw ContainerError(.failed, "\(error)")
+        }
+    }
+
+    // MARK: sync socket
+
+    func attach(_ child: consuming LaunchedChild, engine: ContainerEngine) throws(SystemError) {
+        pid = child.pid
+        pidfdRaw = child.pidfd.rawValue
+        let conn = Connection(reactor: engine.reactor, fd: child.sync.take().adopted())
+        sync = conn
+        conn.onRead = { [weak self] _, bytes in
+            self?.syncBuffer.append(contentsOf: bytes)
+            self?.consumeReports()
+        }
+        conn.onReadEOF = { [weak self] c in
+            c.close()
+            self?.syncClosed()
+        }
+        conn.onClose = { [weak self] _, _ in self?.syncClosed() }
+        let process = SpawnedProcess(pid: child.pid, pidfd: child.pidfd.take().adopted())
+        try engine.supervisor.adopt(process) { [weak self] status in self?.exited(status) }
+        try conn.start()
+    }
+
+    func go() {
+        _ = sync?.write([UInt8(ascii: "G")])
+    }
+
+    func whenReady(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) { pendingReady = body }
+
+    func start(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) {
+        pendingStart = body
+        _ = sync?.write([UInt8(ascii: "S")])
+    }
+
+    private static let reportSize = MemoryLayout<ks_child_report>.size
+
+    private func consumeReports() {
+        while syncBuffer.count >= Self.reportSize {
+            let kind = syncBuffer.withUnsafeBytes { $0.load(fromByteOffset: 0, as: Int32.self) }
+            let err = syncBuffer.withUnsafeBytes { $0.load(fromByteOffset: 4, as: Int32.self) }
+            let textBytes = syncBuffer[8..<Self.reportSize].prefix { $0 != 0 }
+            let what = String(decoding: textBytes, as: UTF8.self)
+            syncBuffer.removeFirst(Self.reportSize)
+            if kind == 0 {
+                state = .created
+                let r = pendingReady
+                pendingReady = nil
+                r?(.success(pid))
+            } else {
+                let e = ContainerError(.failed, "\(what): \(Errno(rawValue: err))")
+                failed(e)
+            }
+        }
+    }
+
+    private var failure: ContainerError?
+
+    private func failed(_ e: ContainerError) {
+        failure = e
+        if let r = pendingReady { pendingReady = nil; r(.failure(e)) }
+        if let s = pendingStart { pendingStart = nil; s(.failure(e)) }
+    }
+
+    private func syncClosed() {
+        sync = nil
+        // End of file after 'S' is the exec: the close-on-exec socket went away.
+        if let s = pendingStart, failure == nil {
+            pendingStart = nil
+            state = .running
+            s(.success(pid))
+        }
+        if let r = pendingReady {
+            pendingReady = nil
+            r(.failure(failure ?? ContainerError(.failed, "the container process exited while it was being set up")))
+        }
+    }
+
+    /// Exec children run at once: no 'S' step; EOF on the sync socket means exec'd.
+    func expectExec(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) {
+        pendingStart = body
+    }
+
+    /// Abandons a process that was never started (Delete after Create).
+    func abandon() {
+        sync?.close()
+        sync = nil
+        if pidfdRaw >= 0 { try? sendSignal(pidfd: pidfdRaw, SIGKILL) }
+    }
+
+    private func exited(_ status: ExitStatus) {
+        let wasRunning = state
+        pidfdRaw = -1
+        sync?.close()
+        let at = WallTime.now()
+        // Output first: the exit is reported only once the FIFOs hold everything.
+        io.drain { [self] in
+            exitStatus = status
+            exitedAt = at
+            state = .stopped
+            if wasRunning != .running { failed(failure ?? ContainerError(.failed, "the container process \(status) before it ran")) }
+            let w = waiters
+            waiters.removeAll()
+            for f in w { f(status, at) }
+            onExit?(self)
+            onExit = nil
+        }
+    }
+}
+
+/// A container: its bundle, spec, cgroup, init process and execs.
+public final class Container {
+    public enum State: String, Sendable {
+        case creating, created, running, paused, stopped
+    }
+
+    public let id: String
+    public let bundle: String
+    public let spec: OCISpec
+    public let rootfs: String
+    public let cgroup: Cgroup?
+    public let initProcess: ContainerProcess
+    public private(set) var execs: [String: ContainerProcess] = [:]
+    public private(set) var paused = false
+    /// Mounts the runtime made for this container (containerd's rootfs), unmounted on delete.
+    public var ownedMounts: [String] = []
+    let engine: ContainerEngine
+    /// Namespaces an exec joins (those the container did not share with the host).
+    let execNamespaces: UInt64
+    public var onProcessExit: ((Container, ContainerProcess) -> Void)?
+
+    public var state: State {
+        switch initProcess.state {
+        case .creating: return .creating
+        case .created: return .created
+        case .running: return paused ? .paused : .running
+        case .stopped: return .stopped
+        }
+    }
+
+    init(id: String, bundle: String, spec: OCISpec, rootfs: String, cgroup: Cgroup?, initProcess: ContainerProcess, engine: ContainerEngine) {
+        self.id = id
+        self.bundle = bundle
+        self.spec = spec
+        self.rootfs = rootfs
+        self.cgroup = cgroup
+        self.initProcess = initProcess
+        self.engine = engine
+        var ns: UInt64 = 0
+        for n in spec.linux?.namespaces ?? [] { ns |= NamespaceFlag.flag(n.type) }
+        execNamespaces = ns
+    }
+
+    /// Creates a container from its bundle and spec: cgroup, stdio, the cloned init set
+    /// up and waiting for Start. `done` runs on the loop with the init pid.
+    public static func create(
+        id: String, bundle: String, spec: OCISpec, rootfs: String, stdio: StdioPaths, cgroupPath: String?,
+        engine: ContainerEngine, done: @escaping (Result<Container, ContainerError>) -> Void
+    ) {
+        let container: Container
+        var cleanup: [() -> Void] = []
+        do {
+            try spec.validate()
+            for field in spec.ignoredFields { engine.logger.notice("container \(id): \(field) is not supported here; ignored") }
+            var cgroup: Cgroup?
+            if let host = engine.cgroups, let path = cgroupPath {
+                let cg = try host.create(path)
+                cgroup = cg
+                cleanup.append { try? cg.destroy() }
+                if let r = spec.linux?.resources { try cg.apply(Container.resources(r)) }
+            }
+            let io = try ProcessIO(reactor: engine.reactor, paths: stdio)
+            cleanup.append { io.close() }
+            let process = ContainerProcess(execID: "", spec: spec.process!, stdio: stdio, io: io)
+            container = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
+            process.container = container
+            let child = try ContainerLauncher.launch(
+                spec: spec, process: spec.process!, target: .initProcess(rootfs: rootfs), bundle: bundle,
+                stdio: io.stdioMap, console: io.consoleSlave, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace)
+            let pid = child.pid
+            // From here the child exists: a failure kills it (it has not run anything yet).
+            try process.attach(child, engine: engine)
+            cleanup.insert({ process.abandon() }, at: 0)
+            try io.start()
+            if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
+            if spec.linux?.namespaces?.contains(where: { $0.type == "user" && $0.path == nil }) == true {
+                try writeIDMaps(pid: pid, spec: spec)
+            }
+            process.onExit = { [weak container] p in
+                guard let container else { return }
+                container.onProcessExit?(container, p)
+            }
+        } catch let e as SpecError {
+            for f in cleanup { f() }
+            done(.failure(ContainerError(.invalid, e.description)))
+            return
+        } catch {
+            for f in cleanup { f() }
+            done(.failure(ContainerError(.failed, "create \(id): \(error)")))
+            return
+        }
+        container.initProcess.whenReady { result in
+            switch result {
+            case .success: done(.success(container))
+            case .failure(let e):
+                container.initProcess.io.close()
+                container.destroyCgroup()
+                done(.failure(ContainerError(e.kind, "create \(id): \(e.message)")))
+            }
+        }
+        container.initProcess.go()
+    }
+
+    static func writeIDMaps(pid: pid_t, spec: OCISpec) throws(SystemError) {
+        func lines(_ m: [OCISpec.IDMapping]?) -> String {
+            (m ?? []).map { "\($0.containerID) \($0.hostID) \($0.size)\n" }.joined()
+        }
+        try Files.write("/proc/\(pid)/setgroups", "deny")
+        try Files.write("/proc/\(pid)/uid_map", lines(spec.linux?.uidMappings))
+        try Files.write("/proc/\(pid)/gid_map", lines(spec.linux?.gidMappings))
+    }
+
+    public static func resources(_ r: OCISpec.Resources) -> CgroupResources {
+        var out = CgroupResources()
+        out.memoryLimit = r.memory?.limit
+        out.memoryReservation = r.memory?.reservation
+        out.memorySwap = r.memory?.swap
+        out.cpuShares = r.cpu?.shares
+        out.cpuQuota = r.cpu?.quota
+        out.cpuPeriod = r.cpu?.period
+        out.cpus = r.cpu?.cpus.flatMap { $0.isEmpty ? nil : $0 }
+        out.mems = r.cpu?.mems.flatMap { $0.isEmpty ? nil : $0 }
+        out.pidsLimit = r.pids?.limit
+        out.blkioWeight = r.blockIO?.weight
+        out.unified = r.unified ?? [:]
+        return out
+    }
+
+    /// Start: the init execs the user's program.
+    public func start(_ done: @escaping (Result<pid_t, ContainerError>) -> Void) {
+        guard initProcess.state == .created else {
+            done(.failure(ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not created")))
+            return
+        }
+        initProcess.start(done)
+    }
+
+    /// Exec: a new process in the running container's namespaces and cgroup.
+    public func exec(id execID: String, process: OCISpec.Process, stdio: StdioPaths) throws(ContainerError) -> ContainerProcess {
+        guard state == .running || state == .paused else {
+            throw ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue): exec needs it running")
+        }
+        guard execs[execID] == nil else { throw ContainerError(.alreadyExists, "exec \(execID) already exists in \(id)") }
+        do { try OCISpec.validate(process: process, field: "exec spec") } catch { throw ContainerError(.invalid, error.description) }
+        let io: ProcessIO
+        do { io = try ProcessIO(reactor: engine.reactor, paths: stdio) } catch {
+            throw ContainerError(.failed, "exec \(execID): \(error)")
+        }
+        let p = ContainerProcess(execID: execID, spec: process, stdio: stdio, io: io)
+        p.container = self
+        execs[execID] = p
+        return p
+    }
+
+    /// Starts an exec added with `exec`.
+    public func startExec(_ p: ContainerProcess, _ done: @escaping (Result<pid_t, ContainerError>) -> Void) {
+        guard p.state == .creating, p.pid == 0 else {
+            done(.failure(ContainerError(.failedPrecondition, "exec \(p.execID) was already started")))
+            return
+        }
+        guard initProcess.state == .running, initProcess.pidfdRaw >= 0 else {
+            done(.failure(ContainerError(.failedPrecondition, "container \(id) is not running")))
+            return
+        }
+        do {
+            let child = try ContainerLauncher.launch(
+                spec: spec, process: p.spec, target: .exec(pidfd: initProcess.pidfdRaw, namespaces: execNamespaces & ~NamespaceFlag.user),
+                bundle: bundle, stdio: p.io.stdioMap, console: p.io.consoleSlave, cgroup: cgroup,
+                selfPidNamespace: engine.selfPidNamespace)
+            let pid = child.pid
+            try p.attach(child, engine: engine)
+            try p.io.start()
+            if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
+            p.onExit = { [weak self] proc in
+                guard let self else { return }
+                self.onProcessExit?(self, proc)
+            }
+            p.expectExec(done)
+            p.go()
+        } catch {
+            done(.failure(ContainerError(.failed, "exec \(p.execID) in \(id): \(error)")))
+        }
+    }
+
+    public func removeExec(_ execID: String) -> ContainerProcess? {
+        execs.removeValue(forKey: execID)
+    }
+
+    /// Signals the init, or with `all` every process in the container's cgroup.
+    public func kill(signal: Int32, all: Bool) throws(ContainerError) {
+        if all, let cgroup {
+            for pid in cgroup.processes() { Glibc.kill(pid, signal) }
+            return
+        }
+        try initProcess.signal(signal)
+    }
+
+    public func pause() throws(ContainerError) {
+        guard state == .running else { throw ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not running") }
+        guard let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) has no cgroup to freeze") }
+        do { try cgroup.freeze() } catch { throw ContainerError(.failed, "pause \(id): \(error)") }
+        paused = true
+    }
+
+    public func resume() throws(ContainerError) {
+        guard state == .paused, let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not paused") }
+        do { try cgroup.thaw() } catch { throw ContainerError(.failed, "resume \(id): \(error)") }
+        paused = false
+    }
+
+    public func update(_ r: OCISpec.Resources) throws(ContainerError) {
+        guard let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) has no cgroup") }
+        do { try cgroup.apply(Container.resources(r)) } catch { throw ContainerError(.failed, "update \(id): \(error)") }
+    }
+
+    /// Pids in the container (its cgroup; the init alone without one).
+    public func pids() -> [pid_t] {
+        if let cgroup { return cgroup.processes() }
+        return initProcess.state == .running ? [initProcess.pid] : []
+    }
+
+    /// Releases what the container holds once its processes are gone: never-started
+    /// processes are killed, stdio closed, cgroup removed, owned mounts unmounted.
+    public func destroy() {
+        if initProcess.state == .creating || initProcess.state == .created { initProcess.abandon() }
+        for p in execs.values where p.state != .stopped { p.abandon() }
+        if paused, let cgroup { try? cgroup.thaw() }
+        destroyCgroup()
+        for m in ownedMounts.reversed() { Mounts.unmountAll(under: m) }
+        ownedMounts.removeAll()
+    }
+
+    func destroyCgroup() {
+        guard let cgroup else { return }
+        for pid in cgroup.processes() { Glibc.kill(pid, SIGKILL) }
+        do { try cgroup.destroy() } catch { engine.logger.warning("container \(id): \(error)") }
+    }
+}

@@ -1,0 +1,426 @@
+import Foundation
+
+/// The OCI runtime spec (config.json, 1.0–1.2): the fields this runtime acts on. Fields
+/// it cannot honour on this host (AppArmor, SELinux, Intel RDT, ...) are decoded so they
+/// can be reported once, then ignored, as runc does when the host lacks them.
+public struct OCISpec: Codable, Sendable {
+    public var ociVersion: String
+    public var process: Process?
+    public var root: Root?
+    public var hostname: String?
+    public var domainname: String?
+    public var mounts: [Mount]?
+    public var hooks: Hooks?
+    public var annotations: [String: String]?
+    public var linux: Linux?
+
+    public struct Process: Codable, Sendable {
+        public var terminal: Bool?
+        public var consoleSize: ConsoleSize?
+        public var user: User
+        public var args: [String]?
+        public var env: [String]?
+        public var cwd: String
+        public var capabilities: Capabilities?
+        public var rlimits: [Rlimit]?
+        public var noNewPrivileges: Bool?
+        public var apparmorProfile: String?
+        public var oomScoreAdj: Int?
+        public var selinuxLabel: String?
+        public init(args: [String], env: [String] = [], cwd: String = "/", user: User = User(uid: 0, gid: 0)) {
+            self.args = args
+            self.env = env
+            self.cwd = cwd
+            self.user = user
+        }
+    }
+    public struct ConsoleSize: Codable, Sendable { public var height: UInt32; public var width: UInt32 }
+    public struct User: Codable, Sendable {
+        public var uid: UInt32
+        public var gid: UInt32
+        public var umask: UInt32?
+        public var additionalGids: [UInt32]?
+        public init(uid: UInt32, gid: UInt32) { self.uid = uid; self.gid = gid }
+    }
+    public struct Capabilities: Codable, Sendable {
+        public var bounding, effective, inheritable, permitted, ambient: [String]?
+    }
+    public struct Rlimit: Codable, Sendable {
+        public var type: String
+        public var hard: UInt64
+        public var soft: UInt64
+    }
+    public struct Root: Codable, Sendable {
+        public var path: String
+        public var readonly: Bool?
+    }
+    public struct Mount: Codable, Sendable {
+        public var destination: String
+        public var type: String?
+        public var source: String?
+        public var options: [String]?
+        public init(destination: String, type: String?, source: String?, options: [String]?) {
+            self.destination = destination; self.type = type; self.source = source; self.options = options
+        }
+    }
+    public struct Hook: Codable, Sendable {
+        public var path: String
+        public var args: [String]?
+        public var env: [String]?
+        public var timeout: Int?
+    }
+    public struct Hooks: Codable, Sendable {
+        public var prestart, createRuntime, createContainer, startContainer, poststart, poststop: [Hook]?
+    }
+    public struct IDMapping: Codable, Sendable {
+        public var containerID: UInt32
+        public var hostID: UInt32
+        public var size: UInt32
+    }
+    public struct Namespace: Codable, Sendable {
+        public var type: String
+        public var path: String?
+        public init(type: String, path: String? = nil) { self.type = type; self.path = path }
+    }
+    public struct Device: Codable, Sendable {
+        public var type: String
+        public var path: String
+        public var major: Int64?
+        public var minor: Int64?
+        public var fileMode: UInt32?
+        public var uid: UInt32?
+        public var gid: UInt32?
+    }
+    public struct Linux: Codable, Sendable {
+        public var uidMappings: [IDMapping]?
+        public var gidMappings: [IDMapping]?
+        public var sysctl: [String: String]?
+        public var resources: Resources?
+        public var cgroupsPath: String?
+        public var namespaces: [Namespace]?
+        public var devices: [Device]?
+        public var seccomp: Seccomp?
+        public var rootfsPropagation: String?
+        public var maskedPaths: [String]?
+        public var readonlyPaths: [String]?
+        public var mountLabel: String?
+        public var intelRdt: IgnoredField?
+        public var personality: IgnoredField?
+    }
+    public struct Resources: Codable, Sendable {
+        public var memory: Memory?
+        public var cpu: CPU?
+        public var pids: Pids?
+        public var blockIO: BlockIO?
+        public var devices: [DeviceRule]?
+        public var hugepageLimits: IgnoredField?
+        public var network: IgnoredField?
+        public var rdma: IgnoredField?
+        public var unified: [String: String]?
+        public init() {}
+    }
+    public struct DeviceRule: Codable, Sendable {
+        public var allow: Bool
+        public var type: String?
+        public var major: Int64?
+        public var minor: Int64?
+        public var access: String?
+    }
+    public struct Memory: Codable, Sendable {
+        public var limit: Int64?
+        public var reservation: Int64?
+        public var swap: Int64?
+        public var kernel: Int64?
+        public var kernelTCP: Int64?
+        public var swappiness: UInt64?
+        public var disableOOMKiller: Bool?
+    }
+    public struct CPU: Codable, Sendable {
+        public var shares: UInt64?
+        public var quota: Int64?
+        public var period: UInt64?
+        public var realtimeRuntime: Int64?
+        public var realtimePeriod: UInt64?
+        public var cpus: String?
+        public var mems: String?
+    }
+    public struct Pids: Codable, Sendable { public var limit: Int64 }
+    public struct BlockIO: Codable, Sendable { public var weight: UInt16? }
+    public struct Seccomp: Codable, Sendable {
+        public var defaultAction: String
+        public var defaultErrnoRet: UInt32?
+        public var architectures: [String]?
+        public var flags: [String]?
+        public var listenerPath: String?
+        public var syscalls: [Syscall]?
+    }
+    public struct Syscall: Codable, Sendable {
+        public var names: [String]
+        public var action: String
+        public var errnoRet: UInt32?
+        public var args: [SyscallArg]?
+    }
+    public struct SyscallArg: Codable, Sendable {
+        public var index: UInt32
+        public var value: UInt64
+        public var valueTwo: UInt64?
+        public var op: String
+    }
+    /// A field we decode only to notice that it is there.
+    public struct IgnoredField: Codable, Sendable {
+        public init(from decoder: Decoder) throws {}
+        public func encode(to encoder: Encoder) throws {}
+    }
+}
+
+/// An invalid spec, naming the field: `linux.namespaces[1].type: unknown namespace "foo"`.
+public struct SpecError: Error, CustomStringConvertible, Sendable {
+    public let field: String
+    public let problem: String
+    public init(_ field: String, _ problem: String) { self.field = field; self.problem = problem }
+    public var description: String { "invalid OCI spec: \(field): \(problem)" }
+}
+
+extension OCISpec {
+    /// Decodes config.json; a JSON or type error names the path of the bad field.
+    public static func decode(_ data: [UInt8]) throws(SpecError) -> OCISpec {
+        do {
+            return try JSONDecoder().decode(OCISpec.self, from: Data(data))
+        } catch let DecodingError.keyNotFound(key, ctx) {
+            throw SpecError(Self.path(ctx.codingPath + [key]), "required field is missing")
+        } catch let DecodingError.typeMismatch(_, ctx) {
+            throw SpecError(Self.path(ctx.codingPath), "wrong type: \(ctx.debugDescription)")
+        } catch let DecodingError.valueNotFound(_, ctx) {
+            throw SpecError(Self.path(ctx.codingPath), "null where a value is required")
+        } catch let DecodingError.dataCorrupted(ctx) {
+            throw SpecError(ctx.codingPath.isEmpty ? "config.json" : Self.path(ctx.codingPath), "not valid JSON: \(ctx.debugDescription)")
+        } catch {
+            throw SpecError("config.json", "\(error)")
+        }
+    }
+
+    static func path(_ keys: [CodingKey]) -> String {
+        var out = ""
+        for k in keys {
+            if let i = k.intValue { out += "[\(i)]" } else { out += (out.isEmpty ? "" : ".") + k.stringValue }
+        }
+        return out.isEmpty ? "config.json" : out
+    }
+
+    public static let namespaceTypes = ["pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"]
+
+    /// Checks what decoding cannot: values, references and combinations.
+    public func validate(requireProcess: Bool = true) throws(SpecError) {
+        guard ociVersion.hasPrefix("1.") else { throw SpecError("ociVersion", "\"\(ociVersion)\" is not a 1.x runtime spec") }
+        if requireProcess {
+            guard let process else { throw SpecError("process", "required to create a container") }
+            try OCISpec.validate(process: process, field: "process")
+        }
+        guard let root, !root.path.isEmpty else { throw SpecError("root.path", "required") }
+        for (i, m) in (mounts ?? []).enumerated() {
+            guard m.destination.hasPrefix("/") else { throw SpecError("mounts[\(i)].destination", "\"\(m.destination)\" must be absolute") }
+            if m.destination.split(separator: "/").contains("..") {
+                throw SpecError("mounts[\(i)].destination", "\"\(m.destination)\" must not contain \"..\"")
+            }
+            for o in m.options ?? [] where MountOptions.flag(o) == nil && MountOptions.isUnknownFlagLike(o) {
+                throw SpecError("mounts[\(i)].options", "unknown option \"\(o)\"")
+            }
+        }
+        if let hostname, !hostname.isEmpty {
+            let ns = linux?.namespaces ?? []
+            guard ns.contains(where: { $0.type == "uts" }) else { throw SpecError("hostname", "needs a uts namespace (linux.namespaces)") }
+        }
+        guard let linux else { return }
+        var seen = Set<String>()
+        for (i, n) in (linux.namespaces ?? []).enumerated() {
+            guard OCISpec.namespaceTypes.contains(n.type) else { throw SpecError("linux.namespaces[\(i)].type", "unknown namespace \"\(n.type)\"") }
+            guard seen.insert(n.type).inserted else { throw SpecError("linux.namespaces[\(i)].type", "namespace \"\(n.type)\" listed twice") }
+            if let p = n.path, !p.hasPrefix("/") { throw SpecError("linux.namespaces[\(i)].path", "\"\(p)\" must be absolute") }
+        }
+        if seen.contains("user") && (linux.namespaces?.first { $0.type == "user" }?.path == nil) {
+            if (linux.uidMappings ?? []).isEmpty || (linux.gidMappings ?? []).isEmpty {
+                throw SpecError("linux.uidMappings", "a new user namespace needs uidMappings and gidMappings")
+            }
+        }
+        for (i, d) in (linux.devices ?? []).enumerated() {
+            guard ["c", "b", "u", "p"].contains(d.type) else { throw SpecError("linux.devices[\(i)].type", "\"\(d.type)\" is not c, b, u or p") }
+            guard d.path.hasPrefix("/dev/") else { throw SpecError("linux.devices[\(i)].path", "\"\(d.path)\" must be under /dev") }
+            if d.type != "p" && (d.major == nil || d.minor == nil) { throw SpecError("linux.devices[\(i)]", "major and minor are required for type \(d.type)") }
+        }
+        if let p = linux.rootfsPropagation, MountOptions.propagation(p) == nil {
+            throw SpecError("linux.rootfsPropagation", "unknown propagation \"\(p)\"")
+        }
+        for key in (linux.sysctl ?? [:]).keys where key.contains("/") || key.contains("..") || key.isEmpty {
+            throw SpecError("linux.sysctl", "bad key \"\(key)\"")
+        }
+        if let s = linux.seccomp {
+            guard SeccompNames.action(s.defaultAction, errno: s.defaultErrnoRet) != nil else { throw SpecError("linux.seccomp.defaultAction", "unknown action \"\(s.defaultAction)\"") }
+            for a in s.architectures ?? [] where SeccompNames.arch(a) == nil { throw SpecError("linux.seccomp.architectures", "unknown architecture \"\(a)\"") }
+            for (i, sc) in (s.syscalls ?? []).enumerated() {
+                guard SeccompNames.action(sc.action, errno: sc.errnoRet) != nil else { throw SpecError("linux.seccomp.syscalls[\(i)].action", "unknown action \"\(sc.action)\"") }
+                for (j, a) in (sc.args ?? []).enumerated() where SeccompNames.op(a.op) == nil || a.index > 5 {
+                    throw SpecError("linux.seccomp.syscalls[\(i)].args[\(j)]", "bad index \(a.index) or op \"\(a.op)\"")
+                }
+            }
+        }
+        if let cpu = linux.resources?.cpu, let q = cpu.quota, q > 0, let p = cpu.period, p == 0 {
+            throw SpecError("linux.resources.cpu.period", "must be positive when a quota is set")
+        }
+    }
+
+    public static func validate(process p: Process, field: String) throws(SpecError) {
+        guard let args = p.args, !args.isEmpty, !args[0].isEmpty else { throw SpecError("\(field).args", "at least the program to run is required") }
+        guard p.cwd.hasPrefix("/") else { throw SpecError("\(field).cwd", "\"\(p.cwd)\" must be absolute") }
+        for (name, list) in [("bounding", p.capabilities?.bounding), ("effective", p.capabilities?.effective),
+                             ("inheritable", p.capabilities?.inheritable), ("permitted", p.capabilities?.permitted),
+                             ("ambient", p.capabilities?.ambient)] {
+            for c in list ?? [] where CapabilityNames.number(c) == nil {
+                throw SpecError("\(field).capabilities.\(name)", "unknown capability \"\(c)\"")
+            }
+        }
+        for (i, r) in (p.rlimits ?? []).enumerated() {
+            guard Rlimits.resource(r.type) != nil else { throw SpecError("\(field).rlimits[\(i)].type", "unknown rlimit \"\(r.type)\"") }
+            guard r.soft <= r.hard else { throw SpecError("\(field).rlimits[\(i)]", "soft \(r.soft) exceeds hard \(r.hard)") }
+        }
+        if let o = p.oomScoreAdj, o < -1000 || o > 1000 { throw SpecError("\(field).oomScoreAdj", "\(o) is outside -1000...1000") }
+        for (i, e) in (p.env ?? []).enumerated() where !e.contains("=") {
+            throw SpecError("\(field).env[\(i)]", "\"\(e)\" is not KEY=value")
+        }
+    }
+
+    /// Fields present that this runtime ignores (logged once per container).
+    public var ignoredFields: [String] {
+        var out: [String] = []
+        if process?.apparmorProfile?.isEmpty == false { out.append("process.apparmorProfile") }
+        if process?.selinuxLabel?.isEmpty == false { out.append("process.selinuxLabel") }
+        if linux?.mountLabel?.isEmpty == false { out.append("linux.mountLabel") }
+        if linux?.intelRdt != nil { out.append("linux.intelRdt") }
+        if linux?.personality != nil { out.append("linux.personality") }
+        if linux?.resources?.hugepageLimits != nil { out.append("linux.resources.hugepageLimits") }
+        if linux?.resources?.network != nil { out.append("linux.resources.network") }
+        if linux?.resources?.rdma != nil { out.append("linux.resources.rdma") }
+        if linux?.seccomp?.listenerPath != nil { out.append("linux.seccomp.listenerPath") }
+        if !(hooks?.prestart ?? []).isEmpty { out.append("hooks.prestart (deprecated; run as createRuntime)") }
+        return out
+    }
+}
+
+/// Capability names to numbers (linux/capability.h).
+public enum CapabilityNames {
+    static let names = [
+        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+        "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
+        "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+        "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP",
+        "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+        "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    ]
+    public static func number(_ name: String) -> Int? { names.firstIndex(of: name) }
+    static func mask(_ list: [String]?) -> UInt64 {
+        (list ?? []).reduce(0) { acc, n in number(n).map { acc | (1 << UInt64($0)) } ?? acc }
+    }
+}
+
+public enum Rlimits {
+    static let table: [String: Int32] = [
+        "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3, "RLIMIT_CORE": 4, "RLIMIT_RSS": 5,
+        "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7, "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10,
+        "RLIMIT_SIGPENDING": 11, "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
+    ]
+    static func resource(_ name: String) -> Int32? { table[name] }
+}
+
+/// OCI seccomp names to libseccomp values (seccomp.h).
+public enum SeccompNames {
+    static func action(_ name: String, errno: UInt32?) -> UInt32? {
+        switch name {
+        case "SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD": return 0x0000_0000
+        case "SCMP_ACT_KILL_PROCESS": return 0x8000_0000
+        case "SCMP_ACT_TRAP": return 0x0003_0000
+        case "SCMP_ACT_ERRNO": return 0x0005_0000 | ((errno ?? 1) & 0xffff)
+        case "SCMP_ACT_TRACE": return 0x7ff0_0000 | ((errno ?? 1) & 0xffff)
+        case "SCMP_ACT_LOG": return 0x7ffc_0000
+        case "SCMP_ACT_ALLOW": return 0x7fff_0000
+        default: return nil
+        }
+    }
+    static func arch(_ name: String) -> UInt32? {
+        switch name {
+        case "SCMP_ARCH_X86_64": return 0xC000_003E
+        case "SCMP_ARCH_X86": return 0x4000_0003
+        case "SCMP_ARCH_X32": return 0x4000_003E
+        case "SCMP_ARCH_AARCH64": return 0xC000_00B7
+        case "SCMP_ARCH_ARM": return 0x4000_0028
+        case "SCMP_ARCH_RISCV64": return 0xC000_00F3
+        case "SCMP_ARCH_PPC64LE": return 0xC000_0015
+        case "SCMP_ARCH_S390X": return 0x8000_0016
+        default: return nil
+        }
+    }
+    static func op(_ name: String) -> Int32? {
+        ["SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
+         "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7][name]
+    }
+}
+
+/// mount(8)-style options to MS_* flags.
+public enum MountOptions {
+    // MS_ values from sys/mount.h.
+    static let RDONLY: UInt = 1, NOSUID: UInt = 2, NODEV: UInt = 4, NOEXEC: UInt = 8, SYNCHRONOUS: UInt = 16
+    static let REMOUNT: UInt = 32, MANDLOCK: UInt = 64, DIRSYNC: UInt = 128, NOATIME: UInt = 1024
+    static let NODIRATIME: UInt = 2048, BIND: UInt = 4096, REC: UInt = 16384, SILENT: UInt = 32768
+    static let UNBINDABLE: UInt = 1 << 17, PRIVATE: UInt = 1 << 18, SLAVE: UInt = 1 << 19, SHARED: UInt = 1 << 20
+    static let RELATIME: UInt = 1 << 21, STRICTATIME: UInt = 1 << 24
+
+    /// (set, clear) for a flag option; nil when it is not a flag (then it is fs data).
+    static func flag(_ o: String) -> (set: UInt, clear: UInt)? {
+        switch o {
+        case "ro": return (RDONLY, 0)
+        case "rw": return (0, RDONLY)
+        case "nosuid": return (NOSUID, 0)
+        case "suid": return (0, NOSUID)
+        case "nodev": return (NODEV, 0)
+        case "dev": return (0, NODEV)
+        case "noexec": return (NOEXEC, 0)
+        case "exec": return (0, NOEXEC)
+        case "sync": return (SYNCHRONOUS, 0)
+        case "async": return (0, SYNCHRONOUS)
+        case "dirsync": return (DIRSYNC, 0)
+        case "mand": return (MANDLOCK, 0)
+        case "nomand": return (0, MANDLOCK)
+        case "noatime": return (NOATIME, 0)
+        case "atime": return (0, NOATIME)
+        case "nodiratime": return (NODIRATIME, 0)
+        case "diratime": return (0, NODIRATIME)
+        case "relatime": return (RELATIME, 0)
+        case "norelatime": return (0, RELATIME)
+        case "strictatime": return (STRICTATIME, 0)
+        case "bind": return (BIND, 0)
+        case "rbind": return (BIND | REC, 0)
+        case "remount": return (REMOUNT, 0)
+        case "defaults", "silent", "loud": return (0, 0)
+        default: return propagation(o).map { ($0, 0) }
+        }
+    }
+
+    static func propagation(_ o: String) -> UInt? {
+        switch o {
+        case "private": return PRIVATE
+        case "rprivate": return PRIVATE | REC
+        case "shared": return SHARED
+        case "rshared": return SHARED | REC
+        case "slave": return SLAVE
+        case "rslave": return SLAVE | REC
+        case "unbindable": return UNBINDABLE
+        case "runbindable": return UNBINDABLE | REC
+        default: return nil
+        }
+    }
+
+    /// Options that look like a flag but are none of ours (fs data has "=" or is
+    /// filesystem specific; we only refuse obvious typos of the common flags).
+    static func isUnknownFlagLike(_ o: String) -> Bool {
+        ["r", "w", "rdonly", "read-only", "nosuids", "nodevs"].contains(o)
+    }
+}

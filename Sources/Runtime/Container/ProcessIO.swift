@@ -1,0 +1,297 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a container process's stdio goes, as containerd names it: FIFO paths (the
+/// usual case), `file:///path` (append to a file), or nothing.
+public struct StdioPaths: Sendable, Equatable {
+    public var stdin = ""
+    public var stdout = ""
+    public var stderr = ""
+    public var terminal = false
+    public init(stdin: String = "", stdout: String = "", stderr: String = "", terminal: Bool = false) {
+        self.stdin = stdin; self.stdout = stdout; self.stderr = stderr; self.terminal = terminal
+    }
+}
+
+/// The daemon's side of a process's stdio, pumped by the reactor with no thread: each
+/// output is a pipe (or the pty master) copied into its FIFO; stdin is the FIFO copied
+/// into a pipe (or the master). Back-pressure: a FIFO nobody reads stops us reading the
+/// pipe, so the container blocks on write instead of us buffering without bound.
+///
+/// Nothing is lost at exit: everything the process wrote is in the pipe when it dies;
+/// `drain` reads each pipe to its end and reports once every byte is in the FIFOs.
+public final class ProcessIO {
+    let reactor: Reactor
+    /// The fds the child gets as 0, 1, 2 (closed in the parent after the clone).
+    private(set) var childFDs: [Int32] = []
+    private var childOwned: [OwnedFDBox] = []
+    /// Terminal mode: the slave the child gets as its console.
+    public private(set) var consoleSlave: Int32?
+    private var master: Connection?
+    private var pumps: [Pump] = []
+    private var stdinSink: Connection?
+    private var stdinSource: Connection?
+    private var drainWaiters: [() -> Void] = []
+    private var drainTimer: TimerID?
+
+    final class OwnedFDBox {
+        var fd: OwnedFD?
+        init(_ fd: consuming OwnedFD) { self.fd = consume fd }
+        deinit { fd.take()?.close() }
+    }
+
+    /// Where output goes: a FIFO on the reactor, or a regular file (which epoll cannot
+    /// watch and which never blocks: written directly).
+    final class OutputSink {
+        let stream: Connection?
+        var file: OwnedFD?
+        init(stream: Connection) { self.stream = stream }
+        init(file: consuming OwnedFD) { stream = nil; self.file = consume file }
+        deinit { file.take()?.close() }
+
+        func write(_ bytes: UnsafeRawBufferPointer) {
+            if let stream { stream.write(bytes); return }
+            guard let fd = file?.rawValue else { return }
+            var off = 0
+            while off < bytes.count {
+                let n = Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return }
+                off += n
+            }
+        }
+        var isWritable: Bool { stream?.isWritable ?? true }
+        var isFlushed: Bool { stream.map { $0.state == .closed || $0.queuedBytes == 0 } ?? true }
+        var state: Connection.State { stream?.state ?? (file == nil ? .closed : .open) }
+        var queuedBytes: Int { stream?.queuedBytes ?? 0 }
+        var onWritable: ((Connection) -> Void)? {
+            get { stream?.onWritable }
+            set { stream?.onWritable = newValue }
+        }
+        var onClose: ((Connection, SystemError?) -> Void)? {
+            get { stream?.onClose }
+            set { stream?.onClose = newValue }
+        }
+        func start() throws(SystemError) { try stream?.start() }
+        func closeAfterFlush() {
+            if let stream { stream.closeAfterFlush() } else { file.take()?.close() }
+        }
+        func close() {
+            if let stream { stream.close() } else { file.take()?.close() }
+        }
+    }
+
+    /// A pipe (or pty master) copied into a FIFO.
+    final class Pump {
+        let source: Connection
+        let sink: OutputSink?
+        var finished = false
+        var onFinish: (() -> Void)?
+        init(source: Connection, sink: OutputSink?) {
+            self.source = source
+            self.sink = sink
+        }
+    }
+
+    public init(reactor: Reactor, paths: StdioPaths) throws(SystemError) {
+        self.reactor = reactor
+        if paths.terminal {
+            var pty = try makePTY()
+            let slave = pty.second.rawValue
+            consoleSlave = slave
+            childOwned.append(OwnedFDBox(pty.second.take().adopted()))
+            let masterConn = Connection(reactor: reactor, fd: pty.first.take().adopted())
+            master = masterConn
+            let out = try ProcessIO.openOutput(paths.stdout, reactor: reactor)
+            pumps.append(Pump(source: masterConn, sink: out))
+            if !paths.stdin.isEmpty {
+                stdinSource = try ProcessIO.openInput(paths.stdin, reactor: reactor)
+                stdinSink = masterConn
+            }
+        } else {
+            // stdin: a pipe whose read end is the child's fd 0, fed from the FIFO.
+            if !paths.stdin.isEmpty {
+                var p = try makePipe(nonBlocking: false)
+                childFDs.append(p.first.rawValue)
+                childOwned.append(OwnedFDBox(p.first.take().adopted()))
+                let w = p.second.take()
+                _ = fcntl(w, F_SETFL, fcntl(w, F_GETFL) | O_NONBLOCK)
+                let sink = Connection(reactor: reactor, fd: OwnedFD(adopting: w))
+                sink.isWriteOnly = true
+                stdinSink = sink
+                stdinSource = try ProcessIO.openInput(paths.stdin, reactor: reactor)
+            } else {
+                let null = try sys("open", "/dev/null") { open("/dev/null", O_RDONLY | O_CLOEXEC) }
+                childFDs.append(null)
+                childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
+            }
+            for path in [paths.stdout, paths.stderr] {
+                if path.isEmpty {
+                    let null = try sys("open", "/dev/null") { open("/dev/null", O_WRONLY | O_CLOEXEC) }
+                    childFDs.append(null)
+                    childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
+                    continue
+                }
+                var p = try makePipe(nonBlocking: false)
+                childFDs.append(p.second.rawValue)
+                childOwned.append(OwnedFDBox(p.second.take().adopted()))
+                let r = p.first.take()
+                _ = fcntl(r, F_SETFL, fcntl(r, F_GETFL) | O_NONBLOCK)
+                let source = Connection(reactor: reactor, fd: OwnedFD(adopting: r))
+                pumps.append(Pump(source: source, sink: try ProcessIO.openOutput(path, reactor: reactor)))
+            }
+        }
+    }
+
+    /// The child's stdio mapping for the launcher.
+    public var stdioMap: [(from: Int32, to: Int32)] {
+        childFDs.enumerated().map { (from: $0.element, to: Int32($0.offset)) }
+    }
+
+    /// Output FIFO (opened read-write so opening never blocks and a reader that comes
+    /// and goes never makes us fail with EPIPE) or an append-only file.
+    static func openOutput(_ path: String, reactor: Reactor) throws(SystemError) -> OutputSink? {
+        if path.isEmpty { return nil }
+        let fd: Int32
+        if path.hasPrefix("file://") {
+            let file = String(path.dropFirst(7))
+            fd = try sys("open", file) { open(file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640) }
+            return OutputSink(file: OwnedFD(adopting: fd))
+        } else if path.hasPrefix("binary://") {
+            throw SystemError("open stdio", "\(path): binary:// log drivers are not supported", errno: .EINVAL)
+        } else {
+            let p = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+            fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
+        }
+        let c = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
+        c.isWriteOnly = true
+        return OutputSink(stream: c)
+    }
+
+    /// stdin FIFO, read-write for the same reason: a writer that has not opened it yet
+    /// must not look like end of input. CloseIO ends stdin.
+    static func openInput(_ path: String, reactor: Reactor) throws(SystemError) -> Connection {
+        let p = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+        let fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
+        return Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
+    }
+
+    /// Starts pumping; call once the child has its copies of the fds.
+    public func start() throws(SystemError) {
+        for b in childOwned { b.fd.take()?.close() }
+        childOwned.removeAll()
+        childFDs.removeAll()
+        for pump in pumps {
+            let sink = pump.sink
+            pump.source.onRead = { source, bytes in
+                guard let sink else { return }
+                sink.write(bytes)
+                if !sink.isWritable { source.pauseReading() }
+            }
+            sink?.onWritable = { [weak source = pump.source] _ in source?.resumeReading() }
+            sink?.onClose = { [weak source = pump.source] _, _ in source?.resumeReading() }
+            pump.source.onReadEOF = { [weak self, weak pump] _ in if let pump { self?.finish(pump) } }
+            pump.source.onClose = { [weak self, weak pump] _, _ in if let pump { self?.finish(pump) } }
+            try startOnce(pump.source)
+            if let stream = sink?.stream { try startOnce(stream) }
+        }
+        if let stdinSource, let stdinSink {
+            stdinSource.onRead = { source, bytes in
+                stdinSink.write(bytes)
+                if !stdinSink.isWritable { source.pauseReading() }
+            }
+            stdinSink.onWritable = { [weak stdinSource] _ in stdinSource?.resumeReading() }
+            try startOnce(stdinSink)
+            try startOnce(stdinSource)
+        }
+    }
+
+    private var started = Set<ObjectIdentifier>()
+
+    private func startOnce(_ c: Connection) throws(SystemError) {
+        if started.insert(ObjectIdentifier(c)).inserted { try c.start() }
+    }
+
+    private func finish(_ pump: Pump) {
+        guard !pump.finished else { return }
+        pump.finished = true
+        pump.sink?.closeAfterFlush()
+        if pump.source.state != .closed { pump.source.close() }
+        checkDrained()
+    }
+
+    private func checkDrained() {
+        guard !drainWaiters.isEmpty else { return }
+        let flushed = pumps.allSatisfy { $0.finished && ($0.sink?.isFlushed ?? true) }
+        guard flushed else { return }
+        if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
+        let w = drainWaiters
+        drainWaiters.removeAll()
+        for f in w { f() }
+    }
+
+    /// After the process exited: runs `done` once every output pipe reached its end and
+    /// its bytes are in the FIFO — or after `timeoutNS` if a background child of the
+    /// process still holds a pipe open (what was written so far is flushed first).
+    public func drain(timeoutNS: UInt64 = 2_000_000_000, _ done: @escaping () -> Void) {
+        drainWaiters.append(done)
+        for pump in pumps where !pump.finished {
+            pump.sink?.onClose = { [weak self] _, _ in self?.checkDrained() }
+        }
+        if drainTimer == nil {
+            drainTimer = reactor.schedule(afterNS: timeoutNS) { [weak self] in
+                guard let self else { return }
+                self.drainTimer = nil
+                for p in self.pumps where !p.finished { self.finish(p) }
+                let w = self.drainWaiters
+                self.drainWaiters.removeAll()
+                for f in w { f() }
+            }
+        }
+        // A sink still flushing calls back through onClose; poll cheaply meanwhile.
+        checkDrained()
+        if !drainWaiters.isEmpty {
+            for pump in pumps where pump.finished {
+                pump.sink?.onWritable = { [weak self] _ in self?.checkDrained() }
+            }
+        }
+    }
+
+    /// CloseIO: the container's stdin reaches end of file once what is queued is written.
+    public func closeStdin() {
+        stdinSource?.close()
+        stdinSource = nil
+        if let s = stdinSink, s !== master { s.closeAfterFlush() }
+        stdinSink = nil
+    }
+
+    /// Terminal window size.
+    public func resize(width: UInt32, height: UInt32) throws(SystemError) {
+        guard let master else { throw SystemError("resize", "not a terminal", errno: .EINVAL) }
+        var ws = winsize(ws_row: UInt16(truncatingIfNeeded: height), ws_col: UInt16(truncatingIfNeeded: width), ws_xpixel: 0, ws_ypixel: 0)
+        _ = try sys("ioctl(TIOCSWINSZ)") { ioctl(master.rawFD, UInt(TIOCSWINSZ), &ws) }
+    }
+
+    /// Closes everything now (delete of a process whose output nobody drained).
+    public func close() {
+        for b in childOwned { b.fd.take()?.close() }
+        childOwned.removeAll()
+        for p in pumps {
+            p.finished = true
+            p.source.close()
+            p.sink?.close()
+        }
+        stdinSource?.close()
+        stdinSink?.close()
+        master?.close()
+        if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
+        let w = drainWaiters
+        drainWaiters.removeAll()
+        for f in w { f() }
+    }
+}
+
+extension Int32 {
+    func adoptedFD() -> OwnedFD { OwnedFD(adopting: self) }
+}

@@ -1,0 +1,294 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which cgroup layout the host has. Hybrid hosts (v1 controllers plus an empty
+/// cgroup2 at /sys/fs/cgroup/unified) are driven as v1: that is where the controllers are.
+public enum CgroupMode: String, Sendable {
+    case v1, v2
+}
+
+/// Resource limits in OCI terms (linux.resources), already validated.
+public struct CgroupResources: Sendable, Equatable {
+    public var memoryLimit: Int64?
+    public var memoryReservation: Int64?
+    /// memory+swap, as in the OCI spec; -1 is unlimited.
+    public var memorySwap: Int64?
+    public var cpuShares: UInt64?
+    public var cpuQuota: Int64?
+    public var cpuPeriod: UInt64?
+    public var cpus: String?
+    public var mems: String?
+    public var pidsLimit: Int64?
+    public var blkioWeight: UInt16?
+    /// cgroup v2 files written as they are (linux.resources.unified).
+    public var unified: [String: String] = [:]
+    public init() {}
+}
+
+/// The host's cgroup hierarchies and where this process sits in them.
+public struct CgroupHost: Sendable {
+    public let mode: CgroupMode
+    /// v1: controller name → (mount point, our own path in that hierarchy). v2: "" → ...
+    let hierarchies: [String: (mount: String, own: String)]
+
+    /// v1 controllers a container cgroup is made in (when the host has them).
+    static let v1Controllers = ["memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "freezer"]
+
+    public static func detect() throws(SystemError) -> CgroupHost {
+        var own: [String: String] = [:]
+        for line in try Files.readString("/proc/self/cgroup").split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            for c in parts[1].split(separator: ",") { own[String(c)] = String(parts[2]) }
+            if parts[1].isEmpty { own[""] = String(parts[2]) }
+        }
+        var mounts: [String: String] = [:]
+        var unifiedRoot: String?
+        for line in try Files.readString("/proc/self/mountinfo").split(separator: "\n") {
+            // ... mountpoint ... - fstype source superoptions
+            let halves = line.components(separatedBy: " - ")
+            guard halves.count == 2 else { continue }
+            let left = halves[0].split(separator: " "), right = halves[1].split(separator: " ")
+            guard left.count > 4, right.count >= 3 else { continue }
+            let point = Mounts.unescape(String(left[4]))
+            if right[0] == "cgroup2" && point == "/sys/fs/cgroup" { unifiedRoot = point }
+            if right[0] == "cgroup" {
+                for opt in right[2].split(separator: ",") where v1Controllers.contains(String(opt)) {
+                    mounts[String(opt)] = point
+                }
+            }
+        }
+        if let root = unifiedRoot {
+            return CgroupHost(mode: .v2, hierarchies: ["": (root, own[""] ?? "/")])
+        }
+        var h: [String: (mount: String, own: String)] = [:]
+        for (c, m) in mounts { h[c] = (m, own[c] ?? "/") }
+        return CgroupHost(mode: .v1, hierarchies: h)
+    }
+
+    public var controllers: [String] { hierarchies.keys.sorted() }
+
+    /// Creates (or opens) the cgroup `path` below our own cgroup in every hierarchy.
+    public func create(_ path: String) throws(SystemError) -> Cgroup {
+        let rel = "/" + path.split(separator: "/").joined(separator: "/")
+        var dirs: [String: String] = [:]
+        for (c, h) in hierarchies {
+            let base = h.mount + (h.own == "/" ? "" : h.own)
+            let dir = base + rel
+            try makeDirectories(dir, mode: 0o755)
+            if c == "cpuset" { try Cgroup.inheritCpuset(dir, stopAt: base) }
+            dirs[c] = dir
+        }
+        if mode == .v2 { try Cgroup.enableControllers(below: hierarchies[""]!.mount, to: dirs[""]!) }
+        return Cgroup(mode: mode, path: rel, dirs: dirs)
+    }
+}
+
+/// One cgroup: a directory per v1 hierarchy, or one cgroup2 directory.
+public final class Cgroup: @unchecked Sendable {
+    public let mode: CgroupMode
+    public let path: String
+    public let dirs: [String: String]
+
+    init(mode: CgroupMode, path: String, dirs: [String: String]) {
+        self.mode = mode
+        self.path = path
+        self.dirs = dirs
+    }
+
+    /// The cgroup2 directory (for CLONE_INTO_CGROUP), nil on v1.
+    public var unifiedDirectory: String? { mode == .v2 ? dirs[""] : nil }
+
+    /// A new v1 cpuset cgroup starts with empty cpus/mems and refuses tasks: copy the
+    /// parent's down each level that is still empty.
+    static func inheritCpuset(_ dir: String, stopAt base: String) throws(SystemError) {
+        var chain: [String] = []
+        var d = dir
+        while d.count > base.count {
+            chain.append(d)
+            guard let slash = d.lastIndex(of: "/") else { break }
+            d = String(d[..<slash])
+        }
+        for level in chain.reversed() {
+            let parent = String(level[..<level.lastIndex(of: "/")!])
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                let mine = (try? Files.readString(level + "/" + f))?.trimmingWhitespace ?? ""
+                if mine.isEmpty {
+                    let theirs = try Files.readString(parent + "/" + f).trimmingWhitespace
+                    try Files.write(level + "/" + f, theirs)
+                }
+            }
+        }
+    }
+
+    static func enableControllers(below root: String, to dir: String) throws(SystemError) {
+        // Each ancestor must delegate the controllers its children use.
+        var levels: [String] = []
+        var d = dir
+        while d.count > root.count, let slash = d.lastIndex(of: "/") {
+            d = String(d[..<slash])
+            levels.append(d)
+        }
+        for level in levels.reversed() {
+            let available = (try? Files.readString(level + "/cgroup.controllers"))?.split(separator: " ") ?? []
+            let wanted = available.map { "+" + $0.trimmingWhitespace }.filter { ["+cpu", "+memory", "+pids", "+io", "+cpuset"].contains($0) }
+            if !wanted.isEmpty { try? Files.write(level + "/cgroup.subtree_control", wanted.joined(separator: " ")) }
+        }
+    }
+
+    public func add(pid: pid_t) throws(SystemError) {
+        for dir in dirs.values { try Files.write(dir + "/cgroup.procs", "\(pid)") }
+    }
+
+    public func apply(_ r: CgroupResources) throws(SystemError) {
+        switch mode {
+        case .v1:
+            if let mem = dirs["memory"] {
+                if let v = r.memoryLimit { try Files.write(mem + "/memory.limit_in_bytes", "\(v)") }
+                if let v = r.memoryReservation { try Files.write(mem + "/memory.soft_limit_in_bytes", "\(v)") }
+                if let v = r.memorySwap, Files.exists(mem + "/memory.memsw.limit_in_bytes") {
+                    try Files.write(mem + "/memory.memsw.limit_in_bytes", "\(v)")
+                }
+            }
+            if let cpu = dirs["cpu"] {
+                if let v = r.cpuShares { try Files.write(cpu + "/cpu.shares", "\(v)") }
+                if let v = r.cpuPeriod { try Files.write(cpu + "/cpu.cfs_period_us", "\(v)") }
+                if let v = r.cpuQuota { try Files.write(cpu + "/cpu.cfs_quota_us", "\(v)") }
+            }
+            if let cs = dirs["cpuset"] {
+                if let v = r.cpus { try Files.write(cs + "/cpuset.cpus", v) }
+                if let v = r.mems { try Files.write(cs + "/cpuset.mems", v) }
+            }
+            if let p = dirs["pids"], let v = r.pidsLimit { try Files.write(p + "/pids.max", v <= 0 ? "max" : "\(v)") }
+            if let b = dirs["blkio"], let v = r.blkioWeight, Files.exists(b + "/blkio.weight") {
+                try Files.write(b + "/blkio.weight", "\(v)")
+            }
+        case .v2:
+            guard let d = dirs[""] else { return }
+            if let v = r.memoryLimit { try Files.write(d + "/memory.max", v < 0 ? "max" : "\(v)") }
+            if let v = r.memoryReservation { try Files.write(d + "/memory.low", "\(v)") }
+            if let v = r.memorySwap, let limit = r.memoryLimit, Files.exists(d + "/memory.swap.max") {
+                // OCI swap is memory+swap; cgroup2 limits swap alone.
+                try Files.write(d + "/memory.swap.max", v < 0 ? "max" : "\(max(0, v - limit))")
+            }
+            if let shares = r.cpuShares {
+                // The conversion runc and crun use: [2, 262144] shares onto [1, 10000] weight.
+                let weight = 1 + ((max(2, min(shares, 262144)) - 2) * 9999) / 262142
+                try Files.write(d + "/cpu.weight", "\(weight)")
+            }
+            if r.cpuQuota != nil || r.cpuPeriod != nil {
+                let quota = r.cpuQuota.map { $0 < 0 ? "max" : "\($0)" } ?? "max"
+                try Files.write(d + "/cpu.max", "\(quota) \(r.cpuPeriod ?? 100000)")
+            }
+            if let v = r.cpus { try Files.write(d + "/cpuset.cpus", v) }
+            if let v = r.mems { try Files.write(d + "/cpuset.mems", v) }
+            if let v = r.pidsLimit { try Files.write(d + "/pids.max", v <= 0 ? "max" : "\(v)") }
+            if let v = r.blkioWeight, Files.exists(d + "/io.weight") {
+                try Files.write(d + "/io.weight", "default \(1 + (UInt32(v) - 10) * 9999 / 990)")
+            }
+            for (k, v) in r.unified.sorted(by: { $0.key < $1.key }) {
+                guard !k.contains("/") && !k.hasPrefix(".") else {
+                    throw SystemError("cgroup unified key", k, errno: .EINVAL)
+                }
+                try Files.write(d + "/" + k, v)
+            }
+        }
+    }
+
+    /// Every process in the cgroup (the pids hierarchy on v1: it has them all).
+    public func processes() -> [pid_t] {
+        let dir = mode == .v2 ? dirs[""] : (dirs["pids"] ?? dirs["memory"] ?? dirs.values.first)
+        guard let dir, let text = try? Files.readString(dir + "/cgroup.procs") else { return [] }
+        return text.split(separator: "\n").compactMap { pid_t($0) }
+    }
+
+    public func freeze() throws(SystemError) { try setFrozen(true) }
+    public func thaw() throws(SystemError) { try setFrozen(false) }
+
+    func setFrozen(_ frozen: Bool) throws(SystemError) {
+        switch mode {
+        case .v1:
+            guard let f = dirs["freezer"] else { throw SystemError("freezer", path, errno: .ENOSYS) }
+            try Files.write(f + "/freezer.state", frozen ? "FROZEN" : "THAWED")
+        case .v2:
+            try Files.write(dirs[""]! + "/cgroup.freeze", frozen ? "1" : "0")
+        }
+    }
+
+    /// The file whose change means "OOM kill happened": v2 memory.events (watched with
+    /// inotify/poll), v1 memory.oom_control (registered through cgroup.event_control).
+    public var oomEventsFile: String? {
+        mode == .v2 ? dirs[""].map { $0 + "/memory.events" } : dirs["memory"].map { $0 + "/memory.oom_control" }
+    }
+
+    /// Reads counters for Stats: file name → value, memory.stat lines as "stat.<key>".
+    public func counters() -> [String: UInt64] {
+        var out: [String: UInt64] = [:]
+        func one(_ dir: String?, _ file: String, as name: String? = nil) {
+            guard let dir, let t = try? Files.readString(dir + "/" + file) else { return }
+            let s = t.trimmingWhitespace
+            out[name ?? file] = s == "max" ? UInt64.max : UInt64(s)
+        }
+        func table(_ dir: String?, _ file: String, prefix: String) {
+            guard let dir, let t = try? Files.readString(dir + "/" + file) else { return }
+            for line in t.split(separator: "\n") {
+                let kv = line.split(separator: " ")
+                if kv.count == 2, let v = UInt64(kv[1]) { out[prefix + kv[0]] = v }
+            }
+        }
+        switch mode {
+        case .v1:
+            let m = dirs["memory"]
+            for f in ["memory.usage_in_bytes", "memory.limit_in_bytes", "memory.max_usage_in_bytes", "memory.failcnt",
+                      "memory.memsw.usage_in_bytes", "memory.memsw.limit_in_bytes", "memory.memsw.max_usage_in_bytes",
+                      "memory.kmem.usage_in_bytes", "memory.kmem.limit_in_bytes"] { one(m, f) }
+            table(m, "memory.stat", prefix: "stat.")
+            table(m, "memory.oom_control", prefix: "oom.")
+            one(dirs["cpuacct"], "cpuacct.usage")
+            table(dirs["cpuacct"], "cpuacct.stat", prefix: "cpuacct.")
+            table(dirs["cpu"], "cpu.stat", prefix: "cpu.")
+            one(dirs["pids"], "pids.current")
+            one(dirs["pids"], "pids.max")
+        case .v2:
+            let d = dirs[""]
+            for f in ["memory.current", "memory.max", "memory.swap.current", "memory.swap.max", "pids.current", "pids.max"] { one(d, f) }
+            table(d, "memory.stat", prefix: "stat.")
+            table(d, "memory.events", prefix: "events.")
+            table(d, "cpu.stat", prefix: "cpu.")
+        }
+        return out
+    }
+
+    /// Per-CPU usage in ns (v1 cpuacct.usage_percpu).
+    public func perCPUUsage() -> [UInt64] {
+        guard mode == .v1, let d = dirs["cpuacct"], let t = try? Files.readString(d + "/cpuacct.usage_percpu") else { return [] }
+        return t.split(separator: " ").compactMap { UInt64($0.trimmingWhitespace) }
+    }
+
+    /// Removes the cgroup directories. The cgroup must be empty: callers kill and reap
+    /// first. EBUSY right after the last exit is retried briefly (the kernel lags).
+    public func destroy() throws(SystemError) {
+        var lastError: SystemError?
+        for dir in dirs.values.sorted(by: { $0.count > $1.count }) {
+            var done = false
+            for attempt in 0..<50 {
+                if rmdir(dir) == 0 || Errno.current == .ENOENT { done = true; break }
+                lastError = SystemError("rmdir", dir, errno: .current)
+                if Errno.current != .EBUSY { break }
+                if attempt > 0 { usleep(2000) }
+            }
+            if done { lastError = nil }
+        }
+        if let lastError { throw lastError }
+    }
+}
+
+extension StringProtocol {
+    var trimmingWhitespace: String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\n" || c == "\t" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\n" || c == "\t" { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,150 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+
+/// Small whole-file operations for /proc, /sys/fs/cgroup and state files.
+public enum Files {
+    public static func read(_ path: String, limit: Int = 1 << 20) throws(SystemError) -> [UInt8] {
+        let fd = try sys("open", path) { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { _ = close(fd) }
+        var out: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 16384)
+        while out.count < limit {
+            let n = try sys("read", path) { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }
+            if n == 0 { break }
+            out.append(contentsOf: chunk[..<n])
+        }
+        return out
+    }
+
+    public static func readString(_ path: String) throws(SystemError) -> String {
+        String(decoding: try read(path), as: UTF8.self)
+    }
+
+    /// Writes `value` in one write(2), as cgroup and proc files want.
+    public static func write(_ path: String, _ value: String, create: Bool = false, mode: mode_t = 0o644) throws(SystemError) {
+        let flags = O_WRONLY | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0)
+        let fd = try sys("open", path) { open(path, flags, mode) }
+        defer { _ = close(fd) }
+        let bytes = Array(value.utf8)
+        _ = try sys("write", path) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } }
+    }
+
+    /// Replaces `path` atomically: a temporary file in the same directory, fsync, rename,
+    /// fsync of the directory. A crash leaves either the old or the new content.
+    public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(SystemError) {
+        let tmp = path + ".tmp"
+        let fd = try sys("open", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
+        do throws(SystemError) {
+            var off = 0
+            while off < bytes.count {
+                let n = try sys("write", tmp) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) } }
+                off += n
+            }
+            _ = try sys("fsync", tmp) { fsync(fd) }
+        } catch {
+            _ = close(fd)
+            _ = unlink(tmp)
+            throw error
+        }
+        _ = close(fd)
+        _ = try sys("rename", path) { rename(tmp, path) }
+        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 { _ = fsync(dfd); _ = close(dfd) }
+    }
+
+    public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    public static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    /// Entries of a directory, without "." and "..".
+    public static func list(_ path: String) -> [String] {
+        guard let dir = opendir(path) else { return [] }
+        defer { closedir(dir) }
+        var out: [String] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { raw in
+                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+            }
+            if name != "." && name != ".." { out.append(name) }
+        }
+        return out
+    }
+
+    /// `rm -rf` that never crosses into another mount (a leftover mount is an error to
+    /// report, not something to delete through).
+    public static func removeTree(_ path: String) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            for name in list(path) {
+                var cst = stat()
+                let child = path + "/" + name
+                if lstat(child, &cst) == 0 && cst.st_dev != st.st_dev { continue }
+                removeTree(child)
+            }
+            _ = rmdir(path)
+        } else {
+            _ = unlink(path)
+        }
+    }
+}
+
+/// mount(2) and friends, plus /proc/self/mountinfo.
+public enum Mounts {
+    public static func mount(source: String?, target: String, type: String?, flags: UInt, data: String? = nil) throws(SystemError) {
+        _ = try shim("mount", "\(type ?? "bind") \(source ?? "none") on \(target)") {
+            withOptionalCString(source) { s in
+                withOptionalCString(type) { t in
+                    withOptionalCString(data) { d in ks_mount(s, target, t, flags, d) }
+                }
+            }
+        }
+    }
+
+    /// Unmounts `target`; MNT_DETACH when `lazy`. Not mounted is not an error.
+    public static func unmount(_ target: String, lazy: Bool = false) throws(SystemError) {
+        let rc = ks_umount(target, lazy ? Int32(MNT_DETACH) : 0)
+        if rc == 0 || rc == -Errno.EINVAL.rawValue || rc == -Errno.ENOENT.rawValue { return }
+        throw SystemError("umount", target, errno: Errno(rawValue: -rc))
+    }
+
+    /// Unmounts everything at or below `path`, deepest first.
+    public static func unmountAll(under path: String) {
+        let prefix = path.hasSuffix("/") ? path : path + "/"
+        let targets = mountPoints().filter { $0 == path || $0.hasPrefix(prefix) }.sorted { $0.count > $1.count }
+        for t in targets { try? unmount(t, lazy: true) }
+    }
+
+    /// Mount points of this mount namespace, in mountinfo order (octal escapes decoded).
+    public static func mountPoints() -> [String] {
+        guard let text = try? Files.readString("/proc/self/mountinfo") else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: " ")
+            return f.count > 4 ? unescape(String(f[4])) : nil
+        }
+    }
+
+    static func unescape(_ s: String) -> String {
+        guard s.contains("\\") else { return s }
+        var out: [UInt8] = []
+        let b = Array(s.utf8)
+        var i = 0
+        while i < b.count {
+            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count,
+               let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                out.append(v)
+                i += 4
+            } else {
+                out.append(b[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}

@@ -1,0 +1,73 @@
+import Foundation
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A scratch OCI bundle: a busybox rootfs (static binary, relative applet links) and the
+/// config.json `runc spec` writes, adjusted per test.
+final class TestBundle {
+    let path: String
+    var rootfs: String { path + "/rootfs" }
+
+    init(_ name: String) throws {
+        path = "/tmp/kuasar-test-bundles/\(name)-\(getpid())"
+        Files.removeTree(path)
+        try makeDirectories(path + "/rootfs/bin", mode: 0o755)
+        for d in ["proc", "sys", "dev", "tmp", "etc", "root"] { try makeDirectories(rootfs + "/" + d, mode: 0o755) }
+        try run("/bin/cp", "/bin/busybox", rootfs + "/bin/busybox")
+        let applets = try capture("/bin/busybox", "--list").split(separator: "\n")
+        for a in applets where a != "busybox" { symlink("busybox", rootfs + "/bin/" + a) }
+        try Files.write(rootfs + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n", create: true)
+        try Files.write(rootfs + "/etc/group", "root:x:0:\nnogroup:x:65534:\n", create: true)
+        try run("/usr/sbin/runc", "spec", "--bundle", path)
+    }
+
+    /// config.json as a dictionary, edited by `body`, written back.
+    func editSpec(_ body: (inout [String: Any]) -> Void) throws {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path + "/config.json"))
+        var json = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        body(&json)
+        try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted]).write(to: URL(fileURLWithPath: path + "/config.json"))
+    }
+
+    func setProcess(args: [String], terminal: Bool = false) throws {
+        try editSpec { spec in
+            var p = spec["process"] as! [String: Any]
+            p["args"] = args
+            p["terminal"] = terminal
+            spec["process"] = p
+        }
+    }
+
+    func spec() throws -> OCISpec {
+        try OCISpec.decode(Files.read(path + "/config.json"))
+    }
+
+    func remove() {
+        Mounts.unmountAll(under: path)
+        Files.removeTree(path)
+    }
+}
+
+@discardableResult
+func run(_ args: String...) throws -> Int32 {
+    var p = try Spawner.spawn(ProcessSpec(executable: args[0], arguments: args))
+    return try Spawner.wait(p).code
+}
+
+func capture(_ args: String...) throws -> String {
+    let out = "/tmp/kuasar-capture-\(getpid())"
+    defer { unlink(out) }
+    let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    defer { close(fd) }
+    let p = try Spawner.spawn(ProcessSpec(executable: args[0], arguments: args, fdMap: [(fd, 1)]))
+    _ = try Spawner.wait(p)
+    return try Files.readString(out)
+}
+
+/// Mount points under `prefix` (leak checks).
+func mountsUnder(_ prefix: String) -> [String] {
+    Mounts.mountPoints().filter { $0.hasPrefix(prefix) }
+}
