@@ -140,38 +140,64 @@ static int join_path(char *out, size_t cap, const char *a, const char *b) {
 static const uint64_t IN_ROOT = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
 
 // Opens `path` inside the root `rootfd` as O_PATH, creating what is missing: every
-// directory, and the last component as a file when `last_is_file`. Each step resolves
-// from the root again, so no symlink (absolute or "..") can lead outside it.
+// directory, and the last component as a file when `last_is_file`. Every lookup is
+// openat2(RESOLVE_IN_ROOT), so no symlink (absolute or "..") leads outside the root; a
+// dangling symlink in the image is followed by hand (its target is created inside the
+// root, as securejoin does for runc), at most 40 times.
 static int open_in_root(int rootfd, const char *path, int create, int last_is_file) {
-    char prefix[PATH_MAX];
-    size_t plen = 0;
-    const char *p = path;
-    int fd = -1;
-    while (*p == '/') p++;
-    if (!*p) return ks_openat2(rootfd, ".", O_PATH, IN_ROOT);
-    while (*p) {
-        const char *start = p;
-        while (*p && *p != '/') p++;
-        size_t clen = (size_t)(p - start);
+    char cur[PATH_MAX];
+    if (strlen(path) >= sizeof cur) return -ENAMETOOLONG;
+    strcpy(cur, path);
+    for (int hops = 0; hops < 40; hops++) {
+        char prefix[PATH_MAX];
+        size_t plen = 0;
+        const char *p = cur;
+        int fd = -1, restart = 0;
         while (*p == '/') p++;
-        int last = *p == 0;
-        if (plen + clen + 2 >= sizeof prefix) return -ENAMETOOLONG;
-        size_t parent_len = plen;
-        prefix[plen++] = '/';
-        memcpy(prefix + plen, start, clen);
-        plen += clen;
-        prefix[plen] = 0;
-        if (fd >= 0) close(fd);
-        fd = ks_openat2(rootfd, prefix, O_PATH, IN_ROOT);
-        if (fd == -ENOENT && create) {
-            prefix[parent_len] = 0;
-            int parent = ks_openat2(rootfd, parent_len ? prefix : ".", O_PATH | O_DIRECTORY, IN_ROOT);
-            prefix[parent_len] = '/';
-            if (parent < 0) return parent;
+        if (!*p) return ks_openat2(rootfd, ".", O_PATH, IN_ROOT);
+        while (*p && !restart) {
+            const char *start = p;
+            while (*p && *p != '/') p++;
+            size_t clen = (size_t)(p - start);
+            while (*p == '/') p++;
+            int last = *p == 0;
+            if (plen + clen + 2 >= sizeof prefix || clen > NAME_MAX) return -ENAMETOOLONG;
+            size_t parent_len = plen;
+            prefix[plen++] = '/';
+            memcpy(prefix + plen, start, clen);
+            plen += clen;
+            prefix[plen] = 0;
+            if (fd >= 0) close(fd);
+            fd = ks_openat2(rootfd, prefix, O_PATH, IN_ROOT);
+            if (fd != -ENOENT || !create) {
+                if (fd < 0) return fd;
+                continue;
+            }
             char name[NAME_MAX + 1];
-            if (clen > NAME_MAX) { close(parent); return -ENAMETOOLONG; }
             memcpy(name, start, clen);
             name[clen] = 0;
+            prefix[parent_len] = 0;
+            int parent = ks_openat2(rootfd, parent_len ? prefix : ".", O_PATH | O_DIRECTORY, IN_ROOT);
+            if (parent < 0) return parent;
+            char target[PATH_MAX];
+            ssize_t tl = readlinkat(parent, name, target, sizeof target - 1);
+            if (tl > 0) {
+                // A dangling symlink: continue from its target, resolved inside the root.
+                target[tl] = 0;
+                char next[PATH_MAX];
+                int n;
+                if (target[0] == '/') n = join_path(next, sizeof next, target, "/");
+                else {
+                    n = join_path(next, sizeof next, prefix, "/");
+                    if (n == 0) n = join_path(next + strlen(next), sizeof next - strlen(next), target, "/");
+                }
+                if (n == 0) n = join_path(next + strlen(next), sizeof next - strlen(next), p, NULL);
+                close(parent);
+                if (n < 0) return -ENAMETOOLONG;
+                strcpy(cur, next);
+                restart = 1;
+                break;
+            }
             // O_PATH parents cannot create: reopen them as real directories.
             int dir = openat(parent, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
             close(parent);
@@ -186,11 +212,13 @@ static int open_in_root(int rootfd, const char *path, int create, int last_is_fi
             int e = errno;
             close(dir);
             if (rc < 0 && e != EEXIST) return -e;
+            prefix[parent_len] = '/';
             fd = ks_openat2(rootfd, prefix, O_PATH, IN_ROOT);
+            if (fd < 0) return fd;
         }
-        if (fd < 0) return fd;
+        if (!restart) return fd;
     }
-    return fd;
+    return -ELOOP;
 }
 
 static void fd_path(char *out, int fd) {

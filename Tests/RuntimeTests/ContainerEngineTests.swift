@@ -60,5 +60,130 @@ extension AllTests {
         #expect(openFDCount() == fdsBefore)
         #expect(mountsUnder(bundle.path).isEmpty, "mounts left: \(mountsUnder(bundle.path))")
     }
+
+    @Test func mountTargetsNeverFollowASymlinkOutOfTheRootfs() throws {
+        let bundle = try TestBundle("escape")
+        defer { bundle.remove() }
+        let outside = "/tmp/kuasar-escape-target-\(getpid())"
+        Files.removeTree(outside)
+        // An image whose /evil points at a host path, absolute and via "..".
+        symlink(outside, bundle.rootfs + "/evil")
+        symlink("../../../../..\(outside)", bundle.rootfs + "/evil2")
+        try bundle.setProcess(args: ["sh", "-c", "grep -c ' /evil' /proc/self/mountinfo"])
+        try bundle.editSpec { spec in
+            var mounts = spec["mounts"] as! [[String: Any]]
+            mounts.append(["destination": "/evil/x", "type": "tmpfs", "source": "tmpfs"])
+            mounts.append(["destination": "/evil2/y", "type": "tmpfs", "source": "tmpfs"])
+            spec["mounts"] = mounts
+        }
+        try withReactor(.epoll) { reactor in
+            let (status, _, err) = try runContainer(bundle, reactor: reactor)
+            #expect(err == nil, "\(String(describing: err))")
+            #expect(status != nil)
+        }
+        #expect(!Files.exists(outside), "a mount followed the image's symlink onto the host")
+        #expect(Files.isDirectory(bundle.rootfs + outside + "/x"), "the mount point belongs inside the rootfs")
+        #expect(Files.isDirectory(bundle.rootfs + outside + "/y"))
+        #expect(mountsUnder(outside).isEmpty)
+    }
+
+    @Test func invalidSpecsAreRefusedNamingTheField() throws {
+        let bundle = try TestBundle("invalid")
+        defer { bundle.remove() }
+        try bundle.editSpec { spec in
+            var linux = spec["linux"] as! [String: Any]
+            var ns = linux["namespaces"] as! [[String: Any]]
+            ns.append(["type": "bogus"])
+            linux["namespaces"] = ns
+            spec["linux"] = linux
+        }
+        try withReactor(.epoll) { reactor in
+            let (_, _, err) = try runContainer(bundle, reactor: reactor)
+            #expect(err?.kind == .invalid)
+            #expect(err?.message.contains("linux.namespaces[5].type: unknown namespace \"bogus\"") == true, "\(String(describing: err))")
+        }
+        try bundle.editSpec { spec in
+            var p = spec["process"] as! [String: Any]
+            p["cwd"] = "relative"
+            spec["process"] = p
+            var linux = spec["linux"] as! [String: Any]
+            linux["namespaces"] = [["type": "mount"]]
+            spec["linux"] = linux
+        }
+        let decoded = try bundle.spec()
+        #expect(throws: SpecError.self) { try decoded.validate() }
+        do { try decoded.validate() } catch { #expect(error.field == "process.cwd") }
+        #expect(throws: SpecError.self) { _ = try OCISpec.decode(Array("{\"ociVersion\": 3}".utf8)) }
+    }
+
+    @Test func seccompAndCgroupLimitsApplyInsideTheContainer() throws {
+        let bundle = try TestBundle("limits")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["sh", "-c", "mkdir /tmp/x 2>&1; cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null; cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max 2>/dev/null; true"])
+        try bundle.editSpec { spec in
+            var linux = spec["linux"] as! [String: Any]
+            linux["seccomp"] = ["defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+                                "syscalls": [["names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1]]]
+            linux["resources"] = ["memory": ["limit": 67108864], "pids": ["limit": 42]]
+            var p = spec["process"] as! [String: Any]
+            p["noNewPrivileges"] = true
+            spec["process"] = p
+            spec["linux"] = linux
+            var root = spec["root"] as! [String: Any]
+            root["readonly"] = false
+            spec["root"] = root
+        }
+        let cgroup = "kuasar-test/limits-\(getpid())"
+        try withReactor(.epoll) { reactor in
+            let (status, out, err) = try runContainer(bundle, reactor: reactor, cgroup: cgroup)
+            #expect(err == nil, "\(String(describing: err))")
+            #expect(status == .exited(0))
+            #expect(out.contains("Operation not permitted"), "stdout: \(out)")
+            #expect(out.contains("67108864"), "stdout: \(out)")
+            #expect(out.contains("42"), "stdout: \(out)")
+        }
+        let parent = try CgroupHost.detect().create("kuasar-test")
+        for dir in parent.dirs.values { #expect(!Files.exists(dir + "/limits-\(getpid())"), "cgroup left behind in \(dir)") }
+    }
+
+    @Test func execJoinsTheContainerAndKillReportsTheSignal() throws {
+        let bundle = try TestBundle("exec")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["sleep", "30"])
+        let out = bundle.path + "/exec-out"
+        try withReactor(.epoll) { reactor in
+            let supervisor = ProcessSupervisor(reactor: reactor)
+            let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor)
+            var container: Container?
+            Container.create(id: "e1", bundle: bundle.path, spec: try bundle.spec(), rootfs: bundle.rootfs,
+                             stdio: StdioPaths(), cgroupPath: "kuasar-test/exec-\(getpid())", engine: engine) { r in
+                container = try? r.get()
+            }
+            try spin(reactor, "create") { container != nil }
+            var started = false
+            container!.start { _ in started = true }
+            try spin(reactor, "start") { started }
+            #expect(container!.state == .running)
+            let p = try container!.exec(id: "x1", process: OCISpec.Process(args: ["sh", "-c", "hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$"]),
+                                        stdio: StdioPaths(stdout: "file://" + out))
+            var execPid: pid_t = 0
+            container!.startExec(p) { r in execPid = (try? r.get()) ?? -1 }
+            var execStatus: ExitStatus?
+            p.wait { s, _ in execStatus = s }
+            try spin(reactor, "exec exit") { execStatus != nil }
+            #expect(execPid > 0)
+            #expect(execStatus == .exited(0))
+            let text = try Files.readString(out)
+            #expect(text == "runc\nsleep 30 \n2\n", "exec saw: \(text)")
+            #expect(container!.pids().count == 1)
+            var initStatus: ExitStatus?
+            container!.initProcess.wait { s, _ in initStatus = s }
+            try container!.kill(signal: SIGKILL, all: false)
+            try spin(reactor, "init exit") { initStatus != nil }
+            #expect(initStatus?.code == 137)
+            container!.destroy()
+            try spin(reactor, "reaped") { supervisor.runningCount == 0 }
+        }
+    }
 }
 }
