@@ -16,6 +16,8 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <termios.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -38,6 +40,25 @@
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
+
+ssize_t ks_recv_with_fd(int sock, void *buf, size_t len, int *fd) {
+    *fd = -1;
+    char control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t n;
+    do { n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) memcpy(fd, CMSG_DATA(c), sizeof(int));
+    }
+    return n;
+}
 
 int ks_setns(int fd, int nstype) { return setns(fd, nstype) < 0 ? -errno : 0; }
 
@@ -373,6 +394,42 @@ static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
         fail(sync_fd, "remount / read-only", NULL, errno);
 }
 
+// A terminal from the container's own devpts (so ttyname and /dev/pts agree inside):
+// the slave becomes stdio and the controlling terminal, the master goes to the parent.
+static void make_console(int sync_fd) {
+    int m = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) fail(sync_fd, "open /dev/ptmx", NULL, errno);
+    int unlock = 0;
+    if (ioctl(m, TIOCSPTLCK, &unlock) < 0) fail(sync_fd, "unlock pty", NULL, errno);
+    int s = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+    if (s < 0) fail(sync_fd, "open pty peer", NULL, errno);
+    ks_child_report r;
+    memset(&r, 0, sizeof r);
+    r.kind = 2;
+    struct iovec iov = { .iov_base = &r, .iov_len = sizeof r };
+    char control[CMSG_SPACE(sizeof(int))];
+    memset(control, 0, sizeof control);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &m, sizeof(int));
+    ssize_t w;
+    do { w = sendmsg(sync_fd, &msg, 0); } while (w < 0 && errno == EINTR);
+    if (w < 0) fail(sync_fd, "send console", NULL, errno);
+    close(m);
+    for (int fd = 0; fd < 3; fd++)
+        if (dup2(s, fd) < 0) fail(sync_fd, "dup2 console", NULL, errno);
+    if (s > 2) close(s);
+    if (ioctl(0, TIOCSCTTY, 0) < 0) fail(sync_fd, "set controlling terminal", NULL, errno);
+}
+
 static void write_file(int sync_fd, const char *path, const char *value, const char *step) {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0) fail(sync_fd, step, path, errno);
@@ -457,7 +514,6 @@ static void container_child(const ks_container_attr *a) {
         fail(sync_fd, "become root in the user namespace", NULL, errno);
 
     if (setsid() < 0) fail(sync_fd, "setsid", NULL, errno);
-    if (a->console_fd >= 0 && ioctl(a->console_fd, TIOCSCTTY, 0) < 0) fail(sync_fd, "set controlling terminal", NULL, errno);
 
     {
         // Same two-pass fd mapping as ks_spawn; the sync socket is lifted above it.
@@ -482,6 +538,7 @@ static void container_child(const ks_container_attr *a) {
     }
 
     if (a->rootfs) setup_rootfs(a, sync_fd);
+    if (a->create_console) make_console(sync_fd);
 
     for (int i = 0; i < a->sysctl_count; i++) {
         char path[PATH_MAX] = "/proc/sys/";

@@ -21,6 +21,9 @@ struct DaemonCommand: ParsableCommand {
     @Option(help: "The API socket (created 0600, parent directory created).")
     var socket = DaemonOptions().socketPath
 
+    @Option(help: "State directory (sandbox task sockets, admin.sock); default: the socket's directory.")
+    var root: String?
+
     @Option(help: "Reactor backend: io_uring or epoll (default: io_uring when the kernel allows it; KUASAR_REACTOR overrides).")
     var reactor: String?
 
@@ -33,6 +36,7 @@ struct DaemonCommand: ParsableCommand {
         }
         var options = DaemonOptions()
         options.socketPath = socket
+        options.root = root
         if let reactor {
             guard let kind = BackendKind(rawValue: reactor) else {
                 throw ValidationError("--reactor must be io_uring or epoll, not \"\(reactor)\"")
@@ -94,4 +98,26 @@ enum FileHandleStderr {
     }
 }
 
+/// containerd runs the runtime as `containerd-shim-kuasar-v2` (a link to this binary).
+func runShim(_ args: [String]) -> Int32 {
+    let flags: ShimProtocol.Flags
+    do { flags = try ShimProtocol.parse(args) } catch {
+        FileHandleStderr.write("containerd-shim-kuasar-v2: \(error)\n")
+        return 2
+    }
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+    let exe = n > 0 ? String(decoding: buf[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+    return ShimProtocol.run(flags, environment: currentEnvironmentDictionary(), executable: exe,
+                            stdout: { bytes in bytes.withUnsafeBytes { _ = Glibc.write(1, $0.baseAddress, $0.count) } },
+                            stderr: { FileHandleStderr.write($0) })
+}
+
+let invokedAs = CommandLine.arguments.first.map { String($0.split(separator: "/").last ?? "") } ?? ""
+if invokedAs.hasPrefix("containerd-shim-kuasar") {
+    exit(runShim(Array(CommandLine.arguments.dropFirst())))
+}
+if CommandLine.arguments.count > 1 && CommandLine.arguments[1] == "shim" {
+    exit(runShim(Array(CommandLine.arguments.dropFirst(2))))
+}
 Kuasar.main()

@@ -140,7 +140,7 @@ typedef struct ks_container_attr {
     const char *_Nullable cwd;
     const ks_fd_map *_Nullable fds;
     int fd_count;
-    int console_fd;                          // pty slave: stdio + controlling terminal; -1 none
+    int create_console;                      // open a pty in the container's devpts, send the master back (kind 2)
     uint32_t uid, gid;
     const uint32_t *_Nullable gids;
     int gid_count;
@@ -181,9 +181,9 @@ typedef struct ks_container_attr {
     int wait_for_start;                      // report ready, then wait for 'S' before exec
 } ks_container_attr;
 
-/// What the child writes on its sync socket: ready (kind 0) or an error (kind 1)
-/// naming the step, e.g. `mount proc on /proc`, with its errno. End of file after
-/// 'S' means the exec succeeded.
+/// What the child writes on its sync socket: ready (kind 0), an error (kind 1) naming
+/// the step, e.g. `mount proc on /proc`, with its errno, or its console's master (kind
+/// 2, the fd in SCM_RIGHTS). End of file after 'S' means the exec succeeded.
 typedef struct ks_child_report {
     int32_t kind;
     int32_t err;
@@ -195,6 +195,9 @@ typedef struct ks_child_report {
 /// writes its id maps meanwhile). Returns 0 with *pid/*pidfd or -errno.
 int ks_container_clone(const ks_container_attr *attr, pid_t *pid, int *pidfd);
 
+/// recvmsg of up to `len` bytes; a passed descriptor (SCM_RIGHTS, close-on-exec) lands
+/// in *fd, else *fd = -1. Returns bytes read, 0 at end of file, or -errno.
+ssize_t ks_recv_with_fd(int sock, void *buf, size_t len, int *fd);
 int ks_setns(int fd, int nstype);
 int ks_mount(const char *_Nullable source, const char *target, const char *_Nullable fstype,
              unsigned long flags, const char *_Nullable data);

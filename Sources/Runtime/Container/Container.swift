@@ -24,6 +24,22 @@ public struct ContainerError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
+extension ContainerError: RPCStatusConvertible {
+    public var rpcError: RPCError {
+        switch kind {
+        case .notFound: return RPCError(.notFound, message)
+        case .alreadyExists: return RPCError(.alreadyExists, message)
+        case .invalid: return RPCError(.invalidArgument, message)
+        case .failedPrecondition: return RPCError(.failedPrecondition, message)
+        case .failed: return RPCError(.internal, message)
+        }
+    }
+}
+
+extension SpecError: RPCStatusConvertible {
+    public var rpcError: RPCError { RPCError(.invalidArgument, description) }
+}
+
 /// The daemon-wide parts every container uses: the reactor, exit supervision, the
 /// cgroup layout and our own pid namespace (to return to after cloning into another).
 public final class ContainerEngine {
@@ -65,7 +81,6 @@ public final class ContainerProcess {
     /// The spec of this process (exec: the request's; init: the container's).
     public let spec: OCISpec.Process
     var pidfdRaw: Int32 = -1
-    var sync: Connection?
     private var syncBuffer: [UInt8] = []
     private var pendingReady: ((Result<pid_t, ContainerError>) -> Void)?
     private var pendingStart: ((Result<pid_t, ContainerError>) -> Void)?
@@ -104,31 +119,60 @@ public final class ContainerProcess {
     func attach(_ child: consuming LaunchedChild, engine: ContainerEngine) throws(SystemError) {
         pid = child.pid
         pidfdRaw = child.pidfd.rawValue
-        let conn = Connection(reactor: engine.reactor, fd: child.sync.take().adopted())
-        sync = conn
-        conn.onRead = { [weak self] _, bytes in
-            self?.syncBuffer.append(contentsOf: bytes)
-            self?.consumeReports()
-        }
-        conn.onReadEOF = { [weak self] c in
-            c.close()
-            self?.syncClosed()
-        }
-        conn.onClose = { [weak self] _, _ in self?.syncClosed() }
+        reactor = engine.reactor
+        let syncFD = child.sync.take()
+        syncFDRaw = syncFD
+        syncRegistration = try engine.reactor.register(fd: syncFD, interest: .readable) { [weak self] _ in self?.readSync() }
         let process = SpawnedProcess(pid: child.pid, pidfd: child.pidfd.take().adopted())
         try engine.supervisor.adopt(process) { [weak self] status in self?.exited(status) }
-        try conn.start()
+    }
+
+    private var reactor: Reactor?
+    private var syncFDRaw: Int32 = -1
+    private var syncRegistration: Reactor.Registration?
+
+    /// The sync socket carries reports and, in terminal mode, the console's master fd:
+    /// read with recvmsg so the descriptor is not lost.
+    private func readSync() {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while syncFDRaw >= 0 {
+            var passed: Int32 = -1
+            let n = buf.withUnsafeMutableBytes { ks_recv_with_fd(syncFDRaw, $0.baseAddress!, $0.count, &passed) }
+            if passed >= 0 { io.attachConsole(OwnedFD(adopting: passed), size: spec.consoleSize) }
+            if n > 0 {
+                syncBuffer.append(contentsOf: buf[..<Int(n)])
+                consumeReports()
+                continue
+            }
+            if n == -Int(Errno.EAGAIN.rawValue) { return }
+            closeSync()
+            syncClosed()
+            return
+        }
+    }
+
+    private func closeSync() {
+        if let reg = syncRegistration { reactor?.deregister(reg) }
+        syncRegistration = nil
+        if syncFDRaw >= 0 { _ = Glibc.close(syncFDRaw) }
+        syncFDRaw = -1
+    }
+
+    private func writeSync(_ byte: UInt8) {
+        guard syncFDRaw >= 0 else { return }
+        var b = byte
+        _ = Glibc.send(syncFDRaw, &b, 1, Int32(MSG_NOSIGNAL))
     }
 
     func go() {
-        _ = sync?.write([UInt8(ascii: "G")])
+        writeSync(UInt8(ascii: "G"))
     }
 
     func whenReady(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) { pendingReady = body }
 
     func start(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) {
         pendingStart = body
-        _ = sync?.write([UInt8(ascii: "S")])
+        writeSync(UInt8(ascii: "S"))
     }
 
     private static let reportSize = MemoryLayout<ks_child_report>.size
@@ -140,6 +184,7 @@ public final class ContainerProcess {
             let textBytes = syncBuffer[8..<Self.reportSize].prefix { $0 != 0 }
             let what = String(decoding: textBytes, as: UTF8.self)
             syncBuffer.removeFirst(Self.reportSize)
+            if kind == 2 { continue }  // the console's fd, taken by readSync
             if kind == 0 {
                 state = .created
                 let r = pendingReady
@@ -161,7 +206,6 @@ public final class ContainerProcess {
     }
 
     private func syncClosed() {
-        sync = nil
         // End of file after 'S' is the exec: the close-on-exec socket went away.
         if let s = pendingStart, failure == nil {
             pendingStart = nil
@@ -181,15 +225,18 @@ public final class ContainerProcess {
 
     /// Abandons a process that was never started (Delete after Create).
     func abandon() {
-        sync?.close()
-        sync = nil
+        closeSync()
         if pidfdRaw >= 0 { try? sendSignal(pidfd: pidfdRaw, SIGKILL) }
     }
 
     private func exited(_ status: ExitStatus) {
         let wasRunning = state
         pidfdRaw = -1
-        sync?.close()
+        if syncFDRaw >= 0 {
+            readSync()  // a last report (an exec error) may sit unread
+            closeSync()
+            syncClosed()
+        }
         let at = WallTime.now()
         // Output first: the exit is reported only once the FIFOs hold everything.
         io.drain { [self] in
@@ -274,7 +321,7 @@ public final class Container {
             process.container = container
             let child = try ContainerLauncher.launch(
                 spec: spec, process: spec.process!, target: .initProcess(rootfs: rootfs), bundle: bundle,
-                stdio: io.stdioMap, console: io.consoleSlave, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace)
+                stdio: io.stdioMap, console: io.terminal, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace)
             let pid = child.pid
             // From here the child exists: a failure kills it (it has not run anything yet).
             try process.attach(child, engine: engine)
@@ -373,7 +420,7 @@ public final class Container {
         do {
             let child = try ContainerLauncher.launch(
                 spec: spec, process: p.spec, target: .exec(pidfd: initProcess.pidfdRaw, namespaces: execNamespaces & ~NamespaceFlag.user),
-                bundle: bundle, stdio: p.io.stdioMap, console: p.io.consoleSlave, cgroup: cgroup,
+                bundle: bundle, stdio: p.io.stdioMap, console: p.io.terminal, cgroup: cgroup,
                 selfPidNamespace: engine.selfPidNamespace)
             let pid = child.pid
             try p.attach(child, engine: engine)

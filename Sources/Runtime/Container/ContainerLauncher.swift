@@ -67,10 +67,11 @@ public enum ContainerLauncher {
         .init(type: "c", path: "/dev/random", major: 1, minor: 8, fileMode: 0o666, uid: 0, gid: 0),
     ]
 
-    /// Clones the child. `stdio` maps parent fds to 0/1/2 (ignored when `console` is set).
+    /// Clones the child. `stdio` maps parent fds to 0/1/2; with `console` the child makes
+    /// a pty in the container instead and sends its master back.
     public static func launch(
         spec: OCISpec, process: OCISpec.Process, target: LaunchTarget, bundle: String,
-        stdio: [(from: Int32, to: Int32)], console: Int32?, cgroup: Cgroup?, selfPidNamespace: Int32
+        stdio: [(from: Int32, to: Int32)], console: Bool, cgroup: Cgroup?, selfPidNamespace: Int32
     ) throws -> LaunchedChild {
         let arena = CArena()
         defer { arena.free() }
@@ -89,11 +90,10 @@ public enum ContainerLauncher {
         if process.terminal == true && !env.contains(where: { $0.hasPrefix("TERM=") }) { env.append("TERM=xterm") }
         attr.envp = arena.stringArray(env)
         attr.cwd = arena.string(process.cwd)
-        var fds = stdio
-        if let console { fds = [(console, 0), (console, 1), (console, 2)] }
+        let fds = console ? [] : stdio
         attr.fds = arena.array(fds.map { ks_fd_map(from: $0.from, to: $0.to) })
         attr.fd_count = Int32(fds.count)
-        attr.console_fd = console.map { _ in 0 } ?? -1  // after the mapping the console is fd 0
+        attr.create_console = console ? 1 : 0
         attr.uid = process.user.uid
         attr.gid = process.user.gid
         let gids = process.user.additionalGids ?? []

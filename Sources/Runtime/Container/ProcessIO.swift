@@ -26,8 +26,11 @@ public final class ProcessIO {
     /// The fds the child gets as 0, 1, 2 (closed in the parent after the clone).
     private(set) var childFDs: [Int32] = []
     private var childOwned: [OwnedFDBox] = []
-    /// Terminal mode: the slave the child gets as its console.
-    public private(set) var consoleSlave: Int32?
+    /// Terminal mode: the child makes its pty in the container and sends the master.
+    public let terminal: Bool
+    private var terminalOut: OutputSink?
+    private var terminalInPath = ""
+    private var isStarted = false
     private var master: Connection?
     private var pumps: [Pump] = []
     private var stdinSink: Connection?
@@ -96,19 +99,10 @@ public final class ProcessIO {
 
     public init(reactor: Reactor, paths: StdioPaths) throws(SystemError) {
         self.reactor = reactor
+        terminal = paths.terminal
         if paths.terminal {
-            var pty = try makePTY()
-            let slave = pty.second.rawValue
-            consoleSlave = slave
-            childOwned.append(OwnedFDBox(pty.second.take().adopted()))
-            let masterConn = Connection(reactor: reactor, fd: pty.first.take().adopted())
-            master = masterConn
-            let out = try ProcessIO.openOutput(paths.stdout, reactor: reactor)
-            pumps.append(Pump(source: masterConn, sink: out))
-            if !paths.stdin.isEmpty {
-                stdinSource = try ProcessIO.openInput(paths.stdin, reactor: reactor)
-                stdinSink = masterConn
-            }
+            terminalOut = try ProcessIO.openOutput(paths.stdout, reactor: reactor)
+            terminalInPath = paths.stdin
         } else {
             // stdin: a pipe whose read end is the child's fd 0, fed from the FIFO.
             if !paths.stdin.isEmpty {
@@ -177,12 +171,36 @@ public final class ProcessIO {
         return Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
     }
 
+    /// Terminal mode: the console master arrived from the child; pump it like a pipe.
+    func attachConsole(_ fd: consuming OwnedFD, size: OCISpec.ConsoleSize?) {
+        guard terminal, master == nil else { fd.close(); return }
+        let conn = Connection(reactor: reactor, fd: fd)
+        master = conn
+        if let size { try? resize(width: size.width, height: size.height) }
+        pumps.append(Pump(source: conn, sink: terminalOut))
+        terminalOut = nil
+        if !terminalInPath.isEmpty {
+            do {
+                stdinSource = try ProcessIO.openInput(terminalInPath, reactor: reactor)
+                stdinSink = conn
+            } catch {
+                // Without stdin the terminal still shows output.
+            }
+        }
+        if isStarted { try? startPumps() }
+    }
+
     /// Starts pumping; call once the child has its copies of the fds.
     public func start() throws(SystemError) {
+        isStarted = true
+        try startPumps()
+    }
+
+    private func startPumps() throws(SystemError) {
         for b in childOwned { b.fd.take()?.close() }
         childOwned.removeAll()
         childFDs.removeAll()
-        for pump in pumps {
+        for pump in pumps where !started.contains(ObjectIdentifier(pump.source)) {
             let sink = pump.sink
             pump.source.onRead = { source, bytes in
                 guard let sink else { return }
@@ -269,6 +287,8 @@ public final class ProcessIO {
     /// Terminal window size.
     public func resize(width: UInt32, height: UInt32) throws(SystemError) {
         guard let master else { throw SystemError("resize", "not a terminal", errno: .EINVAL) }
+        // A resize that races the exit (clients send one on SIGWINCH) has nothing to do.
+        guard master.state != .closed else { return }
         var ws = winsize(ws_row: UInt16(truncatingIfNeeded: height), ws_col: UInt16(truncatingIfNeeded: width), ws_xpixel: 0, ws_ypixel: 0)
         _ = try sys("ioctl(TIOCSWINSZ)") { ioctl(master.rawFD, UInt(TIOCSWINSZ), &ws) }
     }
@@ -285,6 +305,7 @@ public final class ProcessIO {
         stdinSource?.close()
         stdinSink?.close()
         master?.close()
+        terminalOut?.close()
         if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
         let w = drainWaiters
         drainWaiters.removeAll()

@@ -11,6 +11,15 @@ public enum KuasarVersion {
 /// with no configuration at all.
 public struct DaemonOptions: Sendable {
     public var socketPath = "/run/kuasar/kuasar.sock"
+    /// State directory: sandboxes' task sockets and state, admin.sock. Default: the
+    /// API socket's directory.
+    public var root: String?
+    public var effectiveRoot: String {
+        if let root { return root }
+        guard let slash = socketPath.lastIndex(of: "/"), slash != socketPath.startIndex else { return "/run/kuasar" }
+        return String(socketPath[..<slash])
+    }
+    public var adminSocketPath: String { effectiveRoot + "/admin.sock" }
     /// nil: io_uring when the kernel allows it, else epoll (`KUASAR_REACTOR` overrides).
     public var backend: BackendKind?
     public init() {}
@@ -26,6 +35,10 @@ public final class Daemon {
     private(set) var reactor: Reactor?
     private var listener: Listener?
     private var supervisor: ProcessSupervisor?
+    private var registry: SandboxRegistry?
+    private var tasks: TaskService?
+    private var admin: AdminService?
+    private var ownsAdminPath = false
     private var connections = LiveSet<Connection>()
     private let startedAt = MonotonicClock.nanoseconds()
     /// Only a path we bound is ours to remove: a failed start must not delete another
@@ -58,6 +71,18 @@ public final class Daemon {
             self.logger.info("signal \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): shutting down")
             self.reactor?.stop()
         }
+
+        let root = options.effectiveRoot
+        try makeDirectories(root, mode: 0o700)
+        let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
+        let registry = SandboxRegistry(root: root, engine: engine, logger: logger)
+        self.registry = registry
+        let tasks = TaskService(registry: registry, reactor: reactor, logger: logger)
+        self.tasks = tasks
+        let admin = AdminService(registry: registry, tasks: tasks, reactor: reactor, logger: logger)
+        self.admin = admin
+        try admin.listen(path: options.adminSocketPath)
+        ownsAdminPath = true
 
         let fd = try Socket.listenUnix(path: options.socketPath)
         ownsSocketPath = true
@@ -102,7 +127,7 @@ public final class Daemon {
         switch req.trimmingSpaces {
         case "health":
             let uptimeMS = (MonotonicClock.nanoseconds() - startedAt) / 1_000_000
-            conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0)\n")
+            conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0) sandboxes=\(registry?.sandboxes.count ?? 0) containers=\(registry?.containerCount ?? 0)\n")
         case "":
             break
         default:
@@ -111,6 +136,20 @@ public final class Daemon {
     }
 
     private func shutdown() {
+        // Without recovery (yet), containers do not outlive the daemon that pumps their
+        // stdio: stop them and release their cgroups, mounts and state.
+        if let registry {
+            for sandbox in registry.sandboxes.values {
+                for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+                registry.remove(sandbox)
+            }
+        }
+        tasks?.close()
+        tasks = nil
+        admin?.close()
+        admin = nil
+        registry = nil
+        if ownsAdminPath { _ = unlink(options.adminSocketPath) }
         for conn in connections.takeAll() { conn.close() }
         listener?.close()
         listener = nil

@@ -58,6 +58,8 @@ public struct RPCError: Error, Equatable, Sendable, CustomStringConvertible {
         switch error {
         case let e as RPCError:
             return e
+        case let e as RPCStatusConvertible:
+            return e.rpcError
         case let e as SystemError:
             switch e.errno {
             case .ENOENT, .ESRCH: return RPCError(.notFound, e.description)
@@ -73,4 +75,10 @@ public struct RPCError: Error, Equatable, Sendable, CustomStringConvertible {
             return RPCError(.internal, String(describing: error))
         }
     }
+}
+
+/// A domain error that knows its wire status (container and sandbox errors); keeps
+/// `RPCError.from` the one mapping without the wire layer knowing those types.
+public protocol RPCStatusConvertible: Error {
+    var rpcError: RPCError { get }
 }

@@ -357,6 +357,12 @@ public final class TTRPCServerCall {
         }
     }
 
+    /// Closes the connection this call came on once what is queued (its answer) is
+    /// written: containerd waits for that close after a shim's Shutdown.
+    public func closeConnectionAfterFlush() {
+        connection.connection.closeAfterFlush()
+    }
+
     /// Ends the call with an error status.
     public func fail(_ error: RPCError) {
         guard !isFinished else { return }

@@ -1,0 +1,149 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import SwiftProtobuf
+
+/// `containerd-shim-kuasar-v2`: the shim v2 binary protocol containerd 1.6/1.7 (and 2.x
+/// without a sandboxer) speaks to a runtime. `start` makes sure the daemon runs,
+/// registers the sandbox and prints the daemon's task address; `delete` cleans up after
+/// a task containerd lost. The binary exits at once: no process per pod stays behind.
+public enum ShimProtocol {
+    public struct Flags: Equatable {
+        public var namespace = ""
+        public var address = ""
+        public var publishBinary = ""
+        public var id = ""
+        public var bundle = ""
+        public var debug = false
+        public var action = ""
+    }
+
+    /// Go's flag syntax as containerd passes it: `-namespace ns -address a -id x start`.
+    public static func parse(_ args: [String]) throws -> Flags {
+        var f = Flags()
+        var i = 0
+        func value(_ name: String) throws -> String {
+            i += 1
+            guard i < args.count else { throw ShimError("flag -\(name) needs a value") }
+            return args[i]
+        }
+        while i < args.count {
+            var a = args[i]
+            if a.hasPrefix("--") { a.removeFirst() }
+            var inline: String?
+            if let eq = a.firstIndex(of: "="), a.hasPrefix("-") {
+                inline = String(a[a.index(after: eq)...])
+                a = String(a[..<eq])
+            }
+            switch a {
+            case "-namespace": f.namespace = try inline ?? value("namespace")
+            case "-address": f.address = try inline ?? value("address")
+            case "-publish-binary": f.publishBinary = try inline ?? value("publish-binary")
+            case "-id": f.id = try inline ?? value("id")
+            case "-bundle": f.bundle = try inline ?? value("bundle")
+            case "-debug": f.debug = inline.map { $0 != "false" } ?? true
+            case "-v", "-version": f.action = "version"
+            case "-socket", "-systemd-cgroup", "-criu", "-runtime-root":
+                _ = try inline ?? value(a)  // runc shim flags we accept and ignore
+            default:
+                if a.hasPrefix("-") { throw ShimError("unknown flag \(args[i])") }
+                guard f.action.isEmpty else { throw ShimError("unexpected argument \(a)") }
+                f.action = a
+            }
+            i += 1
+        }
+        return f
+    }
+
+    public struct ShimError: Error, CustomStringConvertible {
+        public let description: String
+        init(_ d: String) { description = d }
+    }
+
+    public static let sandboxAnnotation = "io.kubernetes.cri.sandbox-id"
+
+    /// Runs one invocation; returns the process exit code. `stdout` gets exactly what
+    /// containerd parses (it reads stdout and stderr together for `start`).
+    public static func run(_ f: Flags, environment: [String: String], executable: String,
+                           stdout: (([UInt8]) -> Void), stderr: ((String) -> Void)) -> Int32 {
+        let root = environment["KUASAR_ROOT"] ?? "/run/kuasar"
+        switch f.action {
+        case "version":
+            stdout(Array("containerd-shim-kuasar-v2:\n  Version: \(KuasarVersion.string)\n  Runtime: kuasar\n".utf8))
+            return 0
+        case "start":
+            do {
+                let bundle = f.bundle.isEmpty ? FileManager.default.currentDirectoryPath : f.bundle
+                try Identifier.validate(f.id, what: "container")
+                var sandboxID = f.id
+                if let data = try? Files.read(bundle + "/config.json"),
+                   let spec = try? OCISpec.decode(data), let s = spec.annotations?[sandboxAnnotation], !s.isEmpty {
+                    sandboxID = s
+                }
+                let client = try connectOrStartDaemon(root: root, executable: executable, environment: environment)
+                defer { client.close() }
+                var req = Kuasar_Admin_V1_RegisterSandboxRequest()
+                req.sandboxID = sandboxID
+                req.namespace = f.namespace
+                req.eventsAddress = environment["TTRPC_ADDRESS"] ?? ""
+                req.bundle = bundle
+                let resp = try client.call(AdminService.service, "RegisterSandbox", req, as: Kuasar_Admin_V1_RegisterSandboxResponse.self)
+                // containerd reads the address back from here after its own restart.
+                try? Files.write(bundle + "/address", resp.taskAddress, create: true, mode: 0o600)
+                stdout(Array(resp.taskAddress.utf8))
+                return 0
+            } catch {
+                stderr("containerd-shim-kuasar-v2 start: \(error)\n")
+                return 1
+            }
+        case "delete":
+            let bundle = f.bundle.isEmpty ? FileManager.default.currentDirectoryPath : f.bundle
+            var resp = Containerd_Task_V2_DeleteResponse()
+            resp.exitStatus = 128 + UInt32(SIGKILL)
+            if let client = try? OneShotClient(path: root + "/admin.sock") {
+                var req = Kuasar_Admin_V1_ForceDeleteRequest()
+                req.containerID = f.id
+                req.namespace = f.namespace
+                if let r = try? client.call(AdminService.service, "ForceDelete", req, as: Kuasar_Admin_V1_ForceDeleteResponse.self), r.found {
+                    resp.pid = r.pid
+                    resp.exitStatus = r.exitStatus
+                }
+                client.close()
+            }
+            Mounts.unmountAll(under: bundle + "/rootfs")
+            let now = WallTime.now()
+            resp.exitedAt = Google_Protobuf_Timestamp(seconds: now.seconds, nanos: now.nanos)
+            stdout((try? [UInt8](resp.serializedData())) ?? [])
+            return 0
+        default:
+            stderr("containerd-shim-kuasar-v2: unknown action \"\(f.action)\" (start, delete, -v)\n")
+            return 2
+        }
+    }
+
+    /// The admin socket of a running daemon; else starts one (detached, its own session)
+    /// and waits until it answers.
+    public static func connectOrStartDaemon(root: String, executable: String, environment: [String: String]) throws -> OneShotClient {
+        let admin = root + "/admin.sock"
+        if let c = try? OneShotClient(path: admin) { return c }
+        try makeDirectories(root, mode: 0o700)
+        let log = root + "/daemon.log"
+        let logFD = try sys("open", log) { open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
+        let null = try sys("open", "/dev/null") { open("/dev/null", O_RDONLY | O_CLOEXEC) }
+        defer { _ = close(logFD); _ = close(null) }
+        var spec = ProcessSpec(executable: executable, arguments: ["kuasar", "daemon", "--root", root, "--socket", root + "/kuasar.sock"],
+                               fdMap: [(null, 0), (logFD, 1), (logFD, 2)])
+        spec.newSession = true
+        var child = try Spawner.spawn(spec)
+        let pid = child.pid
+        // The daemon outlives us; its exit is reaped by whoever inherits it.
+        child.pidfd.close()
+        for _ in 0..<500 {
+            if let c = try? OneShotClient(path: admin) { return c }
+            if waitpid(pid, nil, WNOHANG) == pid { break }  // it exited: see the log
+            usleep(10_000)
+        }
+        throw ShimError("the kuasar daemon did not come up on \(admin); see \(log)")
+    }
+}
