@@ -490,6 +490,7 @@ static void exec_in_container(const ks_container_attr *a, int sync_fd) {
 __attribute__((noreturn))
 static void container_child(const ks_container_attr *a) {
     int sync_fd = a->sync_fd;
+    if (a->parent_sync_fd >= 0) close(a->parent_sync_fd);
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;

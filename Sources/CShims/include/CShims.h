@@ -178,6 +178,7 @@ typedef struct ks_container_attr {
     const char *_Nullable hostname;
     const char *_Nullable domainname;
     int sync_fd;                             // child's end of the sync socket
+    int parent_sync_fd;                      // the parent's end: closed in the child at once, so closing it means EOF
     int wait_for_start;                      // report ready, then wait for 'S' before exec
 } ks_container_attr;
 

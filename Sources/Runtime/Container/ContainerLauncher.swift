@@ -123,6 +123,7 @@ public enum ContainerLauncher {
         attr.cgroup_fd = -1
         attr.setns_pidfd = -1
         attr.sync_fd = -1
+        attr.parent_sync_fd = -1
 
         var joinPidNamespace: Int32 = -1
         switch target {
@@ -172,6 +173,7 @@ public enum ContainerLauncher {
         let pair = try Socket.pair()
         var pairParts = pair
         attr.sync_fd = pairParts.second.rawValue
+        attr.parent_sync_fd = pairParts.first.rawValue
         var pid: pid_t = 0, pidfd: Int32 = -1
         let rc: Int32
         if joinPidNamespace >= 0 {

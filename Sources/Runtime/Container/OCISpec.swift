@@ -14,6 +14,8 @@ public struct OCISpec: Codable, Sendable {
     public var annotations: [String: String]?
     public var linux: Linux?
 
+    public init(ociVersion: String) { self.ociVersion = ociVersion }
+
     public struct Process: Codable, Sendable {
         public var terminal: Bool?
         public var consoleSize: ConsoleSize?
@@ -106,6 +108,7 @@ public struct OCISpec: Codable, Sendable {
         public var mountLabel: String?
         public var intelRdt: IgnoredField?
         public var personality: IgnoredField?
+        public init() {}
     }
     public struct Resources: Codable, Sendable {
         public var memory: Memory?

@@ -39,6 +39,8 @@ public final class Sandbox {
     /// Order of creation, for listings.
     public private(set) var containerOrder: [String] = []
     public var state: State = .ready
+    /// Namespace type → pinned ns file, for a sandbox that shares namespaces.
+    public var pinned: [String: String] = [:]
     /// Container ids whose Create is in flight (so an id cannot be taken twice).
     public var pendingCreates = Set<String>()
 
@@ -52,6 +54,18 @@ public final class Sandbox {
         self.namespace = namespace
         self.stateDir = stateDir
         self.eventsAddress = eventsAddress
+    }
+
+    /// The spec a container of this sandbox runs with: a namespace it would create new
+    /// is joined from the sandbox instead when the sandbox pins one of that type.
+    public func adapt(_ spec: OCISpec) -> OCISpec {
+        guard !pinned.isEmpty, var ns = spec.linux?.namespaces else { return spec }
+        for i in ns.indices where ns[i].path == nil {
+            if let file = pinned[ns[i].type] { ns[i].path = file }
+        }
+        var out = spec
+        out.linux!.namespaces = ns
+        return out
     }
 
     public func add(_ c: Container) {
@@ -79,7 +93,7 @@ public final class SandboxRegistry {
     }
 
     /// The sandbox `id`, made (state directory 0700) when it does not exist yet.
-    public func register(id: String, namespace: String, eventsAddress: String) throws -> (Sandbox, created: Bool) {
+    public func register(id: String, namespace: String, eventsAddress: String, sharedNamespaces: Bool = false) throws -> (Sandbox, created: Bool) {
         try Identifier.validate(id, what: "sandbox")
         if let s = sandboxes[id] {
             guard s.namespace == namespace || namespace.isEmpty else {
@@ -91,6 +105,12 @@ public final class SandboxRegistry {
         let dir = root + "/" + id
         try makeDirectories(dir, mode: 0o700)
         let s = Sandbox(id: id, namespace: namespace, stateDir: dir, eventsAddress: eventsAddress)
+        if sharedNamespaces {
+            do { s.pinned = try PinnedNamespaces.create(in: dir, engine: engine) } catch {
+                Files.removeTree(dir)
+                throw error
+            }
+        }
         sandboxes[id] = s
         return (s, true)
     }
@@ -98,6 +118,8 @@ public final class SandboxRegistry {
     /// Forgets a sandbox with no containers left and removes its state directory.
     public func remove(_ sandbox: Sandbox) {
         for c in sandbox.containers.values { c.destroy() }
+        PinnedNamespaces.release(sandbox.pinned)
+        sandbox.pinned = [:]
         sandboxes.removeValue(forKey: sandbox.id)
         sandbox.state = .stopped
         Files.removeTree(sandbox.stateDir)
@@ -111,4 +133,50 @@ public final class SandboxRegistry {
     }
 
     public var containerCount: Int { sandboxes.values.reduce(0) { $0 + $1.containers.count } }
+}
+
+/// Namespaces a sandbox holds for its containers without a pause process: created by
+/// a child that never runs anything, pinned by bind-mounting its /proc/<pid>/ns files
+/// into the sandbox's state directory, released on shutdown.
+public enum PinnedNamespaces {
+    public static let types = ["network", "ipc", "uts"]
+
+    /// Creates the namespaces and returns type → pinned file.
+    public static func create(in dir: String, engine: ContainerEngine) throws -> [String: String] {
+        var spec = OCISpec(ociVersion: "1.0.2")
+        spec.process = OCISpec.Process(args: ["/nonexistent-never-run"])
+        spec.linux = OCISpec.Linux()
+        spec.linux!.namespaces = types.map { OCISpec.Namespace(type: $0) }
+        var child = try ContainerLauncher.launch(
+            spec: spec, process: spec.process!, target: .initProcess(rootfs: "/"), bundle: dir,
+            stdio: [], console: false, cgroup: nil, selfPidNamespace: engine.selfPidNamespace)
+        let pid = child.pid
+        let sync = child.sync.take()
+        let pidfd = child.pidfd.take()
+        defer {
+            // Closing the sync socket before 'G' makes the child exit 0 without doing anything.
+            _ = close(sync)
+            _ = try? Spawner.wait(SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: pidfd)))
+        }
+        var pinned: [String: String] = [:]
+        do {
+            for type in types {
+                let file = dir + "/" + NamespaceFlag.procName(type)
+                try Files.write(file, "", create: true, mode: 0o600)
+                try Mounts.mount(source: "/proc/\(pid)/ns/\(NamespaceFlag.procName(type))", target: file, type: nil, flags: MountOptions.BIND)
+                pinned[type] = file
+            }
+        } catch {
+            release(pinned)
+            throw error
+        }
+        return pinned
+    }
+
+    public static func release(_ pinned: [String: String]) {
+        for file in pinned.values {
+            try? Mounts.unmount(file, lazy: true)
+            _ = unlink(file)
+        }
+    }
 }

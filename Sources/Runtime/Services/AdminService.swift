@@ -18,7 +18,8 @@ public final class AdminService {
         self.tasks = tasks
         server = TTRPCServer(reactor: reactor, logger: logger)
         server.registerUnary(service: Self.service, method: "RegisterSandbox") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Admin_V1_RegisterSandboxRequest) in
-            let (sandbox, created) = try self.registry.register(id: r.sandboxID, namespace: r.namespace, eventsAddress: r.eventsAddress)
+            let (sandbox, created) = try self.registry.register(id: r.sandboxID, namespace: r.namespace, eventsAddress: r.eventsAddress,
+                                                                 sharedNamespaces: r.sharedNamespaces)
             do { try self.tasks.serve(sandbox) } catch {
                 if created { self.registry.remove(sandbox) }
                 throw error

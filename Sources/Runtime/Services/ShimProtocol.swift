@@ -77,6 +77,7 @@ public enum ShimProtocol {
                 let bundle = f.bundle.isEmpty ? FileManager.default.currentDirectoryPath : f.bundle
                 try Identifier.validate(f.id, what: "container")
                 var sandboxID = f.id
+                // A CRI pod's containers carry their pod's id: they share one sandbox.
                 if let data = try? Files.read(bundle + "/config.json"),
                    let spec = try? OCISpec.decode(data), let s = spec.annotations?[sandboxAnnotation], !s.isEmpty {
                     sandboxID = s
@@ -88,6 +89,7 @@ public enum ShimProtocol {
                 req.namespace = f.namespace
                 req.eventsAddress = environment["TTRPC_ADDRESS"] ?? ""
                 req.bundle = bundle
+                req.sharedNamespaces = sandboxID != f.id
                 let resp = try client.call(AdminService.service, "RegisterSandbox", req, as: Kuasar_Admin_V1_RegisterSandboxResponse.self)
                 // containerd reads the address back from here after its own restart.
                 try? Files.write(bundle + "/address", resp.taskAddress, create: true, mode: 0o600)

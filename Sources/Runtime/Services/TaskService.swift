@@ -191,7 +191,7 @@ public final class TaskService {
         }
         if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
-        let spec = try OCISpec.decode(try Files.read(r.bundle + "/config.json"))
+        let spec = sandbox.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
         try spec.validate()
         let rootPath = spec.root!.path
         let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath

@@ -35,6 +35,10 @@ public nonisolated struct Kuasar_Admin_V1_RegisterSandboxRequest: Sendable {
 
   public var bundle: String = String()
 
+  /// The sandbox groups several containers (a CRI pod): it pins its own network, ipc
+  /// and uts namespaces, which its containers join instead of making new ones.
+  public var sharedNamespaces: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -183,7 +187,7 @@ fileprivate nonisolated let _protobuf_package = "kuasar.admin.v1"
 
 nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RegisterSandboxRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sandbox_id\0\u{1}namespace\0\u{3}events_address\0\u{1}bundle\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sandbox_id\0\u{1}namespace\0\u{3}events_address\0\u{1}bundle\0\u{3}shared_namespaces\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -195,6 +199,7 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
       case 2: try { try decoder.decodeSingularStringField(value: &self.namespace) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.eventsAddress) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.bundle) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.sharedNamespaces) }()
       default: break
       }
     }
@@ -213,6 +218,9 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
     if !self.bundle.isEmpty {
       try visitor.visitSingularStringField(value: self.bundle, fieldNumber: 4)
     }
+    if self.sharedNamespaces != false {
+      try visitor.visitSingularBoolField(value: self.sharedNamespaces, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -221,6 +229,7 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
     if lhs.namespace != rhs.namespace {return false}
     if lhs.eventsAddress != rhs.eventsAddress {return false}
     if lhs.bundle != rhs.bundle {return false}
+    if lhs.sharedNamespaces != rhs.sharedNamespaces {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
