@@ -120,6 +120,12 @@ public final class SandboxRegistry {
         for c in sandbox.containers.values { c.destroy() }
         PinnedNamespaces.release(sandbox.pinned)
         sandbox.pinned = [:]
+        // The sandbox's cgroup parent, now that its containers' cgroups are gone.
+        if let host = engine.cgroups {
+            for h in host.hierarchies.values {
+                _ = rmdir(h.mount + (h.own == "/" ? "" : h.own) + "/kuasar/" + sandbox.id)
+            }
+        }
         sandboxes.removeValue(forKey: sandbox.id)
         sandbox.state = .stopped
         Files.removeTree(sandbox.stateDir)

@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs `command` with /bin/sh; returns its exit code and stdout+stderr. Blocking: the
+/// peers (containerd, the daemon) are other processes.
+func shell(_ command: String, env: [String]? = nil, timeoutS: Int = 60) throws -> (code: Int32, out: String) {
+    let out = "/tmp/kuasar-shell-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    defer { unlink(out) }
+    let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+    defer { close(fd); close(null) }
+    let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/timeout", arguments: ["timeout", "\(timeoutS)", "/bin/sh", "-c", command],
+                                          environment: env, fdMap: [(null, 0), (fd, 1), (fd, 2)]))
+    let status = try Spawner.wait(p)
+    return (status.code, (try? Files.readString(out)) ?? "")
+}
+
+/// Debian's containerd 1.6 on private paths with `containerd-shim-kuasar-v2` on its PATH
+/// (a link to the kuasar binary under test) and a busybox image imported offline. The
+/// first `ctr run` starts the kuasar daemon through the shim protocol.
+final class ContainerdFixture {
+    let dir: String
+    let socket: String
+    var kuasarRoot: String { dir + "/kuasar" }
+    var containerdPID: pid_t = 0
+    var containerdPidfd: Int32 = -1
+    static let image = "docker.io/library/busybox:latest"
+    static let runtime = "io.containerd.kuasar.v2"
+
+    init(_ name: String) throws {
+        dir = "/tmp/kuasar-ctd-\(name)-\(getpid())"
+        socket = dir + "/containerd.sock"
+        Mounts.unmountAll(under: dir)
+        Files.removeTree(dir)
+        try makeDirectories(dir + "/bin", mode: 0o755)
+        symlink(AllTests.DaemonTests.binary, dir + "/bin/containerd-shim-kuasar-v2")
+        try Files.write(dir + "/config.toml", """
+            version = 2
+            root = "\(dir)/root"
+            state = "\(dir)/state"
+            disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+            [grpc]
+              address = "\(socket)"
+            """, create: true)
+        let log = open(dir + "/containerd.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { close(log) }
+        var env = currentEnvironment().filter { !$0.hasPrefix("PATH=") && !$0.hasPrefix("KUASAR_ROOT=") }
+        env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)"]
+        var p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
+                                              environment: env, fdMap: [(log, 1), (log, 2)]))
+        containerdPID = p.pid
+        containerdPidfd = p.pidfd.take()
+        for _ in 0..<300 where access(socket, F_OK) != 0 { usleep(10_000) }
+        let (code, out) = try shell("python3 \(repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) && \(ctr) images import \(dir)/busybox.tar")
+        #expect(code == 0, "image import: \(out)")
+    }
+
+    var ctr: String { "ctr -a \(socket)" }
+
+    func ctr(_ args: String, timeoutS: Int = 60) throws -> (code: Int32, out: String) {
+        try shell("\(ctr) \(args)", timeoutS: timeoutS)
+    }
+
+    /// `ctr run` with our runtime.
+    func run(_ args: String) throws -> (code: Int32, out: String) {
+        try ctr("run --runtime \(Self.runtime) \(args)")
+    }
+
+    /// The daemon's pid, from its admin service.
+    func daemonPID() -> pid_t? {
+        guard let c = try? OneShotClient(path: kuasarRoot + "/admin.sock") else { return nil }
+        defer { c.close() }
+        return try? c.call(AdminService.service, "Health", Kuasar_Admin_V1_HealthRequest(), as: Kuasar_Admin_V1_HealthResponse.self).pid
+    }
+
+    /// Stops containerd and the daemon and checks nothing is left: no mounts under the
+    /// fixture, no sandbox state, no container cgroups, no container processes.
+    func stop() throws {
+        let daemon = daemonPID()
+        if containerdPidfd >= 0 {
+            try sendSignal(pidfd: containerdPidfd, SIGTERM)
+            _ = try Spawner.wait(SpawnedProcess(pid: containerdPID, pidfd: OwnedFD(adopting: containerdPidfd)))
+            containerdPidfd = -1
+        }
+        if let daemon {
+            kill(daemon, SIGTERM)
+            for _ in 0..<500 where kill(daemon, 0) == 0 { usleep(10_000) }
+            #expect(kill(daemon, 0) != 0, "daemon \(daemon) did not stop on SIGTERM")
+        }
+        let leftovers = Files.list(kuasarRoot).filter { !["daemon.log"].contains($0) }
+        #expect(leftovers.isEmpty, "left in \(kuasarRoot): \(leftovers)")
+        let host = try CgroupHost.detect()
+        for (c, h) in host.hierarchies {
+            let base = h.mount + (h.own == "/" ? "" : h.own) + "/kuasar"
+            let left = Files.list(base).filter { Files.isDirectory(base + "/" + $0) }
+            #expect(left.isEmpty, "cgroups left in \(c): \(left)")
+        }
+        Mounts.unmountAll(under: dir + "/root")
+        #expect(mountsUnder(dir).isEmpty, "mounts left: \(mountsUnder(dir))")
+        Files.removeTree(dir)
+    }
+}
