@@ -170,8 +170,7 @@ public enum ContainerLauncher {
             attr.wait_for_start = 1
         }
 
-        let pair = try Socket.pair()
-        var pairParts = pair
+        let pairParts = try Socket.pair()
         attr.sync_fd = pairParts.second.rawValue
         attr.parent_sync_fd = pairParts.first.rawValue
         var pid: pid_t = 0, pidfd: Int32 = -1
@@ -331,7 +330,7 @@ public enum ContainerLauncher {
             }
         }
         if fd < 0 {
-            let name = String(cString: errbuf)
+            let name = String(decoding: errbuf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             throw SpecError("linux.seccomp.syscalls", "libseccomp refused \(name.isEmpty ? "the filter" : "the rule for \(name)"): \(Errno(rawValue: -fd))")
         }
         defer { _ = close(fd) }

@@ -106,7 +106,7 @@ public final class ProcessIO {
         } else {
             // stdin: a pipe whose read end is the child's fd 0, fed from the FIFO.
             if !paths.stdin.isEmpty {
-                var p = try makePipe(nonBlocking: false)
+                let p = try makePipe(nonBlocking: false)
                 childFDs.append(p.first.rawValue)
                 childOwned.append(OwnedFDBox(p.first.take().adopted()))
                 let w = p.second.take()
@@ -127,7 +127,7 @@ public final class ProcessIO {
                     childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
                     continue
                 }
-                var p = try makePipe(nonBlocking: false)
+                let p = try makePipe(nonBlocking: false)
                 childFDs.append(p.second.rawValue)
                 childOwned.append(OwnedFDBox(p.second.take().adopted()))
                 let r = p.first.take()

@@ -153,7 +153,7 @@ public enum PinnedNamespaces {
         spec.process = OCISpec.Process(args: ["/nonexistent-never-run"])
         spec.linux = OCISpec.Linux()
         spec.linux!.namespaces = types.map { OCISpec.Namespace(type: $0) }
-        var child = try ContainerLauncher.launch(
+        let child = try ContainerLauncher.launch(
             spec: spec, process: spec.process!, target: .initProcess(rootfs: "/"), bundle: dir,
             stdio: [], console: false, cgroup: nil, selfPidNamespace: engine.selfPidNamespace)
         let pid = child.pid

@@ -137,7 +137,7 @@ public enum ShimProtocol {
         var spec = ProcessSpec(executable: executable, arguments: ["kuasar", "daemon", "--root", root, "--socket", root + "/kuasar.sock"],
                                fdMap: [(null, 0), (logFD, 1), (logFD, 2)])
         spec.newSession = true
-        var child = try Spawner.spawn(spec)
+        let child = try Spawner.spawn(spec)
         let pid = child.pid
         // The daemon outlives us; its exit is reaped by whoever inherits it.
         child.pidfd.close()
