@@ -53,7 +53,7 @@ final class TestBundle {
 
 @discardableResult
 func run(_ args: String...) throws -> Int32 {
-    var p = try Spawner.spawn(ProcessSpec(executable: args[0], arguments: args))
+    let p = try Spawner.spawn(ProcessSpec(executable: args[0], arguments: args))
     return try Spawner.wait(p).code
 }
 

@@ -50,7 +50,7 @@ final class ContainerdFixture {
         defer { close(log) }
         var env = currentEnvironment().filter { !$0.hasPrefix("PATH=") && !$0.hasPrefix("KUASAR_ROOT=") }
         env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)"]
-        var p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
+        let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
                                               environment: env, fdMap: [(log, 1), (log, 2)]))
         containerdPID = p.pid
         containerdPidfd = p.pidfd.take()
