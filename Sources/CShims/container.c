@@ -372,6 +372,15 @@ static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
     }
     if (chdir("/") < 0) fail(sync_fd, "chdir /", NULL, errno);
 
+    for (int i = 0; i < a->readonly_count; i++) {
+        const char *p = a->readonly[i];
+        if (mount(p, p, NULL, MS_BIND | MS_REC, NULL) < 0) {
+            if (errno == ENOENT) continue;
+            fail(sync_fd, "bind read-only path", p, errno);
+        }
+        if (mount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC, NULL) < 0)
+            fail(sync_fd, "remount read-only", p, errno);
+    }
     for (int i = 0; i < a->masked_count; i++) {
         const char *p = a->masked[i];
         struct stat st;
@@ -379,16 +388,6 @@ static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
         int rc = S_ISDIR(st.st_mode) ? mount("tmpfs", p, "tmpfs", MS_RDONLY, NULL)
                                      : mount("/dev/null", p, NULL, MS_BIND, NULL);
         if (rc < 0) fail(sync_fd, "mask", p, errno);
-    }
-    for (int i = 0; i < a->readonly_count; i++) {
-        const char *p = a->readonly[i];
-        if (mount(p, p, NULL, MS_BIND | MS_REC, NULL) < 0) {
-            if (errno == ENOENT) continue;
-            fail(sync_fd, "bind read-only path", p, errno);
-        }
-        if (mount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0 &&
-            mount(NULL, p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC, NULL) < 0)
-            fail(sync_fd, "remount read-only", p, errno);
     }
     if (a->rootfs_readonly && mount(NULL, "/", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
         fail(sync_fd, "remount / read-only", NULL, errno);

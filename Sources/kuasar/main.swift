@@ -12,7 +12,8 @@ struct Kuasar: ParsableCommand {
         commandName: "kuasar",
         abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
         version: KuasarVersion.string,
-        subcommands: [DaemonCommand.self, HealthCommand.self, InfoCommand.self])
+        subcommands: [DaemonCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
+                      PsCommand.self, KillCommand.self])
 }
 
 struct DaemonCommand: ParsableCommand {
@@ -89,6 +90,118 @@ struct InfoCommand: ParsableCommand {
         print("reactor: \(chosen.rawValue) (\(why))")
         print("libseccomp: \(HostInfo.seccompVersion)")
     }
+}
+
+/// Options every client command shares.
+struct ClientOptions: ParsableArguments {
+    @Option(help: "The daemon's state directory (KUASAR_ROOT, default /run/kuasar).")
+    var root = currentEnvironmentDictionary()["KUASAR_ROOT"] ?? "/run/kuasar"
+
+    func client() -> CLIClient {
+        CLIClient(root: root, executable: selfExecutable(), environment: currentEnvironmentDictionary())
+    }
+}
+
+func selfExecutable() -> String {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+    return n > 0 ? String(decoding: buf[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+}
+
+/// Runs a client action, printing a failure as `kuasar <cmd>: <error>` with exit code 1.
+func reportingErrors(_ cmd: String, _ body: () throws -> Void) throws {
+    do { try body() } catch let e as ExitCode { throw e } catch {
+        FileHandleStderr.write("kuasar \(cmd): \(error)\n")
+        throw ExitCode(1)
+    }
+}
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Run a container through the daemon, stdio attached; exits with its exit code.")
+    @OptionGroup var common: ClientOptions
+    @Option(help: "An OCI bundle (a directory with config.json).") var bundle: String?
+    @Option(help: "A root filesystem to run the command in (a default spec is made).") var rootfs: String?
+    @Option(help: "Container id (default: kuasar-<pid>).") var id: String?
+    @Option(name: .customLong("env"), help: "KEY=value for the process (repeatable).") var env: [String] = []
+    @Option(help: "Working directory inside the container.") var cwd = "/"
+    @Option(help: "Hostname (with --rootfs).") var hostname: String?
+    @Flag(name: .shortAndLong, help: "Start it and print its id; do not wait.") var detach = false
+    @Flag(help: "Mount the rootfs read-only (with --rootfs).") var readOnly = false
+    @Argument(parsing: .postTerminator, help: "The command (after --), with --rootfs.") var command: [String] = []
+
+    func run() throws {
+        try reportingErrors("run") {
+            var o = CLIClient.RunOptions(id: id ?? "kuasar-\(getpid())")
+            o.bundle = bundle
+            o.rootfs = rootfs
+            o.args = command
+            o.env = env
+            o.cwd = cwd
+            o.hostname = hostname
+            o.detach = detach
+            o.readonlyRootfs = readOnly
+            let code = try common.client().run(o)
+            if code != 0 { throw ExitCode(code) }
+        }
+    }
+}
+
+struct ExecCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "exec", abstract: "Run a process in a running container.")
+    @OptionGroup var common: ClientOptions
+    @Option(help: "Exec id (default: exec-<pid>).") var execID: String?
+    @Option(name: .customLong("env"), help: "KEY=value (repeatable).") var env: [String] = []
+    @Option(help: "Working directory.") var cwd = "/"
+    @Argument(help: "The container.") var container: String
+    @Argument(parsing: .postTerminator, help: "The command (after --).") var command: [String] = []
+
+    func run() throws {
+        try reportingErrors("exec") {
+            guard !command.isEmpty else { throw ValidationError("a command is required after --") }
+            let code = try common.client().exec(containerID: container, execID: execID ?? "exec-\(getpid())",
+                                                args: command, env: env, cwd: cwd)
+            if code != 0 { throw ExitCode(code) }
+        }
+    }
+}
+
+struct PsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List sandboxes and their containers.")
+    @OptionGroup var common: ClientOptions
+
+    func run() throws {
+        try reportingErrors("ps") {
+            print("SANDBOX".padding(24) + "CONTAINER".padding(24) + "PID".padding(10) + "STATUS".padding(10) + "NAMESPACE")
+            for s in try common.client().list() {
+                if s.containers.isEmpty { print(s.id.padding(24) + "-".padding(24) + "-".padding(10) + "-".padding(10) + s.namespace) }
+                for c in s.containers {
+                    print(s.id.padding(24) + c.id.padding(24) + "\(c.pid)".padding(10) + c.status.padding(10) + s.namespace)
+                }
+            }
+        }
+    }
+}
+
+struct KillCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "kill", abstract: "Signal a container's init (or all its processes).")
+    @OptionGroup var common: ClientOptions
+    @Flag(help: "Every process of the container.") var all = false
+    @Argument(help: "The container.") var container: String
+    @Argument(help: "Signal number or name (default TERM).") var signal = "TERM"
+
+    func run() throws {
+        try reportingErrors("kill") {
+            let names: [String: Int32] = ["HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "USR1": 10, "USR2": 12, "TERM": 15, "STOP": 19, "CONT": 18]
+            let key = signal.uppercased().hasPrefix("SIG") ? String(signal.uppercased().dropFirst(3)) : signal.uppercased()
+            guard let sig = Int32(signal) ?? names[key] else { throw ValidationError("unknown signal \(signal)") }
+            try common.client().kill(containerID: container, signal: sig, all: all)
+        }
+    }
+}
+
+extension String {
+    func padding(_ n: Int) -> String { count >= n ? self + " " : self + String(repeating: " ", count: n - count) }
 }
 
 enum FileHandleStderr {

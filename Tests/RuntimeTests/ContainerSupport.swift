@@ -71,3 +71,22 @@ func capture(_ args: String...) throws -> String {
 func mountsUnder(_ prefix: String) -> [String] {
     Mounts.mountPoints().filter { $0.hasPrefix(prefix) }
 }
+
+/// Whether `pid` has exited (a zombie counts: a daemon started through the shim is
+/// re-parented to PID 1, which reaps when it pleases).
+func processGone(_ pid: pid_t) -> Bool {
+    guard kill(pid, 0) == 0 else { return true }
+    guard let stat = try? Files.readString("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
+    return stat[stat.index(close, offsetBy: 2)] == "Z"
+}
+
+/// Polls `condition` every `everyMS` until it holds or `timeoutMS` passes; returns it.
+@discardableResult
+func waitUntil(timeoutMS: Int = 5000, everyMS: Int = 10, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = MonotonicClock.nanoseconds() + UInt64(timeoutMS) * 1_000_000
+    while true {
+        if try condition() { return true }
+        if MonotonicClock.nanoseconds() >= deadline { return false }
+        usleep(useconds_t(everyMS * 1000))
+    }
+}

@@ -54,7 +54,7 @@ final class ContainerdFixture {
                                               environment: env, fdMap: [(log, 1), (log, 2)]))
         containerdPID = p.pid
         containerdPidfd = p.pidfd.take()
-        for _ in 0..<300 where access(socket, F_OK) != 0 { usleep(10_000) }
+        waitUntil(timeoutMS: 3000) { access(socket, F_OK) == 0 }
         let (code, out) = try shell("python3 \(repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) && \(ctr) images import \(dir)/busybox.tar")
         #expect(code == 0, "image import: \(out)")
     }
@@ -88,8 +88,8 @@ final class ContainerdFixture {
         }
         if let daemon {
             kill(daemon, SIGTERM)
-            for _ in 0..<500 where kill(daemon, 0) == 0 { usleep(10_000) }
-            #expect(kill(daemon, 0) != 0, "daemon \(daemon) did not stop on SIGTERM")
+            waitUntil { processGone(daemon) }
+            #expect(processGone(daemon), "daemon \(daemon) did not stop on SIGTERM")
         }
         let leftovers = Files.list(kuasarRoot).filter { !["daemon.log"].contains($0) }
         #expect(leftovers.isEmpty, "left in \(kuasarRoot): \(leftovers)")

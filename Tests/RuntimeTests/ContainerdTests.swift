@@ -62,7 +62,7 @@ extension AllTests {
         #expect(r.out.split(separator: "\n").count == 3, "two processes expected: \(r.out)")
         r = try ctd.ctr("task kill --all --signal SIGKILL t1")
         #expect(r.code == 0, "\(r.out)")
-        for _ in 0..<100 where !(try ctd.ctr("task ls").out.contains("STOPPED")) { usleep(20_000) }
+        try waitUntil(everyMS: 20) { try ctd.ctr("task ls").out.contains("STOPPED") }
         #expect(try ctd.ctr("task ls").out.contains("STOPPED"))
         r = try ctd.ctr("task delete t1")
         #expect(r.code == 0, "\(r.out)")
@@ -102,7 +102,7 @@ extension AllTests {
         let sockets = Files.list(ctd.kuasarRoot).filter { Files.exists(ctd.kuasarRoot + "/" + $0 + "/task.sock") }
         #expect(sockets == ["pod1"], "\(sockets)")
         _ = try ctd.ctr("task kill -s SIGKILL a1")
-        for _ in 0..<100 where !(try ctd.ctr("task ls").out.contains("STOPPED")) { usleep(20_000) }
+        try waitUntil(everyMS: 20) { try ctd.ctr("task ls").out.contains("STOPPED") }
         _ = try ctd.ctr("task delete a1")
         _ = try ctd.ctr("containers delete a1")
     }
@@ -117,7 +117,7 @@ extension AllTests {
         let running = r.out.split(separator: "\n").filter { $0.contains("RUNNING") }.count
         #expect(running == 50, "\(r.out)")
         r = try shell((0..<50).map { "\(ctd.ctr) task kill -s SIGKILL p\($0) &" }.joined(separator: "\n") + "\nwait")
-        for _ in 0..<200 where (try ctd.ctr("task ls").out.contains("RUNNING")) { usleep(20_000) }
+        try waitUntil(everyMS: 20) { !(try ctd.ctr("task ls").out.contains("RUNNING")) }
         r = try shell((0..<50).map { "(\(ctd.ctr) task delete p\($0) && \(ctd.ctr) containers delete p\($0)) &" }.joined(separator: "\n") + "\nwait")
         #expect(r.code == 0, "\(r.out)")
         #expect(try ctd.ctr("task ls").out.split(separator: "\n").count == 1)

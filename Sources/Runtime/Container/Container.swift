@@ -57,7 +57,16 @@ public final class ContainerEngine {
         selfPidNamespace = try sys("open", "/proc/self/ns/pid") { open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC) }
     }
 
-    deinit { _ = close(selfPidNamespace) }
+    private var closed = false
+
+    /// Releases the engine's own descriptors (daemon shutdown).
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        _ = Glibc.close(selfPidNamespace)
+    }
+
+    deinit { close() }
 }
 
 /// One process of a container — its init or an exec — from clone to reaped exit.

@@ -293,7 +293,8 @@ public enum ContainerLauncher {
         tmp.flags = common
         tmp.data = arena.string("mode=755")
         var ops = [tmp]
-        for (controller, dir) in cgroup.dirs.sorted(by: { $0.key < $1.key }) {
+        for controller in cgroup.order {
+            guard let dir = cgroup.dirs[controller] else { continue }
             var b = ks_mount_op()
             b.target = arena.string(dest + "/" + controller)
             b.source = arena.string(dir)

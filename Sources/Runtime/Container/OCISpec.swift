@@ -229,16 +229,19 @@ extension OCISpec {
                 throw SpecError("mounts[\(i)].options", "unknown option \"\(o)\"")
             }
         }
-        if let hostname, !hostname.isEmpty {
-            let ns = linux?.namespaces ?? []
-            guard ns.contains(where: { $0.type == "uts" }) else { throw SpecError("hostname", "needs a uts namespace (linux.namespaces)") }
+        guard let linux else {
+            if let hostname, !hostname.isEmpty { throw SpecError("hostname", "needs a uts namespace (linux.namespaces)") }
+            return
         }
-        guard let linux else { return }
         var seen = Set<String>()
         for (i, n) in (linux.namespaces ?? []).enumerated() {
             guard OCISpec.namespaceTypes.contains(n.type) else { throw SpecError("linux.namespaces[\(i)].type", "unknown namespace \"\(n.type)\"") }
             guard seen.insert(n.type).inserted else { throw SpecError("linux.namespaces[\(i)].type", "namespace \"\(n.type)\" listed twice") }
             if let p = n.path, !p.hasPrefix("/") { throw SpecError("linux.namespaces[\(i)].path", "\"\(p)\" must be absolute") }
+        }
+        if let hostname, !hostname.isEmpty {
+            let ns = linux.namespaces ?? []
+            guard ns.contains(where: { $0.type == "uts" }) else { throw SpecError("hostname", "needs a uts namespace (linux.namespaces)") }
         }
         if seen.contains("user") && (linux.namespaces?.first { $0.type == "user" }?.path == nil) {
             if (linux.uidMappings ?? []).isEmpty || (linux.gidMappings ?? []).isEmpty {

@@ -146,6 +146,7 @@ public final class Daemon {
         }
         tasks?.close()
         tasks = nil
+        registry?.engine.close()
         admin?.close()
         admin = nil
         registry = nil

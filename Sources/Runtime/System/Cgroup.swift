@@ -31,19 +31,22 @@ public struct CgroupHost: Sendable {
     public let mode: CgroupMode
     /// v1: controller name → (mount point, our own path in that hierarchy). v2: "" → ...
     let hierarchies: [String: (mount: String, own: String)]
+    /// Controllers in mountinfo order (how runc binds them into a container, too).
+    var order: [String] = []
 
     /// v1 controllers a container cgroup is made in (when the host has them).
-    static let v1Controllers = ["memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "freezer"]
+    static let v1Controllers = ["memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "freezer", "devices", "name=systemd"]
 
     public static func detect() throws(SystemError) -> CgroupHost {
         var own: [String: String] = [:]
         for line in try Files.readString("/proc/self/cgroup").split(separator: "\n") {
             let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
             guard parts.count == 3 else { continue }
-            for c in parts[1].split(separator: ",") { own[String(c)] = String(parts[2]) }
+            for c in parts[1].split(separator: ",") { own[c == "name=systemd" ? "systemd" : String(c)] = String(parts[2]) }
             if parts[1].isEmpty { own[""] = String(parts[2]) }
         }
         var mounts: [String: String] = [:]
+        var order: [String] = []
         var unifiedRoot: String?
         for line in try Files.readString("/proc/self/mountinfo").split(separator: "\n") {
             // ... mountpoint ... - fstype source superoptions
@@ -55,16 +58,18 @@ public struct CgroupHost: Sendable {
             if right[0] == "cgroup2" && point == "/sys/fs/cgroup" { unifiedRoot = point }
             if right[0] == "cgroup" {
                 for opt in right[2].split(separator: ",") where v1Controllers.contains(String(opt)) {
-                    mounts[String(opt)] = point
+                    let key = opt == "name=systemd" ? "systemd" : String(opt)
+                    if mounts[key] == nil { order.append(key) }
+                    mounts[key] = point
                 }
             }
         }
         if let root = unifiedRoot {
-            return CgroupHost(mode: .v2, hierarchies: ["": (root, own[""] ?? "/")])
+            return CgroupHost(mode: .v2, hierarchies: ["": (root, own[""] ?? "/")], order: [""])
         }
         var h: [String: (mount: String, own: String)] = [:]
         for (c, m) in mounts { h[c] = (m, own[c] ?? "/") }
-        return CgroupHost(mode: .v1, hierarchies: h)
+        return CgroupHost(mode: .v1, hierarchies: h, order: order)
     }
 
     public var controllers: [String] { hierarchies.keys.sorted() }
@@ -81,7 +86,7 @@ public struct CgroupHost: Sendable {
             dirs[c] = dir
         }
         if mode == .v2 { try Cgroup.enableControllers(below: hierarchies[""]!.mount, to: dirs[""]!) }
-        return Cgroup(mode: mode, path: rel, dirs: dirs)
+        return Cgroup(mode: mode, path: rel, dirs: dirs, order: order)
     }
 }
 
@@ -90,11 +95,14 @@ public final class Cgroup: @unchecked Sendable {
     public let mode: CgroupMode
     public let path: String
     public let dirs: [String: String]
+    /// The controllers of `dirs` in the host's mount order.
+    public let order: [String]
 
-    init(mode: CgroupMode, path: String, dirs: [String: String]) {
+    init(mode: CgroupMode, path: String, dirs: [String: String], order: [String]) {
         self.mode = mode
         self.path = path
         self.dirs = dirs
+        self.order = order
     }
 
     /// The cgroup2 directory (for CLONE_INTO_CGROUP), nil on v1.

@@ -1,0 +1,272 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import SwiftProtobuf
+
+/// What `kuasar run`, `exec`, `ps` and `kill` do: they are clients of the daemon like
+/// containerd is — admin.sock to find or make a sandbox, then the sandbox's Task API —
+/// with the container's stdio on FIFOs pumped to the terminal by a small reactor.
+public final class CLIClient {
+    public static let taskService = "containerd.task.v2.Task"
+    public let root: String
+    let executable: String
+    let environment: [String: String]
+
+    public init(root: String, executable: String, environment: [String: String]) {
+        self.root = root
+        self.executable = executable
+        self.environment = environment
+    }
+
+    public struct RunOptions {
+        public var id: String
+        public var bundle: String?
+        public var rootfs: String?
+        public var args: [String] = []
+        public var env: [String] = []
+        public var cwd = "/"
+        public var hostname: String?
+        public var detach = false
+        public var readonlyRootfs = false
+        public init(id: String) { self.id = id }
+    }
+
+    /// A spec like `runc spec` writes, for `kuasar run --rootfs`.
+    public static func defaultSpec(rootfs: String, args: [String], env: [String], cwd: String, hostname: String?, readonly: Bool) -> [String: Any] {
+        let caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+                    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
+        return [
+            "ociVersion": "1.0.2",
+            "process": [
+                "terminal": false, "user": ["uid": 0, "gid": 0], "args": args,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + env, "cwd": cwd,
+                "capabilities": ["bounding": caps, "effective": caps, "permitted": caps],
+                "rlimits": [["type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024]], "noNewPrivileges": true,
+            ] as [String: Any],
+            "root": ["path": rootfs, "readonly": readonly],
+            "hostname": hostname ?? "kuasar",
+            "mounts": [
+                ["destination": "/proc", "type": "proc", "source": "proc"],
+                ["destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]],
+                ["destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]],
+                ["destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]],
+                ["destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]],
+                ["destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]],
+                ["destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]],
+            ],
+            "linux": [
+                "namespaces": [["type": "pid"], ["type": "network"], ["type": "ipc"], ["type": "uts"], ["type": "mount"]],
+                "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                                "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+                "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            ] as [String: Any],
+        ]
+    }
+
+    /// Runs a container to its end with stdio attached; returns its exit code.
+    public func run(_ o: RunOptions) throws -> Int32 {
+        try Identifier.validate(o.id, what: "container")
+        var bundle = o.bundle ?? ""
+        var madeBundle = false
+        if bundle.isEmpty {
+            guard let rootfs = o.rootfs else { throw RPCError(.invalidArgument, "kuasar run needs --bundle or --rootfs") }
+            let abs = rootfs.hasPrefix("/") ? rootfs : FileManager.default.currentDirectoryPath + "/" + rootfs
+            guard Files.isDirectory(abs) else { throw RPCError(.invalidArgument, "rootfs \(abs) is not a directory") }
+            guard !o.args.isEmpty else { throw RPCError(.invalidArgument, "kuasar run --rootfs needs a command after --") }
+            bundle = root + "/run/" + o.id
+            try makeDirectories(bundle, mode: 0o700)
+            let spec = Self.defaultSpec(rootfs: abs, args: o.args, env: o.env, cwd: o.cwd, hostname: o.hostname, readonly: o.readonlyRootfs)
+            try JSONSerialization.data(withJSONObject: spec, options: [.prettyPrinted]).write(to: URL(fileURLWithPath: bundle + "/config.json"))
+            madeBundle = true
+        } else if !bundle.hasPrefix("/") {
+            bundle = FileManager.default.currentDirectoryPath + "/" + bundle
+        }
+        defer {
+            if madeBundle { Files.removeTree(bundle) }
+            _ = rmdir(root + "/run")  // our scratch space, once no other run uses it
+        }
+
+        let admin = try ShimProtocol.connectOrStartDaemon(root: root, executable: executable, environment: environment)
+        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
+        reg.sandboxID = o.id
+        reg.namespace = "kuasar"
+        reg.bundle = bundle
+        let address: String
+        do {
+            address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+            admin.close()
+        } catch {
+            admin.close()
+            throw error
+        }
+        let session = try TaskSession(address: address)
+        defer { session.close() }
+        let fifoDir = root + "/run/" + o.id + ".io"
+        try makeDirectories(fifoDir, mode: 0o700)
+        defer { Files.removeTree(fifoDir) }
+        let io = try session.attachOutput(dir: fifoDir)
+        do {
+            var create = Containerd_Task_V2_CreateTaskRequest()
+            create.id = o.id
+            create.bundle = bundle
+            create.stdout = io.stdout
+            create.stderr = io.stderr
+            _ = try session.call("Create", create, as: Containerd_Task_V2_CreateTaskResponse.self)
+            var start = Containerd_Task_V2_StartRequest()
+            start.id = o.id
+            _ = try session.call("Start", start, as: Containerd_Task_V2_StartResponse.self)
+        } catch {
+            session.cleanup(id: o.id)
+            throw error
+        }
+        if o.detach {
+            print(o.id)
+            return 0
+        }
+        let code = try session.waitForwardingSignals(id: o.id, execID: "")
+        session.cleanup(id: o.id)
+        return code
+    }
+
+    /// Runs a process in a running container (`kuasar exec`).
+    public func exec(containerID: String, execID: String, args: [String], env: [String], cwd: String) throws -> Int32 {
+        let (address, _) = try locate(containerID)
+        let session = try TaskSession(address: address)
+        defer { session.close() }
+        let fifoDir = root + "/run/" + containerID + "." + execID + ".io"
+        try makeDirectories(fifoDir, mode: 0o700)
+        defer { Files.removeTree(fifoDir); _ = rmdir(root + "/run") }
+        let io = try session.attachOutput(dir: fifoDir)
+        var process = OCISpec.Process(args: args, env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + env, cwd: cwd)
+        process.noNewPrivileges = true
+        var req = Containerd_Task_V2_ExecProcessRequest()
+        req.id = containerID
+        req.execID = execID
+        req.stdout = io.stdout
+        req.stderr = io.stderr
+        req.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        req.spec.value = try JSONEncoder().encode(process)
+        _ = try session.call("Exec", req, as: Google_Protobuf_Empty.self)
+        var start = Containerd_Task_V2_StartRequest()
+        start.id = containerID
+        start.execID = execID
+        _ = try session.call("Start", start, as: Containerd_Task_V2_StartResponse.self)
+        let code = try session.waitForwardingSignals(id: containerID, execID: execID)
+        var del = Containerd_Task_V2_DeleteRequest()
+        del.id = containerID
+        del.execID = execID
+        _ = try? session.call("Delete", del, as: Containerd_Task_V2_DeleteResponse.self)
+        return code
+    }
+
+    public func kill(containerID: String, signal: Int32, all: Bool) throws {
+        let (address, _) = try locate(containerID)
+        let session = try TaskSession(address: address)
+        defer { session.close() }
+        var req = Containerd_Task_V2_KillRequest()
+        req.id = containerID
+        req.signal = UInt32(bitPattern: signal)
+        req.all = all
+        _ = try session.call("Kill", req, as: Google_Protobuf_Empty.self)
+    }
+
+    public func list() throws -> [Kuasar_Admin_V1_SandboxInfo] {
+        let admin = try OneShotClient(path: root + "/admin.sock")
+        defer { admin.close() }
+        return try admin.call(AdminService.service, "ListSandboxes", Kuasar_Admin_V1_ListSandboxesRequest(),
+                              as: Kuasar_Admin_V1_ListSandboxesResponse.self).sandboxes
+    }
+
+    func locate(_ containerID: String) throws -> (String, Kuasar_Admin_V1_SandboxInfo) {
+        for s in try list() where s.containers.contains(where: { $0.id == containerID }) { return (s.taskAddress, s) }
+        throw RPCError(.notFound, "no container \(containerID) in the daemon at \(root)")
+    }
+}
+
+/// One Task API connection with a reactor that also pumps the container's output FIFOs.
+final class TaskSession {
+    let reactor: Reactor
+    let client: TTRPCClient
+    private var pumps: [Connection] = []
+    private var pumpsOpen = 0
+
+    init(address: String) throws {
+        reactor = try Reactor(backend: .epoll)
+        let path = address.hasPrefix("unix://") ? String(address.dropFirst(7)) : address
+        do { client = try TTRPCClient.connect(reactor: reactor, path: path) } catch {
+            reactor.close()
+            throw error
+        }
+    }
+
+    func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ method: String, _ req: Req, as: Resp.Type,
+                                                                      timeoutNS: UInt64? = 60_000_000_000) throws -> Resp {
+        var result: Result<Resp, RPCError>?
+        client.unary(service: CLIClient.taskService, method: method, req, as: Resp.self, timeoutNS: timeoutNS) { result = $0 }
+        _ = try reactor.run(until: { result != nil }, timeoutNS: (timeoutNS ?? 1 << 62) + 1_000_000_000)
+        guard let result else { throw RPCError(.deadlineExceeded, "\(method): no answer") }
+        return try result.get()
+    }
+
+    /// FIFOs for stdout/stderr, opened for reading (non-blocking) and copied to ours.
+    func attachOutput(dir: String) throws -> (stdout: String, stderr: String) {
+        let out = dir + "/stdout", err = dir + "/stderr"
+        for (path, target) in [(out, Int32(1)), (err, Int32(2))] {
+            _ = try sys("mkfifo", path) { mkfifo(path, 0o600) }
+            // Read-write: opening never blocks, and we see no false end of file before
+            // the daemon opens its side; the end is when the daemon closes after the exit.
+            let fd = try sys("open", path) { open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC) }
+            let conn = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
+            conn.onRead = { _, bytes in
+                var off = 0
+                while off < bytes.count {
+                    let n = Glibc.write(target, bytes.baseAddress! + off, bytes.count - off)
+                    if n <= 0 { if errno == EINTR { continue }; break }
+                    off += n
+                }
+            }
+            try conn.start()
+            pumps.append(conn)
+        }
+        return (out, err)
+    }
+
+    /// Waits for the exit, forwarding SIGINT/SIGTERM/SIGHUP to the process; then gives
+    /// the FIFOs a moment to deliver what the daemon flushed. Returns the exit code.
+    func waitForwardingSignals(id: String, execID: String) throws -> Int32 {
+        try Signals.block([SIGINT, SIGTERM, SIGHUP])
+        try reactor.onSignals([SIGINT, SIGTERM, SIGHUP]) { [weak self] sig in
+            var k = Containerd_Task_V2_KillRequest()
+            k.id = id
+            k.execID = execID
+            k.signal = UInt32(sig)
+            self?.client.unary(service: CLIClient.taskService, method: "Kill", k, as: Google_Protobuf_Empty.self) { _ in }
+        }
+        var w = Containerd_Task_V2_WaitRequest()
+        w.id = id
+        w.execID = execID
+        let resp = try call("Wait", w, as: Containerd_Task_V2_WaitResponse.self, timeoutNS: nil)
+        // The daemon reports the exit only once the output is in the FIFOs: read what
+        // is there without waiting for more.
+        for _ in 0..<64 { try reactor.runOnce(block: false) }
+        return Int32(bitPattern: resp.exitStatus)
+    }
+
+    /// Delete and Shutdown, ignoring errors (best effort on the way out).
+    func cleanup(id: String) {
+        var d = Containerd_Task_V2_DeleteRequest()
+        d.id = id
+        _ = try? call("Delete", d, as: Containerd_Task_V2_DeleteResponse.self)
+        var s = Containerd_Task_V2_ShutdownRequest()
+        s.id = id
+        _ = try? call("Shutdown", s, as: Google_Protobuf_Empty.self)
+    }
+
+    func close() {
+        for p in pumps { p.close() }
+        pumps.removeAll()
+        client.close()
+        reactor.close()
+    }
+}

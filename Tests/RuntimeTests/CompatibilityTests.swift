@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The same `runc spec` bundle through `runc run` and `kuasar run`: what the container
+/// sees must match. Also the CLI's bad-input paths.
+extension AllTests {
+@Suite struct CompatibilityTests {
+    static var kuasar: String { AllTests.DaemonTests.binary }
+
+    /// A private daemon root for one test, stopped (and checked clean) at the end.
+    final class DaemonRoot {
+        let path: String
+        init(_ name: String) {
+            path = "/tmp/kuasar-root-\(name)-\(getpid())"
+            Files.removeTree(path)
+        }
+        func run(_ args: String) throws -> (code: Int32, out: String) {
+            return try shell("KUASAR_ROOT=\(path) \(CompatibilityTests.kuasar) \(args)")
+        }
+        func stop() {
+            guard let c = try? OneShotClient(path: path + "/admin.sock") else { return }
+            let pid = try? c.call(AdminService.service, "Health", Kuasar_Admin_V1_HealthRequest(), as: Kuasar_Admin_V1_HealthResponse.self).pid
+            c.close()
+            if let pid {
+                kill(pid, SIGTERM)
+                waitUntil { processGone(pid) }
+                #expect(processGone(pid), "daemon did not stop")
+            }
+            let left = Files.list(path).filter { $0 != "daemon.log" }
+            #expect(left.isEmpty, "left in \(path): \(left)")
+            #expect(mountsUnder(path).isEmpty)
+            Files.removeTree(path)
+        }
+    }
+
+    /// mountinfo without what legitimately differs: mount ids and the cgroup paths.
+    static func normalizedMounts(_ out: String) -> [String] {
+        out.split(separator: "\n").filter { $0.contains(" - ") }.map { $0.split(separator: " ").dropFirst(4).joined(separator: " ") }
+    }
+
+    @Test func runcSpecBundleMatchesRuncRun() throws {
+        let bundle = try TestBundle("compat")
+        defer { bundle.remove() }
+        try bundle.editSpec { spec in
+            var p = spec["process"] as! [String: Any]
+            p["terminal"] = false
+            p["args"] = ["sh", "-c", "echo out; hostname; grep Cap /proc/self/status; cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null; cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max 2>/dev/null; cat /proc/self/mountinfo; exit 7"]
+            spec["process"] = p
+            var linux = spec["linux"] as! [String: Any]
+            var res = linux["resources"] as? [String: Any] ?? [:]
+            res["memory"] = ["limit": 33554432]
+            res["pids"] = ["limit": 77]
+            linux["resources"] = res
+            spec["linux"] = linux
+        }
+        let root = DaemonRoot("compat")
+        defer { root.stop() }
+        let theirs = try shell("runc run --bundle \(bundle.path) kuasar-compat-\(getpid())")
+        let ours = try root.run("run --bundle \(bundle.path) --id compat")
+        #expect(theirs.code == 7 && ours.code == 7, "runc \(theirs.code), kuasar \(ours.code): \(ours.out)")
+        let theirLines = theirs.out.split(separator: "\n").filter { !$0.contains(" - ") }
+        let ourLines = ours.out.split(separator: "\n").filter { !$0.contains(" - ") }
+        #expect(theirLines == ourLines, "stdout, hostname, capabilities, limits differ:\nrunc:\n\(theirLines.joined(separator: "\n"))\nkuasar:\n\(ourLines.joined(separator: "\n"))")
+        #expect(ourLines.contains("33554432") && ourLines.contains("77"))
+        let theirMounts = Self.normalizedMounts(theirs.out), ourMounts = Self.normalizedMounts(ours.out)
+        #expect(theirMounts == ourMounts, "mounts differ:\nrunc:\n\(theirMounts.joined(separator: "\n"))\nkuasar:\n\(ourMounts.joined(separator: "\n"))")
+    }
+
+    @Test func cliRunExecPsKillAndBadInput() throws {
+        let bundle = try TestBundle("cli")
+        defer { bundle.remove() }
+        let root = DaemonRoot("cli")
+        defer { root.stop() }
+        var r = try root.run("run --rootfs \(bundle.rootfs) --hostname h1 -- sh -c 'echo hi; hostname; exit 6'")
+        #expect(r.code == 6 && r.out == "hi\nh1\n", "\(r.code) \(r.out)")
+        r = try root.run("run -d --id bg --rootfs \(bundle.rootfs) -- sleep 300")
+        #expect(r.code == 0 && r.out == "bg\n", "\(r.out)")
+        r = try root.run("ps")
+        #expect(r.out.contains("bg") && r.out.contains("running"), "\(r.out)")
+        r = try root.run("exec bg -- sh -c 'echo in exec $$; exit 2'")
+        #expect(r.code == 2 && r.out.hasPrefix("in exec "), "\(r.out)")
+        r = try root.run("kill bg KILL")
+        #expect(r.code == 0, "\(r.out)")
+        try waitUntil { try root.run("ps").out.contains("stopped") }
+        #expect(try root.run("ps").out.contains("stopped"))
+
+        // Bad input: each gets a clear error and the daemon keeps serving.
+        r = try root.run("run --rootfs \(bundle.rootfs) -- no-such-command")
+        #expect(r.code != 0 && r.out.contains("exec no-such-command: ENOENT"), "\(r.out)")
+        r = try root.run("run --rootfs /nonexistent-rootfs -- true")
+        #expect(r.code != 0 && r.out.contains("/nonexistent-rootfs"), "\(r.out)")
+        r = try root.run("run --id ../evil --rootfs \(bundle.rootfs) -- true")
+        #expect(r.code != 0 && r.out.contains("must start with a letter or digit"), "\(r.out)")
+        r = try root.run("run --id a/b --rootfs \(bundle.rootfs) -- true")
+        #expect(r.code != 0 && r.out.contains("may only contain"), "\(r.out)")
+        try bundle.editSpec { spec in
+            var linux = spec["linux"] as! [String: Any]
+            linux["namespaces"] = [["type": "mount"], ["type": "nope"]]
+            spec["linux"] = linux
+        }
+        r = try root.run("run --bundle \(bundle.path) --id badspec")
+        #expect(r.code != 0 && r.out.contains("linux.namespaces[1].type: unknown namespace \"nope\""), "\(r.out)")
+        r = try root.run("exec no-such-container -- true")
+        #expect(r.code != 0 && r.out.contains("no container no-such-container"), "\(r.out)")
+        r = try root.run("run --rootfs \(bundle.rootfs) -- sh -c 'echo still serving'")
+        #expect(r.code == 0 && r.out == "still serving\n", "\(r.out)")
+    }
+}
+}
