@@ -486,6 +486,13 @@ static void exec_in_container(const ks_container_attr *a, int sync_fd) {
     fail(sync_fd, "exec", a->path, last_err);
 }
 
+static void wait_for_go(int sync_fd) {
+    char go = 0;
+    ssize_t n;
+    do { n = read(sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1 || go != 'G') _exit(0);  // the parent gave up on us
+}
+
 __attribute__((noreturn))
 static void container_child(const ks_container_attr *a) {
     int sync_fd = a->sync_fd;
@@ -501,10 +508,13 @@ static void container_child(const ks_container_attr *a) {
     int fl = fcntl(sync_fd, F_GETFL);
     if (fl >= 0) fcntl(sync_fd, F_SETFL, fl & ~O_NONBLOCK);
 
-    char go = 0;
+    // 'G' says the parent has moved us into our cgroups (and written our id maps). Only
+    // a new user namespace needs it before anything else; otherwise the setup below
+    // overlaps the cgroup migration (in cgroup v1 each costs an RCU grace period) and we
+    // wait for 'G' only before reporting ready or exec'ing.
     ssize_t n;
-    do { n = read(sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
-    if (n != 1 || go != 'G') _exit(0);  // the parent gave up on us
+    int early_go = (a->clone_flags & CLONE_NEWUSER) != 0;
+    if (early_go) wait_for_go(sync_fd);
 
     if (a->setns_pidfd >= 0 && setns(a->setns_pidfd, a->setns_pidfd_flags) < 0)
         fail(sync_fd, "join the container's namespaces", NULL, errno);
@@ -588,6 +598,7 @@ static void container_child(const ks_container_attr *a) {
     if (a->cwd && chdir(a->cwd) < 0) fail(sync_fd, "chdir", a->cwd, errno);
     if (a->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail(sync_fd, "set no_new_privs", NULL, errno);
 
+    if (!early_go) wait_for_go(sync_fd);
     if (a->wait_for_start) {
         ks_child_report ready;
         memset(&ready, 0, sizeof ready);

@@ -185,5 +185,48 @@ extension AllTests {
             try spin(reactor, "reaped") { supervisor.runningCount == 0 }
         }
     }
+
+    @Test func hooksRunInTheirNamespacesInOrderAndAFailingHookFailsCreate() throws {
+        let bundle = try TestBundle("hooks")
+        defer { bundle.remove() }
+        let marks = bundle.path + "/marks"
+        try makeDirectories(marks, mode: 0o755)
+        try bundle.setProcess(args: ["sh", "-c", "cat /hook-ran; exit 0"])
+        func host(_ name: String) -> [String: Any] {
+            ["path": "/bin/sh", "args": ["sh", "-c", "cat > \(marks)/\(name).json; echo \(name) >> \(marks)/order"]]
+        }
+        try bundle.editSpec { spec in
+            var root = spec["root"] as! [String: Any]
+            root["readonly"] = false
+            spec["root"] = root
+            spec["hooks"] = [
+                "createRuntime": [host("createRuntime")],
+                // Inside the container: /bin/sh is the image's busybox, / is the container's root.
+                "startContainer": [["path": "/bin/sh", "args": ["sh", "-c", "echo from-startContainer-hook > /hook-ran"]]],
+                "poststart": [host("poststart")],
+                "poststop": [host("poststop")],
+            ]
+        }
+        try withReactor(.epoll) { reactor in
+            let (status, out, err) = try runContainer(bundle, reactor: reactor)
+            #expect(err == nil, "\(String(describing: err))")
+            #expect(status == .exited(0))
+            #expect(out == "from-startContainer-hook\n", "stdout: \(out)")
+            try settle(reactor, ms: 200)  // poststop runs after delete
+        }
+        let order = (try? Files.readString(marks + "/order")) ?? ""
+        #expect(order == "createRuntime\npoststart\npoststop\n", "hook order: \(order)")
+        let state = (try? Files.readString(marks + "/createRuntime.json")) ?? ""
+        #expect(state.contains("\"id\":\"c1\"") && state.contains("\"status\":\"created\"") && state.contains("\"pid\":"), "state: \(state)")
+        #expect(!Files.exists(bundle.path + "/hook-ran"), "the in-container hook wrote on the host")
+
+        try bundle.editSpec { spec in
+            spec["hooks"] = ["createRuntime": [["path": "/bin/sh", "args": ["sh", "-c", "exit 9"]]]]
+        }
+        try withReactor(.epoll) { reactor in
+            let (_, _, err) = try runContainer(bundle, reactor: reactor)
+            #expect(err?.message.contains("createRuntime hook /bin/sh exited with 9") == true, "\(String(describing: err))")
+        }
+    }
 }
 }

@@ -355,7 +355,14 @@ public final class Container {
         }
         container.initProcess.whenReady { result in
             switch result {
-            case .success: done(.success(container))
+            case .success:
+                HookRunner.run([.prestart, .createRuntime, .createContainer], container: container, status: "created") { err in
+                    guard let err else { done(.success(container)); return }
+                    container.initProcess.abandon()
+                    container.initProcess.io.close()
+                    container.destroyCgroup()
+                    done(.failure(ContainerError(err.kind, "create \(id): \(err.message)")))
+                }
             case .failure(let e):
                 container.initProcess.io.close()
                 container.destroyCgroup()
@@ -396,7 +403,17 @@ public final class Container {
             done(.failure(ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not created")))
             return
         }
-        initProcess.start(done)
+        HookRunner.run([.startContainer], container: self, status: "created") { [self] err in
+            if let err { done(.failure(err)); return }
+            initProcess.start { result in
+                done(result)
+                if case .success = result {
+                    HookRunner.run([.poststart], container: self, status: "running") { err in
+                        if let err { self.engine.logger.warning("container \(self.id): \(err.message)") }
+                    }
+                }
+            }
+        }
     }
 
     /// Exec: a new process in the running container's namespaces and cgroup.
@@ -492,7 +509,14 @@ public final class Container {
         destroyCgroup()
         for m in ownedMounts.reversed() { Mounts.unmountAll(under: m) }
         ownedMounts.removeAll()
+        guard !destroyed else { return }
+        destroyed = true
+        HookRunner.run([.poststop], container: self, status: "stopped") { [self] err in
+            if let err { engine.logger.warning("container \(id): \(err.message)") }
+        }
     }
+
+    private var destroyed = false
 
     func destroyCgroup() {
         guard let cgroup else { return }

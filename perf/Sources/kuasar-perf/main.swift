@@ -5,7 +5,8 @@ import Runtime
 ///   kuasar-perf reactor [--seconds S]   echo: io_uring, epoll, SwiftNIO; and spawn: clone3 vs posix_spawn
 ///   kuasar-perf ttrpc [--seconds S]     ttrpc unary: our server vs the Go ttrpc server, same Go client
 ///   kuasar-perf grpc [--seconds S]      gRPC unary: our server vs grpc-go, same grpc-go client
-///   kuasar-perf all                     both
+///   kuasar-perf container [--runs N]    container lifecycle and per-pod memory: kuasar vs shim-runc-v2+runc, runc, crun
+///   kuasar-perf all                     all of them
 ///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
 let args = CommandLine.arguments
 let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
@@ -35,6 +36,12 @@ case "all":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
     try RPCBenchmark.run(.ttrpc, seconds: option("--seconds", default: 2), executable: me)
     try RPCBenchmark.run(.grpc, seconds: option("--seconds", default: 2), executable: me)
+case "events-sink":
+    try ContainerBenchmark.serveEventsSink(path: args[2])
+case "kuasar-daemon":
+    try ContainerBenchmark.serveDaemon(root: args[2])
+case "container":
+    try ContainerBenchmark.run(count: Int(option("--runs", default: 200)), pods: [1, 100], executable: me)
 case "reactor":
     try ReactorBenchmark.run(seconds: option("--seconds", default: 2), spawnCount: Int(option("--spawns", default: 300)), executable: me)
 default:

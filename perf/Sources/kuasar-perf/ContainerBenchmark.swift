@@ -1,0 +1,335 @@
+import Foundation
+import Runtime
+import SwiftProtobuf
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Container lifecycle and per-pod memory, side by side in one run:
+///   - Create+Start+Wait+Delete of /bin/true from one bundle over ttrpc, by this client,
+///     against the kuasar daemon and against Debian's containerd-shim-runc-v2 + runc
+///     (one warm shim serving every container, and a new shim per container as
+///     containerd 1.x starts them);
+///   - `runc run` and `crun run` of the same bundle as whole commands;
+///   - a bare clone3 + exec + wait of /bin/true (the floor).
+///   - PSS of the daemon holding 100 sandboxes with a sleeping container each vs the sum
+///     over 100 containerd-shim-runc-v2 processes doing the same.
+enum ContainerBenchmark {
+    static let work = "/tmp/kuasar-perf-container"
+    static let task = "containerd.task.v2.Task"
+    static let eventsPath = work + "/events.ttrpc"
+
+    struct Row: Codable {
+        var runtime: String
+        var runs: Int
+        var p50ms: Double
+        var p99ms: Double
+        var meanms: Double
+    }
+    struct Memory: Codable {
+        var pods: Int
+        var kuasarDaemonPSSkB: Int
+        var runcShimsPSSkB: Int
+        var ratio: Double
+    }
+    struct Report: Codable {
+        var date: String
+        var rows: [Row]
+        var vsShimRuncCold: [String: Double]
+        var memory: [Memory]
+    }
+
+    /// containerd's events service as shims see it: every Forward is accepted (a shim
+    /// whose events go nowhere stalls, so both runtimes publish here).
+    static func serveEventsSink(path: String) throws {
+        try EchoServers.serveUntilSIGTERM { reactor in
+            let server = TTRPCServer(reactor: reactor)
+            server.register(service: "containerd.services.events.ttrpc.v1.Events", method: "Forward") { call in call.respond([]) }
+            unlink(path)
+            try server.listen(path: path)
+            return { server.close() }
+        }
+    }
+
+    /// The daemon, in its own process (internal subcommand).
+    static func serveDaemon(root: String) throws {
+        var o = DaemonOptions()
+        o.root = root
+        o.socketPath = root + "/kuasar.sock"
+        try Daemon(options: o, logger: .init(label: "perf-daemon")).run()
+    }
+
+    /// Runs a shell command and returns its stdout (our spawner: Foundation's Process
+    /// waits on SIGCHLD, which a reactor in this process may own).
+    static func sh(_ cmd: String) throws -> String {
+        let pipe = try makePipe(nonBlocking: false)
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        let child = try Spawner.spawn(ProcessSpec(executable: "/bin/sh", arguments: ["sh", "-c", cmd],
+                                                  fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)]))
+        pipe.second.close()
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(pipe.first.rawValue, &buf, buf.count)
+            if n > 0 { out += buf[..<n]; continue }
+            if n < 0 && errno == EINTR { continue }
+            break
+        }
+        pipe.first.close()
+        _ = try Spawner.wait(child)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func makeBundle(_ dir: String, args: [String]) throws {
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir + "/rootfs/bin", withIntermediateDirectories: true)
+        for d in ["proc", "sys", "dev", "tmp"] { try FileManager.default.createDirectory(atPath: dir + "/rootfs/" + d, withIntermediateDirectories: true) }
+        try FileManager.default.copyItem(atPath: "/bin/busybox", toPath: dir + "/rootfs/bin/busybox")
+        for a in ["true", "sleep", "sh"] { try FileManager.default.createSymbolicLink(atPath: dir + "/rootfs/bin/" + a, withDestinationPath: "busybox") }
+        _ = try sh("cd \(dir) && runc spec")
+        let url = URL(fileURLWithPath: dir + "/config.json")
+        var spec = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+        var p = spec["process"] as! [String: Any]
+        p["terminal"] = false
+        p["args"] = args
+        spec["process"] = p
+        try JSONSerialization.data(withJSONObject: spec).write(to: url)
+    }
+
+    /// A ttrpc client on its own reactor, for blocking calls in a loop.
+    final class Client {
+        let reactor: Reactor
+        let client: TTRPCClient
+        init(_ path: String) throws {
+            reactor = try Reactor(backend: .epoll)
+            client = try TTRPCClient.connect(reactor: reactor, path: path)
+        }
+        func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ service: String, _ method: String, _ req: Req, _: Resp.Type) throws -> Resp {
+            var result: Result<Resp, RPCError>?
+            client.unary(service: service, method: method, req, as: Resp.self, timeoutNS: 30_000_000_000,
+                         metadata: [("containerd-namespace-ttrpc", "perf")]) { result = $0 }
+            _ = try reactor.run(until: { result != nil }, timeoutNS: 31_000_000_000)
+            return try result!.get()
+        }
+        func close() { client.close(); reactor.close() }
+    }
+
+    /// One lifecycle on a Task API socket.
+    static func lifecycle(_ c: Client, id: String, bundle: String) throws {
+        var create = Containerd_Task_V2_CreateTaskRequest()
+        create.id = id
+        create.bundle = bundle
+        _ = try c.call(task, "Create", create, Containerd_Task_V2_CreateTaskResponse.self)
+        var start = Containerd_Task_V2_StartRequest()
+        start.id = id
+        _ = try c.call(task, "Start", start, Containerd_Task_V2_StartResponse.self)
+        var wait = Containerd_Task_V2_WaitRequest()
+        wait.id = id
+        _ = try c.call(task, "Wait", wait, Containerd_Task_V2_WaitResponse.self)
+        var del = Containerd_Task_V2_DeleteRequest()
+        del.id = id
+        _ = try c.call(task, "Delete", del, Containerd_Task_V2_DeleteResponse.self)
+    }
+
+    /// containerd-shim-runc-v2 writes its log into a FIFO named `log` in its working
+    /// directory, which containerd holds open; without a reader the shim exits. Hold one
+    /// (read-write, so it never blocks) per bundle, and drop what arrives.
+    nonisolated(unsafe) static var logFIFOs: [String: Int32] = [:]
+    static func holdLogFIFO(_ bundle: String) {
+        if logFIFOs[bundle] != nil { return }
+        mkfifo(bundle + "/log", 0o600)
+        let fd = open(bundle + "/log", O_RDWR | O_NONBLOCK | O_CLOEXEC)
+        logFIFOs[bundle] = fd
+    }
+    static func drainLogs() {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        for fd in logFIFOs.values { while read(fd, &buf, buf.count) > 0 {} }
+    }
+
+    static func startShim(id: String, bundle: String) throws -> String {
+        holdLogFIFO(bundle)
+        drainLogs()
+        let out = try sh("cd \(bundle) && TTRPC_ADDRESS=\(eventsPath) containerd-shim-runc-v2 -namespace perf -address \(work)/no-containerd.sock -publish-binary /usr/bin/containerd -id \(id) start")
+        let addr = out.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard addr.hasPrefix("unix://") else { throw RPCError(.unavailable, "containerd-shim-runc-v2 start: \(out)") }
+        return String(addr.dropFirst(7))
+    }
+
+    static func shutdownShim(_ c: Client, id: String) {
+        var s = Containerd_Task_V2_ShutdownRequest()
+        s.id = id
+        _ = try? c.call(task, "Shutdown", s, Google_Protobuf_Empty.self)
+        c.close()
+    }
+
+    static func measure(_ n: Int, _ body: (Int) throws -> Void) throws -> [Double] {
+        var out: [Double] = []
+        for i in 0..<n {
+            let t = MonotonicClock.nanoseconds()
+            try body(i)
+            out.append(Double(MonotonicClock.nanoseconds() - t) / 1e6)
+        }
+        return out
+    }
+
+    static func row(_ name: String, _ ms: [Double]) -> Row {
+        let s = ms.sorted()
+        return Row(runtime: name, runs: s.count, p50ms: s[s.count / 2], p99ms: s[min(s.count - 1, s.count * 99 / 100)],
+                   meanms: s.reduce(0, +) / Double(s.count))
+    }
+
+    static func pss(_ pid: pid_t) -> Int {
+        guard let t = try? String(contentsOfFile: "/proc/\(pid)/smaps_rollup", encoding: .utf8) else { return 0 }
+        for line in t.split(separator: "\n") where line.hasPrefix("Pss:") {
+            return Int(line.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0
+        }
+        return 0
+    }
+
+    static func run(count: Int, pods: [Int], executable: String) throws {
+        try? FileManager.default.removeItem(atPath: work)
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        let bundle = work + "/bundle"
+        try makeBundle(bundle, args: ["/bin/true"])
+        var rows: [Row] = []
+        func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
+        let sink = Process()
+        sink.executableURL = URL(fileURLWithPath: executable)
+        sink.arguments = ["events-sink", eventsPath]
+        sink.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        try sink.run()
+        defer { sink.terminate() }
+        for _ in 0..<500 where access(eventsPath, F_OK) != 0 { usleep(10_000) }
+
+        // kuasar: one daemon, one sandbox, N lifecycles on its Task API.
+        let root = work + "/kroot"
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: executable)
+        daemon.arguments = ["kuasar-daemon", root]
+        daemon.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try daemon.run()
+        defer { if daemon.isRunning { daemon.terminate(); daemon.waitUntilExit() } }
+        for _ in 0..<500 where access(root + "/admin.sock", F_OK) != 0 { usleep(10_000) }
+        let admin = try Client(root + "/admin.sock")
+        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
+        reg.sandboxID = "perf"
+        reg.namespace = "perf"
+        reg.eventsAddress = eventsPath
+        let address = try admin.call(AdminService.service, "RegisterSandbox", reg, Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+        let ours = try Client(String(address.dropFirst(7)))
+        for i in 0..<10 { try lifecycle(ours, id: "warm\(i)", bundle: bundle) }
+        rows.append(row("kuasar daemon", try measure(count) { try lifecycle(ours, id: "k\($0)", bundle: bundle) }))
+        log("  kuasar: p50 \(rows.last!.p50ms) ms")
+
+        // containerd-shim-runc-v2 + runc, one warm shim for every container.
+        let warmSocket = try startShim(id: "warm", bundle: bundle)
+        let warm = try Client(warmSocket)
+        for i in 0..<5 { try lifecycle(warm, id: "w\(i)", bundle: bundle) }
+        rows.append(row("shim-runc-v2 + runc (one warm shim)", try measure(count) { try lifecycle(warm, id: "r\($0)", bundle: bundle) }))
+        shutdownShim(warm, id: "warm")
+        log("  warm shim: p50 \(rows.last!.p50ms) ms")
+
+        // A shim per container, as containerd 1.x runs them (shim start included).
+        let coldN = max(10, count / 4)
+        rows.append(row("shim-runc-v2 + runc (shim per container)", try measure(coldN) { i in
+            let id = "cold\(i)"
+            let c = try Client(try startShim(id: id, bundle: bundle))
+            try lifecycle(c, id: id, bundle: bundle)
+            shutdownShim(c, id: id)
+        }))
+        log("  cold shim: p50 \(rows.last!.p50ms) ms")
+
+        // Whole commands.
+        rows.append(row("runc run", try measure(coldN) { _ = try sh("runc run --bundle \(bundle) perf-runc-\($0) >/dev/null 2>&1") }))
+        // crun refuses hybrid cgroups unless /sys/fs/cgroup/unified is gone: a private mount namespace for it.
+        let crunOut = try sh("unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; for i in $(seq \(coldN)); do s=$(date +%s%N); crun run --bundle \(bundle) perf-crun-$i >/dev/null 2>&1 || echo fail; e=$(date +%s%N); echo $(( (e - s) / 1000 )); done'")
+        let crunMS = crunOut.split(separator: "\n").compactMap { Double($0) }.map { $0 / 1000 }
+        if crunMS.count == coldN { rows.append(row("crun run", crunMS)) } else { log("  crun: \(crunOut.prefix(200))") }
+        rows.append(row("clone3+exec+wait /bin/true", try measure(count) { _ in
+            var spec = ProcessSpec(executable: "/bin/true")
+            spec.forkStyle = true
+            _ = try Spawner.wait(try Spawner.spawn(spec))
+        }))
+
+        // Memory: N sandboxes with a sleeping container each.
+        try makeBundle(work + "/sleeper", args: ["sleep", "3600"])
+        var memory: [Memory] = []
+        for n in pods {
+            var sandboxes: [(Client, String)] = []
+            for i in 0..<n {
+                var r = Kuasar_Admin_V1_RegisterSandboxRequest()
+                r.sandboxID = "pod\(n)-\(i)"
+                r.namespace = "perf"
+                r.eventsAddress = eventsPath
+                let a = try admin.call(AdminService.service, "RegisterSandbox", r, Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+                let c = try Client(String(a.dropFirst(7)))
+                var create = Containerd_Task_V2_CreateTaskRequest()
+                create.id = "s\(n)-\(i)"
+                create.bundle = work + "/sleeper"
+                _ = try c.call(task, "Create", create, Containerd_Task_V2_CreateTaskResponse.self)
+                var start = Containerd_Task_V2_StartRequest()
+                start.id = create.id
+                _ = try c.call(task, "Start", start, Containerd_Task_V2_StartResponse.self)
+                sandboxes.append((c, create.id))
+            }
+            usleep(200_000)
+            let ourPSS = pss(daemon.processIdentifier)
+            var shims: [(Client, String)] = []
+            for i in 0..<n {
+                let id = "m\(n)-\(i)"
+                let c = try Client(try startShim(id: id, bundle: work + "/sleeper"))
+                var create = Containerd_Task_V2_CreateTaskRequest()
+                create.id = id
+                create.bundle = work + "/sleeper"
+                _ = try c.call(task, "Create", create, Containerd_Task_V2_CreateTaskResponse.self)
+                var start = Containerd_Task_V2_StartRequest()
+                start.id = id
+                _ = try c.call(task, "Start", start, Containerd_Task_V2_StartResponse.self)
+                shims.append((c, id))
+            }
+            usleep(200_000)
+            let shimPIDs = try sh("pgrep -f 'containerd-shim-runc-v2 -namespace perf'").split(separator: "\n").compactMap { pid_t($0) }
+            let theirPSS = shimPIDs.map(pss).reduce(0, +)
+            memory.append(Memory(pods: n, kuasarDaemonPSSkB: ourPSS, runcShimsPSSkB: theirPSS, ratio: Double(ourPSS) / Double(max(theirPSS, 1))))
+            log("  memory \(n) pods: kuasar \(ourPSS) kB, \(shimPIDs.count) shims \(theirPSS) kB")
+            for (c, id) in sandboxes + shims {
+                var k = Containerd_Task_V2_KillRequest()
+                k.id = id
+                k.signal = 9
+                _ = try? c.call(task, "Kill", k, Google_Protobuf_Empty.self)
+                var w = Containerd_Task_V2_WaitRequest()
+                w.id = id
+                _ = try? c.call(task, "Wait", w, Containerd_Task_V2_WaitResponse.self)
+                var d = Containerd_Task_V2_DeleteRequest()
+                d.id = id
+                _ = try? c.call(task, "Delete", d, Containerd_Task_V2_DeleteResponse.self)
+                shutdownShim(c, id: id)
+            }
+        }
+        ours.close()
+        admin.close()
+        daemon.terminate()
+        daemon.waitUntilExit()
+
+        let cold = rows.first { $0.runtime.hasPrefix("shim-runc-v2 + runc (shim per") }!.p50ms
+        var ratios: [String: Double] = [:]
+        for r in rows { ratios[r.runtime] = r.p50ms / cold }
+        print("\ncontainer lifecycle (Create+Start+Wait+Delete of /bin/true), \(count) runs, p50 vs a shim per container:")
+        print(ReactorBenchmark.pad("runtime", 44) + ReactorBenchmark.pad("runs", 6) + ReactorBenchmark.pad("p50 ms", 10) + ReactorBenchmark.pad("p99 ms", 10) + ReactorBenchmark.pad("mean ms", 10) + "p50/shim-per-container")
+        for r in rows {
+            print(ReactorBenchmark.pad(r.runtime, 44) + ReactorBenchmark.pad("\(r.runs)", 6) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p50ms), 10)
+                  + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p99ms), 10) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.meanms), 10) + ReactorBenchmark.fmt(ratios[r.runtime]!) + "x")
+        }
+        print("\nmemory: PSS of the kuasar daemon vs the sum over containerd-shim-runc-v2 processes, one sleeping container per pod:")
+        for m in memory {
+            print("  \(m.pods) pods: kuasar \(m.kuasarDaemonPSSkB) kB, runc shims \(m.runcShimsPSSkB) kB, ratio \(ReactorBenchmark.fmt(m.ratio))")
+        }
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, vsShimRuncCold: ratios, memory: memory)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let path = ReactorBenchmark.resultsDirectory() + "/container.json"
+        try encoder.encode(report).write(to: URL(fileURLWithPath: path))
+        print("wrote \(path)")
+    }
+}
