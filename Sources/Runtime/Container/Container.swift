@@ -93,7 +93,8 @@ public final class ContainerProcess {
     private var syncBuffer: [UInt8] = []
     private var pendingReady: ((Result<pid_t, ContainerError>) -> Void)?
     private var pendingStart: ((Result<pid_t, ContainerError>) -> Void)?
-    private var waiters: [(ExitStatus, WallTime) -> Void] = []
+    private var waiters: [Int: (ExitStatus, WallTime) -> Void] = [:]
+    private var nextWaiter = 0
     /// Runs once with the exit, after the output is drained (events, state).
     var onExit: ((ContainerProcess) -> Void)?
     weak var container: Container?
@@ -107,11 +108,19 @@ public final class ContainerProcess {
 
     public var isInit: Bool { execID.isEmpty }
 
-    /// Calls `body` once this process has exited (at once if it already has).
-    public func wait(_ body: @escaping (ExitStatus, WallTime) -> Void) {
-        if let s = exitStatus, let t = exitedAt { body(s, t); return }
-        waiters.append(body)
+    /// Calls `body` once this process has exited (at once if it already has). The
+    /// token cancels the wait (a Wait whose client went away must not pile up).
+    @discardableResult
+    public func wait(_ body: @escaping (ExitStatus, WallTime) -> Void) -> Int? {
+        if let s = exitStatus, let t = exitedAt { body(s, t); return nil }
+        nextWaiter += 1
+        waiters[nextWaiter] = body
+        return nextWaiter
     }
+
+    public func cancelWait(_ token: Int) { waiters.removeValue(forKey: token) }
+
+    public var waiterCount: Int { waiters.count }
 
     public func signal(_ sig: Int32) throws(ContainerError) {
         guard state == .running || state == .created || state == .creating, pidfdRaw >= 0 else {
@@ -253,7 +262,7 @@ public final class ContainerProcess {
             exitedAt = at
             state = .stopped
             if wasRunning != .running { failed(failure ?? ContainerError(.failed, "the container process \(status) before it ran")) }
-            let w = waiters
+            let w = waiters.sorted { $0.key < $1.key }.map(\.value)
             waiters.removeAll()
             for f in w { f(status, at) }
             onExit?(self)

@@ -121,12 +121,14 @@ public final class TaskService {
         }
         unary("Wait") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_WaitRequest) in
             let p = try self.process(try self.container(r.id, sandbox), r.execID)
-            p.wait { status, at in
+            let token = p.wait { status, at in
                 var resp = Containerd_Task_V2_WaitResponse()
                 resp.exitStatus = UInt32(bitPattern: status.code)
                 resp.exitedAt = Google_Protobuf_Timestamp(seconds: at.seconds, nanos: at.nanos)
                 call.respond(resp)
             }
+            // A client that disconnects (or whose deadline passes) stops waiting.
+            if let token { call.onCancel = { [weak p] _ in p?.cancelWait(token) } }
         }
         unary("Stats") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_StatsRequest) in
             let c = try self.container(r.id, sandbox)
@@ -192,8 +194,8 @@ public final class TaskService {
         if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
         let spec = sandbox.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
-        try spec.validate()
-        let rootPath = spec.root!.path
+        // Container.create validates everything; the rootfs path is needed first.
+        guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
         let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath
         // The rootfs containerd prepared as mounts (overlay snapshots, binds): ours to mount and unmount.
         var mounted: [String] = []

@@ -34,6 +34,7 @@ enum ContainerBenchmark {
     }
     struct Report: Codable {
         var date: String
+        var perCallP50ms: [String: String]
         var rows: [Row]
         var vsShimRuncCold: [String: Double]
         var memory: [Memory]
@@ -115,21 +116,36 @@ enum ContainerBenchmark {
         func close() { client.close(); reactor.close() }
     }
 
+    /// Per-call time of the last lifecycles (ms), for the breakdown.
+    nonisolated(unsafe) static var phases: [String: [Double]] = [:]
+
     /// One lifecycle on a Task API socket.
     static func lifecycle(_ c: Client, id: String, bundle: String) throws {
+        func timed<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
+            let t = MonotonicClock.nanoseconds()
+            defer { phases[name, default: []].append(Double(MonotonicClock.nanoseconds() - t) / 1e6) }
+            return try body()
+        }
         var create = Containerd_Task_V2_CreateTaskRequest()
         create.id = id
         create.bundle = bundle
-        _ = try c.call(task, "Create", create, Containerd_Task_V2_CreateTaskResponse.self)
+        _ = try timed("Create") { try c.call(task, "Create", create, Containerd_Task_V2_CreateTaskResponse.self) }
         var start = Containerd_Task_V2_StartRequest()
         start.id = id
-        _ = try c.call(task, "Start", start, Containerd_Task_V2_StartResponse.self)
+        _ = try timed("Start") { try c.call(task, "Start", start, Containerd_Task_V2_StartResponse.self) }
         var wait = Containerd_Task_V2_WaitRequest()
         wait.id = id
-        _ = try c.call(task, "Wait", wait, Containerd_Task_V2_WaitResponse.self)
+        _ = try timed("Wait") { try c.call(task, "Wait", wait, Containerd_Task_V2_WaitResponse.self) }
         var del = Containerd_Task_V2_DeleteRequest()
         del.id = id
-        _ = try c.call(task, "Delete", del, Containerd_Task_V2_DeleteResponse.self)
+        _ = try timed("Delete") { try c.call(task, "Delete", del, Containerd_Task_V2_DeleteResponse.self) }
+    }
+
+    static func breakdown() -> String {
+        ["Create", "Start", "Wait", "Delete"].map { k in
+            let v = (phases[k] ?? [0]).sorted()
+            return "\(k) \(ReactorBenchmark.fmt(v[v.count / 2]))"
+        }.joined(separator: ", ")
     }
 
     /// containerd-shim-runc-v2 writes its log into a FIFO named `log` in its working
@@ -219,16 +235,20 @@ enum ContainerBenchmark {
         let address = try admin.call(AdminService.service, "RegisterSandbox", reg, Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
         let ours = try Client(String(address.dropFirst(7)))
         for i in 0..<10 { try lifecycle(ours, id: "warm\(i)", bundle: bundle) }
+        phases = [:]
         rows.append(row("kuasar daemon", try measure(count) { try lifecycle(ours, id: "k\($0)", bundle: bundle) }))
-        log("  kuasar: p50 \(rows.last!.p50ms) ms")
+        let ourBreakdown = breakdown()
+        log("  kuasar: p50 \(rows.last!.p50ms) ms (p50 ms per call: \(ourBreakdown))")
 
         // containerd-shim-runc-v2 + runc, one warm shim for every container.
         let warmSocket = try startShim(id: "warm", bundle: bundle)
         let warm = try Client(warmSocket)
         for i in 0..<5 { try lifecycle(warm, id: "w\(i)", bundle: bundle) }
+        phases = [:]
         rows.append(row("shim-runc-v2 + runc (one warm shim)", try measure(count) { try lifecycle(warm, id: "r\($0)", bundle: bundle) }))
         shutdownShim(warm, id: "warm")
-        log("  warm shim: p50 \(rows.last!.p50ms) ms")
+        let theirBreakdown = breakdown()
+        log("  warm shim: p50 \(rows.last!.p50ms) ms (p50 ms per call: \(theirBreakdown))")
 
         // A shim per container, as containerd 1.x runs them (shim start included).
         let coldN = max(10, count / 4)
@@ -321,11 +341,12 @@ enum ContainerBenchmark {
             print(ReactorBenchmark.pad(r.runtime, 44) + ReactorBenchmark.pad("\(r.runs)", 6) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p50ms), 10)
                   + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p99ms), 10) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.meanms), 10) + ReactorBenchmark.fmt(ratios[r.runtime]!) + "x")
         }
+        print("p50 per call — kuasar: \(ourBreakdown); warm runc shim: \(theirBreakdown)")
         print("\nmemory: PSS of the kuasar daemon vs the sum over containerd-shim-runc-v2 processes, one sleeping container per pod:")
         for m in memory {
             print("  \(m.pods) pods: kuasar \(m.kuasarDaemonPSSkB) kB, runc shims \(m.runcShimsPSSkB) kB, ratio \(ReactorBenchmark.fmt(m.ratio))")
         }
-        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, vsShimRuncCold: ratios, memory: memory)
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), perCallP50ms: ["kuasar": ourBreakdown, "shim-runc-v2 warm": theirBreakdown], rows: rows, vsShimRuncCold: ratios, memory: memory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let path = ReactorBenchmark.resultsDirectory() + "/container.json"
