@@ -228,5 +228,38 @@ extension AllTests {
             #expect(err?.message.contains("createRuntime hook /bin/sh exited with 9") == true, "\(String(describing: err))")
         }
     }
+
+    @Test func anOOMKillIsReportedOnceAndTheExitIs137() throws {
+        let bundle = try TestBundle("oom")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"])
+        try bundle.editSpec { spec in
+            var linux = spec["linux"] as! [String: Any]
+            linux["resources"] = ["memory": ["limit": 16 << 20, "swap": 16 << 20]]
+            spec["linux"] = linux
+        }
+        try withReactor(.epoll) { reactor in
+            let supervisor = ProcessSupervisor(reactor: reactor)
+            let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor)
+            var container: Container?
+            Container.create(id: "oom1", bundle: bundle.path, spec: try bundle.spec(), rootfs: bundle.rootfs,
+                             stdio: StdioPaths(), cgroupPath: "kuasar-test/oom-\(getpid())", engine: engine) { r in
+                container = try? r.get()
+            }
+            try spin(reactor, "create") { container != nil }
+            var ooms = 0
+            container!.onOOM = { _ in ooms += 1 }
+            var status: ExitStatus?
+            container!.initProcess.wait { s, _ in status = s }
+            container!.start { _ in }
+            try spin(reactor, "exit") { status != nil }
+            container!.pollOOM()
+            #expect(status == .signaled(SIGKILL, coreDumped: false), "\(String(describing: status))")
+            #expect(ooms == 1, "OOM events: \(ooms)")
+            container!.destroy()
+            #expect(ooms == 1)
+            try spin(reactor, "reaped") { supervisor.runningCount == 0 }
+        }
+    }
 }
 }

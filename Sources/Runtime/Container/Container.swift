@@ -291,6 +291,48 @@ public final class Container {
     /// Namespaces an exec joins (those the container did not share with the host).
     let execNamespaces: UInt64
     public var onProcessExit: ((Container, ContainerProcess) -> Void)?
+    /// The kernel OOM-killed a process of this container (TaskOOM).
+    public var onOOM: ((Container) -> Void)? {
+        didSet { if onOOM != nil { watchOOM() } }
+    }
+    private var oomFD: Int32 = -1
+    private var oomRegistration: Reactor.Registration?
+    private var oomKills: UInt64 = 0
+
+    private func watchOOM() {
+        guard oomFD < 0, let cgroup else { return }
+        do {
+            let fd = try cgroup.oomNotifier()
+            oomFD = fd.take()
+            oomKills = cgroup.oomKillCount
+            oomRegistration = try engine.reactor.register(fd: oomFD, interest: .readable) { [weak self] _ in self?.oomEvent() }
+        } catch {
+            engine.logger.notice("container \(id): no OOM notifications: \(error)")
+            stopWatchingOOM()
+        }
+    }
+
+    /// Checks for an OOM kill now (before an exit is reported, so TaskOOM comes first).
+    public func pollOOM() { oomEvent() }
+
+    private func oomEvent() {
+        guard oomFD >= 0, let cgroup else { return }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while Glibc.read(oomFD, &buf, buf.count) > 0 {}
+        // v1's eventfd also fires when the cgroup goes away; count kills to be sure.
+        let kills = cgroup.oomKillCount
+        if kills > oomKills {
+            oomKills = kills
+            onOOM?(self)
+        }
+    }
+
+    private func stopWatchingOOM() {
+        if let r = oomRegistration { engine.reactor.deregister(r) }
+        oomRegistration = nil
+        if oomFD >= 0 { _ = Glibc.close(oomFD) }
+        oomFD = -1
+    }
 
     public var state: State {
         switch initProcess.state {
@@ -515,6 +557,8 @@ public final class Container {
         if initProcess.state == .creating || initProcess.state == .created { initProcess.abandon() }
         for p in execs.values where p.state != .stopped { p.abandon() }
         if paused, let cgroup { try? cgroup.thaw() }
+        if oomFD >= 0 { oomEvent() }  // a kill that raced the exit is still reported
+        stopWatchingOOM()
         destroyCgroup()
         for m in ownedMounts.reversed() { Mounts.unmountAll(under: m) }
         ownedMounts.removeAll()

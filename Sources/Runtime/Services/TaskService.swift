@@ -218,6 +218,11 @@ public final class TaskService {
                 c.ownedMounts = mounted
                 sandbox.add(c)
                 c.onProcessExit = { [weak self] c, p in self?.processExited(sandbox, c, p) }
+                c.onOOM = { [weak self] c in
+                    var e = Containerd_Events_TaskOOM()
+                    e.containerID = c.id
+                    self?.publish(sandbox, "/tasks/oom", e)
+                }
                 var resp = Containerd_Task_V2_CreateTaskResponse()
                 resp.pid = UInt32(c.initProcess.pid)
                 call.respond(resp)
@@ -240,6 +245,7 @@ public final class TaskService {
 
     private func processExited(_ sandbox: Sandbox, _ c: Container, _ p: ContainerProcess) {
         guard p.state == .stopped, let status = p.exitStatus else { return }
+        c.pollOOM()
         var e = Containerd_Events_TaskExit()
         e.containerID = c.id
         e.id = p.isInit ? c.id : p.execID

@@ -300,3 +300,44 @@ extension StringProtocol {
         return String(s)
     }
 }
+
+extension Cgroup {
+    /// A descriptor that turns readable when the kernel OOM-kills in this cgroup:
+    /// v1: an eventfd registered through cgroup.event_control on memory.oom_control;
+    /// v2: an inotify watch on memory.events (read `oomKillCount` to tell a kill apart).
+    public func oomNotifier() throws(SystemError) -> OwnedFD {
+        switch mode {
+        case .v1:
+            guard let mem = dirs["memory"] else { throw SystemError("oom notifier", path, errno: .ENOSYS) }
+            let efd = try EventFD.make()
+            let control = mem + "/memory.oom_control"
+            let ofd = open(control, O_RDONLY | O_CLOEXEC)
+            guard ofd >= 0 else {
+                let e = Errno.current
+                efd.close()
+                throw SystemError("open", control, errno: e)
+            }
+            defer { _ = close(ofd) }
+            do { try Files.write(mem + "/cgroup.event_control", "\(efd.rawValue) \(ofd)") } catch {
+                efd.close()
+                throw error
+            }
+            return efd
+        case .v2:
+            let fd = try sys("inotify_init1") { inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC)) }
+            let events = dirs[""]! + "/memory.events"
+            guard inotify_add_watch(fd, events, UInt32(IN_MODIFY)) >= 0 else {
+                let e = Errno.current
+                _ = close(fd)
+                throw SystemError("inotify_add_watch", events, errno: e)
+            }
+            return OwnedFD(adopting: fd)
+        }
+    }
+
+    /// v2: memory.events oom_kill; v1: memory.oom_control oom_kill.
+    public var oomKillCount: UInt64 {
+        let c = counters()
+        return c["events.oom_kill"] ?? c["oom.oom_kill"] ?? 0
+    }
+}
