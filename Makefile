@@ -1,5 +1,5 @@
 # Two commands for a fresh Debian machine (root, as in CI):
-#   make run    install what the daemon needs, build, start the daemon, ask it for health
+#   make run    install what the daemon needs, build, start the daemon, run a first container in it
 #   make test   install what the tests need, build with warnings as errors, run every test
 SHELL := /bin/bash
 APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2
@@ -19,15 +19,21 @@ deps:
 build: deps
 	swift build $(SWIFT_FLAGS)
 
-# The main job: the daemon with its embedded defaults on $(SOCKET), asked for its
-# health once it is up; Ctrl-C (SIGINT) stops it cleanly.
+# The main job: the daemon with its embedded defaults (state in /run/kuasar, API socket
+# $(SOCKET)), its health, then a first container — a busybox rootfs made here — run
+# through it with `kuasar run`. The daemon keeps running; Ctrl-C (SIGINT) stops it cleanly.
+DEMO_ROOTFS := .build/demo-rootfs
 run: build
 	@bin=$$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar; \
+	rm -rf $(DEMO_ROOTFS) && mkdir -p $(DEMO_ROOTFS)/bin $(DEMO_ROOTFS)/proc $(DEMO_ROOTFS)/dev $(DEMO_ROOTFS)/sys $(DEMO_ROOTFS)/tmp && \
+	cp /bin/busybox $(DEMO_ROOTFS)/bin/ && for a in $$(/bin/busybox --list); do [ $$a = busybox ] || ln -sf busybox $(DEMO_ROOTFS)/bin/$$a; done; \
 	$$bin daemon --socket $(SOCKET) & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' INT TERM; \
 	for i in $$(seq 100); do $$bin health --socket $(SOCKET) >/dev/null 2>&1 && break; sleep 0.05; done; \
 	$$bin health --socket $(SOCKET); \
-	echo "daemon running as pid $$pid; try: $$bin health --socket $(SOCKET); Ctrl-C stops it"; \
+	KUASAR_ROOT=$$(dirname $(SOCKET)) $$bin run --rootfs $(DEMO_ROOTFS) --hostname first -- \
+	  sh -c 'echo "hello from a kuasar container: pid $$$$ on $$(hostname), $$(cat /proc/self/status | grep -c Cap) capability sets"'; \
+	echo "first container exited with $$?; daemon running as pid $$pid (Ctrl-C stops it); try: $$bin ps --root $$(dirname $(SOCKET))"; \
 	wait $$pid
 
 test: build
@@ -43,8 +49,10 @@ bench: deps
 	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null
 	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf all
 
+# kuasar, and the same binary as containerd's shim v2 runtime `io.containerd.kuasar.v2`.
 install: build
 	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar /usr/local/bin/kuasar
+	ln -sf kuasar /usr/local/bin/containerd-shim-kuasar-v2
 
 clean:
 	rm -rf .build perf/.build

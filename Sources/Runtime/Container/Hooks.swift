@@ -71,7 +71,7 @@ struct HookRunner {
                 guard c.initProcess.pidfdRaw >= 0 else { throw ContainerError(.failedPrecondition, "\(name): the container is not running") }
                 var process = OCISpec.Process(args: hook.args ?? [hook.path], env: hook.env ?? [], cwd: "/")
                 process.args![0] = hook.path
-                var child = try ContainerLauncher.launch(
+                let child = try ContainerLauncher.launch(
                     spec: c.spec, process: process, target: .exec(pidfd: c.initProcess.pidfdRaw, namespaces: c.execNamespaces & ~NamespaceFlag.user),
                     bundle: c.bundle, stdio: [(inRead, 0), (null, 1), (null, 2)], console: false, cgroup: c.cgroup,
                     selfPidNamespace: engine.selfPidNamespace)
