@@ -70,6 +70,31 @@ extension AllTests {
         #expect(theirMounts == ourMounts, "mounts differ:\nrunc:\n\(theirMounts.joined(separator: "\n"))\nkuasar:\n\(ourMounts.joined(separator: "\n"))")
     }
 
+    @Test func userNamespaceBundleMatchesRuncRun() throws {
+        let bundle = try TestBundle("compat-userns")
+        defer { bundle.remove() }
+        try bundle.editSpec { spec in
+            var p = spec["process"] as! [String: Any]
+            p["terminal"] = false
+            p["args"] = ["sh", "-c", "id; cat /proc/self/uid_map /proc/self/gid_map; hostname; ls -ln /dev/null; grep Cap /proc/self/status; exit 4"]
+            spec["process"] = p
+            var linux = spec["linux"] as! [String: Any]
+            var ns = linux["namespaces"] as! [[String: Any]]
+            ns.append(["type": "user"])
+            linux["namespaces"] = ns
+            linux["uidMappings"] = [["containerID": 0, "hostID": 100000, "size": 65536]]
+            linux["gidMappings"] = [["containerID": 0, "hostID": 100000, "size": 65536]]
+            spec["linux"] = linux
+        }
+        let root = DaemonRoot("userns")
+        defer { root.stop() }
+        let theirs = try shell("runc run --bundle \(bundle.path) kuasar-userns-\(getpid())")
+        let ours = try root.run("run --bundle \(bundle.path) --id userns")
+        #expect(theirs.code == 4 && ours.code == 4, "runc \(theirs.code) \(theirs.out), kuasar \(ours.code): \(ours.out)")
+        #expect(theirs.out == ours.out, "runc:\n\(theirs.out)\nkuasar:\n\(ours.out)")
+        #expect(ours.out.contains("100000"))
+    }
+
     @Test func cliRunExecPsKillAndBadInput() throws {
         let bundle = try TestBundle("cli")
         defer { bundle.remove() }
