@@ -28,6 +28,21 @@ extension AllTests {
         r = try shell("script -qec \"\(ctd.ctr) run -t --rm --runtime \(ContainerdFixture.runtime) \(ContainerdFixture.image) tty1 sh -c 'tty; exit 5'\" /dev/null")
         #expect(r.code == 5, "\(r.out)")
         #expect(r.out.contains("/dev/pts/0"), "\(r.out)")
+        // containerd's binary logging protocol: the logger reads fd 3/4, closes fd 5 when ready.
+        let logger = ctd.dir + "/logger.sh"
+        try Files.write(logger, """
+            #!/bin/sh
+            exec 5>&-
+            echo "$CONTAINER_ID $CONTAINER_NAMESPACE" > "$2/logger-env"
+            cat <&3 > "$2/out.log" &
+            cat <&4 > "$2/err.log"
+            wait
+            """, create: true, mode: 0o755)
+        r = try ctd.run("--rm --log-uri 'binary://\(logger)?dir=\(ctd.dir)' \(ContainerdFixture.image) lg sh -c 'echo to-log; echo to-err >&2; exit 2'")
+        #expect(r.code == 2, "\(r.out)")
+        #expect(waitUntil { ((try? Files.readString(ctd.dir + "/out.log")) ?? "") == "to-log\n" }, "logger stdout")
+        #expect(waitUntil { ((try? Files.readString(ctd.dir + "/err.log")) ?? "") == "to-err\n" }, "logger stderr")
+        #expect(((try? Files.readString(ctd.dir + "/logger-env")) ?? "") == "lg default\n")
         // No process per container stays behind: only containerd and the one daemon.
         let shims = try shell("pgrep -f '[c]ontainerd-shim-kuasar' || true").out
         #expect(shims.isEmpty, "shim processes left: \(shims)")

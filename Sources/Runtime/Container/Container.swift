@@ -374,7 +374,9 @@ public final class Container {
                 cleanup.append { try? cg.destroy() }
                 if let r = spec.linux?.resources { try cg.apply(Container.resources(r)) }
             }
-            let io = try ProcessIO(reactor: engine.reactor, paths: stdio)
+            var stdio = stdio
+            if stdio.containerID.isEmpty { stdio.containerID = id }
+            let io = try ProcessIO(reactor: engine.reactor, paths: stdio, supervisor: engine.supervisor)
             cleanup.append { io.close() }
             let process = ContainerProcess(execID: "", spec: spec.process!, stdio: stdio, io: io)
             container = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
@@ -475,7 +477,9 @@ public final class Container {
         guard execs[execID] == nil else { throw ContainerError(.alreadyExists, "exec \(execID) already exists in \(id)") }
         do { try OCISpec.validate(process: process, field: "exec spec") } catch { throw ContainerError(.invalid, error.description) }
         let io: ProcessIO
-        do { io = try ProcessIO(reactor: engine.reactor, paths: stdio) } catch {
+        var stdio = stdio
+        if stdio.containerID.isEmpty { stdio.containerID = id }
+        do { io = try ProcessIO(reactor: engine.reactor, paths: stdio, supervisor: engine.supervisor) } catch {
             throw ContainerError(.failed, "exec \(execID): \(error)")
         }
         let p = ContainerProcess(execID: execID, spec: process, stdio: stdio, io: io)

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
 
 /// Where a container process's stdio goes, as containerd names it: FIFO paths (the
 /// usual case), `file:///path` (append to a file), or nothing.
@@ -9,6 +10,9 @@ public struct StdioPaths: Sendable, Equatable {
     public var stdout = ""
     public var stderr = ""
     public var terminal = false
+    /// For a `binary://` logger: its CONTAINER_ID and CONTAINER_NAMESPACE.
+    public var containerID = ""
+    public var namespace = ""
     public init(stdin: String = "", stdout: String = "", stderr: String = "", terminal: Bool = false) {
         self.stdin = stdin; self.stdout = stdout; self.stderr = stderr; self.terminal = terminal
     }
@@ -97,7 +101,7 @@ public final class ProcessIO {
         }
     }
 
-    public init(reactor: Reactor, paths: StdioPaths) throws(SystemError) {
+    public init(reactor: Reactor, paths: StdioPaths, supervisor: ProcessSupervisor? = nil) throws(SystemError) {
         self.reactor = reactor
         terminal = paths.terminal
         if paths.terminal {
@@ -120,6 +124,10 @@ public final class ProcessIO {
                 childFDs.append(null)
                 childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
             }
+            if paths.stdout.hasPrefix("binary://"), let supervisor {
+                try startLogger(paths, supervisor: supervisor)
+                return
+            }
             for path in [paths.stdout, paths.stderr] {
                 if path.isEmpty {
                     let null = try sys("open", "/dev/null") { open("/dev/null", O_WRONLY | O_CLOEXEC) }
@@ -138,6 +146,46 @@ public final class ProcessIO {
         }
     }
 
+    /// containerd's logging binary protocol (`binary:///path?key=value`): the binary
+    /// runs with CONTAINER_ID and CONTAINER_NAMESPACE, reads the container's stdout on
+    /// fd 3 and stderr on fd 4, and closes fd 5 once ready. The container writes straight
+    /// into those pipes: nothing to pump, and nothing lost if the logger is slow (the
+    /// container blocks). We do not wait for the ready signal — that would block the loop
+    /// — output simply waits in the pipes until the logger reads.
+    private func startLogger(_ paths: StdioPaths, supervisor: ProcessSupervisor) throws(SystemError) {
+        let uri = paths.stdout
+        let rest = String(uri.dropFirst("binary://".count))
+        let parts = rest.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        let path = String(parts[0]).removingPercentEncoding ?? String(parts[0])
+        guard path.hasPrefix("/") else { throw SystemError("binary log driver", "\(uri): the path must be absolute", errno: .EINVAL) }
+        var args = [path]
+        if parts.count == 2 {
+            for item in parts[1].split(separator: "&") {
+                let kv = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                args.append(String(kv[0]).removingPercentEncoding ?? String(kv[0]))
+                if kv.count == 2, !kv[1].isEmpty { args.append(String(kv[1]).removingPercentEncoding ?? String(kv[1])) }
+            }
+        }
+        let out = try makePipe(nonBlocking: false), err = try makePipe(nonBlocking: false), ready = try makePipe(nonBlocking: false)
+        let outR = out.first.take(), outW = out.second.take()
+        let errR = err.first.take(), errW = err.second.take()
+        let readyR = ready.first.take(), readyW = ready.second.take()
+        defer { for fd in [outR, errR, readyR, readyW] { _ = Glibc.close(fd) } }
+        childFDs.append(outW)
+        childOwned.append(OwnedFDBox(OwnedFD(adopting: outW)))
+        childFDs.append(errW)
+        childOwned.append(OwnedFDBox(OwnedFD(adopting: errW)))
+        let null = try sys("open", "/dev/null") { open("/dev/null", O_RDWR | O_CLOEXEC) }
+        defer { _ = Glibc.close(null) }
+        var spec = ProcessSpec(executable: path, arguments: args,
+                               environment: ["CONTAINER_ID=\(paths.containerID)", "CONTAINER_NAMESPACE=\(paths.namespace)",
+                                             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                               fdMap: [(null, 0), (null, 1), (null, 2), (outR, 3), (errR, 4), (readyW, 5)])
+        spec.newSession = true
+        // Reaped on its own when the container's output ends; its status is only logged.
+        try supervisor.spawn(spec) { _ in }
+    }
+
     /// The child's stdio mapping for the launcher.
     public var stdioMap: [(from: Int32, to: Int32)] {
         childFDs.enumerated().map { (from: $0.element, to: Int32($0.offset)) }
@@ -153,7 +201,7 @@ public final class ProcessIO {
             fd = try sys("open", file) { open(file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640) }
             return OutputSink(file: OwnedFD(adopting: fd))
         } else if path.hasPrefix("binary://") {
-            throw SystemError("open stdio", "\(path): binary:// log drivers are not supported", errno: .EINVAL)
+            throw SystemError("open stdio", "\(path): binary:// logging needs both stdout and stderr on the logger and no terminal", errno: .EINVAL)
         } else {
             let p = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
             fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }

@@ -203,7 +203,8 @@ public final class TaskService {
             try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs)
             mounted.append(rootfs)
         }
-        let stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
+        stdio.namespace = sandbox.namespace
         let pending = PendingCreate(id: r.id)
         sandbox.pendingCreates.insert(r.id)
         Container.create(id: r.id, bundle: r.bundle, spec: spec, rootfs: rootfs, stdio: stdio,
@@ -305,8 +306,9 @@ public final class TaskService {
         do { process = try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
             throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
         }
-        _ = try c.exec(id: r.execID, process: process,
-                       stdio: StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal))
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
+        stdio.namespace = sandbox.namespace
+        _ = try c.exec(id: r.execID, process: process, stdio: stdio)
         call.respond(Google_Protobuf_Empty())
         var e = Containerd_Events_TaskExecAdded()
         e.containerID = r.id
