@@ -525,27 +525,8 @@ static void container_child(const ks_container_attr *a) {
 
     if (setsid() < 0) fail(sync_fd, "setsid", NULL, errno);
 
-    {
-        // Same two-pass fd mapping as ks_spawn; the sync socket is lifted above it.
-        int top = 2;
-        for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to > top) top = a->fds[i].to;
-        int lifted_sync = fcntl(sync_fd, F_DUPFD_CLOEXEC, top + 1);
-        if (lifted_sync < 0) fail(sync_fd, "dup sync socket", NULL, errno);
-        sync_fd = lifted_sync;
-        int lifted[a->fd_count > 0 ? a->fd_count : 1];
-        for (int i = 0; i < a->fd_count; i++) {
-            lifted[i] = fcntl(a->fds[i].from, F_DUPFD_CLOEXEC, top + 1);
-            if (lifted[i] < 0) fail(sync_fd, "dup stdio", NULL, errno);
-        }
-        for (int i = 0; i < a->fd_count; i++)
-            if (dup2(lifted[i], a->fds[i].to) < 0) fail(sync_fd, "dup2 stdio", NULL, errno);
-        for (int fd = 0; fd <= top; fd++) {
-            int keep = 0;
-            for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to == fd) keep = 1;
-            if (!keep) close(fd);
-        }
-        if (ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0) fail(sync_fd, "close_range", NULL, errno);
-    }
+    // The stdio mapping; the sync socket is lifted above it and stays open until exec.
+    if (ks_child_map_fds(a->fds, a->fd_count, &sync_fd) < 0) fail(sync_fd, "map stdio", NULL, errno);
 
     if (a->rootfs) setup_rootfs(a, sync_fd);
     if (a->create_console) make_console(sync_fd);

@@ -71,6 +71,36 @@ int ks_close_range(unsigned first, unsigned last, unsigned flags) {
     return syscall(SYS_close_range, first, last, flags) < 0 ? -errno : 0;
 }
 
+int ks_child_map_fds(const ks_fd_map *fds, int count, int *keep) {
+    // Two passes so a mapping never overwrites the source of a later one: first lift
+    // every source (and *keep) above the highest target, then dup2 each down to its
+    // number (dup2 clears close-on-exec).
+    int top = 2;
+    for (int i = 0; i < count; i++)
+        if (fds[i].to > top) top = fds[i].to;
+    if (keep && *keep >= 0) {
+        int lifted_keep = fcntl(*keep, F_DUPFD_CLOEXEC, top + 1);
+        if (lifted_keep < 0) return -1;
+        *keep = lifted_keep;
+    }
+    int lifted[count > 0 ? count : 1];
+    for (int i = 0; i < count; i++) {
+        lifted[i] = fcntl(fds[i].from, F_DUPFD_CLOEXEC, top + 1);
+        if (lifted[i] < 0) return -1;
+    }
+    for (int i = 0; i < count; i++)
+        if (dup2(lifted[i], fds[i].to) < 0) return -1;
+    // Close every low fd that is not a target; mark every high one close-on-exec (this
+    // keeps *keep open until exec). The descriptor table is the child's own even on
+    // the vfork path (no CLONE_FILES).
+    for (int fd = 0; fd <= top; fd++) {
+        int is_target = 0;
+        for (int i = 0; i < count; i++) if (fds[i].to == fd) is_target = 1;
+        if (!is_target) close(fd);
+    }
+    return ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0 ? -1 : 0;
+}
+
 enum { STAGE_EXEC = 0, STAGE_FDS = 1, STAGE_CWD = 2, STAGE_SETSID = 3, STAGE_SIGNALS = 4 };
 
 // What the child needs, and where it reports a failure before exec: through shared
@@ -108,35 +138,7 @@ static void child(struct child_ctx *ctx) {
     if (a->new_session && setsid() < 0) goto fail;
 
     stage = STAGE_FDS;
-    {
-        // Two passes so a mapping never overwrites the source of a later one: first
-        // lift every source (and the error pipe) above the highest target, then dup2
-        // each down to its number (dup2 clears close-on-exec).
-        int top = 2;
-        for (int i = 0; i < a->fd_count; i++)
-            if (a->fds[i].to > top) top = a->fds[i].to;
-        if (err_fd >= 0) {
-            int lifted_err = fcntl(err_fd, F_DUPFD_CLOEXEC, top + 1);
-            if (lifted_err < 0) goto fail;
-            err_fd = lifted_err;
-        }
-        int lifted[a->fd_count > 0 ? a->fd_count : 1];
-        for (int i = 0; i < a->fd_count; i++) {
-            lifted[i] = fcntl(a->fds[i].from, F_DUPFD_CLOEXEC, top + 1);
-            if (lifted[i] < 0) goto fail;
-        }
-        for (int i = 0; i < a->fd_count; i++)
-            if (dup2(lifted[i], a->fds[i].to) < 0) goto fail;
-        // Close every low fd that is not a target; mark every high one close-on-exec
-        // (this keeps the error pipe open until exec). The descriptor table is the
-        // child's own even on the vfork path (no CLONE_FILES).
-        for (int fd = 0; fd <= top; fd++) {
-            int keep = 0;
-            for (int i = 0; i < a->fd_count; i++) if (a->fds[i].to == fd) keep = 1;
-            if (!keep) close(fd);
-        }
-        if (ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0) goto fail;
-    }
+    if (ks_child_map_fds(a->fds, a->fd_count, &err_fd) < 0) goto fail;
 
     stage = STAGE_CWD;
     if (a->cwd && chdir(a->cwd) < 0) goto fail;

@@ -105,6 +105,10 @@ typedef struct ks_spawn_attr {
 int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
 
 int ks_close_range(unsigned first, unsigned last, unsigned flags);
+/// In a child between clone and exec: dup2 each fds[i].from to fds[i].to, close every
+/// other fd up to the highest target and mark the rest close-on-exec; *keep (if >= 0)
+/// is moved above the targets and stays open. -1 with errno set on failure.
+int ks_child_map_fds(const ks_fd_map *_Nullable fds, int count, int *_Nullable keep);
 
 // ---- containers ------------------------------------------------------------------
 /// One mount into a container's root, done in the child before pivot_root. The

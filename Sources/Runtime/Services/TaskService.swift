@@ -264,37 +264,29 @@ public final class TaskService {
 
     private func start(_ call: TTRPCServerCall, _ r: Containerd_Task_V2_StartRequest, _ sandbox: Sandbox) throws {
         let c = try container(r.id, sandbox)
-        if r.execID.isEmpty {
-            c.start { [weak self] result in
-                switch result {
-                case .failure(let e): call.fail(RPCError.from(e))
-                case .success(let pid):
-                    var resp = Containerd_Task_V2_StartResponse()
-                    resp.pid = UInt32(pid)
-                    call.respond(resp)
-                    var e = Containerd_Events_TaskStart()
-                    e.containerID = r.id
-                    e.pid = UInt32(pid)
-                    self?.publish(sandbox, "/tasks/start", e)
-                }
-            }
-            return
-        }
-        let p = try process(c, r.execID)
-        c.startExec(p) { [weak self] result in
+        // Answer, then the event: TaskStart for the init, TaskExecStarted for an exec.
+        let answer = { [weak self] (result: Result<pid_t, ContainerError>) in
             switch result {
             case .failure(let e): call.fail(RPCError.from(e))
             case .success(let pid):
                 var resp = Containerd_Task_V2_StartResponse()
                 resp.pid = UInt32(pid)
                 call.respond(resp)
-                var e = Containerd_Events_TaskExecStarted()
-                e.containerID = r.id
-                e.execID = r.execID
-                e.pid = UInt32(pid)
-                self?.publish(sandbox, "/tasks/exec-started", e)
+                if r.execID.isEmpty {
+                    var e = Containerd_Events_TaskStart()
+                    e.containerID = r.id
+                    e.pid = UInt32(pid)
+                    self?.publish(sandbox, "/tasks/start", e)
+                } else {
+                    var e = Containerd_Events_TaskExecStarted()
+                    e.containerID = r.id
+                    e.execID = r.execID
+                    e.pid = UInt32(pid)
+                    self?.publish(sandbox, "/tasks/exec-started", e)
+                }
             }
         }
+        if r.execID.isEmpty { c.start(answer) } else { c.startExec(try process(c, r.execID), answer) }
     }
 
     // MARK: Exec
