@@ -89,6 +89,15 @@ struct InfoCommand: ParsableCommand {
             : BackendKind.uring.isAvailable ? "io_uring is available" : "the kernel refuses io_uring"
         print("reactor: \(chosen.rawValue) (\(why))")
         print("libseccomp: \(HostInfo.seccompVersion)")
+        if let cg = try? CgroupHost.detect() {
+            print("cgroups: \(cg.mode.rawValue) (controllers: \(cg.controllers.joined(separator: ", ")))")
+        } else {
+            print("cgroups: not found (containers run without resource limits)")
+        }
+        print("sandbox kinds:")
+        print("  namespace: available (shim v2 protocol: containerd-shim-kuasar-v2; kuasar run)")
+        print("  vm (QEMU, Cloud Hypervisor, StratoVirt): not yet implemented")
+        print("  wasm (WasmKit): not yet implemented")
     }
 }
 
