@@ -309,7 +309,7 @@ enum ContainerBenchmark {
                 shims.append((c, id))
             }
             usleep(200_000)
-            let shimPIDs = try sh("pgrep -f 'containerd-shim-runc-v2 -namespace perf'").split(separator: "\n").compactMap { pid_t($0) }
+            let shimPIDs = try sh("pgrep -f 'containerd-shim-runc-v2 -namespace perf -id m\(n)-'").split(separator: "\n").compactMap { pid_t($0) }
             let theirPSS = shimPIDs.map(pss).reduce(0, +)
             memory.append(Memory(pods: n, kuasarDaemonPSSkB: ourPSS, runcShimsPSSkB: theirPSS, ratio: Double(ourPSS) / Double(max(theirPSS, 1))))
             log("  memory \(n) pods: kuasar \(ourPSS) kB, \(shimPIDs.count) shims \(theirPSS) kB")
