@@ -28,7 +28,9 @@ public enum Identifier {
 /// state directory and one cgroup parent. Containers follow their specs' namespaces;
 /// those a CRI pod shares are joined by path.
 public final class Sandbox {
-    public enum State: String, Sendable { case ready, stopped }
+    /// created: by the Controller's Create, not started yet; ready: serving its Task API;
+    /// stopped: its containers are gone (Controller Stop), state kept until Shutdown.
+    public enum State: String, Sendable { case created, ready, stopped }
 
     public let id: String
     public let namespace: String
@@ -39,6 +41,13 @@ public final class Sandbox {
     /// Order of creation, for listings.
     public private(set) var containerOrder: [String] = []
     public var state: State = .ready
+    /// Set by the sandbox Controller (containerd 2.x): labels, when it stopped, and who
+    /// waits for that.
+    public var labels: [String: String] = [:]
+    public var exitedAt: WallTime?
+    public var stopWaiters: [Int: (WallTime) -> Void] = [:]
+    public var nextStopWaiter = 0
+
     /// Namespace type → pinned ns file, for a sandbox that shares namespaces.
     public var pinned: [String: String] = [:]
     /// Container ids whose Create is in flight (so an id cannot be taken twice).
@@ -93,7 +102,8 @@ public final class SandboxRegistry {
     }
 
     /// The sandbox `id`, made (state directory 0700) when it does not exist yet.
-    public func register(id: String, namespace: String, eventsAddress: String, sharedNamespaces: Bool = false) throws -> (Sandbox, created: Bool) {
+    public func register(id: String, namespace: String, eventsAddress: String, sharedNamespaces: Bool = false,
+                         netnsPath: String = "") throws -> (Sandbox, created: Bool) {
         try Identifier.validate(id, what: "sandbox")
         if let s = sandboxes[id] {
             guard s.namespace == namespace || namespace.isEmpty else {
@@ -106,7 +116,11 @@ public final class SandboxRegistry {
         try makeDirectories(dir, mode: 0o700)
         let s = Sandbox(id: id, namespace: namespace, stateDir: dir, eventsAddress: eventsAddress)
         if sharedNamespaces {
-            do { s.pinned = try PinnedNamespaces.create(in: dir, engine: engine) } catch {
+            do {
+                s.pinned = try PinnedNamespaces.create(in: dir, engine: engine, types: netnsPath.isEmpty ? PinnedNamespaces.types : ["ipc", "uts"])
+                // containerd (CNI) made the network namespace: joined, never ours to release.
+                if !netnsPath.isEmpty { s.pinned["network"] = netnsPath }
+            } catch {
                 Files.removeTree(dir)
                 throw error
             }
@@ -118,7 +132,7 @@ public final class SandboxRegistry {
     /// Forgets a sandbox with no containers left and removes its state directory.
     public func remove(_ sandbox: Sandbox) {
         for c in sandbox.containers.values { c.destroy() }
-        PinnedNamespaces.release(sandbox.pinned)
+        PinnedNamespaces.release(sandbox.pinned, ownedUnder: sandbox.stateDir)
         sandbox.pinned = [:]
         // The sandbox's cgroup parent, now that its containers' cgroups are gone.
         if let host = engine.cgroups {
@@ -148,7 +162,7 @@ public enum PinnedNamespaces {
     public static let types = ["network", "ipc", "uts"]
 
     /// Creates the namespaces and returns type → pinned file.
-    public static func create(in dir: String, engine: ContainerEngine) throws -> [String: String] {
+    public static func create(in dir: String, engine: ContainerEngine, types: [String] = types) throws -> [String: String] {
         var spec = OCISpec(ociVersion: "1.0.2")
         spec.process = OCISpec.Process(args: ["/nonexistent-never-run"])
         spec.linux = OCISpec.Linux()
@@ -173,14 +187,14 @@ public enum PinnedNamespaces {
                 pinned[type] = file
             }
         } catch {
-            release(pinned)
+            release(pinned, ownedUnder: dir)
             throw error
         }
         return pinned
     }
 
-    public static func release(_ pinned: [String: String]) {
-        for file in pinned.values {
+    public static func release(_ pinned: [String: String], ownedUnder dir: String) {
+        for file in pinned.values where file.hasPrefix(dir + "/") {
             try? Mounts.unmount(file, lazy: true)
             _ = unlink(file)
         }

@@ -38,6 +38,9 @@ public final class Daemon {
     private var registry: SandboxRegistry?
     private var tasks: TaskService?
     private var admin: AdminService?
+    private var grpc: GRPCServer?
+    private var controller: ControllerService?
+    private var sniffing: [Int32: Reactor.Registration] = [:]
     private var ownsAdminPath = false
     private var connections = LiveSet<Connection>()
     private let startedAt = MonotonicClock.nanoseconds()
@@ -83,6 +86,11 @@ public final class Daemon {
         self.admin = admin
         try admin.listen(path: options.adminSocketPath)
         ownsAdminPath = true
+        let grpc = GRPCServer(reactor: reactor, logger: logger)
+        let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger)
+        controller.register(on: grpc)
+        self.controller = controller
+        self.grpc = grpc
 
         let fd = try Socket.listenUnix(path: options.socketPath)
         ownsSocketPath = true
@@ -91,7 +99,36 @@ public final class Daemon {
         try reactor.run()
     }
 
+    /// The API socket speaks gRPC (containerd's sandbox Controller, which opens with the
+    /// HTTP/2 preface "PRI * HTTP/2.0") and the line protocol (`health`): the first bytes,
+    /// peeked without consuming them, say which.
     private func accept(_ fd: consuming OwnedFD) {
+        guard let reactor else { fd.close(); return }
+        let raw = fd.take()
+        do {
+            sniffing[raw] = try reactor.register(fd: raw, interest: .readable) { [unowned self] _ in self.sniff(raw) }
+        } catch {
+            logger.error("cannot serve a connection: \(error)")
+            _ = close(raw)
+        }
+    }
+
+    private func sniff(_ raw: Int32) {
+        var head = [UInt8](repeating: 0, count: 4)
+        let n = recv(raw, &head, 4, Int32(MSG_PEEK | MSG_DONTWAIT))
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        let preface = Array("PRI ".utf8)
+        // Wait for four bytes while they could still be the preface.
+        if n > 0 && n < 4 && Array(head[..<n]) == Array(preface[..<n]) { return }
+        if let reg = sniffing.removeValue(forKey: raw) { reactor?.deregister(reg) }
+        if n == 4 && head == preface, let grpc {
+            grpc.serve(OwnedFD(adopting: raw))
+        } else {
+            serveLines(OwnedFD(adopting: raw))
+        }
+    }
+
+    private func serveLines(_ fd: consuming OwnedFD) {
         guard let reactor else { fd.close(); return }
         let conn = Connection(reactor: reactor, fd: fd)
         var line: [UInt8] = []
@@ -136,6 +173,14 @@ public final class Daemon {
     }
 
     private func shutdown() {
+        for (raw, reg) in sniffing {
+            reactor?.deregister(reg)
+            _ = close(raw)
+        }
+        sniffing.removeAll()
+        grpc?.close()
+        grpc = nil
+        controller = nil
         // Without recovery (yet), containers do not outlive the daemon that pumps their
         // stdio: stop them and release their cgroups, mounts and state.
         if let registry {

@@ -1,0 +1,233 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import SwiftProtobuf
+
+/// containerd 2.x's sandboxer endpoint: `containerd.services.sandbox.v1.Controller` over
+/// gRPC on the daemon's socket. A sandbox made here is a namespace sandbox: its own
+/// pinned network (or containerd's `netns_path`), ipc and uts namespaces, a cgroup parent,
+/// and after Start its Task API (v3) at `ttrpc+unix://<root>/<id>/task.sock`.
+public final class ControllerService {
+    public static let service = "containerd.services.sandbox.v1.Controller"
+    /// Sandboxer names (containerd's proxy plugin names) served as namespace sandboxes.
+    public static let namespaceSandboxers: Set<String> = ["", "kuasar", "kuasar-ns", "namespace"]
+    let registry: SandboxRegistry
+    let tasks: TaskService
+    let reactor: Reactor
+    let logger: Logger
+    /// Every id ever created, so Shutdown can tell "gone already" from "never seen".
+    private var seen = Set<String>()
+
+    public init(registry: SandboxRegistry, tasks: TaskService, reactor: Reactor, logger: Logger) {
+        self.registry = registry
+        self.tasks = tasks
+        self.reactor = reactor
+        self.logger = logger
+    }
+
+    public func register(on server: GRPCServer) {
+        func unary<Req: SwiftProtobuf.Message>(_ m: String, _ body: @escaping (GRPCServerCall, Req) throws -> Void) {
+            server.registerUnary(service: Self.service, method: m, body)
+        }
+        unary("Create") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerCreateRequest) in try self.create(call, r) }
+        unary("Start") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerStartRequest) in try self.start(call, r) }
+        unary("Platform") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerPlatformRequest) in
+            _ = try self.sandbox(r.sandboxID, r.sandboxer)
+            var resp = Containerd_Services_Sandbox_V1_ControllerPlatformResponse()
+            resp.platform = Self.hostPlatform()
+            call.respond(resp)
+        }
+        unary("Stop") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerStopRequest) in try self.stop(call, r) }
+        unary("Wait") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerWaitRequest) in
+            let s = try self.sandbox(r.sandboxID, r.sandboxer)
+            let answer = { (at: WallTime) in
+                var resp = Containerd_Services_Sandbox_V1_ControllerWaitResponse()
+                resp.exitStatus = 0
+                resp.exitedAt = TaskService.timestamp(at)
+                call.respond(resp)
+            }
+            if let at = s.exitedAt { answer(at); return }
+            s.nextStopWaiter += 1
+            let token = s.nextStopWaiter
+            s.stopWaiters[token] = answer
+            call.onCancel = { [weak s] _ in s?.stopWaiters.removeValue(forKey: token) }
+        }
+        unary("Status") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerStatusRequest) in
+            let s = try self.sandbox(r.sandboxID, r.sandboxer)
+            var resp = Containerd_Services_Sandbox_V1_ControllerStatusResponse()
+            resp.sandboxID = s.id
+            resp.pid = UInt32(getpid())
+            resp.state = s.state == .ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY"
+            resp.createdAt = TaskService.timestamp(s.createdAt)
+            if let at = s.exitedAt { resp.exitedAt = TaskService.timestamp(at) }
+            if s.state != .created {
+                resp.address = "ttrpc+unix://" + s.taskSocket
+                resp.version = 3
+            }
+            if r.verbose {
+                let info: [String: Any] = [
+                    "kind": "namespace", "stateDir": s.stateDir, "cgroup": "kuasar/\(s.id)",
+                    "namespaces": s.pinned,
+                    "containers": s.containerOrder.compactMap { id in
+                        s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
+                    },
+                ]
+                let json = (try? JSONSerialization.data(withJSONObject: info, options: [.sortedKeys])) ?? Data()
+                resp.info = ["info": String(decoding: json, as: UTF8.self)]
+            }
+            call.respond(resp)
+        }
+        unary("Shutdown") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerShutdownRequest) in
+            guard let s = self.registry.sandboxes[r.sandboxID] else {
+                if self.seen.contains(r.sandboxID) { call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse()); return }
+                throw RPCError(.notFound, "sandbox \(r.sandboxID) not found")
+            }
+            for c in s.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+            self.markStopped(s)
+            self.tasks.removeSandbox(s)
+            call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse())
+        }
+        unary("Metrics") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerMetricsRequest) in
+            let s = try self.sandbox(r.sandboxID, r.sandboxer)
+            guard let host = self.registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
+            var resp = Containerd_Services_Sandbox_V1_ControllerMetricsResponse()
+            let now = WallTime.now()
+            resp.metrics.timestamp = TaskService.timestamp(now)
+            resp.metrics.id = s.id
+            resp.metrics.data = try CgroupMetrics.any(try host.create("kuasar/\(s.id)"))
+            call.respond(resp)
+        }
+        unary("Update") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerUpdateRequest) in
+            let s = try self.sandbox(r.sandboxID, r.sandboxer)
+            let fields = Set(r.fields)
+            if fields.isEmpty || fields.contains("labels") { s.labels = r.sandbox.labels }
+            for f in fields where !["labels", "extensions", "spec"].contains(f) {
+                throw RPCError(.invalidArgument, "update \(s.id): field \"\(f)\" cannot be updated")
+            }
+            call.respond(Containerd_Services_Sandbox_V1_ControllerUpdateResponse())
+        }
+    }
+
+    static func hostPlatform() -> Containerd_Types_Platform {
+        var u = utsname()
+        uname(&u)
+        let machine = withUnsafeBytes(of: u.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        var p = Containerd_Types_Platform()
+        p.os = "linux"
+        switch machine {
+        case "x86_64": p.architecture = "amd64"
+        case "aarch64": p.architecture = "arm64"; p.variant = "v8"
+        case "armv7l": p.architecture = "arm"; p.variant = "v7"
+        case "riscv64": p.architecture = "riscv64"
+        case "ppc64le": p.architecture = "ppc64le"
+        case "s390x": p.architecture = "s390x"
+        default: p.architecture = machine
+        }
+        return p
+    }
+
+    func checkSandboxer(_ name: String) throws {
+        guard Self.namespaceSandboxers.contains(name) else {
+            throw RPCError(.invalidArgument, "unknown sandboxer \"\(name)\": this daemon serves \(Self.namespaceSandboxers.filter { !$0.isEmpty }.sorted().joined(separator: ", "))")
+        }
+    }
+
+    func sandbox(_ id: String, _ sandboxer: String) throws -> Sandbox {
+        try checkSandboxer(sandboxer)
+        guard let s = registry.sandboxes[id] else { throw RPCError(.notFound, "sandbox \(id) not found") }
+        return s
+    }
+
+    private func create(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerCreateRequest) throws {
+        try checkSandboxer(r.sandboxer)
+        try Identifier.validate(r.sandboxID, what: "sandbox")
+        guard registry.sandboxes[r.sandboxID] == nil else { throw RPCError(.alreadyExists, "sandbox \(r.sandboxID) already exists") }
+        var config: Runtime_V1_PodSandboxConfig?
+        if r.hasOptions && !r.options.value.isEmpty {
+            guard r.options.typeURL.hasSuffix("runtime.v1.PodSandboxConfig") else {
+                throw RPCError(.invalidArgument, "options: expected a runtime.v1.PodSandboxConfig, got \"\(r.options.typeURL)\"")
+            }
+            do { config = try Runtime_V1_PodSandboxConfig(serializedBytes: r.options.value) } catch {
+                throw RPCError(.invalidArgument, "options: malformed runtime.v1.PodSandboxConfig: \(error)")
+            }
+        }
+        if !r.netnsPath.isEmpty && !Files.exists(r.netnsPath) {
+            throw RPCError(.invalidArgument, "netns_path \(r.netnsPath) does not exist")
+        }
+        let namespace = call.metadata("containerd-namespace").first ?? "k8s.io"
+        let (s, _) = try registry.register(id: r.sandboxID, namespace: namespace, eventsAddress: "",
+                                           sharedNamespaces: true, netnsPath: r.netnsPath)
+        s.state = .created
+        s.labels = r.sandbox.labels
+        seen.insert(s.id)
+        if let dns = config?.dnsConfig, !(dns.servers.isEmpty && dns.searches.isEmpty && dns.options.isEmpty) {
+            var text = dns.servers.map { "nameserver \($0)\n" }.joined()
+            if !dns.searches.isEmpty { text += "search \(dns.searches.joined(separator: " "))\n" }
+            if !dns.options.isEmpty { text += "options \(dns.options.joined(separator: " "))\n" }
+            try Files.write(s.stateDir + "/resolv.conf", text, create: true, mode: 0o644)
+        }
+        if let h = config?.hostname, !h.isEmpty { try Files.write(s.stateDir + "/hostname", h + "\n", create: true, mode: 0o644) }
+        var resp = Containerd_Services_Sandbox_V1_ControllerCreateResponse()
+        resp.sandboxID = s.id
+        call.respond(resp)
+    }
+
+    private func start(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerStartRequest) throws {
+        let s = try sandbox(r.sandboxID, r.sandboxer)
+        switch s.state {
+        case .ready: throw RPCError(.failedPrecondition, "sandbox \(s.id) is already started")
+        case .stopped: throw RPCError(.failedPrecondition, "sandbox \(s.id) is stopped")
+        case .created: break
+        }
+        try tasks.serve(s)
+        s.state = .ready
+        var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
+        resp.sandboxID = s.id
+        resp.pid = UInt32(getpid())
+        resp.createdAt = TaskService.timestamp(s.createdAt)
+        resp.labels = s.labels
+        resp.address = "ttrpc+unix://" + s.taskSocket
+        resp.version = 3
+        call.respond(resp)
+    }
+
+    private func stop(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerStopRequest) throws {
+        let s = try sandbox(r.sandboxID, r.sandboxer)
+        let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
+        guard !running.isEmpty else {
+            markStopped(s)
+            call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+            return
+        }
+        for c in running {
+            if c.state == .paused { try? c.resume() }
+            try? c.kill(signal: r.timeoutSecs == 0 ? SIGKILL : SIGTERM, all: false)
+        }
+        var remaining = running.count
+        var timer: TimerID?
+        for c in running {
+            c.initProcess.wait { [weak self] _, _ in
+                remaining -= 1
+                guard remaining == 0, let self else { return }
+                if let timer { self.reactor.cancel(timer) }
+                self.markStopped(s)
+                call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+            }
+        }
+        if r.timeoutSecs > 0 {
+            timer = reactor.schedule(afterNS: UInt64(r.timeoutSecs) * 1_000_000_000) {
+                for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
+            }
+        }
+    }
+
+    private func markStopped(_ s: Sandbox) {
+        if s.exitedAt == nil { s.exitedAt = WallTime.now() }
+        if s.state != .stopped { s.state = .stopped }
+        let w = s.stopWaiters.sorted { $0.key < $1.key }.map(\.value)
+        s.stopWaiters.removeAll()
+        for f in w { f(s.exitedAt!) }
+    }
+}
