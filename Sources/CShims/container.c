@@ -29,9 +29,6 @@
 #include <limits.h>
 #include <unistd.h>
 
-#ifndef CLONE_INTO_CGROUP
-#define CLONE_INTO_CGROUP 0x200000000ULL
-#endif
 #ifndef PR_CAP_AMBIENT
 #define PR_CAP_AMBIENT 47
 #define PR_CAP_AMBIENT_RAISE 2
@@ -600,24 +597,14 @@ static void container_child(const ks_container_attr *a) {
 
 int ks_container_clone(const ks_container_attr *a, pid_t *pid, int *pidfd) {
     int child_pidfd = -1;
-    struct clone_args args;
-    memset(&args, 0, sizeof args);
-    args.flags = CLONE_PIDFD | a->clone_flags;
-    args.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
-    args.exit_signal = SIGCHLD;
-    if (a->cgroup_fd >= 0) {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = (uint64_t)a->cgroup_fd;
-    }
     // Signals stay blocked across the clone so no handler of ours runs in the child.
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    long rc = syscall(SYS_clone3, &args, sizeof args);
+    long rc = ks_clone3_pidfd(a->clone_flags, a->cgroup_fd, &child_pidfd);
     if (rc == 0) container_child(a);
-    int e = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc < 0) return -e;
+    if (rc < 0) return (int)rc;
     *pid = (pid_t)rc;
     *pidfd = child_pidfd;
     return 0;

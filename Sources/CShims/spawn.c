@@ -71,6 +71,20 @@ int ks_close_range(unsigned first, unsigned last, unsigned flags) {
     return syscall(SYS_close_range, first, last, flags) < 0 ? -errno : 0;
 }
 
+long ks_clone3_pidfd(uint64_t flags, int cgroup_fd, int *pidfd) {
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.flags = CLONE_PIDFD | flags;
+    args.pidfd = (uint64_t)(uintptr_t)pidfd;
+    args.exit_signal = SIGCHLD;
+    if (cgroup_fd >= 0) {
+        args.flags |= 0x200000000ULL;  // CLONE_INTO_CGROUP (older headers lack it)
+        args.cgroup = (uint64_t)cgroup_fd;
+    }
+    long rc = syscall(SYS_clone3, &args, sizeof args);
+    return rc < 0 ? -errno : rc;
+}
+
 int ks_child_map_fds(const ks_fd_map *fds, int count, int *keep) {
     // Two passes so a mapping never overwrites the source of a later one: first lift
     // every source (and *keep) above the highest target, then dup2 each down to its
@@ -204,15 +218,9 @@ static int spawn_fork(const ks_spawn_attr *a, pid_t *pid, int *pidfd, int *stage
     if (pipe2(pipefd, O_CLOEXEC) < 0) return -errno;
 
     int child_pidfd = -1;
-    struct clone_args args;
-    memset(&args, 0, sizeof args);
-    args.flags = CLONE_PIDFD | a->clone_flags;
-    args.pidfd = (uint64_t)(uintptr_t)&child_pidfd;
-    args.exit_signal = SIGCHLD;
-
-    long rc = syscall(SYS_clone3, &args, sizeof args);
+    long rc = ks_clone3_pidfd(a->clone_flags, -1, &child_pidfd);
     if (rc < 0) {
-        int e = errno;
+        int e = (int)-rc;
         close(pipefd[0]);
         close(pipefd[1]);
         return -e;

@@ -93,9 +93,7 @@ final class ContainerdFixture {
         }
         let leftovers = Files.list(kuasarRoot).filter { !["daemon.log"].contains($0) }
         #expect(leftovers.isEmpty, "left in \(kuasarRoot): \(leftovers)")
-        let host = try CgroupHost.detect()
-        for (c, h) in host.hierarchies {
-            let base = h.mount + (h.own == "/" ? "" : h.own) + "/kuasar"
+        for (c, base) in try CgroupHost.detect().existing("kuasar").dirs {
             let left = Files.list(base).filter { Files.isDirectory(base + "/" + $0) }
             #expect(left.isEmpty, "cgroups left in \(c): \(left)")
         }

@@ -105,6 +105,9 @@ typedef struct ks_spawn_attr {
 int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
 
 int ks_close_range(unsigned first, unsigned last, unsigned flags);
+/// clone3(CLONE_PIDFD | flags [| CLONE_INTO_CGROUP when cgroup_fd >= 0]) without CLONE_VM:
+/// returns like fork() — 0 in the child, the pid in the parent (*pidfd set), or -errno.
+long ks_clone3_pidfd(uint64_t flags, int cgroup_fd, int *pidfd);
 /// In a child between clone and exec: dup2 each fds[i].from to fds[i].to, close every
 /// other fd up to the highest target and mark the rest close-on-exec; *keep (if >= 0)
 /// is moved above the targets and stays open. -1 with errno set on failure.

@@ -93,8 +93,7 @@ public final class ContainerProcess {
     private var syncBuffer: [UInt8] = []
     private var pendingReady: ((Result<pid_t, ContainerError>) -> Void)?
     private var pendingStart: ((Result<pid_t, ContainerError>) -> Void)?
-    private var waiters: [Int: (ExitStatus, WallTime) -> Void] = [:]
-    private var nextWaiter = 0
+    private var waiters = WaiterList<(ExitStatus, WallTime)>()
     /// Runs once with the exit, after the output is drained (events, state).
     var onExit: ((ContainerProcess) -> Void)?
     weak var container: Container?
@@ -113,12 +112,10 @@ public final class ContainerProcess {
     @discardableResult
     public func wait(_ body: @escaping (ExitStatus, WallTime) -> Void) -> Int? {
         if let s = exitStatus, let t = exitedAt { body(s, t); return nil }
-        nextWaiter += 1
-        waiters[nextWaiter] = body
-        return nextWaiter
+        return waiters.add { body($0.0, $0.1) }
     }
 
-    public func cancelWait(_ token: Int) { waiters.removeValue(forKey: token) }
+    public func cancelWait(_ token: Int) { waiters.remove(token) }
 
     public var waiterCount: Int { waiters.count }
 
@@ -152,13 +149,15 @@ public final class ContainerProcess {
     /// The sync socket carries reports and, in terminal mode, the console's master fd:
     /// read with recvmsg so the descriptor is not lost.
     private func readSync() {
-        var buf = [UInt8](repeating: 0, count: 4096)
+        guard let reactor else { return }
+        // The reactor's one read buffer: reports are read and copied out at once.
+        let buf = reactor.sharedReadBuffer
         while syncFDRaw >= 0 {
             var passed: Int32 = -1
-            let n = buf.withUnsafeMutableBytes { ks_recv_with_fd(syncFDRaw, $0.baseAddress!, $0.count, &passed) }
+            let n = ks_recv_with_fd(syncFDRaw, buf.baseAddress!, buf.count, &passed)
             if passed >= 0 { io.attachConsole(OwnedFD(adopting: passed), size: spec.consoleSize) }
             if n > 0 {
-                syncBuffer.append(contentsOf: buf[..<Int(n)])
+                syncBuffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: buf[..<Int(n)]))
                 consumeReports()
                 continue
             }
@@ -262,9 +261,7 @@ public final class ContainerProcess {
             exitedAt = at
             state = .stopped
             if wasRunning != .running { failed(failure ?? ContainerError(.failed, "the container process \(status) before it ran")) }
-            let w = waiters.sorted { $0.key < $1.key }.map(\.value)
-            waiters.removeAll()
-            for f in w { f(status, at) }
+            waiters.fire((status, at))
             onExit?(self)
             onExit = nil
         }

@@ -28,7 +28,6 @@ public struct StdioPaths: Sendable, Equatable {
 public final class ProcessIO {
     let reactor: Reactor
     /// The fds the child gets as 0, 1, 2 (closed in the parent after the clone).
-    private(set) var childFDs: [Int32] = []
     private var childOwned: [OwnedFDBox] = []
     /// Terminal mode: the child makes its pty in the container and sends the master.
     public let terminal: Bool
@@ -44,7 +43,8 @@ public final class ProcessIO {
 
     final class OwnedFDBox {
         var fd: OwnedFD?
-        init(_ fd: consuming OwnedFD) { self.fd = consume fd }
+        let raw: Int32
+        init(_ fd: consuming OwnedFD) { raw = fd.rawValue; self.fd = consume fd }
         deinit { fd.take()?.close() }
     }
 
@@ -94,7 +94,6 @@ public final class ProcessIO {
         let source: Connection
         let sink: OutputSink?
         var finished = false
-        var onFinish: (() -> Void)?
         init(source: Connection, sink: OutputSink?) {
             self.source = source
             self.sink = sink
@@ -110,19 +109,12 @@ public final class ProcessIO {
         } else {
             // stdin: a pipe whose read end is the child's fd 0, fed from the FIFO.
             if !paths.stdin.isEmpty {
-                let p = try makePipe(nonBlocking: false)
-                childFDs.append(p.first.rawValue)
-                childOwned.append(OwnedFDBox(p.first.take().adopted()))
-                let w = p.second.take()
-                _ = fcntl(w, F_SETFL, fcntl(w, F_GETFL) | O_NONBLOCK)
-                let sink = Connection(reactor: reactor, fd: OwnedFD(adopting: w))
+                let sink = try childPipe(childReads: true)
                 sink.isWriteOnly = true
                 stdinSink = sink
                 stdinSource = try ProcessIO.openInput(paths.stdin, reactor: reactor)
             } else {
-                let null = try sys("open", "/dev/null") { open("/dev/null", O_RDONLY | O_CLOEXEC) }
-                childFDs.append(null)
-                childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
+                try giveChildNull(O_RDONLY)
             }
             if paths.stdout.hasPrefix("binary://"), let supervisor {
                 try startLogger(paths, supervisor: supervisor)
@@ -130,17 +122,10 @@ public final class ProcessIO {
             }
             for path in [paths.stdout, paths.stderr] {
                 if path.isEmpty {
-                    let null = try sys("open", "/dev/null") { open("/dev/null", O_WRONLY | O_CLOEXEC) }
-                    childFDs.append(null)
-                    childOwned.append(OwnedFDBox(OwnedFD(adopting: null)))
+                    try giveChildNull(O_WRONLY)
                     continue
                 }
-                let p = try makePipe(nonBlocking: false)
-                childFDs.append(p.second.rawValue)
-                childOwned.append(OwnedFDBox(p.second.take().adopted()))
-                let r = p.first.take()
-                _ = fcntl(r, F_SETFL, fcntl(r, F_GETFL) | O_NONBLOCK)
-                let source = Connection(reactor: reactor, fd: OwnedFD(adopting: r))
+                let source = try childPipe(childReads: false)
                 pumps.append(Pump(source: source, sink: try ProcessIO.openOutput(path, reactor: reactor)))
             }
         }
@@ -171,10 +156,8 @@ public final class ProcessIO {
         let errR = err.first.take(), errW = err.second.take()
         let readyR = ready.first.take(), readyW = ready.second.take()
         defer { for fd in [outR, errR, readyR, readyW] { _ = Glibc.close(fd) } }
-        childFDs.append(outW)
-        childOwned.append(OwnedFDBox(OwnedFD(adopting: outW)))
-        childFDs.append(errW)
-        childOwned.append(OwnedFDBox(OwnedFD(adopting: errW)))
+        giveChild(OwnedFD(adopting: outW))
+        giveChild(OwnedFD(adopting: errW))
         let null = try sys("open", "/dev/null") { open("/dev/null", O_RDWR | O_CLOEXEC) }
         defer { _ = Glibc.close(null) }
         var spec = ProcessSpec(executable: path, arguments: args,
@@ -186,9 +169,28 @@ public final class ProcessIO {
         try supervisor.spawn(spec) { _ in }
     }
 
+    /// The next of the child's fds 0, 1, 2 (closed here once the child has its copy).
+    private func giveChild(_ fd: consuming OwnedFD) {
+        childOwned.append(OwnedFDBox(fd))
+    }
+
+    private func giveChildNull(_ mode: Int32) throws(SystemError) {
+        giveChild(OwnedFD(adopting: try sys("open", "/dev/null") { open("/dev/null", mode | O_CLOEXEC) }))
+    }
+
+    /// A pipe with one end for the child (blocking, as programs expect) and ours,
+    /// non-blocking, as a Connection on the reactor.
+    private func childPipe(childReads: Bool) throws(SystemError) -> Connection {
+        let p = try makePipe(nonBlocking: false)
+        let (childEnd, ours) = childReads ? (p.first.take(), p.second.take()) : (p.second.take(), p.first.take())
+        giveChild(OwnedFD(adopting: childEnd))
+        _ = fcntl(ours, F_SETFL, fcntl(ours, F_GETFL) | O_NONBLOCK)
+        return Connection(reactor: reactor, fd: OwnedFD(adopting: ours))
+    }
+
     /// The child's stdio mapping for the launcher.
     public var stdioMap: [(from: Int32, to: Int32)] {
-        childFDs.enumerated().map { (from: $0.element, to: Int32($0.offset)) }
+        childOwned.enumerated().map { i, box in (from: box.raw, to: Int32(i)) }
     }
 
     /// Output FIFO (opened read-write so opening never blocks and a reader that comes
@@ -247,7 +249,6 @@ public final class ProcessIO {
     private func startPumps() throws(SystemError) {
         for b in childOwned { b.fd.take()?.close() }
         childOwned.removeAll()
-        childFDs.removeAll()
         for pump in pumps where !started.contains(ObjectIdentifier(pump.source)) {
             let sink = pump.sink
             pump.source.onRead = { source, bytes in
@@ -256,7 +257,12 @@ public final class ProcessIO {
                 if !sink.isWritable { source.pauseReading() }
             }
             sink?.onWritable = { [weak source = pump.source] _ in source?.resumeReading() }
-            sink?.onClose = { [weak source = pump.source] _, _ in source?.resumeReading() }
+            // A sink that closed (its reader failed, or it flushed after the end) neither
+            // holds the source back nor a pending drain.
+            sink?.onClose = { [weak self, weak source = pump.source] _, _ in
+                source?.resumeReading()
+                self?.checkDrained()
+            }
             pump.source.onReadEOF = { [weak self, weak pump] _ in if let pump { self?.finish(pump) } }
             pump.source.onClose = { [weak self, weak pump] _, _ in if let pump { self?.finish(pump) } }
             try startOnce(pump.source)
@@ -302,9 +308,6 @@ public final class ProcessIO {
     /// process still holds a pipe open (what was written so far is flushed first).
     public func drain(timeoutNS: UInt64 = 2_000_000_000, _ done: @escaping () -> Void) {
         drainWaiters.append(done)
-        for pump in pumps where !pump.finished {
-            pump.sink?.onClose = { [weak self] _, _ in self?.checkDrained() }
-        }
         if drainTimer == nil {
             drainTimer = reactor.schedule(afterNS: timeoutNS) { [weak self] in
                 guard let self else { return }
@@ -315,13 +318,9 @@ public final class ProcessIO {
                 for f in w { f() }
             }
         }
-        // A sink still flushing calls back through onClose; poll cheaply meanwhile.
+        // Each pump finishes at its end of file and closes its sink once flushed; the
+        // last of those closes calls checkDrained again.
         checkDrained()
-        if !drainWaiters.isEmpty {
-            for pump in pumps where pump.finished {
-                pump.sink?.onWritable = { [weak self] _ in self?.checkDrained() }
-            }
-        }
     }
 
     /// CloseIO: the container's stdin reaches end of file once what is queued is written.

@@ -45,8 +45,7 @@ public final class Sandbox {
     /// waits for that.
     public var labels: [String: String] = [:]
     public var exitedAt: WallTime?
-    public var stopWaiters: [Int: (WallTime) -> Void] = [:]
-    public var nextStopWaiter = 0
+    public var stopWaiters = WaiterList<WallTime>()
 
     /// Namespace type → pinned ns file, for a sandbox that shares namespaces.
     public var pinned: [String: String] = [:]
@@ -55,8 +54,10 @@ public final class Sandbox {
 
     public var taskSocket: String { stateDir + "/task.sock" }
     public var taskAddress: String { "unix://" + taskSocket }
-    /// The cgroup path a container of this sandbox gets (below the daemon's own cgroup).
-    public func cgroupPath(for containerID: String) -> String { "kuasar/\(id)/\(containerID)" }
+    /// The sandbox's cgroup parent and a container's cgroup under it (both below the
+    /// daemon's own cgroup).
+    public var cgroupParent: String { "kuasar/\(id)" }
+    public func cgroupPath(for containerID: String) -> String { cgroupParent + "/" + containerID }
 
     init(id: String, namespace: String, stateDir: String, eventsAddress: String) {
         self.id = id
@@ -136,9 +137,7 @@ public final class SandboxRegistry {
         sandbox.pinned = [:]
         // The sandbox's cgroup parent, now that its containers' cgroups are gone.
         if let host = engine.cgroups {
-            for h in host.hierarchies.values {
-                _ = rmdir(h.mount + (h.own == "/" ? "" : h.own) + "/kuasar/" + sandbox.id)
-            }
+            for dir in host.existing(sandbox.cgroupParent).dirs.values { _ = rmdir(dir) }
         }
         sandboxes.removeValue(forKey: sandbox.id)
         sandbox.state = .stopped

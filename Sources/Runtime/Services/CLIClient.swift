@@ -184,29 +184,20 @@ public final class CLIClient {
     }
 }
 
-/// One Task API connection with a reactor that also pumps the container's output FIFOs.
+/// One Task API connection whose reactor also pumps the container's output FIFOs.
 final class TaskSession {
-    let reactor: Reactor
-    let client: TTRPCClient
+    let session: OneShotClient
+    var reactor: Reactor { session.reactor }
+    var client: TTRPCClient { session.client }
     private var pumps: [Connection] = []
-    private var pumpsOpen = 0
 
     init(address: String) throws {
-        reactor = try Reactor(backend: .epoll)
-        let path = address.hasPrefix("unix://") ? String(address.dropFirst(7)) : address
-        do { client = try TTRPCClient.connect(reactor: reactor, path: path) } catch {
-            reactor.close()
-            throw error
-        }
+        session = try OneShotClient(path: address)
     }
 
     func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ method: String, _ req: Req, as: Resp.Type,
                                                                       timeoutNS: UInt64? = 60_000_000_000) throws -> Resp {
-        var result: Result<Resp, RPCError>?
-        client.unary(service: CLIClient.taskService, method: method, req, as: Resp.self, timeoutNS: timeoutNS) { result = $0 }
-        _ = try reactor.run(until: { result != nil }, timeoutNS: (timeoutNS ?? 1 << 62) + 1_000_000_000)
-        guard let result else { throw RPCError(.deadlineExceeded, "\(method): no answer") }
-        return try result.get()
+        try session.call(CLIClient.taskService, method, req, as: Resp.self, timeoutNS: timeoutNS)
     }
 
     /// FIFOs for stdout/stderr, opened for reading (non-blocking) and copied to ours.
@@ -266,7 +257,6 @@ final class TaskSession {
     func close() {
         for p in pumps { p.close() }
         pumps.removeAll()
-        client.close()
-        reactor.close()
+        session.close()
     }
 }

@@ -45,14 +45,12 @@ public final class ControllerService {
             let answer = { (at: WallTime) in
                 var resp = Containerd_Services_Sandbox_V1_ControllerWaitResponse()
                 resp.exitStatus = 0
-                resp.exitedAt = TaskService.timestamp(at)
+                resp.exitedAt = Google_Protobuf_Timestamp(at)
                 call.respond(resp)
             }
             if let at = s.exitedAt { answer(at); return }
-            s.nextStopWaiter += 1
-            let token = s.nextStopWaiter
-            s.stopWaiters[token] = answer
-            call.onCancel = { [weak s] _ in s?.stopWaiters.removeValue(forKey: token) }
+            let token = s.stopWaiters.add(answer)
+            call.onCancel = { [weak s] _ in s?.stopWaiters.remove(token) }
         }
         unary("Status") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerStatusRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
@@ -60,15 +58,15 @@ public final class ControllerService {
             resp.sandboxID = s.id
             resp.pid = UInt32(getpid())
             resp.state = s.state == .ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY"
-            resp.createdAt = TaskService.timestamp(s.createdAt)
-            if let at = s.exitedAt { resp.exitedAt = TaskService.timestamp(at) }
+            resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
+            if let at = s.exitedAt { resp.exitedAt = Google_Protobuf_Timestamp(at) }
             if s.state != .created {
                 resp.address = "ttrpc+unix://" + s.taskSocket
                 resp.version = 3
             }
             if r.verbose {
                 let info: [String: Any] = [
-                    "kind": "namespace", "stateDir": s.stateDir, "cgroup": "kuasar/\(s.id)",
+                    "kind": "namespace", "stateDir": s.stateDir, "cgroup": s.cgroupParent,
                     "namespaces": s.pinned,
                     "containers": s.containerOrder.compactMap { id in
                         s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
@@ -93,10 +91,9 @@ public final class ControllerService {
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
             guard let host = self.registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
             var resp = Containerd_Services_Sandbox_V1_ControllerMetricsResponse()
-            let now = WallTime.now()
-            resp.metrics.timestamp = TaskService.timestamp(now)
+            resp.metrics.timestamp = Google_Protobuf_Timestamp(WallTime.now())
             resp.metrics.id = s.id
-            resp.metrics.data = try CgroupMetrics.any(try host.create("kuasar/\(s.id)"))
+            resp.metrics.data = try CgroupMetrics.any(host.existing(s.cgroupParent))
             call.respond(resp)
         }
         unary("Update") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerUpdateRequest) in
@@ -186,7 +183,7 @@ public final class ControllerService {
         var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
         resp.sandboxID = s.id
         resp.pid = UInt32(getpid())
-        resp.createdAt = TaskService.timestamp(s.createdAt)
+        resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
         resp.labels = s.labels
         resp.address = "ttrpc+unix://" + s.taskSocket
         resp.version = 3
@@ -226,8 +223,6 @@ public final class ControllerService {
     private func markStopped(_ s: Sandbox) {
         if s.exitedAt == nil { s.exitedAt = WallTime.now() }
         if s.state != .stopped { s.state = .stopped }
-        let w = s.stopWaiters.sorted { $0.key < $1.key }.map(\.value)
-        s.stopWaiters.removeAll()
-        for f in w { f(s.exitedAt!) }
+        s.stopWaiters.fire(s.exitedAt!)
     }
 }

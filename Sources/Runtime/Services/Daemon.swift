@@ -161,7 +161,7 @@ public final class Daemon {
 
     private func answer(_ request: String, on conn: Connection) {
         let req = request.hasSuffix("\r") ? String(request.dropLast()) : request
-        switch req.trimmingSpaces {
+        switch req.trimmingWhitespace {
         case "health":
             let uptimeMS = (MonotonicClock.nanoseconds() - startedAt) / 1_000_000
             conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0) sandboxes=\(registry?.sandboxes.count ?? 0) containers=\(registry?.containerCount ?? 0)\n")
@@ -232,14 +232,5 @@ public enum HealthProtocol {
         }
         fd.close()
         return String(decoding: out, as: UTF8.self)
-    }
-}
-
-extension String {
-    var trimmingSpaces: String {
-        var s = Substring(self)
-        while s.first == " " || s.first == "\t" { s = s.dropFirst() }
-        while s.last == " " || s.last == "\t" { s = s.dropLast() }
-        return String(s)
     }
 }

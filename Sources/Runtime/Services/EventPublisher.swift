@@ -34,8 +34,7 @@ public final class EventPublisher {
     /// The type URL containerd's typeurl gives a protobuf event: its full message name.
     public func publish<M: SwiftProtobuf.Message>(namespace: String, topic: String, _ event: M) {
         var env = Containerd_Services_Events_Ttrpc_V1_Envelope()
-        let now = WallTime.now()
-        env.timestamp = Google_Protobuf_Timestamp(seconds: now.seconds, nanos: now.nanos)
+        env.timestamp = Google_Protobuf_Timestamp(WallTime.now())
         env.namespace = namespace
         env.topic = topic
         var any = Google_Protobuf_Any()

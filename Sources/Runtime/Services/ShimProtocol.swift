@@ -114,8 +114,7 @@ public enum ShimProtocol {
                 client.close()
             }
             Mounts.unmountAll(under: bundle + "/rootfs")
-            let now = WallTime.now()
-            resp.exitedAt = Google_Protobuf_Timestamp(seconds: now.seconds, nanos: now.nanos)
+            resp.exitedAt = Google_Protobuf_Timestamp(WallTime.now())
             stdout((try? [UInt8](resp.serializedData())) ?? [])
             return 0
         default:

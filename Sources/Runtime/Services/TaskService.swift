@@ -60,7 +60,6 @@ public final class TaskService {
         publisher(for: sandbox)?.publish(namespace: sandbox.namespace, topic: topic, event)
     }
 
-    public func pendingEvents() -> Int { publishers.values.reduce(0) { $0 + $1.pending } }
 
     // MARK: registration
 
@@ -124,7 +123,7 @@ public final class TaskService {
             let token = p.wait { status, at in
                 var resp = Containerd_Task_V2_WaitResponse()
                 resp.exitStatus = UInt32(bitPattern: status.code)
-                resp.exitedAt = Google_Protobuf_Timestamp(seconds: at.seconds, nanos: at.nanos)
+                resp.exitedAt = Google_Protobuf_Timestamp(at)
                 call.respond(resp)
             }
             // A client that disconnects (or whose deadline passes) stops waiting.
@@ -179,16 +178,13 @@ public final class TaskService {
         return p
     }
 
-    static func timestamp(_ t: WallTime?) -> Google_Protobuf_Timestamp {
-        guard let t else { return Google_Protobuf_Timestamp() }
-        return Google_Protobuf_Timestamp(seconds: t.seconds, nanos: t.nanos)
-    }
+
 
     // MARK: Create
 
     private func create(_ call: TTRPCServerCall, _ r: Containerd_Task_V2_CreateTaskRequest, _ sandbox: Sandbox) throws {
         try Identifier.validate(r.id, what: "container")
-        guard registry.container(r.id, namespace: sandbox.namespace) == nil else {
+        guard registry.container(r.id, namespace: sandbox.namespace) == nil, !sandbox.pendingCreates.contains(r.id) else {
             throw RPCError(.alreadyExists, "container \(r.id) already exists")
         }
         if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
@@ -205,7 +201,6 @@ public final class TaskService {
         }
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
-        let pending = PendingCreate(id: r.id)
         sandbox.pendingCreates.insert(r.id)
         Container.create(id: r.id, bundle: r.bundle, spec: spec, rootfs: rootfs, stdio: stdio,
                          cgroupPath: sandbox.cgroupPath(for: r.id), engine: engine) { [weak self] result in
@@ -238,11 +233,9 @@ public final class TaskService {
                 e.pid = UInt32(c.initProcess.pid)
                 self.publish(sandbox, "/tasks/create", e)
             }
-            _ = pending
         }
     }
 
-    final class PendingCreate { let id: String; init(id: String) { self.id = id } }
 
     private func processExited(_ sandbox: Sandbox, _ c: Container, _ p: ContainerProcess) {
         guard p.state == .stopped, let status = p.exitStatus else { return }
@@ -252,7 +245,7 @@ public final class TaskService {
         e.id = p.isInit ? c.id : p.execID
         e.pid = UInt32(p.pid)
         e.exitStatus = UInt32(bitPattern: status.code)
-        e.exitedAt = Self.timestamp(p.exitedAt)
+        e.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
         publish(sandbox, "/tasks/exit", e)
         if p.isInit {
             // The init is gone: so is every other process of the container.
@@ -322,7 +315,7 @@ public final class TaskService {
             p.io.close()
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: p.exitStatus?.code ?? 0)
-            resp.exitedAt = Self.timestamp(p.exitedAt)
+            resp.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
             call.respond(resp)
             return
         }
@@ -341,7 +334,7 @@ public final class TaskService {
         let finish = { [weak self] (status: ExitStatus?, at: WallTime?) in
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: status?.code ?? 0)
-            resp.exitedAt = Self.timestamp(at)
+            resp.exitedAt = Google_Protobuf_Timestamp(at)
             call.respond(resp)
             var e = Containerd_Events_TaskDelete()
             e.containerID = r.id
@@ -374,7 +367,7 @@ public final class TaskService {
         resp.stderr = p.stdio.stderr
         resp.terminal = p.stdio.terminal
         resp.exitStatus = UInt32(bitPattern: p.exitStatus?.code ?? 0)
-        resp.exitedAt = Self.timestamp(p.exitedAt)
+        resp.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
         call.respond(resp)
     }
 }
@@ -398,5 +391,13 @@ public enum RootfsMounts {
         if isBind && flags & MountOptions.RDONLY != 0 {
             try Mounts.mount(source: nil, target: target, type: nil, flags: MountOptions.BIND | MountOptions.REMOUNT | MountOptions.RDONLY)
         }
+    }
+}
+
+extension Google_Protobuf_Timestamp {
+    /// A protobuf time from ours; nil is the zero time containerd reads as "not yet".
+    init(_ t: WallTime?) {
+        self.init()
+        if let t { seconds = t.seconds; nanos = t.nanos }
     }
 }

@@ -74,19 +74,24 @@ public struct CgroupHost: Sendable {
 
     public var controllers: [String] { hierarchies.keys.sorted() }
 
+    /// Our own cgroup's directory in one hierarchy: where every cgroup we make goes.
+    func base(_ h: (mount: String, own: String)) -> String { h.mount + (h.own == "/" ? "" : h.own) }
+
+    /// The cgroup `path` below our own cgroup in every hierarchy, as it is (nothing made).
+    public func existing(_ path: String) -> Cgroup {
+        let rel = "/" + path.split(separator: "/").joined(separator: "/")
+        return Cgroup(mode: mode, path: rel, dirs: hierarchies.mapValues { base($0) + rel }, order: order)
+    }
+
     /// Creates (or opens) the cgroup `path` below our own cgroup in every hierarchy.
     public func create(_ path: String) throws(SystemError) -> Cgroup {
-        let rel = "/" + path.split(separator: "/").joined(separator: "/")
-        var dirs: [String: String] = [:]
-        for (c, h) in hierarchies {
-            let base = h.mount + (h.own == "/" ? "" : h.own)
-            let dir = base + rel
+        let cgroup = existing(path)
+        for (c, dir) in cgroup.dirs {
             try makeDirectories(dir, mode: 0o755)
-            if c == "cpuset" { try Cgroup.inheritCpuset(dir, stopAt: base) }
-            dirs[c] = dir
+            if c == "cpuset" { try Cgroup.inheritCpuset(dir, stopAt: base(hierarchies[c]!)) }
         }
-        if mode == .v2 { try Cgroup.enableControllers(below: hierarchies[""]!.mount, to: dirs[""]!) }
-        return Cgroup(mode: mode, path: rel, dirs: dirs, order: order)
+        if mode == .v2 { try Cgroup.enableControllers(below: hierarchies[""]!.mount, to: cgroup.dirs[""]!) }
+        return cgroup
     }
 }
 
@@ -335,9 +340,14 @@ extension Cgroup {
         }
     }
 
-    /// v2: memory.events oom_kill; v1: memory.oom_control oom_kill.
+    /// v2: memory.events oom_kill; v1: memory.oom_control oom_kill. One file read: this
+    /// runs at every container create and every OOM wake-up.
     public var oomKillCount: UInt64 {
-        let c = counters()
-        return c["events.oom_kill"] ?? c["oom.oom_kill"] ?? 0
+        let file = mode == .v2 ? dirs[""].map { $0 + "/memory.events" } : dirs["memory"].map { $0 + "/memory.oom_control" }
+        guard let file, let text = try? Files.readString(file) else { return 0 }
+        for line in text.split(separator: "\n") where line.hasPrefix("oom_kill ") {
+            return UInt64(line.dropFirst("oom_kill ".count)) ?? 0
+        }
+        return 0
     }
 }

@@ -98,22 +98,14 @@ enum ContainerBenchmark {
         try JSONSerialization.data(withJSONObject: spec).write(to: url)
     }
 
-    /// A ttrpc client on its own reactor, for blocking calls in a loop.
+    /// A blocking ttrpc client (the runtime's own one-shot client), in the "perf" namespace.
     final class Client {
-        let reactor: Reactor
-        let client: TTRPCClient
-        init(_ path: String) throws {
-            reactor = try Reactor(backend: .epoll)
-            client = try TTRPCClient.connect(reactor: reactor, path: path)
-        }
+        let session: OneShotClient
+        init(_ path: String) throws { session = try OneShotClient(path: path) }
         func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ service: String, _ method: String, _ req: Req, _: Resp.Type) throws -> Resp {
-            var result: Result<Resp, RPCError>?
-            client.unary(service: service, method: method, req, as: Resp.self, timeoutNS: 30_000_000_000,
-                         metadata: [("containerd-namespace-ttrpc", "perf")]) { result = $0 }
-            _ = try reactor.run(until: { result != nil }, timeoutNS: 31_000_000_000)
-            return try result!.get()
+            try session.call(service, method, req, as: Resp.self, namespace: "perf")
         }
-        func close() { client.close(); reactor.close() }
+        func close() { session.close() }
     }
 
     /// Per-call time of the last lifecycles (ms), for the breakdown.
@@ -233,7 +225,7 @@ enum ContainerBenchmark {
         reg.namespace = "perf"
         reg.eventsAddress = eventsPath
         let address = try admin.call(AdminService.service, "RegisterSandbox", reg, Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
-        let ours = try Client(String(address.dropFirst(7)))
+        let ours = try Client(address)
         for i in 0..<10 { try lifecycle(ours, id: "warm\(i)", bundle: bundle) }
         phases = [:]
         rows.append(row("kuasar daemon", try measure(count) { try lifecycle(ours, id: "k\($0)", bundle: bundle) }))
@@ -283,7 +275,7 @@ enum ContainerBenchmark {
                 r.namespace = "perf"
                 r.eventsAddress = eventsPath
                 let a = try admin.call(AdminService.service, "RegisterSandbox", r, Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
-                let c = try Client(String(a.dropFirst(7)))
+                let c = try Client(a)
                 var create = Containerd_Task_V2_CreateTaskRequest()
                 create.id = "s\(n)-\(i)"
                 create.bundle = work + "/sleeper"
