@@ -18,6 +18,8 @@ let package = Package(
         // HPACK only (RFC 7541, Huffman, dynamic table): its encoder and decoder are
         // plain values, used on our loop thread; no NIO event loop is ever started.
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
+        // The configuration file (toml++ underneath); its tests' own dependency is never fetched.
+        .package(url: "https://github.com/LebJe/TOMLKit", exact: "0.6.0"),
     ],
     targets: [
         .systemLibrary(
@@ -38,6 +40,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
             ]),
         .executableTarget(
             name: "kuasar",

@@ -12,32 +12,46 @@ struct Kuasar: ParsableCommand {
         commandName: "kuasar",
         abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
         version: KuasarVersion.string,
-        subcommands: [DaemonCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
+        subcommands: [DaemonCommand.self, ConfigCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
                       PsCommand.self, KillCommand.self])
 }
 
 struct DaemonCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "daemon", abstract: "Run the daemon in the foreground.")
 
-    @Option(help: "The API socket (created 0600, parent directory created).")
-    var socket = DaemonOptions().socketPath
+    @Option(help: "Configuration file (default: \(KuasarConfig.defaultPath) when it exists; `kuasar config default` prints one).")
+    var config: String?
 
-    @Option(help: "State directory (sandbox task sockets, admin.sock); default: the socket's directory.")
+    @Option(help: "The API socket (created 0600, parent directory created); overrides [daemon] socket.")
+    var socket: String?
+
+    @Option(help: "State directory (sandbox state and task sockets, admin.sock); overrides [daemon] root. Default: the socket's directory.")
     var root: String?
 
     @Option(help: "Reactor backend: io_uring or epoll (default: io_uring when the kernel allows it; KUASAR_REACTOR overrides).")
     var reactor: String?
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel = "info"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical; overrides [daemon] log_level.")
+    var logLevel: String?
 
     func run() throws {
-        guard let level = Logger.Level(rawValue: logLevel) else {
-            throw ValidationError("unknown log level \"\(logLevel)\"")
+        let file: KuasarConfig
+        do {
+            file = try KuasarConfig.load(path: config ?? KuasarConfig.defaultPath, required: config != nil)
+        } catch {
+            FileHandleStderr.write("kuasar daemon: \(error)\n")
+            throw ExitCode(1)
         }
-        var options = DaemonOptions()
-        options.socketPath = socket
-        options.root = root
+        let levelName = logLevel ?? file.logLevel
+        guard let level = Logger.Level(rawValue: levelName) else {
+            throw ValidationError("unknown log level \"\(levelName)\"")
+        }
+        var options = DaemonOptions(config: file)
+        if let socket {
+            options.socketPath = socket
+            if root == nil && file.root == nil { options.root = nil }
+        }
+        if let root { options.root = root }
         if let reactor {
             guard let kind = BackendKind(rawValue: reactor) else {
                 throw ValidationError("--reactor must be io_uring or epoll, not \"\(reactor)\"")
@@ -56,6 +70,32 @@ struct DaemonCommand: ParsableCommand {
             // The error names the call and its subject, e.g. bind("/run/kuasar/kuasar.sock").
             FileHandleStderr.write("kuasar daemon: \(error)\n")
             throw ExitCode(1)
+        }
+    }
+}
+
+struct ConfigCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config", abstract: "The daemon's configuration.",
+        subcommands: [Default.self, Check.self])
+
+    struct Default: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "default", abstract: "Print the embedded defaults as a config file.")
+        func run() { print(KuasarConfig.defaultText, terminator: "") }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "check", abstract: "Check a config file as the daemon would at start.")
+        @Argument(help: "The file (default: \(KuasarConfig.defaultPath)).")
+        var path = KuasarConfig.defaultPath
+        func run() throws {
+            do {
+                _ = try KuasarConfig.load(path: path, required: true)
+                print("\(path): ok")
+            } catch {
+                FileHandleStderr.write("kuasar config check: \(error)\n")
+                throw ExitCode(1)
+            }
         }
     }
 }

@@ -56,7 +56,9 @@ public final class Sandbox {
     public var taskAddress: String { "unix://" + taskSocket }
     /// The sandbox's cgroup parent and a container's cgroup under it (both below the
     /// daemon's own cgroup).
-    public var cgroupParent: String { "kuasar/\(id)" }
+    public var cgroupParent: String { cgroupRoot + "/" + id }
+    /// The configured parent of every sandbox's cgroup ([namespace] cgroup_parent).
+    public var cgroupRoot = "kuasar"
     public func cgroupPath(for containerID: String) -> String { cgroupParent + "/" + containerID }
 
     init(id: String, namespace: String, stateDir: String, eventsAddress: String) {
@@ -94,6 +96,8 @@ public final class SandboxRegistry {
     public let root: String
     public let engine: ContainerEngine
     public private(set) var sandboxes: [String: Sandbox] = [:]
+    /// [namespace] cgroup_parent: every sandbox's cgroup is <cgroupRoot>/<id>.
+    public var cgroupRoot = "kuasar"
     let logger: Logger
 
     public init(root: String, engine: ContainerEngine, logger: Logger) {
@@ -116,6 +120,7 @@ public final class SandboxRegistry {
         let dir = root + "/" + id
         try makeDirectories(dir, mode: 0o700)
         let s = Sandbox(id: id, namespace: namespace, stateDir: dir, eventsAddress: eventsAddress)
+        s.cgroupRoot = cgroupRoot
         if sharedNamespaces {
             do {
                 s.pinned = try PinnedNamespaces.create(in: dir, engine: engine, types: netnsPath.isEmpty ? PinnedNamespaces.types : ["ipc", "uts"])

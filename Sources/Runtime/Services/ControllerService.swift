@@ -11,8 +11,9 @@ import SwiftProtobuf
 /// and after Start its Task API (v3) at `ttrpc+unix://<root>/<id>/task.sock`.
 public final class ControllerService {
     public static let service = "containerd.services.sandbox.v1.Controller"
-    /// Sandboxer names (containerd's proxy plugin names) served as namespace sandboxes.
-    public static let namespaceSandboxers: Set<String> = ["", "kuasar", "kuasar-ns", "namespace"]
+    /// Sandboxer names (containerd's proxy plugin names) → kind, from the config; an
+    /// empty name (an older client) means the namespace kind.
+    public var sandboxers = KuasarConfig().sandboxers
     let registry: SandboxRegistry
     let tasks: TaskService
     let reactor: Reactor
@@ -126,8 +127,8 @@ public final class ControllerService {
     }
 
     func checkSandboxer(_ name: String) throws {
-        guard Self.namespaceSandboxers.contains(name) else {
-            throw RPCError(.invalidArgument, "unknown sandboxer \"\(name)\": this daemon serves \(Self.namespaceSandboxers.filter { !$0.isEmpty }.sorted().joined(separator: ", "))")
+        guard name.isEmpty || sandboxers[name] != nil else {
+            throw RPCError(.invalidArgument, "unknown sandboxer \"\(name)\": this daemon serves \(sandboxers.keys.sorted().joined(separator: ", ")) ([sandboxers] in its config)")
         }
     }
 

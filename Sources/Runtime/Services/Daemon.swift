@@ -22,7 +22,20 @@ public struct DaemonOptions: Sendable {
     public var adminSocketPath: String { effectiveRoot + "/admin.sock" }
     /// nil: io_uring when the kernel allows it, else epoll (`KUASAR_REACTOR` overrides).
     public var backend: BackendKind?
+    public var onExit = KuasarConfig.OnExit.keep
+    public var sandboxers = KuasarConfig().sandboxers
+    public var cgroupRoot = KuasarConfig().cgroupParent
     public init() {}
+
+    /// The options a configuration file gives (command-line flags override them).
+    public init(config: KuasarConfig) {
+        socketPath = config.socket
+        root = config.root
+        backend = config.reactor
+        onExit = config.onExit
+        sandboxers = config.sandboxers
+        cgroupRoot = config.cgroupParent
+    }
 }
 
 /// The daemon process: one reactor, the API socket, the children it supervises.
@@ -79,6 +92,7 @@ public final class Daemon {
         try makeDirectories(root, mode: 0o700)
         let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
         let registry = SandboxRegistry(root: root, engine: engine, logger: logger)
+        registry.cgroupRoot = options.cgroupRoot
         self.registry = registry
         let tasks = TaskService(registry: registry, reactor: reactor, logger: logger)
         self.tasks = tasks
@@ -88,6 +102,7 @@ public final class Daemon {
         ownsAdminPath = true
         let grpc = GRPCServer(reactor: reactor, logger: logger)
         let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger)
+        controller.sandboxers = options.sandboxers
         controller.register(on: grpc)
         self.controller = controller
         self.grpc = grpc

@@ -1,0 +1,186 @@
+import TOMLKit
+
+/// The daemon's configuration: `/etc/kuasar/config.toml`, or the file `--config` names,
+/// over the embedded defaults below — so the daemon runs with no file at all, and a file
+/// only lists what it changes. Unknown keys and bad values are refused at start with the
+/// key named (`[daemon] on_exit: "later" is not one of keep, stop`).
+public struct KuasarConfig: Sendable, Equatable {
+    public static let defaultPath = "/etc/kuasar/config.toml"
+
+    /// What the daemon does with its containers when it exits (SIGTERM/SIGINT).
+    public enum OnExit: String, Sendable, CaseIterable {
+        /// They keep running; the next daemon recovers them (restarts and upgrades lose nothing).
+        case keep
+        /// They are killed and their cgroups, mounts and state released.
+        case stop
+    }
+
+    /// The sandbox kinds a sandboxer name can map to.
+    public enum Kind: String, Sendable, CaseIterable {
+        case namespace, vm, wasm
+        /// Why a kind cannot serve yet, or nil when it can.
+        public var unavailableReason: String? {
+            switch self {
+            case .namespace: return nil
+            case .vm: return "microVM sandboxes (QEMU, Cloud Hypervisor, StratoVirt) are not implemented yet"
+            case .wasm: return "WebAssembly sandboxes are not implemented yet"
+            }
+        }
+    }
+
+    public var socket = "/run/kuasar/kuasar.sock"
+    /// nil: the socket's directory.
+    public var root: String?
+    /// nil: io_uring when the kernel allows it, else epoll.
+    public var reactor: BackendKind?
+    public var logLevel = "info"
+    public var onExit = OnExit.keep
+    /// containerd's sandboxer (proxy plugin) names → sandbox kind.
+    public var sandboxers: [String: Kind] = ["kuasar": .namespace, "kuasar-ns": .namespace, "namespace": .namespace]
+    /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
+    public var cgroupParent = "kuasar"
+
+    public init() {}
+
+    /// The defaults as a commented file (`kuasar config default`); parsing it gives `KuasarConfig()`.
+    public static let defaultText = """
+    # kuasar daemon configuration. Every key is shown with its default; a file only
+    # needs the keys it changes. Unknown keys are refused.
+
+    [daemon]
+    # The API socket: gRPC (containerd's sandbox Controller) and the health line protocol. Created 0600.
+    socket = "/run/kuasar/kuasar.sock"
+    # State directory: one directory per sandbox (state files, task.sock), admin.sock.
+    # Default: the socket's directory.
+    # root = "/run/kuasar"
+    # Event loop backend: "auto" (io_uring when the kernel allows it, else epoll), "io_uring", "epoll".
+    reactor = "auto"
+    # trace, debug, info, notice, warning, error, critical.
+    log_level = "info"
+    # When the daemon exits: "keep" leaves containers running for the next daemon to recover,
+    # "stop" kills them and releases their cgroups, mounts and state.
+    on_exit = "keep"
+
+    # containerd sandboxer (proxy plugin) names and the sandbox kind each one starts.
+    # Kinds: "namespace" (Linux namespaces and cgroups); "vm" and "wasm" are not implemented yet.
+    [sandboxers]
+    kuasar = "namespace"
+    kuasar-ns = "namespace"
+    namespace = "namespace"
+
+    [namespace]
+    # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
+    cgroup_parent = "kuasar"
+
+    """
+
+    public struct Error: Swift.Error, CustomStringConvertible, Sendable {
+        public let description: String
+        init(_ d: String) { description = d }
+    }
+
+    /// Parses a config file's text over the defaults. `origin` names the file in errors.
+    public static func parse(_ text: String, origin: String = "config") throws(Error) -> KuasarConfig {
+        let table: TOMLTable
+        do { table = try TOMLTable(string: text) } catch let e as TOMLParseError {
+            throw Error("\(origin): line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        } catch {
+            throw Error("\(origin): \(error)")
+        }
+        var c = KuasarConfig()
+        for key in table.keys {
+            guard let section = table[key]?.table else {
+                if ["daemon", "sandboxers", "namespace"].contains(key) {
+                    throw Error("\(origin): \(key) must be a table ([\(key)])")
+                }
+                throw Error("\(origin): unknown key \"\(key)\" (sections: daemon, sandboxers, namespace)")
+            }
+            switch key {
+            case "daemon": try c.applyDaemon(section, origin)
+            case "sandboxers": try c.applySandboxers(section, origin)
+            case "namespace": try c.applyNamespace(section, origin)
+            default: throw Error("\(origin): unknown section [\(key)] (sections: daemon, sandboxers, namespace)")
+            }
+        }
+        return c
+    }
+
+    private static func string(_ t: TOMLTable, _ section: String, _ key: String, _ origin: String) throws(Error) -> String {
+        guard let v = t[key]?.string else {
+            throw Error("\(origin): [\(section)] \(key) must be a string")
+        }
+        return v
+    }
+
+    private static func choice<T: RawRepresentable & CaseIterable>(_ value: String, _ section: String, _ key: String, _ origin: String) throws(Error) -> T where T.RawValue == String {
+        guard let v = T(rawValue: value) else {
+            throw Error("\(origin): [\(section)] \(key): \"\(value)\" is not one of \(T.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return v
+    }
+
+    private mutating func applyDaemon(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for key in t.keys {
+            let v = try Self.string(t, "daemon", key, origin)
+            switch key {
+            case "socket":
+                guard v.hasPrefix("/") else { throw Error("\(origin): [daemon] socket must be an absolute path, not \"\(v)\"") }
+                socket = v
+            case "root":
+                guard v.hasPrefix("/") else { throw Error("\(origin): [daemon] root must be an absolute path, not \"\(v)\"") }
+                root = v
+            case "reactor":
+                if v == "auto" { reactor = nil; continue }
+                guard let k = BackendKind(rawValue: v) else {
+                    throw Error("\(origin): [daemon] reactor: \"\(v)\" is not one of auto, io_uring, epoll")
+                }
+                reactor = k
+            case "log_level":
+                let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+                guard levels.contains(v) else { throw Error("\(origin): [daemon] log_level: \"\(v)\" is not one of \(levels.joined(separator: ", "))") }
+                logLevel = v
+            case "on_exit":
+                onExit = try Self.choice(v, "daemon", key, origin)
+            default:
+                throw Error("\(origin): unknown key [daemon] \(key) (keys: socket, root, reactor, log_level, on_exit)")
+            }
+        }
+    }
+
+    private mutating func applySandboxers(_ t: TOMLTable, _ origin: String) throws(Error) {
+        var map: [String: Kind] = [:]
+        for name in t.keys {
+            let kind: Kind = try Self.choice(try Self.string(t, "sandboxers", name, origin), "sandboxers", name, origin)
+            if let why = kind.unavailableReason { throw Error("\(origin): [sandboxers] \(name) = \"\(kind.rawValue)\": \(why)") }
+            map[name] = kind
+        }
+        sandboxers = map
+    }
+
+    private mutating func applyNamespace(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for key in t.keys {
+            switch key {
+            case "cgroup_parent":
+                let v = try Self.string(t, "namespace", key, origin)
+                let parts = v.split(separator: "/", omittingEmptySubsequences: false)
+                guard !v.isEmpty, !v.hasPrefix("/"), parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
+                    throw Error("\(origin): [namespace] cgroup_parent must be a relative path without '.' or '..', not \"\(v)\"")
+                }
+                cgroupParent = v
+            default:
+                throw Error("\(origin): unknown key [namespace] \(key) (keys: cgroup_parent)")
+            }
+        }
+    }
+
+    /// The file at `path` over the defaults; with `required` false a missing file is
+    /// the defaults (the daemon's /etc/kuasar/config.toml).
+    public static func load(path: String, required: Bool) throws(Error) -> KuasarConfig {
+        let text: String
+        do { text = try Files.readString(path) } catch {
+            if !required && error.errno == .ENOENT { return KuasarConfig() }
+            throw Error("\(path): \(error)")
+        }
+        return try parse(text, origin: path)
+    }
+}
