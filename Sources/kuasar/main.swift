@@ -34,6 +34,9 @@ struct DaemonCommand: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical; overrides [daemon] log_level.")
     var logLevel: String?
 
+    @Option(help: "On SIGTERM/SIGINT: keep (containers run on, recovered by the next daemon) or stop; overrides [daemon] on_exit.")
+    var onExit: String?
+
     func run() throws {
         let file: KuasarConfig
         do {
@@ -57,6 +60,20 @@ struct DaemonCommand: ParsableCommand {
                 throw ValidationError("--reactor must be io_uring or epoll, not \"\(reactor)\"")
             }
             options.backend = kind
+        }
+        if let onExit {
+            guard let v = KuasarConfig.OnExit(rawValue: onExit) else { throw ValidationError("--on-exit must be keep or stop, not \"\(onExit)\"") }
+            options.onExit = v
+        }
+        // First the keeper: this process stays behind as the daemon's parent and the
+        // subreaper of its containers; the daemon is a fresh exec of the same command.
+        if Keeper.pid == nil {
+            do {
+                try Keeper.become(exitsDir: options.effectiveRoot + "/exits", arguments: CommandLine.arguments)
+            } catch {
+                FileHandleStderr.write("kuasar daemon: \(error)\n")
+                throw ExitCode(1)
+            }
         }
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)

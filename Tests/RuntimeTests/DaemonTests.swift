@@ -25,7 +25,10 @@ extension AllTests {
     static func start(_ args: [String], socket: String) throws -> Running {
         #expect(access(binary, X_OK) == 0, "kuasar binary at \(binary); build it first (make test does)")
         let pipe = try makePipe()
-        var spec = ProcessSpec(executable: binary, arguments: ["kuasar", "daemon", "--socket", socket] + args)
+        // Tests clean up after themselves: containers go with the daemon unless a test
+        // asks for the production default (keep, for recovery).
+        let onExit = args.contains("--on-exit") ? [] : ["--on-exit", "stop"]
+        var spec = ProcessSpec(executable: binary, arguments: ["kuasar", "daemon", "--socket", socket] + onExit + args)
         spec.fdMap = [(from: pipe.second.rawValue, to: 2)]
         let p = try Spawner.spawn(spec)
         pipe.second.close()

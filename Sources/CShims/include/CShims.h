@@ -244,4 +244,10 @@ void ks_seccomp_version(char *buf, size_t len);
 
 #pragma clang assume_nonnull end
 
+// keeper.c: the daemon's subreaper parent; see the file's comment. Returns only on a
+// failure before the fork (-errno); the parent never returns.
+int ks_keeper_run(const char *exits_dir, char *const argv[]);
+// Start time (clock ticks since boot) of a process, 0 if unreadable.
+unsigned long long ks_proc_starttime(pid_t pid);
+
 #endif

@@ -83,6 +83,9 @@ public final class ContainerProcess {
     public let execID: String
     public private(set) var state: State = .creating
     public private(set) var pid: pid_t = 0
+    /// The process's start time (/proc/<pid>/stat), which tells it from a recycled pid
+    /// after a daemon restart.
+    public private(set) var startTime: UInt64 = 0
     public private(set) var exitStatus: ExitStatus?
     public private(set) var exitedAt: WallTime?
     public let stdio: StdioPaths
@@ -129,11 +132,46 @@ public final class ContainerProcess {
         }
     }
 
+    /// A process that outlived the previous daemon (recorded `state`, `pid` and
+    /// `startTime`): watched again through a new pidfd, its exit status coming from the
+    /// keeper. A process already gone is reported as exited now — once, since the state
+    /// written after this report says stopped.
+    func recover(pid: pid_t, startTime: UInt64, state: State, engine: ContainerEngine, exits: ExitRecords) {
+        self.pid = pid
+        self.startTime = startTime
+        self.state = state
+        reactor = engine.reactor
+        let report = { [weak self] (status: ExitStatus?) in
+            // Unknown (no keeper recorded it): 255, as containerd reports a lost status.
+            self?.exited(status ?? .exited(255))
+        }
+        if let fd = engine.supervisor.watchForeign(pid: pid, startTime: startTime, exits: exits, onExit: { [weak self] st in
+            self?.pidfdRaw = -1
+            report(st)
+        }) {
+            pidfdRaw = fd
+            return
+        }
+        let recorded = exits.take(pid: pid, startTime: startTime)
+        if recorded == nil { engine.logger.error("pid \(pid) ended while the daemon was down and no keeper recorded its status") }
+        // Reported from the loop, once the caller has wired its exit handlers.
+        engine.reactor.schedule(afterNS: 0) { report(recorded) }
+    }
+
+    /// A process recorded as stopped before the restart.
+    func recoverStopped(pid: pid_t, status: ExitStatus, at: WallTime) {
+        self.pid = pid
+        exitStatus = status
+        exitedAt = at
+        state = .stopped
+    }
+
     // MARK: sync socket
 
     func attach(_ child: consuming LaunchedChild, engine: ContainerEngine) throws(SystemError) {
         pid = child.pid
         pidfdRaw = child.pidfd.rawValue
+        startTime = ExitRecords.startTime(of: child.pid)
         reactor = engine.reactor
         let syncFD = child.sync.take()
         syncFDRaw = syncFD
@@ -420,6 +458,37 @@ public final class Container {
             }
         }
         container.initProcess.go()
+    }
+
+    /// A container as the previous daemon recorded it. Wire its handlers (onProcessExit,
+    /// onOOM), then call `resumeWatching` — an exit that happened while no daemon ran is
+    /// reported through them.
+    public static func restore(
+        id: String, bundle: String, spec: OCISpec, rootfs: String, stdio: StdioPaths, cgroupPath: String?,
+        ownedMounts: [String], paused: Bool, engine: ContainerEngine
+    ) -> Container {
+        let io = ProcessIO(recoveredFor: stdio, reactor: engine.reactor)
+        let process = ContainerProcess(execID: "", spec: spec.process ?? OCISpec.Process(args: []), stdio: stdio, io: io)
+        let cgroup = cgroupPath.flatMap { engine.cgroups?.existing($0) }
+        let c = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
+        process.container = c
+        c.ownedMounts = ownedMounts
+        c.paused = paused
+        process.onExit = { [weak c] p in
+            guard let c else { return }
+            c.onProcessExit?(c, p)
+        }
+        return c
+    }
+
+    /// Recovery: watch the recorded init again (see `ContainerProcess.recover`), or take
+    /// its recorded exit.
+    public func resumeWatching(pid: pid_t, startTime: UInt64, running: Bool, exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
+        if let exit {
+            initProcess.recoverStopped(pid: pid, status: exit.0, at: exit.1)
+        } else {
+            initProcess.recover(pid: pid, startTime: startTime, state: running ? .running : .created, engine: engine, exits: exits)
+        }
     }
 
     static func writeIDMaps(pid: pid_t, spec: OCISpec) throws(SystemError) {

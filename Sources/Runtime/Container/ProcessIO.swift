@@ -18,13 +18,13 @@ public struct StdioPaths: Sendable, Equatable {
     }
 }
 
-/// The daemon's side of a process's stdio, pumped by the reactor with no thread: each
-/// output is a pipe (or the pty master) copied into its FIFO; stdin is the FIFO copied
-/// into a pipe (or the master). Back-pressure: a FIFO nobody reads stops us reading the
-/// pipe, so the container blocks on write instead of us buffering without bound.
-///
-/// Nothing is lost at exit: everything the process wrote is in the pipe when it dies;
-/// `drain` reads each pipe to its end and reports once every byte is in the FIFOs.
+/// The daemon's side of a process's stdio. Output goes straight from the container into
+/// its FIFO or file (or a `binary://` logger's pipes): it is in the FIFO the moment the
+/// process writes it, and it keeps flowing while the daemon restarts. A terminal's
+/// master is pumped by the reactor into the stdout FIFO, and stdin is the FIFO copied
+/// into a pipe (or the master), so CloseIO can end it. Back-pressure: a FIFO nobody
+/// reads stops us reading the master, so the container blocks on write instead of us
+/// buffering without bound; `drain` reports once the master's bytes are in the FIFO.
 public final class ProcessIO {
     let reactor: Reactor
     /// The fds the child gets as 0, 1, 2 (closed in the parent after the clone).
@@ -39,6 +39,8 @@ public final class ProcessIO {
     private var stdinSink: Connection?
     private var stdinSource: Connection?
     private var drainWaiters: [() -> Void] = []
+    /// Read-write descriptors of output FIFOs the child writes into directly.
+    private var holds: [OwnedFDBox] = []
     private var drainTimer: TimerID?
 
     final class OwnedFDBox {
@@ -125,10 +127,52 @@ public final class ProcessIO {
                     try giveChildNull(O_WRONLY)
                     continue
                 }
-                let source = try childPipe(childReads: false)
-                pumps.append(Pump(source: source, sink: try ProcessIO.openOutput(path, reactor: reactor)))
+                try giveChildOutput(path)
             }
         }
+    }
+
+    /// Output written straight into its FIFO or file: no copy through the daemon, and
+    /// nothing between the container and its FIFO that a daemon crash could break (the
+    /// container keeps writing while the daemon is down; a pipe pumped by the daemon would
+    /// hand it EPIPE). For a FIFO we also hold a read-write descriptor until the exit is
+    /// reported, so opening never blocks and bytes written before a reader arrives stay
+    /// in the FIFO instead of being dropped with its last descriptor.
+    private func giveChildOutput(_ path: String) throws(SystemError) {
+        if path.hasPrefix("file://") {
+            let file = String(path.dropFirst(7))
+            giveChild(OwnedFD(adopting: try sys("open", file) { open(file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640) }))
+            return
+        }
+        if path.hasPrefix("binary://") {
+            throw SystemError("open stdio", "\(path): binary:// logging needs both stdout and stderr on the logger and no terminal", errno: .EINVAL)
+        }
+        let fifo = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+        let hold = try sys("open", fifo) { open(fifo, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
+        holds.append(OwnedFDBox(OwnedFD(adopting: hold)))
+        // With our reader in place a write-only open returns at once; the child's end
+        // blocks on a full FIFO as programs expect (back-pressure, nothing buffered here).
+        giveChild(OwnedFD(adopting: try sys("open", fifo) { open(fifo, O_WRONLY | O_CLOEXEC) }))
+    }
+
+    /// Re-opened output holds for a process recovered after a daemon restart.
+    func holdOutputs(_ paths: StdioPaths) {
+        guard !paths.terminal else { return }
+        for path in [paths.stdout, paths.stderr] where !path.isEmpty && !path.hasPrefix("file://") && !path.hasPrefix("binary://") {
+            let fifo = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+            let fd = open(fifo, O_RDWR | O_CLOEXEC | O_NONBLOCK)
+            if fd >= 0 { holds.append(OwnedFDBox(OwnedFD(adopting: fd))) }
+        }
+    }
+
+    /// The stdio of a process recovered after a daemon restart: its output already goes
+    /// straight to its FIFOs (held again here); a terminal's master and a stdin pipe died
+    /// with the previous daemon and cannot be re-attached.
+    init(recoveredFor paths: StdioPaths, reactor: Reactor) {
+        self.reactor = reactor
+        terminal = paths.terminal
+        isStarted = true
+        holdOutputs(paths)
     }
 
     /// containerd's logging binary protocol (`binary:///path?key=value`): the binary
@@ -298,6 +342,7 @@ public final class ProcessIO {
         let flushed = pumps.allSatisfy { $0.finished && ($0.sink?.isFlushed ?? true) }
         guard flushed else { return }
         if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
+        holds.removeAll()
         let w = drainWaiters
         drainWaiters.removeAll()
         for f in w { f() }
@@ -313,6 +358,7 @@ public final class ProcessIO {
                 guard let self else { return }
                 self.drainTimer = nil
                 for p in self.pumps where !p.finished { self.finish(p) }
+                self.holds.removeAll()
                 let w = self.drainWaiters
                 self.drainWaiters.removeAll()
                 for f in w { f() }
@@ -353,6 +399,7 @@ public final class ProcessIO {
         stdinSink?.close()
         master?.close()
         terminalOut?.close()
+        holds.removeAll()
         if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
         let w = drainWaiters
         drainWaiters.removeAll()

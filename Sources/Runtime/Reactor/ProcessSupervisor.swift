@@ -90,7 +90,7 @@ public final class ProcessSupervisor {
         if let reg = child.registration { reactor.deregister(reg) }
         child.registration = nil
         child.pidfd.take()?.close()
-        children[child.pid] = nil
+        if children[child.pid] === child { children[child.pid] = nil }
     }
 
     /// Reaps exited children that are not supervised here. Wire it to SIGCHLD.
@@ -111,9 +111,56 @@ public final class ProcessSupervisor {
         try reactor.onSignals([SIGCHLD]) { [unowned self] _ in self.reapStrays() }
     }
 
+    /// Watches a process that is not our child: one that outlived the previous daemon,
+    /// re-parented to the keeper, which reaps it and records its status. Returns the
+    /// pidfd (owned here until the exit; for signals and setns), or nil when the process
+    /// is gone already (or `pid` now names another process: the start time differs).
+    public func watchForeign(pid: pid_t, startTime: UInt64, exits: ExitRecords,
+                             onExit: @escaping (ExitStatus?) -> Void) -> Int32? {
+        guard let fd = ExitRecords.openPidfd(pid) else { return nil }
+        // Checked after the open: if it still matches, the pidfd is that process.
+        guard ExitRecords.startTime(of: pid) == startTime else { _ = Glibc.close(fd); return nil }
+        let child = Child(pid: pid, pidfd: OwnedFD(adopting: fd), onExit: { _ in })
+        do {
+            child.registration = try reactor.register(fd: fd, interest: .readable) { [unowned self, unowned child] _ in
+                self.finish(child)
+                self.awaitRecord(pid: pid, startTime: startTime, exits: exits, deadline: MonotonicClock.nanoseconds() + 2_000_000_000, onExit)
+            }
+        } catch {
+            _ = child.pidfd.take()?.close()
+            return nil
+        }
+        foreign[pid] = child
+        return fd
+    }
+
+    private var foreign: [pid_t: Child] = [:]
+
+    /// The keeper writes the record just after it reaps: a wake-up can beat it by a
+    /// moment. Past the deadline the status is unknown (the keeper is gone too).
+    private func awaitRecord(pid: pid_t, startTime: UInt64, exits: ExitRecords, deadline: UInt64,
+                             _ onExit: @escaping (ExitStatus?) -> Void) {
+        if let status = exits.take(pid: pid, startTime: startTime) {
+            foreign[pid] = nil
+            onExit(status)
+            return
+        }
+        guard MonotonicClock.nanoseconds() < deadline else {
+            foreign[pid] = nil
+            reactor.logger.error("pid \(pid) exited but no keeper recorded its status")
+            onExit(nil)
+            return
+        }
+        reactor.schedule(afterNS: 2_000_000) { [weak self] in
+            self?.awaitRecord(pid: pid, startTime: startTime, exits: exits, deadline: deadline, onExit)
+        }
+    }
+
     /// Stops watching every child (they keep running) and closes their pidfds.
     public func close() {
         for child in Array(children.values) { finish(child) }
+        for child in Array(foreign.values) { finish(child) }
+        foreign.removeAll()
     }
 }
 

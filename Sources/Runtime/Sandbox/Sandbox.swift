@@ -35,7 +35,7 @@ public final class Sandbox {
     public let id: String
     public let namespace: String
     public let stateDir: String
-    public let createdAt = WallTime.now()
+    public internal(set) var createdAt = WallTime.now()
     public var eventsAddress: String
     public private(set) var containers: [String: Container] = [:]
     /// Order of creation, for listings.
@@ -95,7 +95,7 @@ public final class Sandbox {
 public final class SandboxRegistry {
     public let root: String
     public let engine: ContainerEngine
-    public private(set) var sandboxes: [String: Sandbox] = [:]
+    public internal(set) var sandboxes: [String: Sandbox] = [:]
     /// [namespace] cgroup_parent: every sandbox's cgroup is <cgroupRoot>/<id>.
     public var cgroupRoot = "kuasar"
     let logger: Logger
@@ -132,6 +132,7 @@ public final class SandboxRegistry {
             }
         }
         sandboxes[id] = s
+        save(s)
         return (s, true)
     }
 

@@ -19,7 +19,7 @@ public final class ControllerService {
     let reactor: Reactor
     let logger: Logger
     /// Every id ever created, so Shutdown can tell "gone already" from "never seen".
-    private var seen = Set<String>()
+    var seen = Set<String>()
 
     public init(registry: SandboxRegistry, tasks: TaskService, reactor: Reactor, logger: Logger) {
         self.registry = registry
@@ -100,10 +100,11 @@ public final class ControllerService {
         unary("Update") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerUpdateRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
             let fields = Set(r.fields)
-            if fields.isEmpty || fields.contains("labels") { s.labels = r.sandbox.labels }
             for f in fields where !["labels", "extensions", "spec"].contains(f) {
                 throw RPCError(.invalidArgument, "update \(s.id): field \"\(f)\" cannot be updated")
             }
+            if fields.isEmpty || fields.contains("labels") { s.labels = r.sandbox.labels }
+            self.registry.save(s)
             call.respond(Containerd_Services_Sandbox_V1_ControllerUpdateResponse())
         }
     }
@@ -160,6 +161,7 @@ public final class ControllerService {
         s.state = .created
         s.labels = r.sandbox.labels
         seen.insert(s.id)
+        registry.save(s)
         if let dns = config?.dnsConfig, !(dns.servers.isEmpty && dns.searches.isEmpty && dns.options.isEmpty) {
             var text = dns.servers.map { "nameserver \($0)\n" }.joined()
             if !dns.searches.isEmpty { text += "search \(dns.searches.joined(separator: " "))\n" }
@@ -181,6 +183,7 @@ public final class ControllerService {
         }
         try tasks.serve(s)
         s.state = .ready
+        registry.save(s)
         var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
         resp.sandboxID = s.id
         resp.pid = UInt32(getpid())
@@ -224,6 +227,7 @@ public final class ControllerService {
     private func markStopped(_ s: Sandbox) {
         if s.exitedAt == nil { s.exitedAt = WallTime.now() }
         if s.state != .stopped { s.state = .stopped }
+        registry.save(s)
         s.stopWaiters.fire(s.exitedAt!)
     }
 }

@@ -109,6 +109,9 @@ public final class Daemon {
 
         let fd = try Socket.listenUnix(path: options.socketPath)
         ownsSocketPath = true
+        // After the binds: a live daemon on this root refuses them, so only a dead
+        // daemon's sandboxes are ever taken over.
+        try recover(registry: registry, tasks: tasks, controller: controller)
         listener = try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.accept(conn) }
         logger.info("kuasar \(KuasarVersion.string) listening on \(options.socketPath) (reactor: \(reactor.backendKind))")
         try reactor.run()
@@ -187,6 +190,38 @@ public final class Daemon {
         }
     }
 
+    /// The exit records the keeper writes for containers that end while no daemon runs.
+    var exits: ExitRecords { ExitRecords(dir: options.effectiveRoot + "/exits") }
+    var pidFile: String { options.effectiveRoot + "/daemon.pid" }
+
+    /// Takes over what the previous daemon left: every recorded sandbox is rebuilt, its
+    /// Task API served again, its containers watched through new pidfds; an exit that
+    /// happened in between is reported once (event, Wait, State) with the status the
+    /// keeper recorded.
+    private func recover(registry: SandboxRegistry, tasks: TaskService, controller: ControllerService) throws(SystemError) {
+        let exits = self.exits
+        try makeDirectories(exits.dir, mode: 0o700)
+        try Files.writeAtomically(pidFile, Array("\(getpid())\n".utf8), mode: 0o644)
+        let (sandboxes, containers) = registry.recover()
+        guard !sandboxes.isEmpty else {
+            exits.removeAll(except: [])
+            return
+        }
+        // Records of processes that were not containers (helpers, execs) are dropped;
+        // those of recovered containers are taken as they are found.
+        exits.removeAll(except: Set(containers.map(\.exitRecordName)))
+        for r in containers { tasks.watch(r.container, in: r.sandbox) }
+        for s in sandboxes {
+            controller.seen.insert(s.id)
+            if s.state != .created {
+                do { try tasks.serve(s) } catch { logger.error("sandbox \(s.id): Task API not served again: \(error)") }
+            }
+        }
+        for r in containers { registry.resume(r, exits: exits) }
+        for s in sandboxes { registry.save(s) }
+        logger.info("recovered \(sandboxes.count) sandboxes, \(containers.count) containers")
+    }
+
     private func shutdown() {
         for (raw, reg) in sniffing {
             reactor?.deregister(reg)
@@ -196,14 +231,21 @@ public final class Daemon {
         grpc?.close()
         grpc = nil
         controller = nil
-        // Without recovery (yet), containers do not outlive the daemon that pumps their
-        // stdio: stop them and release their cgroups, mounts and state.
+        // on_exit = "stop": containers go with the daemon, and so do their cgroups,
+        // mounts and state. "keep": they run on, recorded for the next daemon, and the
+        // keeper reaps them if they end before it comes.
         if let registry {
-            for sandbox in registry.sandboxes.values {
-                for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
-                registry.remove(sandbox)
+            if options.onExit == .stop {
+                for sandbox in registry.sandboxes.values {
+                    for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+                    registry.remove(sandbox)
+                }
+            } else {
+                for sandbox in registry.sandboxes.values { registry.save(sandbox) }
             }
+            if registry.sandboxes.isEmpty || options.onExit == .stop { _ = rmdir(exits.dir) }
         }
+        if ownsSocketPath { _ = unlink(pidFile) }
         tasks?.close()
         tasks = nil
         registry?.engine.close()

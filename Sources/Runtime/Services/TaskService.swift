@@ -79,12 +79,14 @@ public final class TaskService {
         }
         unary("Pause") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_PauseRequest) in
             try self.container(r.id, sandbox).pause()
+            self.registry.save(sandbox)
             call.respond(Google_Protobuf_Empty())
             var e = Containerd_Events_TaskPaused(); e.containerID = r.id
             self.publish(sandbox, "/tasks/paused", e)
         }
         unary("Resume") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_ResumeRequest) in
             try self.container(r.id, sandbox).resume()
+            self.registry.save(sandbox)
             call.respond(Google_Protobuf_Empty())
             var e = Containerd_Events_TaskResumed(); e.containerID = r.id
             self.publish(sandbox, "/tasks/resumed", e)
@@ -213,12 +215,8 @@ public final class TaskService {
             case .success(let c):
                 c.ownedMounts = mounted
                 sandbox.add(c)
-                c.onProcessExit = { [weak self] c, p in self?.processExited(sandbox, c, p) }
-                c.onOOM = { [weak self] c in
-                    var e = Containerd_Events_TaskOOM()
-                    e.containerID = c.id
-                    self?.publish(sandbox, "/tasks/oom", e)
-                }
+                self.watch(c, in: sandbox)
+                self.registry.save(sandbox)
                 var resp = Containerd_Task_V2_CreateTaskResponse()
                 resp.pid = UInt32(c.initProcess.pid)
                 call.respond(resp)
@@ -237,6 +235,16 @@ public final class TaskService {
     }
 
 
+    /// Exit and OOM reports of a container (made here, or recovered after a restart).
+    public func watch(_ c: Container, in sandbox: Sandbox) {
+        c.onProcessExit = { [weak self] c, p in self?.processExited(sandbox, c, p) }
+        c.onOOM = { [weak self] c in
+            var e = Containerd_Events_TaskOOM()
+            e.containerID = c.id
+            self?.publish(sandbox, "/tasks/oom", e)
+        }
+    }
+
     private func processExited(_ sandbox: Sandbox, _ c: Container, _ p: ContainerProcess) {
         guard p.state == .stopped, let status = p.exitStatus else { return }
         c.pollOOM()
@@ -248,6 +256,8 @@ public final class TaskService {
         e.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
         publish(sandbox, "/tasks/exit", e)
         if p.isInit {
+            // Recorded before anything else can happen: a restart must not report it again.
+            registry.save(sandbox)
             // The init is gone: so is every other process of the container.
             for ex in c.execs.values where ex.state == .running { try? ex.signal(SIGKILL) }
         }
@@ -264,6 +274,7 @@ public final class TaskService {
             case .success(let pid):
                 var resp = Containerd_Task_V2_StartResponse()
                 resp.pid = UInt32(pid)
+                if r.execID.isEmpty { self?.registry.save(sandbox) }
                 call.respond(resp)
                 if r.execID.isEmpty {
                     var e = Containerd_Events_TaskStart()
@@ -331,6 +342,7 @@ public final class TaskService {
         let wasCreated = c.state == .created
         c.destroy()
         sandbox.remove(r.id)
+        registry.save(sandbox)
         let finish = { [weak self] (status: ExitStatus?, at: WallTime?) in
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: status?.code ?? 0)

@@ -1,0 +1,161 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+
+/// What survives a daemon restart: one `state.json` per sandbox, in its state directory,
+/// rewritten atomically (temporary file, fsync, rename, fsync of the directory) whenever
+/// the sandbox or one of its containers changes state. Exec processes are not recorded:
+/// they are short-lived, and one running across a restart keeps running but is no longer
+/// tracked.
+struct SandboxRecord: Codable {
+    static let version = 1
+    var version = SandboxRecord.version
+    var id: String
+    var namespace: String
+    var eventsAddress: String
+    var state: String
+    var createdAt: WallTime
+    var exitedAt: WallTime?
+    var labels: [String: String]
+    var pinned: [String: String]
+    var cgroupRoot: String
+    var containers: [ContainerRecord]
+}
+
+struct ContainerRecord: Codable {
+    var id: String
+    var bundle: String
+    var rootfs: String
+    var ownedMounts: [String]
+    var stdin: String
+    var stdout: String
+    var stderr: String
+    var terminal: Bool
+    var pid: Int32
+    var startTime: UInt64
+    /// created, running, paused, stopped.
+    var state: String
+    /// siginfo (si_code, si_status) of a stopped init.
+    var exitCode: Int32?
+    var exitStatus: Int32?
+    var exitedAt: WallTime?
+}
+
+extension ExitStatus {
+    var siginfo: (code: Int32, status: Int32) {
+        switch self {
+        case .exited(let c): return (1, c)
+        case .signaled(let s, let core): return (core ? 3 : 2, s)
+        }
+    }
+}
+
+extension SandboxRegistry {
+    static let stateFile = "state.json"
+
+    /// Writes the sandbox's state (atomically). A failure is logged: the sandbox keeps
+    /// working, only a restart would not find this change.
+    public func save(_ s: Sandbox) {
+        guard sandboxes[s.id] === s else { return }
+        var containers: [ContainerRecord] = []
+        for id in s.containerOrder {
+            guard let c = s.containers[id] else { continue }
+            let p = c.initProcess
+            // A container still being set up is not worth a record: if the daemon dies now,
+            // its init dies with the sync socket.
+            if c.state == .creating { continue }
+            let exit = p.exitStatus?.siginfo
+            containers.append(ContainerRecord(
+                id: c.id, bundle: c.bundle, rootfs: c.rootfs, ownedMounts: c.ownedMounts,
+                stdin: p.stdio.stdin, stdout: p.stdio.stdout, stderr: p.stdio.stderr, terminal: p.stdio.terminal,
+                pid: p.pid, startTime: p.startTime, state: c.state.rawValue,
+                exitCode: exit?.code, exitStatus: exit?.status, exitedAt: p.exitedAt))
+        }
+        let record = SandboxRecord(
+            id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
+            createdAt: s.createdAt, exitedAt: s.exitedAt, labels: s.labels, pinned: s.pinned,
+            cgroupRoot: s.cgroupRoot, containers: containers)
+        do {
+            let data = try JSONEncoder().encode(record)
+            try Files.writeAtomically(s.stateDir + "/" + Self.stateFile, Array(data))
+        } catch {
+            logger.error("sandbox \(s.id): state not saved: \(error)")
+        }
+    }
+
+    /// A container the previous daemon recorded, rebuilt but not yet watched.
+    public struct Recovered {
+        public let sandbox: Sandbox
+        public let container: Container
+        let record: ContainerRecord
+        /// The file name the keeper gives this container's exit record.
+        public var exitRecordName: String { "\(record.pid)-\(record.startTime)" }
+    }
+
+    /// Reads every sandbox's state under `root` and rebuilds sandboxes and containers.
+    /// Call `resume` on each returned container once its handlers are wired. A directory
+    /// whose state cannot be read is left alone and named in the log.
+    public func recover() -> (sandboxes: [Sandbox], containers: [Recovered]) {
+        var found: [Sandbox] = []
+        var recovered: [Recovered] = []
+        for name in Files.list(root).sorted() {
+            let dir = root + "/" + name
+            let path = dir + "/" + Self.stateFile
+            guard (try? Identifier.validate(name, what: "sandbox")) != nil, Files.exists(path) else { continue }
+            let record: SandboxRecord
+            do {
+                record = try JSONDecoder().decode(SandboxRecord.self, from: Data(try Files.read(path)))
+            } catch {
+                logger.error("sandbox \(name): cannot recover \(path): \(error)")
+                continue
+            }
+            guard record.id == name, record.version == SandboxRecord.version else {
+                logger.error("sandbox \(name): \(path) names \(record.id), version \(record.version); not recovered")
+                continue
+            }
+            let s = Sandbox(id: record.id, namespace: record.namespace, stateDir: dir, eventsAddress: record.eventsAddress)
+            s.createdAt = record.createdAt
+            s.exitedAt = record.exitedAt
+            s.state = Sandbox.State(rawValue: record.state) ?? .ready
+            s.labels = record.labels
+            s.pinned = record.pinned
+            s.cgroupRoot = record.cgroupRoot
+            for cr in record.containers {
+                var spec: OCISpec
+                do {
+                    spec = s.adapt(try OCISpec.decode(try Files.read(cr.bundle + "/config.json")))
+                } catch {
+                    // Still recovered (status, wait, kill, delete work); exec needs the spec.
+                    logger.warning("container \(cr.id): \(cr.bundle)/config.json: \(error)")
+                    spec = OCISpec(ociVersion: "1.0.2")
+                }
+                var stdio = StdioPaths(stdin: cr.stdin, stdout: cr.stdout, stderr: cr.stderr, terminal: cr.terminal)
+                stdio.containerID = cr.id
+                stdio.namespace = record.namespace
+                let c = Container.restore(
+                    id: cr.id, bundle: cr.bundle, spec: spec, rootfs: cr.rootfs, stdio: stdio,
+                    cgroupPath: s.cgroupPath(for: cr.id), ownedMounts: cr.ownedMounts,
+                    paused: cr.state == Container.State.paused.rawValue, engine: engine)
+                s.add(c)
+                recovered.append(Recovered(sandbox: s, container: c, record: cr))
+            }
+            sandboxes[s.id] = s
+            found.append(s)
+        }
+        return (found, recovered)
+    }
+
+    /// Starts watching a recovered container (its exit, if it happened while no daemon
+    /// ran, is reported now through the handlers wired since `recover`).
+    public func resume(_ r: Recovered, exits: ExitRecords) {
+        let cr = r.record
+        var exit: (ExitStatus, WallTime)?
+        if let code = cr.exitCode, let status = cr.exitStatus {
+            exit = (ExitStatus(siginfoCode: code, status: status), cr.exitedAt ?? WallTime.now())
+        }
+        r.container.resumeWatching(pid: cr.pid, startTime: cr.startTime, running: cr.state != Container.State.created.rawValue,
+                                   exit: exit, exits: exits)
+    }
+}
