@@ -53,6 +53,9 @@ bench: deps
 install: build
 	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar /usr/local/bin/kuasar
 	ln -sf kuasar /usr/local/bin/containerd-shim-kuasar-v2
+	@if [ -d /etc/systemd/system ]; then install -m 0644 packaging/systemd/kuasar.service /etc/systemd/system/kuasar.service; \
+	  echo "installed kuasar.service: systemctl daemon-reload && systemctl enable --now kuasar"; fi
+	@[ -e /etc/kuasar/config.toml ] || { mkdir -p /etc/kuasar && /usr/local/bin/kuasar config default > /etc/kuasar/config.toml; }
 
 clean:
 	rm -rf .build perf/.build

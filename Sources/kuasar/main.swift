@@ -19,7 +19,7 @@ struct Kuasar: ParsableCommand {
 struct DaemonCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "daemon", abstract: "Run the daemon in the foreground.")
 
-    @Option(help: "Configuration file (default: \(KuasarConfig.defaultPath) when it exists; `kuasar config default` prints one).")
+    @Option(help: "Configuration file (default: KUASAR_CONFIG, else \(KuasarConfig.defaultPath) when it exists; `kuasar config default` prints one).")
     var config: String?
 
     @Option(help: "The API socket (created 0600, parent directory created); overrides [daemon] socket.")
@@ -39,8 +39,9 @@ struct DaemonCommand: ParsableCommand {
 
     func run() throws {
         let file: KuasarConfig
+        let named = config ?? currentEnvironmentDictionary()["KUASAR_CONFIG"]
         do {
-            file = try KuasarConfig.load(path: config ?? KuasarConfig.defaultPath, required: config != nil)
+            file = try KuasarConfig.load(path: named ?? KuasarConfig.defaultPath, required: named != nil)
         } catch {
             FileHandleStderr.write("kuasar daemon: \(error)\n")
             throw ExitCode(1)
@@ -138,6 +139,9 @@ struct HealthCommand: ParsableCommand {
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "info", abstract: "What this host gives the runtime.")
 
+    @Option(help: "Configuration file (default: \(KuasarConfig.defaultPath) when it exists).")
+    var config: String?
+
     func run() throws {
         print("version: \(KuasarVersion.string)")
         let env = currentEnvironmentDictionary()
@@ -151,10 +155,24 @@ struct InfoCommand: ParsableCommand {
         } else {
             print("cgroups: not found (containers run without resource limits)")
         }
+        let path = config ?? KuasarConfig.defaultPath
+        let file: KuasarConfig
+        do {
+            file = try KuasarConfig.load(path: path, required: config != nil)
+            print("config: \(Files.exists(path) ? path : "embedded defaults (\(path) does not exist)")")
+        } catch {
+            print("config: \(error)")
+            file = KuasarConfig()
+        }
         print("sandbox kinds:")
-        print("  namespace: available (shim v2 protocol: containerd-shim-kuasar-v2; kuasar run)")
-        print("  vm (QEMU, Cloud Hypervisor, StratoVirt): not yet implemented")
-        print("  wasm (WasmKit): not yet implemented")
+        for kind in KuasarConfig.Kind.allCases {
+            let names = file.sandboxers.filter { $0.value == kind }.keys.sorted()
+            if let reason = kind.unavailableReason {
+                print("  \(kind.rawValue): not available: \(reason)")
+            } else {
+                print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
+            }
+        }
     }
 }
 

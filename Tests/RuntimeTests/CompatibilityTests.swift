@@ -19,7 +19,7 @@ extension AllTests {
             Files.removeTree(path)
         }
         func run(_ args: String) throws -> (code: Int32, out: String) {
-            return try shell("KUASAR_ROOT=\(path) \(CompatibilityTests.kuasar) \(args)")
+            return try shell("KUASAR_ROOT=\(path) KUASAR_CONFIG=\(TestConfig.stopOnExit) \(CompatibilityTests.kuasar) \(args)")
         }
         func stop() {
             guard let c = try? OneShotClient(path: path + "/admin.sock") else { return }

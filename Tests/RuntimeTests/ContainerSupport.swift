@@ -90,3 +90,14 @@ func waitUntil(timeoutMS: Int = 5000, everyMS: Int = 10, _ condition: () throws 
         usleep(useconds_t(everyMS * 1000))
     }
 }
+
+/// A daemon configuration for tests whose daemons are started by the CLI or the shim:
+/// their containers go with the daemon (on_exit = "stop"), so the leak checks see a
+/// clean host. The production default (keep, for recovery) has its own tests.
+enum TestConfig {
+    static let stopOnExit: String = {
+        let path = "/tmp/kuasar-test-config-\(getpid()).toml"
+        try? Files.write(path, "[daemon]\non_exit = \"stop\"\n", create: true, mode: 0o644)
+        return path
+    }()
+}

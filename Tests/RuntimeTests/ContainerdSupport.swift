@@ -49,7 +49,7 @@ final class ContainerdFixture {
         let log = open(dir + "/containerd.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         defer { close(log) }
         var env = currentEnvironment().filter { !$0.hasPrefix("PATH=") && !$0.hasPrefix("KUASAR_ROOT=") }
-        env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)"]
+        env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)", "KUASAR_CONFIG=\(TestConfig.stopOnExit)"]
         let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
                                               environment: env, fdMap: [(log, 1), (log, 2)]))
         containerdPID = p.pid

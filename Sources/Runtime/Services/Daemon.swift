@@ -114,6 +114,7 @@ public final class Daemon {
         try recover(registry: registry, tasks: tasks, controller: controller)
         listener = try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.accept(conn) }
         logger.info("kuasar \(KuasarVersion.string) listening on \(options.socketPath) (reactor: \(reactor.backendKind))")
+        notifySystemd(reactor)
         try reactor.run()
     }
 
@@ -187,6 +188,26 @@ public final class Daemon {
             break
         default:
             conn.write("error unknown request \"\(req.prefix(64))\": this daemon answers \"health\"\n")
+        }
+    }
+
+    /// Under systemd (Type=notify): READY once every socket listens and every sandbox is
+    /// recovered; MAINPID is this process (the keeper, our parent, is what systemd
+    /// started); WATCHDOG pings from the loop itself at half the unit's interval, so a
+    /// loop that hangs stops pinging and systemd restarts the daemon.
+    private func notifySystemd(_ reactor: Reactor) {
+        guard let notify = SystemdNotify(environment: currentEnvironmentDictionary()) else { return }
+        let count = registry?.sandboxes.count ?? 0
+        do {
+            try notify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=serving \(count) sandboxes on \(options.socketPath)")
+        } catch {
+            logger.warning("sd_notify READY: \(error)")
+        }
+        if let usec = notify.watchdogUSec {
+            let every = max(usec / 2, 1000) * 1000
+            reactor.schedule(afterNS: every, repeatingNS: every) { [logger] in
+                do { try notify.send("WATCHDOG=1") } catch { logger.warning("sd_notify WATCHDOG: \(error)") }
+            }
         }
     }
 

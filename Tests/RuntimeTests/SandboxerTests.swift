@@ -1,0 +1,221 @@
+import Foundation
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The daemon as containerd 2.x's sandboxer: many sandboxes at once, hostile clients
+/// meanwhile, a restart after `kill -9` that loses nothing, its configuration file and
+/// systemd's notification protocol. The Python peer (Tests/Peers/python/fleet.py) speaks
+/// gRPC with grpcio and ttrpc with a client written from the frame format.
+extension AllTests {
+@Suite struct SandboxerTests {
+    /// A private daemon root with Python stubs generated from our .proto files.
+    final class Fixture {
+        let root: String
+        let stubs: String
+        let bundle: TestBundle
+        var socket: String { root + "/kuasar.sock" }
+
+        init(_ name: String) throws {
+            root = "/tmp/kuasar-\(name)-\(getpid())"
+            stubs = root + "-stubs"
+            Files.removeTree(root)
+            Files.removeTree(stubs)
+            try makeDirectories(stubs, mode: 0o755)
+            let gen = try shell("cd \(repositoryRoot)/Protos && protoc -I . -I /usr/include --python_out=\(stubs) $(find containerd/services/sandbox containerd/types containerd/task cri ttrpc google/rpc -name '*.proto' | sort)")
+            #expect(gen.code == 0, "protoc: \(gen.out)")
+            bundle = try TestBundle(name)
+        }
+
+        func fleet(_ args: String) throws -> (code: Int32, out: String) {
+            try shell("\(systemPython) \(repositoryRoot)/Tests/Peers/python/fleet.py \(stubs) \(socket) \(args)", timeoutS: 120)
+        }
+
+        var daemonPID: pid_t? { (try? Files.readString(root + "/daemon.pid")).flatMap { pid_t($0.trimmingWhitespace) } }
+
+        /// Nothing left: no sandbox state, mounts, cgroups or container processes.
+        func expectClean(pids: [pid_t], sandboxes: [String], sourceLocation: SourceLocation = #_sourceLocation) {
+            for pid in pids { #expect(processGone(pid), "container process \(pid) left", sourceLocation: sourceLocation) }
+            let left = Files.list(root).filter { !["kuasar.sock", "admin.sock", "daemon.pid", "exits"].contains($0) }
+            #expect(left.isEmpty, "left in \(root): \(left)", sourceLocation: sourceLocation)
+            #expect(mountsUnder(root).isEmpty, sourceLocation: sourceLocation)
+            if let host = try? CgroupHost.detect() {
+                for (c, base) in host.existing("kuasar").dirs {
+                    let mine = Files.list(base).filter { sandboxes.contains($0) }
+                    #expect(mine.isEmpty, "cgroups left in \(c): \(mine)", sourceLocation: sourceLocation)
+                }
+            }
+        }
+
+        func remove() {
+            bundle.remove()
+            Files.removeTree(root)
+            Files.removeTree(stubs)
+        }
+    }
+
+    static func pids(_ out: String) -> [Int: pid_t] {
+        var out2: [Int: pid_t] = [:]
+        for line in out.split(separator: "\n") where line.hasPrefix("ready ") {
+            let parts = line.split(separator: " ")
+            // "ready <prefix><i> <pid>"
+            if parts.count == 3, let i = Int(parts[1].drop { !$0.isNumber }), let pid = pid_t(parts[2]) { out2[i] = pid }
+        }
+        return out2
+    }
+
+    @Test func fiftySandboxesInParallelWhileHostileClientsHammer() throws {
+        let f = try Fixture("fleet")
+        defer { f.remove() }
+        let daemon = try AllTests.DaemonTests.start(["--root", f.root], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        let up = try f.fleet("up f 50 \(f.bundle.path) \(f.root)-bundles --hostile")
+        defer { Files.removeTree(f.root + "-bundles") }
+        #expect(up.code == 0, "\(up.out)")
+        let pids = Self.pids(up.out)
+        #expect(pids.count == 50, "\(up.out)")
+        #expect(up.out.contains("hostile clients:"), "\(up.out)")
+        // The daemon still answers everyone, and lists all 50.
+        #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=50") == true)
+        let down = try f.fleet("down f 50")
+        #expect(down.code == 0, "\(down.out)")
+        _ = waitUntil { pids.values.allSatisfy(processGone) }
+        f.expectClean(pids: Array(pids.values), sandboxes: (0..<50).map { "f\($0)" })
+        let (exit, log) = try AllTests.DaemonTests.stop(daemon)
+        #expect(exit == .exited(0), "\(log)")
+    }
+
+    /// 10 sandboxes; the daemon is killed with SIGKILL; 3 containers exit while no daemon
+    /// runs (exit 10, exit 11, SIGKILL); a new daemon reports those with their real status
+    /// and keeps the 7 others running, exec-able, stoppable and waitable.
+    @Test func restartAfterKill9LosesNothing() throws {
+        let f = try Fixture("recover")
+        defer { f.remove() }
+        defer { Files.removeTree(f.root + "-bundles") }
+        let first = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        let up = try f.fleet("up r 10 \(f.bundle.path) \(f.root)-bundles")
+        #expect(up.code == 0, "\(up.out)")
+        let pids = Self.pids(up.out)
+        #expect(pids.count == 10)
+        guard pids.count == 10, let daemon = f.daemonPID else { _ = try AllTests.DaemonTests.stop(first); return }
+        // The keeper started the daemon: they are two processes.
+        #expect(daemon != first.process.pid)
+
+        kill(daemon, SIGKILL)
+        #expect(waitUntil { processGone(daemon) })
+        kill(pids[0]!, SIGUSR1)
+        kill(pids[1]!, SIGUSR1)
+        kill(pids[2]!, SIGKILL)
+        #expect(waitUntil { processGone(pids[0]!) && processGone(pids[1]!) && processGone(pids[2]!) })
+        // The keeper reaped them and kept their statuses.
+        #expect(waitUntil { Files.list(f.root + "/exits").count == 3 }, "\(Files.list(f.root + "/exits"))")
+        // Still running, though nobody serves their sandboxes.
+        for i in 3..<10 { #expect(!processGone(pids[i]!)) }
+
+        let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=10") == true)
+        let check = try f.fleet("check r 10 0:10,1:11,2:137")
+        #expect(check.code == 0, "\(check.out)")
+        #expect(check.out.components(separatedBy: "exited r").count == 4, "\(check.out)")
+        #expect(check.out.components(separatedBy: "exec 5 stop 137").count == 8, "\(check.out)")
+        #expect(Files.list(f.root + "/exits").isEmpty, "exit records are taken once")
+
+        let down = try f.fleet("down r 10")
+        #expect(down.code == 0, "\(down.out)")
+        _ = waitUntil { pids.values.allSatisfy(processGone) }
+        f.expectClean(pids: Array(pids.values), sandboxes: (0..<10).map { "r\($0)" })
+        let (exit2, log2) = try AllTests.DaemonTests.stop(second)
+        #expect(exit2 == .exited(0), "\(log2)")
+        // The first keeper outlived its daemon until its last orphan was gone, and exits
+        // with the daemon's status (128 + SIGKILL).
+        let firstExit = try Spawner.wait(first.process)
+        first.log.close()
+        #expect(firstExit == .exited(137))
+    }
+
+    @Test func configurationFileIsCheckedAtStart() throws {
+        #expect(try KuasarConfig.parse(KuasarConfig.defaultText) == KuasarConfig(), "the printed defaults are the defaults")
+        let c = try KuasarConfig.parse("[daemon]\non_exit = \"stop\"\nreactor = \"epoll\"\n[sandboxers]\nmine = \"namespace\"\n")
+        #expect(c.onExit == .stop && c.reactor == .epoll && c.sandboxers == ["mine": .namespace])
+        let bad: [(String, String)] = [
+            ("[daemon]\nsockets = \"/x\"\n", "unknown key [daemon] sockets"),
+            ("[daemon]\non_exit = \"later\"\n", "[daemon] on_exit: \"later\" is not one of keep, stop"),
+            ("[daemon]\nsocket = 3\n", "[daemon] socket must be a string"),
+            ("[daemon]\nsocket = \"relative.sock\"\n", "[daemon] socket must be an absolute path"),
+            ("[sandboxers]\nvm = \"vm\"\n", "not implemented yet"),
+            ("[namespace]\ncgroup_parent = \"../escape\"\n", "cgroup_parent must be a relative path"),
+            ("[mystery]\n", "unknown section [mystery]"),
+            ("daemon = = 1", "line 1"),
+        ]
+        for (text, message) in bad {
+            do {
+                _ = try KuasarConfig.parse(text, origin: "t.toml")
+                Issue.record("accepted: \(text)")
+            } catch {
+                #expect(error.description.contains(message), "\(text) → \(error.description)")
+            }
+        }
+        // The daemon refuses to start on a bad file, naming the key; the CLI prints the defaults.
+        let dir = "/tmp/kuasar-config-\(getpid())"
+        try makeDirectories(dir, mode: 0o700)
+        defer { Files.removeTree(dir) }
+        try Files.write(dir + "/bad.toml", "[daemon]\nlog_levels = \"debug\"\n", create: true)
+        let r = try shell("\(AllTests.DaemonTests.binary) daemon --config \(dir)/bad.toml --socket \(dir)/k.sock")
+        #expect(r.code == 1 && r.out.contains("unknown key [daemon] log_levels"), "\(r.out)")
+        #expect(!Files.exists(dir + "/k.sock"))
+        let d = try shell("\(AllTests.DaemonTests.binary) config default")
+        #expect(d.code == 0 && d.out.contains("on_exit = \"keep\"") && d.out.contains("[sandboxers]"), "\(d.out)")
+        // A sandboxer name from the file is what the Controller accepts.
+        try Files.write(dir + "/mine.toml", "[sandboxers]\nedge = \"namespace\"\n", create: true)
+        let info = try shell("\(AllTests.DaemonTests.binary) info --config \(dir)/mine.toml")
+        #expect(info.out.contains("sandboxers: edge") && info.out.contains("vm: not available"), "\(info.out)")
+    }
+
+    /// Type=notify: READY with MAINPID (the daemon, not the keeper systemd started), then
+    /// WATCHDOG pings from the loop at half of WATCHDOG_USEC.
+    @Test func systemdNotifyReadyAndWatchdog() throws {
+        let dir = "/tmp/kuasar-notify-\(getpid())"
+        Files.removeTree(dir)
+        try makeDirectories(dir, mode: 0o700)
+        defer { Files.removeTree(dir) }
+        let notify = dir + "/notify.sock"
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in for (i, b) in notify.utf8.enumerated() { dst[i] = b } }
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        #expect(rc == 0)
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+
+        let socketPath = dir + "/kuasar.sock"
+        let pipe = try makePipe()
+        var spec = ProcessSpec(executable: AllTests.DaemonTests.binary,
+                               arguments: ["kuasar", "daemon", "--socket", socketPath, "--on-exit", "stop"])
+        spec.environment = currentEnvironment() + ["NOTIFY_SOCKET=\(notify)", "WATCHDOG_USEC=100000"]
+        spec.fdMap = [(from: pipe.second.rawValue, to: 2)]
+        let p = try Spawner.spawn(spec)
+        pipe.second.close()
+        var messages: [String] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while messages.filter({ $0 == "WATCHDOG=1" }).count < 3 {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            messages.append(String(decoding: buf[..<n], as: UTF8.self))
+        }
+        let daemon = (try? Files.readString(dir + "/daemon.pid")).flatMap { pid_t($0.trimmingWhitespace) }
+        let ready = messages.first ?? ""
+        #expect(ready.contains("READY=1"), "\(messages)")
+        #expect(daemon != nil && daemon != p.pid && ready.contains("MAINPID=\(daemon ?? -1)"), "\(ready)")
+        #expect(messages.filter { $0 == "WATCHDOG=1" }.count >= 3, "\(messages)")
+        try sendSignal(pidfd: p.pidfd.rawValue, SIGTERM)
+        #expect(try Spawner.wait(p) == .exited(0))
+        pipe.first.close()
+    }
+}
+}
