@@ -52,6 +52,7 @@ bench: deps
 # kuasar, and the same binary as containerd's shim v2 runtime `io.containerd.kuasar.v2`.
 install: build
 	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar /usr/local/bin/kuasar
+	install -m 0755 $$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar-keeper /usr/local/bin/kuasar-keeper
 	ln -sf kuasar /usr/local/bin/containerd-shim-kuasar-v2
 	@if [ -d /etc/systemd/system ]; then install -m 0644 packaging/systemd/kuasar.service /etc/systemd/system/kuasar.service; \
 	  echo "installed kuasar.service: systemctl daemon-reload && systemctl enable --now kuasar"; fi

@@ -1,16 +1,16 @@
 // The keeper: the daemon's parent and a child subreaper, so that the exit status of a
 // container that ends while the daemon is down (crash, kill -9, upgrade) is not lost.
 //
-// `kuasar daemon` calls ks_keeper_run first thing. It forks; the child execs the same
-// command again (a fresh process, KUASAR_KEEPER set) and becomes the daemon. The parent
-// stays behind, runs only the C below, and sleeps in sigwaitinfo. While the daemon lives
+// `kuasar daemon` execs the small `kuasar-keeper` program first thing (so the keeper
+// carries no Swift runtime: ~100 kB). It forks; the child execs kuasar's daemon command
+// again (KUASAR_KEEPER set) and becomes the daemon. The parent stays behind and sleeps
+// in sigwaitinfo. While the daemon lives
 // it reaps nothing but the daemon: containers are the daemon's children and the daemon
 // reaps them. When the daemon dies, the kernel re-parents its children to us (we are
 // the nearest subreaper); we reap each one and record its status in
 // <exits>/<pid>-<starttime> ("<si_code> <si_status>\n", written to a temporary name and
 // renamed), where the next daemon finds it. We exit once the daemon is gone and no
 // child is left, with the daemon's exit code.
-#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -60,7 +60,7 @@ static void record(const char *dir, pid_t pid, unsigned long long start, int cod
     if (w == len) rename(tmp, path); else unlink(tmp);
 }
 
-int ks_keeper_run(const char *exits_dir, char *const argv[]) {
+int ks_keeper_run(const char *exits_dir, const char *program, char *const argv[]) {
     sigset_t set, old;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
@@ -79,8 +79,8 @@ int ks_keeper_run(const char *exits_dir, char *const argv[]) {
         prctl(PR_SET_CHILD_SUBREAPER, 0);
         sigprocmask(SIG_SETMASK, &old, NULL);
         setenv("KUASAR_KEEPER", keeper, 1);
-        execv("/proc/self/exe", argv);
-        fprintf(stderr, "kuasar keeper: exec /proc/self/exe: %s\n", strerror(errno));
+        execv(program, argv);
+        fprintf(stderr, "kuasar-keeper: exec %s: %s\n", program, strerror(errno));
         _exit(127);
     }
     prctl(PR_SET_NAME, "kuasar-keeper");
@@ -114,4 +114,17 @@ int ks_keeper_run(const char *exits_dir, char *const argv[]) {
             }
         }
     }
+}
+
+int ks_keeper_main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: kuasar-keeper EXITS_DIR PROGRAM ARGV0 [ARG...]\n"
+                        "(started by `kuasar daemon`: it stays the daemon's parent and records the exits of\n"
+                        "containers that end while no daemon runs)\n");
+        return 2;
+    }
+    mkdir(argv[1], 0700);
+    int rc = ks_keeper_run(argv[1], argv[2], argv + 3);
+    fprintf(stderr, "kuasar-keeper: %s\n", strerror(-rc));
+    return 1;
 }

@@ -70,7 +70,7 @@ struct DaemonCommand: ParsableCommand {
         // subreaper of its containers; the daemon is a fresh exec of the same command.
         if Keeper.pid == nil {
             do {
-                try Keeper.become(exitsDir: options.effectiveRoot + "/exits", arguments: CommandLine.arguments)
+                try Keeper.become(exitsDir: options.effectiveRoot + "/exits", executable: selfExecutable(), arguments: CommandLine.arguments)
             } catch {
                 FileHandleStderr.write("kuasar daemon: \(error)\n")
                 throw ExitCode(1)

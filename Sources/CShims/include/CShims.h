@@ -242,12 +242,14 @@ int ks_openpty(int *master, int *slave);
 /// "major.minor.micro" of the libseccomp in use.
 void ks_seccomp_version(char *buf, size_t len);
 
-#pragma clang assume_nonnull end
-
 // keeper.c: the daemon's subreaper parent; see the file's comment. Returns only on a
 // failure before the fork (-errno); the parent never returns.
-int ks_keeper_run(const char *exits_dir, char *const argv[]);
+int ks_keeper_run(const char *exits_dir, const char *program, char *_Nullable const argv[_Nonnull]);
+// main() of the kuasar-keeper program: kuasar-keeper EXITS_DIR PROGRAM ARGV0 [ARG...].
+int ks_keeper_main(int argc, char *_Nullable *_Nonnull argv);
 // Start time (clock ticks since boot) of a process, 0 if unreadable.
 unsigned long long ks_proc_starttime(pid_t pid);
+
+#pragma clang assume_nonnull end
 
 #endif

@@ -107,8 +107,9 @@ public final class SandboxRegistry {
     }
 
     /// The sandbox `id`, made (state directory 0700) when it does not exist yet.
+    /// `save`: write its state now (the Controller writes it once it has set it up).
     public func register(id: String, namespace: String, eventsAddress: String, sharedNamespaces: Bool = false,
-                         netnsPath: String = "") throws -> (Sandbox, created: Bool) {
+                         netnsPath: String = "", save saveNow: Bool = true) throws -> (Sandbox, created: Bool) {
         try Identifier.validate(id, what: "sandbox")
         if let s = sandboxes[id] {
             guard s.namespace == namespace || namespace.isEmpty else {
@@ -132,7 +133,7 @@ public final class SandboxRegistry {
             }
         }
         sandboxes[id] = s
-        save(s)
+        if saveNow { save(s) }
         return (s, true)
     }
 

@@ -157,7 +157,7 @@ public final class ControllerService {
         }
         let namespace = call.metadata("containerd-namespace").first ?? "k8s.io"
         let (s, _) = try registry.register(id: r.sandboxID, namespace: namespace, eventsAddress: "",
-                                           sharedNamespaces: true, netnsPath: r.netnsPath)
+                                           sharedNamespaces: true, netnsPath: r.netnsPath, save: false)
         s.state = .created
         s.labels = r.sandbox.labels
         seen.insert(s.id)

@@ -35,6 +35,7 @@ public enum Files {
     /// fsync of the directory. A crash leaves either the old or the new content.
     public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(SystemError) {
         let tmp = path + ".tmp"
+        let replacing = access(path, F_OK) == 0
         let fd = try sys("open", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         do throws(SystemError) {
             var off = 0
@@ -42,7 +43,7 @@ public enum Files {
                 let n = try sys("write", tmp) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) } }
                 off += n
             }
-            _ = try sys("fsync", tmp) { fsync(fd) }
+            _ = try sys("fdatasync", tmp) { fdatasync(fd) }
         } catch {
             _ = close(fd)
             _ = unlink(tmp)
@@ -50,6 +51,9 @@ public enum Files {
         }
         _ = close(fd)
         _ = try sys("rename", path) { rename(tmp, path) }
+        // A new name must reach the disk too; replacing one leaves the old or the new
+        // content after a power cut, both complete.
+        guard !replacing else { return }
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 { _ = fsync(dfd); _ = close(dfd) }

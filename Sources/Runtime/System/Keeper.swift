@@ -13,15 +13,22 @@ public enum Keeper {
         return pid_t(String(cString: v))
     }
 
-    /// Forks: this process becomes the keeper and never returns; its child execs the same
-    /// command line again as the daemon. Throws only if the fork could not happen.
-    public static func become(exitsDir: String, arguments: [String]) throws(SystemError) -> Never {
+    /// Replaces this process with `kuasar-keeper` (found next to `executable`), which
+    /// forks and execs `executable` with `arguments` again as the daemon, and stays its
+    /// parent. Returns only by throwing.
+    public static func become(exitsDir: String, executable: String, arguments: [String]) throws(SystemError) -> Never {
         try makeDirectories(exitsDir, mode: 0o700)
-        var cargs: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
+        let dir = executable.lastIndex(of: "/").map { String(executable[..<$0]) } ?? "."
+        let keeper = dir + "/kuasar-keeper"
+        guard access(keeper, X_OK) == 0 else {
+            throw SystemError("keeper", "\(keeper) is missing: it is installed with kuasar (make install), next to it", errno: .ENOENT)
+        }
+        var cargs: [UnsafeMutablePointer<CChar>?] = ([keeper, exitsDir, executable] + arguments).map { strdup($0) }
         cargs.append(nil)
-        let rc = ks_keeper_run(exitsDir, &cargs)
+        execv(keeper, &cargs)
+        let e = Errno.current
         for p in cargs { free(p) }
-        throw SystemError("keeper", "fork", errno: Errno(rawValue: -rc))
+        throw SystemError("execv", keeper, errno: e)
     }
 }
 

@@ -57,6 +57,7 @@ enum ContainerBenchmark {
         var o = DaemonOptions()
         o.root = root
         o.socketPath = root + "/kuasar.sock"
+        o.onExit = .stop
         try Daemon(options: o, logger: .init(label: "perf-daemon")).run()
     }
 

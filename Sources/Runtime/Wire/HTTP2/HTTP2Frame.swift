@@ -78,8 +78,11 @@ public struct HTTP2FrameDecoder: Sendable {
     private var prefaceSeen = false
     public var maxFrameSize: Int
 
-    public init(maxFrameSize: Int = HTTP2.defaultMaxFrameSize) {
+    /// `expectPreface`: a server's decoder (the client opens with the preface); a
+    /// client's decoder reads frames from the first byte.
+    public init(maxFrameSize: Int = HTTP2.defaultMaxFrameSize, expectPreface: Bool = true) {
         self.maxFrameSize = maxFrameSize
+        prefaceSeen = !expectPreface
     }
 
     public var bufferedCount: Int { input.count }

@@ -1,0 +1,298 @@
+import Foundation
+import Runtime
+import SwiftProtobuf
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Pod start as containerd 2.x drives a sandboxer: Controller Create + Start over gRPC,
+/// then Task Create + Start of one container over ttrpc at the address Start returned,
+/// timed from the client (ours: a blocking h2c client, so the time is the daemon's plus
+/// two socket round trips per call). Then the same work as whole commands through
+/// Debian's containerd 1.6 (`ctr run -d`, runc shim vs ours), and the daemon's memory
+/// with 1, 100 and 500 pods. The daemon is the real `kuasar` binary (KUASAR_BIN, or the
+/// main package's release/debug build).
+enum PodBenchmark {
+    static let work = "/tmp/kuasar-perf-pod"
+    static let controller = "containerd.services.sandbox.v1.Controller"
+    static let task = "containerd.task.v3.Task"
+    static let md = [("containerd-namespace", "k8s.io")]
+
+    struct Memory: Codable {
+        var sandboxes: Int
+        var daemonPSSkB: Int
+        var keeperPSSkB: Int
+    }
+    struct Report: Codable {
+        var date: String
+        var rows: [ContainerBenchmark.Row]
+        var perCallP50ms: [String: Double]
+        var parallelWallMs: Double
+        var containerd: [ContainerBenchmark.Row]
+        var ctrRunSpeedup: Double?
+        var containerdOwnMs: Double?
+        var memory: [Memory]
+    }
+
+    static var repositoryRoot: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent().path
+    }
+
+    static func kuasarBinary() -> String? {
+        if let b = ProcessInfo.processInfo.environment["KUASAR_BIN"] { return b }
+        for c in ["release", "debug"] where access(repositoryRoot + "/.build/\(c)/kuasar", X_OK) == 0 {
+            return repositoryRoot + "/.build/\(c)/kuasar"
+        }
+        return nil
+    }
+
+    final class Pod {
+        var phases: [String: Double] = [:]
+    }
+
+    /// One pod: the four calls containerd makes; returns per-call ms.
+    static func startPod(_ grpc: GRPCClient, id: String, bundle: String) throws -> (total: Double, phases: [String: Double], tasks: OneShotClient) {
+        var phases: [String: Double] = [:]
+        let t0 = MonotonicClock.nanoseconds()
+        var last = t0
+        func mark(_ name: String) {
+            let now = MonotonicClock.nanoseconds()
+            phases[name] = Double(now - last) / 1e6
+            last = now
+        }
+        var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
+        create.sandboxID = id
+        create.sandboxer = "kuasar"
+        _ = try grpc.call(controller, "Create", create, as: Containerd_Services_Sandbox_V1_ControllerCreateResponse.self, metadata: md)
+        mark("Controller.Create")
+        var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
+        start.sandboxID = id
+        start.sandboxer = "kuasar"
+        let started = try grpc.call(controller, "Start", start, as: Containerd_Services_Sandbox_V1_ControllerStartResponse.self, metadata: md)
+        mark("Controller.Start")
+        let tasks = try OneShotClient(path: String(started.address.dropFirst("ttrpc+unix://".count)))
+        var tc = Containerd_Task_V3_CreateTaskRequest()
+        tc.id = id + "-c"
+        tc.bundle = bundle
+        _ = try tasks.call(task, "Create", tc, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+        mark("Task.Create")
+        var ts = Containerd_Task_V3_StartRequest()
+        ts.id = tc.id
+        _ = try tasks.call(task, "Start", ts, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
+        mark("Task.Start")
+        return (Double(last - t0) / 1e6, phases, tasks)
+    }
+
+    /// Untimed: what containerd does when the pod goes away.
+    static func removePod(_ grpc: GRPCClient, _ tasks: OneShotClient, id: String) {
+        var k = Containerd_Task_V3_KillRequest()
+        k.id = id + "-c"
+        k.signal = 9
+        _ = try? tasks.call(task, "Kill", k, as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+        var w = Containerd_Task_V3_WaitRequest()
+        w.id = k.id
+        _ = try? tasks.call(task, "Wait", w, as: Containerd_Task_V3_WaitResponse.self, namespace: "k8s.io")
+        var d = Containerd_Task_V3_DeleteRequest()
+        d.id = k.id
+        _ = try? tasks.call(task, "Delete", d, as: Containerd_Task_V3_DeleteResponse.self, namespace: "k8s.io")
+        tasks.close()
+        var s = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
+        s.sandboxID = id
+        s.sandboxer = "kuasar"
+        _ = try? grpc.call(controller, "Shutdown", s, as: Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self, metadata: md)
+    }
+
+    static func run(runs: Int, parallel: Int, memoryPoints: [Int]) throws {
+        func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
+        guard let kuasar = kuasarBinary() else {
+            log("pod: no kuasar binary (build the main package, or set KUASAR_BIN)")
+            return
+        }
+        _ = try ContainerBenchmark.sh("umount -R \(work)/ctd/root 2>/dev/null; rm -rf \(work)")
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        let bundle = work + "/bundle"
+        try ContainerBenchmark.makeBundle(bundle, args: ["sleep", "3600"])
+        let root = work + "/kroot"
+        let socket = root + "/kuasar.sock"
+        let spawned = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "daemon", "--root", root, "--socket", socket,
+                                                                                   "--on-exit", "stop", "--log-level", "error"]))
+        let keeperPID = spawned.pid, keeperPidfd = spawned.pidfd.take()
+        var daemonPID: pid_t = 0
+        defer {
+            _ = try? sendSignal(pidfd: keeperPidfd, SIGTERM)
+            _ = waitpid(keeperPID, nil, 0)
+            close(keeperPidfd)
+        }
+        for _ in 0..<500 {
+            if let p = (try? String(contentsOfFile: root + "/daemon.pid", encoding: .utf8)).flatMap({ pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }),
+               access(socket, F_OK) == 0 { daemonPID = p; break }
+            usleep(10_000)
+        }
+        let grpc = try GRPCClient(path: socket)
+
+        // Serial pods.
+        for i in 0..<10 {
+            let r = try startPod(grpc, id: "warm\(i)", bundle: bundle)
+            removePod(grpc, r.tasks, id: "warm\(i)")
+        }
+        var totals: [Double] = []
+        var phases: [String: [Double]] = [:]
+        for i in 0..<runs {
+            let id = "s\(i)"
+            let r = try startPod(grpc, id: id, bundle: bundle)
+            totals.append(r.total)
+            for (k, v) in r.phases { phases[k, default: []].append(v) }
+            removePod(grpc, r.tasks, id: id)
+        }
+        var rows = [ContainerBenchmark.Row]()
+        rows.append(ContainerBenchmark.row("kuasar pod start, serial", totals))
+        let perCall = phases.mapValues { v in v.sorted()[v.count / 2] }
+        log("  serial: p50 \(rows[0].p50ms) ms; per call \(perCall)")
+
+        // Parallel pods: each client on its own thread and connections, all at once.
+        let results = ParallelResults()
+        let t0 = MonotonicClock.nanoseconds()
+        DispatchQueue.concurrentPerform(iterations: parallel) { i in
+            do {
+                let c = try GRPCClient(path: socket)
+                let r = try startPod(c, id: "par\(i)", bundle: bundle)
+                results.add(r.total, r.tasks)
+            } catch {
+                results.fail("\(error)")
+            }
+        }
+        let wall = Double(MonotonicClock.nanoseconds() - t0) / 1e6
+        if let e = results.error { log("  parallel: \(e)") }
+        rows.append(ContainerBenchmark.row("kuasar pod start, \(parallel) in parallel", results.totals))
+        for (i, t) in results.tasks.enumerated() { _ = i; t.close() }
+        for i in 0..<parallel {
+            if let t = try? OneShotClient(path: root + "/par\(i)/task.sock") { removePod(grpc, t, id: "par\(i)") }
+        }
+        log("  parallel: p50 \(rows[1].p50ms) ms, wall \(wall) ms")
+
+        // Memory with N pods (one sleeping container each).
+        var memory: [Memory] = []
+        var live: [(String, OneShotClient)] = []
+        for n in memoryPoints {
+            while live.count < n {
+                let id = "m\(live.count)"
+                let r = try startPod(grpc, id: id, bundle: bundle)
+                live.append((id, r.tasks))
+                if live.count % 100 == 0 { for (_, t) in live.suffix(100) { t.close() } }
+            }
+            usleep(300_000)
+            memory.append(Memory(sandboxes: n, daemonPSSkB: ContainerBenchmark.pss(daemonPID), keeperPSSkB: ContainerBenchmark.pss(keeperPID)))
+            log("  memory \(n) pods: daemon \(memory.last!.daemonPSSkB) kB, keeper \(memory.last!.keeperPSSkB) kB")
+        }
+        for (id, _) in live {
+            if let t = try? OneShotClient(path: root + "/\(id)/task.sock") { removePod(grpc, t, id: id) }
+        }
+
+        // containerd 1.6 whole commands: ctr run -d, runc shim vs ours, interleaved.
+        var ctdRows: [ContainerBenchmark.Row] = []
+        var speedup: Double?
+        var containerdOwn: Double?
+        if let ctd = try? Containerd(dir: work + "/ctd", kuasar: kuasar) {
+            defer { ctd.stop() }
+            let n = max(10, runs / 8)
+            var runc: [Double] = [], ours: [Double] = []
+            for i in 0..<(n + 2) {
+                for (runtime, id) in [("io.containerd.runc.v2", "r\(i)"), ("io.containerd.kuasar.v2", "k\(i)")] {
+                    let t = MonotonicClock.nanoseconds()
+                    let out = try ContainerBenchmark.sh("\(ctd.ctr) run -d --runtime \(runtime) \(Containerd.image) \(id) sleep 3600 >/dev/null 2>&1 && echo ok")
+                    let ms = Double(MonotonicClock.nanoseconds() - t) / 1e6
+                    guard out.contains("ok") else { log("  ctr run \(runtime) failed"); continue }
+                    if i >= 2 { if runtime.hasSuffix("runc.v2") { runc.append(ms) } else { ours.append(ms) } }
+                    _ = try ContainerBenchmark.sh("\(ctd.ctr) task kill -s SIGKILL \(id) >/dev/null 2>&1; for j in 1 2 3 4 5 6 7 8 9 10; do \(ctd.ctr) task delete \(id) >/dev/null 2>&1 && break; sleep 0.05; done; \(ctd.ctr) container delete \(id) >/dev/null 2>&1")
+                }
+            }
+            if !runc.isEmpty && !ours.isEmpty {
+                ctdRows.append(ContainerBenchmark.row("ctr run -d: containerd 1.6 + shim-runc-v2 + runc", runc))
+                ctdRows.append(ContainerBenchmark.row("ctr run -d: containerd 1.6 + kuasar (shim v2 protocol)", ours))
+                speedup = ctdRows[0].p50ms / ctdRows[1].p50ms
+                // What the daemon itself spends on the same container: Task Create + Start.
+                containerdOwn = ctdRows[1].p50ms - ((perCall["Task.Create"] ?? 0) + (perCall["Task.Start"] ?? 0))
+            }
+        } else {
+            log("  containerd: could not start it; skipped")
+        }
+
+        let f = ReactorBenchmark.fmt, pad = ReactorBenchmark.pad
+        print("\npod start (Controller Create+Start, Task Create+Start of one container), from the gRPC/ttrpc client:")
+        print(pad("", 58) + pad("runs", 6) + pad("p50 ms", 10) + pad("p99 ms", 10) + "mean ms")
+        for r in rows + ctdRows {
+            print(pad(r.runtime, 58) + pad("\(r.runs)", 6) + pad(f(r.p50ms), 10) + pad(f(r.p99ms), 10) + f(r.meanms))
+        }
+        print("p50 per call (serial): " + perCall.sorted { $0.key < $1.key }.map { "\($0.key) \(f($0.value))" }.joined(separator: ", "))
+        print("\(parallel) pods in parallel: all ready after \(f(wall)) ms (one daemon thread)")
+        if let speedup, let containerdOwn {
+            print("ctr run -d: kuasar is \(f(speedup))x faster than shim-runc-v2 + runc; of kuasar's \(f(ctdRows[1].p50ms)) ms, ~\(f(containerdOwn)) ms is ctr + containerd (the daemon's Task Create+Start p50 is \(f(ctdRows[1].p50ms - containerdOwn)) ms)")
+        }
+        print("memory (PSS) with N pods, one sleeping container each:")
+        for m in memory { print("  \(m.sandboxes) pods: daemon \(m.daemonPSSkB) kB, keeper \(m.keeperPSSkB) kB") }
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, perCallP50ms: perCall, parallelWallMs: wall,
+                            containerd: ctdRows, ctrRunSpeedup: speedup, containerdOwnMs: containerdOwn, memory: memory)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let path = ReactorBenchmark.resultsDirectory() + "/pod.json"
+        try encoder.encode(report).write(to: URL(fileURLWithPath: path))
+        print("wrote \(path)")
+    }
+
+    final class ParallelResults: @unchecked Sendable {
+        private let lock = NSLock()
+        private(set) var totals: [Double] = []
+        private(set) var tasks: [OneShotClient] = []
+        private(set) var error: String?
+        func add(_ t: Double, _ c: OneShotClient) { lock.lock(); totals.append(t); tasks.append(c); lock.unlock() }
+        func fail(_ e: String) { lock.lock(); if error == nil { error = e }; lock.unlock() }
+    }
+
+    /// A private containerd 1.6 with our shim on its PATH and a busybox image imported offline.
+    final class Containerd {
+        static let image = "docker.io/library/busybox:latest"
+        let dir: String
+        let pid: pid_t
+        let pidfd: Int32
+        var ctr: String { "ctr -a \(dir)/containerd.sock -n perf" }
+
+        init(dir: String, kuasar: String) throws {
+            self.dir = dir
+            try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
+            symlink(kuasar, dir + "/bin/containerd-shim-kuasar-v2")
+            try """
+            version = 2
+            root = "\(dir)/root"
+            state = "\(dir)/state"
+            disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+            [grpc]
+              address = "\(dir)/containerd.sock"
+            """.write(toFile: dir + "/config.toml", atomically: true, encoding: .utf8)
+            try "[daemon]\non_exit = \"stop\"\n".write(toFile: dir + "/kuasar.toml", atomically: true, encoding: .utf8)
+            let log = open(dir + "/containerd.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            defer { close(log) }
+            var env = ProcessInfo.processInfo.environment.filter { $0.key != "PATH" }.map { "\($0.key)=\($0.value)" }
+            env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(dir)/kuasar", "KUASAR_CONFIG=\(dir)/kuasar.toml"]
+            let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
+                                                  environment: env, fdMap: [(log, 1), (log, 2)]))
+            pid = p.pid
+            pidfd = p.pidfd.take()
+            for _ in 0..<300 where access(dir + "/containerd.sock", F_OK) != 0 { usleep(10_000) }
+            let out = try ContainerBenchmark.sh("python3 \(PodBenchmark.repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) >/dev/null && \(ctr) images import \(dir)/busybox.tar >/dev/null 2>&1 && echo ok")
+            guard out.contains("ok") else { stop(); throw SystemError("containerd", "image import failed; see \(dir)/containerd.log", errno: .EIO) }
+        }
+
+        func stop() {
+            let admin = dir + "/kuasar/daemon.pid"
+            _ = try? sendSignal(pidfd: pidfd, SIGTERM)
+            _ = waitpid(pid, nil, 0)
+            close(pidfd)
+            if let p = (try? String(contentsOfFile: admin, encoding: .utf8)).flatMap({ pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) {
+                kill(p, SIGTERM)
+                for _ in 0..<300 where kill(p, 0) == 0 { usleep(10_000) }
+            }
+            _ = try? ContainerBenchmark.sh("umount -R \(dir)/root 2>/dev/null; true")
+        }
+    }
+}
