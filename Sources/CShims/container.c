@@ -512,6 +512,13 @@ static void container_child(const ks_container_attr *a) {
     ssize_t n;
     int early_go = (a->clone_flags & CLONE_NEWUSER) != 0;
     if (early_go) wait_for_go(sync_fd);
+    // cgroup v1 has no CLONE_INTO_CGROUP: we move ourselves ("0" is the writer), so the
+    // RCU grace period each migration waits for is spent here, not in the daemon's loop.
+    for (int i = 0; i < a->cgroup_procs_count; i++) {
+        ssize_t w;
+        do { w = write(a->cgroup_procs_fds[i], "0", 1); } while (w < 0 && errno == EINTR);
+        if (w != 1) fail(sync_fd, "join cgroup", NULL, errno);
+    }
 
     if (a->setns_pidfd >= 0 && setns(a->setns_pidfd, a->setns_pidfd_flags) < 0)
         fail(sync_fd, "join the container's namespaces", NULL, errno);
@@ -608,4 +615,45 @@ int ks_container_clone(const ks_container_attr *a, pid_t *pid, int *pidfd) {
     *pid = (pid_t)rc;
     *pidfd = child_pidfd;
     return 0;
+}
+
+// ---- pinned namespaces without a launcher ----
+
+struct pin_args {
+    const char *const *sources;
+    const char *const *targets;
+    int count;
+    int failed_index;
+    int failed_errno;
+};
+
+// Runs in the new namespaces, sharing the parent's memory (CLONE_VM) while the parent
+// is suspended (CLONE_VFORK): bind-mounts its own ns files onto the targets, then exits.
+static int pin_child(void *p) {
+    struct pin_args *a = p;
+    for (int i = 0; i < a->count; i++) {
+        if (mount(a->sources[i], a->targets[i], NULL, MS_BIND, NULL) != 0) {
+            a->failed_index = i;
+            a->failed_errno = errno;
+            _exit(1);
+        }
+    }
+    _exit(0);
+}
+
+int ks_pin_namespaces(int flags, const char *const *sources, const char *const *targets, int count, int *failed_index) {
+    struct pin_args a = {sources, targets, count, -1, 0};
+    size_t stack_size = 64 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -errno;
+    pid_t pid = clone(pin_child, stack + stack_size, flags | CLONE_VM | CLONE_VFORK | SIGCHLD, &a);
+    int err = pid < 0 ? errno : 0;
+    if (pid > 0) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    }
+    munmap(stack, stack_size);
+    if (err) return -err;
+    *failed_index = a.failed_index;
+    return a.failed_index >= 0 ? -a.failed_errno : 0;
 }

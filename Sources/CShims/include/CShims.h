@@ -162,6 +162,8 @@ typedef struct ks_container_attr {
     unsigned short seccomp_len;
     uint64_t clone_flags;                    // CLONE_NEW* to create
     int cgroup_fd;                           // cgroup v2 directory for CLONE_INTO_CGROUP, -1 none
+    const int *_Nullable cgroup_procs_fds;   // cgroup v1: each hierarchy's cgroup.procs, the child joins itself
+    int cgroup_procs_count;
     const int *_Nullable join_fds;           // namespaces joined with setns (user ns first)
     const int *_Nullable join_types;
     int join_count;
@@ -249,6 +251,12 @@ int ks_keeper_run(const char *exits_dir, const char *program, char *_Nullable co
 int ks_keeper_main(int argc, char *_Nullable *_Nonnull argv);
 // Start time (clock ticks since boot) of a process, 0 if unreadable.
 unsigned long long ks_proc_starttime(pid_t pid);
+
+// Creates the namespaces `flags` (CLONE_NEWNET|…) in a vfork-style child that
+// bind-mounts sources[i] (its /proc/self/ns files) onto targets[i] and exits: a pod's
+// namespaces pinned with no process left. 0, or -errno (failed_index: which mount).
+int ks_pin_namespaces(int flags, const char *_Nonnull const *_Nonnull sources, const char *_Nonnull const *_Nonnull targets,
+                      int count, int *failed_index);
 
 #pragma clang assume_nonnull end
 

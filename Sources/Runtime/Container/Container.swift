@@ -399,6 +399,9 @@ public final class Container {
     ) {
         let container: Container
         var cleanup: [() -> Void] = []
+        // Where Create's time goes, at trace level: cgroup, clone, until the child is set up.
+        let t0 = MonotonicClock.nanoseconds()
+        var tCgroup: UInt64 = 0, tLaunch: UInt64 = 0
         do {
             try spec.validate()
             for field in spec.ignoredFields { engine.logger.notice("container \(id): \(field) is not supported here; ignored") }
@@ -409,6 +412,7 @@ public final class Container {
                 cleanup.append { try? cg.destroy() }
                 if let r = spec.linux?.resources { try cg.apply(Container.resources(r)) }
             }
+            tCgroup = MonotonicClock.nanoseconds()
             var stdio = stdio
             if stdio.containerID.isEmpty { stdio.containerID = id }
             let io = try ProcessIO(reactor: engine.reactor, paths: stdio, supervisor: engine.supervisor)
@@ -420,12 +424,14 @@ public final class Container {
                 spec: spec, process: spec.process!, target: .initProcess(rootfs: rootfs), bundle: bundle,
                 stdio: io.stdioMap, console: io.terminal, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace)
             let pid = child.pid
+            tLaunch = MonotonicClock.nanoseconds()
             // From here the child exists: a failure kills it (it has not run anything yet).
             try process.attach(child, engine: engine)
             cleanup.insert({ process.abandon() }, at: 0)
             try io.start()
-            if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
-            if spec.linux?.namespaces?.contains(where: { $0.type == "user" && $0.path == nil }) == true {
+            if ContainerLauncher.attrCreatesUserNamespace(spec: spec, target: .initProcess(rootfs: rootfs)) {
+                // Cloned into a new user namespace it cannot join its v1 cgroups itself.
+                if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
                 try writeIDMaps(pid: pid, spec: spec)
             }
             process.onExit = { [weak container] p in
@@ -441,7 +447,13 @@ public final class Container {
             done(.failure(ContainerError(.failed, "create \(id): \(error)")))
             return
         }
+        let tMigrated = MonotonicClock.nanoseconds()
         container.initProcess.whenReady { result in
+            if engine.logger.logLevel <= .trace {
+                let ms = { (a: UInt64, b: UInt64) in String(Double(b &- a) / 1e6) }
+                let now = MonotonicClock.nanoseconds()
+                engine.logger.trace("create \(id): cgroup \(ms(t0, tCgroup)) ms, clone \(ms(tCgroup, tLaunch)) ms, after clone \(ms(tLaunch, tMigrated)) ms, until ready \(ms(tMigrated, now)) ms")
+            }
             switch result {
             case .success:
                 HookRunner.run([.prestart, .createRuntime, .createContainer], container: container, status: "created") { err in
@@ -569,10 +581,8 @@ public final class Container {
                 spec: spec, process: p.spec, target: .exec(pidfd: initProcess.pidfdRaw, namespaces: execNamespaces & ~NamespaceFlag.user),
                 bundle: bundle, stdio: p.io.stdioMap, console: p.io.terminal, cgroup: cgroup,
                 selfPidNamespace: engine.selfPidNamespace)
-            let pid = child.pid
             try p.attach(child, engine: engine)
             try p.io.start()
-            if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
             p.onExit = { [weak self] proc in
                 guard let self else { return }
                 self.onProcessExit?(self, proc)

@@ -121,6 +121,19 @@ public enum ContainerLauncher {
             attr.seccomp_len = UInt16(bpf.count / 8)
         }
         attr.cgroup_fd = -1
+        // cgroup v1: the child writes itself into each hierarchy (not with a new user
+        // namespace, which loses the right to; the parent does it then).
+        if let cgroup, cgroup.mode == .v1, attrCreatesUserNamespace(spec: spec, target: target) == false {
+            var fds: [Int32] = []
+            for dir in cgroup.dirs.values.sorted() {
+                let path = dir + "/cgroup.procs"
+                let fd = try sys("open", path) { open(path, O_WRONLY | O_CLOEXEC) }
+                openedFDs.append(fd)
+                fds.append(fd)
+            }
+            attr.cgroup_procs_fds = arena.array(fds)
+            attr.cgroup_procs_count = Int32(fds.count)
+        }
         attr.setns_pidfd = -1
         attr.sync_fd = -1
         attr.parent_sync_fd = -1
@@ -194,6 +207,13 @@ public enum ContainerLauncher {
             throw SystemError("clone3", args[0], errno: Errno(rawValue: -rc))
         }
         return LaunchedChild(pid: pid, pidfd: OwnedFD(adopting: pidfd), sync: pairParts.first.take().adopted())
+    }
+
+    /// Whether the child is cloned into a new user namespace (then the parent moves it
+    /// into its v1 cgroups).
+    static func attrCreatesUserNamespace(spec: OCISpec, target: LaunchTarget) -> Bool {
+        guard case .initProcess = target else { return false }
+        return spec.linux?.namespaces?.contains { $0.type == "user" && $0.path == nil } ?? false
     }
 
     static func planRootfs(

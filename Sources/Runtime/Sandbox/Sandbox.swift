@@ -162,36 +162,24 @@ public final class SandboxRegistry {
 }
 
 /// Namespaces a sandbox holds for its containers without a pause process: created by
-/// a child that never runs anything, pinned by bind-mounting its /proc/<pid>/ns files
-/// into the sandbox's state directory, released on shutdown.
+/// a vfork-style child that bind-mounts its own /proc/self/ns files into the sandbox's
+/// state directory and exits; released (unmounted) on shutdown.
 public enum PinnedNamespaces {
     public static let types = ["network", "ipc", "uts"]
 
     /// Creates the namespaces and returns type → pinned file.
     public static func create(in dir: String, engine: ContainerEngine, types: [String] = types) throws -> [String: String] {
-        var spec = OCISpec(ociVersion: "1.0.2")
-        spec.process = OCISpec.Process(args: ["/nonexistent-never-run"])
-        spec.linux = OCISpec.Linux()
-        spec.linux!.namespaces = types.map { OCISpec.Namespace(type: $0) }
-        let child = try ContainerLauncher.launch(
-            spec: spec, process: spec.process!, target: .initProcess(rootfs: "/"), bundle: dir,
-            stdio: [], console: false, cgroup: nil, selfPidNamespace: engine.selfPidNamespace)
-        let pid = child.pid
-        let sync = child.sync.take()
-        let pidfd = child.pidfd.take()
-        defer {
-            // Closing the sync socket before 'G' makes the child exit 0 without doing anything.
-            _ = close(sync)
-            _ = try? Spawner.wait(SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: pidfd)))
-        }
         var pinned: [String: String] = [:]
+        var flags: UInt64 = 0
+        for type in types {
+            let file = dir + "/" + NamespaceFlag.procName(type)
+            try Files.write(file, "", create: true, mode: 0o600)
+            pinned[type] = file
+            flags |= NamespaceFlag.flag(type)
+        }
         do {
-            for type in types {
-                let file = dir + "/" + NamespaceFlag.procName(type)
-                try Files.write(file, "", create: true, mode: 0o600)
-                try Mounts.mount(source: "/proc/\(pid)/ns/\(NamespaceFlag.procName(type))", target: file, type: nil, flags: MountOptions.BIND)
-                pinned[type] = file
-            }
+            try Mounts.pinNewNamespaces(flags: Int32(truncatingIfNeeded: flags), procNames: types.map(NamespaceFlag.procName),
+                                        targets: types.map { pinned[$0]! })
         } catch {
             release(pinned, ownedUnder: dir)
             throw error

@@ -126,6 +126,25 @@ public enum Mounts {
     }
 
     /// Mount points of this mount namespace, in mountinfo order (octal escapes decoded).
+    /// New namespaces (`flags`, CLONE_NEW*) pinned by bind-mounting each `procNames`
+    /// entry of /proc/self/ns onto the matching target (an existing empty file), from a
+    /// vfork-style child that exits at once: no process stays behind.
+    public static func pinNewNamespaces(flags: Int32, procNames: [String], targets: [String]) throws(SystemError) {
+        let sources = procNames.map { strdup("/proc/self/ns/" + $0) }
+        let dsts = targets.map { strdup($0) }
+        defer { for p in sources + dsts { free(p) } }
+        var failed: Int32 = -1
+        let rc = sources.map { UnsafePointer($0!) }.withUnsafeBufferPointer { src in
+            dsts.map { UnsafePointer($0!) }.withUnsafeBufferPointer { dst in
+                ks_pin_namespaces(flags, src.baseAddress!, dst.baseAddress!, Int32(targets.count), &failed)
+            }
+        }
+        if rc < 0 {
+            let what = failed >= 0 ? "mount(\(procNames[Int(failed)]) -> \(targets[Int(failed)]))" : "clone(new namespaces)"
+            throw SystemError("pin namespaces", what, errno: Errno(rawValue: -rc))
+        }
+    }
+
     public static func mountPoints() -> [String] {
         guard let text = try? Files.readString("/proc/self/mountinfo") else { return [] }
         return text.split(separator: "\n").compactMap { line in
