@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SwiftProtobuf
 @testable import Runtime
 #if canImport(Glibc)
 import Glibc
@@ -135,6 +136,93 @@ extension AllTests {
         let firstExit = try Spawner.wait(first.process)
         first.log.close()
         #expect(firstExit == .exited(137))
+    }
+
+    /// A container writing numbered lines into its stdout FIFO keeps writing while the
+    /// daemon is killed and restarted: every line arrives, in order, none twice; the new
+    /// daemon reports its exit. A sandbox state file that is garbage is skipped, named in
+    /// the log, and does not stop the others from being recovered.
+    @Test func outputFlowsAcrossADaemonRestart() throws {
+        let f = try Fixture("output")
+        defer { f.remove() }
+        try f.bundle.setProcess(args: ["sh", "-c", "i=0; while [ $i -lt 100000 ]; do echo $i; i=$((i+1)); sleep 0.002; done"])
+        let first = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        let fifo = f.root + "-stdout"
+        unlink(fifo)
+        #expect(mkfifo(fifo, 0o600) == 0)
+        defer { unlink(fifo) }
+        let reader = open(fifo, O_RDWR | O_NONBLOCK | O_CLOEXEC)
+        defer { close(reader) }
+
+        let admin = try OneShotClient(path: f.root + "/admin.sock")
+        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
+        reg.sandboxID = "out"
+        reg.namespace = "default"
+        let address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+        admin.close()
+        var tasks = try OneShotClient(path: address)
+        var create = Containerd_Task_V2_CreateTaskRequest()
+        create.id = "writer"
+        create.bundle = f.bundle.path
+        create.stdout = fifo
+        _ = try tasks.call("containerd.task.v2.Task", "Create", create, as: Containerd_Task_V2_CreateTaskResponse.self, namespace: "default")
+        var start = Containerd_Task_V2_StartRequest()
+        start.id = "writer"
+        let pid = try tasks.call("containerd.task.v2.Task", "Start", start, as: Containerd_Task_V2_StartResponse.self, namespace: "default").pid
+        tasks.close()
+
+        var text = ""
+        func drain() {
+            var buf = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = read(reader, &buf, buf.count)
+                if n <= 0 { break }
+                text += String(decoding: buf[..<n], as: UTF8.self)
+            }
+        }
+        func lines() -> [Int] { text.split(separator: "\n").compactMap { Int($0) } }
+        _ = waitUntil { drain(); return lines().count > 50 }
+        // Kill the daemon and keep it down for a while: the container keeps writing.
+        let daemon = f.daemonPID ?? 0
+        kill(daemon, SIGKILL)
+        #expect(waitUntil { processGone(daemon) })
+        let atKill = lines().count
+        usleep(300_000)
+        drain()
+        #expect(lines().count > atKill + 20, "the container wrote nothing while the daemon was down")
+        // A garbage state file next to the real one.
+        try makeDirectories(f.root + "/garbage", mode: 0o700)
+        try Files.write(f.root + "/garbage/state.json", "{not json", create: true)
+
+        let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "stop"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        _ = waitUntil { drain(); return lines().count > atKill + 100 }
+        tasks = try OneShotClient(path: address)
+        var kill9 = Containerd_Task_V2_KillRequest()
+        kill9.id = "writer"
+        kill9.signal = 9
+        _ = try tasks.call("containerd.task.v2.Task", "Kill", kill9, as: Google_Protobuf_Empty.self, namespace: "default")
+        var wait = Containerd_Task_V2_WaitRequest()
+        wait.id = "writer"
+        let waited = try tasks.call("containerd.task.v2.Task", "Wait", wait, as: Containerd_Task_V2_WaitResponse.self, namespace: "default")
+        #expect(waited.exitStatus == 137)
+        var del = Containerd_Task_V2_DeleteRequest()
+        del.id = "writer"
+        _ = try tasks.call("containerd.task.v2.Task", "Delete", del, as: Containerd_Task_V2_DeleteResponse.self, namespace: "default")
+        tasks.close()
+        drain()
+        let seen = lines()
+        #expect(seen == Array(0..<seen.count), "lines out of order, lost or doubled around the restart: \(seen.count) lines")
+        #expect(processGone(pid_t(pid)))
+
+        Files.removeTree(f.root + "/garbage")
+        let (exit2, log2) = try AllTests.DaemonTests.stop(second)
+        #expect(exit2 == .exited(0))
+        #expect(log2.contains("sandbox garbage: cannot recover"), "\(log2)")
+        #expect(try Spawner.wait(first.process) == .exited(137))
+        first.log.close()
+        f.expectClean(pids: [pid_t(pid)], sandboxes: ["out"])
     }
 
     @Test func configurationFileIsCheckedAtStart() throws {
