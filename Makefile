@@ -47,7 +47,9 @@ BENCH_APT_PACKAGES := golang-google-grpc-dev
 
 bench: deps
 	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null
-	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf all
+	swift build -c release
+	cd perf && swift build -c release --disable-build-manifest-caching && ./.build/release/kuasar-perf all && \
+	  ./.build/release/kuasar-perf container && ./.build/release/kuasar-perf pod
 
 # kuasar, and the same binary as containerd's shim v2 runtime `io.containerd.kuasar.v2`.
 install: build
