@@ -192,6 +192,14 @@ public final class ControllerService {
         resp.address = "ttrpc+unix://" + s.taskSocket
         resp.version = 3
         call.respond(resp)
+        // The sandbox's cgroup parent, made while containerd dials the Task API (its
+        // first Task.Create then only makes the container's own directories).
+        if let host = registry.engine.cgroups {
+            reactor.schedule(afterNS: 0) { [weak s, logger] in
+                guard let s, s.state == .ready else { return }
+                do { _ = try host.create(s.cgroupParent) } catch { logger.debug("sandbox \(s.id): cgroup parent: \(error)") }
+            }
+        }
     }
 
     private func stop(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerStopRequest) throws {

@@ -120,8 +120,13 @@ enum PodBenchmark {
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         _ = try ContainerBenchmark.sh("mount -t tmpfs -o mode=0700 kuasar-perf \(root)")
         defer { _ = try? ContainerBenchmark.sh("umount -l \(root)") }
+        // KUASAR_PERF_LOG=trace: the daemon's per-Create breakdown in work/daemon.log.
+        let level = ProcessInfo.processInfo.environment["KUASAR_PERF_LOG"] ?? "error"
+        let logFD = open(work + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         let spawned = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "daemon", "--root", root, "--socket", socket,
-                                                                                   "--on-exit", "stop", "--log-level", "error"]))
+                                                                                   "--on-exit", "stop", "--log-level", level],
+                                                    fdMap: [(logFD, 2)]))
+        close(logFD)
         let keeperPID = spawned.pid, keeperPidfd = spawned.pidfd.take()
         var daemonPID: pid_t = 0
         defer {
