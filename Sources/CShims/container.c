@@ -14,6 +14,7 @@
 #include <sched.h>
 #include <seccomp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -512,13 +513,6 @@ static void container_child(const ks_container_attr *a) {
     ssize_t n;
     int early_go = (a->clone_flags & CLONE_NEWUSER) != 0;
     if (early_go) wait_for_go(sync_fd);
-    // cgroup v1 has no CLONE_INTO_CGROUP: we move ourselves ("0" is the writer), so the
-    // RCU grace period each migration waits for is spent here, not in the daemon's loop.
-    for (int i = 0; i < a->cgroup_procs_count; i++) {
-        ssize_t w;
-        do { w = write(a->cgroup_procs_fds[i], "0", 1); } while (w < 0 && errno == EINTR);
-        if (w != 1) fail(sync_fd, "join cgroup", NULL, errno);
-    }
 
     if (a->setns_pidfd >= 0 && setns(a->setns_pidfd, a->setns_pidfd_flags) < 0)
         fail(sync_fd, "join the container's namespaces", NULL, errno);
@@ -584,6 +578,8 @@ static void container_child(const ks_container_attr *a) {
     if (a->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail(sync_fd, "set no_new_privs", NULL, errno);
 
     if (!early_go) wait_for_go(sync_fd);
+    // 'G' came after we joined our cgroups: a cgroup namespace made now has them as root.
+    if (a->late_cgroupns && unshare(CLONE_NEWCGROUP) < 0) fail(sync_fd, "unshare cgroup namespace", NULL, errno);
     if (a->wait_for_start) {
         ks_child_report ready;
         memset(&ready, 0, sizeof ready);
@@ -657,3 +653,71 @@ int ks_pin_namespaces(int flags, const char *const *sources, const char *const *
     *failed_index = a.failed_index;
     return a.failed_index >= 0 ? -a.failed_errno : 0;
 }
+
+// ---- cgroup v1 joins off the loop ----
+
+// cgroup v1 has no CLONE_INTO_CGROUP, and moving a process waits for an RCU grace period
+// (milliseconds). A joiner does it instead of the daemon's loop: a CLONE_VM child on a
+// stack of its own that writes `target` into each cgroup.procs (its copy of the fd table)
+// and exits with 0 or the errno. It reads only its own block and makes raw syscalls, so
+// it never writes the errno it shares with the loop's thread.
+struct cg_join {
+    int count;
+    int fds[64];
+    char pid[16];
+    int pidlen;
+};
+
+static long raw_write(int fd, const void *buf, size_t len) {
+#if defined(__x86_64__)
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(SYS_write), "D"(fd), "S"(buf), "d"(len) : "rcx", "r11", "memory");
+    return ret;
+#elif defined(__aarch64__)
+    register long x8 __asm__("x8") = SYS_write;
+    register long x0 __asm__("x0") = fd;
+    register long x1 __asm__("x1") = (long)buf;
+    register long x2 __asm__("x2") = (long)len;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2) : "memory");
+    return x0;
+#else
+    long r = syscall(SYS_write, fd, buf, len);
+    return r < 0 ? -errno : r;
+#endif
+}
+
+static int cg_join_main(void *p) {
+    struct cg_join *j = p;
+    for (int i = 0; i < j->count; i++) {
+        long w;
+        do { w = raw_write(j->fds[i], j->pid, (size_t)j->pidlen); } while (w == -EINTR);
+        if (w < 0) return (int)-w;
+        if (w != j->pidlen) return EIO;
+    }
+    return 0;
+}
+
+#define CG_JOIN_SIZE (64 * 1024)
+
+void *ks_cgroup_join_start(const int *fds, int count, pid_t target, pid_t *pid, int *pidfd) {
+    if (count > 64) { errno = E2BIG; return NULL; }
+    char *block = mmap(NULL, CG_JOIN_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (block == MAP_FAILED) return NULL;
+    struct cg_join *j = (struct cg_join *)block;
+    j->count = count;
+    for (int i = 0; i < count; i++) j->fds[i] = fds[i];
+    j->pidlen = snprintf(j->pid, sizeof j->pid, "%d", (int)target);
+    int fd = -1;
+    pid_t child = clone(cg_join_main, block + CG_JOIN_SIZE, CLONE_VM | CLONE_PIDFD | SIGCHLD, j, &fd);
+    if (child < 0) {
+        int e = errno;
+        munmap(block, CG_JOIN_SIZE);
+        errno = e;
+        return NULL;
+    }
+    *pid = child;
+    *pidfd = fd;
+    return block;
+}
+
+void ks_cgroup_join_release(void *block) { munmap(block, CG_JOIN_SIZE); }

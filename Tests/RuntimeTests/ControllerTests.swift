@@ -22,7 +22,7 @@ extension AllTests {
         Files.removeTree(stubs)
         defer { Files.removeTree(stubs) }
         try makeDirectories(stubs, mode: 0o755)
-        let gen = try shell("cd \(repositoryRoot)/Protos && protoc -I . -I /usr/include --python_out=\(stubs) $(find containerd/services/sandbox containerd/types cri -name '*.proto' | sort)")
+        let gen = try shell("cd \(repositoryRoot)/Protos && protoc -I . -I /usr/include --python_out=\(stubs) $(find containerd/services/sandbox containerd/types cri cgroups -name '*.proto' | sort)")
         #expect(gen.code == 0, "protoc: \(gen.out)")
 
         let socket = root + "/kuasar.sock"

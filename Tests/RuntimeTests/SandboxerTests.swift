@@ -112,7 +112,8 @@ extension AllTests {
         kill(pids[2]!, SIGKILL)
         #expect(waitUntil { processGone(pids[0]!) && processGone(pids[1]!) && processGone(pids[2]!) })
         // The keeper reaped them and kept their statuses.
-        #expect(waitUntil { Files.list(f.root + "/exits").count == 3 }, "\(Files.list(f.root + "/exits"))")
+        let recorded = { (pid: pid_t) in Files.list(f.root + "/exits").contains { $0.hasPrefix("\(pid)-") } }
+        #expect(waitUntil { recorded(pids[0]!) && recorded(pids[1]!) && recorded(pids[2]!) }, "\(Files.list(f.root + "/exits"))")
         // Still running, though nobody serves their sandboxes.
         for i in 3..<10 { #expect(!processGone(pids[i]!)) }
 

@@ -162,8 +162,7 @@ typedef struct ks_container_attr {
     unsigned short seccomp_len;
     uint64_t clone_flags;                    // CLONE_NEW* to create
     int cgroup_fd;                           // cgroup v2 directory for CLONE_INTO_CGROUP, -1 none
-    const int *_Nullable cgroup_procs_fds;   // cgroup v1: each hierarchy's cgroup.procs, the child joins itself
-    int cgroup_procs_count;
+    int late_cgroupns;                       // v1: create the cgroup namespace once in the cgroups (its root is where we are)
     const int *_Nullable join_fds;           // namespaces joined with setns (user ns first)
     const int *_Nullable join_types;
     int join_count;
@@ -257,6 +256,12 @@ unsigned long long ks_proc_starttime(pid_t pid);
 // namespaces pinned with no process left. 0, or -errno (failed_index: which mount).
 int ks_pin_namespaces(int flags, const char *_Nonnull const *_Nonnull sources, const char *_Nonnull const *_Nonnull targets,
                       int count, int *failed_index);
+
+// cgroup v1 joins off the loop: a CLONE_VM child writes `target` into each fd (cgroup.procs)
+// and exits 0 or with the errno. Returns a block to release once it is reaped (NULL and
+// errno on failure); *pid and *pidfd name the joiner.
+void *_Nullable ks_cgroup_join_start(const int *fds, int count, pid_t target, pid_t *pid, int *pidfd);
+void ks_cgroup_join_release(void *block);
 
 #pragma clang assume_nonnull end
 

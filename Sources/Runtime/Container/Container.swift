@@ -223,6 +223,30 @@ public final class ContainerProcess {
         writeSync(UInt8(ascii: "G"))
     }
 
+    /// 'G' once the process is in its cgroups: v2 and no cgroup need nothing more
+    /// (CLONE_INTO_CGROUP); v1 is joined by a joiner process, off the loop.
+    func joinThenGo(_ cgroup: Cgroup?, engine: ContainerEngine) throws(SystemError) {
+        guard let cgroup, cgroup.mode == .v1 else { go(); return }
+        let join = try cgroup.startJoin(pid: pid)
+        try engine.supervisor.adopt(join.takeProcess()) { [weak self] status in
+            join.release()
+            guard let self else { return }
+            if status == .exited(0) {
+                self.go()
+            } else {
+                let errno: Errno? = if case .exited(let e) = status { Errno(rawValue: e) } else { nil }
+                self.setupFailed(ContainerError(.failed, "join cgroup \(cgroup.path): \(errno.map { "\($0)" } ?? "\(status)")"))
+            }
+        }
+    }
+
+    /// Set-up failed outside the child: the pending Create (or exec Start) fails with
+    /// `e`, and the child is killed before it ran anything.
+    func setupFailed(_ e: ContainerError) {
+        failed(e)
+        abandon()
+    }
+
     func whenReady(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) { pendingReady = body }
 
     func start(_ body: @escaping (Result<pid_t, ContainerError>) -> Void) {
@@ -402,6 +426,7 @@ public final class Container {
         // Where Create's time goes, at trace level: cgroup, clone, until the child is set up.
         let t0 = MonotonicClock.nanoseconds()
         var tCgroup: UInt64 = 0, tLaunch: UInt64 = 0
+        var needsJoin = true
         do {
             try spec.validate()
             for field in spec.ignoredFields { engine.logger.notice("container \(id): \(field) is not supported here; ignored") }
@@ -430,9 +455,10 @@ public final class Container {
             cleanup.insert({ process.abandon() }, at: 0)
             try io.start()
             if ContainerLauncher.attrCreatesUserNamespace(spec: spec, target: .initProcess(rootfs: rootfs)) {
-                // Cloned into a new user namespace it cannot join its v1 cgroups itself.
+                // It waits for 'G' before anything else: join here, then the id maps.
                 if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
                 try writeIDMaps(pid: pid, spec: spec)
+                needsJoin = false
             }
             process.onExit = { [weak container] p in
                 guard let container else { return }
@@ -469,7 +495,11 @@ public final class Container {
                 done(.failure(ContainerError(e.kind, "create \(id): \(e.message)")))
             }
         }
-        container.initProcess.go()
+        do {
+            try container.initProcess.joinThenGo(needsJoin ? container.cgroup : nil, engine: engine)
+        } catch {
+            container.initProcess.setupFailed(ContainerError(.failed, "join cgroup: \(error)"))
+        }
     }
 
     /// A container as the previous daemon recorded it. Wire its handlers (onProcessExit,
@@ -588,7 +618,7 @@ public final class Container {
                 self.onProcessExit?(self, proc)
             }
             p.expectExec(done)
-            p.go()
+            try p.joinThenGo(cgroup, engine: engine)
         } catch {
             done(.failure(ContainerError(.failed, "exec \(p.execID) in \(id): \(error)")))
         }

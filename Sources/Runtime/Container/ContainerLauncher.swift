@@ -121,19 +121,6 @@ public enum ContainerLauncher {
             attr.seccomp_len = UInt16(bpf.count / 8)
         }
         attr.cgroup_fd = -1
-        // cgroup v1: the child writes itself into each hierarchy (not with a new user
-        // namespace, which loses the right to; the parent does it then).
-        if let cgroup, cgroup.mode == .v1, attrCreatesUserNamespace(spec: spec, target: target) == false {
-            var fds: [Int32] = []
-            for dir in cgroup.dirs.values.sorted() {
-                let path = dir + "/cgroup.procs"
-                let fd = try sys("open", path) { open(path, O_WRONLY | O_CLOEXEC) }
-                openedFDs.append(fd)
-                fds.append(fd)
-            }
-            attr.cgroup_procs_fds = arena.array(fds)
-            attr.cgroup_procs_count = Int32(fds.count)
-        }
         attr.setns_pidfd = -1
         attr.sync_fd = -1
         attr.parent_sync_fd = -1
@@ -170,6 +157,12 @@ public enum ContainerLauncher {
                 let fd = try sys("open", dir) { open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
                 openedFDs.append(fd)
                 attr.cgroup_fd = fd
+            }
+            // A cgroup namespace's root is the cgroup its creator is in: with v1 (no
+            // CLONE_INTO_CGROUP) that is only right once the child has joined its cgroups.
+            if cgroup?.mode == .v1, !attrCreatesUserNamespace(spec: spec, target: target), attr.clone_flags & NamespaceFlag.flag("cgroup") != 0 {
+                attr.clone_flags &= ~NamespaceFlag.flag("cgroup")
+                attr.late_cgroupns = 1
             }
             if attr.clone_flags & NamespaceFlag.mount != 0 {
                 try planRootfs(spec: spec, rootfs: rootfs, bundle: bundle, cgroup: cgroup, attr: &attr, arena: arena)
@@ -209,8 +202,8 @@ public enum ContainerLauncher {
         return LaunchedChild(pid: pid, pidfd: OwnedFD(adopting: pidfd), sync: pairParts.first.take().adopted())
     }
 
-    /// Whether the child is cloned into a new user namespace (then the parent moves it
-    /// into its v1 cgroups).
+    /// Whether the child is cloned into a new user namespace (its cgroup namespace is then
+    /// made at clone time, and its v1 cgroups joined before it does anything).
     static func attrCreatesUserNamespace(spec: OCISpec, target: LaunchTarget) -> Bool {
         guard case .initProcess = target else { return false }
         return spec.linux?.namespaces?.contains { $0.type == "user" && $0.path == nil } ?? false

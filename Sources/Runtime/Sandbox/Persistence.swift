@@ -19,6 +19,7 @@ struct SandboxRecord: Codable {
     var createdAt: WallTime
     var exitedAt: WallTime?
     var labels: [String: String]
+    var extensions: [String: Sandbox.Extension]?
     var pinned: [String: String]
     var cgroupRoot: String
     var containers: [ContainerRecord]
@@ -75,7 +76,7 @@ extension SandboxRegistry {
         }
         let record = SandboxRecord(
             id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
-            createdAt: s.createdAt, exitedAt: s.exitedAt, labels: s.labels, pinned: s.pinned,
+            createdAt: s.createdAt, exitedAt: s.exitedAt, labels: s.labels, extensions: s.extensions.isEmpty ? nil : s.extensions, pinned: s.pinned,
             cgroupRoot: s.cgroupRoot, containers: containers)
         do {
             let data = try JSONEncoder().encode(record)
@@ -120,6 +121,7 @@ extension SandboxRegistry {
             s.exitedAt = record.exitedAt
             s.state = Sandbox.State(rawValue: record.state) ?? .ready
             s.labels = record.labels
+            s.extensions = record.extensions ?? [:]
             s.pinned = record.pinned
             s.cgroupRoot = record.cgroupRoot
             for cr in record.containers {

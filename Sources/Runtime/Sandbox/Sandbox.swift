@@ -44,6 +44,13 @@ public final class Sandbox {
     /// Set by the sandbox Controller (containerd 2.x): labels, when it stopped, and who
     /// waits for that.
     public var labels: [String: String] = [:]
+    /// Controller Update's `extensions`: type URL and bytes, kept for whoever set them.
+    public var extensions: [String: Extension] = [:]
+    public struct Extension: Codable, Sendable, Equatable {
+        public var typeURL: String
+        public var value: [UInt8]
+        public init(typeURL: String, value: [UInt8]) { self.typeURL = typeURL; self.value = value }
+    }
     public var exitedAt: WallTime?
     public var stopWaiters = WaiterList<WallTime>()
 

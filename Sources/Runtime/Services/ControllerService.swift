@@ -68,6 +68,7 @@ public final class ControllerService {
             if r.verbose {
                 let info: [String: Any] = [
                     "kind": "namespace", "stateDir": s.stateDir, "cgroup": s.cgroupParent,
+                    "labels": s.labels, "extensions": s.extensions.keys.sorted(),
                     "namespaces": s.pinned,
                     "containers": s.containerOrder.compactMap { id in
                         s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
@@ -101,9 +102,25 @@ public final class ControllerService {
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
             let fields = Set(r.fields)
             for f in fields where !["labels", "extensions", "spec"].contains(f) {
-                throw RPCError(.invalidArgument, "update \(s.id): field \"\(f)\" cannot be updated")
+                throw RPCError(.invalidArgument, "update \(s.id): field \"\(f)\" cannot be updated (labels, extensions, spec)")
+            }
+            // spec: the sandbox's OCI spec; its linux.resources go to the sandbox's cgroup parent.
+            if fields.contains("spec") && !r.sandbox.spec.value.isEmpty {
+                let spec: OCISpec
+                do { spec = try OCISpec.decode(Array(r.sandbox.spec.value)) } catch {
+                    throw RPCError(.invalidArgument, "update \(s.id): spec: \(error)")
+                }
+                if let res = spec.linux?.resources {
+                    guard let host = self.registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
+                    do { try host.create(s.cgroupParent).apply(Container.resources(res)) } catch {
+                        throw RPCError(.internal, "update \(s.id): resources: \(error)")
+                    }
+                }
             }
             if fields.isEmpty || fields.contains("labels") { s.labels = r.sandbox.labels }
+            if fields.isEmpty || fields.contains("extensions") {
+                s.extensions = r.sandbox.extensions.mapValues { Sandbox.Extension(typeURL: $0.typeURL, value: Array($0.value)) }
+            }
             self.registry.save(s)
             call.respond(Containerd_Services_Sandbox_V1_ControllerUpdateResponse())
         }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CShims
 
 /// Which cgroup layout the host has. Hybrid hosts (v1 controllers plus an empty
 /// cgroup2 at /sys/fs/cgroup/unified) are driven as v1: that is where the controllers are.
@@ -148,6 +149,42 @@ public final class Cgroup: @unchecked Sendable {
             let wanted = available.map { "+" + $0.trimmingWhitespace }.filter { ["+cpu", "+memory", "+pids", "+io", "+cpuset"].contains($0) }
             if !wanted.isEmpty { try? Files.write(level + "/cgroup.subtree_control", wanted.joined(separator: " ")) }
         }
+    }
+
+    /// A process moving `pid` into every v1 hierarchy of this cgroup (see
+    /// ks_cgroup_join_start), so the caller's thread never waits for the RCU grace period
+    /// a v1 migration costs. Watch `takeProcess()`; once it is reaped, `release()`. Exit
+    /// status 0 means joined, anything else is the errno.
+    public final class Join {
+        public let pid: pid_t
+        private var pidfd: Int32
+        private var block: UnsafeMutableRawPointer?
+        init(pid: pid_t, pidfd: Int32, block: UnsafeMutableRawPointer) { self.pid = pid; self.pidfd = pidfd; self.block = block }
+        public func takeProcess() -> SpawnedProcess {
+            defer { pidfd = -1 }
+            return SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: pidfd))
+        }
+        public func release() {
+            if let b = block { ks_cgroup_join_release(b) }
+            block = nil
+        }
+        deinit {
+            if pidfd >= 0 { _ = close(pidfd) }
+        }
+    }
+
+    public func startJoin(pid: pid_t) throws(SystemError) -> Join {
+        var fds: [Int32] = []
+        defer { for fd in fds { _ = close(fd) } }
+        for dir in dirs.values.sorted() {
+            let path = dir + "/cgroup.procs"
+            fds.append(try sys("open", path) { open(path, O_WRONLY | O_CLOEXEC) })
+        }
+        var child: pid_t = 0, pidfd: Int32 = -1
+        guard let block = ks_cgroup_join_start(fds, Int32(fds.count), pid, &child, &pidfd) else {
+            throw SystemError("clone", "cgroup joiner for \(pid)", errno: Errno.current)
+        }
+        return Join(pid: child, pidfd: pidfd, block: block)
     }
 
     public func add(pid: pid_t) throws(SystemError) {

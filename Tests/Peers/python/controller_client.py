@@ -73,6 +73,29 @@ check(st.state == "SANDBOX_READY" and st.version == 3 and st.address == r.addres
 check('"containers"' in st.info["info"] and '"c1"' in st.info["info"], f"verbose info {st.info}")
 m = call("Metrics", sb.ControllerMetricsRequest(sandbox_id=sid, sandboxer="kuasar"), sb.ControllerMetricsResponse)
 check(m.metrics.id == sid and m.metrics.data.type_url.startswith("io.containerd.cgroups."), f"metrics {m.metrics.data.type_url}")
+# Update: labels, extensions, and the sandbox spec's resources on its cgroup parent.
+import json
+from containerd.types import sandbox_pb2 as tsb
+spec = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Spec",
+                   value=json.dumps({"ociVersion": "1.0.2", "linux": {"resources": {"memory": {"limit": 268435456}}}}).encode())
+ext = any_pb2.Any(type_url="example.com/Thing", value=b"\x01\x02")
+call("Update", sb.ControllerUpdateRequest(sandbox_id=sid, sandboxer="kuasar", fields=["labels", "extensions", "spec"],
+                                          sandbox=tsb.Sandbox(sandbox_id=sid, labels={"tier": "edge"}, spec=spec, extensions={"x": ext})),
+     sb.ControllerUpdateResponse)
+expect_code(grpc.StatusCode.INVALID_ARGUMENT, "Update", sb.ControllerUpdateRequest(sandbox_id=sid, sandboxer="kuasar", fields=["runtime"]),
+            sb.ControllerUpdateResponse, "update of a field that cannot change")
+st = call("Status", sb.ControllerStatusRequest(sandbox_id=sid, sandboxer="kuasar", verbose=True), sb.ControllerStatusResponse)
+info = json.loads(st.info["info"])
+check(info["labels"] == {"tier": "edge"} and info["extensions"] == ["x"], f"updated info {info}")
+m = call("Metrics", sb.ControllerMetricsRequest(sandbox_id=sid, sandboxer="kuasar"), sb.ControllerMetricsResponse)
+if m.metrics.data.type_url.endswith("cgroups.v1.Metrics"):
+    from cgroups import v1_metrics_pb2
+    limit = v1_metrics_pb2.Metrics.FromString(m.metrics.data.value).memory.usage.limit
+else:
+    from cgroups import v2_metrics_pb2
+    limit = v2_metrics_pb2.Metrics.FromString(m.metrics.data.value).memory.usage_limit
+check(limit == 268435456, f"sandbox memory limit after Update: {limit}")
+print("ok update: labels, extensions, memory limit on the sandbox cgroup", flush=True)
 # A client that disconnects in the middle of Wait must not disturb anything.
 try:
     call("Wait", sb.ControllerWaitRequest(sandbox_id=sid, sandboxer="kuasar"), sb.ControllerWaitResponse, timeout=0.2)
