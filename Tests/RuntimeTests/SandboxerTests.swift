@@ -226,6 +226,30 @@ extension AllTests {
         f.expectClean(pids: [pid_t(pid)], sandboxes: ["out"])
     }
 
+    /// The hand-written state file encoder against JSONDecoder: awkward strings (quotes,
+    /// backslashes, control characters, non-ASCII), empty and full optionals, random ids.
+    @Test func stateFileRoundTrips() throws {
+        var rng = SystemRandomNumberGenerator()
+        func text() -> String {
+            let pool: [String] = ["a", "\"", "\\", "\n", "\u{1}", "\u{1f}", "é", "漢", "🙂", "/", " ", "{", "]", ","]
+            return (0..<Int.random(in: 0...12, using: &rng)).map { _ in pool.randomElement(using: &rng)! }.joined()
+        }
+        for i in 0..<200 {
+            let c = ContainerRecord(id: "c\(i)", bundle: text(), rootfs: text(), ownedMounts: [text(), text()], stdin: text(), stdout: text(),
+                                    stderr: text(), terminal: i % 2 == 0, pid: Int32.random(in: 1...Int32.max, using: &rng),
+                                    startTime: UInt64.random(in: 0...UInt64.max, using: &rng), state: "running",
+                                    exitCode: i % 3 == 0 ? 2 : nil, exitStatus: i % 3 == 0 ? 9 : nil,
+                                    exitedAt: i % 3 == 0 ? WallTime(seconds: Int64(i), nanos: 5) : nil)
+            let r = SandboxRecord(id: "s\(i)", namespace: text(), eventsAddress: text(), state: "ready",
+                                  createdAt: WallTime(seconds: 1_800_000_000, nanos: Int32(i)), exitedAt: i % 2 == 0 ? nil : WallTime(seconds: 1, nanos: 2),
+                                  labels: [text(): text(), "k": text()],
+                                  extensions: i % 4 == 0 ? nil : ["x": Sandbox.Extension(typeURL: text(), value: [0, 255, UInt8(i % 256)])],
+                                  pinned: ["network": text()], cgroupRoot: text(), containers: i % 5 == 0 ? [] : [c, c])
+            let back = try JSONDecoder().decode(SandboxRecord.self, from: Data(r.json()))
+            #expect(back == r, "round trip \(i): \(String(decoding: r.json(), as: UTF8.self))")
+        }
+    }
+
     @Test func configurationFileIsCheckedAtStart() throws {
         #expect(try KuasarConfig.parse(KuasarConfig.defaultText) == KuasarConfig(), "the printed defaults are the defaults")
         let c = try KuasarConfig.parse("[daemon]\non_exit = \"stop\"\nreactor = \"epoll\"\n[sandboxers]\nmine = \"namespace\"\n")

@@ -191,7 +191,9 @@ public final class TaskService {
         }
         if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
+        let tRead = MonotonicClock.nanoseconds()
         let spec = sandbox.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
+        if logger.logLevel <= .trace { logger.trace("create \(r.id): config.json read and decoded in \(Double(MonotonicClock.nanoseconds() - tRead) / 1e6) ms") }
         // Container.create validates everything; the rootfs path is needed first.
         guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
         let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath
@@ -216,7 +218,9 @@ public final class TaskService {
                 c.ownedMounts = mounted
                 sandbox.add(c)
                 self.watch(c, in: sandbox)
+                let tSave = MonotonicClock.nanoseconds()
                 self.registry.save(sandbox)
+                if self.logger.logLevel <= .trace { self.logger.trace("create \(r.id): state saved in \(Double(MonotonicClock.nanoseconds() - tSave) / 1e6) ms") }
                 var resp = Containerd_Task_V2_CreateTaskResponse()
                 resp.pid = UInt32(c.initProcess.pid)
                 call.respond(resp)

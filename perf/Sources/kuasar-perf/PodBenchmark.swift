@@ -27,6 +27,7 @@ enum PodBenchmark {
         var date: String
         var rows: [ContainerBenchmark.Row]
         var perCallP50ms: [String: Double]
+        var inDaemonP50ms: Double
         var parallelWallMs: Double
         var containerd: [ContainerBenchmark.Row]
         var ctrRunSpeedup: Double?
@@ -157,6 +158,24 @@ enum PodBenchmark {
         }
         var rows = [ContainerBenchmark.Row]()
         rows.append(ContainerBenchmark.row("kuasar pod start, serial", totals))
+        // The transport's share: the same four round trips and the ttrpc dial, asking
+        // for nothing (Platform twice, State of an unknown task twice).
+        _ = try startPod(grpc, id: "floor", bundle: bundle)
+        let floor = try ContainerBenchmark.measure(runs) { _ in
+            var p = Containerd_Services_Sandbox_V1_ControllerPlatformRequest()
+            p.sandboxID = "floor"
+            p.sandboxer = "kuasar"
+            _ = try grpc.call(controller, "Platform", p, as: Containerd_Services_Sandbox_V1_ControllerPlatformResponse.self, metadata: md)
+            _ = try grpc.call(controller, "Platform", p, as: Containerd_Services_Sandbox_V1_ControllerPlatformResponse.self, metadata: md)
+            let t = try OneShotClient(path: root + "/floor/task.sock")
+            var st = Containerd_Task_V3_StateRequest()
+            st.id = "none"
+            _ = try? t.call(task, "State", st, as: Containerd_Task_V3_StateResponse.self, namespace: "k8s.io")
+            _ = try? t.call(task, "State", st, as: Containerd_Task_V3_StateResponse.self, namespace: "k8s.io")
+            t.close()
+        }
+        if let t = try? OneShotClient(path: root + "/floor/task.sock") { removePod(grpc, t, id: "floor") }
+        rows.append(ContainerBenchmark.row("transport floor: 4 empty calls + ttrpc dial", floor))
         let perCall = phases.mapValues { v in v.sorted()[v.count / 2] }
         log("  serial: p50 \(rows[0].p50ms) ms; per call \(perCall)")
 
@@ -179,7 +198,7 @@ enum PodBenchmark {
         for i in 0..<parallel {
             if let t = try? OneShotClient(path: root + "/par\(i)/task.sock") { removePod(grpc, t, id: "par\(i)") }
         }
-        log("  parallel: p50 \(rows[1].p50ms) ms, wall \(wall) ms")
+        log("  parallel: p50 \(rows[2].p50ms) ms, wall \(wall) ms")
 
         // Memory with N pods (one sleeping container each).
         var memory: [Memory] = []
@@ -234,6 +253,7 @@ enum PodBenchmark {
         for r in rows + ctdRows {
             print(pad(r.runtime, 58) + pad("\(r.runs)", 6) + pad(f(r.p50ms), 10) + pad(f(r.p99ms), 10) + f(r.meanms))
         }
+        print("in the daemon (serial p50 minus the transport floor): \(f(rows[0].p50ms - rows[1].p50ms)) ms")
         print("p50 per call (serial): " + perCall.sorted { $0.key < $1.key }.map { "\($0.key) \(f($0.value))" }.joined(separator: ", "))
         print("\(parallel) pods in parallel: all ready after \(f(wall)) ms (one daemon thread)")
         if let speedup, let containerdOwn {
@@ -241,7 +261,7 @@ enum PodBenchmark {
         }
         print("memory (PSS) with N pods, one sleeping container each:")
         for m in memory { print("  \(m.sandboxes) pods: daemon \(m.daemonPSSkB) kB, keeper \(m.keeperPSSkB) kB") }
-        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, perCallP50ms: perCall, parallelWallMs: wall,
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, perCallP50ms: perCall, inDaemonP50ms: rows[0].p50ms - rows[1].p50ms, parallelWallMs: wall,
                             containerd: ctdRows, ctrRunSpeedup: speedup, containerdOwnMs: containerdOwn, memory: memory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
