@@ -50,6 +50,14 @@ extension AllTests {
             }
         }
 
+        /// Controller Shutdown of `<prefix>0..<count>`, then nothing of them may be left.
+        func shutDown(prefix: String, count: Int, pids: [pid_t], sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let down = try fleet("down \(prefix) \(count)")
+            #expect(down.code == 0, "\(down.out)", sourceLocation: sourceLocation)
+            _ = waitUntil { pids.allSatisfy(processGone) }
+            expectClean(pids: pids, sandboxes: (0..<count).map { "\(prefix)\($0)" }, sourceLocation: sourceLocation)
+        }
+
         func remove() {
             bundle.remove()
             Files.removeTree(root)
@@ -80,10 +88,7 @@ extension AllTests {
         #expect(up.out.contains("hostile clients:"), "\(up.out)")
         // The daemon still answers everyone, and lists all 50.
         #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=50") == true)
-        let down = try f.fleet("down f 50")
-        #expect(down.code == 0, "\(down.out)")
-        _ = waitUntil { pids.values.allSatisfy(processGone) }
-        f.expectClean(pids: Array(pids.values), sandboxes: (0..<50).map { "f\($0)" })
+        try f.shutDown(prefix: "f", count: 50, pids: Array(pids.values))
         let (exit, log) = try AllTests.DaemonTests.stop(daemon)
         #expect(exit == .exited(0), "\(log)")
     }
@@ -126,10 +131,7 @@ extension AllTests {
         #expect(check.out.components(separatedBy: "exec 5 stop 137").count == 8, "\(check.out)")
         #expect(Files.list(f.root + "/exits").isEmpty, "exit records are taken once")
 
-        let down = try f.fleet("down r 10")
-        #expect(down.code == 0, "\(down.out)")
-        _ = waitUntil { pids.values.allSatisfy(processGone) }
-        f.expectClean(pids: Array(pids.values), sandboxes: (0..<10).map { "r\($0)" })
+        try f.shutDown(prefix: "r", count: 10, pids: Array(pids.values))
         let (exit2, log2) = try AllTests.DaemonTests.stop(second)
         #expect(exit2 == .exited(0), "\(log2)")
         // The first keeper outlived its daemon until its last orphan was gone, and exits
