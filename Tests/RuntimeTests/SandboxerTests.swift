@@ -95,7 +95,9 @@ extension AllTests {
 
     /// 10 sandboxes; the daemon is killed with SIGKILL; 3 containers exit while no daemon
     /// runs (exit 10, exit 11, SIGKILL); a new daemon reports those with their real status
-    /// and keeps the 7 others running, exec-able, stoppable and waitable.
+    /// and keeps the 7 others running, exec-able, stoppable and waitable. Exec processes
+    /// too: one running across the restart is killed and waited after it, one that ended
+    /// meanwhile reports its status.
     @Test func restartAfterKill9LosesNothing() throws {
         let f = try Fixture("recover")
         defer { f.remove() }
@@ -109,13 +111,19 @@ extension AllTests {
         guard pids.count == 10, let daemon = f.daemonPID else { _ = try AllTests.DaemonTests.stop(first); return }
         // The keeper started the daemon: they are two processes.
         #expect(daemon != first.process.pid)
+        // Two exec processes: one outlives the restart, one ends while no daemon runs.
+        let execPID = { (out: String) in out.split(separator: "\n").first { $0.hasPrefix("exec ") }.flatMap { pid_t($0.dropFirst(5)) } }
+        let running = try f.fleet("exec r 3 long"), gone = try f.fleet("exec r 4 gone")
+        #expect(running.code == 0 && gone.code == 0, "\(running.out) \(gone.out)")
+        let goneExec = execPID(gone.out)
 
         kill(daemon, SIGKILL)
         #expect(waitUntil { processGone(daemon) })
         kill(pids[0]!, SIGUSR1)
         kill(pids[1]!, SIGUSR1)
         kill(pids[2]!, SIGKILL)
-        #expect(waitUntil { processGone(pids[0]!) && processGone(pids[1]!) && processGone(pids[2]!) })
+        if let goneExec { kill(goneExec, SIGUSR1) }
+        #expect(waitUntil { processGone(pids[0]!) && processGone(pids[1]!) && processGone(pids[2]!) && goneExec.map(processGone) ?? false })
         // The keeper reaped them and kept their statuses.
         let recorded = { (pid: pid_t) in Files.list(f.root + "/exits").contains { $0.hasPrefix("\(pid)-") } }
         #expect(waitUntil { recorded(pids[0]!) && recorded(pids[1]!) && recorded(pids[2]!) }, "\(Files.list(f.root + "/exits"))")
@@ -125,8 +133,9 @@ extension AllTests {
         let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
         #expect(AllTests.DaemonTests.waitForSocket(f.socket))
         #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=10") == true)
-        let check = try f.fleet("check r 10 0:10,1:11,2:137")
+        let check = try f.fleet("check r 10 0:10,1:11,2:137 3:long:running,4:gone:21")
         #expect(check.code == 0, "\(check.out)")
+        #expect(check.out.contains("exec r3 long recovered running, killed 21") && check.out.contains("exec r4 gone exited while down 21"), "\(check.out)")
         #expect(check.out.components(separatedBy: "exited r").count == 4, "\(check.out)")
         #expect(check.out.components(separatedBy: "exec 5 stop 137").count == 8, "\(check.out)")
         #expect(Files.list(f.root + "/exits").isEmpty, "exit records are taken once")
@@ -241,7 +250,10 @@ extension AllTests {
                                     stderr: text(), terminal: i % 2 == 0, pid: Int32.random(in: 1...Int32.max, using: &rng),
                                     startTime: UInt64.random(in: 0...UInt64.max, using: &rng), state: "running",
                                     exitCode: i % 3 == 0 ? 2 : nil, exitStatus: i % 3 == 0 ? 9 : nil,
-                                    exitedAt: i % 3 == 0 ? WallTime(seconds: Int64(i), nanos: 5) : nil)
+                                    exitedAt: i % 3 == 0 ? WallTime(seconds: Int64(i), nanos: 5) : nil,
+                                    execs: i % 2 == 0 ? nil : [ExecRecord(id: text(), stdin: text(), stdout: text(), stderr: "", terminal: true,
+                                                                          pid: 7, startTime: 9, exitCode: i % 3 == 0 ? 1 : nil,
+                                                                          exitStatus: i % 3 == 0 ? 3 : nil, exitedAt: nil)])
             let r = SandboxRecord(id: "s\(i)", namespace: text(), eventsAddress: text(), state: "ready",
                                   createdAt: WallTime(seconds: 1_800_000_000, nanos: Int32(i)), exitedAt: i % 2 == 0 ? nil : WallTime(seconds: 1, nanos: 2),
                                   labels: [text(): text(), "k": text()],

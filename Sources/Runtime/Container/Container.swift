@@ -523,6 +523,25 @@ public final class Container {
         return c
     }
 
+    /// An exec process the previous daemon recorded, watched again like the init (or
+    /// with its recorded exit). Wire `onProcessExit` first.
+    public func restoreExec(id execID: String, stdio: StdioPaths, pid: pid_t, startTime: UInt64,
+                            exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
+        let p = ContainerProcess(execID: execID, spec: OCISpec.Process(args: []), stdio: stdio,
+                                 io: ProcessIO(recoveredFor: stdio, reactor: engine.reactor))
+        p.container = self
+        p.onExit = { [weak self] proc in
+            guard let self else { return }
+            self.onProcessExit?(self, proc)
+        }
+        execs[execID] = p
+        if let exit {
+            p.recoverStopped(pid: pid, status: exit.0, at: exit.1)
+        } else {
+            p.recover(pid: pid, startTime: startTime, state: .running, engine: engine, exits: exits)
+        }
+    }
+
     /// Recovery: watch the recorded init again (see `ContainerProcess.recover`), or take
     /// its recorded exit.
     public func resumeWatching(pid: pid_t, startTime: UInt64, running: Bool, exit: (ExitStatus, WallTime)?, exits: ExitRecords) {

@@ -6,9 +6,7 @@ import Logging
 
 /// What survives a daemon restart: one `state.json` per sandbox, in its state directory,
 /// rewritten atomically (temporary file, fsync, rename, fsync of the directory) whenever
-/// the sandbox or one of its containers changes state. Exec processes are not recorded:
-/// they are short-lived, and one running across a restart keeps running but is no longer
-/// tracked.
+/// the sandbox or one of its containers (or their exec processes) changes state.
 struct SandboxRecord: Codable, Equatable {
     static let version = 1
     var version = SandboxRecord.version
@@ -42,6 +40,21 @@ struct ContainerRecord: Codable, Equatable {
     var exitCode: Int32?
     var exitStatus: Int32?
     var exitedAt: WallTime?
+    /// Started exec processes (one added but never started has nothing to recover).
+    var execs: [ExecRecord]?
+}
+
+struct ExecRecord: Codable, Equatable {
+    var id: String
+    var stdin: String
+    var stdout: String
+    var stderr: String
+    var terminal: Bool
+    var pid: Int32
+    var startTime: UInt64
+    var exitCode: Int32?
+    var exitStatus: Int32?
+    var exitedAt: WallTime?
 }
 
 extension ExitStatus {
@@ -68,11 +81,18 @@ extension SandboxRegistry {
             // its init dies with the sync socket.
             if c.state == .creating { continue }
             let exit = p.exitStatus?.siginfo
+            let execs: [ExecRecord] = c.execs.values.sorted { $0.execID < $1.execID }.compactMap { e in
+                guard e.pid > 0 else { return nil }
+                let x = e.exitStatus?.siginfo
+                return ExecRecord(id: e.execID, stdin: e.stdio.stdin, stdout: e.stdio.stdout, stderr: e.stdio.stderr,
+                                  terminal: e.stdio.terminal, pid: e.pid, startTime: e.startTime,
+                                  exitCode: x?.code, exitStatus: x?.status, exitedAt: e.exitedAt)
+            }
             containers.append(ContainerRecord(
                 id: c.id, bundle: c.bundle, rootfs: c.rootfs, ownedMounts: c.ownedMounts,
                 stdin: p.stdio.stdin, stdout: p.stdio.stdout, stderr: p.stdio.stderr, terminal: p.stdio.terminal,
                 pid: p.pid, startTime: p.startTime, state: c.state.rawValue,
-                exitCode: exit?.code, exitStatus: exit?.status, exitedAt: p.exitedAt))
+                exitCode: exit?.code, exitStatus: exit?.status, exitedAt: p.exitedAt, execs: execs.isEmpty ? nil : execs))
         }
         let record = SandboxRecord(
             id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
@@ -90,8 +110,10 @@ extension SandboxRegistry {
         public let sandbox: Sandbox
         public let container: Container
         let record: ContainerRecord
-        /// The file name the keeper gives this container's exit record.
-        public var exitRecordName: String { "\(record.pid)-\(record.startTime)" }
+        /// The file names the keeper gives the exit records of this container's processes.
+        public var exitRecordNames: [String] {
+            ["\(record.pid)-\(record.startTime)"] + (record.execs ?? []).map { "\($0.pid)-\($0.startTime)" }
+        }
     }
 
     /// Reads every sandbox's state under `root` and rebuilds sandboxes and containers.
@@ -158,6 +180,15 @@ extension SandboxRegistry {
         }
         r.container.resumeWatching(pid: cr.pid, startTime: cr.startTime, running: cr.state != Container.State.created.rawValue,
                                    exit: exit, exits: exits)
+        for e in cr.execs ?? [] {
+            var stdio = StdioPaths(stdin: e.stdin, stdout: e.stdout, stderr: e.stderr, terminal: e.terminal)
+            stdio.containerID = cr.id
+            var exit: (ExitStatus, WallTime)?
+            if let code = e.exitCode, let status = e.exitStatus {
+                exit = (ExitStatus(siginfoCode: code, status: status), e.exitedAt ?? WallTime.now())
+            }
+            r.container.restoreExec(id: e.id, stdio: stdio, pid: e.pid, startTime: e.startTime, exit: exit, exits: exits)
+        }
     }
 }
 
@@ -273,6 +304,24 @@ extension SandboxRecord {
             if let v = c.exitCode { w.field("exitCode", v) }
             if let v = c.exitStatus { w.field("exitStatus", v) }
             w.field("exitedAt", c.exitedAt)
+            if let execs = c.execs {
+                w.open("execs", array: true)
+                for e in execs {
+                    w.open()
+                    w.field("id", e.id)
+                    w.field("stdin", e.stdin)
+                    w.field("stdout", e.stdout)
+                    w.field("stderr", e.stderr)
+                    w.field("terminal", e.terminal)
+                    w.field("pid", e.pid)
+                    w.field("startTime", e.startTime)
+                    if let v = e.exitCode { w.field("exitCode", v) }
+                    if let v = e.exitStatus { w.field("exitStatus", v) }
+                    w.field("exitedAt", e.exitedAt)
+                    w.close()
+                }
+                w.close(array: true)
+            }
             w.close()
         }
         w.close(array: true)

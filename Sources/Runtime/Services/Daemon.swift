@@ -230,7 +230,7 @@ public final class Daemon {
         }
         // Records of processes that were not containers (helpers, execs) are dropped;
         // those of recovered containers are taken as they are found.
-        exits.removeAll(except: Set(containers.map(\.exitRecordName)))
+        exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames)))
         for r in containers { tasks.watch(r.container, in: r.sandbox) }
         for s in sandboxes {
             controller.seen.insert(s.id)

@@ -258,10 +258,9 @@ public final class TaskService {
         e.pid = UInt32(p.pid)
         e.exitStatus = UInt32(bitPattern: status.code)
         e.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
-        publish(sandbox, "/tasks/exit", e)
+        // Recorded before anything else can happen: a restart must not report it again.
+        registry.save(sandbox)
         if p.isInit {
-            // Recorded before anything else can happen: a restart must not report it again.
-            registry.save(sandbox)
             // The init is gone: so is every other process of the container.
             for ex in c.execs.values where ex.state == .running { try? ex.signal(SIGKILL) }
         }
@@ -278,7 +277,7 @@ public final class TaskService {
             case .success(let pid):
                 var resp = Containerd_Task_V2_StartResponse()
                 resp.pid = UInt32(pid)
-                if r.execID.isEmpty { self?.registry.save(sandbox) }
+                self?.registry.save(sandbox)
                 call.respond(resp)
                 if r.execID.isEmpty {
                     var e = Containerd_Events_TaskStart()
@@ -328,6 +327,7 @@ public final class TaskService {
             }
             _ = c.removeExec(r.execID)
             p.io.close()
+            registry.save(sandbox)
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: p.exitStatus?.code ?? 0)
             resp.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)

@@ -10,6 +10,12 @@
       after a daemon restart: every sandbox is READY; EXITED (`i:code,...`) containers
       report STOPPED with that status (State and Wait); the others run, take an exec,
       and stop (Controller Stop) with the SIGKILL status.
+  fleet.py STUBS SOCKET exec PREFIX I EXEC_ID
+      starts an exec in sandbox I's container that exits 21 on SIGUSR1; prints `exec <pid>`.
+  fleet.py STUBS SOCKET check PREFIX N EXITED EXECS
+      EXECS (`i:exec_id:running|code,...`): an exec still running after the restart is
+      stopped through Kill (SIGUSR1) and waited (21); one that ended while no daemon ran
+      reports STOPPED with its code.
   fleet.py STUBS SOCKET down PREFIX N
       shuts every sandbox down in parallel; each is NotFound afterwards.
 Exits non-zero naming the first failed check."""
@@ -109,13 +115,42 @@ def up(template, workdir, with_hostile):
         print(f"ready {sid(i)} {pids[i]}", flush=True)
     print(f"up {n} in {took:.3f}s", flush=True)
 
-def check(exited):
+def start_exec(i, exec_id):
+    st = ctl.call("Status", ctl.req("Status", sandbox_id=sid(i), sandboxer="kuasar"))
+    t = kp.Task(st.address)
+    t.exec(cid(i), exec_id, ["sh", "-c", 'trap "exit 21" USR1; while :; do sleep 0.05; done'])
+    r = t.start(cid(i), exec_id)
+    print(f"exec {r.pid}", flush=True)
+    t.close()
+
+def check(exited, execs):
     expected = {int(a): int(b) for a, b in (x.split(":") for x in exited.split(",") if x)}
+    exec_checks = {}
+    for x in execs.split(","):
+        if x:
+            i, eid, what = x.split(":")
+            exec_checks.setdefault(int(i), []).append((eid, what))
     for i in range(n):
         st = ctl.call("Status", ctl.req("Status", sandbox_id=sid(i), sandboxer="kuasar", verbose=True))
         if st.state != "SANDBOX_READY" or st.version != 3:
             fail(f"{sid(i)} after restart: {st.state} version {st.version}")
         t = kp.Task(st.address)
+        for eid, what in exec_checks.get(i, []):
+            es = t.state(cid(i), eid)
+            if what == "running":
+                if es.status != RUNNING:
+                    fail(f"{sid(i)} exec {eid}: want RUNNING after restart, got {es.status}")
+                t.call("Kill", "KillRequest", "Empty", id=cid(i), exec_id=eid, signal=10)
+                w = t.wait(cid(i), eid)
+                if w.exit_status != 21:
+                    fail(f"{sid(i)} exec {eid}: stopped with {w.exit_status}, want 21")
+                print(f"exec {sid(i)} {eid} recovered running, killed 21", flush=True)
+            else:
+                w = t.wait(cid(i), eid)
+                if es.status != STOPPED or es.exit_status != int(what) or w.exit_status != int(what):
+                    fail(f"{sid(i)} exec {eid}: want STOPPED {what}, got {es.status} {es.exit_status} (wait {w.exit_status})")
+                print(f"exec {sid(i)} {eid} exited while down {w.exit_status}", flush=True)
+            t.delete(cid(i), eid)
         state = t.state(cid(i))
         if i in expected:
             if state.status != STOPPED or state.exit_status != expected[i]:
@@ -158,7 +193,9 @@ def down():
 if cmd == "up":
     up(sys.argv[6], sys.argv[7], "--hostile" in sys.argv)
 elif cmd == "check":
-    check(sys.argv[6] if len(sys.argv) > 6 else "")
+    check(sys.argv[6] if len(sys.argv) > 6 else "", sys.argv[7] if len(sys.argv) > 7 else "")
+elif cmd == "exec":
+    start_exec(n, sys.argv[6])
 elif cmd == "down":
     down()
 else:
