@@ -13,7 +13,7 @@ struct Kuasar: ParsableCommand {
         abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
         version: KuasarVersion.string,
         subcommands: [DaemonCommand.self, ConfigCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
-                      PsCommand.self, KillCommand.self])
+                      PsCommand.self, KillCommand.self, RmCommand.self, LogsCommand.self])
 }
 
 struct DaemonCommand: ParsableCommand {
@@ -280,6 +280,30 @@ struct KillCommand: ParsableCommand {
             let key = signal.uppercased().hasPrefix("SIG") ? String(signal.uppercased().dropFirst(3)) : signal.uppercased()
             guard let sig = Int32(signal) ?? names[key] else { throw ValidationError("unknown signal \(signal)") }
             try common.client().kill(containerID: container, signal: sig, all: all)
+        }
+    }
+}
+
+struct RmCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "rm", abstract: "Delete a stopped container and its sandbox.")
+    @OptionGroup var common: ClientOptions
+    @Flag(name: .shortAndLong, help: "Kill it first if it runs.") var force = false
+    @Argument(help: "The container.") var container: String
+
+    func run() throws {
+        try reportingErrors("rm") { try common.client().remove(containerID: container, force: force) }
+    }
+}
+
+struct LogsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "logs", abstract: "What a detached container (run -d) wrote.")
+    @OptionGroup var common: ClientOptions
+    @Argument(help: "The container.") var container: String
+
+    func run() throws {
+        try reportingErrors("logs") {
+            let bytes = try common.client().logs(containerID: container)
+            bytes.withUnsafeBytes { _ = Glibc.write(1, $0.baseAddress, $0.count) }
         }
     }
 }

@@ -108,10 +108,25 @@ extension AllTests {
         #expect(r.out.contains("bg") && r.out.contains("running"), "\(r.out)")
         r = try root.run("exec bg -- sh -c 'echo in exec $$; exit 2'")
         #expect(r.code == 2 && r.out.hasPrefix("in exec "), "\(r.out)")
+        r = try root.run("rm bg")
+        #expect(r.code != 0 && r.out.contains("is running"), "\(r.out)")
         r = try root.run("kill bg KILL")
         #expect(r.code == 0, "\(r.out)")
         try waitUntil { try root.run("ps").out.contains("stopped") }
         #expect(try root.run("ps").out.contains("stopped"))
+        r = try root.run("rm bg")
+        let afterRm = try root.run("ps").out
+        #expect(r.code == 0 && !afterRm.contains("bg"), "\(r.out) \(afterRm)")
+        // A detached container's output goes to its log, not to a FIFO nobody reads.
+        r = try root.run("run -d --id lg --rootfs \(bundle.rootfs) -- sh -c 'seq 1 20000; echo err >&2'")
+        #expect(r.code == 0, "\(r.out)")
+        try waitUntil { try root.run("ps").out.contains("stopped") }
+        r = try root.run("logs lg")
+        #expect(r.code == 0 && r.out.hasPrefix("1\n2\n") && r.out.hasSuffix("20000\nerr\n"), "\(r.out.suffix(100))")
+        r = try root.run("rm -f lg")
+        #expect(r.code == 0, "\(r.out)")
+        r = try root.run("logs lg")
+        #expect(r.code != 0 && r.out.contains("no container lg"), "\(r.out)")
 
         // Bad input: each gets a clear error and the daemon keeps serving.
         r = try root.run("run --rootfs \(bundle.rootfs) -- no-such-command")

@@ -69,16 +69,26 @@ public final class CLIClient {
         try Identifier.validate(o.id, what: "container")
         var bundle = o.bundle ?? ""
         var madeBundle = false
+        var specToWrite: Data?
         if bundle.isEmpty {
             guard let rootfs = o.rootfs else { throw RPCError(.invalidArgument, "kuasar run needs --bundle or --rootfs") }
             let abs = rootfs.hasPrefix("/") ? rootfs : FileManager.default.currentDirectoryPath + "/" + rootfs
             guard Files.isDirectory(abs) else { throw RPCError(.invalidArgument, "rootfs \(abs) is not a directory") }
             guard !o.args.isEmpty else { throw RPCError(.invalidArgument, "kuasar run --rootfs needs a command after --") }
-            bundle = root + "/run/" + o.id
-            try makeDirectories(bundle, mode: 0o700)
             let spec = Self.defaultSpec(rootfs: abs, args: o.args, env: o.env, cwd: o.cwd, hostname: o.hostname, readonly: o.readonlyRootfs)
-            try JSONSerialization.data(withJSONObject: spec, options: [.prettyPrinted]).write(to: URL(fileURLWithPath: bundle + "/config.json"))
-            madeBundle = true
+            specToWrite = try JSONSerialization.data(withJSONObject: spec, options: [.prettyPrinted])
+            // A detached container's bundle lives as long as its sandbox (a restarted
+            // daemon reads it again): in the sandbox's state directory, made below once
+            // the daemon has made that. Attached: scratch space, gone when we return.
+            if o.detach {
+                bundle = root + "/" + o.id + "/bundle"
+            } else {
+                bundle = root + "/run/" + o.id
+                try makeDirectories(bundle, mode: 0o700)
+                try specToWrite!.write(to: URL(fileURLWithPath: bundle + "/config.json"))
+                specToWrite = nil
+                madeBundle = true
+            }
         } else if !bundle.hasPrefix("/") {
             bundle = FileManager.default.currentDirectoryPath + "/" + bundle
         }
@@ -100,12 +110,25 @@ public final class CLIClient {
             admin.close()
             throw error
         }
+        if let specToWrite {
+            try makeDirectories(bundle, mode: 0o700)
+            try specToWrite.write(to: URL(fileURLWithPath: bundle + "/config.json"))
+        }
         let session = try TaskSession(address: address)
         defer { session.close() }
         let fifoDir = root + "/run/" + o.id + ".io"
         try makeDirectories(fifoDir, mode: 0o700)
         defer { Files.removeTree(fifoDir) }
-        let io = try session.attachOutput(dir: fifoDir)
+        // Attached: FIFOs we read. Detached: nobody reads, so output goes to a log file
+        // in the sandbox's state directory (`kuasar logs`), never to a FIFO that fills up.
+        let io: (stdout: String, stderr: String)
+        if o.detach {
+            let log = "file://" + Self.logPath(root: root, id: o.id)
+            io = (log, log)
+        } else {
+            let attached = try session.attachOutput(dir: fifoDir)
+            io = (attached.stdout, attached.stderr)
+        }
         do {
             var create = Containerd_Task_V2_CreateTaskRequest()
             create.id = o.id
@@ -169,6 +192,47 @@ public final class CLIClient {
         req.signal = UInt32(bitPattern: signal)
         req.all = all
         _ = try session.call("Kill", req, as: Google_Protobuf_Empty.self)
+    }
+
+    /// Where a detached container's stdout and stderr go.
+    static func logPath(root: String, id: String) -> String { root + "/" + id + "/output.log" }
+
+    /// `kuasar logs`: what a detached container wrote so far.
+    public func logs(containerID: String) throws -> [UInt8] {
+        try Identifier.validate(containerID, what: "container")
+        _ = try locate(containerID)
+        do { return try Files.read(Self.logPath(root: root, id: containerID), limit: 64 << 20) } catch {
+            if error.errno == .ENOENT { throw RPCError(.notFound, "container \(containerID) has no log: only detached containers (run -d) write one") }
+            throw error
+        }
+    }
+
+    /// `kuasar rm`: deletes a stopped container and its sandbox (with `force`, a running
+    /// one is killed first and waited for).
+    public func remove(containerID: String, force: Bool) throws {
+        let (address, _) = try locate(containerID)
+        let session = try TaskSession(address: address)
+        defer { session.close() }
+        var st = Containerd_Task_V2_StateRequest()
+        st.id = containerID
+        let state = try session.call("State", st, as: Containerd_Task_V2_StateResponse.self)
+        if state.status == .running || state.status == .paused {
+            guard force else { throw RPCError(.failedPrecondition, "container \(containerID) is running: stop it first, or rm -f") }
+            var k = Containerd_Task_V2_KillRequest()
+            k.id = containerID
+            k.signal = UInt32(SIGKILL)
+            k.all = true
+            _ = try session.call("Kill", k, as: Google_Protobuf_Empty.self)
+            var w = Containerd_Task_V2_WaitRequest()
+            w.id = containerID
+            _ = try session.call("Wait", w, as: Containerd_Task_V2_WaitResponse.self)
+        }
+        var d = Containerd_Task_V2_DeleteRequest()
+        d.id = containerID
+        _ = try session.call("Delete", d, as: Containerd_Task_V2_DeleteResponse.self)
+        var s = Containerd_Task_V2_ShutdownRequest()
+        s.id = containerID
+        _ = try? session.call("Shutdown", s, as: Google_Protobuf_Empty.self)
     }
 
     public func list() throws -> [Kuasar_Admin_V1_SandboxInfo] {

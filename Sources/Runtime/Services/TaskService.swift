@@ -258,6 +258,7 @@ public final class TaskService {
         e.pid = UInt32(p.pid)
         e.exitStatus = UInt32(bitPattern: status.code)
         e.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
+        publish(sandbox, "/tasks/exit", e)
         // Recorded before anything else can happen: a restart must not report it again.
         registry.save(sandbox)
         if p.isInit {
