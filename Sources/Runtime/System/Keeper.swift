@@ -7,11 +7,15 @@ import CShims
 /// reaps the containers the dead daemon leaves behind and records their exit statuses
 /// for the next daemon (`ExitRecords`).
 public enum Keeper {
-    /// The keeper's pid when this process is the daemon it started.
-    public static var pid: pid_t? {
+    /// The keeper's pid when this process is the daemon it started: KUASAR_KEEPER names
+    /// our parent (an inherited variable naming someone else does not count). Read once
+    /// and removed, so nothing the daemon starts inherits it.
+    public static let pid: pid_t? = {
         guard let v = getenv("KUASAR_KEEPER") else { return nil }
-        return pid_t(String(cString: v))
-    }
+        let named = pid_t(String(cString: v))
+        unsetenv("KUASAR_KEEPER")
+        return named == getppid() ? named : nil
+    }()
 
     /// Replaces this process with `kuasar-keeper` (found next to `executable`), which
     /// forks and execs `executable` with `arguments` again as the daemon, and stays its
