@@ -17,7 +17,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -60,6 +64,76 @@ static void record(const char *dir, pid_t pid, unsigned long long start, int cod
     if (w == len) rename(tmp, path); else unlink(tmp);
 }
 
+// ---- the descriptor store ----
+//
+// What must outlive the daemon besides the processes: a terminal's master (closing it
+// hangs the container's tty up) and the write end of a stdin pipe (closing it ends the
+// container's input). The daemon hands them to us over KUASAR_KEEPER_FD, a seqpacket
+// socket: "+key" with the fd attached stores (replacing the key), "-key" drops. A new
+// daemon takes them over through <root>/keepers/<pid>.sock: it sends "take", gets one
+// message per key with its fd and a final ".", and we close our copies.
+
+#define MAX_KEPT 4096
+
+struct kept { char *key; int fd; };
+static struct kept kept[MAX_KEPT];
+static int kept_count;
+
+static void drop_key(const char *key) {
+    for (int i = 0; i < kept_count; i++) {
+        if (strcmp(kept[i].key, key) == 0) {
+            close(kept[i].fd);
+            free(kept[i].key);
+            kept[i] = kept[--kept_count];
+            return;
+        }
+    }
+}
+
+static void store_key(const char *key, int fd) {
+    drop_key(key);
+    if (kept_count == MAX_KEPT) { close(fd); return; }
+    kept[kept_count].key = strdup(key);
+    kept[kept_count].fd = fd;
+    kept_count++;
+}
+
+static void handle_daemon_message(int chan, int *open_chan) {
+    char buf[1024];
+    int fd = -1;
+    ssize_t n = ks_recv_with_fd(chan, buf, sizeof buf - 1, &fd);
+    if (n == -EAGAIN || n == -EINTR) return;
+    if (n <= 0) {  // the daemon is gone: keep what we hold for the next one
+        close(chan);
+        *open_chan = -1;
+        if (fd >= 0) close(fd);
+        return;
+    }
+    buf[n] = 0;
+    if (buf[0] == '+' && fd >= 0) { store_key(buf + 1, fd); return; }
+    if (fd >= 0) close(fd);
+    if (buf[0] == '-') drop_key(buf + 1);
+}
+
+static void hand_over(int listener) {
+    int c = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0) return;
+    struct timeval tv = { .tv_sec = 2, .tv_usec = 0 };
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    char req[16];
+    ssize_t n = recv(c, req, sizeof req, 0);
+    if (n == 4 && memcmp(req, "take", 4) == 0) {
+        int sent = 0;
+        for (; sent < kept_count; sent++)
+            if (ks_send_with_fd(c, kept[sent].key, strlen(kept[sent].key), kept[sent].fd) < 0) break;
+        if (sent == kept_count && send(c, ".", 1, MSG_NOSIGNAL) == 1) {
+            while (kept_count > 0) { close(kept[kept_count - 1].fd); free(kept[kept_count - 1].key); kept_count--; }
+        }
+    }
+    close(c);
+}
+
 int ks_keeper_run(const char *exits_dir, const char *program, char *const argv[]) {
     sigset_t set, old;
     sigemptyset(&set);
@@ -71,34 +145,77 @@ int ks_keeper_run(const char *exits_dir, const char *program, char *const argv[]
     // Blocked before the fork, so no SIGCHLD or forwarded signal can slip by.
     if (sigprocmask(SIG_BLOCK, &set, &old) != 0) return -errno;
     if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) { int e = errno; sigprocmask(SIG_SETMASK, &old, NULL); return -e; }
-    char keeper[32];
+    int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+    int pair[2];
+    if (sfd < 0 || socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+        int e = errno; sigprocmask(SIG_SETMASK, &old, NULL); return -e;
+    }
+    // <root>/keepers/<pid>.sock, <root> being the exits directory's parent.
+    char sock_path[4096], dir[4096];
+    snprintf(dir, sizeof dir, "%s/../keepers", exits_dir);
+    mkdir(dir, 0700);
+    snprintf(sock_path, sizeof sock_path, "%s/%d.sock", dir, (int)getpid());
+    int listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    if (listener >= 0 && strlen(sock_path) < sizeof addr.sun_path) {
+        strcpy(addr.sun_path, sock_path);
+        unlink(sock_path);
+        mode_t um = umask(077);
+        if (bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(listener, 4) != 0) { close(listener); listener = -1; }
+        umask(um);
+    } else if (listener >= 0) {
+        close(listener);
+        listener = -1;
+    }
+    char keeper[32], chan[32];
     snprintf(keeper, sizeof keeper, "%d", (int)getpid());
     pid_t daemon = fork();
     if (daemon < 0) { int e = errno; sigprocmask(SIG_SETMASK, &old, NULL); return -e; }
     if (daemon == 0) {
         prctl(PR_SET_CHILD_SUBREAPER, 0);
         sigprocmask(SIG_SETMASK, &old, NULL);
+        // The daemon's end of the store channel, kept across the exec.
+        int d = dup(pair[1]);
+        snprintf(chan, sizeof chan, "%d", d);
         setenv("KUASAR_KEEPER", keeper, 1);
+        setenv("KUASAR_KEEPER_FD", chan, 1);
         execv(program, argv);
         fprintf(stderr, "kuasar-keeper: exec %s: %s\n", program, strerror(errno));
         _exit(127);
     }
+    close(pair[1]);
+    int channel = pair[0];
+    fcntl(channel, F_SETFL, O_NONBLOCK);
     prctl(PR_SET_NAME, "kuasar-keeper");
     int daemon_code = 0, daemon_alive = 1;
     for (;;) {
-        siginfo_t si;
-        int sig = sigwaitinfo(&set, &si);
-        if (sig < 0) continue;
-        if (sig != SIGCHLD) {
-            if (daemon_alive) kill(daemon, sig);
+        struct pollfd p[3] = {
+            { .fd = sfd, .events = POLLIN },
+            { .fd = channel, .events = POLLIN },
+            { .fd = listener, .events = POLLIN },
+        };
+        if (poll(p, 3, -1) < 0) continue;
+        if (channel >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR))) handle_daemon_message(channel, &channel);
+        if (listener >= 0 && (p[2].revents & POLLIN)) hand_over(listener);
+        if (!(p[0].revents & POLLIN)) continue;
+        struct signalfd_siginfo ssi;
+        if (read(sfd, &ssi, sizeof ssi) != sizeof ssi) continue;
+        if (ssi.ssi_signo != SIGCHLD) {
+            if (daemon_alive) kill(daemon, (int)ssi.ssi_signo);
             continue;
         }
+        siginfo_t si;
         for (;;) {
             memset(&si, 0, sizeof si);
             if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) != 0) {
                 if (errno == EINTR) continue;
                 // ECHILD: nobody left.
-                if (!daemon_alive) _exit(daemon_code);
+                if (!daemon_alive) {
+                    if (listener >= 0) unlink(sock_path);
+                    _exit(daemon_code);
+                }
                 break;
             }
             if (si.si_pid == 0) break;

@@ -76,6 +76,8 @@ struct DaemonCommand: ParsableCommand {
                 throw ExitCode(1)
             }
         }
+        // The keeper's store channel, taken (and made close-on-exec) before anything runs.
+        _ = KeeperStore.fromKeeper
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
             h.logLevel = level

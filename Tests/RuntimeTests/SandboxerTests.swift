@@ -39,7 +39,7 @@ extension AllTests {
         /// Nothing left: no sandbox state, mounts, cgroups or container processes.
         func expectClean(pids: [pid_t], sandboxes: [String], sourceLocation: SourceLocation = #_sourceLocation) {
             for pid in pids { #expect(processGone(pid), "container process \(pid) left", sourceLocation: sourceLocation) }
-            let left = Files.list(root).filter { !["kuasar.sock", "admin.sock", "daemon.pid", "exits"].contains($0) }
+            let left = Files.list(root).filter { !["kuasar.sock", "admin.sock", "daemon.pid", "exits", "keepers"].contains($0) }
             #expect(left.isEmpty, "left in \(root): \(left)", sourceLocation: sourceLocation)
             #expect(mountsUnder(root).isEmpty, sourceLocation: sourceLocation)
             if let host = try? CgroupHost.detect() {
@@ -235,6 +235,106 @@ extension AllTests {
         #expect(try Spawner.wait(first.process) == .exited(137))
         first.log.close()
         f.expectClean(pids: [pid_t(pid)], sandboxes: ["out"])
+    }
+
+    /// A terminal and a stdin pipe outlive the daemon too: the keeper holds the pty
+    /// master and the pipe's write end, the next daemon takes them back. A tty container
+    /// and a plain one, each echoing what it reads, answer input sent before and after a
+    /// `kill -9` and restart; neither got a hang-up or an end of input.
+    @Test func terminalAndStdinSurviveADaemonRestart() throws {
+        let f = try Fixture("stdin")
+        defer { f.remove() }
+        try f.bundle.setProcess(args: ["sh", "-c", "while read l; do echo got $l; done; echo eof"])
+        let first = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        var fifos: [String: (path: String, fd: Int32)] = [:]
+        for name in ["tty-in", "tty-out", "pipe-in", "pipe-out"] {
+            let path = f.root + "-" + name
+            unlink(path)
+            #expect(mkfifo(path, 0o600) == 0)
+            fifos[name] = (path, open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC))
+        }
+        defer { for (_, v) in fifos { close(v.fd); unlink(v.path) } }
+
+        let admin = try OneShotClient(path: f.root + "/admin.sock")
+        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
+        reg.sandboxID = "io"
+        reg.namespace = "default"
+        let address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+        admin.close()
+        func task<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ m: String, _ r: Req, _: Resp.Type) throws -> Resp {
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            return try t.call("containerd.task.v2.Task", m, r, as: Resp.self, namespace: "default")
+        }
+        var pids: [pid_t] = []
+        for (id, terminal) in [("tty", true), ("pipe", false)] {
+            var c = Containerd_Task_V2_CreateTaskRequest()
+            c.id = id
+            c.bundle = f.bundle.path
+            c.terminal = terminal
+            c.stdin = fifos[id + "-in"]!.path
+            c.stdout = fifos[id + "-out"]!.path
+            _ = try task("Create", c, Containerd_Task_V2_CreateTaskResponse.self)
+            var s = Containerd_Task_V2_StartRequest()
+            s.id = id
+            pids.append(pid_t(try task("Start", s, Containerd_Task_V2_StartResponse.self).pid))
+        }
+        var seen: [String: String] = ["tty": "", "pipe": ""]
+        func say(_ id: String, _ line: String) { _ = write(fifos[id + "-in"]!.fd, line + "\n", line.utf8.count + 1) }
+        func heard(_ id: String, _ text: String) -> Bool {
+            waitUntil {
+                var buf = [UInt8](repeating: 0, count: 4096)
+                let n = read(fifos[id + "-out"]!.fd, &buf, buf.count)
+                if n > 0 { seen[id]! += String(decoding: buf[..<n], as: UTF8.self) }
+                return seen[id]!.contains(text)
+            }
+        }
+        for id in ["tty", "pipe"] {
+            say(id, "before")
+            #expect(heard(id, "got before"), "\(id): \(seen[id]!)")
+        }
+
+        let daemon = f.daemonPID ?? 0
+        kill(daemon, SIGKILL)
+        #expect(waitUntil { processGone(daemon) })
+        usleep(200_000)
+        // No hang-up, no end of input while no daemon runs.
+        for pid in pids { #expect(!processGone(pid)) }
+        #expect(Files.list(f.root + "/keepers").count == 1)
+
+        let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "stop"], socket: f.socket)
+        #expect(AllTests.DaemonTests.waitForSocket(f.socket))
+        for id in ["tty", "pipe"] {
+            say(id, "after")
+            #expect(heard(id, "got after"), "\(id) after the restart: \(seen[id]!)")
+        }
+        // CloseIO ends the plain container's input now that the new daemon holds the pipe
+        // (the old keeper gave its copy up): it prints eof and exits 0.
+        var closeIO = Containerd_Task_V2_CloseIORequest()
+        closeIO.id = "pipe"
+        closeIO.stdin = true
+        _ = try task("CloseIO", closeIO, Google_Protobuf_Empty.self)
+        var w = Containerd_Task_V2_WaitRequest()
+        w.id = "pipe"
+        #expect(try task("Wait", w, Containerd_Task_V2_WaitResponse.self).exitStatus == 0)
+        #expect(heard("pipe", "eof"))
+        var k = Containerd_Task_V2_KillRequest()
+        k.id = "tty"
+        k.signal = 9
+        _ = try task("Kill", k, Google_Protobuf_Empty.self)
+        w.id = "tty"
+        #expect(try task("Wait", w, Containerd_Task_V2_WaitResponse.self).exitStatus == 137)
+        for id in ["tty", "pipe"] {
+            var d = Containerd_Task_V2_DeleteRequest()
+            d.id = id
+            _ = try task("Delete", d, Containerd_Task_V2_DeleteResponse.self)
+        }
+        let (exit2, log2) = try AllTests.DaemonTests.stop(second)
+        #expect(exit2 == .exited(0), "\(log2)")
+        #expect(try Spawner.wait(first.process) == .exited(137))
+        first.log.close()
+        f.expectClean(pids: pids, sandboxes: ["io"])
     }
 
     /// The hand-written state file encoder against JSONDecoder: awkward strings (quotes,

@@ -207,6 +207,8 @@ int ks_container_clone(const ks_container_attr *attr, pid_t *pid, int *pidfd);
 /// recvmsg of up to `len` bytes; a passed descriptor (SCM_RIGHTS, close-on-exec) lands
 /// in *fd, else *fd = -1. Returns bytes read, 0 at end of file, or -errno.
 ssize_t ks_recv_with_fd(int sock, void *buf, size_t len, int *fd);
+/// sendmsg of `len` bytes with `fd` attached (SCM_RIGHTS; none when fd < 0): bytes or -errno.
+ssize_t ks_send_with_fd(int sock, const void *buf, size_t len, int fd);
 int ks_setns(int fd, int nstype);
 int ks_mount(const char *_Nullable source, const char *target, const char *_Nullable fstype,
              unsigned long flags, const char *_Nullable data);

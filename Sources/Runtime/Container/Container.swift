@@ -46,6 +46,10 @@ public final class ContainerEngine {
     public let reactor: Reactor
     public let supervisor: ProcessSupervisor
     public let cgroups: CgroupHost?
+    /// The keeper's descriptor store (nil when not started by a keeper), and what an
+    /// earlier keeper handed over at recovery, by key, until processes claim it.
+    public var keeperStore: KeeperStore?
+    public var handedOver: [String: Int32] = [:]
     public let logger: Logger
     let selfPidNamespace: Int32
 
@@ -454,6 +458,7 @@ public final class Container {
             try process.attach(child, engine: engine)
             cleanup.insert({ process.abandon() }, at: 0)
             try io.start()
+            io.keep(in: engine.keeperStore, key: ProcessIO.keeperKey(stdio, execID: ""))
             if ContainerLauncher.attrCreatesUserNamespace(spec: spec, target: .initProcess(rootfs: rootfs)) {
                 // It waits for 'G' before anything else: join here, then the id maps.
                 if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
@@ -509,7 +514,7 @@ public final class Container {
         id: String, bundle: String, spec: OCISpec, rootfs: String, stdio: StdioPaths, cgroupPath: String?,
         ownedMounts: [String], paused: Bool, engine: ContainerEngine
     ) -> Container {
-        let io = ProcessIO(recoveredFor: stdio, reactor: engine.reactor)
+        let io = ProcessIO(recoveredFor: stdio, execID: "", reactor: engine.reactor, engine: engine)
         let process = ContainerProcess(execID: "", spec: spec.process ?? OCISpec.Process(args: []), stdio: stdio, io: io)
         let cgroup = cgroupPath.flatMap { engine.cgroups?.existing($0) }
         let c = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
@@ -528,7 +533,7 @@ public final class Container {
     public func restoreExec(id execID: String, stdio: StdioPaths, pid: pid_t, startTime: UInt64,
                             exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
         let p = ContainerProcess(execID: execID, spec: OCISpec.Process(args: []), stdio: stdio,
-                                 io: ProcessIO(recoveredFor: stdio, reactor: engine.reactor))
+                                 io: ProcessIO(recoveredFor: stdio, execID: execID, reactor: engine.reactor, engine: engine))
         p.container = self
         p.onExit = { [weak self] proc in
             guard let self else { return }
@@ -632,6 +637,7 @@ public final class Container {
                 selfPidNamespace: engine.selfPidNamespace)
             try p.attach(child, engine: engine)
             try p.io.start()
+            p.io.keep(in: engine.keeperStore, key: ProcessIO.keeperKey(p.stdio, execID: p.execID))
             p.onExit = { [weak self] proc in
                 guard let self else { return }
                 self.onProcessExit?(self, proc)

@@ -168,11 +168,56 @@ public final class ProcessIO {
     /// The stdio of a process recovered after a daemon restart: its output already goes
     /// straight to its FIFOs (held again here); a terminal's master and a stdin pipe died
     /// with the previous daemon and cannot be re-attached.
-    init(recoveredFor paths: StdioPaths, reactor: Reactor) {
+    init(recoveredFor paths: StdioPaths, execID: String, reactor: Reactor, engine: ContainerEngine) {
         self.reactor = reactor
         terminal = paths.terminal
         isStarted = true
+        let key = ProcessIO.keeperKey(paths, execID: execID)
+        // What the previous daemon's keeper held for this process: its terminal's master,
+        // or its stdin pipe. Pumped again from here.
+        if paths.terminal, let fd = engine.handedOver.removeValue(forKey: key + "/pty") {
+            let conn = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
+            master = conn
+            pumps.append(Pump(source: conn, sink: try? ProcessIO.openOutput(paths.stdout, reactor: reactor)))
+            if !paths.stdin.isEmpty, let source = try? ProcessIO.openInput(paths.stdin, reactor: reactor) {
+                stdinSource = source
+                stdinSink = conn
+            }
+        } else if !paths.terminal, !paths.stdin.isEmpty, let fd = engine.handedOver.removeValue(forKey: key + "/stdin") {
+            let sink = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
+            sink.isWriteOnly = true
+            stdinSink = sink
+            stdinSource = try? ProcessIO.openInput(paths.stdin, reactor: reactor)
+            if stdinSource == nil { stdinSink = nil; sink.close() }
+        }
         holdOutputs(paths)
+        keep(in: engine.keeperStore, key: key)
+        try? startPumps()
+    }
+
+    /// The keeper's key for a process's descriptors: stable across daemon restarts.
+    static func keeperKey(_ paths: StdioPaths, execID: String) -> String {
+        "\(paths.namespace)/\(paths.containerID)/\(execID)"
+    }
+
+    private var store: KeeperStore?
+    private var storeKey = ""
+
+    /// Hands the terminal's master and the stdin pipe to the keeper, so that they outlive
+    /// a daemon crash (closing them would hang the tty up or end the input); dropped
+    /// again once the process is done with them.
+    func keep(in store: KeeperStore?, key: String) {
+        guard let store else { return }
+        self.store = store
+        storeKey = key
+        if let master { store.keep(key + "/pty", master.rawFD) }
+        if !terminal, let sink = stdinSink { store.keep(key + "/stdin", sink.rawFD) }
+    }
+
+    private func releaseKept() {
+        guard let store else { return }
+        if terminal { store.drop(storeKey + "/pty") } else if stdinSink != nil || stdinSource != nil { store.drop(storeKey + "/stdin") }
+        self.store = nil
     }
 
     /// containerd's logging binary protocol (`binary:///path?key=value`): the binary
@@ -270,6 +315,7 @@ public final class ProcessIO {
         guard terminal, master == nil else { fd.close(); return }
         let conn = Connection(reactor: reactor, fd: fd)
         master = conn
+        store?.keep(storeKey + "/pty", conn.rawFD)
         if let size { try? resize(width: size.width, height: size.height) }
         pumps.append(Pump(source: conn, sink: terminalOut))
         terminalOut = nil
@@ -343,6 +389,7 @@ public final class ProcessIO {
         guard flushed else { return }
         if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
         holds.removeAll()
+        releaseKept()
         let w = drainWaiters
         drainWaiters.removeAll()
         for f in w { f() }
@@ -359,6 +406,7 @@ public final class ProcessIO {
                 self.drainTimer = nil
                 for p in self.pumps where !p.finished { self.finish(p) }
                 self.holds.removeAll()
+                self.releaseKept()
                 let w = self.drainWaiters
                 self.drainWaiters.removeAll()
                 for f in w { f() }
@@ -371,6 +419,8 @@ public final class ProcessIO {
 
     /// CloseIO: the container's stdin reaches end of file once what is queued is written.
     public func closeStdin() {
+        // The keeper's copy of the pipe would keep the input open.
+        if let store, !terminal, stdinSink != nil { store.drop(storeKey + "/stdin") }
         stdinSource?.close()
         stdinSource = nil
         if let s = stdinSink, s !== master { s.closeAfterFlush() }
@@ -400,6 +450,7 @@ public final class ProcessIO {
         master?.close()
         terminalOut?.close()
         holds.removeAll()
+        releaseKept()
         if let t = drainTimer { reactor.cancel(t); drainTimer = nil }
         let w = drainWaiters
         drainWaiters.removeAll()

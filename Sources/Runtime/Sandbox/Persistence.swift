@@ -183,6 +183,7 @@ extension SandboxRegistry {
         for e in cr.execs ?? [] {
             var stdio = StdioPaths(stdin: e.stdin, stdout: e.stdout, stderr: e.stderr, terminal: e.terminal)
             stdio.containerID = cr.id
+            stdio.namespace = r.sandbox.namespace
             var exit: (ExitStatus, WallTime)?
             if let code = e.exitCode, let status = e.exitStatus {
                 exit = (ExitStatus(siginfoCode: code, status: status), e.exitedAt ?? WallTime.now())

@@ -223,6 +223,14 @@ public final class Daemon {
         let exits = self.exits
         try makeDirectories(exits.dir, mode: 0o700)
         try Files.writeAtomically(pidFile, Array("\(getpid())\n".utf8), mode: 0o644)
+        // Terminals and stdin pipes that earlier keepers kept for their dead daemons.
+        registry.engine.keeperStore = KeeperStore.fromKeeper
+        registry.engine.handedOver = KeeperStore.takeOver(root: options.effectiveRoot, except: Keeper.pid)
+        defer {
+            // Nobody claimed these: their processes are gone.
+            for fd in registry.engine.handedOver.values { _ = close(fd) }
+            registry.engine.handedOver = [:]
+        }
         let (sandboxes, containers) = registry.recover()
         guard !sandboxes.isEmpty else {
             exits.removeAll(except: [])
@@ -264,7 +272,12 @@ public final class Daemon {
             } else {
                 for sandbox in registry.sandboxes.values { registry.save(sandbox) }
             }
-            if registry.sandboxes.isEmpty || options.onExit == .stop { _ = rmdir(exits.dir) }
+            if registry.sandboxes.isEmpty || options.onExit == .stop {
+                // Nothing to recover: neither exit records nor a store to hand over.
+                _ = rmdir(exits.dir)
+                if let keeper = Keeper.pid { _ = unlink(KeeperStore.socketPath(root: options.effectiveRoot, keeper: keeper)) }
+                _ = rmdir(options.effectiveRoot + "/keepers")
+            }
         }
         if ownsSocketPath { _ = unlink(pidFile) }
         tasks?.close()

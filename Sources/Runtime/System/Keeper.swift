@@ -66,3 +66,72 @@ public struct ExitRecords: Sendable {
         for name in Files.list(dir) where !keep.contains(name) { _ = unlink(dir + "/" + name) }
     }
 }
+
+/// The keeper's descriptor store (see CShims/keeper.c): terminal masters and stdin
+/// pipes the daemon hands over so they outlive it, and that the next daemon takes back.
+public final class KeeperStore: Sendable {
+    let channel: Int32
+
+    init(channel: Int32) { self.channel = channel }
+
+    /// The channel KUASAR_KEEPER_FD names, when our parent is the keeper that made it.
+    /// Read once; the variable is removed and the descriptor made close-on-exec, so
+    /// nothing the daemon starts inherits either.
+    public static let fromKeeper: KeeperStore? = {
+        guard let v = getenv("KUASAR_KEEPER_FD") else { return nil }
+        let fd = Int32(String(cString: v)) ?? -1
+        unsetenv("KUASAR_KEEPER_FD")
+        guard Keeper.pid != nil, fd > 2 else { return nil }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFSOCK else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return KeeperStore(channel: fd)
+    }()
+
+    /// Keeps a duplicate of `fd` under `key` (replacing what the key held).
+    public func keep(_ key: String, _ fd: Int32) {
+        _ = ks_send_with_fd(channel, "+" + key, ("+" + key).utf8.count, fd)
+    }
+
+    public func drop(_ key: String) {
+        _ = ks_send_with_fd(channel, "-" + key, ("-" + key).utf8.count, -1)
+    }
+
+    /// The socket through which a keeper hands its store to the next daemon.
+    public static func socketPath(root: String, keeper: pid_t) -> String { root + "/keepers/\(keeper).sock" }
+
+    /// Takes every descriptor earlier keepers hold (keepers of daemons that died), by key.
+    /// A keeper that does not answer is skipped; what it holds stays with it.
+    public static func takeOver(root: String, except own: pid_t?) -> [String: Int32] {
+        var out: [String: Int32] = [:]
+        for name in Files.list(root + "/keepers") where name.hasSuffix(".sock") {
+            if let own, name == "\(own).sock" { continue }
+            let path = root + "/keepers/" + name
+            let fd = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { continue }
+            defer { _ = close(fd) }
+            var tv = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            let connected: Bool = (try? Socket.withUnixAddress(path, "connect") { addr, len in connect(fd, addr, len) == 0 }) ?? false
+            guard connected else {
+                // Its keeper is gone (ECONNREFUSED): a stale name.
+                _ = unlink(path)
+                continue
+            }
+            guard send(fd, "take", 4, Int32(MSG_NOSIGNAL)) == 4 else { continue }
+            var buf = [UInt8](repeating: 0, count: 1024)
+            while true {
+                var passed: Int32 = -1
+                let n = ks_recv_with_fd(fd, &buf, buf.count, &passed)
+                if n <= 0 { if passed >= 0 { _ = close(passed) }; break }
+                let key = String(decoding: buf[..<n], as: UTF8.self)
+                if key == "." { break }
+                if passed >= 0 {
+                    if let old = out[key] { _ = close(old) }
+                    out[key] = passed
+                }
+            }
+        }
+        return out
+    }
+}
