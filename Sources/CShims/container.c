@@ -403,23 +403,8 @@ static void make_console(int sync_fd) {
     ks_child_report r;
     memset(&r, 0, sizeof r);
     r.kind = 2;
-    struct iovec iov = { .iov_base = &r, .iov_len = sizeof r };
-    char control[CMSG_SPACE(sizeof(int))];
-    memset(control, 0, sizeof control);
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &m, sizeof(int));
-    ssize_t w;
-    do { w = sendmsg(sync_fd, &msg, 0); } while (w < 0 && errno == EINTR);
-    if (w < 0) fail(sync_fd, "send console", NULL, errno);
+    ssize_t w = ks_send_with_fd(sync_fd, &r, sizeof r, m);
+    if (w < 0) fail(sync_fd, "send console", NULL, (int)-w);
     close(m);
     for (int fd = 0; fd < 3; fd++)
         if (dup2(s, fd) < 0) fail(sync_fd, "dup2 console", NULL, errno);

@@ -50,6 +50,23 @@ extension AllTests {
             }
         }
 
+        /// A sandbox registered through admin.sock (as the shim protocol does): its Task API address.
+        func register(_ id: String, namespace: String = "default") throws -> String {
+            let admin = try OneShotClient(path: root + "/admin.sock")
+            defer { admin.close() }
+            var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
+            reg.sandboxID = id
+            reg.namespace = namespace
+            return try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
+        }
+
+        /// One Task API v2 call on its own connection.
+        func task<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ address: String, _ method: String, _ r: Req, _: Resp.Type) throws -> Resp {
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            return try t.call("containerd.task.v2.Task", method, r, as: Resp.self, namespace: "default")
+        }
+
         /// Controller Shutdown of `<prefix>0..<count>`, then nothing of them may be left.
         func shutDown(prefix: String, count: Int, pids: [pid_t], sourceLocation: SourceLocation = #_sourceLocation) throws {
             let down = try fleet("down \(prefix) \(count)")
@@ -167,22 +184,15 @@ extension AllTests {
         let reader = open(fifo, O_RDWR | O_NONBLOCK | O_CLOEXEC)
         defer { close(reader) }
 
-        let admin = try OneShotClient(path: f.root + "/admin.sock")
-        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
-        reg.sandboxID = "out"
-        reg.namespace = "default"
-        let address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
-        admin.close()
-        var tasks = try OneShotClient(path: address)
+        let address = try f.register("out")
         var create = Containerd_Task_V2_CreateTaskRequest()
         create.id = "writer"
         create.bundle = f.bundle.path
         create.stdout = fifo
-        _ = try tasks.call("containerd.task.v2.Task", "Create", create, as: Containerd_Task_V2_CreateTaskResponse.self, namespace: "default")
+        _ = try f.task(address, "Create", create, Containerd_Task_V2_CreateTaskResponse.self)
         var start = Containerd_Task_V2_StartRequest()
         start.id = "writer"
-        let pid = try tasks.call("containerd.task.v2.Task", "Start", start, as: Containerd_Task_V2_StartResponse.self, namespace: "default").pid
-        tasks.close()
+        let pid = try f.task(address, "Start", start, Containerd_Task_V2_StartResponse.self).pid
 
         var text = ""
         func drain() {
@@ -210,19 +220,16 @@ extension AllTests {
         let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "stop"], socket: f.socket)
         #expect(AllTests.DaemonTests.waitForSocket(f.socket))
         _ = waitUntil { drain(); return lines().count > atKill + 100 }
-        tasks = try OneShotClient(path: address)
         var kill9 = Containerd_Task_V2_KillRequest()
         kill9.id = "writer"
         kill9.signal = 9
-        _ = try tasks.call("containerd.task.v2.Task", "Kill", kill9, as: Google_Protobuf_Empty.self, namespace: "default")
+        _ = try f.task(address, "Kill", kill9, Google_Protobuf_Empty.self)
         var wait = Containerd_Task_V2_WaitRequest()
         wait.id = "writer"
-        let waited = try tasks.call("containerd.task.v2.Task", "Wait", wait, as: Containerd_Task_V2_WaitResponse.self, namespace: "default")
-        #expect(waited.exitStatus == 137)
+        #expect(try f.task(address, "Wait", wait, Containerd_Task_V2_WaitResponse.self).exitStatus == 137)
         var del = Containerd_Task_V2_DeleteRequest()
         del.id = "writer"
-        _ = try tasks.call("containerd.task.v2.Task", "Delete", del, as: Containerd_Task_V2_DeleteResponse.self, namespace: "default")
-        tasks.close()
+        _ = try f.task(address, "Delete", del, Containerd_Task_V2_DeleteResponse.self)
         drain()
         let seen = lines()
         #expect(seen == Array(0..<seen.count), "lines out of order, lost or doubled around the restart: \(seen.count) lines")
@@ -256,16 +263,9 @@ extension AllTests {
         }
         defer { for (_, v) in fifos { close(v.fd); unlink(v.path) } }
 
-        let admin = try OneShotClient(path: f.root + "/admin.sock")
-        var reg = Kuasar_Admin_V1_RegisterSandboxRequest()
-        reg.sandboxID = "io"
-        reg.namespace = "default"
-        let address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
-        admin.close()
+        let address = try f.register("io")
         func task<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ m: String, _ r: Req, _: Resp.Type) throws -> Resp {
-            let t = try OneShotClient(path: address)
-            defer { t.close() }
-            return try t.call("containerd.task.v2.Task", m, r, as: Resp.self, namespace: "default")
+            try f.task(address, m, r, Resp.self)
         }
         var pids: [pid_t] = []
         for (id, terminal) in [("tty", true), ("pipe", false)] {

@@ -262,6 +262,23 @@ struct JSONWriter {
     }
 }
 
+extension JSONWriter {
+    /// The fields a container's init and an exec process share.
+    mutating func process(id: String, stdin: String, stdout: String, stderr: String, terminal: Bool, pid: Int32,
+                          startTime: UInt64, exitCode: Int32?, exitStatus: Int32?, exitedAt: WallTime?) {
+        field("id", id)
+        field("stdin", stdin)
+        field("stdout", stdout)
+        field("stderr", stderr)
+        field("terminal", terminal)
+        field("pid", pid)
+        field("startTime", startTime)
+        if let exitCode { field("exitCode", exitCode) }
+        if let exitStatus { field("exitStatus", exitStatus) }
+        field("exitedAt", exitedAt)
+    }
+}
+
 extension SandboxRecord {
     func json() -> [UInt8] {
         var w = JSONWriter()
@@ -291,34 +308,18 @@ extension SandboxRecord {
         w.open("containers", array: true)
         for c in containers {
             w.open()
-            w.field("id", c.id)
+            w.process(id: c.id, stdin: c.stdin, stdout: c.stdout, stderr: c.stderr, terminal: c.terminal, pid: c.pid,
+                      startTime: c.startTime, exitCode: c.exitCode, exitStatus: c.exitStatus, exitedAt: c.exitedAt)
             w.field("bundle", c.bundle)
             w.field("rootfs", c.rootfs)
             w.field("ownedMounts", c.ownedMounts)
-            w.field("stdin", c.stdin)
-            w.field("stdout", c.stdout)
-            w.field("stderr", c.stderr)
-            w.field("terminal", c.terminal)
-            w.field("pid", c.pid)
-            w.field("startTime", c.startTime)
             w.field("state", c.state)
-            if let v = c.exitCode { w.field("exitCode", v) }
-            if let v = c.exitStatus { w.field("exitStatus", v) }
-            w.field("exitedAt", c.exitedAt)
             if let execs = c.execs {
                 w.open("execs", array: true)
                 for e in execs {
                     w.open()
-                    w.field("id", e.id)
-                    w.field("stdin", e.stdin)
-                    w.field("stdout", e.stdout)
-                    w.field("stderr", e.stderr)
-                    w.field("terminal", e.terminal)
-                    w.field("pid", e.pid)
-                    w.field("startTime", e.startTime)
-                    if let v = e.exitCode { w.field("exitCode", v) }
-                    if let v = e.exitStatus { w.field("exitStatus", v) }
-                    w.field("exitedAt", e.exitedAt)
+                    w.process(id: e.id, stdin: e.stdin, stdout: e.stdout, stderr: e.stderr, terminal: e.terminal, pid: e.pid,
+                              startTime: e.startTime, exitCode: e.exitCode, exitStatus: e.exitStatus, exitedAt: e.exitedAt)
                     w.close()
                 }
                 w.close(array: true)
