@@ -240,7 +240,6 @@ int ks_keeper_main(int argc, char **argv) {
                         "containers that end while no daemon runs)\n");
         return 2;
     }
-    mkdir(argv[1], 0700);
     int rc = ks_keeper_run(argv[1], argv[2], argv + 3);
     fprintf(stderr, "kuasar-keeper: %s\n", strerror(-rc));
     return 1;

@@ -39,9 +39,8 @@ struct DaemonCommand: ParsableCommand {
 
     func run() throws {
         let file: KuasarConfig
-        let named = config ?? currentEnvironmentDictionary()["KUASAR_CONFIG"]
         do {
-            file = try KuasarConfig.load(path: named ?? KuasarConfig.defaultPath, required: named != nil)
+            file = try KuasarConfig.resolve(explicit: config, environment: currentEnvironmentDictionary()).0
         } catch {
             FileHandleStderr.write("kuasar daemon: \(error)\n")
             throw ExitCode(1)
@@ -50,17 +49,14 @@ struct DaemonCommand: ParsableCommand {
         guard let level = Logger.Level(rawValue: levelName) else {
             throw ValidationError("unknown log level \"\(levelName)\"")
         }
-        var options = DaemonOptions(config: file)
-        if let socket {
-            options.socketPath = socket
-            if root == nil && file.root == nil { options.root = nil }
-        }
+        var options = file
+        if let socket { options.socket = socket }
         if let root { options.root = root }
         if let reactor {
             guard let kind = BackendKind(rawValue: reactor) else {
                 throw ValidationError("--reactor must be io_uring or epoll, not \"\(reactor)\"")
             }
-            options.backend = kind
+            options.reactor = kind
         }
         if let onExit {
             guard let v = KuasarConfig.OnExit(rawValue: onExit) else { throw ValidationError("--on-exit must be keep or stop, not \"\(onExit)\"") }
@@ -124,7 +120,7 @@ struct HealthCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "health", abstract: "Ask a running daemon whether it is healthy.")
 
     @Option(help: "The daemon's API socket.")
-    var socket = DaemonOptions().socketPath
+    var socket = KuasarConfig().socket
 
     func run() throws {
         do {
@@ -141,7 +137,7 @@ struct HealthCommand: ParsableCommand {
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "info", abstract: "What this host gives the runtime.")
 
-    @Option(help: "Configuration file (default: \(KuasarConfig.defaultPath) when it exists).")
+    @Option(help: "Configuration file (default: KUASAR_CONFIG, else \(KuasarConfig.defaultPath) when it exists).")
     var config: String?
 
     func run() throws {
@@ -157,11 +153,11 @@ struct InfoCommand: ParsableCommand {
         } else {
             print("cgroups: not found (containers run without resource limits)")
         }
-        let path = config ?? KuasarConfig.defaultPath
         let file: KuasarConfig
         do {
-            file = try KuasarConfig.load(path: path, required: config != nil)
-            print("config: \(Files.exists(path) ? path : "embedded defaults (\(path) does not exist)")")
+            let (c, path) = try KuasarConfig.resolve(explicit: config, environment: currentEnvironmentDictionary())
+            file = c
+            print("config: \(path ?? "embedded defaults (\(KuasarConfig.defaultPath) does not exist)")")
         } catch {
             print("config: \(error)")
             file = KuasarConfig()

@@ -34,7 +34,7 @@ extension AllTests {
             try shell("\(systemPython) \(repositoryRoot)/Tests/Peers/python/fleet.py \(stubs) \(socket) \(args)", timeoutS: 120)
         }
 
-        var daemonPID: pid_t? { (try? Files.readString(root + "/daemon.pid")).flatMap { pid_t($0.trimmingWhitespace) } }
+        var daemonPID: pid_t? { Daemon.pid(root: root) }
 
         /// Nothing left: no sandbox state, mounts, cgroups or container processes.
         func expectClean(pids: [pid_t], sandboxes: [String], sourceLocation: SourceLocation = #_sourceLocation) {
@@ -346,14 +346,16 @@ extension AllTests {
             return (0..<Int.random(in: 0...12, using: &rng)).map { _ in pool.randomElement(using: &rng)! }.joined()
         }
         for i in 0..<200 {
-            let c = ContainerRecord(id: "c\(i)", bundle: text(), rootfs: text(), ownedMounts: [text(), text()], stdin: text(), stdout: text(),
-                                    stderr: text(), terminal: i % 2 == 0, pid: Int32.random(in: 1...Int32.max, using: &rng),
-                                    startTime: UInt64.random(in: 0...UInt64.max, using: &rng), state: "running",
-                                    exitCode: i % 3 == 0 ? 2 : nil, exitStatus: i % 3 == 0 ? 9 : nil,
-                                    exitedAt: i % 3 == 0 ? WallTime(seconds: Int64(i), nanos: 5) : nil,
-                                    execs: i % 2 == 0 ? nil : [ExecRecord(id: text(), stdin: text(), stdout: text(), stderr: "", terminal: true,
-                                                                          pid: 7, startTime: 9, exitCode: i % 3 == 0 ? 1 : nil,
-                                                                          exitStatus: i % 3 == 0 ? 3 : nil, exitedAt: nil)])
+            let initRecord = ProcessRecord(id: "", stdin: text(), stdout: text(), stderr: text(), terminal: i % 2 == 0,
+                                           pid: Int32.random(in: 1...Int32.max, using: &rng),
+                                           startTime: UInt64.random(in: 0...UInt64.max, using: &rng),
+                                           exitCode: i % 3 == 0 ? 2 : nil, exitStatus: i % 3 == 0 ? 9 : nil,
+                                           exitedAt: i % 3 == 0 ? WallTime(seconds: Int64(i), nanos: 5) : nil)
+            let c = ContainerRecord(id: "c\(i)", bundle: text(), rootfs: text(), ownedMounts: [text(), text()], state: "running",
+                                    process: initRecord,
+                                    execs: i % 2 == 0 ? nil : [ProcessRecord(id: text(), stdin: text(), stdout: text(), stderr: "", terminal: true,
+                                                                             pid: 7, startTime: 9, exitCode: i % 3 == 0 ? 1 : nil,
+                                                                             exitStatus: i % 3 == 0 ? 3 : nil)])
             let r = SandboxRecord(id: "s\(i)", namespace: text(), eventsAddress: text(), state: "ready",
                                   createdAt: WallTime(seconds: 1_800_000_000, nanos: Int32(i)), exitedAt: i % 2 == 0 ? nil : WallTime(seconds: 1, nanos: 2),
                                   labels: [text(): text(), "k": text()],
@@ -435,7 +437,7 @@ extension AllTests {
             if n <= 0 { break }
             messages.append(String(decoding: buf[..<n], as: UTF8.self))
         }
-        let daemon = (try? Files.readString(dir + "/daemon.pid")).flatMap { pid_t($0.trimmingWhitespace) }
+        let daemon = Daemon.pid(root: dir)
         let ready = messages.first ?? ""
         #expect(ready.contains("READY=1"), "\(messages)")
         #expect(daemon != nil && daemon != p.pid && ready.contains("MAINPID=\(daemon ?? -1)"), "\(ready)")

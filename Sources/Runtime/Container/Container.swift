@@ -101,8 +101,7 @@ public final class ContainerProcess {
     private var pendingReady: ((Result<pid_t, ContainerError>) -> Void)?
     private var pendingStart: ((Result<pid_t, ContainerError>) -> Void)?
     private var waiters = WaiterList<(ExitStatus, WallTime)>()
-    /// Runs once with the exit, after the output is drained (events, state).
-    var onExit: ((ContainerProcess) -> Void)?
+    /// Its container, told of the exit (`onProcessExit`) once the output is drained.
     weak var container: Container?
 
     init(execID: String, spec: OCISpec.Process, stdio: StdioPaths, io: ProcessIO) {
@@ -140,9 +139,16 @@ public final class ContainerProcess {
     /// `startTime`): watched again through a new pidfd, its exit status coming from the
     /// keeper. A process already gone is reported as exited now — once, since the state
     /// written after this report says stopped.
-    func recover(pid: pid_t, startTime: UInt64, state: State, engine: ContainerEngine, exits: ExitRecords) {
+    /// With `exit`, the process was recorded as stopped and only takes that status back.
+    func recover(pid: pid_t, startTime: UInt64, state: State, exit: (ExitStatus, WallTime)?, engine: ContainerEngine, exits: ExitRecords) {
         self.pid = pid
         self.startTime = startTime
+        if let exit {
+            exitStatus = exit.0
+            exitedAt = exit.1
+            self.state = .stopped
+            return
+        }
         self.state = state
         reactor = engine.reactor
         let report = { [weak self] (status: ExitStatus?) in
@@ -160,14 +166,6 @@ public final class ContainerProcess {
         if recorded == nil { engine.logger.error("pid \(pid) ended while the daemon was down and no keeper recorded its status") }
         // Reported from the loop, once the caller has wired its exit handlers.
         engine.reactor.schedule(afterNS: 0) { report(recorded) }
-    }
-
-    /// A process recorded as stopped before the restart.
-    func recoverStopped(pid: pid_t, status: ExitStatus, at: WallTime) {
-        self.pid = pid
-        exitStatus = status
-        exitedAt = at
-        state = .stopped
     }
 
     // MARK: sync socket
@@ -328,8 +326,7 @@ public final class ContainerProcess {
             state = .stopped
             if wasRunning != .running { failed(failure ?? ContainerError(.failed, "the container process \(status) before it ran")) }
             waiters.fire((status, at))
-            onExit?(self)
-            onExit = nil
+            if let container { container.onProcessExit?(container, self) }
         }
     }
 }
@@ -430,7 +427,9 @@ public final class Container {
         // Where Create's time goes, at trace level: cgroup, clone, until the child is set up.
         let t0 = MonotonicClock.nanoseconds()
         var tCgroup: UInt64 = 0, tLaunch: UInt64 = 0
-        var needsJoin = true
+        // Cloned into a new user namespace, the child waits for 'G' before anything else:
+        // its v1 cgroups are joined here, with the id maps, not by a joiner.
+        let ownUserNamespace = ContainerLauncher.attrCreatesUserNamespace(spec: spec, target: .initProcess(rootfs: rootfs))
         do {
             try spec.validate()
             for field in spec.ignoredFields { engine.logger.notice("container \(id): \(field) is not supported here; ignored") }
@@ -459,15 +458,9 @@ public final class Container {
             cleanup.insert({ process.abandon() }, at: 0)
             try io.start()
             io.keep(in: engine.keeperStore, key: ProcessIO.keeperKey(stdio, execID: ""))
-            if ContainerLauncher.attrCreatesUserNamespace(spec: spec, target: .initProcess(rootfs: rootfs)) {
-                // It waits for 'G' before anything else: join here, then the id maps.
+            if ownUserNamespace {
                 if let cgroup, cgroup.mode == .v1 { try cgroup.add(pid: pid) }
                 try writeIDMaps(pid: pid, spec: spec)
-                needsJoin = false
-            }
-            process.onExit = { [weak container] p in
-                guard let container else { return }
-                container.onProcessExit?(container, p)
             }
         } catch let e as SpecError {
             for f in cleanup { f() }
@@ -501,7 +494,7 @@ public final class Container {
             }
         }
         do {
-            try container.initProcess.joinThenGo(needsJoin ? container.cgroup : nil, engine: engine)
+            try container.initProcess.joinThenGo(ownUserNamespace ? nil : container.cgroup, engine: engine)
         } catch {
             container.initProcess.setupFailed(ContainerError(.failed, "join cgroup: \(error)"))
         }
@@ -514,47 +507,31 @@ public final class Container {
         id: String, bundle: String, spec: OCISpec, rootfs: String, stdio: StdioPaths, cgroupPath: String?,
         ownedMounts: [String], paused: Bool, engine: ContainerEngine
     ) -> Container {
-        let io = ProcessIO(recoveredFor: stdio, execID: "", reactor: engine.reactor, engine: engine)
+        let io = ProcessIO(recoveredFor: stdio, execID: "", engine: engine)
         let process = ContainerProcess(execID: "", spec: spec.process ?? OCISpec.Process(args: []), stdio: stdio, io: io)
         let cgroup = cgroupPath.flatMap { engine.cgroups?.existing($0) }
         let c = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
         process.container = c
         c.ownedMounts = ownedMounts
         c.paused = paused
-        process.onExit = { [weak c] p in
-            guard let c else { return }
-            c.onProcessExit?(c, p)
-        }
         return c
     }
 
-    /// An exec process the previous daemon recorded, watched again like the init (or
-    /// with its recorded exit). Wire `onProcessExit` first.
-    public func restoreExec(id execID: String, stdio: StdioPaths, pid: pid_t, startTime: UInt64,
-                            exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
-        let p = ContainerProcess(execID: execID, spec: OCISpec.Process(args: []), stdio: stdio,
-                                 io: ProcessIO(recoveredFor: stdio, execID: execID, reactor: engine.reactor, engine: engine))
-        p.container = self
-        p.onExit = { [weak self] proc in
-            guard let self else { return }
-            self.onProcessExit?(self, proc)
-        }
-        execs[execID] = p
-        if let exit {
-            p.recoverStopped(pid: pid, status: exit.0, at: exit.1)
+    /// A process the previous daemon recorded — the init (`execID` empty) or an exec —
+    /// watched again, or given back its recorded exit (see `ContainerProcess.recover`).
+    /// Wire `onProcessExit` first: an exit that happened meanwhile is reported through it.
+    public func resume(execID: String, stdio: StdioPaths, pid: pid_t, startTime: UInt64, running: Bool,
+                       exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
+        let p: ContainerProcess
+        if execID.isEmpty {
+            p = initProcess
         } else {
-            p.recover(pid: pid, startTime: startTime, state: .running, engine: engine, exits: exits)
+            p = ContainerProcess(execID: execID, spec: OCISpec.Process(args: []), stdio: stdio,
+                                 io: ProcessIO(recoveredFor: stdio, execID: execID, engine: engine))
+            p.container = self
+            execs[execID] = p
         }
-    }
-
-    /// Recovery: watch the recorded init again (see `ContainerProcess.recover`), or take
-    /// its recorded exit.
-    public func resumeWatching(pid: pid_t, startTime: UInt64, running: Bool, exit: (ExitStatus, WallTime)?, exits: ExitRecords) {
-        if let exit {
-            initProcess.recoverStopped(pid: pid, status: exit.0, at: exit.1)
-        } else {
-            initProcess.recover(pid: pid, startTime: startTime, state: running ? .running : .created, engine: engine, exits: exits)
-        }
+        p.recover(pid: pid, startTime: startTime, state: running ? .running : .created, exit: exit, engine: engine, exits: exits)
     }
 
     static func writeIDMaps(pid: pid_t, spec: OCISpec) throws(SystemError) {
@@ -638,10 +615,6 @@ public final class Container {
             try p.attach(child, engine: engine)
             try p.io.start()
             p.io.keep(in: engine.keeperStore, key: ProcessIO.keeperKey(p.stdio, execID: p.execID))
-            p.onExit = { [weak self] proc in
-                guard let self else { return }
-                self.onProcessExit?(self, proc)
-            }
             p.expectExec(done)
             try p.joinThenGo(cgroup, engine: engine)
         } catch {

@@ -147,7 +147,7 @@ public final class ProcessIO {
         if path.hasPrefix("binary://") {
             throw SystemError("open stdio", "\(path): binary:// logging needs both stdout and stderr on the logger and no terminal", errno: .EINVAL)
         }
-        let fifo = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+        let fifo = ProcessIO.fifoPath(path)
         let hold = try sys("open", fifo) { open(fifo, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
         holds.append(OwnedFDBox(OwnedFD(adopting: hold)))
         // With our reader in place a write-only open returns at once; the child's end
@@ -155,12 +155,14 @@ public final class ProcessIO {
         giveChild(OwnedFD(adopting: try sys("open", fifo) { open(fifo, O_WRONLY | O_CLOEXEC) }))
     }
 
+    /// containerd names FIFOs by path, sometimes as `fifo://path`.
+    static func fifoPath(_ path: String) -> String { path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path }
+
     /// Re-opened output holds for a process recovered after a daemon restart.
     func holdOutputs(_ paths: StdioPaths) {
         guard !paths.terminal else { return }
         for path in [paths.stdout, paths.stderr] where !path.isEmpty && !path.hasPrefix("file://") && !path.hasPrefix("binary://") {
-            let fifo = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
-            let fd = open(fifo, O_RDWR | O_CLOEXEC | O_NONBLOCK)
+            let fd = open(ProcessIO.fifoPath(path), O_RDWR | O_CLOEXEC | O_NONBLOCK)
             if fd >= 0 { holds.append(OwnedFDBox(OwnedFD(adopting: fd))) }
         }
     }
@@ -168,7 +170,8 @@ public final class ProcessIO {
     /// The stdio of a process recovered after a daemon restart: its output already goes
     /// straight to its FIFOs (held again here); a terminal's master and a stdin pipe died
     /// with the previous daemon and cannot be re-attached.
-    init(recoveredFor paths: StdioPaths, execID: String, reactor: Reactor, engine: ContainerEngine) {
+    init(recoveredFor paths: StdioPaths, execID: String, engine: ContainerEngine) {
+        let reactor = engine.reactor
         self.reactor = reactor
         terminal = paths.terminal
         isStarted = true
@@ -294,7 +297,7 @@ public final class ProcessIO {
         } else if path.hasPrefix("binary://") {
             throw SystemError("open stdio", "\(path): binary:// logging needs both stdout and stderr on the logger and no terminal", errno: .EINVAL)
         } else {
-            let p = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+            let p = ProcessIO.fifoPath(path)
             fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
         }
         let c = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
@@ -305,7 +308,7 @@ public final class ProcessIO {
     /// stdin FIFO, read-write for the same reason: a writer that has not opened it yet
     /// must not look like end of input. CloseIO ends stdin.
     static func openInput(_ path: String, reactor: Reactor) throws(SystemError) -> Connection {
-        let p = path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path
+        let p = ProcessIO.fifoPath(path)
         let fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
         return Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
     }

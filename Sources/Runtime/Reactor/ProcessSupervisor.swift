@@ -117,7 +117,7 @@ public final class ProcessSupervisor {
     /// is gone already (or `pid` now names another process: the start time differs).
     public func watchForeign(pid: pid_t, startTime: UInt64, exits: ExitRecords,
                              onExit: @escaping (ExitStatus?) -> Void) -> Int32? {
-        guard let fd = ExitRecords.openPidfd(pid) else { return nil }
+        guard let fd = openPidfd(pid) else { return nil }
         // Checked after the open: if it still matches, the pidfd is that process.
         guard ExitRecords.startTime(of: pid) == startTime else { _ = Glibc.close(fd); return nil }
         let child = Child(pid: pid, pidfd: OwnedFD(adopting: fd), onExit: { _ in })

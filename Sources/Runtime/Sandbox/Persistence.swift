@@ -28,23 +28,17 @@ struct ContainerRecord: Codable, Equatable {
     var bundle: String
     var rootfs: String
     var ownedMounts: [String]
-    var stdin: String
-    var stdout: String
-    var stderr: String
-    var terminal: Bool
-    var pid: Int32
-    var startTime: UInt64
     /// created, running, paused, stopped.
     var state: String
-    /// siginfo (si_code, si_status) of a stopped init.
-    var exitCode: Int32?
-    var exitStatus: Int32?
-    var exitedAt: WallTime?
+    /// Its init (`id` empty).
+    var process: ProcessRecord
     /// Started exec processes (one added but never started has nothing to recover).
-    var execs: [ExecRecord]?
+    var execs: [ProcessRecord]?
 }
 
-struct ExecRecord: Codable, Equatable {
+/// A container's init or one of its exec processes.
+struct ProcessRecord: Codable, Equatable {
+    /// The exec id; empty for the init.
     var id: String
     var stdin: String
     var stdout: String
@@ -52,9 +46,37 @@ struct ExecRecord: Codable, Equatable {
     var terminal: Bool
     var pid: Int32
     var startTime: UInt64
+    /// siginfo (si_code, si_status) once it has exited.
     var exitCode: Int32?
     var exitStatus: Int32?
     var exitedAt: WallTime?
+
+    init(id: String, stdin: String, stdout: String, stderr: String, terminal: Bool, pid: Int32, startTime: UInt64,
+         exitCode: Int32? = nil, exitStatus: Int32? = nil, exitedAt: WallTime? = nil) {
+        self.id = id; self.stdin = stdin; self.stdout = stdout; self.stderr = stderr; self.terminal = terminal
+        self.pid = pid; self.startTime = startTime; self.exitCode = exitCode; self.exitStatus = exitStatus; self.exitedAt = exitedAt
+    }
+
+    init(_ p: ContainerProcess) {
+        let x = p.exitStatus?.siginfo
+        self.init(id: p.execID, stdin: p.stdio.stdin, stdout: p.stdio.stdout, stderr: p.stdio.stderr, terminal: p.stdio.terminal,
+                  pid: p.pid, startTime: p.startTime, exitCode: x?.code, exitStatus: x?.status, exitedAt: p.exitedAt)
+    }
+
+    var exit: (ExitStatus, WallTime)? {
+        guard let exitCode, let exitStatus else { return nil }
+        return (ExitStatus(siginfoCode: exitCode, status: exitStatus), exitedAt ?? WallTime.now())
+    }
+
+    /// The name the keeper gives this process's exit record.
+    var exitRecordName: String { "\(pid)-\(startTime)" }
+
+    func stdio(container: String, namespace: String) -> StdioPaths {
+        var paths = StdioPaths(stdin: stdin, stdout: stdout, stderr: stderr, terminal: terminal)
+        paths.containerID = container
+        paths.namespace = namespace
+        return paths
+    }
 }
 
 extension ExitStatus {
@@ -76,23 +98,13 @@ extension SandboxRegistry {
         var containers: [ContainerRecord] = []
         for id in s.containerOrder {
             guard let c = s.containers[id] else { continue }
-            let p = c.initProcess
             // A container still being set up is not worth a record: if the daemon dies now,
             // its init dies with the sync socket.
             if c.state == .creating { continue }
-            let exit = p.exitStatus?.siginfo
-            let execs: [ExecRecord] = c.execs.values.sorted { $0.execID < $1.execID }.compactMap { e in
-                guard e.pid > 0 else { return nil }
-                let x = e.exitStatus?.siginfo
-                return ExecRecord(id: e.execID, stdin: e.stdio.stdin, stdout: e.stdio.stdout, stderr: e.stdio.stderr,
-                                  terminal: e.stdio.terminal, pid: e.pid, startTime: e.startTime,
-                                  exitCode: x?.code, exitStatus: x?.status, exitedAt: e.exitedAt)
-            }
+            let execs = c.execs.values.filter { $0.pid > 0 }.sorted { $0.execID < $1.execID }.map(ProcessRecord.init)
             containers.append(ContainerRecord(
-                id: c.id, bundle: c.bundle, rootfs: c.rootfs, ownedMounts: c.ownedMounts,
-                stdin: p.stdio.stdin, stdout: p.stdio.stdout, stderr: p.stdio.stderr, terminal: p.stdio.terminal,
-                pid: p.pid, startTime: p.startTime, state: c.state.rawValue,
-                exitCode: exit?.code, exitStatus: exit?.status, exitedAt: p.exitedAt, execs: execs.isEmpty ? nil : execs))
+                id: c.id, bundle: c.bundle, rootfs: c.rootfs, ownedMounts: c.ownedMounts, state: c.state.rawValue,
+                process: ProcessRecord(c.initProcess), execs: execs.isEmpty ? nil : execs))
         }
         let record = SandboxRecord(
             id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
@@ -111,9 +123,7 @@ extension SandboxRegistry {
         public let container: Container
         let record: ContainerRecord
         /// The file names the keeper gives the exit records of this container's processes.
-        public var exitRecordNames: [String] {
-            ["\(record.pid)-\(record.startTime)"] + (record.execs ?? []).map { "\($0.pid)-\($0.startTime)" }
-        }
+        public var exitRecordNames: [String] { ([record.process] + (record.execs ?? [])).map(\.exitRecordName) }
     }
 
     /// Reads every sandbox's state under `root` and rebuilds sandboxes and containers.
@@ -154,11 +164,9 @@ extension SandboxRegistry {
                     logger.warning("container \(cr.id): \(cr.bundle)/config.json: \(error)")
                     spec = OCISpec(ociVersion: "1.0.2")
                 }
-                var stdio = StdioPaths(stdin: cr.stdin, stdout: cr.stdout, stderr: cr.stderr, terminal: cr.terminal)
-                stdio.containerID = cr.id
-                stdio.namespace = record.namespace
                 let c = Container.restore(
-                    id: cr.id, bundle: cr.bundle, spec: spec, rootfs: cr.rootfs, stdio: stdio,
+                    id: cr.id, bundle: cr.bundle, spec: spec, rootfs: cr.rootfs,
+                    stdio: cr.process.stdio(container: cr.id, namespace: record.namespace),
                     cgroupPath: s.cgroupPath(for: cr.id), ownedMounts: cr.ownedMounts,
                     paused: cr.state == Container.State.paused.rawValue, engine: engine)
                 s.add(c)
@@ -174,21 +182,10 @@ extension SandboxRegistry {
     /// ran, is reported now through the handlers wired since `recover`).
     public func resume(_ r: Recovered, exits: ExitRecords) {
         let cr = r.record
-        var exit: (ExitStatus, WallTime)?
-        if let code = cr.exitCode, let status = cr.exitStatus {
-            exit = (ExitStatus(siginfoCode: code, status: status), cr.exitedAt ?? WallTime.now())
-        }
-        r.container.resumeWatching(pid: cr.pid, startTime: cr.startTime, running: cr.state != Container.State.created.rawValue,
-                                   exit: exit, exits: exits)
-        for e in cr.execs ?? [] {
-            var stdio = StdioPaths(stdin: e.stdin, stdout: e.stdout, stderr: e.stderr, terminal: e.terminal)
-            stdio.containerID = cr.id
-            stdio.namespace = r.sandbox.namespace
-            var exit: (ExitStatus, WallTime)?
-            if let code = e.exitCode, let status = e.exitStatus {
-                exit = (ExitStatus(siginfoCode: code, status: status), e.exitedAt ?? WallTime.now())
-            }
-            r.container.restoreExec(id: e.id, stdio: stdio, pid: e.pid, startTime: e.startTime, exit: exit, exits: exits)
+        for p in [cr.process] + (cr.execs ?? []) {
+            r.container.resume(execID: p.id, stdio: p.stdio(container: cr.id, namespace: r.sandbox.namespace), pid: p.pid,
+                               startTime: p.startTime, running: !p.id.isEmpty || cr.state != Container.State.created.rawValue,
+                               exit: p.exit, exits: exits)
         }
     }
 }
@@ -263,19 +260,17 @@ struct JSONWriter {
 }
 
 extension JSONWriter {
-    /// The fields a container's init and an exec process share.
-    mutating func process(id: String, stdin: String, stdout: String, stderr: String, terminal: Bool, pid: Int32,
-                          startTime: UInt64, exitCode: Int32?, exitStatus: Int32?, exitedAt: WallTime?) {
-        field("id", id)
-        field("stdin", stdin)
-        field("stdout", stdout)
-        field("stderr", stderr)
-        field("terminal", terminal)
-        field("pid", pid)
-        field("startTime", startTime)
-        if let exitCode { field("exitCode", exitCode) }
-        if let exitStatus { field("exitStatus", exitStatus) }
-        field("exitedAt", exitedAt)
+    mutating func process(_ p: ProcessRecord) {
+        field("id", p.id)
+        field("stdin", p.stdin)
+        field("stdout", p.stdout)
+        field("stderr", p.stderr)
+        field("terminal", p.terminal)
+        field("pid", p.pid)
+        field("startTime", p.startTime)
+        if let v = p.exitCode { field("exitCode", v) }
+        if let v = p.exitStatus { field("exitStatus", v) }
+        field("exitedAt", p.exitedAt)
     }
 }
 
@@ -308,18 +303,19 @@ extension SandboxRecord {
         w.open("containers", array: true)
         for c in containers {
             w.open()
-            w.process(id: c.id, stdin: c.stdin, stdout: c.stdout, stderr: c.stderr, terminal: c.terminal, pid: c.pid,
-                      startTime: c.startTime, exitCode: c.exitCode, exitStatus: c.exitStatus, exitedAt: c.exitedAt)
+            w.field("id", c.id)
             w.field("bundle", c.bundle)
             w.field("rootfs", c.rootfs)
             w.field("ownedMounts", c.ownedMounts)
             w.field("state", c.state)
+            w.open("process")
+            w.process(c.process)
+            w.close()
             if let execs = c.execs {
                 w.open("execs", array: true)
                 for e in execs {
                     w.open()
-                    w.process(id: e.id, stdin: e.stdin, stdout: e.stdout, stderr: e.stderr, terminal: e.terminal, pid: e.pid,
-                              startTime: e.startTime, exitCode: e.exitCode, exitStatus: e.exitStatus, exitedAt: e.exitedAt)
+                    w.process(e)
                     w.close()
                 }
                 w.close(array: true)

@@ -131,7 +131,7 @@ public final class SandboxRegistry {
         s.cgroupRoot = cgroupRoot
         if sharedNamespaces {
             do {
-                s.pinned = try PinnedNamespaces.create(in: dir, engine: engine, types: netnsPath.isEmpty ? PinnedNamespaces.types : ["ipc", "uts"])
+                s.pinned = try PinnedNamespaces.create(in: dir, types: netnsPath.isEmpty ? PinnedNamespaces.types : ["ipc", "uts"])
                 // containerd (CNI) made the network namespace: joined, never ours to release.
                 if !netnsPath.isEmpty { s.pinned["network"] = netnsPath }
             } catch {
@@ -175,7 +175,7 @@ public enum PinnedNamespaces {
     public static let types = ["network", "ipc", "uts"]
 
     /// Creates the namespaces and returns type → pinned file.
-    public static func create(in dir: String, engine: ContainerEngine, types: [String] = types) throws -> [String: String] {
+    public static func create(in dir: String, types: [String] = types) throws -> [String: String] {
         var pinned: [String: String] = [:]
         var flags: UInt64 = 0
         for type in types {

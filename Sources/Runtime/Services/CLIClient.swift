@@ -227,12 +227,7 @@ public final class CLIClient {
             w.id = containerID
             _ = try session.call("Wait", w, as: Containerd_Task_V2_WaitResponse.self)
         }
-        var d = Containerd_Task_V2_DeleteRequest()
-        d.id = containerID
-        _ = try session.call("Delete", d, as: Containerd_Task_V2_DeleteResponse.self)
-        var s = Containerd_Task_V2_ShutdownRequest()
-        s.id = containerID
-        _ = try? session.call("Shutdown", s, as: Google_Protobuf_Empty.self)
+        try session.delete(id: containerID)
     }
 
     public func list() throws -> [Kuasar_Admin_V1_SandboxInfo] {
@@ -309,14 +304,19 @@ final class TaskSession {
     }
 
     /// Delete and Shutdown, ignoring errors (best effort on the way out).
-    func cleanup(id: String) {
+    /// Deletes the container, then shuts its sandbox down (the CLI's sandboxes hold one
+    /// container each). A failed Delete throws unless `bestEffort` (the cleanup after a
+    /// run); the Shutdown is always best effort.
+    func delete(id: String, bestEffort: Bool = false) throws {
         var d = Containerd_Task_V2_DeleteRequest()
         d.id = id
-        _ = try? call("Delete", d, as: Containerd_Task_V2_DeleteResponse.self)
+        do { _ = try call("Delete", d, as: Containerd_Task_V2_DeleteResponse.self) } catch { if !bestEffort { throw error } }
         var s = Containerd_Task_V2_ShutdownRequest()
         s.id = id
         _ = try? call("Shutdown", s, as: Google_Protobuf_Empty.self)
     }
+
+    func cleanup(id: String) { try? delete(id: id, bestEffort: true) }
 
     func close() {
         for p in pumps { p.close() }

@@ -42,6 +42,14 @@ public struct KuasarConfig: Sendable, Equatable {
 
     public init() {}
 
+    /// The state directory: `root`, else the API socket's directory.
+    public var effectiveRoot: String {
+        if let root { return root }
+        guard let slash = socket.lastIndex(of: "/"), slash != socket.startIndex else { return "/run/kuasar" }
+        return String(socket[..<slash])
+    }
+    public var adminSocketPath: String { effectiveRoot + "/admin.sock" }
+
     /// The defaults as a commented file (`kuasar config default`); parsing it gives `KuasarConfig()`.
     public static let defaultText = """
     # kuasar daemon configuration. Every key is shown with its default; a file only
@@ -171,6 +179,16 @@ public struct KuasarConfig: Sendable, Equatable {
                 throw Error("\(origin): unknown key [namespace] \(key) (keys: cgroup_parent)")
             }
         }
+    }
+
+    /// The daemon's configuration: the file `explicit` names (--config), else
+    /// $KUASAR_CONFIG, else /etc/kuasar/config.toml when it exists, over the defaults.
+    /// Returns the file read, nil for the embedded defaults alone.
+    public static func resolve(explicit: String?, environment: [String: String]) throws(Error) -> (KuasarConfig, file: String?) {
+        let named = explicit ?? environment["KUASAR_CONFIG"]
+        let path = named ?? defaultPath
+        let config = try load(path: path, required: named != nil)
+        return (config, named != nil || Files.exists(path) ? path : nil)
     }
 
     /// The file at `path` over the defaults; with `required` false a missing file is

@@ -7,43 +7,12 @@ public enum KuasarVersion {
     public static let string = "0.1.0"
 }
 
-/// What `kuasar daemon` needs to start. Everything has a default, so the daemon runs
-/// with no configuration at all.
-public struct DaemonOptions: Sendable {
-    public var socketPath = "/run/kuasar/kuasar.sock"
-    /// State directory: sandboxes' task sockets and state, admin.sock. Default: the
-    /// API socket's directory.
-    public var root: String?
-    public var effectiveRoot: String {
-        if let root { return root }
-        guard let slash = socketPath.lastIndex(of: "/"), slash != socketPath.startIndex else { return "/run/kuasar" }
-        return String(socketPath[..<slash])
-    }
-    public var adminSocketPath: String { effectiveRoot + "/admin.sock" }
-    /// nil: io_uring when the kernel allows it, else epoll (`KUASAR_REACTOR` overrides).
-    public var backend: BackendKind?
-    public var onExit = KuasarConfig.OnExit.keep
-    public var sandboxers = KuasarConfig().sandboxers
-    public var cgroupRoot = KuasarConfig().cgroupParent
-    public init() {}
-
-    /// The options a configuration file gives (command-line flags override them).
-    public init(config: KuasarConfig) {
-        socketPath = config.socket
-        root = config.root
-        backend = config.reactor
-        onExit = config.onExit
-        sandboxers = config.sandboxers
-        cgroupRoot = config.cgroupParent
-    }
-}
-
 /// The daemon process: one reactor, the API socket, the children it supervises.
 ///
 /// At this stage the API socket speaks a line protocol with one request, `health`;
 /// gRPC (Sandbox API) and ttrpc (Task API) replace it.
 public final class Daemon {
-    let options: DaemonOptions
+    let options: KuasarConfig
     let logger: Logger
     private(set) var reactor: Reactor?
     private var listener: Listener?
@@ -62,7 +31,7 @@ public final class Daemon {
     private var ownsSocketPath = false
     private var fdsAtStart = 0
 
-    public init(options: DaemonOptions, logger: Logger) {
+    public init(options: KuasarConfig, logger: Logger) {
         self.options = options
         self.logger = logger
     }
@@ -76,7 +45,7 @@ public final class Daemon {
         fdsAtStart = openFDCount()
         try Signals.block(Self.handledSignals)
         Signals.ignoreSIGPIPE()
-        let reactor = try Reactor(backend: options.backend, logger: logger)
+        let reactor = try Reactor(backend: options.reactor, logger: logger)
         self.reactor = reactor
         defer { shutdown() }
 
@@ -91,8 +60,10 @@ public final class Daemon {
         let root = options.effectiveRoot
         try makeDirectories(root, mode: 0o700)
         let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
+        // Terminals and stdin pipes go to our keeper as they are made.
+        engine.keeperStore = KeeperStore.fromKeeper
         let registry = SandboxRegistry(root: root, engine: engine, logger: logger)
-        registry.cgroupRoot = options.cgroupRoot
+        registry.cgroupRoot = options.cgroupParent
         self.registry = registry
         let tasks = TaskService(registry: registry, reactor: reactor, logger: logger)
         self.tasks = tasks
@@ -107,13 +78,14 @@ public final class Daemon {
         self.controller = controller
         self.grpc = grpc
 
-        let fd = try Socket.listenUnix(path: options.socketPath)
+        let fd = try Socket.listenUnix(path: options.socket)
         ownsSocketPath = true
         // After the binds: a live daemon on this root refuses them, so only a dead
-        // daemon's sandboxes are ever taken over.
+        // daemon's pid file is replaced and its sandboxes taken over.
+        try Files.writeAtomically(pidFile, Array("\(getpid())\n".utf8), mode: 0o644)
         try recover(registry: registry, tasks: tasks, controller: controller)
         listener = try Listener(reactor: reactor, fd: fd) { [unowned self] conn in self.accept(conn) }
-        logger.info("kuasar \(KuasarVersion.string) listening on \(options.socketPath) (reactor: \(reactor.backendKind))")
+        logger.info("kuasar \(KuasarVersion.string) listening on \(options.socket) (reactor: \(reactor.backendKind))")
         notifySystemd(reactor)
         try reactor.run()
     }
@@ -199,7 +171,7 @@ public final class Daemon {
         guard let notify = SystemdNotify(environment: currentEnvironmentDictionary()) else { return }
         let count = registry?.sandboxes.count ?? 0
         do {
-            try notify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=serving \(count) sandboxes on \(options.socketPath)")
+            try notify.send("READY=1\nMAINPID=\(getpid())\nSTATUS=serving \(count) sandboxes on \(options.socket)")
         } catch {
             logger.warning("sd_notify READY: \(error)")
         }
@@ -213,7 +185,15 @@ public final class Daemon {
 
     /// The exit records the keeper writes for containers that end while no daemon runs.
     var exits: ExitRecords { ExitRecords(dir: options.effectiveRoot + "/exits") }
-    var pidFile: String { options.effectiveRoot + "/daemon.pid" }
+    var pidFile: String { Daemon.pidFile(root: options.effectiveRoot) }
+
+    /// Where a daemon writes its pid (the process to signal: the keeper is its parent).
+    public static func pidFile(root: String) -> String { root + "/daemon.pid" }
+
+    /// The pid a daemon on `root` wrote, if any.
+    public static func pid(root: String) -> pid_t? {
+        (try? Files.readString(pidFile(root: root))).flatMap { pid_t($0.trimmingWhitespace) }
+    }
 
     /// Takes over what the previous daemon left: every recorded sandbox is rebuilt, its
     /// Task API served again, its containers watched through new pidfds; an exit that
@@ -222,9 +202,7 @@ public final class Daemon {
     private func recover(registry: SandboxRegistry, tasks: TaskService, controller: ControllerService) throws(SystemError) {
         let exits = self.exits
         try makeDirectories(exits.dir, mode: 0o700)
-        try Files.writeAtomically(pidFile, Array("\(getpid())\n".utf8), mode: 0o644)
         // Terminals and stdin pipes that earlier keepers kept for their dead daemons.
-        registry.engine.keeperStore = KeeperStore.fromKeeper
         registry.engine.handedOver = KeeperStore.takeOver(root: options.effectiveRoot, except: Keeper.pid)
         defer {
             // Nobody claimed these: their processes are gone.
@@ -294,8 +272,8 @@ public final class Daemon {
         supervisor = nil
         reactor?.close()
         reactor = nil
-        if ownsSocketPath && unlink(options.socketPath) != 0 && Errno.current != .ENOENT {
-            logger.warning("could not remove \(options.socketPath): \(Errno.current)")
+        if ownsSocketPath && unlink(options.socket) != 0 && Errno.current != .ENOENT {
+            logger.warning("could not remove \(options.socket): \(Errno.current)")
         }
         // Every descriptor opened since start must be closed by now.
         logger.info("stopped; descriptors open: \(openFDCount()) (at start: \(fdsAtStart))")

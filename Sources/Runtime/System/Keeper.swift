@@ -45,12 +45,6 @@ public struct ExitRecords: Sendable {
     /// The start time of a live process (0 when it is gone).
     public static func startTime(of pid: pid_t) -> UInt64 { UInt64(ks_proc_starttime(pid)) }
 
-    /// pidfd_open(2) of any process (not only a child); nil when it is gone.
-    public static func openPidfd(_ pid: pid_t) -> Int32? {
-        let fd = ks_pidfd_open(pid)
-        return fd >= 0 ? fd : nil
-    }
-
     /// Takes (reads and removes) the record of a process, if the keeper wrote one.
     public func take(pid: pid_t, startTime: UInt64) -> ExitStatus? {
         let path = "\(dir)/\(pid)-\(startTime)"

@@ -9,23 +9,28 @@ public enum Socket {
     static let streamFlags = Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
 
     /// Calls `body` with a `sockaddr_un` for `path`; refuses paths the kernel would truncate.
+    /// A leading '@' names the abstract namespace (as systemd's NOTIFY_SOCKET does): the
+    /// address is then exactly the name's bytes after a NUL.
     static func withUnixAddress<R>(
         _ path: String, _ call: StaticString, _ body: (UnsafePointer<sockaddr>, socklen_t) throws(SystemError) -> R
     ) throws(SystemError) -> R {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
+        var bytes = Array(path.utf8)
+        let abstract = bytes.first == UInt8(ascii: "@")
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
         guard !bytes.isEmpty, bytes.count < capacity, !bytes.contains(0) else {
             throw SystemError("\(call)", path, errno: Errno(rawValue: ENAMETOOLONG))
         }
+        if abstract { bytes[0] = 0 }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
+        let length = abstract ? MemoryLayout<sa_family_t>.size + bytes.count : MemoryLayout<sockaddr_un>.size
         return try withUnsafePointer(to: &addr) { (p) throws(SystemError) in
             try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sa) throws(SystemError) in
-                try body(sa, socklen_t(MemoryLayout<sockaddr_un>.size))
+                try body(sa, socklen_t(length))
             }
         }
     }
@@ -138,14 +143,21 @@ public func makeDirectories(parentOf path: String) throws(SystemError) {
     try makeDirectories(String(path[..<slash]))
 }
 
+/// `mkdir -p`. The deepest directory is tried first and parents only when it reports
+/// ENOENT: a container's cgroup, made in every v1 hierarchy on each Create, then costs
+/// one mkdir per hierarchy instead of one per path component.
 public func makeDirectories(_ dir: String, mode: mode_t = 0o700) throws(SystemError) {
-    var prefix = ""
-    for part in dir.split(separator: "/", omittingEmptySubsequences: true) {
-        prefix += "/" + part
-        if mkdir(prefix, mode) != 0 {
-            let e = Errno.current
-            if e != .EEXIST { throw SystemError("mkdir", prefix, errno: e) }
-        }
+    let path = dir.count > 1 && dir.hasSuffix("/") ? String(dir.dropLast()) : dir
+    if mkdir(path, mode) == 0 { return }
+    switch Errno.current {
+    case .EEXIST:
+        return
+    case .ENOENT:
+        guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { throw SystemError("mkdir", path, errno: .ENOENT) }
+        try makeDirectories(String(path[..<slash]), mode: mode)
+        if mkdir(path, mode) != 0 && Errno.current != .EEXIST { throw SystemError("mkdir", path, errno: Errno.current) }
+    case let e:
+        throw SystemError("mkdir", path, errno: e)
     }
 }
 

@@ -142,6 +142,12 @@ public func sendSignal(pidfd: Int32, _ signal: Int32) throws(SystemError) {
     _ = try shim("pidfd_send_signal", "signal \(signal)") { ks_pidfd_send_signal(pidfd, signal) }
 }
 
+/// pidfd_open(2) of any process, not only a child (close-on-exec); nil when it is gone.
+public func openPidfd(_ pid: pid_t) -> Int32? {
+    let fd = ks_pidfd_open(pid)
+    return fd >= 0 ? fd : nil
+}
+
 public func currentEnvironment() -> [String] {
     var out: [String] = []
     var p = environ

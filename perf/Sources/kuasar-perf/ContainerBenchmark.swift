@@ -54,9 +54,9 @@ enum ContainerBenchmark {
 
     /// The daemon, in its own process (internal subcommand).
     static func serveDaemon(root: String) throws {
-        var o = DaemonOptions()
+        var o = KuasarConfig()
         o.root = root
-        o.socketPath = root + "/kuasar.sock"
+        o.socket = root + "/kuasar.sock"
         o.onExit = .stop
         try Daemon(options: o, logger: .init(label: "perf-daemon")).run()
     }

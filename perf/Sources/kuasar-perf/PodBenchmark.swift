@@ -48,10 +48,6 @@ enum PodBenchmark {
         return nil
     }
 
-    final class Pod {
-        var phases: [String: Double] = [:]
-    }
-
     /// One pod: the four calls containerd makes; returns per-call ms.
     static func startPod(_ grpc: GRPCClient, id: String, bundle: String) throws -> (total: Double, phases: [String: Double], tasks: OneShotClient) {
         var phases: [String: Double] = [:]
@@ -136,8 +132,7 @@ enum PodBenchmark {
             close(keeperPidfd)
         }
         for _ in 0..<500 {
-            if let p = (try? String(contentsOfFile: root + "/daemon.pid", encoding: .utf8)).flatMap({ pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }),
-               access(socket, F_OK) == 0 { daemonPID = p; break }
+            if let p = Daemon.pid(root: root), access(socket, F_OK) == 0 { daemonPID = p; break }
             usleep(10_000)
         }
         let grpc = try GRPCClient(path: socket)
@@ -186,7 +181,7 @@ enum PodBenchmark {
             do {
                 let c = try GRPCClient(path: socket)
                 let r = try startPod(c, id: "par\(i)", bundle: bundle)
-                results.add(r.total, r.tasks)
+                results.add(r.total, id: "par\(i)", r.tasks)
             } catch {
                 results.fail("\(error)")
             }
@@ -194,10 +189,7 @@ enum PodBenchmark {
         let wall = Double(MonotonicClock.nanoseconds() - t0) / 1e6
         if let e = results.error { log("  parallel: \(e)") }
         rows.append(ContainerBenchmark.row("kuasar pod start, \(parallel) in parallel", results.totals))
-        for (i, t) in results.tasks.enumerated() { _ = i; t.close() }
-        for i in 0..<parallel {
-            if let t = try? OneShotClient(path: root + "/par\(i)/task.sock") { removePod(grpc, t, id: "par\(i)") }
-        }
+        for (id, t) in results.tasks { removePod(grpc, t, id: id) }
         log("  parallel: p50 \(rows[2].p50ms) ms, wall \(wall) ms")
 
         // Memory with N pods (one sleeping container each).
@@ -273,9 +265,9 @@ enum PodBenchmark {
     final class ParallelResults: @unchecked Sendable {
         private let lock = NSLock()
         private(set) var totals: [Double] = []
-        private(set) var tasks: [OneShotClient] = []
+        private(set) var tasks: [(String, OneShotClient)] = []
         private(set) var error: String?
-        func add(_ t: Double, _ c: OneShotClient) { lock.lock(); totals.append(t); tasks.append(c); lock.unlock() }
+        func add(_ t: Double, id: String, _ c: OneShotClient) { lock.lock(); totals.append(t); tasks.append((id, c)); lock.unlock() }
         func fail(_ e: String) { lock.lock(); if error == nil { error = e }; lock.unlock() }
     }
 
@@ -314,11 +306,10 @@ enum PodBenchmark {
         }
 
         func stop() {
-            let admin = dir + "/kuasar/daemon.pid"
             _ = try? sendSignal(pidfd: pidfd, SIGTERM)
             _ = waitpid(pid, nil, 0)
             close(pidfd)
-            if let p = (try? String(contentsOfFile: admin, encoding: .utf8)).flatMap({ pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) {
+            if let p = Daemon.pid(root: dir + "/kuasar") {
                 kill(p, SIGTERM)
                 for _ in 0..<300 where kill(p, 0) == 0 { usleep(10_000) }
             }
