@@ -331,9 +331,30 @@ static void dev_symlinks(int rootfd) {
     close(dev);
 }
 
+// Walks up from the rootfs's parent directory to the first mount point and makes that
+// mount private (mount(2) changes propagation only on a mount's root: EINVAL elsewhere).
+static void make_parent_mount_private(int sync_fd, const char *rootfs) {
+    char dir[PATH_MAX];
+    size_t len = strlen(rootfs);
+    if (len >= sizeof dir) fail(sync_fd, "rootfs path too long", rootfs, ENAMETOOLONG);
+    memcpy(dir, rootfs, len + 1);
+    for (;;) {
+        char *slash = strrchr(dir, '/');
+        if (!slash) return;
+        if (slash == dir) { dir[1] = 0; } else { *slash = 0; }
+        if (mount(NULL, dir, NULL, MS_PRIVATE, NULL) == 0) return;
+        if (errno != EINVAL) fail(sync_fd, "make the rootfs's parent mount private", dir, errno);
+        if (dir[1] == 0) return;
+    }
+}
+
 static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
     unsigned long prop = a->rootfs_propagation ? a->rootfs_propagation : (MS_SLAVE | MS_REC);
     if (mount(NULL, "/", NULL, prop, NULL) < 0) fail(sync_fd, "set propagation of /", NULL, errno);
+    // pivot_root (and the MS_MOVE fallback) refuse a new root under a shared mount
+    // (EINVAL): with an rshared root, make just the mount holding the rootfs private, as
+    // runc does; the requested propagation is applied to the new / after the pivot.
+    if (prop & MS_SHARED) make_parent_mount_private(sync_fd, a->rootfs);
     // pivot_root needs the new root to be a mount point.
     if (mount(a->rootfs, a->rootfs, NULL, MS_BIND | MS_REC, NULL) < 0) fail(sync_fd, "bind rootfs", a->rootfs, errno);
     int rootfd = open(a->rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -369,6 +390,10 @@ static void setup_rootfs(const ks_container_attr *a, int sync_fd) {
         close(newroot);
     }
     if (chdir("/") < 0) fail(sync_fd, "chdir /", NULL, errno);
+    // The container's own root gets the propagation its spec asks for (rshared: mounts
+    // made under a shared bind reach the host; rslave: the host's reach the container).
+    if (a->rootfs_propagation && mount(NULL, "/", NULL, a->rootfs_propagation, NULL) < 0)
+        fail(sync_fd, "set propagation of the container's /", NULL, errno);
 
     for (int i = 0; i < a->readonly_count; i++) {
         const char *p = a->readonly[i];

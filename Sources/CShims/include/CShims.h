@@ -265,6 +265,28 @@ int ks_pin_namespaces(int flags, const char *_Nonnull const *_Nonnull sources, c
 void *_Nullable ks_cgroup_join_start(const int *fds, int count, pid_t target, pid_t *pid, int *pidfd);
 void ks_cgroup_join_release(void *block);
 
+
+// podholder.c: the per-pod holder process (see the file's comment).
+/// The holder's program as a minimal static ELF in a sealed, read-only memfd (close-on-exec):
+/// the fd, or -errno (-ENOEXEC on an architecture without one).
+int ks_pod_holder_image(void);
+typedef struct ks_pod_holder_attr {
+    int image_fd;                           // from ks_pod_holder_image
+    uint64_t clone_flags;                   // CLONE_NEWPID/NEWNET/NEWIPC/NEWUTS to create
+    int netns_fd;                           // a network namespace to join first (CNI's), -1 none
+    const char *_Nullable netns_path;       // its path, for errors
+    const char *_Nullable hostname;         // set in the new UTS namespace
+    int loopback_up;                        // bring `lo` up (a network namespace made here)
+    const ks_sysctl *_Nullable sysctls;     // key = /proc/sys path, written in the pod's namespaces
+    int sysctl_count;
+    const char *_Nonnull const *_Nullable pin_sources;  // /proc/self/ns files bind-mounted onto
+    const char *_Nonnull const *_Nullable pin_targets;  // these (existing empty files)
+    int pin_count;
+    char *_Nullable const *_Nullable argv;  // required; nullable only so Swift can zero-initialize
+} ks_pod_holder_attr;
+/// Starts a holder in new namespaces: 0 with *pid/*pidfd, or -errno with errbuf naming the step.
+int ks_pod_holder_spawn(const ks_pod_holder_attr *attr, pid_t *pid, int *pidfd, char *errbuf, size_t errlen);
+
 #pragma clang assume_nonnull end
 
 #endif

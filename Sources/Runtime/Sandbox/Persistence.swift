@@ -20,6 +20,13 @@ struct SandboxRecord: Codable, Equatable {
     var extensions: [String: Sandbox.Extension]?
     var pinned: [String: String]
     var cgroupRoot: String
+    /// A CRI pod: its holder (pid and start time), its /dev/shm, how it ended.
+    var pod: Bool?
+    var holderPid: Int32?
+    var holderStartTime: UInt64?
+    var shm: Bool?
+    var exitCode: Int32?
+    var exitStatus: Int32?
     var containers: [ContainerRecord]
 }
 
@@ -109,7 +116,9 @@ extension SandboxRegistry {
         let record = SandboxRecord(
             id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
             createdAt: s.createdAt, exitedAt: s.exitedAt, labels: s.labels, extensions: s.extensions.isEmpty ? nil : s.extensions, pinned: s.pinned,
-            cgroupRoot: s.cgroupRoot, containers: containers)
+            cgroupRoot: s.cgroupRoot, pod: s.isPod ? true : nil, holderPid: s.holder?.pid, holderStartTime: s.holder?.startTime,
+            shm: s.hasShm ? true : nil, exitCode: s.exitStatus?.siginfo.code, exitStatus: s.exitStatus?.siginfo.status,
+            containers: containers)
         do {
             try Files.writeAtomically(s.stateDir + "/" + Self.stateFile, record.json())
         } catch {
@@ -155,10 +164,14 @@ extension SandboxRegistry {
             s.extensions = record.extensions ?? [:]
             s.pinned = record.pinned
             s.cgroupRoot = record.cgroupRoot
+            s.isPod = record.pod == true
+            s.hasShm = record.shm == true
+            if let pid = record.holderPid, let start = record.holderStartTime { s.holder = Sandbox.Holder(pid: pid, startTime: start) }
+            if let code = record.exitCode, let status = record.exitStatus { s.exitStatus = ExitStatus(siginfoCode: code, status: status) }
             for cr in record.containers {
                 var spec: OCISpec
                 do {
-                    spec = s.adapt(try OCISpec.decode(try Files.read(cr.bundle + "/config.json")))
+                    spec = try s.adapt(try OCISpec.decode(try Files.read(cr.bundle + "/config.json")))
                 } catch {
                     // Still recovered (status, wait, kill, delete work); exec needs the spec.
                     logger.warning("container \(cr.id): \(cr.bundle)/config.json: \(error)")
@@ -300,6 +313,12 @@ extension SandboxRecord {
         }
         w.field("pinned", pinned)
         w.field("cgroupRoot", cgroupRoot)
+        if let pod { w.field("pod", pod) }
+        if let holderPid { w.field("holderPid", holderPid) }
+        if let holderStartTime { w.field("holderStartTime", holderStartTime) }
+        if let shm { w.field("shm", shm) }
+        if let exitCode { w.field("exitCode", exitCode) }
+        if let exitStatus { w.field("exitStatus", exitStatus) }
         w.open("containers", array: true)
         for c in containers {
             w.open()

@@ -56,6 +56,29 @@ public final class Sandbox {
 
     /// Namespace type → pinned ns file, for a sandbox that shares namespaces.
     public var pinned: [String: String] = [:]
+
+    /// A CRI pod (made by the Controller): the process that lives in its namespaces (the
+    /// pid containerd points containers at), and what the pod gives its containers.
+    public struct Holder: Equatable, Sendable {
+        public var pid: pid_t
+        public var startTime: UInt64
+        public init(pid: pid_t, startTime: UInt64) { self.pid = pid; self.startTime = startTime }
+    }
+    public var holder: Holder?
+    /// The holder's pidfd while it is watched (borrowed from whoever watches it; for signals).
+    public var holderPidfd: Int32 = -1
+    /// How the pod ended (its holder's exit), for Controller.Wait.
+    public var exitStatus: ExitStatus?
+    /// Controller.Stop calls waiting for the holder to be gone.
+    public var holderStopWaiters: [() -> Void] = []
+    /// Set for a CRI pod: its containers get /etc/hostname, /etc/hosts, /etc/resolv.conf
+    /// from these files and, when they share its IPC namespace, its /dev/shm.
+    public var isPod = false
+    public var hasShm = false
+    public var hostnameFile: String { stateDir + "/hostname" }
+    public var hostsFile: String { stateDir + "/hosts" }
+    public var resolvConfFile: String { stateDir + "/resolv.conf" }
+    public var shmDir: String { stateDir + "/shm" }
     /// Container ids whose Create is in flight (so an id cannot be taken twice).
     public var pendingCreates = Set<String>()
 
@@ -75,16 +98,65 @@ public final class Sandbox {
         self.eventsAddress = eventsAddress
     }
 
-    /// The spec a container of this sandbox runs with: a namespace it would create new
-    /// is joined from the sandbox instead when the sandbox pins one of that type.
-    public func adapt(_ spec: OCISpec) -> OCISpec {
-        guard !pinned.isEmpty, var ns = spec.linux?.namespaces else { return spec }
-        for i in ns.indices where ns[i].path == nil {
-            if let file = pinned[ns[i].type] { ns[i].path = file }
+    /// The spec a container of this sandbox runs with.
+    /// - A namespace path that names the daemon itself is refused: joining it would put
+    ///   the container in the host's namespaces.
+    /// - containerd 2.x's `/proc/<holder>/ns/<type>` is joined through the pinned file of
+    ///   that type (the same namespace, and immune to the holder's pid being reused).
+    /// - A namespace the container would create new is joined from the sandbox instead
+    ///   when the sandbox pins one of that type (network, ipc, uts; never pid, so a
+    ///   container-level `pid` without a path keeps its own).
+    /// - A pod's containers get its /etc/hostname, /etc/hosts and /etc/resolv.conf
+    ///   unless their spec mounts them, and its /dev/shm when they share its IPC namespace.
+    public func adapt(_ spec: OCISpec) throws(SpecError) -> OCISpec {
+        guard var ns = spec.linux?.namespaces else { return spec }
+        let me = getpid()
+        for i in ns.indices {
+            guard let path = ns[i].path else {
+                if let file = pinned[ns[i].type] { ns[i].path = file }
+                continue
+            }
+            if let pid = Self.procPid(path), pid == "self" || pid == "thread-self" || pid == String(me) {
+                throw SpecError("linux.namespaces[\(ns[i].type)].path",
+                                "\(path) is the kuasar daemon's own namespace (the host's); a pod's containers join the pid that Controller.Start returned\(holder.map { " (\($0.pid))" } ?? "")")
+            }
+            if let h = holder, Self.procPid(path) == String(h.pid), let file = pinned[ns[i].type] { ns[i].path = file; continue }
+            // A pod's containers never join the daemon's (the host's) namespaces, whoever's
+            // pid the path names: containerd leaves out what a host-network pod shares.
+            if isPod, ["network", "ipc", "uts", "pid"].contains(ns[i].type), Self.sameNamespace(path, "/proc/self/ns/" + NamespaceFlag.procName(ns[i].type)) {
+                throw SpecError("linux.namespaces[\(ns[i].type)].path",
+                                "\(path) is the kuasar daemon's own namespace (the host's), not pod \(id)'s; its containers join the pid that Controller.Start returned\(holder.map { " (\($0.pid))" } ?? "")")
+            }
         }
         var out = spec
         out.linux!.namespaces = ns
+        guard isPod else { return out }
+        let sharesIPC = ns.contains { $0.type == "ipc" && $0.path != nil && ($0.path == pinned["ipc"] || Self.procPid($0.path!) == holder.map { String($0.pid) }) }
+        var mounts = out.mounts ?? []
+        let readOnly = spec.root?.readonly == true
+        for (dest, file) in [("/etc/hostname", hostnameFile), ("/etc/hosts", hostsFile), ("/etc/resolv.conf", resolvConfFile)]
+        where !mounts.contains(where: { $0.destination == dest }) && Files.exists(file) {
+            mounts.append(OCISpec.Mount(destination: dest, type: "bind", source: file,
+                                        options: ["rbind", "rprivate", readOnly ? "ro" : "rw"]))
+        }
+        if sharesIPC && hasShm, let i = mounts.firstIndex(where: { $0.destination == "/dev/shm" && $0.type == "tmpfs" }) {
+            mounts[i] = OCISpec.Mount(destination: "/dev/shm", type: "bind", source: shmDir, options: ["rbind", "rprivate", "rw"])
+        }
+        out.mounts = mounts
         return out
+    }
+
+    static func sameNamespace(_ a: String, _ b: String) -> Bool {
+        var sa = stat(), sb = stat()
+        guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
+        return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+    }
+
+    /// The `<pid>` of a `/proc/<pid>/ns/<type>` path.
+    static func procPid(_ path: String) -> String? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true)
+        guard parts.count == 4, parts[0] == "proc", parts[2] == "ns" else { return nil }
+        return String(parts[1])
     }
 
     public func add(_ c: Container) {
@@ -147,6 +219,8 @@ public final class SandboxRegistry {
     /// Forgets a sandbox with no containers left and removes its state directory.
     public func remove(_ sandbox: Sandbox) {
         for c in sandbox.containers.values { c.destroy() }
+        if sandbox.holderPidfd >= 0 { try? sendSignal(pidfd: sandbox.holderPidfd, SIGKILL) }
+        if sandbox.hasShm { try? Mounts.unmount(sandbox.shmDir, lazy: true); sandbox.hasShm = false }
         PinnedNamespaces.release(sandbox.pinned, ownedUnder: sandbox.stateDir)
         sandbox.pinned = [:]
         // The sandbox's cgroup parent, now that its containers' cgroups are gone.

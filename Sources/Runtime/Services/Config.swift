@@ -39,6 +39,8 @@ public struct KuasarConfig: Sendable, Equatable {
     public var sandboxers: [String: Kind] = ["kuasar": .namespace, "kuasar-ns": .namespace, "namespace": .namespace]
     /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
     public var cgroupParent = "kuasar"
+    /// containerd's ttrpc address, where events of sandboxes made through the Controller go.
+    public var containerdAddress = "/run/containerd/containerd.sock.ttrpc"
 
     public init() {}
 
@@ -80,6 +82,12 @@ public struct KuasarConfig: Sendable, Equatable {
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
     cgroup_parent = "kuasar"
 
+    [containerd]
+    # containerd's ttrpc socket: task events (create, start, exit, oom, delete) of pods made
+    # through the sandbox Controller are published to its events service there, in order,
+    # re-dialled while containerd restarts (up to 10000 events wait; the oldest go first).
+    address = "/run/containerd/containerd.sock.ttrpc"
+
     """
 
     public struct Error: Swift.Error, CustomStringConvertible, Sendable {
@@ -98,16 +106,17 @@ public struct KuasarConfig: Sendable, Equatable {
         var c = KuasarConfig()
         for key in table.keys {
             guard let section = table[key]?.table else {
-                if ["daemon", "sandboxers", "namespace"].contains(key) {
+                if ["daemon", "sandboxers", "namespace", "containerd"].contains(key) {
                     throw Error("\(origin): \(key) must be a table ([\(key)])")
                 }
-                throw Error("\(origin): unknown key \"\(key)\" (sections: daemon, sandboxers, namespace)")
+                throw Error("\(origin): unknown key \"\(key)\" (sections: daemon, sandboxers, namespace, containerd)")
             }
             switch key {
             case "daemon": try c.applyDaemon(section, origin)
             case "sandboxers": try c.applySandboxers(section, origin)
             case "namespace": try c.applyNamespace(section, origin)
-            default: throw Error("\(origin): unknown section [\(key)] (sections: daemon, sandboxers, namespace)")
+            case "containerd": try c.applyContainerd(section, origin)
+            default: throw Error("\(origin): unknown section [\(key)] (sections: daemon, sandboxers, namespace, containerd)")
             }
         }
         return c
@@ -177,6 +186,23 @@ public struct KuasarConfig: Sendable, Equatable {
                 cgroupParent = v
             default:
                 throw Error("\(origin): unknown key [namespace] \(key) (keys: cgroup_parent)")
+            }
+        }
+    }
+
+    private mutating func applyContainerd(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for key in t.keys {
+            switch key {
+            case "address":
+                let v = try Self.string(t, "containerd", key, origin)
+                var path = v
+                for prefix in ["ttrpc+unix://", "unix://"] where path.hasPrefix(prefix) { path = String(path.dropFirst(prefix.count)) }
+                guard path.hasPrefix("/") else {
+                    throw Error("\(origin): [containerd] address must be an absolute socket path (or unix://PATH), not \"\(v)\"")
+                }
+                containerdAddress = v
+            default:
+                throw Error("\(origin): unknown key [containerd] \(key) (keys: address)")
             }
         }
     }

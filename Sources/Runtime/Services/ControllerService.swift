@@ -14,6 +14,9 @@ public final class ControllerService {
     /// Sandboxer names (containerd's proxy plugin names) → kind, from the config; an
     /// empty name (an older client) means the namespace kind.
     public var sandboxers = KuasarConfig().sandboxers
+    /// containerd's ttrpc socket ([containerd] address): where task events of the
+    /// sandboxes made here are published.
+    public var eventsAddress = KuasarConfig().containerdAddress
     let registry: SandboxRegistry
     let tasks: TaskService
     let reactor: Reactor
@@ -43,9 +46,9 @@ public final class ControllerService {
         unary("Stop") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerStopRequest) in try self.stop(call, r) }
         unary("Wait") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerWaitRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
-            let answer = { (at: WallTime) in
+            let answer = { [weak s] (at: WallTime) in
                 var resp = Containerd_Services_Sandbox_V1_ControllerWaitResponse()
-                resp.exitStatus = 0
+                resp.exitStatus = UInt32(bitPattern: s?.exitStatus?.code ?? 0)
                 resp.exitedAt = Google_Protobuf_Timestamp(at)
                 call.respond(resp)
             }
@@ -57,7 +60,7 @@ public final class ControllerService {
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
             var resp = Containerd_Services_Sandbox_V1_ControllerStatusResponse()
             resp.sandboxID = s.id
-            resp.pid = UInt32(getpid())
+            resp.pid = UInt32(s.holder?.pid ?? 0)
             resp.state = s.state == .ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY"
             resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
             if let at = s.exitedAt { resp.exitedAt = Google_Protobuf_Timestamp(at) }
@@ -69,7 +72,7 @@ public final class ControllerService {
                 let info: [String: Any] = [
                     "kind": "namespace", "stateDir": s.stateDir, "cgroup": s.cgroupParent,
                     "labels": s.labels, "extensions": s.extensions.keys.sorted(),
-                    "namespaces": s.pinned,
+                    "namespaces": s.pinned, "pid": Int(s.holder?.pid ?? 0),
                     "containers": s.containerOrder.compactMap { id in
                         s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
                     },
@@ -172,20 +175,22 @@ public final class ControllerService {
         if !r.netnsPath.isEmpty && !Files.exists(r.netnsPath) {
             throw RPCError(.invalidArgument, "netns_path \(r.netnsPath) does not exist")
         }
+        let settings = try PodSettings(config, netnsPath: r.netnsPath)
         let namespace = call.metadata("containerd-namespace").first ?? "k8s.io"
-        let (s, _) = try registry.register(id: r.sandboxID, namespace: namespace, eventsAddress: "",
-                                           sharedNamespaces: true, netnsPath: r.netnsPath, save: false)
+        let (s, _) = try registry.register(id: r.sandboxID, namespace: namespace, eventsAddress: eventsAddress, save: false)
+        do {
+            try PodSandbox.prepare(s, settings: settings, netnsPath: r.netnsPath, supervisor: registry.engine.supervisor) { [weak self, weak s] status in
+                guard let self, let s else { return }
+                self.holderExited(s, status)
+            }
+        } catch {
+            registry.remove(s)
+            throw RPCError(.internal, "sandbox \(r.sandboxID): the pod's namespaces: \(error)")
+        }
         s.state = .created
         s.labels = r.sandbox.labels
         seen.insert(s.id)
         registry.save(s)
-        if let dns = config?.dnsConfig, !(dns.servers.isEmpty && dns.searches.isEmpty && dns.options.isEmpty) {
-            var text = dns.servers.map { "nameserver \($0)\n" }.joined()
-            if !dns.searches.isEmpty { text += "search \(dns.searches.joined(separator: " "))\n" }
-            if !dns.options.isEmpty { text += "options \(dns.options.joined(separator: " "))\n" }
-            try Files.write(s.stateDir + "/resolv.conf", text, create: true, mode: 0o644)
-        }
-        if let h = config?.hostname, !h.isEmpty { try Files.write(s.stateDir + "/hostname", h + "\n", create: true, mode: 0o644) }
         var resp = Containerd_Services_Sandbox_V1_ControllerCreateResponse()
         resp.sandboxID = s.id
         call.respond(resp)
@@ -203,7 +208,7 @@ public final class ControllerService {
         registry.save(s)
         var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
         resp.sandboxID = s.id
-        resp.pid = UInt32(getpid())
+        resp.pid = UInt32(s.holder?.pid ?? 0)
         resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
         resp.labels = s.labels
         resp.address = "ttrpc+unix://" + s.taskSocket
@@ -223,8 +228,9 @@ public final class ControllerService {
         let s = try sandbox(r.sandboxID, r.sandboxer)
         let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
         guard !running.isEmpty else {
-            markStopped(s)
-            call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+            stopHolder(s) {
+                call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+            }
             return
         }
         for c in running {
@@ -238,14 +244,63 @@ public final class ControllerService {
                 remaining -= 1
                 guard remaining == 0, let self else { return }
                 if let timer { self.reactor.cancel(timer) }
-                self.markStopped(s)
-                call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+                self.stopHolder(s) {
+                    call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
+                }
             }
         }
         if r.timeoutSecs > 0 {
             timer = reactor.schedule(afterNS: UInt64(r.timeoutSecs) * 1_000_000_000) {
                 for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
             }
+        }
+    }
+
+    /// Ends the pod's holder (SIGKILL: as a namespace init it ignores anything else) and
+    /// marks the sandbox stopped once it is gone, with its exit status.
+    private func stopHolder(_ s: Sandbox, then done: @escaping () -> Void) {
+        guard s.holderPidfd >= 0 else {
+            markStopped(s)
+            done()
+            return
+        }
+        s.holderStopWaiters.append(done)
+        do { try sendSignal(pidfd: s.holderPidfd, SIGKILL) } catch {
+            logger.error("sandbox \(s.id): kill holder \(s.holder?.pid ?? 0): \(error)")
+        }
+    }
+
+    /// The pod's holder ended: by Stop, or on its own (killed from outside). Without it
+    /// the pod's namespaces are gone, so the pod is over: its containers are killed and
+    /// the sandbox reports stopped with the holder's status.
+    func holderExited(_ s: Sandbox, _ status: ExitStatus?) {
+        guard registry.sandboxes[s.id] === s else { return }
+        if s.exitStatus == nil { s.exitStatus = status ?? .exited(255) }
+        if s.holderStopWaiters.isEmpty && s.state != .stopped {
+            logger.warning("sandbox \(s.id): its holder \(s.holder?.pid ?? 0) ended (\(status.map { "\($0)" } ?? "status unknown")); the pod is stopped")
+        }
+        for c in s.containers.values where c.state == .running || c.state == .paused || c.state == .created {
+            try? c.kill(signal: SIGKILL, all: true)
+        }
+        markStopped(s)
+        let waiters = s.holderStopWaiters
+        s.holderStopWaiters = []
+        for w in waiters { w() }
+    }
+
+    /// Re-watches a recovered pod's holder; one that ended while no daemon ran stops the
+    /// pod now, with the status the keeper recorded.
+    func resumeHolder(_ s: Sandbox, exits: ExitRecords) {
+        guard let h = s.holder, s.state != .stopped else { return }
+        let fd = registry.engine.supervisor.watchForeign(pid: h.pid, startTime: h.startTime, exits: exits) { [weak self, weak s] status in
+            guard let self, let s else { return }
+            s.holderPidfd = -1
+            self.holderExited(s, status)
+        }
+        if let fd {
+            s.holderPidfd = fd
+        } else {
+            holderExited(s, exits.take(pid: h.pid, startTime: h.startTime))
         }
     }
 

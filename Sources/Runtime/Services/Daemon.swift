@@ -74,6 +74,7 @@ public final class Daemon {
         let grpc = GRPCServer(reactor: reactor, logger: logger)
         let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger)
         controller.sandboxers = options.sandboxers
+        controller.eventsAddress = options.containerdAddress
         controller.register(on: grpc)
         self.controller = controller
         self.grpc = grpc
@@ -216,7 +217,8 @@ public final class Daemon {
         }
         // Records of processes that were not containers (helpers, execs) are dropped;
         // those of recovered containers are taken as they are found.
-        exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames)))
+        let holders = sandboxes.compactMap { $0.holder.map { "\($0.pid)-\($0.startTime)" } }
+        exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders))
         for r in containers { tasks.watch(r.container, in: r.sandbox) }
         for s in sandboxes {
             controller.seen.insert(s.id)
@@ -225,6 +227,7 @@ public final class Daemon {
             }
         }
         for r in containers { registry.resume(r, exits: exits) }
+        for s in sandboxes { controller.resumeHolder(s, exits: exits) }
         for s in sandboxes { registry.save(s) }
         logger.info("recovered \(sandboxes.count) sandboxes, \(containers.count) containers")
     }

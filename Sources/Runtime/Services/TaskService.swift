@@ -192,7 +192,7 @@ public final class TaskService {
         if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
         let tRead = MonotonicClock.nanoseconds()
-        let spec = sandbox.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
+        let spec = try sandbox.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
         if logger.logLevel <= .trace { logger.trace("create \(r.id): config.json read and decoded in \(Double(MonotonicClock.nanoseconds() - tRead) / 1e6) ms") }
         // Container.create validates everything; the rootfs path is needed first.
         guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }

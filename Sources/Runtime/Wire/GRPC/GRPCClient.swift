@@ -10,7 +10,7 @@ import SwiftProtobuf
 /// on one connection (streams 1, 3, 5, …). For the CLI, benchmarks and tests — a peer
 /// of the daemon, never inside it.
 public final class GRPCClient {
-    private let fd: OwnedFD
+    private var fd: OwnedFD?
     private var decoder = HTTP2FrameDecoder(maxFrameSize: 1 << 24, expectPreface: false)
     private var hpackEncoder = HPACKEncoder(allocator: ByteBufferAllocator())
     private var hpackDecoder = HPACKDecoder(allocator: ByteBufferAllocator())
@@ -18,6 +18,11 @@ public final class GRPCClient {
     private var sendWindow = 65_535
     private let authority: String
     private var readBuffer = [UInt8](repeating: 0, count: 65_536)
+
+    /// Closes the connection (also when the client goes away).
+    public func close() { fd.take()?.close() }
+
+    deinit { close() }
 
     public init(path: String) throws {
         fd = try Socket.connectUnix(path: path, blocking: true)
@@ -33,7 +38,7 @@ public final class GRPCClient {
         var inc: [UInt8] = []
         HTTP2.appendU32(to: &inc, UInt32(1 << 30))
         HTTP2.appendFrame(to: &out, type: .windowUpdate, streamID: 0, payload: inc)
-        try fd.writeAll(out)
+        try fd!.writeAll(out)
     }
 
 
@@ -57,7 +62,7 @@ public final class GRPCClient {
         guard message.count <= sendWindow else { throw RPCError(.resourceExhausted, "request of \(message.count) bytes over the peer's window") }
         sendWindow -= message.count
         HTTP2.appendFrame(to: &out, type: .data, flags: .endStream, streamID: id, payload: message)
-        try fd.writeAll(out)
+        try fd!.writeAll(out)
 
         var data: [UInt8] = []
         var status: Int?
@@ -68,11 +73,11 @@ public final class GRPCClient {
             case .settings where !frame.flags.contains(.ack):
                 var ack: [UInt8] = []
                 HTTP2.appendFrame(to: &ack, type: .settings, flags: .ack, streamID: 0)
-                try fd.writeAll(ack)
+                try fd!.writeAll(ack)
             case .ping where !frame.flags.contains(.ack):
                 var pong: [UInt8] = []
                 HTTP2.appendFrame(to: &pong, type: .ping, flags: .ack, streamID: 0, payload: frame.payload)
-                try fd.writeAll(pong)
+                try fd!.writeAll(pong)
             case .windowUpdate where frame.streamID == 0 && frame.payload.count == 4:
                 sendWindow += Int(HTTP2.u32(frame.payload[...]) & 0x7fff_ffff)
             case .data where frame.streamID == id:
@@ -100,7 +105,7 @@ public final class GRPCClient {
     private func nextFrame() throws -> HTTP2.Frame? {
         while true {
             if let f = try decoder.next() { return f }
-            let n = readBuffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress!, $0.count) }
+            let n = readBuffer.withUnsafeMutableBytes { Glibc.read(fd?.rawValue ?? -1, $0.baseAddress!, $0.count) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return nil }
             readBuffer.withUnsafeBytes { decoder.append(UnsafeRawBufferPointer(rebasing: $0[..<n])) }

@@ -1,0 +1,143 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+
+/// What a CRI pod of the namespace kind is made of, from containerd's
+/// `runtime.v1.PodSandboxConfig`: its namespaces (held by a holder process, the pid
+/// containerd points containers at), its hostname, DNS and hosts files, its /dev/shm and
+/// its sysctls — what containerd's own pod sandbox (a pause container) would give it.
+public struct PodSettings: Sendable {
+    public var hostname: String
+    public var resolvConf: String
+    public var hosts: String
+    /// Namespaced sysctls only, applied inside the pod's namespaces.
+    public var sysctls: [String: String] = [:]
+    /// Namespaces the pod creates; one left out is the node's (CRI `NODE` mode).
+    public var newPid = true, newIPC = true, newNetwork = true, newUTS = true
+    public var shmBytes: UInt64 = PodSettings.defaultShmBytes
+    public static let defaultShmBytes: UInt64 = 64 << 20
+    /// A pod annotation that sizes its /dev/shm (bytes), as CRI has no field for it.
+    public static let shmSizeAnnotation = "io.kuasar.shm-size"
+
+    public static let defaultHosts = """
+        127.0.0.1\tlocalhost
+        ::1\tlocalhost ip6-localhost ip6-loopback
+        fe00::0\tip6-localnet
+        ff00::0\tip6-mcastprefix
+        ff02::1\tip6-allnodes
+        ff02::2\tip6-allrouters
+
+        """
+
+    /// Settings from the pod's config (nil: a client that sent none, e.g. not the CRI).
+    /// Throws InvalidArgument naming the field for what cannot be honoured.
+    public init(_ config: Runtime_V1_PodSandboxConfig?, netnsPath: String) throws(RPCError) {
+        hostname = config?.hostname ?? ""
+        if hostname.isEmpty { hostname = Self.hostHostname() }
+        guard hostname.utf8.count <= 64, !hostname.contains("\0") else {
+            throw RPCError(.invalidArgument, "options: hostname \"\(hostname.prefix(80))\" is longer than 64 bytes")
+        }
+        hosts = Self.defaultHosts
+        if let dns = config?.dnsConfig, config?.hasDnsConfig == true {
+            var text = dns.servers.map { "nameserver \($0)\n" }.joined()
+            if !dns.searches.isEmpty { text += "search \(dns.searches.joined(separator: " "))\n" }
+            if !dns.options.isEmpty { text += "options \(dns.options.joined(separator: " "))\n" }
+            resolvConf = text
+        } else {
+            // As containerd does for a pod without a DNS config: the node's.
+            resolvConf = (try? Files.readString("/etc/resolv.conf")) ?? ""
+        }
+        if let opts = config?.linux.securityContext.namespaceOptions {
+            newPid = opts.pid != .node
+            newIPC = opts.ipc != .node
+            newNetwork = opts.network != .node
+            newUTS = newNetwork
+        }
+        if !netnsPath.isEmpty { newNetwork = false }
+        let hostNetwork = config?.linux.securityContext.namespaceOptions.network == .node
+        for (key, value) in config?.linux.sysctls ?? [:] {
+            guard let kind = Self.namespacedSysctl(key) else {
+                throw RPCError(.invalidArgument, "options: linux.sysctls: \"\(key)\" is not a namespaced sysctl (kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*, net.*): it would change the node, not the pod")
+            }
+            if kind == "net" && hostNetwork {
+                throw RPCError(.invalidArgument, "options: linux.sysctls: \"\(key)\" needs the pod's own network namespace; this pod uses the node's")
+            }
+            if kind == "ipc" && !newIPC {
+                throw RPCError(.invalidArgument, "options: linux.sysctls: \"\(key)\" needs the pod's own IPC namespace; this pod uses the node's")
+            }
+            guard !value.contains("\n"), !value.contains("\0"), !key.contains("/"), !key.contains("..") else {
+                throw RPCError(.invalidArgument, "options: linux.sysctls: \"\(key)\" = \"\(value.prefix(40))\" is malformed")
+            }
+            sysctls[key] = value
+        }
+        if let s = config?.annotations[Self.shmSizeAnnotation] {
+            guard let bytes = UInt64(s), bytes >= 4096 else {
+                throw RPCError(.invalidArgument, "options: annotation \(Self.shmSizeAnnotation)=\"\(s)\" is not a size in bytes (at least 4096)")
+            }
+            shmBytes = bytes
+        }
+    }
+
+    /// "net" or "ipc" for a sysctl that lives in that namespace, nil for any other.
+    static func namespacedSysctl(_ key: String) -> String? {
+        if key.hasPrefix("net.") { return "net" }
+        if key.hasPrefix("kernel.shm") || key.hasPrefix("kernel.msg") || key == "kernel.sem" || key.hasPrefix("fs.mqueue.") { return "ipc" }
+        return nil
+    }
+
+    static func hostHostname() -> String {
+        var buf = [CChar](repeating: 0, count: 256)
+        _ = gethostname(&buf, buf.count)
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// Makes and releases a CRI pod's host-side parts.
+public enum PodSandbox {
+    /// Prepares a registered (empty) sandbox as a pod: its files, /dev/shm and holder,
+    /// watched by `supervisor` (`onHolderExit` runs on the loop when it ends). On failure
+    /// the caller removes the sandbox, which undoes what was made here.
+    public static func prepare(_ s: Sandbox, settings: PodSettings, netnsPath: String, supervisor: ProcessSupervisor,
+                               onHolderExit: @escaping (ExitStatus) -> Void) throws {
+        s.isPod = true
+        try Files.write(s.hostnameFile, settings.hostname + "\n", create: true, mode: 0o644)
+        try Files.write(s.hostsFile, settings.hosts, create: true, mode: 0o644)
+        try Files.write(s.resolvConfFile, settings.resolvConf, create: true, mode: 0o644)
+        if settings.newIPC {
+            try makeDirectories(s.shmDir, mode: 0o1777)
+            try Mounts.mount(source: "shm", target: s.shmDir, type: "tmpfs",
+                             flags: MountOptions.NOSUID | MountOptions.NODEV | MountOptions.NOEXEC,
+                             data: "mode=1777,size=\(settings.shmBytes)")
+            s.hasShm = true
+        }
+        var setup = PodHolderSpawner.Setup(newNamespaces: 0, argv: ["kuasar-pod", s.id])
+        var pinnedTypes: [String] = []
+        if settings.newPid { setup.newNamespaces |= NamespaceFlag.pid }
+        if settings.newIPC { setup.newNamespaces |= NamespaceFlag.ipc; pinnedTypes.append("ipc") }
+        if settings.newUTS { setup.newNamespaces |= NamespaceFlag.uts; pinnedTypes.append("uts"); setup.hostname = settings.hostname }
+        if settings.newNetwork { setup.newNamespaces |= NamespaceFlag.network; pinnedTypes.append("network") }
+        if !netnsPath.isEmpty { setup.netnsPath = netnsPath }
+        for type in pinnedTypes {
+            let file = s.stateDir + "/" + NamespaceFlag.procName(type)
+            try Files.write(file, "", create: true, mode: 0o600)
+            setup.pins.append((NamespaceFlag.procName(type), file))
+        }
+        setup.sysctls = settings.sysctls.sorted { $0.key < $1.key }.map { ("/proc/sys/" + $0.key.replacingDots(), $0.value) }
+        let process = try PodHolderSpawner.spawn(setup)
+        for type in pinnedTypes { s.pinned[type] = s.stateDir + "/" + NamespaceFlag.procName(type) }
+        // containerd (CNI) made the network namespace: joined, never ours to release.
+        if !netnsPath.isEmpty { s.pinned["network"] = netnsPath }
+        s.holder = Sandbox.Holder(pid: process.pid, startTime: ExitRecords.startTime(of: process.pid))
+        s.holderPidfd = process.pidfd.rawValue
+        try supervisor.adopt(process) { [weak s] status in
+            s?.holderPidfd = -1
+            onHolderExit(status)
+        }
+    }
+}
+
+extension String {
+    /// A sysctl name as its /proc/sys path ("net.ipv4.ip_forward" → "net/ipv4/ip_forward").
+    func replacingDots() -> String { String(map { $0 == "." ? "/" : $0 }) }
+}
