@@ -242,6 +242,149 @@ extension AllTests {
         try node.stop()
     }
 
+    /// Kubernetes' Bidirectional and HostToContainer mount propagation: the container spec
+    /// asks for an rshared (rslave) root and an rshared (rslave) bind of a shared host mount.
+    @Test func mountPropagationWorksAsRuncDoes() throws {
+        let node = try Node("prop")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid, address) = try node.runPod("prop", Self.podConfig(hostname: "prop"))
+        var sources: [String] = []
+        for name in ["bidir", "h2c"] {
+            let dir = node.bundles + "/src-" + name
+            try makeDirectories(dir, mode: 0o755)
+            #expect(try shell("mount -t tmpfs src-\(name) \(dir) && mount --make-shared \(dir)").code == 0)
+            sources.append(dir)
+        }
+        defer { for d in sources { Mounts.unmountAll(under: d) } }
+        func withMount(_ dest: String, _ source: String, _ mode: String) -> (inout [String: Any]) -> Void {
+            return { json in
+                var linux = json["linux"] as! [String: Any]
+                linux["rootfsPropagation"] = mode
+                json["linux"] = linux
+                var mounts = json["mounts"] as! [[String: Any]]
+                mounts.append(["destination": dest, "type": "bind", "source": source, "options": ["rbind", mode]])
+                json["mounts"] = mounts
+                var process = json["process"] as! [String: Any]
+                var caps = process["capabilities"] as! [String: [String]]
+                for k in ["bounding", "effective", "permitted"] { caps[k, default: []].append("CAP_SYS_ADMIN") }
+                process["capabilities"] = caps
+                json["process"] = process
+            }
+        }
+        // rshared: a mount made inside the container under the bind reaches the host.
+        let bidir = try node.bundle("bidir", pid: pid, args: ["sh", "-c",
+            "mkdir -p /mnt/b/inner && mount -t tmpfs inner /mnt/b/inner && echo mounted; sleep 300"],
+            edit: withMount("/mnt/b", sources[0], "rshared"))
+        _ = try node.startContainer(address, "bidir", bundle: bidir)
+        #expect(waitUntil { node.output(bidir).contains("mounted") }, "rshared container: \(node.output(bidir))")
+        #expect(Mounts.mountPoints().contains(sources[0] + "/inner"), "a mount inside an rshared bind did not reach the host")
+
+        // rslave: a mount the host makes later appears inside; one made inside stays inside.
+        let h2c = try node.bundle("h2c", pid: pid, args: ["sh", "-c",
+            "echo started; while ! grep -q ' /mnt/s/from-host ' /proc/self/mountinfo; do sleep 0.05; done; echo seen; " +
+            "mkdir -p /mnt/s/mine && mount -t tmpfs mine /mnt/s/mine && echo mounted; sleep 300"],
+            edit: withMount("/mnt/s", sources[1], "rslave"))
+        _ = try node.startContainer(address, "h2c", bundle: h2c)
+        #expect(waitUntil { node.output(h2c).contains("started") }, "rslave container: \(node.output(h2c))")
+        try makeDirectories(sources[1] + "/from-host", mode: 0o755)
+        #expect(try shell("mount -t tmpfs from-host \(sources[1])/from-host").code == 0)
+        #expect(waitUntil { node.output(h2c).contains("mounted") }, "the host's mount did not reach an rslave bind: \(node.output(h2c))")
+        #expect(!Mounts.mountPoints().contains(sources[1] + "/mine"), "a mount inside an rslave bind reached the host")
+
+        try node.shutdown("prop")
+        #expect(waitUntil { processGone(pid) })
+        for d in sources { Mounts.unmountAll(under: d) }
+        finished = true
+        try node.stop()
+    }
+
+    /// A Python ttrpc server plays containerd's events service at `[containerd] address`.
+    final class EventsSink {
+        let socket: String
+        let stubs: String
+        var process: SpawnedProcess?
+        var out: OwnedFD?
+        var text = ""
+
+        init(socket: String, stubs: String) throws {
+            self.socket = socket
+            self.stubs = stubs
+            try start()
+        }
+
+        func start() throws {
+            let pipe = try makePipe(nonBlocking: true)
+            let (r, w) = (pipe.first.take(), pipe.second.take())
+            process = try Spawner.spawn(ProcessSpec(executable: systemPython,
+                arguments: pythonPeer("events_sink.py", stubs, socket), fdMap: [(w, 1), (2, 2)]))
+            close(w)
+            out = OwnedFD(adopting: r)
+            #expect(waitUntil { self.lines.contains("listening") }, "events sink did not start: \(text)")
+        }
+
+        var lines: [String] {
+            if let fd = out?.rawValue, let bytes = try? drain(fd) { text += String(decoding: bytes, as: UTF8.self) }
+            return text.split(separator: "\n").map(String.init)
+        }
+
+        func stop() throws {
+            if let p = process.take() {
+                try sendSignal(pidfd: p.pidfd.rawValue, SIGKILL)
+                _ = try Spawner.wait(p)
+            }
+            _ = lines
+            out.take()?.close()
+        }
+    }
+
+    /// Task events of a pod made through the Controller reach containerd's events service,
+    /// in order, also when containerd restarts in the middle.
+    @Test func taskEventsReachContainerdOnTheControllerPath() throws {
+        let stubs = "/tmp/kuasar-events-stubs-\(getpid())"
+        Files.removeTree(stubs)
+        defer { Files.removeTree(stubs) }
+        try makeDirectories(stubs, mode: 0o755)
+        let gen = try shell("cd \(repositoryRoot)/Protos && protoc -I . -I /usr/include --python_out=\(stubs) $(find ttrpc containerd/services/events containerd/events containerd/types google -name '*.proto' | sort)")
+        #expect(gen.code == 0, "protoc: \(gen.out)")
+        let eventsSocket = "/tmp/kuasar-events-\(getpid()).sock"
+        let sink = try EventsSink(socket: eventsSocket, stubs: stubs)
+        defer { try? sink.stop(); unlink(eventsSocket) }
+        let node = try Node("ev", config: "[containerd]\naddress = \"unix://\(eventsSocket)\"\n")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid, address) = try node.runPod("ev", Self.podConfig(hostname: "ev"))
+        let c1 = try node.bundle("ev1", pid: pid, args: ["sleep", "300"])
+        _ = try node.startContainer(address, "c1", bundle: c1)
+        let expected1 = ["/tasks/create k8s.io c1", "/tasks/start k8s.io c1"]
+        #expect(waitUntil { sink.lines.filter { $0.hasPrefix("/tasks/") } == expected1 }, "events: \(sink.text)")
+
+        // containerd goes away; the exit and the delete wait for it, in order.
+        try sink.stop()
+        let t = try OneShotClient(path: address)
+        defer { t.close() }
+        var kill = Containerd_Task_V3_KillRequest()
+        kill.id = "c1"
+        kill.signal = UInt32(SIGKILL)
+        _ = try t.call("containerd.task.v3.Task", "Kill", kill, as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+        var wait = Containerd_Task_V3_WaitRequest()
+        wait.id = "c1"
+        let waited = try t.call("containerd.task.v3.Task", "Wait", wait, as: Containerd_Task_V3_WaitResponse.self, namespace: "k8s.io")
+        #expect(waited.exitStatus == 137)
+        var del = Containerd_Task_V3_DeleteRequest()
+        del.id = "c1"
+        _ = try t.call("containerd.task.v3.Task", "Delete", del, as: Containerd_Task_V3_DeleteResponse.self, namespace: "k8s.io")
+        usleep(300_000)
+        sink.text = ""
+        try sink.start()
+        let expected2 = ["/tasks/exit k8s.io c1", "/tasks/delete k8s.io c1"]
+        #expect(waitUntil { sink.lines.filter { $0.hasPrefix("/tasks/") } == expected2 }, "events after containerd came back: \(sink.text)")
+
+        try node.shutdown("ev")
+        finished = true
+        try node.stop()
+    }
+
     static func hostname() -> String {
         var buf = [CChar](repeating: 0, count: 256)
         gethostname(&buf, 255)
