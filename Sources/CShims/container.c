@@ -251,6 +251,13 @@ static void fd_path(char *out, int fd) {
     join_path(out, 64, "/proc/self/fd/", num);
 }
 
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#define KS_MOUNT_ATTR_RDONLY 0x00000001
+#define KS_AT_RECURSIVE 0x8000
+struct ks_mount_attr { uint64_t attr_set, attr_clr, propagation, userns_fd; };
+
 static void do_mount(const ks_container_attr *a, int sync_fd, int rootfd, const ks_mount_op *m) {
     int is_bind = (m->flags & MS_BIND) != 0;
     int fd = open_in_root(rootfd, m->target, 1, m->target_is_file);
@@ -280,7 +287,22 @@ static void do_mount(const ks_container_attr *a, int sync_fd, int rootfd, const 
             fail(sync_fd, "set propagation of", m->target, errno);
         close(fd);
     }
+    if (m->recursive_ro) {
+        fd = open_in_root(rootfd, m->target, 0, 0);
+        if (fd < 0) fail(sync_fd, "reopen mount", m->target, -fd);
+        fd_path(where, fd);
+        struct ks_mount_attr attr = {KS_MOUNT_ATTR_RDONLY, 0, 0, 0};
+        if (syscall(SYS_mount_setattr, AT_FDCWD, where, KS_AT_RECURSIVE, &attr, sizeof attr) < 0)
+            fail(sync_fd, "make read-only recursively (rro)", m->target, errno);
+        close(fd);
+    }
     (void)a;
+}
+
+int ks_have_mount_setattr(void) {
+    // EINVAL (a zero-size attr) means the call exists; ENOSYS that it does not.
+    long rc = syscall(SYS_mount_setattr, -1, "", 0, NULL, 0);
+    return !(rc < 0 && errno == ENOSYS);
 }
 
 static void make_device(int sync_fd, int rootfd, const ks_device *d) {

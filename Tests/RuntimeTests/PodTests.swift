@@ -385,6 +385,65 @@ extension AllTests {
         try node.stop()
     }
 
+    /// containerd 2.x asks each runtime handler `containerd-shim-<name>-v2 -info`, options on
+    /// stdin, and decodes a containerd.types.RuntimeInfo whose features are runtime-spec JSON.
+    @Test func shimInfoAnswersContainerdsRuntimeInfo() throws {
+        let dir = "/tmp/kuasar-info-\(getpid())"
+        Files.removeTree(dir)
+        try makeDirectories(dir, mode: 0o755)
+        defer { Files.removeTree(dir) }
+        var options = Google_Protobuf_Any()
+        options.typeURL = "containerd.runc.v1.Options"
+        options.value = Data([0x0a, 0x03, 0x61, 0x62, 0x63])
+        try Data(try options.serializedData()).write(to: URL(fileURLWithPath: dir + "/options"))
+        symlink(AllTests.DaemonTests.binary, dir + "/containerd-shim-kuasar-v2")
+        let r = try shell("\(dir)/containerd-shim-kuasar-v2 -info < \(dir)/options > \(dir)/out")
+        #expect(r.code == 0, "\(r.out)")
+        let info = try Containerd_Types_RuntimeInfo(serializedBytes: try Files.read(dir + "/out"))
+        #expect(info.name == "io.containerd.kuasar.v2" && info.version.version == KuasarVersion.string)
+        #expect(info.options == options, "options are echoed back")
+        #expect(info.features.typeURL == RuntimeFeatures.typeURL)
+        let features = try JSONSerialization.jsonObject(with: info.features.value) as! [String: Any]
+        let linux = features["linux"] as! [String: Any]
+        #expect(Set(linux["namespaces"] as! [String]).isSuperset(of: ["pid", "network", "ipc", "uts", "mount", "user", "cgroup"]))
+        #expect((linux["capabilities"] as! [String]).contains("CAP_SYS_ADMIN"))
+        let seccomp = linux["seccomp"] as! [String: Any]
+        #expect(seccomp["enabled"] as? Bool == true && (seccomp["actions"] as! [String]).contains("SCMP_ACT_ERRNO"))
+        #expect((seccomp["archs"] as! [String]).contains("SCMP_ARCH_X86_64"))
+        #expect((features["mountOptions"] as! [String]).contains("rro"), "kernel 6.1 has mount_setattr: rro is supported")
+        #expect((features["hooks"] as! [String]).contains("createContainer"))
+        // The 2.x start bootstrap is JSON only when containerd says it reads it.
+        #expect(ShimProtocol.bootstrap(address: "unix:///run/k/x/task.sock", environment: ["MAX_SHIM_VERSION": "3"])
+                == #"{"version":3,"address":"unix:///run/k/x/task.sock","protocol":"ttrpc"}"#)
+        #expect(ShimProtocol.bootstrap(address: "unix:///a", environment: ["MAX_SHIM_VERSION": "2"]) == "unix:///a")
+        #expect(ShimProtocol.bootstrap(address: "unix:///a", environment: [:]) == "unix:///a")
+    }
+
+    /// `rro` (what `-info` advertises) makes a bind read-only all the way down.
+    @Test func recursiveReadOnlyBind() throws {
+        let node = try Node("rro")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid, address) = try node.runPod("rro", Self.podConfig(hostname: "rro"))
+        let src = node.bundles + "/src"
+        try makeDirectories(src + "/sub", mode: 0o755)
+        #expect(try shell("mount -t tmpfs rro-sub \(src)/sub").code == 0)
+        defer { Mounts.unmountAll(under: src) }
+        let b = try node.bundle("rro1", pid: pid, args: ["sh", "-c",
+            "touch /mnt/r/top 2>/dev/null && echo top-writable; touch /mnt/r/sub/x 2>/dev/null && echo sub-writable; echo checked"]) { json in
+            var mounts = json["mounts"] as! [[String: Any]]
+            mounts.append(["destination": "/mnt/r", "type": "bind", "source": src, "options": ["rbind", "rro"]])
+            json["mounts"] = mounts
+        }
+        _ = try node.startContainer(address, "rro1", bundle: b)
+        #expect(waitUntil { node.output(b).contains("checked") }, "\(node.output(b))")
+        #expect(node.output(b) == "checked\n", "rro bind is writable somewhere: \(node.output(b))")
+        try node.shutdown("rro")
+        Mounts.unmountAll(under: src)
+        finished = true
+        try node.stop()
+    }
+
     static func hostname() -> String {
         var buf = [CChar](repeating: 0, count: 256)
         gethostname(&buf, 255)

@@ -126,7 +126,11 @@ typedef struct ks_mount_op {
     unsigned long propagation;     // MS_SHARED/MS_SLAVE/MS_PRIVATE/MS_UNBINDABLE [|MS_REC]; 0 leaves it
     const char *_Nullable data;
     int target_is_file;            // create the mount point as an empty file (bind of a file)
+    int recursive_ro;              // "rro": read-only down the whole tree (mount_setattr AT_RECURSIVE)
 } ks_mount_op;
+
+/// Whether this kernel has mount_setattr(2) (recursive read-only mounts): 1, or 0.
+int ks_have_mount_setattr(void);
 
 typedef struct ks_device {
     const char *path;              // inside the container

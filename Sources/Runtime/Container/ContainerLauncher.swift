@@ -221,7 +221,9 @@ public enum ContainerLauncher {
             let options = m.options ?? []
             var flags: UInt = 0, clear: UInt = 0, propagation: UInt = 0
             var data: [String] = []
+            var recursiveRO = false
             for o in options {
+                if o == "rro" { recursiveRO = true; continue }
                 if let p = MountOptions.propagation(o) { propagation = p; continue }
                 if let f = MountOptions.flag(o) { flags |= f.set; clear |= f.clear } else { data.append(o) }
             }
@@ -251,6 +253,7 @@ public enum ContainerLauncher {
                 if !data.isEmpty { op.data = arena.string(data.joined(separator: ",")) }
             }
             op.propagation = propagation
+            op.recursive_ro = recursiveRO ? 1 : 0
             ops.append(op)
         }
         attr.mounts = arena.array(ops)

@@ -8,7 +8,7 @@ import Foundation
 /// in the runtime's namespaces, started by the daemon; createContainer/startContainer
 /// run inside the container's namespaces (joined like an exec, so the path resolves in
 /// the container's root). Hooks run one after another, on the reactor: nothing blocks.
-public enum HookPhase: String, Sendable {
+public enum HookPhase: String, Sendable, CaseIterable {
     case prestart, createRuntime, createContainer, startContainer, poststart, poststop
 
     var inContainer: Bool { self == .createContainer || self == .startContainer }

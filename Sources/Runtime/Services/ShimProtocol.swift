@@ -44,6 +44,8 @@ public enum ShimProtocol {
             case "-bundle": f.bundle = try inline ?? value("bundle")
             case "-debug": f.debug = inline.map { $0 != "false" } ?? true
             case "-v", "-version": f.action = "version"
+            // containerd 2.x: `-info` is a flag, not an action (older shims choke on unknown actions).
+            case "-info": f.action = inline.map { $0 != "false" } ?? true ? "info" : f.action
             case "-socket", "-systemd-cgroup", "-criu", "-runtime-root":
                 _ = try inline ?? value(a)  // runc shim flags we accept and ignore
             default:
@@ -72,6 +74,16 @@ public enum ShimProtocol {
         case "version":
             stdout(Array("containerd-shim-kuasar-v2:\n  Version: \(KuasarVersion.string)\n  Runtime: kuasar\n".utf8))
             return 0
+        case "info":
+            // containerd sends its runtime options (an Any) on stdin; they are echoed back.
+            var info = Containerd_Types_RuntimeInfo()
+            info.name = "io.containerd.kuasar.v2"
+            info.version.version = KuasarVersion.string
+            if let options = stdinOptions() { info.options = options }
+            info.features.typeURL = RuntimeFeatures.typeURL
+            info.features.value = RuntimeFeatures.json(cgroups: try? CgroupHost.detect())
+            stdout((try? [UInt8](info.serializedData())) ?? [])
+            return 0
         case "start":
             do {
                 let bundle = f.bundle.isEmpty ? FileManager.default.currentDirectoryPath : f.bundle
@@ -93,7 +105,7 @@ public enum ShimProtocol {
                 let resp = try client.call(AdminService.service, "RegisterSandbox", req, as: Kuasar_Admin_V1_RegisterSandboxResponse.self)
                 // containerd reads the address back from here after its own restart.
                 try? Files.write(bundle + "/address", resp.taskAddress, create: true, mode: 0o600)
-                stdout(Array(resp.taskAddress.utf8))
+                stdout(Array(bootstrap(address: resp.taskAddress, environment: environment).utf8))
                 return 0
             } catch {
                 stderr("containerd-shim-kuasar-v2 start: \(error)\n")
@@ -118,9 +130,35 @@ public enum ShimProtocol {
             stdout((try? [UInt8](resp.serializedData())) ?? [])
             return 0
         default:
-            stderr("containerd-shim-kuasar-v2: unknown action \"\(f.action)\" (start, delete, -v)\n")
+            stderr("containerd-shim-kuasar-v2: unknown action \"\(f.action)\" (start, delete, -v, -info)\n")
             return 2
         }
+    }
+
+    /// What `start` prints. containerd 2.x (MAX_SHIM_VERSION=3 in our environment) reads
+    /// the JSON bootstrap and then talks Task API v3 to the address; 1.6 (no variable) and
+    /// 1.7 (2) read a bare address, which is also what 2.x falls back to.
+    static func bootstrap(address: String, environment: [String: String]) -> String {
+        guard let max = environment["MAX_SHIM_VERSION"].flatMap({ Int($0) }), max >= 3 else { return address }
+        let escaped = address.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+        return "{\"version\":3,\"address\":\"\(escaped)\",\"protocol\":\"ttrpc\"}"
+    }
+
+    /// The options on stdin, when stdin is a pipe or a file containerd wrote (never a
+    /// terminal a person would have to close).
+    static func stdinOptions() -> Google_Protobuf_Any? {
+        var st = stat()
+        guard fstat(0, &st) == 0, (st.st_mode & S_IFMT) == S_IFIFO || (st.st_mode & S_IFMT) == S_IFREG else { return nil }
+        var bytes: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65_536)
+        while bytes.count < 1 << 20 {
+            let n = buf.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            bytes += buf[0..<n]
+        }
+        guard !bytes.isEmpty, let any = try? Google_Protobuf_Any(serializedBytes: bytes) else { return nil }
+        return any
     }
 
     /// The admin socket of a running daemon; else starts one (detached, its own session)
