@@ -19,11 +19,12 @@ extension AllTests {
         let root: String
         let socket: String
         var daemon: AllTests.DaemonTests.Running?
-        let daemonPid: pid_t
-        let grpc: GRPCClient
+        var daemonPid: pid_t
+        var grpc: GRPCClient
+        let args: [String]
         let bundles: String
 
-        init(_ name: String, config: String? = nil) throws {
+        init(_ name: String, config: String? = nil, keep: Bool = false) throws {
             root = "/tmp/kuasar-pod-\(name)-\(getpid())"
             Files.removeTree(root)
             try makeDirectories(root, mode: 0o700)
@@ -36,11 +37,30 @@ extension AllTests {
                 try Files.write(root + "/config.toml", config, create: true)
                 args += ["--config", root + "/config.toml"]
             }
+            if keep { args += ["--on-exit", "keep"] }
+            self.args = args
             let running = try AllTests.DaemonTests.start(args, socket: socket)
             daemonPid = running.process.pid
             daemon = consume running
             #expect(AllTests.DaemonTests.waitForSocket(socket))
             grpc = try GRPCClient(path: socket)
+        }
+
+        /// Kills the daemon (not its keeper) with SIGKILL and starts a new one; returns the
+        /// first one's keeper, which lives on until its orphans are gone.
+        func killAndRestart(while down: () throws -> Void) throws -> AllTests.DaemonTests.Running {
+            let old = daemon.take()!
+            let pid = Daemon.pid(root: root) ?? 0
+            #expect(pid > 0)
+            kill(pid, SIGKILL)
+            #expect(waitUntil { processGone(pid) })
+            try down()
+            let running = try AllTests.DaemonTests.start(args, socket: socket)
+            daemonPid = running.process.pid
+            daemon = consume running
+            #expect(AllTests.DaemonTests.waitForSocket(socket))
+            grpc = try GRPCClient(path: socket)
+            return old
         }
 
         func call<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ m: String, _ r: Req, _: Resp.Type) throws -> Resp {
@@ -442,6 +462,56 @@ extension AllTests {
         Mounts.unmountAll(under: src)
         finished = true
         try node.stop()
+    }
+
+    /// Pod holders outlive a daemon killed with SIGKILL: the new daemon answers the same
+    /// pid, the pod keeps working; a holder that died meanwhile stops its pod with its status.
+    @Test func podHoldersSurviveADaemonRestart() throws {
+        let node = try Node("rec", keep: true)
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid1, addr1) = try node.runPod("rec-1", Self.podConfig(hostname: "rec-1"))
+        let (pid2, addr2) = try node.runPod("rec-2", Self.podConfig(hostname: "rec-2"))
+        let c1 = try node.bundle("rec1", pid: pid1, args: ["sleep", "300"])
+        let c1Pid = try node.startContainer(addr1, "c1", bundle: c1)
+        let c2 = try node.bundle("rec2", pid: pid2, args: ["sleep", "300"])
+        let c2Pid = try node.startContainer(addr2, "c2", bundle: c2)
+
+        let firstKeeper = try node.killAndRestart {
+            #expect(!processGone(pid1) && !processGone(pid2), "a pod holder died with the daemon")
+            kill(pid2, SIGKILL)  // its pid namespace, and c2 in it, go with it
+            #expect(waitUntil { processGone(pid2) && processGone(c2Pid) })
+        }
+        func status(_ id: String) throws -> Containerd_Services_Sandbox_V1_ControllerStatusResponse {
+            var r = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
+            r.sandboxID = id
+            r.sandboxer = "kuasar"
+            return try node.call("Status", r, Containerd_Services_Sandbox_V1_ControllerStatusResponse.self)
+        }
+        let s1 = try status("rec-1")
+        #expect(s1.state == "SANDBOX_READY" && s1.pid == UInt32(pid1), "\(s1)")
+        #expect(!processGone(c1Pid))
+        // The recovered pod takes a new container in its namespaces.
+        let c3 = try node.bundle("rec3", pid: pid1, args: ["sh", "-c", "hostname; echo up"])
+        let c3Pid = try node.startContainer(addr1, "c3", bundle: c3)
+        #expect(waitUntil { node.output(c3).contains("up") }, "\(node.output(c3))")
+        #expect(node.output(c3).hasPrefix("rec-1\n"))
+        _ = c3Pid
+        let s2 = try status("rec-2")
+        #expect(s2.state == "SANDBOX_NOTREADY" && s2.exitedAt.seconds > 0, "\(s2)")
+        var w = Containerd_Services_Sandbox_V1_ControllerWaitRequest()
+        w.sandboxID = "rec-2"
+        w.sandboxer = "kuasar"
+        let waited = try node.call("Wait", w, Containerd_Services_Sandbox_V1_ControllerWaitResponse.self)
+        #expect(waited.exitStatus == 137, "\(waited)")
+
+        try node.shutdown("rec-1")
+        try node.shutdown("rec-2")
+        #expect(waitUntil { processGone(pid1) && processGone(c1Pid) })
+        finished = true
+        try node.stop()
+        #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
+        firstKeeper.log.close()
     }
 
     static func hostname() -> String {
