@@ -22,6 +22,19 @@ enum PodBenchmark {
         var sandboxes: Int
         var daemonPSSkB: Int
         var keeperPSSkB: Int
+        /// Every pod's holder process (the pid containerd is given), summed.
+        var holdersPSSkB: Int
+        var holders: Int
+    }
+
+    /// The daemon's pod holders: its children named kuasar-pod.
+    static func holders(of daemon: pid_t) -> [pid_t] {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.compactMap { name -> pid_t? in
+            guard let pid = pid_t(name), let stat = try? String(contentsOfFile: "/proc/\(name)/stat", encoding: .utf8),
+                  stat.contains("(kuasar-pod)"), let close = stat.lastIndex(of: ")") else { return nil }
+            let fields = stat[stat.index(close, offsetBy: 2)...].split(separator: " ")
+            return fields.count > 1 && pid_t(fields[1]) == daemon ? pid : nil
+        } ?? []
     }
     struct Report: Codable {
         var date: String
@@ -203,8 +216,10 @@ enum PodBenchmark {
                 if live.count % 100 == 0 { for (_, t) in live.suffix(100) { t.close() } }
             }
             usleep(300_000)
-            memory.append(Memory(sandboxes: n, daemonPSSkB: ContainerBenchmark.pss(daemonPID), keeperPSSkB: ContainerBenchmark.pss(keeperPID)))
-            log("  memory \(n) pods: daemon \(memory.last!.daemonPSSkB) kB, keeper \(memory.last!.keeperPSSkB) kB")
+            let holders = Self.holders(of: daemonPID)
+            memory.append(Memory(sandboxes: n, daemonPSSkB: ContainerBenchmark.pss(daemonPID), keeperPSSkB: ContainerBenchmark.pss(keeperPID),
+                                 holdersPSSkB: holders.reduce(0) { $0 + ContainerBenchmark.pss($1) }, holders: holders.count))
+            log("  memory \(n) pods: daemon \(memory.last!.daemonPSSkB) kB, keeper \(memory.last!.keeperPSSkB) kB, \(holders.count) holders \(memory.last!.holdersPSSkB) kB")
         }
         for (id, _) in live {
             if let t = try? OneShotClient(path: root + "/\(id)/task.sock") { removePod(grpc, t, id: id) }
@@ -252,7 +267,9 @@ enum PodBenchmark {
             print("ctr run -d: kuasar is \(f(speedup))x faster than shim-runc-v2 + runc; of kuasar's \(f(ctdRows[1].p50ms)) ms, ~\(f(containerdOwn)) ms is ctr + containerd (the daemon's Task Create+Start p50 is \(f(ctdRows[1].p50ms - containerdOwn)) ms)")
         }
         print("memory (PSS) with N pods, one sleeping container each:")
-        for m in memory { print("  \(m.sandboxes) pods: daemon \(m.daemonPSSkB) kB, keeper \(m.keeperPSSkB) kB") }
+        for m in memory {
+            print("  \(m.sandboxes) pods: daemon \(m.daemonPSSkB) kB, keeper \(m.keeperPSSkB) kB, \(m.holders) pod holders \(m.holdersPSSkB) kB; daemon + holders \(m.daemonPSSkB + m.holdersPSSkB) kB")
+        }
         let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, perCallP50ms: perCall, inDaemonP50ms: rows[0].p50ms - rows[1].p50ms, parallelWallMs: wall,
                             containerd: ctdRows, ctrRunSpeedup: speedup, containerdOwnMs: containerdOwn, memory: memory)
         let encoder = JSONEncoder()
