@@ -67,9 +67,11 @@ struct HookRunner {
             var finished = false
             var timer: TimerID?
             let pid: pid_t
+            // `"args": []` is valid JSON for a hook: argv[0] is then its path.
+            let argv = (hook.args ?? []).isEmpty ? [hook.path] : hook.args!
             if phase.inContainer {
                 guard c.initProcess.pidfdRaw >= 0 else { throw ContainerError(.failedPrecondition, "\(name): the container is not running") }
-                var process = OCISpec.Process(args: hook.args ?? [hook.path], env: hook.env ?? [], cwd: "/")
+                var process = OCISpec.Process(args: argv, env: hook.env ?? [], cwd: "/")
                 process.args![0] = hook.path
                 let child = try ContainerLauncher.launch(
                     spec: c.spec, process: process, target: .exec(pidfd: c.initProcess.pidfdRaw, namespaces: c.execNamespaces & ~NamespaceFlag.user),
@@ -85,7 +87,7 @@ struct HookRunner {
                     onExit(s)
                 }
             } else {
-                var spec = ProcessSpec(executable: hook.path, arguments: hook.args ?? [hook.path], environment: hook.env ?? [],
+                var spec = ProcessSpec(executable: hook.path, arguments: argv, environment: hook.env ?? [],
                                        fdMap: [(inRead, 0), (null, 1), (null, 2)])
                 spec.forkStyle = false
                 pid = try engine.supervisor.spawn(spec) { [weak reactor = engine.reactor] s in
@@ -100,7 +102,9 @@ struct HookRunner {
             _ = state.withUnsafeBytes { write(inWrite, $0.baseAddress, $0.count) }
             _ = close(inWrite)
             inWriteOpen = false
-            let timeout = UInt64(max(1, hook.timeout ?? 30)) * 1_000_000_000
+            // A timeout of 18446744074 s or more does not fit in nanoseconds: it waits forever.
+            let (scaled, overflow) = UInt64(max(1, hook.timeout ?? 30)).multipliedReportingOverflow(by: 1_000_000_000)
+            let timeout = overflow ? UInt64.max : scaled
             let logger = engine.logger
             timer = engine.reactor.schedule(afterNS: timeout) {
                 if !finished {

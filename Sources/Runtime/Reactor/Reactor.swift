@@ -258,7 +258,10 @@ public final class Reactor {
     @discardableResult
     public func schedule(afterNS: UInt64, repeatingNS: UInt64? = nil, _ body: @escaping () -> Void) -> TimerID {
         assertLoopThread()
-        let id = timers.insert(deadline: MonotonicClock.nanoseconds() &+ afterNS, interval: repeatingNS, body: body)
+        // Saturating: a peer's huge timeout (ttrpc timeout_nano, grpc-timeout) means "never",
+        // not a wrapped deadline that fires at once.
+        let (deadline, overflow) = MonotonicClock.nanoseconds().addingReportingOverflow(afterNS)
+        let id = timers.insert(deadline: overflow ? .max : deadline, interval: repeatingNS, body: body)
         rearmTimerFD()
         return id
     }

@@ -235,7 +235,10 @@ public final class Cgroup: @unchecked Sendable {
             if let v = r.mems { try Files.write(d + "/cpuset.mems", v) }
             if let v = r.pidsLimit { try Files.write(d + "/pids.max", v <= 0 ? "max" : "\(v)") }
             if let v = r.blkioWeight, Files.exists(d + "/io.weight") {
-                try Files.write(d + "/io.weight", "default \(1 + (UInt32(v) - 10) * 9999 / 990)")
+                // blkio.weight's [10, 1000] onto io.weight's [1, 10000]; the OCI value is not
+                // range-checked by clients, so clamp rather than underflow.
+                let w = UInt32(min(max(v, 10), 1000))
+                try Files.write(d + "/io.weight", "default \(1 + (w - 10) * 9999 / 990)")
             }
             for (k, v) in r.unified.sorted(by: { $0.key < $1.key }) {
                 guard !k.contains("/") && !k.hasPrefix(".") else {

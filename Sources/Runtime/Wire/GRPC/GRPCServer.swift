@@ -91,18 +91,22 @@ public final class GRPCServer {
         return call
     }
 
-    /// "100m" → 100 ms in ns. Units: H M S m u n; at most 8 digits.
+    /// "100m" → 100 ms in ns. Units: H M S m u n; at most 8 digits. A timeout too long
+    /// for 64 bits of nanoseconds (99999999H is ~11,000 years) is "no deadline", never a trap.
     static func parseTimeout(_ s: String) -> UInt64? {
         guard let unit = s.last, s.count >= 2, s.count <= 9, let n = UInt64(s.dropLast()) else { return nil }
+        let scale: UInt64
         switch unit {
-        case "H": return n * 3_600_000_000_000
-        case "M": return n * 60_000_000_000
-        case "S": return n * 1_000_000_000
-        case "m": return n * 1_000_000
-        case "u": return n * 1_000
-        case "n": return n
+        case "H": scale = 3_600_000_000_000
+        case "M": scale = 60_000_000_000
+        case "S": scale = 1_000_000_000
+        case "m": scale = 1_000_000
+        case "u": scale = 1_000
+        case "n": scale = 1
         default: return nil
         }
+        let (ns, overflow) = n.multipliedReportingOverflow(by: scale)
+        return overflow ? .max : ns
     }
 
     /// grpc-message is percent-encoded outside printable ASCII (and '%').

@@ -1,0 +1,74 @@
+import Foundation
+import Testing
+import SwiftProtobuf
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Inputs from outside the daemon that used to trap it (and with it every pod on the node).
+extension AllTests {
+@Suite struct HardeningTests {
+    /// `grpc-timeout: 5124096H` overflowed 64-bit nanoseconds and trapped the daemon.
+    @Test func hugeGRPCTimeoutIsNoDeadlineNotATrap() throws {
+        #expect(GRPCServer.parseTimeout("5124096H") == .max)
+        #expect(GRPCServer.parseTimeout("99999999S") == 99_999_999 * 1_000_000_000)
+        #expect(GRPCServer.parseTimeout("100m") == 100_000_000)
+        #expect(GRPCServer.parseTimeout("12x") == nil)
+        let node = try PodTests.Node("timeout")
+        defer { try? node.stop() }
+        var r = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
+        r.sandboxID = "nope"
+        r.sandboxer = "kuasar"
+        for t in ["5124096H", "99999999H", "99999999M"] {
+            do {
+                _ = try node.grpc.call(PodTests.controller, "Status", r, as: Containerd_Services_Sandbox_V1_ControllerStatusResponse.self,
+                                       metadata: [("containerd-namespace", "k8s.io"), ("grpc-timeout", t)])
+                Issue.record("status of an unknown sandbox answered")
+            } catch let e as RPCError {
+                #expect(e.code == .notFound, "\(t): \(e)")
+            }
+        }
+        #expect((try? HealthProtocol.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
+    }
+
+    /// A hook `timeout` of 18446744074 s or more overflowed; `"args": []` trapped on argv[0].
+    @Test func hookWithEmptyArgsAndHugeTimeoutRuns() throws {
+        let node = try PodTests.Node("hooks")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid, address) = try node.runPod("hooks", PodTests.podConfig(hostname: "hooks"))
+        let marker = node.bundles + "/created-runtime"
+        let b = try node.bundle("hooked", pid: pid, args: ["sh", "-c", "echo ran"]) { json in
+            json["hooks"] = [
+                "createRuntime": [["path": "/usr/bin/touch", "args": ["touch", marker], "timeout": 18446744074]],
+                "startContainer": [["path": "/bin/true", "args": [String]()]],
+                "poststart": [["path": "/bin/true", "args": [String](), "timeout": 99999999999]],
+            ]
+        }
+        _ = try node.startContainer(address, "hooked", bundle: b)
+        #expect(waitUntil { node.output(b).contains("ran") }, "\(node.output(b))")
+        #expect(Files.exists(marker), "createRuntime hook did not run")
+        #expect((try? HealthProtocol.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
+        try node.shutdown("hooks")
+        finished = true
+        try node.stop()
+    }
+
+    /// A blkio weight below 10 (spec or Task.Update) underflowed the io.weight conversion.
+    @Test func smallBlkioWeightIsClampedOnCgroupV2() throws {
+        let dir = "/tmp/kuasar-iow-\(getpid())"
+        Files.removeTree(dir)
+        try makeDirectories(dir, mode: 0o755)
+        defer { Files.removeTree(dir) }
+        try Files.write(dir + "/io.weight", "", create: true)
+        let cg = Cgroup(mode: .v2, path: "x", dirs: ["": dir], order: [""])
+        for (weight, expected) in [(UInt16(5), "default 1"), (10, "default 1"), (1000, "default 10000"), (5000, "default 10000")] {
+            var r = CgroupResources()
+            r.blkioWeight = weight
+            try cg.apply(r)
+            #expect(try Files.readString(dir + "/io.weight") == expected, "weight \(weight)")
+        }
+    }
+}
+}
