@@ -70,5 +70,36 @@ extension AllTests {
             #expect(try Files.readString(dir + "/io.weight") == expected, "weight \(weight)")
         }
     }
+
+    /// An id whose `<root>/<id>/task.sock` cannot be a unix socket path is refused at
+    /// Create naming the limit; Task.Shutdown does not remove a Controller's pod.
+    @Test func sandboxStateBugs() throws {
+        let node = try PodTests.Node("state")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let long = String(repeating: "a", count: 100)
+        do {
+            _ = try node.runPod(long, PodTests.podConfig(hostname: "long"))
+            Issue.record("an id too long for the task socket was accepted")
+        } catch let e as RPCError {
+            #expect(e.code == .invalidArgument && e.message.contains("unix socket path holds at most 107"), "\(e)")
+        }
+        #expect(!Files.exists(node.root + "/" + long))
+
+        let (pid, address) = try node.runPod("owned", PodTests.podConfig(hostname: "owned"))
+        let t = try OneShotClient(path: address)
+        _ = try? t.call("containerd.task.v3.Task", "Shutdown", Containerd_Task_V3_ShutdownRequest(), as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+        t.close()
+        usleep(100_000)
+        var r = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
+        r.sandboxID = "owned"
+        r.sandboxer = "kuasar"
+        let st = try node.call("Status", r, Containerd_Services_Sandbox_V1_ControllerStatusResponse.self)
+        #expect(st.state == "SANDBOX_READY" && st.pid == UInt32(pid), "Task.Shutdown removed the Controller's pod: \(st)")
+        #expect(!processGone(pid))
+        try node.shutdown("owned")
+        finished = true
+        try node.stop()
+    }
 }
 }

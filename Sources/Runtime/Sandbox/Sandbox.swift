@@ -175,6 +175,7 @@ public final class SandboxRegistry {
     public let root: String
     public let engine: ContainerEngine
     public internal(set) var sandboxes: [String: Sandbox] = [:]
+    static let maxSocketPath = 107
     /// [namespace] cgroup_parent: every sandbox's cgroup is <cgroupRoot>/<id>.
     public var cgroupRoot = "kuasar"
     let logger: Logger
@@ -198,6 +199,12 @@ public final class SandboxRegistry {
             return (s, false)
         }
         let dir = root + "/" + id
+        // The Task API socket must fit a sockaddr_un (107 bytes and a NUL): refused here,
+        // not at Start after the sandbox was made.
+        let socketPath = dir + "/task.sock"
+        guard socketPath.utf8.count <= Self.maxSocketPath else {
+            throw ContainerError(.invalid, "sandbox id \"\(id.prefix(64))…\" is too long for this root: \(socketPath.utf8.count) bytes in \(socketPath.prefix(40))…/task.sock, a unix socket path holds at most \(Self.maxSocketPath) (at most \(Self.maxSocketPath - root.utf8.count - 11) bytes of id under \(root))")
+        }
         try makeDirectories(dir, mode: 0o700)
         let s = Sandbox(id: id, namespace: namespace, stateDir: dir, eventsAddress: eventsAddress)
         s.cgroupRoot = cgroupRoot

@@ -150,7 +150,9 @@ public final class TaskService {
             call.respond(Google_Protobuf_Empty())
             // containerd waits for this connection to close after Shutdown.
             call.closeConnectionAfterFlush()
-            if sandbox.containers.isEmpty { self.removeSandbox(sandbox) }
+            // A pod made by the Controller is the Controller's to remove (its Shutdown);
+            // containerd's Task Shutdown only ends this connection's use of it.
+            if sandbox.containers.isEmpty && !sandbox.isPod { self.removeSandbox(sandbox) }
         }
         unary("Checkpoint") { (_: TTRPCServerCall, _: Containerd_Task_V2_CheckpointTaskRequest) in
             throw RPCError(.unimplemented, "checkpoint is not supported by kuasar: it has no CRIU integration")
