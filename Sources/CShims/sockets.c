@@ -78,3 +78,11 @@ ssize_t ks_send_with_fd(int sock, const void *buf, size_t len, int fd) {
     do { n = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
     return n < 0 ? -errno : n;
 }
+
+// struct ucred needs _GNU_SOURCE, which the Glibc module does not see.
+pid_t ks_peer_pid(int fd) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return 0;
+    return cred.pid;
+}

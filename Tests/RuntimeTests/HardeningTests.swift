@@ -101,5 +101,28 @@ extension AllTests {
         finished = true
         try node.stop()
     }
+
+    /// Connections that never send their first bytes were held forever: they are closed
+    /// after the handshake deadline, and one client cannot hold more than 256 of them.
+    @Test func silentConnectionsAreBoundedAndTimedOut() throws {
+        let node = try PodTests.Node("silent")
+        defer { try? node.stop() }
+        var fds: [Int32] = []
+        defer { for fd in fds { close(fd) } }
+        for _ in 0..<262 { fds.append(try Socket.connectUnix(path: node.socket, blocking: true).take()) }
+        func closedByPeer(_ fd: Int32, waitMS: Int32) -> Bool {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, waitMS) == 1 else { return false }
+            var b: UInt8 = 0
+            return recv(fd, &b, 1, Int32(MSG_DONTWAIT)) == 0
+        }
+        // The daemon accepts in its own time: the ones over the cap are closed at once.
+        #expect(waitUntil { fds[256...].allSatisfy { closedByPeer($0, waitMS: 0) } }, "connections over the per-client cap stay open")
+        #expect(!closedByPeer(fds[0], waitMS: 100), "closed before its deadline")
+        // Another client is served meanwhile.
+        let other = try shell("\(AllTests.DaemonTests.binary) health --socket \(node.socket)")
+        #expect(other.code == 0 && other.out.hasPrefix("ok "), "\(other.out)")
+        #expect(closedByPeer(fds[0], waitMS: 7000), "a silent connection outlived the handshake deadline")
+    }
 }
 }

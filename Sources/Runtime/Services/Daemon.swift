@@ -22,7 +22,18 @@ public final class Daemon {
     private var admin: AdminService?
     private var grpc: GRPCServer?
     private var controller: ControllerService?
-    private var sniffing: [Int32: Reactor.Registration] = [:]
+    /// Accepted connections whose first bytes have not said yet what they speak.
+    private struct Sniffing {
+        var registration: Reactor.Registration
+        var deadline: TimerID
+        var peer: pid_t
+    }
+    private var sniffing: [Int32: Sniffing] = [:]
+    /// A connection that sends nothing is closed after this; one peer (by its pid) may
+    /// hold at most `maxSilentPerPeer` such connections, everyone `maxSilent`.
+    static let handshakeTimeoutNS: UInt64 = 5_000_000_000
+    static let maxSilentPerPeer = 256
+    static let maxSilent = 1024
     private var ownsAdminPath = false
     private var connections = LiveSet<Connection>()
     private let startedAt = MonotonicClock.nanoseconds()
@@ -97,8 +108,22 @@ public final class Daemon {
     private func accept(_ fd: consuming OwnedFD) {
         guard let reactor else { fd.close(); return }
         let raw = fd.take()
+        let peer = Socket.peerPid(raw)
+        guard sniffing.count < Self.maxSilent,
+              sniffing.values.lazy.filter({ $0.peer == peer }).count < Self.maxSilentPerPeer else {
+            logger.warning("api socket: closing a connection from pid \(peer): too many connections that have sent nothing yet")
+            _ = close(raw)
+            return
+        }
         do {
-            sniffing[raw] = try reactor.register(fd: raw, interest: .readable) { [unowned self] _ in self.sniff(raw) }
+            let reg = try reactor.register(fd: raw, interest: .readable) { [unowned self] _ in self.sniff(raw) }
+            let deadline = reactor.schedule(afterNS: Self.handshakeTimeoutNS) { [unowned self] in
+                guard let s = self.sniffing.removeValue(forKey: raw) else { return }
+                self.reactor?.deregister(s.registration)
+                _ = close(raw)
+                self.logger.info("api socket: closed a connection from pid \(peer) that sent nothing for \(Self.handshakeTimeoutNS / 1_000_000_000) s")
+            }
+            sniffing[raw] = Sniffing(registration: reg, deadline: deadline, peer: peer)
         } catch {
             logger.error("cannot serve a connection: \(error)")
             _ = close(raw)
@@ -112,7 +137,10 @@ public final class Daemon {
         let preface = Array("PRI ".utf8)
         // Wait for four bytes while they could still be the preface.
         if n > 0 && n < 4 && Array(head[..<n]) == Array(preface[..<n]) { return }
-        if let reg = sniffing.removeValue(forKey: raw) { reactor?.deregister(reg) }
+        if let s = sniffing.removeValue(forKey: raw) {
+            reactor?.deregister(s.registration)
+            reactor?.cancel(s.deadline)
+        }
         if n == 4 && head == preface, let grpc {
             grpc.serve(OwnedFD(adopting: raw))
         } else {
@@ -233,8 +261,9 @@ public final class Daemon {
     }
 
     private func shutdown() {
-        for (raw, reg) in sniffing {
-            reactor?.deregister(reg)
+        for (raw, s) in sniffing {
+            reactor?.deregister(s.registration)
+            reactor?.cancel(s.deadline)
             _ = close(raw)
         }
         sniffing.removeAll()

@@ -162,6 +162,11 @@ public func makeDirectories(_ dir: String, mode: mode_t = 0o700) throws(SystemEr
 }
 
 /// A pipe; both ends close-on-exec, and non-blocking when asked.
+extension Socket {
+    /// The pid of a unix socket's peer (SO_PEERCRED), 0 if unknown.
+    public static func peerPid(_ fd: Int32) -> pid_t { ks_peer_pid(fd) }
+}
+
 public func makePipe(nonBlocking: Bool = true) throws(SystemError) -> FDPair {
     var fds: [Int32] = [-1, -1]
     _ = try shim("pipe2") { ks_pipe(&fds, nonBlocking ? 1 : 0) }
