@@ -124,5 +124,35 @@ extension AllTests {
         #expect(other.code == 0 && other.out.hasPrefix("ok "), "\(other.out)")
         #expect(closedByPeer(fds[0], waitMS: 7000), "a silent connection outlived the handshake deadline")
     }
+
+    /// The admin ForceDelete (what `containerd-shim-kuasar-v2 delete` calls) saved no state
+    /// and published no TaskDelete.
+    @Test func forceDeleteSavesStateAndPublishes() throws {
+        let stubs = try PodTests.eventStubs()
+        defer { Files.removeTree(stubs) }
+        let eventsSocket = "/tmp/kuasar-fd-events-\(getpid()).sock"
+        let sink = try PodTests.EventsSink(socket: eventsSocket, stubs: stubs)
+        defer { try? sink.stop(); unlink(eventsSocket) }
+        let node = try PodTests.Node("fdel", config: "[containerd]\naddress = \"\(eventsSocket)\"\n")
+        var finished = false
+        defer { if !finished { try? node.stop() } }
+        let (pid, address) = try node.runPod("fdel", PodTests.podConfig(hostname: "fdel"))
+        let b = try node.bundle("fdel1", pid: pid, args: ["sleep", "300"])
+        _ = try node.startContainer(address, "gone", bundle: b)
+        #expect(waitUntil { sink.lines.contains("/tasks/start k8s.io gone") }, "\(sink.text)")
+        let admin = try OneShotClient(path: node.root + "/admin.sock")
+        var req = Kuasar_Admin_V1_ForceDeleteRequest()
+        req.containerID = "gone"
+        req.namespace = "k8s.io"
+        let r = try admin.call(AdminService.service, "ForceDelete", req, as: Kuasar_Admin_V1_ForceDeleteResponse.self)
+        admin.close()
+        #expect(r.found && r.exitStatus == 137)
+        #expect(waitUntil { sink.lines.contains("/tasks/delete k8s.io gone") }, "no TaskDelete: \(sink.text)")
+        let state = (try? Files.readString(node.root + "/fdel/state.json")) ?? ""
+        #expect(state.contains("\"id\":\"fdel\"") && !state.contains("\"gone\""), "state.json still lists it: \(state)")
+        try node.shutdown("fdel")
+        finished = true
+        try node.stop()
+    }
 }
 }

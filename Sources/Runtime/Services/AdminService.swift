@@ -65,7 +65,16 @@ public final class AdminService {
                 resp.pid = UInt32(c.initProcess.pid)
                 resp.exitStatus = UInt32(bitPattern: c.initProcess.exitStatus?.code ?? 137)
                 call.respond(resp)
-                if sandbox.containers.isEmpty { self?.tasks.removeSandbox(sandbox) }
+                // As a Task Delete would: the state file forgets it, containerd hears of it.
+                self?.registry.save(sandbox)
+                var e = Containerd_Events_TaskDelete()
+                e.containerID = c.id
+                e.id = c.id
+                e.pid = resp.pid
+                e.exitStatus = resp.exitStatus
+                e.exitedAt = Google_Protobuf_Timestamp(c.initProcess.exitedAt ?? WallTime.now())
+                self?.tasks.publish(sandbox, "/tasks/delete", e)
+                if sandbox.containers.isEmpty && !sandbox.isPod { self?.tasks.removeSandbox(sandbox) }
             }
             if c.initProcess.pid == 0 || c.initProcess.state == .stopped { finish() } else { c.initProcess.wait { _, _ in finish() } }
         }
