@@ -285,8 +285,8 @@ typedef struct ks_pod_holder_attr {
     int loopback_up;                        // bring `lo` up (a network namespace made here)
     const ks_sysctl *_Nullable sysctls;     // key = /proc/sys path, written in the pod's namespaces
     int sysctl_count;
-    const char *_Nonnull const *_Nullable pin_sources;  // /proc/self/ns files bind-mounted onto
-    const char *_Nonnull const *_Nullable pin_targets;  // these (existing empty files)
+    const char *_Nullable const *_Nullable pin_sources; // /proc/self/ns files bind-mounted onto
+    const char *_Nullable const *_Nullable pin_targets; // these (existing empty files)
     int pin_count;
     char *_Nullable const *_Nullable argv;  // required; nullable only so Swift can zero-initialize
 } ks_pod_holder_attr;

@@ -14,19 +14,12 @@ public enum NamespaceFlag {
     public static let network: UInt64 = 0x4000_0000
     public static let time: UInt64 = 0x0000_0080
 
-    public static func flag(_ type: String) -> UInt64 {
-        switch type {
-        case "mount": return mount
-        case "cgroup": return cgroup
-        case "uts": return uts
-        case "ipc": return ipc
-        case "user": return user
-        case "pid": return pid
-        case "network": return network
-        case "time": return time
-        default: return 0
-        }
-    }
+    /// OCI namespace type → CLONE_NEW* flag.
+    public static let flags: [String: UInt64] = [
+        "mount": mount, "cgroup": cgroup, "uts": uts, "ipc": ipc, "user": user, "pid": pid, "network": network, "time": time,
+    ]
+
+    public static func flag(_ type: String) -> UInt64 { flags[type] ?? 0 }
 
     /// The /proc/<pid>/ns/ file name of a namespace type.
     public static func procName(_ type: String) -> String {

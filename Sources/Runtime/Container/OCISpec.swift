@@ -339,35 +339,28 @@ public enum Rlimits {
 
 /// OCI seccomp names to libseccomp values (seccomp.h).
 public enum SeccompNames {
+    /// SCMP_ACT_* → libseccomp's action value; ERRNO and TRACE carry their errno in the low bits.
+    static let actions: [String: UInt32] = [
+        "SCMP_ACT_KILL": 0x0000_0000, "SCMP_ACT_KILL_THREAD": 0x0000_0000, "SCMP_ACT_KILL_PROCESS": 0x8000_0000,
+        "SCMP_ACT_TRAP": 0x0003_0000, "SCMP_ACT_ERRNO": 0x0005_0000, "SCMP_ACT_TRACE": 0x7ff0_0000,
+        "SCMP_ACT_LOG": 0x7ffc_0000, "SCMP_ACT_ALLOW": 0x7fff_0000,
+    ]
+    static let arches: [String: UInt32] = [
+        "SCMP_ARCH_X86_64": 0xC000_003E, "SCMP_ARCH_X86": 0x4000_0003, "SCMP_ARCH_X32": 0x4000_003E,
+        "SCMP_ARCH_AARCH64": 0xC000_00B7, "SCMP_ARCH_ARM": 0x4000_0028, "SCMP_ARCH_RISCV64": 0xC000_00F3,
+        "SCMP_ARCH_PPC64LE": 0xC000_0015, "SCMP_ARCH_S390X": 0x8000_0016,
+    ]
+    static let operators: [String: Int32] = [
+        "SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
+        "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7,
+    ]
+
     static func action(_ name: String, errno: UInt32?) -> UInt32? {
-        switch name {
-        case "SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD": return 0x0000_0000
-        case "SCMP_ACT_KILL_PROCESS": return 0x8000_0000
-        case "SCMP_ACT_TRAP": return 0x0003_0000
-        case "SCMP_ACT_ERRNO": return 0x0005_0000 | ((errno ?? 1) & 0xffff)
-        case "SCMP_ACT_TRACE": return 0x7ff0_0000 | ((errno ?? 1) & 0xffff)
-        case "SCMP_ACT_LOG": return 0x7ffc_0000
-        case "SCMP_ACT_ALLOW": return 0x7fff_0000
-        default: return nil
-        }
+        guard let base = actions[name] else { return nil }
+        return name == "SCMP_ACT_ERRNO" || name == "SCMP_ACT_TRACE" ? base | ((errno ?? 1) & 0xffff) : base
     }
-    static func arch(_ name: String) -> UInt32? {
-        switch name {
-        case "SCMP_ARCH_X86_64": return 0xC000_003E
-        case "SCMP_ARCH_X86": return 0x4000_0003
-        case "SCMP_ARCH_X32": return 0x4000_003E
-        case "SCMP_ARCH_AARCH64": return 0xC000_00B7
-        case "SCMP_ARCH_ARM": return 0x4000_0028
-        case "SCMP_ARCH_RISCV64": return 0xC000_00F3
-        case "SCMP_ARCH_PPC64LE": return 0xC000_0015
-        case "SCMP_ARCH_S390X": return 0x8000_0016
-        default: return nil
-        }
-    }
-    static func op(_ name: String) -> Int32? {
-        ["SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
-         "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7][name]
-    }
+    static func arch(_ name: String) -> UInt32? { arches[name] }
+    static func op(_ name: String) -> Int32? { operators[name] }
 }
 
 /// mount(8)-style options to MS_* flags.
@@ -379,50 +372,27 @@ public enum MountOptions {
     static let UNBINDABLE: UInt = 1 << 17, PRIVATE: UInt = 1 << 18, SLAVE: UInt = 1 << 19, SHARED: UInt = 1 << 20
     static let RELATIME: UInt = 1 << 21, STRICTATIME: UInt = 1 << 24
 
+    /// Flag options → (set, clear); anything else is filesystem data.
+    static let flags: [String: (set: UInt, clear: UInt)] = [
+        "ro": (RDONLY, 0), "rw": (0, RDONLY), "nosuid": (NOSUID, 0), "suid": (0, NOSUID),
+        "nodev": (NODEV, 0), "dev": (0, NODEV), "noexec": (NOEXEC, 0), "exec": (0, NOEXEC),
+        "sync": (SYNCHRONOUS, 0), "async": (0, SYNCHRONOUS), "dirsync": (DIRSYNC, 0),
+        "mand": (MANDLOCK, 0), "nomand": (0, MANDLOCK), "noatime": (NOATIME, 0), "atime": (0, NOATIME),
+        "nodiratime": (NODIRATIME, 0), "diratime": (0, NODIRATIME), "relatime": (RELATIME, 0),
+        "norelatime": (0, RELATIME), "strictatime": (STRICTATIME, 0), "bind": (BIND, 0), "rbind": (BIND | REC, 0),
+        "remount": (REMOUNT, 0), "defaults": (0, 0), "silent": (0, 0), "loud": (0, 0),
+    ]
+    static let propagations: [String: UInt] = [
+        "private": PRIVATE, "rprivate": PRIVATE | REC, "shared": SHARED, "rshared": SHARED | REC,
+        "slave": SLAVE, "rslave": SLAVE | REC, "unbindable": UNBINDABLE, "runbindable": UNBINDABLE | REC,
+    ]
+
     /// (set, clear) for a flag option; nil when it is not a flag (then it is fs data).
     static func flag(_ o: String) -> (set: UInt, clear: UInt)? {
-        switch o {
-        case "ro": return (RDONLY, 0)
-        case "rw": return (0, RDONLY)
-        case "nosuid": return (NOSUID, 0)
-        case "suid": return (0, NOSUID)
-        case "nodev": return (NODEV, 0)
-        case "dev": return (0, NODEV)
-        case "noexec": return (NOEXEC, 0)
-        case "exec": return (0, NOEXEC)
-        case "sync": return (SYNCHRONOUS, 0)
-        case "async": return (0, SYNCHRONOUS)
-        case "dirsync": return (DIRSYNC, 0)
-        case "mand": return (MANDLOCK, 0)
-        case "nomand": return (0, MANDLOCK)
-        case "noatime": return (NOATIME, 0)
-        case "atime": return (0, NOATIME)
-        case "nodiratime": return (NODIRATIME, 0)
-        case "diratime": return (0, NODIRATIME)
-        case "relatime": return (RELATIME, 0)
-        case "norelatime": return (0, RELATIME)
-        case "strictatime": return (STRICTATIME, 0)
-        case "bind": return (BIND, 0)
-        case "rbind": return (BIND | REC, 0)
-        case "remount": return (REMOUNT, 0)
-        case "defaults", "silent", "loud": return (0, 0)
-        default: return propagation(o).map { ($0, 0) }
-        }
+        flags[o] ?? propagation(o).map { ($0, 0) }
     }
 
-    static func propagation(_ o: String) -> UInt? {
-        switch o {
-        case "private": return PRIVATE
-        case "rprivate": return PRIVATE | REC
-        case "shared": return SHARED
-        case "rshared": return SHARED | REC
-        case "slave": return SLAVE
-        case "rslave": return SLAVE | REC
-        case "unbindable": return UNBINDABLE
-        case "runbindable": return UNBINDABLE | REC
-        default: return nil
-        }
-    }
+    static func propagation(_ o: String) -> UInt? { propagations[o] }
 
     /// Options that look like a flag but are none of ours (fs data has "=" or is
     /// filesystem specific; we only refuse obvious typos of the common flags).

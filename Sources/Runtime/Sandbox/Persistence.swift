@@ -76,7 +76,7 @@ struct ProcessRecord: Codable, Equatable {
     }
 
     /// The name the keeper gives this process's exit record.
-    var exitRecordName: String { "\(pid)-\(startTime)" }
+    var exitRecordName: String { ExitRecords.name(pid: pid, startTime: startTime) }
 
     func stdio(container: String, namespace: String) -> StdioPaths {
         var paths = StdioPaths(stdin: stdin, stdout: stdout, stderr: stderr, terminal: terminal)

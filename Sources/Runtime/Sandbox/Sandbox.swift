@@ -69,8 +69,8 @@ public final class Sandbox {
     public var holderPidfd: Int32 = -1
     /// How the pod ended (its holder's exit), for Controller.Wait.
     public var exitStatus: ExitStatus?
-    /// Controller.Stop calls waiting for the holder to be gone.
-    public var holderStopWaiters: [() -> Void] = []
+    /// Controller.Stop killed the holder (its exit is then no surprise worth a warning).
+    public var holderStopping = false
     /// Set for a CRI pod: its containers get /etc/hostname, /etc/hosts, /etc/resolv.conf
     /// from these files and, when they share its IPC namespace, its /dev/shm.
     public var isPod = false
@@ -110,46 +110,43 @@ public final class Sandbox {
     ///   unless their spec mounts them, and its /dev/shm when they share its IPC namespace.
     public func adapt(_ spec: OCISpec) throws(SpecError) -> OCISpec {
         guard var ns = spec.linux?.namespaces else { return spec }
-        let me = getpid()
         for i in ns.indices {
+            let type = ns[i].type
             guard let path = ns[i].path else {
-                if let file = pinned[ns[i].type] { ns[i].path = file }
+                if let file = pinned[type] { ns[i].path = file }
                 continue
             }
-            if let pid = Self.procPid(path), pid == "self" || pid == "thread-self" || pid == String(me) {
-                throw SpecError("linux.namespaces[\(ns[i].type)].path",
+            let pid = Self.procPid(path)
+            if let h = holder, pid == String(h.pid), let file = pinned[type] { ns[i].path = file; continue }
+            // By name for every sandbox; for a pod also by identity, whoever's pid the path
+            // names (containerd leaves out what a host-network pod shares).
+            if pid == "self" || pid == "thread-self" || pid == DaemonNamespaces.pid || (isPod && DaemonNamespaces.isDaemons(path, type: type)) {
+                throw SpecError("linux.namespaces[\(type)].path",
                                 "\(path) is the kuasar daemon's own namespace (the host's); a pod's containers join the pid that Controller.Start returned\(holder.map { " (\($0.pid))" } ?? "")")
-            }
-            if let h = holder, Self.procPid(path) == String(h.pid), let file = pinned[ns[i].type] { ns[i].path = file; continue }
-            // A pod's containers never join the daemon's (the host's) namespaces, whoever's
-            // pid the path names: containerd leaves out what a host-network pod shares.
-            if isPod, ["network", "ipc", "uts", "pid"].contains(ns[i].type), Self.sameNamespace(path, "/proc/self/ns/" + NamespaceFlag.procName(ns[i].type)) {
-                throw SpecError("linux.namespaces[\(ns[i].type)].path",
-                                "\(path) is the kuasar daemon's own namespace (the host's), not pod \(id)'s; its containers join the pid that Controller.Start returned\(holder.map { " (\($0.pid))" } ?? "")")
             }
         }
         var out = spec
         out.linux!.namespaces = ns
-        guard isPod else { return out }
-        let sharesIPC = ns.contains { $0.type == "ipc" && $0.path != nil && ($0.path == pinned["ipc"] || Self.procPid($0.path!) == holder.map { String($0.pid) }) }
-        var mounts = out.mounts ?? []
-        let readOnly = spec.root?.readonly == true
+        if isPod {
+            // Holder paths were turned into the pin above, so sharing is one comparison.
+            let sharesIPC = pinned["ipc"].map { file in ns.contains { $0.type == "ipc" && $0.path == file } } ?? false
+            out.mounts = podMounts(out.mounts ?? [], sharesIPC: sharesIPC, readOnly: spec.root?.readonly == true)
+        }
+        return out
+    }
+
+    /// The pod's files bound over what the spec does not mount itself (prepared at
+    /// Controller.Create, so they exist), and its /dev/shm for containers in its IPC namespace.
+    private func podMounts(_ specMounts: [OCISpec.Mount], sharesIPC: Bool, readOnly: Bool) -> [OCISpec.Mount] {
+        var mounts = specMounts
         for (dest, file) in [("/etc/hostname", hostnameFile), ("/etc/hosts", hostsFile), ("/etc/resolv.conf", resolvConfFile)]
-        where !mounts.contains(where: { $0.destination == dest }) && Files.exists(file) {
-            mounts.append(OCISpec.Mount(destination: dest, type: "bind", source: file,
-                                        options: ["rbind", "rprivate", readOnly ? "ro" : "rw"]))
+        where !mounts.contains(where: { $0.destination == dest }) {
+            mounts.append(OCISpec.Mount(destination: dest, type: "bind", source: file, options: ["rbind", "rprivate", readOnly ? "ro" : "rw"]))
         }
         if sharesIPC && hasShm, let i = mounts.firstIndex(where: { $0.destination == "/dev/shm" && $0.type == "tmpfs" }) {
             mounts[i] = OCISpec.Mount(destination: "/dev/shm", type: "bind", source: shmDir, options: ["rbind", "rprivate", "rw"])
         }
-        out.mounts = mounts
-        return out
-    }
-
-    static func sameNamespace(_ a: String, _ b: String) -> Bool {
-        var sa = stat(), sb = stat()
-        guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
-        return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+        return mounts
     }
 
     /// The `<pid>` of a `/proc/<pid>/ns/<type>` path.
@@ -167,6 +164,26 @@ public final class Sandbox {
     public func remove(_ id: String) {
         containers.removeValue(forKey: id)
         containerOrder.removeAll { $0 == id }
+    }
+}
+
+/// The daemon's own namespaces, read once: a container must never join them by accident.
+enum DaemonNamespaces {
+    static let pid = String(getpid())
+    /// Namespace type → (device, inode) of /proc/self/ns/<type>.
+    static let identities: [String: (UInt64, UInt64)] = {
+        var out: [String: (UInt64, UInt64)] = [:]
+        for type in ["network", "ipc", "uts", "pid"] {
+            var st = stat()
+            if stat("/proc/self/ns/" + NamespaceFlag.procName(type), &st) == 0 { out[type] = (UInt64(st.st_dev), UInt64(st.st_ino)) }
+        }
+        return out
+    }()
+
+    static func isDaemons(_ path: String, type: String) -> Bool {
+        guard let own = identities[type] else { return false }
+        var st = stat()
+        return stat(path, &st) == 0 && (UInt64(st.st_dev), UInt64(st.st_ino)) == own
     }
 }
 
@@ -189,7 +206,7 @@ public final class SandboxRegistry {
     /// The sandbox `id`, made (state directory 0700) when it does not exist yet.
     /// `save`: write its state now (the Controller writes it once it has set it up).
     public func register(id: String, namespace: String, eventsAddress: String, sharedNamespaces: Bool = false,
-                         netnsPath: String = "", save saveNow: Bool = true) throws -> (Sandbox, created: Bool) {
+                         save saveNow: Bool = true) throws -> (Sandbox, created: Bool) {
         try Identifier.validate(id, what: "sandbox")
         if let s = sandboxes[id] {
             guard s.namespace == namespace || namespace.isEmpty else {
@@ -210,9 +227,7 @@ public final class SandboxRegistry {
         s.cgroupRoot = cgroupRoot
         if sharedNamespaces {
             do {
-                s.pinned = try PinnedNamespaces.create(in: dir, types: netnsPath.isEmpty ? PinnedNamespaces.types : ["ipc", "uts"])
-                // containerd (CNI) made the network namespace: joined, never ours to release.
-                if !netnsPath.isEmpty { s.pinned["network"] = netnsPath }
+                s.pinned = try PinnedNamespaces.create(in: dir)
             } catch {
                 Files.removeTree(dir)
                 throw error
@@ -255,16 +270,21 @@ public final class SandboxRegistry {
 public enum PinnedNamespaces {
     public static let types = ["network", "ipc", "uts"]
 
-    /// Creates the namespaces and returns type → pinned file.
-    public static func create(in dir: String, types: [String] = types) throws -> [String: String] {
+    /// The empty files in `dir` that namespaces of `types` get bound onto: type → file.
+    public static func targets(in dir: String, types: [String]) throws -> [String: String] {
         var pinned: [String: String] = [:]
-        var flags: UInt64 = 0
         for type in types {
             let file = dir + "/" + NamespaceFlag.procName(type)
             try Files.write(file, "", create: true, mode: 0o600)
             pinned[type] = file
-            flags |= NamespaceFlag.flag(type)
         }
+        return pinned
+    }
+
+    /// Creates the namespaces and returns type → pinned file.
+    public static func create(in dir: String, types: [String] = types) throws -> [String: String] {
+        let pinned = try targets(in: dir, types: types)
+        let flags = types.reduce(UInt64(0)) { $0 | NamespaceFlag.flag($1) }
         do {
             try Mounts.pinNewNamespaces(flags: Int32(truncatingIfNeeded: flags), procNames: types.map(NamespaceFlag.procName),
                                         targets: types.map { pinned[$0]! })

@@ -67,14 +67,9 @@ public final class AdminService {
                 call.respond(resp)
                 // As a Task Delete would: the state file forgets it, containerd hears of it.
                 self?.registry.save(sandbox)
-                var e = Containerd_Events_TaskDelete()
-                e.containerID = c.id
-                e.id = c.id
-                e.pid = resp.pid
-                e.exitStatus = resp.exitStatus
-                e.exitedAt = Google_Protobuf_Timestamp(c.initProcess.exitedAt ?? WallTime.now())
-                self?.tasks.publish(sandbox, "/tasks/delete", e)
-                if sandbox.containers.isEmpty && !sandbox.isPod { self?.tasks.removeSandbox(sandbox) }
+                self?.tasks.publishDelete(sandbox, container: c.id, pid: resp.pid, exitStatus: resp.exitStatus,
+                                          exitedAt: Google_Protobuf_Timestamp(c.initProcess.exitedAt ?? WallTime.now()))
+                self?.tasks.removeSandboxIfDone(sandbox)
             }
             if c.initProcess.pid == 0 || c.initProcess.state == .stopped { finish() } else { c.initProcess.wait { _, _ in finish() } }
         }

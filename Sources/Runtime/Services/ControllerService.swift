@@ -264,7 +264,9 @@ public final class ControllerService {
             done()
             return
         }
-        s.holderStopWaiters.append(done)
+        // Answered by markStopped, once holderExited has run.
+        _ = s.stopWaiters.add { _ in done() }
+        s.holderStopping = true
         do { try sendSignal(pidfd: s.holderPidfd, SIGKILL) } catch {
             logger.error("sandbox \(s.id): kill holder \(s.holder?.pid ?? 0): \(error)")
         }
@@ -276,16 +278,13 @@ public final class ControllerService {
     func holderExited(_ s: Sandbox, _ status: ExitStatus?) {
         guard registry.sandboxes[s.id] === s else { return }
         if s.exitStatus == nil { s.exitStatus = status ?? .exited(255) }
-        if s.holderStopWaiters.isEmpty && s.state != .stopped {
+        if !s.holderStopping && s.state != .stopped {
             logger.warning("sandbox \(s.id): its holder \(s.holder?.pid ?? 0) ended (\(status.map { "\($0)" } ?? "status unknown")); the pod is stopped")
         }
         for c in s.containers.values where c.state == .running || c.state == .paused || c.state == .created {
             try? c.kill(signal: SIGKILL, all: true)
         }
         markStopped(s)
-        let waiters = s.holderStopWaiters
-        s.holderStopWaiters = []
-        for w in waiters { w() }
     }
 
     /// Re-watches a recovered pod's holder; one that ended while no daemon ran stops the

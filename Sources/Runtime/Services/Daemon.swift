@@ -245,7 +245,7 @@ public final class Daemon {
         }
         // Records of processes that were not containers (helpers, execs) are dropped;
         // those of recovered containers are taken as they are found.
-        let holders = sandboxes.compactMap { $0.holder.map { "\($0.pid)-\($0.startTime)" } }
+        let holders = sandboxes.compactMap { $0.holder.map { ExitRecords.name(pid: $0.pid, startTime: $0.startTime) } }
         exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders))
         for r in containers { tasks.watch(r.container, in: r.sandbox) }
         for s in sandboxes {

@@ -45,7 +45,7 @@ public enum ShimProtocol {
             case "-debug": f.debug = inline.map { $0 != "false" } ?? true
             case "-v", "-version": f.action = "version"
             // containerd 2.x: `-info` is a flag, not an action (older shims choke on unknown actions).
-            case "-info": f.action = inline.map { $0 != "false" } ?? true ? "info" : f.action
+            case "-info": if inline != "false" { f.action = "info" }
             case "-socket", "-systemd-cgroup", "-criu", "-runtime-root":
                 _ = try inline ?? value(a)  // runc shim flags we accept and ignore
             default:

@@ -150,13 +150,17 @@ public final class TaskService {
             call.respond(Google_Protobuf_Empty())
             // containerd waits for this connection to close after Shutdown.
             call.closeConnectionAfterFlush()
-            // A pod made by the Controller is the Controller's to remove (its Shutdown);
-            // containerd's Task Shutdown only ends this connection's use of it.
-            if sandbox.containers.isEmpty && !sandbox.isPod { self.removeSandbox(sandbox) }
+            self.removeSandboxIfDone(sandbox)
         }
         unary("Checkpoint") { (_: TTRPCServerCall, _: Containerd_Task_V2_CheckpointTaskRequest) in
             throw RPCError(.unimplemented, "checkpoint is not supported by kuasar: it has no CRIU integration")
         }
+    }
+
+    /// A shim-path sandbox goes with its last container (Task Shutdown, ForceDelete); a pod
+    /// made by the Controller is the Controller's to remove (its Shutdown).
+    func removeSandboxIfDone(_ sandbox: Sandbox) {
+        if sandbox.containers.isEmpty && !sandbox.isPod { removeSandbox(sandbox) }
     }
 
     func removeSandbox(_ sandbox: Sandbox) {
@@ -355,16 +359,21 @@ public final class TaskService {
             resp.exitStatus = UInt32(bitPattern: status?.code ?? 0)
             resp.exitedAt = Google_Protobuf_Timestamp(at)
             call.respond(resp)
-            var e = Containerd_Events_TaskDelete()
-            e.containerID = r.id
-            e.id = r.id
-            e.pid = resp.pid
-            e.exitStatus = resp.exitStatus
-            e.exitedAt = resp.exitedAt
-            self?.publish(sandbox, "/tasks/delete", e)
+            self?.publishDelete(sandbox, container: r.id, pid: resp.pid, exitStatus: resp.exitStatus, exitedAt: resp.exitedAt)
         }
         // A created init is killed by destroy(): answer with its real status once reaped.
         if wasCreated { p.wait { s, t in finish(s, t) } } else { finish(p.exitStatus, p.exitedAt) }
+    }
+
+    /// TaskDelete of a container's init: after Delete, and after the admin ForceDelete.
+    func publishDelete(_ sandbox: Sandbox, container id: String, pid: UInt32, exitStatus: UInt32, exitedAt: Google_Protobuf_Timestamp) {
+        var e = Containerd_Events_TaskDelete()
+        e.containerID = id
+        e.id = id
+        e.pid = pid
+        e.exitStatus = exitStatus
+        e.exitedAt = exitedAt
+        publish(sandbox, "/tasks/delete", e)
     }
 
     private func state(_ call: TTRPCServerCall, _ r: Containerd_Task_V2_StateRequest, _ sandbox: Sandbox) throws {

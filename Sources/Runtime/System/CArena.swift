@@ -34,8 +34,6 @@ final class CArena {
         return UnsafePointer(p)
     }
 
-    func track(_ block: UnsafeMutableRawPointer) { blocks.append(block) }
-
     func free() {
         for b in blocks { Glibc.free(b) }
         blocks.removeAll()

@@ -45,9 +45,12 @@ public struct ExitRecords: Sendable {
     /// The start time of a live process (0 when it is gone).
     public static func startTime(of pid: pid_t) -> UInt64 { UInt64(ks_proc_starttime(pid)) }
 
+    /// The file name of a process's record.
+    public static func name(pid: pid_t, startTime: UInt64) -> String { "\(pid)-\(startTime)" }
+
     /// Takes (reads and removes) the record of a process, if the keeper wrote one.
     public func take(pid: pid_t, startTime: UInt64) -> ExitStatus? {
-        let path = "\(dir)/\(pid)-\(startTime)"
+        let path = dir + "/" + Self.name(pid: pid, startTime: startTime)
         guard let text = try? Files.readString(path) else { return nil }
         _ = unlink(path)
         let parts = text.trimmingWhitespace.split(separator: " ")

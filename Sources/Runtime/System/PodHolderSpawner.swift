@@ -49,8 +49,8 @@ public enum PodHolderSpawner {
         attr.loopback_up = setup.newNamespaces & NamespaceFlag.network != 0 ? 1 : 0
         attr.sysctls = arena.array(setup.sysctls.map { ks_sysctl(key: arena.string($0.path), value: arena.string($0.value)) })
         attr.sysctl_count = Int32(setup.sysctls.count)
-        attr.pin_sources = arena.constNonnullArray(setup.pins.map { "/proc/self/ns/" + $0.procName })
-        attr.pin_targets = arena.constNonnullArray(setup.pins.map(\.target))
+        attr.pin_sources = arena.constStringArray(setup.pins.map { "/proc/self/ns/" + $0.procName })
+        attr.pin_targets = arena.constStringArray(setup.pins.map(\.target))
         attr.pin_count = Int32(setup.pins.count)
         attr.argv = arena.stringArray(setup.argv)
         var pid: pid_t = 0, pidfd: Int32 = -1
@@ -64,11 +64,3 @@ public enum PodHolderSpawner {
     }
 }
 
-extension CArena {
-    func constNonnullArray(_ list: [String]) -> UnsafePointer<UnsafePointer<CChar>> {
-        let p = UnsafeMutablePointer<UnsafePointer<CChar>>.allocate(capacity: max(1, list.count))
-        for (i, s) in list.enumerated() { (p + i).initialize(to: string(s)) }
-        track(UnsafeMutableRawPointer(p))
-        return UnsafePointer(p)
-    }
-}

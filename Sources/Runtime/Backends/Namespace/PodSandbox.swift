@@ -13,8 +13,12 @@ public struct PodSettings: Sendable {
     public var hosts: String
     /// Namespaced sysctls only, applied inside the pod's namespaces.
     public var sysctls: [String: String] = [:]
-    /// Namespaces the pod creates; one left out is the node's (CRI `NODE` mode).
-    public var newPid = true, newIPC = true, newNetwork = true, newUTS = true
+    /// Namespaces the pod creates; one left out is the node's (CRI `NODE` mode). A pod
+    /// on containerd's CNI netns joins that one instead of making its own.
+    public var newPid = true, newIPC = true, newNetwork = true
+    /// The node's network (CRI `NODE`), and with it the node's hostname.
+    public var hostNetwork = false
+    public var newUTS: Bool { !hostNetwork }
     public var shmBytes: UInt64 = PodSettings.defaultShmBytes
     public static let defaultShmBytes: UInt64 = 64 << 20
     /// A pod annotation that sizes its /dev/shm (bytes), as CRI has no field for it.
@@ -51,11 +55,9 @@ public struct PodSettings: Sendable {
         if let opts = config?.linux.securityContext.namespaceOptions {
             newPid = opts.pid != .node
             newIPC = opts.ipc != .node
-            newNetwork = opts.network != .node
-            newUTS = newNetwork
+            hostNetwork = opts.network == .node
         }
-        if !netnsPath.isEmpty { newNetwork = false }
-        let hostNetwork = config?.linux.securityContext.namespaceOptions.network == .node
+        newNetwork = !hostNetwork && netnsPath.isEmpty
         for (key, value) in config?.linux.sysctls ?? [:] {
             guard let kind = Self.namespacedSysctl(key) else {
                 throw RPCError(.invalidArgument, "options: linux.sysctls: \"\(key)\" is not a namespaced sysctl (kernel.shm*, kernel.msg*, kernel.sem, fs.mqueue.*, net.*): it would change the node, not the pod")
@@ -118,14 +120,11 @@ public enum PodSandbox {
         if settings.newUTS { setup.newNamespaces |= NamespaceFlag.uts; pinnedTypes.append("uts"); setup.hostname = settings.hostname }
         if settings.newNetwork { setup.newNamespaces |= NamespaceFlag.network; pinnedTypes.append("network") }
         if !netnsPath.isEmpty { setup.netnsPath = netnsPath }
-        for type in pinnedTypes {
-            let file = s.stateDir + "/" + NamespaceFlag.procName(type)
-            try Files.write(file, "", create: true, mode: 0o600)
-            setup.pins.append((NamespaceFlag.procName(type), file))
-        }
+        let pins = try PinnedNamespaces.targets(in: s.stateDir, types: pinnedTypes)
+        setup.pins = pinnedTypes.map { (NamespaceFlag.procName($0), pins[$0]!) }
         setup.sysctls = settings.sysctls.sorted { $0.key < $1.key }.map { ("/proc/sys/" + $0.key.replacingDots(), $0.value) }
         let process = try PodHolderSpawner.spawn(setup)
-        for type in pinnedTypes { s.pinned[type] = s.stateDir + "/" + NamespaceFlag.procName(type) }
+        s.pinned = pins
         // containerd (CNI) made the network namespace: joined, never ours to release.
         if !netnsPath.isEmpty { s.pinned["network"] = netnsPath }
         s.holder = Sandbox.Holder(pid: process.pid, startTime: ExitRecords.startTime(of: process.pid))

@@ -86,7 +86,7 @@ public final class GRPCServer {
                 call.fail(RPCError(.invalidArgument, "bad grpc-timeout \"\(t)\""))
                 return nil
             }
-            call.armDeadline(reactor: reactor, afterNS: ns)
+            if ns != .max { call.armDeadline(reactor: reactor, afterNS: ns) }
         }
         return call
     }
