@@ -570,8 +570,11 @@ public final class Container {
             initProcess.start { result in
                 done(result)
                 if case .success = result {
+                    self.poststartRunning = true
                     HookRunner.run([.poststart], container: self, status: "running") { err in
                         if let err { self.engine.logger.warning("container \(self.id): \(err.message)") }
+                        self.poststartRunning = false
+                        if self.poststopWaiting { self.runPoststop() }
                     }
                 }
             }
@@ -672,12 +675,21 @@ public final class Container {
         ownedMounts.removeAll()
         guard !destroyed else { return }
         destroyed = true
+        // A container that exits at once is deleted while its poststart hooks may still
+        // run; poststop comes after them, as with runc (whose start waits for poststart).
+        if poststartRunning { poststopWaiting = true } else { runPoststop() }
+    }
+
+    private func runPoststop() {
+        poststopWaiting = false
         HookRunner.run([.poststop], container: self, status: "stopped") { [self] err in
             if let err { engine.logger.warning("container \(id): \(err.message)") }
         }
     }
 
     private var destroyed = false
+    private var poststartRunning = false
+    private var poststopWaiting = false
 
     func destroyCgroup() {
         guard let cgroup else { return }
