@@ -29,7 +29,8 @@ final class ProbeTaskService {
         }
         server.registerUnary(service: Self.service, method: "Wait") { [unowned self] (call, _: Containerd_Task_V2_WaitRequest) in
             self.heldWaits.append(call)
-            call.onCancel = { [unowned self] in self.cancellations.append($0) }
+            // Weak: a held call can be cancelled when its connection closes after the probe is gone.
+            call.onCancel = { [weak self] in self?.cancellations.append($0) }
         }
     }
 }
