@@ -51,6 +51,14 @@ final class TestBundle {
     }
 }
 
+/// An empty `/tmp/kuasar-<name>-<pid>` for one test; the caller removes it.
+func scratchDirectory(_ name: String) throws -> String {
+    let dir = "/tmp/kuasar-\(name)-\(getpid())"
+    Files.removeTree(dir)
+    try makeDirectories(dir, mode: 0o755)
+    return dir
+}
+
 @discardableResult
 func run(_ args: String...) throws -> Int32 {
     let p = try Spawner.spawn(ProcessSpec(executable: args[0], arguments: args))

@@ -54,9 +54,7 @@ extension AllTests {
 
     /// A blkio weight below 10 (spec or Task.Update) underflowed the io.weight conversion.
     @Test func smallBlkioWeightIsClampedOnCgroupV2() throws {
-        let dir = "/tmp/kuasar-iow-\(getpid())"
-        Files.removeTree(dir)
-        try makeDirectories(dir, mode: 0o755)
+        let dir = try scratchDirectory("iow")
         defer { Files.removeTree(dir) }
         try Files.write(dir + "/io.weight", "", create: true)
         let cg = Cgroup(mode: .v2, path: "x", dirs: ["": dir], order: [""])
