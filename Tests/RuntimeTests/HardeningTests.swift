@@ -143,5 +143,178 @@ extension AllTests {
             try node.shutdown("fdel")
         }
     }
+    /// Removing a container's cgroup retried rmdir with usleep on the loop (50 × 2 ms per
+    /// directory) and then gave up: a cgroup the container made below its own (systemd
+    /// or a nested runtime does) stayed busy, stalled the daemon and leaked with its
+    /// processes. Now the whole subtree is killed and removed, busy ones on a timer.
+    @Test func busyCgroupIsRemovedOffTheLoop() throws {
+        try PodTests.Node.with("reap", config: "[namespace]\ncgroup_parent = \"kuasar-reap-\(getpid())\"\n") { node in
+            let host = try CgroupHost.detect()
+            guard host.mode == .v1 else { return }  // this machine's layout; v2 is one directory
+            let (pid, address) = try node.runPod("reap", PodTests.podConfig(hostname: "reap"))
+            let b = try node.bundle("reap1", pid: pid, args: ["sleep", "300"])
+            _ = try node.startContainer(address, "busy", bundle: b)
+            let cg = host.existing("kuasar-reap-\(getpid())/reap/busy")
+            let sub = cg.dirs["memory"]! + "/nested"
+            try makeDirectories(sub, mode: 0o755)
+            // A process of its own in the nested cgroup, as a container's systemd would have.
+            var stray = try Spawner.spawn(ProcessSpec(executable: "/bin/sleep", arguments: ["sleep", "300"]))
+            let strayPid = stray.pid
+            let strayPidfd = stray.pidfd.take()
+            try Files.write(sub + "/cgroup.procs", "\(strayPid)")
+            defer { kill(strayPid, SIGKILL); _ = waitpid(strayPid, nil, __WALL); close(strayPidfd); _ = rmdir(sub) }
+
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            var k = Containerd_Task_V3_KillRequest()
+            k.id = "busy"
+            k.signal = 9
+            _ = try t.call("containerd.task.v3.Task", "Kill", k, as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+            var w = Containerd_Task_V3_WaitRequest()
+            w.id = "busy"
+            _ = try t.call("containerd.task.v3.Task", "Wait", w, as: Containerd_Task_V3_WaitResponse.self, namespace: "k8s.io")
+            var d = Containerd_Task_V3_DeleteRequest()
+            d.id = "busy"
+            _ = try t.call("containerd.task.v3.Task", "Delete", d, as: Containerd_Task_V3_DeleteResponse.self, namespace: "k8s.io")
+            #expect(waitUntil { processGone(strayPid) || (try? Files.readString("/proc/\(strayPid)/stat"))?.contains(") Z ") == true },
+                    "a process in the container's nested cgroup outlived Delete")
+            #expect(waitUntil { cg.dirs.values.allSatisfy { !Files.exists($0) } },
+                    "cgroup left: \(cg.dirs.values.filter { Files.exists($0) })")
+            try node.shutdown("reap")
+            let parent = host.existing("kuasar-reap-\(getpid())")
+            #expect(waitUntil { parent.dirs.values.allSatisfy { !Files.exists($0 + "/reap") } }, "the pod's cgroup parent was left")
+            for dir in parent.dirs.values { _ = rmdir(dir) }
+        }
+    }
+
+    /// A hook's state (with the spec's annotations, which can be large) was written into a
+    /// blocking pipe from the loop: a hook that read it late stalled every pod.
+    @Test func largeHookStateDoesNotStallTheDaemon() throws {
+        try PodTests.Node.with("hookstate") { node in
+            let (pid, address) = try node.runPod("hs", PodTests.podConfig(hostname: "hs"))
+            let got = node.bundles + "/state-bytes"
+            let b = try node.bundle("hs1", pid: pid, args: ["true"]) { json in
+                var a = json["annotations"] as? [String: Any] ?? [:]
+                a["io.kuasar.test/big"] = String(repeating: "x", count: 600_000)
+                json["annotations"] = a
+                json["hooks"] = ["createRuntime": [["path": "/bin/sh", "args": ["sh", "-c", "sleep 3; wc -c > \(got)"]]]]
+            }
+            final class Box: @unchecked Sendable { var error: (any Error)?; var done = false }
+            let box = Box()
+            let creator = Thread {
+                do {
+                    let t = try OneShotClient(path: address)
+                    defer { t.close() }
+                    var create = Containerd_Task_V3_CreateTaskRequest()
+                    create.id = "hooked"
+                    create.bundle = b
+                    _ = try t.call("containerd.task.v3.Task", "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+                } catch { box.error = error }
+                box.done = true
+            }
+            creator.start()
+            usleep(300_000)  // the hook is running and not reading yet
+            var st = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
+            st.sandboxID = "hs"
+            st.sandboxer = "kuasar"
+            let t0 = MonotonicClock.nanoseconds()
+            _ = try node.call("Status", st, Containerd_Services_Sandbox_V1_ControllerStatusResponse.self)
+            let ms = (MonotonicClock.nanoseconds() - t0) / 1_000_000
+            #expect(ms < 1500, "Status waited \(ms) ms behind a hook that had not read its state")
+            #expect(waitUntil(timeoutMS: 15_000) { box.done })
+            #expect(box.error == nil, "\(String(describing: box.error))")
+            let bytes = Int(((try? Files.readString(got)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            #expect(bytes > 600_000, "the hook got \(bytes) bytes of state")
+            try node.shutdown("hs")
+        }
+    }
+
+    /// When a later rootfs mount failed, the earlier ones stayed mounted on the rootfs.
+    @Test func failedRootfsMountLeavesNothingMounted() throws {
+        try PodTests.Node.with("rootfs") { node in
+            let (pid, address) = try node.runPod("rf", PodTests.podConfig(hostname: "rf"))
+            let b = try node.bundle("rf1", pid: pid, args: ["true"])
+            let lower = node.bundles + "/lower"
+            try makeDirectories(lower, mode: 0o755)
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            for second in [("bogusfs", "none", [String]()), ("overlay", "overlay", ["lowerdir=/nonexistent-\(getpid())"])] {
+                var create = Containerd_Task_V3_CreateTaskRequest()
+                create.id = "rf"
+                create.bundle = b
+                var m1 = Containerd_Types_Mount()
+                m1.type = "bind"
+                m1.source = lower
+                m1.options = ["rbind", "ro"]
+                var m2 = Containerd_Types_Mount()
+                m2.type = second.0
+                m2.source = second.1
+                m2.options = second.2
+                create.rootfs = [m1, m2]
+                do {
+                    _ = try t.call("containerd.task.v3.Task", "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+                    Issue.record("a rootfs with a \(second.0) mount was accepted")
+                } catch let e as RPCError {
+                    #expect(e.message.contains(second.0) || e.message.contains("rootfs mount 2"), "\(e)")
+                }
+                #expect(mountsUnder(b + "/rootfs").isEmpty, "after a failed \(second.0) mount: \(mountsUnder(b + "/rootfs"))")
+            }
+            try node.shutdown("rf")
+        }
+    }
+
+    /// The Controller remembered every id it ever made (without bound) to answer a repeated
+    /// Shutdown, and forgot them all on restart. Now: the newest ones, on disk.
+    @Test func repeatedShutdownAnswersOKAcrossARestart() throws {
+        try PodTests.Node.with("again") { node in
+            _ = try node.runPod("twice", PodTests.podConfig(hostname: "twice"))
+            try node.shutdown("twice")
+            var sd = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
+            sd.sandboxID = "twice"
+            sd.sandboxer = "kuasar"
+            _ = try node.call("Shutdown", sd, Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+            let old = try node.killAndRestart {}
+            _ = try node.call("Shutdown", sd, Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+            sd.sandboxID = "never-made"
+            do {
+                _ = try node.call("Shutdown", sd, Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+                Issue.record("Shutdown of an id never made answered OK")
+            } catch let e as RPCError {
+                #expect(e.code == .notFound, "\(e)")
+            }
+            _ = try Spawner.wait(old.process)
+            old.log.close()
+        }
+        // Bounded: the oldest are forgotten, on disk too.
+        let dir = try scratchDirectory("shutdown-log")
+        defer { Files.removeTree(dir) }
+        let log = ShutdownLog(root: dir)
+        let n = ShutdownLog.capacity * 2 + 10
+        for i in 0..<n { log.insert("s\(i)") }
+        #expect(log.count == ShutdownLog.capacity)
+        #expect(!log.contains("s0") && log.contains("s\(n - 1)") && log.contains("s\(n - ShutdownLog.capacity)"))
+        let again = ShutdownLog(root: dir)
+        #expect(again.count == ShutdownLog.capacity && again.contains("s\(n - 1)") && !again.contains("s\(n - ShutdownLog.capacity - 1)"))
+        let lines = try Files.readString(dir + "/shutdown.log").split(separator: "\n").count
+        #expect(lines <= 2 * ShutdownLog.capacity, "the log grew to \(lines) lines")
+    }
+
+    /// `kuasar exec --exec-id` became part of a path that was made and then removed.
+    @Test func execIDIsValidatedBeforeItBecomesAPath() throws {
+        try PodTests.Node.with("execid") { node in
+            let (pid, address) = try node.runPod("ex", PodTests.podConfig(hostname: "ex"))
+            let b = try node.bundle("ex1", pid: pid, args: ["sleep", "300"])
+            _ = try node.startContainer(address, "c1", bundle: b)
+            let victim = "/tmp/kuasar-victim-\(getpid()).io"
+            try makeDirectories(victim, mode: 0o755)
+            try Files.write(victim + "/keep", "x", create: true)
+            defer { Files.removeTree(victim) }
+            // <root>/run/c1.<id>.io resolves to the victim.
+            let r = try shell("\(AllTests.DaemonTests.binary) exec --root \(node.root) --exec-id 'x/../../../kuasar-victim-\(getpid())' c1 -- true 2>&1")
+            #expect(r.code != 0 && r.out.contains("exec id"), "\(r.code): \(r.out)")
+            #expect(Files.exists(victim + "/keep"), "a directory outside the root was removed")
+            try node.shutdown("ex")
+        }
+    }
 }
 }

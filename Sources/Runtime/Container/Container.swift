@@ -52,11 +52,14 @@ public final class ContainerEngine {
     public var handedOver: [String: Int32] = [:]
     public let logger: Logger
     let selfPidNamespace: Int32
+    /// Removes container cgroups once the kernel lets go of them, off the request path.
+    public let cgroupReaper: CgroupReaper
 
     public init(reactor: Reactor, supervisor: ProcessSupervisor, logger: Logger = Logger(label: "kuasar.container")) throws(SystemError) {
         self.reactor = reactor
         self.supervisor = supervisor
         self.logger = logger
+        cgroupReaper = CgroupReaper(reactor: reactor, logger: logger)
         cgroups = try? CgroupHost.detect()
         selfPidNamespace = try sys("open", "/proc/self/ns/pid") { open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC) }
     }
@@ -67,6 +70,7 @@ public final class ContainerEngine {
     public func close() {
         guard !closed else { return }
         closed = true
+        cgroupReaper.close()
         _ = Glibc.close(selfPidNamespace)
     }
 
@@ -437,7 +441,7 @@ public final class Container {
             if let host = engine.cgroups, let path = cgroupPath {
                 let cg = try host.create(path)
                 cgroup = cg
-                cleanup.append { try? cg.destroy() }
+                cleanup.append { engine.cgroupReaper.remove(cg, owner: "container \(id)") }
                 if let r = spec.linux?.resources { try cg.apply(Container.resources(r)) }
             }
             tCgroup = MonotonicClock.nanoseconds()
@@ -693,7 +697,6 @@ public final class Container {
 
     func destroyCgroup() {
         guard let cgroup else { return }
-        for pid in cgroup.processes() { Glibc.kill(pid, SIGKILL) }
-        do { try cgroup.destroy() } catch { engine.logger.warning("container \(id): \(error)") }
+        engine.cgroupReaper.remove(cgroup, owner: "container \(id)")
     }
 }

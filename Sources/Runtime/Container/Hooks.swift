@@ -57,11 +57,13 @@ struct HookRunner {
             let inRead = pipe.first.take(), inWrite = pipe.second.take()
             var inReadOpen = true
             defer { if inReadOpen { _ = close(inRead) } }
+            // The state goes in as the hook reads it (annotations can make it larger than
+            // a pipe holds; a hook that never reads must not stall the loop).
+            let feeder = PipeFeeder(reactor: engine.reactor, fd: inWrite, bytes: state)
             let null = try sys("open", "/dev/null") { open("/dev/null", O_WRONLY | O_CLOEXEC) }
             defer { _ = close(null) }
-            var inWriteOpen = true
-            defer { if inWriteOpen { _ = close(inWrite) } }
             let onExit: (ExitStatus) -> Void = { status in
+                feeder.close()
                 done(status == .exited(0) ? nil : ContainerError(.failed, "\(name) \(status)"))
             }
             var finished = false
@@ -98,10 +100,7 @@ struct HookRunner {
             }
             _ = close(inRead)
             inReadOpen = false
-            // The state is small (well under a pipe's buffer): one write never blocks.
-            _ = state.withUnsafeBytes { write(inWrite, $0.baseAddress, $0.count) }
-            _ = close(inWrite)
-            inWriteOpen = false
+            feeder.start()
             // A timeout of 18446744074 s or more does not fit in nanoseconds: it waits forever.
             let (scaled, overflow) = UInt64(max(1, hook.timeout ?? 30)).multipliedReportingOverflow(by: 1_000_000_000)
             let timeout = overflow ? UInt64.max : scaled

@@ -346,3 +346,53 @@ extension SandboxRecord {
         return w.bytes
     }
 }
+
+/// Ids of sandboxes the Controller has shut down, so that a repeated Shutdown (containerd
+/// retries one that timed out, also across our restarts) answers OK rather than NotFound.
+/// Bounded: the newest `capacity` are kept (older ones answer NotFound, which containerd
+/// also takes as "already gone"). One line per id appended to `<root>/shutdown.log`,
+/// rewritten atomically with the newest ones when it holds twice as many.
+public final class ShutdownLog {
+    public static let capacity = 1024
+    let path: String
+    private var order: [String] = []
+    private var ids = Set<String>()
+    private var lines = 0
+
+    public init(root: String) {
+        path = root + "/shutdown.log"
+        guard let bytes = try? Files.read(path, limit: 4 << 20) else { return }
+        for line in bytes.split(separator: UInt8(ascii: "\n")) {
+            let id = String(decoding: line, as: UTF8.self)
+            // A torn last line (a crash mid-append) or a hand edit is skipped.
+            guard (try? Identifier.validate(id, what: "sandbox")) != nil else { continue }
+            lines += 1
+            remember(id)
+        }
+    }
+
+    public func contains(_ id: String) -> Bool { ids.contains(id) }
+    public var count: Int { ids.count }
+
+    public func insert(_ id: String) {
+        guard !ids.contains(id) else { return }
+        remember(id)
+        lines += 1
+        if lines > 2 * Self.capacity {
+            try? Files.writeAtomically(path, Array(order.map { $0 + "\n" }.joined().utf8), mode: 0o600)
+            lines = order.count
+            return
+        }
+        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        let line = Array((id + "\n").utf8)
+        _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        _ = close(fd)
+    }
+
+    private func remember(_ id: String) {
+        guard ids.insert(id).inserted else { return }
+        order.append(id)
+        if order.count > Self.capacity { ids.remove(order.removeFirst()) }
+    }
+}

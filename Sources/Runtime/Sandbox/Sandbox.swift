@@ -246,8 +246,9 @@ public final class SandboxRegistry {
         PinnedNamespaces.release(sandbox.pinned, ownedUnder: sandbox.stateDir)
         sandbox.pinned = [:]
         // The sandbox's cgroup parent, now that its containers' cgroups are gone.
+        // Its containers' cgroups below it may still be busy: the reaper takes them first.
         if let host = engine.cgroups {
-            for dir in host.existing(sandbox.cgroupParent).dirs.values { _ = rmdir(dir) }
+            engine.cgroupReaper.remove(host.existing(sandbox.cgroupParent), owner: "sandbox \(sandbox.id)", kill: false)
         }
         sandboxes.removeValue(forKey: sandbox.id)
         sandbox.state = .stopped

@@ -154,6 +154,9 @@ public final class CLIClient {
 
     /// Runs a process in a running container (`kuasar exec`).
     public func exec(containerID: String, execID: String, args: [String], env: [String], cwd: String) throws -> Int32 {
+        // Both become a path below the root that is made and then removed.
+        try Identifier.validate(containerID, what: "container")
+        try Identifier.validate(execID, what: "exec")
         let (address, _) = try locate(containerID)
         let session = try TaskSession(address: address)
         defer { session.close() }

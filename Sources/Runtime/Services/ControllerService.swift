@@ -21,14 +21,15 @@ public final class ControllerService {
     let tasks: TaskService
     let reactor: Reactor
     let logger: Logger
-    /// Every id ever created, so Shutdown can tell "gone already" from "never seen".
-    var seen = Set<String>()
+    /// Sandboxes shut down here (bounded, persisted): a repeated Shutdown answers OK.
+    let shutdowns: ShutdownLog
 
     public init(registry: SandboxRegistry, tasks: TaskService, reactor: Reactor, logger: Logger) {
         self.registry = registry
         self.tasks = tasks
         self.reactor = reactor
         self.logger = logger
+        shutdowns = ShutdownLog(root: registry.root)
     }
 
     public func register(on server: GRPCServer) {
@@ -84,11 +85,12 @@ public final class ControllerService {
         }
         unary("Shutdown") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerShutdownRequest) in
             guard let s = self.registry.sandboxes[r.sandboxID] else {
-                if self.seen.contains(r.sandboxID) { call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse()); return }
+                if self.shutdowns.contains(r.sandboxID) { call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse()); return }
                 throw RPCError(.notFound, "sandbox \(r.sandboxID) not found")
             }
             for c in s.containers.values { try? c.kill(signal: SIGKILL, all: true) }
             self.markStopped(s)
+            self.shutdowns.insert(s.id)
             self.tasks.removeSandbox(s)
             call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse())
         }
@@ -189,7 +191,6 @@ public final class ControllerService {
         }
         s.state = .created
         s.labels = r.sandbox.labels
-        seen.insert(s.id)
         registry.save(s)
         var resp = Containerd_Services_Sandbox_V1_ControllerCreateResponse()
         resp.sandboxID = s.id

@@ -249,7 +249,6 @@ public final class Daemon {
         exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders))
         for r in containers { tasks.watch(r.container, in: r.sandbox) }
         for s in sandboxes {
-            controller.seen.insert(s.id)
             if s.state != .created {
                 do { try tasks.serve(s) } catch { logger.error("sandbox \(s.id): Task API not served again: \(error)") }
             }

@@ -204,9 +204,16 @@ public final class TaskService {
         guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
         let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath
         // The rootfs containerd prepared as mounts (overlay snapshots, binds): ours to mount and unmount.
+        // All or nothing: a later mount that fails takes the earlier ones (and a bind whose
+        // read-only remount failed) with it.
         var mounted: [String] = []
-        for m in r.rootfs {
-            try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs)
+        for (i, m) in r.rootfs.enumerated() {
+            do { try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs) } catch {
+                // Each earlier one is stacked on the rootfs: one unmount each, newest first.
+                for _ in 0..<i { try? Mounts.unmount(rootfs, lazy: true) }
+                if let e = error as? RPCError { throw e }
+                throw RPCError(.invalidArgument, "rootfs mount \(i + 1) of \(r.rootfs.count) (\(m.type) \(m.source)): \(error)")
+            }
             mounted.append(rootfs)
         }
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
@@ -417,7 +424,10 @@ public enum RootfsMounts {
                          flags: isBind ? (MountOptions.BIND | (flags & MountOptions.REC)) : flags,
                          data: isBind ? nil : data.joined(separator: ","))
         if isBind && flags & MountOptions.RDONLY != 0 {
-            try Mounts.mount(source: nil, target: target, type: nil, flags: MountOptions.BIND | MountOptions.REMOUNT | MountOptions.RDONLY)
+            do { try Mounts.mount(source: nil, target: target, type: nil, flags: MountOptions.BIND | MountOptions.REMOUNT | MountOptions.RDONLY) } catch {
+                try? Mounts.unmount(target, lazy: true)
+                throw error
+            }
         }
     }
 }

@@ -319,21 +319,41 @@ public final class Cgroup: @unchecked Sendable {
         return t.split(separator: " ").compactMap { UInt64($0.trimmingWhitespace) }
     }
 
-    /// Removes the cgroup directories. The cgroup must be empty: callers kill and reap
-    /// first. EBUSY right after the last exit is retried briefly (the kernel lags).
-    public func destroy() throws(SystemError) {
-        var lastError: SystemError?
-        for dir in dirs.values.sorted(by: { $0.count > $1.count }) {
-            var done = false
-            for attempt in 0..<50 {
-                if rmdir(dir) == 0 || Errno.current == .ENOENT { done = true; break }
-                lastError = SystemError("rmdir", dir, errno: .current)
-                if Errno.current != .EBUSY { break }
-                if attempt > 0 { usleep(2000) }
-            }
-            if done { lastError = nil }
+    /// Every directory of this cgroup and of the cgroups its processes made below it
+    /// (systemd or a nested runtime in a container does), deepest first.
+    public func directoryTree() -> [String] {
+        var out: [String] = []
+        func walk(_ dir: String) {
+            for name in Files.list(dir) where Files.isDirectory(dir + "/" + name) { walk(dir + "/" + name) }
+            out.append(dir)
         }
-        if let lastError { throw lastError }
+        for dir in dirs.values where Files.isDirectory(dir) { walk(dir) }
+        return out.sorted { $0.count > $1.count }
+    }
+
+    /// SIGKILLs every process in the cgroup and in the cgroups below it.
+    public func killAll() {
+        if mode == .v2, let d = dirs[""], (try? Files.write(d + "/cgroup.kill", "1")) != nil { return }
+        var pids = Set<pid_t>()
+        for dir in directoryTree() {
+            guard let text = try? Files.readString(dir + "/cgroup.procs") else { continue }
+            pids.formUnion(text.split(separator: "\n").compactMap { pid_t($0) })
+        }
+        for pid in pids { kill(pid, SIGKILL) }
+    }
+
+    /// One pass at removing the cgroup's directories (and any below them), deepest first;
+    /// never waits. Right after the last exit the kernel may still answer EBUSY for a
+    /// while: `busy` says so, and the caller tries again later (on a timer, not here).
+    public func removeOnce() -> (busy: Bool, error: SystemError?) {
+        var busy = false
+        var firstError: SystemError?
+        for dir in directoryTree() {
+            if rmdir(dir) == 0 || Errno.current == .ENOENT { continue }
+            let e = Errno.current
+            if e == .EBUSY { busy = true } else if firstError == nil { firstError = SystemError("rmdir", dir, errno: e) }
+        }
+        return (busy, firstError)
     }
 }
 
