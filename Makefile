@@ -2,7 +2,7 @@
 #   make run    install what the daemon needs, build, start the daemon, run a first container in it
 #   make test   install what the tests need, build with warnings as errors, run every test
 SHELL := /bin/bash
-APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2
+APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf python3-pip golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2
 SWIFT_FLAGS := -Xswiftc -warnings-as-errors
 SOCKET ?= /run/kuasar/kuasar.sock
 

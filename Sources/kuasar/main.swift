@@ -119,16 +119,21 @@ struct ConfigCommand: ParsableCommand {
 struct HealthCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "health", abstract: "Ask a running daemon whether it is healthy.")
 
-    @Option(help: "The daemon's API socket.")
+    @Option(help: "The daemon's API socket (asked with grpc.health.v1 Check).")
     var socket = KuasarConfig().socket
+    @Option(help: "The daemon's state directory, for its details (default: the socket's directory).")
+    var root: String?
 
     func run() throws {
         do {
-            let answer = try HealthProtocol.query(socketPath: socket)
+            let answer = try HealthProbe.query(socketPath: socket, adminSocketPath: root.map { $0 + "/admin.sock" })
             print(answer)
             if !answer.hasPrefix("ok") { throw ExitCode(1) }
         } catch let e as SystemError {
             FileHandleStderr.write("kuasar health: \(e)\n")
+            throw ExitCode(1)
+        } catch let e as RPCError {
+            FileHandleStderr.write("kuasar health: \(e.code): \(e.message)\n")
             throw ExitCode(1)
         }
     }

@@ -29,7 +29,7 @@ extension AllTests {
         let daemon = try AllTests.DaemonTests.start(["--root", root], socket: socket)
         #expect(AllTests.DaemonTests.waitForSocket(socket))
         // The line protocol still answers on the same socket.
-        #expect((try? HealthProtocol.query(socketPath: socket))?.hasPrefix("ok ") == true)
+        #expect((try? HealthProbe.query(socketPath: socket))?.hasPrefix("ok ") == true)
 
         signal(SIGPIPE, SIG_IGN)  // a peer that died must fail the test, not kill it
         let toPeer = try makePipe(nonBlocking: false), fromPeer = try makePipe(nonBlocking: false)

@@ -37,7 +37,7 @@ extension AllTests {
 
     static func waitForSocket(_ path: String) -> Bool {
         for _ in 0..<500 {
-            if (try? HealthProtocol.query(socketPath: path)) != nil { return true }
+            if (try? HealthProbe.query(socketPath: path)) != nil { return true }
             usleep(10_000)
         }
         return false
@@ -63,15 +63,23 @@ extension AllTests {
         #expect(st.st_mode & 0o777 == 0o600, "API socket must be 0600")
         #expect(stat(dir, &st) == 0 && st.st_mode & 0o777 == 0o700)
 
-        let answer = try HealthProtocol.query(socketPath: socket)
-        #expect(answer.hasPrefix("ok version=\(KuasarVersion.string) reactor=\(kind.rawValue)"))
+        let answer = try HealthProbe.query(socketPath: socket)
+        #expect(answer.hasPrefix("ok serving version=\(KuasarVersion.string) reactor=\(kind.rawValue)"), "\(answer)")
 
         // Bad input gets a clear answer and the daemon keeps serving.
-        let bad = try HealthProtocol.query(socketPath: socket, request: "hello?")
-        #expect(bad.hasPrefix("error unknown request \"hello?\""))
-        let huge = try HealthProtocol.query(socketPath: socket, request: String(repeating: "x", count: 10_000))
-        #expect(huge == "error request line over 4096 bytes")
-        #expect(try HealthProtocol.query(socketPath: socket).hasPrefix("ok"))
+        do {
+            _ = try HealthProbe.check(socketPath: socket, service: "hello?")
+            Issue.record("an unknown service was answered")
+        } catch let e as RPCError {
+            #expect(e.code == .notFound && e.message.contains("unknown service \"hello?\""), "\(e)")
+        }
+        // The line protocol is gone: what is not gRPC is closed.
+        let line = try Socket.connectUnix(path: socket, blocking: true).take()
+        _ = write(line, "health\n", 7)
+        var b: UInt8 = 0
+        #expect(recv(line, &b, 1, 0) <= 0, "a non-gRPC connection was answered")
+        close(line)
+        #expect(try HealthProbe.check(socketPath: socket) == .serving)
 
         // A second daemon on the same socket refuses to steal it.
         let second = try Self.start([], socket: socket)

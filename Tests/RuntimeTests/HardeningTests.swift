@@ -28,7 +28,7 @@ extension AllTests {
                     #expect(e.code == .notFound, "\(t): \(e)")
                 }
             }
-            #expect((try? HealthProtocol.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
+            #expect((try? HealthProbe.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
         }
     }
 
@@ -47,7 +47,7 @@ extension AllTests {
             _ = try node.startContainer(address, "hooked", bundle: b)
             #expect(waitUntil { node.output(b).contains("ran") }, "\(node.output(b))")
             #expect(Files.exists(marker), "createRuntime hook did not run")
-            #expect((try? HealthProtocol.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
+            #expect((try? HealthProbe.query(socketPath: node.socket))?.hasPrefix("ok ") == true, "the daemon went down")
             try node.shutdown("hooks")
         }
     }
@@ -158,7 +158,7 @@ extension AllTests {
             let sub = cg.dirs["memory"]! + "/nested"
             try makeDirectories(sub, mode: 0o755)
             // A process of its own in the nested cgroup, as a container's systemd would have.
-            var stray = try Spawner.spawn(ProcessSpec(executable: "/bin/sleep", arguments: ["sleep", "300"]))
+            let stray = try Spawner.spawn(ProcessSpec(executable: "/bin/sleep", arguments: ["sleep", "300"]))
             let strayPid = stray.pid
             let strayPidfd = stray.pidfd.take()
             try Files.write(sub + "/cgroup.procs", "\(strayPid)")

@@ -88,3 +88,15 @@ extension String {
 extension Set where Element == Character {
     static let newlines: Set<Character> = ["\n", "\r"]
 }
+
+/// PyPI's grpcio-health-checking (pure Python) for Debian's grpcio 1.51: fetched once
+/// into .build/peers with pip (no install: it is imported from the wheel itself).
+func healthCheckingWheel() throws -> String {
+    let dir = "\(repositoryRoot)/.build/peers/python"
+    let wheel = dir + "/grpcio_health_checking-1.51.1-py3-none-any.whl"
+    if access(wheel, R_OK) == 0 { return wheel }
+    try makeDirectories(dir)
+    let r = try shell("\(systemPython) -m pip download --quiet --no-deps grpcio-health-checking==1.51.1 -d \(dir)", timeoutS: 120)
+    #expect(r.code == 0 && access(wheel, R_OK) == 0, "pip download grpcio-health-checking: \(r.out)")
+    return wheel
+}

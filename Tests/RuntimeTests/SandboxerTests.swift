@@ -104,7 +104,7 @@ extension AllTests {
         #expect(pids.count == 50, "\(up.out)")
         #expect(up.out.contains("hostile clients:"), "\(up.out)")
         // The daemon still answers everyone, and lists all 50.
-        #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=50") == true)
+        #expect((try? HealthProbe.query(socketPath: f.socket))?.contains("sandboxes=50") == true)
         try f.shutDown(prefix: "f", count: 50, pids: Array(pids.values))
         let (exit, log) = try AllTests.DaemonTests.stop(daemon)
         #expect(exit == .exited(0), "\(log)")
@@ -149,7 +149,7 @@ extension AllTests {
 
         let second = try AllTests.DaemonTests.start(["--root", f.root, "--on-exit", "keep"], socket: f.socket)
         #expect(AllTests.DaemonTests.waitForSocket(f.socket))
-        #expect((try? HealthProtocol.query(socketPath: f.socket))?.contains("sandboxes=10") == true)
+        #expect((try? HealthProbe.query(socketPath: f.socket))?.contains("sandboxes=10") == true)
         let check = try f.fleet("check r 10 0:10,1:11,2:137 3:long:running,4:gone:21")
         #expect(check.code == 0, "\(check.out)")
         #expect(check.out.contains("exec r3 long recovered running, killed 21") && check.out.contains("exec r4 gone exited while down 21"), "\(check.out)")

@@ -76,10 +76,23 @@ public final class CgroupReaper {
         arm()
     }
 
-    /// Daemon shutdown: the timer goes; whatever is still busy stays for the next start.
+    /// Daemon shutdown (the loop serves no one any more): what is still busy gets up to
+    /// a second more, then stays for an operator to see in the log.
     public func close() {
         if let timer { reactor.cancel(timer) }
         timer = nil
+        let until = MonotonicClock.nanoseconds() + 1_000_000_000
+        while !pending.isEmpty {
+            pending = pending.sorted { $0.cgroup.path.count > $1.cgroup.path.count }.filter { p in
+                p.cgroup.removeOnce().busy
+            }
+            guard !pending.isEmpty else { break }
+            if MonotonicClock.nanoseconds() >= until {
+                for p in pending { logger.warning("\(p.owner): cgroup \(p.cgroup.path) still busy at shutdown; left in place") }
+                break
+            }
+            usleep(2000)
+        }
         pending.removeAll()
     }
 }

@@ -22,6 +22,7 @@ public final class Daemon {
     private var admin: AdminService?
     private var grpc: GRPCServer?
     private var controller: ControllerService?
+    private var health: HealthService?
     /// Accepted connections whose first bytes have not said yet what they speak.
     private struct Sniffing {
         var registration: Reactor.Registration
@@ -35,8 +36,6 @@ public final class Daemon {
     static let maxSilentPerPeer = 256
     static let maxSilent = 1024
     private var ownsAdminPath = false
-    private var connections = LiveSet<Connection>()
-    private let startedAt = MonotonicClock.nanoseconds()
     /// Only a path we bound is ours to remove: a failed start must not delete another
     /// daemon's socket, or a file that merely sits where the socket should be.
     private var ownsSocketPath = false
@@ -65,6 +64,8 @@ public final class Daemon {
         try supervisor.enableSIGCHLDFallback()
         try reactor.onSignals([SIGTERM, SIGINT]) { [unowned self] sig in
             self.logger.info("signal \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): shutting down")
+            // Watchers hear NOT_SERVING while the loop still writes.
+            self.health?.shutdown()
             self.reactor?.stop()
         }
 
@@ -88,6 +89,9 @@ public final class Daemon {
         controller.eventsAddress = options.containerdAddress
         controller.register(on: grpc)
         self.controller = controller
+        let health = HealthService(services: [ControllerService.service])
+        health.register(on: grpc)
+        self.health = health
         self.grpc = grpc
 
         let fd = try Socket.listenUnix(path: options.socket)
@@ -102,9 +106,9 @@ public final class Daemon {
         try reactor.run()
     }
 
-    /// The API socket speaks gRPC (containerd's sandbox Controller, which opens with the
-    /// HTTP/2 preface "PRI * HTTP/2.0") and the line protocol (`health`): the first bytes,
-    /// peeked without consuming them, say which.
+    /// The API socket speaks gRPC over h2c (containerd's sandbox Controller and the
+    /// health service): a connection must open with the HTTP/2 preface "PRI * HTTP/2.0"
+    /// within the handshake deadline, peeked here without consuming it.
     private func accept(_ fd: consuming OwnedFD) {
         guard let reactor else { fd.close(); return }
         let raw = fd.take()
@@ -144,51 +148,9 @@ public final class Daemon {
         if n == 4 && head == preface, let grpc {
             grpc.serve(OwnedFD(adopting: raw))
         } else {
-            serveLines(OwnedFD(adopting: raw))
-        }
-    }
-
-    private func serveLines(_ fd: consuming OwnedFD) {
-        guard let reactor else { fd.close(); return }
-        let conn = Connection(reactor: reactor, fd: fd)
-        var line: [UInt8] = []
-        conn.onRead = { [unowned self] conn, bytes in
-            for b in bytes {
-                if b == UInt8(ascii: "\n") {
-                    self.answer(String(decoding: line, as: UTF8.self), on: conn)
-                    line.removeAll(keepingCapacity: true)
-                } else if line.count >= HealthProtocol.maxLine {
-                    conn.write("error request line over \(HealthProtocol.maxLine) bytes\n")
-                    conn.closeAfterFlush()
-                    return
-                } else {
-                    line.append(b)
-                }
-            }
-        }
-        conn.onClose = { [unowned self] conn, error in
-            if let error { self.logger.debug("connection closed: \(error)") }
-            self.connections.remove(conn)
-        }
-        do {
-            try conn.start()
-            connections.insert(conn)
-        } catch {
-            logger.error("cannot serve a connection: \(error)")
-            conn.close(error: error)
-        }
-    }
-
-    private func answer(_ request: String, on conn: Connection) {
-        let req = request.hasSuffix("\r") ? String(request.dropLast()) : request
-        switch req.trimmingWhitespace {
-        case "health":
-            let uptimeMS = (MonotonicClock.nanoseconds() - startedAt) / 1_000_000
-            conn.write("ok version=\(KuasarVersion.string) reactor=\(reactor?.backendKind.rawValue ?? "?") uptime_ms=\(uptimeMS) connections=\(connections.count) children=\(supervisor?.runningCount ?? 0) sandboxes=\(registry?.sandboxes.count ?? 0) containers=\(registry?.containerCount ?? 0)\n")
-        case "":
-            break
-        default:
-            conn.write("error unknown request \"\(req.prefix(64))\": this daemon answers \"health\"\n")
+            // gRPC only (health is grpc.health.v1 on it): anything else is closed.
+            if n > 0 { logger.info("api socket: closed a connection from pid \(Socket.peerPid(raw)) that does not speak gRPC (h2c)") }
+            _ = close(raw)
         }
     }
 
@@ -266,6 +228,8 @@ public final class Daemon {
             _ = close(raw)
         }
         sniffing.removeAll()
+        health?.shutdown()
+        health = nil
         grpc?.close()
         grpc = nil
         controller = nil
@@ -296,7 +260,6 @@ public final class Daemon {
         admin = nil
         registry = nil
         if ownsAdminPath { _ = unlink(options.adminSocketPath) }
-        for conn in connections.takeAll() { conn.close() }
         listener?.close()
         listener = nil
         supervisor?.close()
@@ -308,29 +271,5 @@ public final class Daemon {
         }
         // Every descriptor opened since start must be closed by now.
         logger.info("stopped; descriptors open: \(openFDCount()) (at start: \(fdsAtStart))")
-    }
-}
-
-/// The interim health protocol: newline-terminated request lines, one answer line each.
-public enum HealthProtocol {
-    public static let maxLine = 4096
-
-    /// Asks a daemon at `socketPath` for its health line (blocking; for the CLI and tests).
-    public static func query(socketPath: String, request: String = "health") throws -> String {
-        let fd = try Socket.connectUnix(path: socketPath, blocking: true)
-        var out: [UInt8] = []
-        do {
-            try fd.writeAll(Array((request + "\n").utf8))
-            while true {
-                let chunk = try fd.readExactly(1)
-                if chunk.isEmpty || chunk[0] == UInt8(ascii: "\n") { break }
-                out.append(chunk[0])
-            }
-        } catch {
-            fd.close()
-            throw error
-        }
-        fd.close()
-        return String(decoding: out, as: UTF8.self)
     }
 }
