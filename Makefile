@@ -43,7 +43,7 @@ test: build
 test-release: deps
 	swift test -c release --no-parallel
 
-BENCH_APT_PACKAGES := golang-google-grpc-dev
+BENCH_APT_PACKAGES := golang-google-grpc-dev crun
 
 bench: deps
 	@dpkg -s $(BENCH_APT_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_APT_PACKAGES) >/dev/null

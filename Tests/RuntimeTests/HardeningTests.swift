@@ -316,5 +316,30 @@ extension AllTests {
             try node.shutdown("ex")
         }
     }
+    /// A system call's errno became a string on its way up, and every failure answered
+    /// Internal: a cgroup write the kernel refuses as invalid is InvalidArgument now.
+    @Test func errnoKeepsItsWireStatus() throws {
+        #expect(RPCError.from(ContainerError("update x: y", cause: SystemError("write", "cpuset.cpus", errno: .EINVAL))).code == .invalidArgument)
+        #expect(RPCError.from(ContainerError("start x: y", cause: SystemError("open", "/x", errno: .ENOENT))).code == .notFound)
+        #expect(RPCError.from(ContainerError(.failed, "no cause")).code == .internal)
+        try PodTests.Node.with("errno") { node in
+            let (pid, address) = try node.runPod("er", PodTests.podConfig(hostname: "er"))
+            let b = try node.bundle("er1", pid: pid, args: ["sleep", "300"])
+            _ = try node.startContainer(address, "er", bundle: b)
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            var u = Containerd_Task_V3_UpdateTaskRequest()
+            u.id = "er"
+            u.resources.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+            u.resources.value = Data(#"{"cpu":{"cpus":"100000"}}"#.utf8)
+            do {
+                _ = try t.call("containerd.task.v3.Task", "Update", u, as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+                Issue.record("a cpuset of CPU 100000 was accepted")
+            } catch let e as RPCError {
+                #expect(e.code == .invalidArgument && e.message.contains("cpuset.cpus"), "\(e.code): \(e.message)")
+            }
+            try node.shutdown("er")
+        }
+    }
 }
 }

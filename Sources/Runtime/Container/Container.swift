@@ -20,7 +20,15 @@ public struct ContainerError: Error, CustomStringConvertible, Sendable {
     public enum Kind: Sendable { case notFound, alreadyExists, invalid, failedPrecondition, failed }
     public let kind: Kind
     public let message: String
-    public init(_ kind: Kind, _ message: String) { self.kind = kind; self.message = message }
+    /// The system call's errno behind a failure, kept for its wire status.
+    public let errno: Errno?
+    public init(_ kind: Kind, _ message: String, errno: Errno? = nil) { self.kind = kind; self.message = message; self.errno = errno }
+    /// A failure caused by `cause`: its errno (a SystemError's, or a ContainerError's own) goes along.
+    public init(_ message: String, cause: any Error) {
+        kind = .failed
+        self.message = message
+        errno = (cause as? SystemError)?.errno ?? (cause as? ContainerError)?.errno
+    }
     public var description: String { message }
 }
 
@@ -31,7 +39,7 @@ extension ContainerError: RPCStatusConvertible {
         case .alreadyExists: return RPCError(.alreadyExists, message)
         case .invalid: return RPCError(.invalidArgument, message)
         case .failedPrecondition: return RPCError(.failedPrecondition, message)
-        case .failed: return RPCError(.internal, message)
+        case .failed: return RPCError(errno.map { RPCCode(errno: $0) } ?? .internal, message)
         }
     }
 }
@@ -71,6 +79,7 @@ public final class ContainerEngine {
         guard !closed else { return }
         closed = true
         cgroupReaper.close()
+        PodHolderSpawner.releaseImage()
         _ = Glibc.close(selfPidNamespace)
     }
 
@@ -135,7 +144,7 @@ public final class ContainerProcess {
         }
         do { try sendSignal(pidfd: pidfdRaw, sig) } catch {
             if error.errno == .ESRCH { throw ContainerError(.notFound, "process \(pid) has already exited") }
-            throw ContainerError(.failed, "\(error)")
+            throw ContainerError("\(error)", cause: error)
         }
     }
 
@@ -276,7 +285,7 @@ public final class ContainerProcess {
                 pendingReady = nil
                 r?(.success(pid))
             } else {
-                let e = ContainerError(.failed, "\(what): \(Errno(rawValue: err))")
+                let e = ContainerError(.failed, "\(what): \(Errno(rawValue: err))", errno: Errno(rawValue: err))
                 failed(e)
             }
         }
@@ -472,7 +481,7 @@ public final class Container {
             return
         } catch {
             for f in cleanup { f() }
-            done(.failure(ContainerError(.failed, "create \(id): \(error)")))
+            done(.failure(ContainerError("create \(id): \(error)", cause: error)))
             return
         }
         let tMigrated = MonotonicClock.nanoseconds()
@@ -500,7 +509,7 @@ public final class Container {
         do {
             try container.initProcess.joinThenGo(ownUserNamespace ? nil : container.cgroup, engine: engine)
         } catch {
-            container.initProcess.setupFailed(ContainerError(.failed, "join cgroup: \(error)"))
+            container.initProcess.setupFailed(ContainerError("join cgroup: \(error)", cause: error))
         }
     }
 
@@ -596,7 +605,7 @@ public final class Container {
         var stdio = stdio
         if stdio.containerID.isEmpty { stdio.containerID = id }
         do { io = try ProcessIO(reactor: engine.reactor, paths: stdio, supervisor: engine.supervisor) } catch {
-            throw ContainerError(.failed, "exec \(execID): \(error)")
+            throw ContainerError("exec \(execID): \(error)", cause: error)
         }
         let p = ContainerProcess(execID: execID, spec: process, stdio: stdio, io: io)
         p.container = self
@@ -625,7 +634,7 @@ public final class Container {
             p.expectExec(done)
             try p.joinThenGo(cgroup, engine: engine)
         } catch {
-            done(.failure(ContainerError(.failed, "exec \(p.execID) in \(id): \(error)")))
+            done(.failure(ContainerError("exec \(p.execID) in \(id): \(error)", cause: error)))
         }
     }
 
@@ -645,19 +654,19 @@ public final class Container {
     public func pause() throws(ContainerError) {
         guard state == .running else { throw ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not running") }
         guard let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) has no cgroup to freeze") }
-        do { try cgroup.freeze() } catch { throw ContainerError(.failed, "pause \(id): \(error)") }
+        do { try cgroup.freeze() } catch { throw ContainerError("pause \(id): \(error)", cause: error) }
         paused = true
     }
 
     public func resume() throws(ContainerError) {
         guard state == .paused, let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) is \(state.rawValue), not paused") }
-        do { try cgroup.thaw() } catch { throw ContainerError(.failed, "resume \(id): \(error)") }
+        do { try cgroup.thaw() } catch { throw ContainerError("resume \(id): \(error)", cause: error) }
         paused = false
     }
 
     public func update(_ r: OCISpec.Resources) throws(ContainerError) {
         guard let cgroup else { throw ContainerError(.failedPrecondition, "container \(id) has no cgroup") }
-        do { try cgroup.apply(Container.resources(r)) } catch { throw ContainerError(.failed, "update \(id): \(error)") }
+        do { try cgroup.apply(Container.resources(r)) } catch { throw ContainerError("update \(id): \(error)", cause: error) }
     }
 
     /// Pids in the container (its cgroup; the init alone without one).

@@ -114,7 +114,7 @@ struct HookRunner {
         } catch let e as ContainerError {
             done(e)
         } catch {
-            done(ContainerError(.failed, "\(name): \(error)"))
+            done(ContainerError("\(name): \(error)", cause: error))
         }
     }
 }

@@ -8,9 +8,17 @@ import Logging
 /// rewritten atomically (temporary file, fsync, rename, fsync of the directory) whenever
 /// the sandbox or one of its containers (or their exec processes) changes state.
 struct SandboxRecord: Codable, Equatable {
-    static let version = 1
+    /// 2: kind, sandboxer and the kind's own state. Version 1 files (no kind: namespace)
+    /// still load.
+    static let version = 2
+    static let readable = 1...2
     var version = SandboxRecord.version
     var id: String
+    var kind: String?
+    var sandboxer: String?
+    var backendState: [String: String]?
+    var taskAddress: String?
+    var taskVersion: UInt32?
     var namespace: String
     var eventsAddress: String
     var state: String
@@ -114,7 +122,8 @@ extension SandboxRegistry {
                 process: ProcessRecord(c.initProcess), execs: execs.isEmpty ? nil : execs))
         }
         let record = SandboxRecord(
-            id: s.id, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
+            id: s.id, kind: s.kind, sandboxer: s.sandboxer, backendState: backendState.map { $0(s) }.flatMap { $0.isEmpty ? nil : $0 },
+            taskAddress: s.taskAddressOverride, taskVersion: s.taskAddressOverride == nil ? nil : s.taskVersionOverride, namespace: s.namespace, eventsAddress: s.eventsAddress, state: s.state.rawValue,
             createdAt: s.createdAt, exitedAt: s.exitedAt, labels: s.labels, extensions: s.extensions.isEmpty ? nil : s.extensions, pinned: s.pinned,
             cgroupRoot: s.cgroupRoot, pod: s.isPod ? true : nil, holderPid: s.holder?.pid, holderStartTime: s.holder?.startTime,
             shm: s.hasShm ? true : nil, exitCode: s.exitStatus?.siginfo.code, exitStatus: s.exitStatus?.siginfo.status,
@@ -152,11 +161,17 @@ extension SandboxRegistry {
                 logger.error("sandbox \(name): cannot recover \(path): \(error)")
                 continue
             }
-            guard record.id == name, record.version == SandboxRecord.version else {
-                logger.error("sandbox \(name): \(path) names \(record.id), version \(record.version); not recovered")
+            guard record.id == name, SandboxRecord.readable.contains(record.version) else {
+                logger.error("sandbox \(name): \(path) names \(record.id), format version \(record.version) (this release reads \(SandboxRecord.readable)); not recovered")
                 continue
             }
             let s = Sandbox(id: record.id, namespace: record.namespace, stateDir: dir, eventsAddress: record.eventsAddress)
+            s.kind = record.kind ?? "namespace"
+            // Version 1 knew no sandboxer: its pods were the Controller's.
+            s.sandboxer = record.sandboxer ?? (record.pod == true ? "" : nil)
+            s.recoveredState = record.backendState ?? [:]
+            s.taskAddressOverride = record.taskAddress
+            s.taskVersionOverride = record.taskVersion ?? 3
             s.createdAt = record.createdAt
             s.exitedAt = record.exitedAt
             s.state = Sandbox.State(rawValue: record.state) ?? .ready
@@ -293,6 +308,11 @@ extension SandboxRecord {
         w.open()
         w.field("version", version)
         w.field("id", id)
+        if let kind { w.field("kind", kind) }
+        if let sandboxer { w.field("sandboxer", sandboxer) }
+        if let backendState { w.field("backendState", backendState) }
+        if let taskAddress { w.field("taskAddress", taskAddress) }
+        if let taskVersion { w.field("taskVersion", taskVersion) }
         w.field("namespace", namespace)
         w.field("eventsAddress", eventsAddress)
         w.field("state", state)

@@ -35,6 +35,19 @@ public final class Sandbox {
     public let id: String
     public let namespace: String
     public let stateDir: String
+    /// The kind that made it (its SandboxBackend's `kind`); shim-path sandboxes are "namespace".
+    public var kind = "namespace"
+    /// The sandboxer name containerd's Controller.Create named (nil: made through the
+    /// shim path, which removes it with its last container; else the Controller does).
+    public var sandboxer: String?
+    /// What serves its Task API (chosen by its kind at Start; Linux containers when nil).
+    public var taskBackend: TaskBackend?
+    /// Where containerd reaches its Task API when something other than this daemon
+    /// serves it (a task-serving sandbox program), and that API's version.
+    public var taskAddressOverride: String?
+    public var taskVersionOverride: UInt32 = 3
+    /// Its kind's own state as the last daemon saved it, until the kind recovers it.
+    public var recoveredState: [String: String] = [:]
     public internal(set) var createdAt = WallTime.now()
     public var eventsAddress: String
     public private(set) var containers: [String: Container] = [:]
@@ -195,6 +208,8 @@ public final class SandboxRegistry {
     static let maxSocketPath = 107
     /// [namespace] cgroup_parent: every sandbox's cgroup is <cgroupRoot>/<id>.
     public var cgroupRoot = "kuasar"
+    /// The kind's own state of a sandbox, saved with it (set by whoever knows the kinds).
+    public var backendState: ((Sandbox) -> [String: String])?
     let logger: Logger
 
     public init(root: String, engine: ContainerEngine, logger: Logger) {

@@ -6,14 +6,14 @@ import Logging
 import SwiftProtobuf
 
 /// containerd 2.x's sandboxer endpoint: `containerd.services.sandbox.v1.Controller` over
-/// gRPC on the daemon's socket. A sandbox made here is a namespace sandbox: its own
-/// pinned network (or containerd's `netns_path`), ipc and uts namespaces, a cgroup parent,
-/// and after Start its Task API (v3) at `ttrpc+unix://<root>/<id>/task.sock`.
+/// gRPC on the daemon's socket. Dispatches each sandbox to the backend of its kind (the
+/// request's `sandboxer` name → kind, from the config) and keeps what every kind shares:
+/// ids and state files, Wait and its waiters, Status, Shutdown's bookkeeping.
 public final class ControllerService {
     public static let service = "containerd.services.sandbox.v1.Controller"
     /// Sandboxer names (containerd's proxy plugin names) → kind, from the config; an
     /// empty name (an older client) means the namespace kind.
-    public var sandboxers = KuasarConfig().sandboxers
+    public var sandboxers: [String: String] = KuasarConfig().sandboxers.mapValues(\.rawValue)
     /// containerd's ttrpc socket ([containerd] address): where task events of the
     /// sandboxes made here are published.
     public var eventsAddress = KuasarConfig().containerdAddress
@@ -21,15 +21,22 @@ public final class ControllerService {
     let tasks: TaskService
     let reactor: Reactor
     let logger: Logger
+    /// kind → its backend: the kinds this daemon was built with.
+    let backends: [String: SandboxBackend]
     /// Sandboxes shut down here (bounded, persisted): a repeated Shutdown answers OK.
     let shutdowns: ShutdownLog
 
-    public init(registry: SandboxRegistry, tasks: TaskService, reactor: Reactor, logger: Logger) {
+    public init(registry: SandboxRegistry, tasks: TaskService, reactor: Reactor, logger: Logger, backends: [SandboxBackend]) {
         self.registry = registry
         self.tasks = tasks
         self.reactor = reactor
         self.logger = logger
+        self.backends = Dictionary(backends.map { ($0.kind, $0) }, uniquingKeysWith: { first, _ in first })
         shutdowns = ShutdownLog(root: registry.root)
+        for b in backends {
+            b.onSandboxExit = { [weak self] s, status in self?.markStopped(s, status: status) }
+        }
+        registry.backendState = { [weak self] s in self?.backends[s.kind]?.persistentState(s) ?? [:] }
     }
 
     public func register(on server: GRPCServer) {
@@ -61,23 +68,24 @@ public final class ControllerService {
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
             var resp = Containerd_Services_Sandbox_V1_ControllerStatusResponse()
             resp.sandboxID = s.id
-            resp.pid = UInt32(s.holder?.pid ?? 0)
+            let backend = self.backends[s.kind]
+            resp.pid = backend?.pid(s) ?? 0
             resp.state = s.state == .ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY"
             resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
             if let at = s.exitedAt { resp.exitedAt = Google_Protobuf_Timestamp(at) }
             if s.state != .created {
-                resp.address = "ttrpc+unix://" + s.taskSocket
-                resp.version = 3
+                resp.address = s.taskAddressOverride ?? ("ttrpc+unix://" + s.taskSocket)
+                resp.version = s.taskAddressOverride == nil ? 3 : s.taskVersionOverride
             }
             if r.verbose {
-                let info: [String: Any] = [
-                    "kind": "namespace", "stateDir": s.stateDir, "cgroup": s.cgroupParent,
-                    "labels": s.labels, "extensions": s.extensions.keys.sorted(),
-                    "namespaces": s.pinned, "pid": Int(s.holder?.pid ?? 0),
-                    "containers": s.containerOrder.compactMap { id in
-                        s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
-                    },
-                ]
+                var info: [String: Any] = backend?.statusInfo(s) ?? [:]
+                info["kind"] = s.kind
+                info["sandboxer"] = s.sandboxer ?? ""
+                info["labels"] = s.labels
+                info["extensions"] = s.extensions.keys.sorted()
+                info["containers"] = s.containerOrder.compactMap { id in
+                    s.containers[id].map { ["id": $0.id, "pid": Int($0.initProcess.pid), "status": $0.state.rawValue] }
+                }
                 let json = (try? JSONSerialization.data(withJSONObject: info, options: [.sortedKeys])) ?? Data()
                 resp.info = ["info": String(decoding: json, as: UTF8.self)]
             }
@@ -88,19 +96,19 @@ public final class ControllerService {
                 if self.shutdowns.contains(r.sandboxID) { call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse()); return }
                 throw RPCError(.notFound, "sandbox \(r.sandboxID) not found")
             }
-            for c in s.containers.values { try? c.kill(signal: SIGKILL, all: true) }
-            self.markStopped(s)
+            self.backends[s.kind]?.shutdown(s)
+            self.markStopped(s, status: nil)
             self.shutdowns.insert(s.id)
             self.tasks.removeSandbox(s)
             call.respond(Containerd_Services_Sandbox_V1_ControllerShutdownResponse())
         }
         unary("Metrics") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerMetricsRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
-            guard let host = self.registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
+            let data = try self.backend(of: s).metrics(s)
             var resp = Containerd_Services_Sandbox_V1_ControllerMetricsResponse()
             resp.metrics.timestamp = Google_Protobuf_Timestamp(WallTime.now())
             resp.metrics.id = s.id
-            resp.metrics.data = try CgroupMetrics.any(host.existing(s.cgroupParent))
+            resp.metrics.data = data
             call.respond(resp)
         }
         unary("Update") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerUpdateRequest) in
@@ -115,12 +123,7 @@ public final class ControllerService {
                 do { spec = try OCISpec.decode(Array(r.sandbox.spec.value)) } catch {
                     throw RPCError(.invalidArgument, "update \(s.id): spec: \(error)")
                 }
-                if let res = spec.linux?.resources {
-                    guard let host = self.registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
-                    do { try host.create(s.cgroupParent).apply(Container.resources(res)) } catch {
-                        throw RPCError(.internal, "update \(s.id): resources: \(error)")
-                    }
-                }
+                if let res = spec.linux?.resources { try self.backend(of: s).update(s, resources: res) }
             }
             if fields.isEmpty || fields.contains("labels") { s.labels = r.sandbox.labels }
             if fields.isEmpty || fields.contains("extensions") {
@@ -151,8 +154,30 @@ public final class ControllerService {
 
     func checkSandboxer(_ name: String) throws {
         guard name.isEmpty || sandboxers[name] != nil else {
-            throw RPCError(.invalidArgument, "unknown sandboxer \"\(name)\": this daemon serves \(sandboxers.keys.sorted().joined(separator: ", ")) ([sandboxers] in its config)")
+            throw RPCError(.invalidArgument, "unknown sandboxer \"\(name.prefix(128))\": this daemon serves \(sandboxers.keys.sorted().joined(separator: ", ")) ([sandboxers] in its config)")
         }
+    }
+
+    /// The backend a new sandbox of sandboxer `name` gets: its kind's, if built and usable here.
+    func backend(forSandboxer name: String) throws -> SandboxBackend {
+        try checkSandboxer(name)
+        let kind = name.isEmpty ? "namespace" : sandboxers[name]!
+        guard let b = backends[kind] else {
+            let why = KuasarConfig.Kind(rawValue: kind)?.unavailableReason ?? "no backend of that kind"
+            throw RPCError(.failedPrecondition, "sandboxer \"\(name)\" is of kind \"\(kind)\", which this daemon does not have: \(why) (kinds here: \(backends.keys.sorted().joined(separator: ", ")))")
+        }
+        if let why = b.unavailableReason {
+            throw RPCError(.failedPrecondition, "sandboxer \"\(name)\": the \(kind) kind is not available on this host: \(why)")
+        }
+        return b
+    }
+
+    /// The backend of an existing sandbox (a recovered one may be of a kind this daemon lacks).
+    func backend(of s: Sandbox) throws -> SandboxBackend {
+        guard let b = backends[s.kind] else {
+            throw RPCError(.failedPrecondition, "sandbox \(s.id) is of kind \"\(s.kind)\", which this daemon does not have (kinds here: \(backends.keys.sorted().joined(separator: ", ")))")
+        }
+        return b
     }
 
     func sandbox(_ id: String, _ sandboxer: String) throws -> Sandbox {
@@ -162,7 +187,7 @@ public final class ControllerService {
     }
 
     private func create(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerCreateRequest) throws {
-        try checkSandboxer(r.sandboxer)
+        let backend = try backend(forSandboxer: r.sandboxer)
         try Identifier.validate(r.sandboxID, what: "sandbox")
         guard registry.sandboxes[r.sandboxID] == nil else { throw RPCError(.alreadyExists, "sandbox \(r.sandboxID) already exists") }
         var config: Runtime_V1_PodSandboxConfig?
@@ -174,27 +199,26 @@ public final class ControllerService {
                 throw RPCError(.invalidArgument, "options: malformed runtime.v1.PodSandboxConfig: \(error)")
             }
         }
-        if !r.netnsPath.isEmpty && !Files.exists(r.netnsPath) {
-            throw RPCError(.invalidArgument, "netns_path \(r.netnsPath) does not exist")
-        }
-        let settings = try PodSettings(config, netnsPath: r.netnsPath)
         let namespace = call.metadata("containerd-namespace").first ?? "k8s.io"
         let (s, _) = try registry.register(id: r.sandboxID, namespace: namespace, eventsAddress: eventsAddress, save: false)
-        do {
-            try PodSandbox.prepare(s, settings: settings, netnsPath: r.netnsPath, supervisor: registry.engine.supervisor) { [weak self, weak s] status in
-                guard let self, let s else { return }
-                self.holderExited(s, status)
-            }
-        } catch {
-            registry.remove(s)
-            throw RPCError(.internal, "sandbox \(r.sandboxID): the pod's namespaces: \(error)")
-        }
+        s.kind = backend.kind
+        s.sandboxer = r.sandboxer
         s.state = .created
         s.labels = r.sandbox.labels
-        registry.save(s)
-        var resp = Containerd_Services_Sandbox_V1_ControllerCreateResponse()
-        resp.sandboxID = s.id
-        call.respond(resp)
+        let request = SandboxCreateRequest(id: s.id, namespace: namespace, netnsPath: r.netnsPath, podConfig: config, labels: r.sandbox.labels)
+        backend.create(s, request) { [weak self, weak s] result in
+            guard let self, let s else { return }
+            switch result {
+            case .failure(let e):
+                self.registry.remove(s)
+                call.fail(e)
+            case .success:
+                self.registry.save(s)
+                var resp = Containerd_Services_Sandbox_V1_ControllerCreateResponse()
+                resp.sandboxID = s.id
+                call.respond(resp)
+            }
+        }
     }
 
     private func start(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerStartRequest) throws {
@@ -204,110 +228,62 @@ public final class ControllerService {
         case .stopped: throw RPCError(.failedPrecondition, "sandbox \(s.id) is stopped")
         case .created: break
         }
-        try tasks.serve(s)
-        s.state = .ready
-        registry.save(s)
-        var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
-        resp.sandboxID = s.id
-        resp.pid = UInt32(s.holder?.pid ?? 0)
-        resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
-        resp.labels = s.labels
-        resp.address = "ttrpc+unix://" + s.taskSocket
-        resp.version = 3
-        call.respond(resp)
-        // The sandbox's cgroup parent, made while containerd dials the Task API (its
-        // first Task.Create then only makes the container's own directories).
-        if let host = registry.engine.cgroups {
-            reactor.schedule(afterNS: 0) { [weak s, logger] in
-                guard let s, s.state == .ready else { return }
-                do { _ = try host.create(s.cgroupParent) } catch { logger.debug("sandbox \(s.id): cgroup parent: \(error)") }
+        let backend = try backend(of: s)
+        backend.start(s) { [weak self, weak s] result in
+            guard let self, let s else { return }
+            var resp = Containerd_Services_Sandbox_V1_ControllerStartResponse()
+            switch result {
+            case .failure(let e):
+                call.fail(e)
+                return
+            case .success(.tasks(let tasks)):
+                do { try self.tasks.serve(s, backend: tasks) } catch {
+                    call.fail(RPCError(.internal, "sandbox \(s.id): the Task API at \(s.taskSocket): \(error)"))
+                    return
+                }
+                resp.address = "ttrpc+unix://" + s.taskSocket
+                resp.version = 3
+            case .success(.address(let address, let version)):
+                s.taskAddressOverride = address
+                s.taskVersionOverride = version
+                resp.address = address
+                resp.version = version
             }
+            s.state = .ready
+            self.registry.save(s)
+            resp.sandboxID = s.id
+            resp.pid = backend.pid(s)
+            resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
+            resp.labels = s.labels
+            call.respond(resp)
         }
     }
 
     private func stop(_ call: GRPCServerCall, _ r: Containerd_Services_Sandbox_V1_ControllerStopRequest) throws {
         let s = try sandbox(r.sandboxID, r.sandboxer)
-        let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
-        guard !running.isEmpty else {
-            stopHolder(s) {
-                call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
-            }
-            return
-        }
-        for c in running {
-            if c.state == .paused { try? c.resume() }
-            try? c.kill(signal: r.timeoutSecs == 0 ? SIGKILL : SIGTERM, all: false)
-        }
-        var remaining = running.count
-        var timer: TimerID?
-        for c in running {
-            c.initProcess.wait { [weak self] _, _ in
-                remaining -= 1
-                guard remaining == 0, let self else { return }
-                if let timer { self.reactor.cancel(timer) }
-                self.stopHolder(s) {
-                    call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
-                }
-            }
-        }
-        if r.timeoutSecs > 0 {
-            timer = reactor.schedule(afterNS: UInt64(r.timeoutSecs) * 1_000_000_000) {
-                for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
-            }
+        try backend(of: s).stop(s, timeoutSecs: r.timeoutSecs) {
+            call.respond(Containerd_Services_Sandbox_V1_ControllerStopResponse())
         }
     }
 
-    /// Ends the pod's holder (SIGKILL: as a namespace init it ignores anything else) and
-    /// marks the sandbox stopped once it is gone, with its exit status.
-    private func stopHolder(_ s: Sandbox, then done: @escaping () -> Void) {
-        guard s.holderPidfd >= 0 else {
-            markStopped(s)
-            done()
-            return
-        }
-        // Answered by markStopped, once holderExited has run.
-        _ = s.stopWaiters.add { _ in done() }
-        s.holderStopping = true
-        do { try sendSignal(pidfd: s.holderPidfd, SIGKILL) } catch {
-            logger.error("sandbox \(s.id): kill holder \(s.holder?.pid ?? 0): \(error)")
-        }
-    }
-
-    /// The pod's holder ended: by Stop, or on its own (killed from outside). Without it
-    /// the pod's namespaces are gone, so the pod is over: its containers are killed and
-    /// the sandbox reports stopped with the holder's status.
-    func holderExited(_ s: Sandbox, _ status: ExitStatus?) {
+    /// The sandbox ended (Stop, Shutdown, or on its own): stopped, with how it ended when
+    /// its kind knows, saved, and every waiter answered.
+    func markStopped(_ s: Sandbox, status: ExitStatus?) {
         guard registry.sandboxes[s.id] === s else { return }
-        if s.exitStatus == nil { s.exitStatus = status ?? .exited(255) }
-        if !s.holderStopping && s.state != .stopped {
-            logger.warning("sandbox \(s.id): its holder \(s.holder?.pid ?? 0) ended (\(status.map { "\($0)" } ?? "status unknown")); the pod is stopped")
-        }
-        for c in s.containers.values where c.state == .running || c.state == .paused || c.state == .created {
-            try? c.kill(signal: SIGKILL, all: true)
-        }
-        markStopped(s)
-    }
-
-    /// Re-watches a recovered pod's holder; one that ended while no daemon ran stops the
-    /// pod now, with the status the keeper recorded.
-    func resumeHolder(_ s: Sandbox, exits: ExitRecords) {
-        guard let h = s.holder, s.state != .stopped else { return }
-        let fd = registry.engine.supervisor.watchForeign(pid: h.pid, startTime: h.startTime, exits: exits) { [weak self, weak s] status in
-            guard let self, let s else { return }
-            s.holderPidfd = -1
-            self.holderExited(s, status)
-        }
-        if let fd {
-            s.holderPidfd = fd
-        } else {
-            holderExited(s, exits.take(pid: h.pid, startTime: h.startTime))
-        }
-    }
-
-    private func markStopped(_ s: Sandbox) {
+        if s.exitStatus == nil, let status { s.exitStatus = status }
         if s.exitedAt == nil { s.exitedAt = WallTime.now() }
         if s.state != .stopped { s.state = .stopped }
         registry.save(s)
         s.stopWaiters.fire(s.exitedAt!)
+    }
+
+    /// After a restart: each recovered sandbox's kind re-attaches to it.
+    func recover(_ s: Sandbox, exits: ExitRecords) {
+        guard let b = backends[s.kind] else {
+            logger.error("sandbox \(s.id): kind \"\(s.kind)\" is not built into this daemon; its state is kept, its calls fail")
+            return
+        }
+        b.recover(s, state: s.recoveredState, exits: exits)
+        s.recoveredState = [:]
     }
 }

@@ -41,9 +41,13 @@ public final class Daemon {
     private var ownsSocketPath = false
     private var fdsAtStart = 0
 
-    public init(options: KuasarConfig, logger: Logger) {
+    /// The sandbox kinds it serves; only the executable knows them all.
+    let makeBackends: BackendFactory
+
+    public init(options: KuasarConfig, logger: Logger, backends: @escaping BackendFactory) {
         self.options = options
         self.logger = logger
+        makeBackends = backends
     }
 
     /// Signals the daemon handles on its loop. Blocked before anything else runs so
@@ -84,8 +88,9 @@ public final class Daemon {
         try admin.listen(path: options.adminSocketPath)
         ownsAdminPath = true
         let grpc = GRPCServer(reactor: reactor, logger: logger)
-        let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger)
-        controller.sandboxers = options.sandboxers
+        let backends = makeBackends(BackendContext(registry: registry, containers: tasks.containers, reactor: reactor, logger: logger))
+        let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger, backends: backends)
+        controller.sandboxers = options.sandboxers.mapValues(\.rawValue)
         controller.eventsAddress = options.containerdAddress
         controller.register(on: grpc)
         self.controller = controller
@@ -209,14 +214,14 @@ public final class Daemon {
         // those of recovered containers are taken as they are found.
         let holders = sandboxes.compactMap { $0.holder.map { ExitRecords.name(pid: $0.pid, startTime: $0.startTime) } }
         exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders))
-        for r in containers { tasks.watch(r.container, in: r.sandbox) }
-        for s in sandboxes {
-            if s.state != .created {
-                do { try tasks.serve(s) } catch { logger.error("sandbox \(s.id): Task API not served again: \(error)") }
-            }
-        }
+        for r in containers { tasks.containers.watch(r.container, in: r.sandbox) }
         for r in containers { registry.resume(r, exits: exits) }
-        for s in sandboxes { controller.resumeHolder(s, exits: exits) }
+        // Each kind re-attaches to what it runs (a pod's holder, a VM), then the Task API
+        // is served again where this daemon serves it.
+        for s in sandboxes { controller.recover(s, exits: exits) }
+        for s in sandboxes where s.state != .created && s.taskAddressOverride == nil {
+            do { try tasks.serve(s) } catch { logger.error("sandbox \(s.id): Task API not served again: \(error)") }
+        }
         for s in sandboxes { registry.save(s) }
         logger.info("recovered \(sandboxes.count) sandboxes, \(containers.count) containers")
     }

@@ -20,8 +20,15 @@ public enum PodHolderSpawner {
         public init(newNamespaces: UInt64, argv: [String]) { self.newNamespaces = newNamespaces; self.argv = argv }
     }
 
-    /// The image is made once per daemon: every holder maps the same pages.
+    /// The image is made once per daemon (on the first pod): every holder maps the same
+    /// pages. Running holders keep their mapping; the engine releases this at close.
     nonisolated(unsafe) private static var imageFD: Int32 = -1
+
+    public static func releaseImage() {
+        guard imageFD >= 0 else { return }
+        _ = close(imageFD)
+        imageFD = -1
+    }
 
     static func image() throws(SystemError) -> Int32 {
         if imageFD >= 0 { return imageFD }

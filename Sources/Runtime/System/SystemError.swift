@@ -22,7 +22,10 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let ENOTDIR = Errno(rawValue: 20)
     public static let EINVAL = Errno(rawValue: 22)
     public static let EMFILE = Errno(rawValue: 24)
+    public static let ENOSPC = Errno(rawValue: 28)
     public static let EPIPE = Errno(rawValue: 32)
+    public static let ERANGE = Errno(rawValue: 34)
+    public static let ENAMETOOLONG = Errno(rawValue: 36)
     public static let ENOSYS = Errno(rawValue: 38)
     public static let ENOTSOCK = Errno(rawValue: 88)
     public static let EADDRINUSE = Errno(rawValue: 98)
@@ -43,7 +46,7 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     static let names: [Int32: String] = [
         1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 10: "ECHILD",
         11: "EAGAIN", 12: "ENOMEM", 13: "EACCES", 16: "EBUSY", 17: "EEXIST", 20: "ENOTDIR",
-        22: "EINVAL", 24: "EMFILE", 32: "EPIPE", 38: "ENOSYS", 88: "ENOTSOCK", 98: "EADDRINUSE",
+        22: "EINVAL", 24: "EMFILE", 28: "ENOSPC", 32: "EPIPE", 34: "ERANGE", 36: "ENAMETOOLONG", 38: "ENOSYS", 88: "ENOTSOCK", 98: "EADDRINUSE",
         103: "ECONNABORTED", 104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT",
         111: "ECONNREFUSED", 115: "EINPROGRESS", 125: "ECANCELED",
     ]

@@ -61,16 +61,7 @@ public struct RPCError: Error, Equatable, Sendable, CustomStringConvertible {
         case let e as RPCStatusConvertible:
             return e.rpcError
         case let e as SystemError:
-            switch e.errno {
-            case .ENOENT, .ESRCH: return RPCError(.notFound, e.description)
-            case .EEXIST, .EADDRINUSE: return RPCError(.alreadyExists, e.description)
-            case .EINVAL: return RPCError(.invalidArgument, e.description)
-            case .EPERM, .EACCES: return RPCError(.permissionDenied, e.description)
-            case .ETIMEDOUT: return RPCError(.deadlineExceeded, e.description)
-            case .ECONNREFUSED, .ECONNRESET, .EPIPE, .ENOTCONN: return RPCError(.unavailable, e.description)
-            case .ENOMEM, .EMFILE: return RPCError(.resourceExhausted, e.description)
-            default: return RPCError(.internal, e.description)
-            }
+            return RPCError(RPCCode(errno: e.errno), e.description)
         default:
             return RPCError(.internal, String(describing: error))
         }
@@ -81,4 +72,21 @@ public struct RPCError: Error, Equatable, Sendable, CustomStringConvertible {
 /// `RPCError.from` the one mapping without the wire layer knowing those types.
 public protocol RPCStatusConvertible: Error {
     var rpcError: RPCError { get }
+}
+
+extension RPCCode {
+    /// The one errno → status mapping: a system call's failure keeps its meaning on the
+    /// wire, however many layers it went through (they carry the errno, not a string).
+    public init(errno: Errno) {
+        switch errno {
+        case .ENOENT, .ESRCH: self = .notFound
+        case .EEXIST, .EADDRINUSE: self = .alreadyExists
+        case .EINVAL, .ERANGE, .ENAMETOOLONG: self = .invalidArgument
+        case .EPERM, .EACCES: self = .permissionDenied
+        case .ETIMEDOUT: self = .deadlineExceeded
+        case .ECONNREFUSED, .ECONNRESET, .EPIPE, .ENOTCONN: self = .unavailable
+        case .ENOMEM, .EMFILE, .ENOSPC: self = .resourceExhausted
+        default: self = .internal
+        }
+    }
 }

@@ -19,12 +19,14 @@ enum ContainerBenchmark {
     static let task = "containerd.task.v2.Task"
     static let eventsPath = work + "/events.ttrpc"
 
+    /// One runtime's timings, or, when its peer failed, why (and no times at all).
     struct Row: Codable {
         var runtime: String
         var runs: Int
-        var p50ms: Double
-        var p99ms: Double
-        var meanms: Double
+        var p50ms: Double?
+        var p99ms: Double?
+        var meanms: Double?
+        var failed: String?
     }
     struct Memory: Codable {
         var pods: Int
@@ -34,6 +36,8 @@ enum ContainerBenchmark {
     }
     struct Report: Codable {
         var date: String
+        /// What was compared, as each tool names itself.
+        var peers: [String: String]
         var perCallP50ms: [String: String]
         var rows: [Row]
         var vsShimRuncCold: [String: Double]
@@ -58,17 +62,44 @@ enum ContainerBenchmark {
         o.root = root
         o.socket = root + "/kuasar.sock"
         o.onExit = .stop
-        try Daemon(options: o, logger: .init(label: "perf-daemon")).run()
+        try Daemon(options: o, logger: .init(label: "perf-daemon")) { ctx in
+            [NamespaceBackend(registry: ctx.registry, containers: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+        }.run()
     }
 
-    /// Runs a shell command and returns its stdout (our spawner: Foundation's Process
-    /// waits on SIGCHLD, which a reactor in this process may own).
+    /// A peer command that failed: its exit status and what it wrote on stderr.
+    struct PeerFailure: Error, CustomStringConvertible {
+        let command: String
+        let status: ExitStatus
+        let stderr: String
+        var description: String {
+            let why = stderr.split(separator: "\n").last.map { String($0.prefix(200)) } ?? ""
+            return "\(command.split(separator: " ").first ?? "") \(status)\(why.isEmpty ? "" : ": " + why)"
+        }
+    }
+
+    /// Runs a shell command and returns its stdout; a non-zero exit throws PeerFailure
+    /// with its stderr, so a peer that fails is never timed as if it had run. (Our
+    /// spawner: Foundation's Process waits on SIGCHLD, which a reactor here may own.)
     static func sh(_ cmd: String) throws -> String {
+        let (status, out, err) = try shStatus(cmd)
+        guard status == .exited(0) else { throw PeerFailure(command: cmd, status: status, stderr: err) }
+        return out
+    }
+
+    /// Cleanup commands whose failure changes nothing.
+    static func shIgnoringFailure(_ cmd: String) {
+        _ = try? shStatus(cmd)
+    }
+
+    static func shStatus(_ cmd: String) throws -> (ExitStatus, String, String) {
         let pipe = try makePipe(nonBlocking: false)
+        let errFile = "/tmp/kuasar-perf-sh-\(getpid()).err"
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
-        defer { close(null) }
+        let errFD = open(errFile, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { close(null); close(errFD); unlink(errFile) }
         let child = try Spawner.spawn(ProcessSpec(executable: "/bin/sh", arguments: ["sh", "-c", cmd],
-                                                  fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)]))
+                                                  fdMap: [(null, 0), (pipe.second.rawValue, 1), (errFD, 2)]))
         pipe.second.close()
         var out: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 65536)
@@ -79,8 +110,27 @@ enum ContainerBenchmark {
             break
         }
         pipe.first.close()
-        _ = try Spawner.wait(child)
-        return String(decoding: out, as: UTF8.self)
+        let status = try Spawner.wait(child)
+        let err = (try? String(contentsOfFile: errFile, encoding: .utf8)) ?? ""
+        return (status, String(decoding: out, as: UTF8.self), err)
+    }
+
+    /// The versions every result records (kuasar, the kernel, each peer compared with).
+    static func peerVersions(extra: [String: String] = [:]) -> [String: String] {
+        var v = ["kuasar": KuasarVersion.string, "kernel": version("uname -r"), "runc": version("runc --version"),
+                 "crun": version("crun --version"), "containerd": version("containerd --version"),
+                 "containerd-shim-runc-v2": version("containerd-shim-runc-v2 -v | sed -n 2p")]
+        for (k, c) in extra { v[k] = version(c) }
+        return v
+    }
+
+    /// `<tool> --version`'s first line (recorded with every result), or why there is none.
+    static func version(_ command: String) -> String {
+        do {
+            return try sh(command + " 2>&1").split(separator: "\n").first.map(String.init) ?? "?"
+        } catch {
+            return "unavailable (\(error))"
+        }
     }
 
     static func makeBundle(_ dir: String, args: [String]) throws {
@@ -184,8 +234,29 @@ enum ContainerBenchmark {
 
     static func row(_ name: String, _ ms: [Double]) -> Row {
         let s = ms.sorted()
+        guard !s.isEmpty else { return Row(runtime: name, runs: 0, failed: "no run completed") }
         return Row(runtime: name, runs: s.count, p50ms: s[s.count / 2], p99ms: s[min(s.count - 1, s.count * 99 / 100)],
                    meanms: s.reduce(0, +) / Double(s.count))
+    }
+
+    static func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
+
+    /// A peer's row: its timings, or the failure that stopped it (logged, never timed).
+    static func peerRow(_ name: String, _ measure: () throws -> [Double]) -> Row {
+        do { return row(name, try measure()) } catch {
+            log("  \(name): FAILED: \(error)")
+            return Row(runtime: name, runs: 0, failed: "\(error)")
+        }
+    }
+
+    /// How a row prints: its times, or FAILED and why.
+    static func printRow(_ r: Row, width: Int, ratio: Double?) {
+        let pad = ReactorBenchmark.pad, f = ReactorBenchmark.fmt
+        guard let p50 = r.p50ms, let p99 = r.p99ms, let mean = r.meanms else {
+            print(pad(r.runtime, width) + "FAILED: " + (r.failed ?? "?"))
+            return
+        }
+        print(pad(r.runtime, width) + pad("\(r.runs)", 6) + pad(f(p50), 10) + pad(f(p99), 10) + pad(f(mean), 10) + (ratio.map { f($0) + "x" } ?? ""))
     }
 
     static func pss(_ pid: pid_t) -> Int {
@@ -202,7 +273,6 @@ enum ContainerBenchmark {
         let bundle = work + "/bundle"
         try makeBundle(bundle, args: ["/bin/true"])
         var rows: [Row] = []
-        func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
         let sink = Process()
         sink.executableURL = URL(fileURLWithPath: executable)
         sink.arguments = ["events-sink", eventsPath]
@@ -234,31 +304,42 @@ enum ContainerBenchmark {
         log("  kuasar: p50 \(rows.last!.p50ms) ms (p50 ms per call: \(ourBreakdown))")
 
         // containerd-shim-runc-v2 + runc, one warm shim for every container.
-        let warmSocket = try startShim(id: "warm", bundle: bundle)
-        let warm = try Client(warmSocket)
-        for i in 0..<5 { try lifecycle(warm, id: "w\(i)", bundle: bundle) }
-        phases = [:]
-        rows.append(row("shim-runc-v2 + runc (one warm shim)", try measure(count) { try lifecycle(warm, id: "r\($0)", bundle: bundle) }))
-        shutdownShim(warm, id: "warm")
-        let theirBreakdown = breakdown()
-        log("  warm shim: p50 \(rows.last!.p50ms) ms (p50 ms per call: \(theirBreakdown))")
+        var theirBreakdown = "-"
+        rows.append(peerRow("shim-runc-v2 + runc (one warm shim)") {
+            let warmSocket = try startShim(id: "warm", bundle: bundle)
+            let warm = try Client(warmSocket)
+            defer { shutdownShim(warm, id: "warm") }
+            for i in 0..<5 { try lifecycle(warm, id: "w\(i)", bundle: bundle) }
+            phases = [:]
+            let ms = try measure(count) { try lifecycle(warm, id: "r\($0)", bundle: bundle) }
+            theirBreakdown = breakdown()
+            return ms
+        })
+        log("  warm shim: p50 \(rows.last!.p50ms.map { "\($0)" } ?? "-") ms (p50 ms per call: \(theirBreakdown))")
 
         // A shim per container, as containerd 1.x runs them (shim start included).
         let coldN = max(10, count / 4)
-        rows.append(row("shim-runc-v2 + runc (shim per container)", try measure(coldN) { i in
-            let id = "cold\(i)"
-            let c = try Client(try startShim(id: id, bundle: bundle))
-            try lifecycle(c, id: id, bundle: bundle)
-            shutdownShim(c, id: id)
-        }))
-        log("  cold shim: p50 \(rows.last!.p50ms) ms")
+        rows.append(peerRow("shim-runc-v2 + runc (shim per container)") {
+            try measure(coldN) { i in
+                let id = "cold\(i)"
+                let c = try Client(try startShim(id: id, bundle: bundle))
+                try lifecycle(c, id: id, bundle: bundle)
+                shutdownShim(c, id: id)
+            }
+        })
 
-        // Whole commands.
-        rows.append(row("runc run", try measure(coldN) { _ = try sh("runc run --bundle \(bundle) perf-runc-\($0) >/dev/null 2>&1") }))
-        // crun refuses hybrid cgroups unless /sys/fs/cgroup/unified is gone: a private mount namespace for it.
-        let crunOut = try sh("unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; for i in $(seq \(coldN)); do s=$(date +%s%N); crun run --bundle \(bundle) perf-crun-$i >/dev/null 2>&1 || echo fail; e=$(date +%s%N); echo $(( (e - s) / 1000 )); done'")
-        let crunMS = crunOut.split(separator: "\n").compactMap { Double($0) }.map { $0 / 1000 }
-        if crunMS.count == coldN { rows.append(row("crun run", crunMS)) } else { log("  crun: \(crunOut.prefix(200))") }
+        // Whole commands; each must exit 0 or its row says why.
+        rows.append(peerRow("runc run") { try measure(coldN) { _ = try sh("runc run --bundle \(bundle) perf-runc-\($0) >/dev/null") } })
+        // crun refuses hybrid cgroups unless /sys/fs/cgroup/unified is gone: a private
+        // mount namespace for it. The loop stops at the first failing run and says why.
+        rows.append(peerRow("crun run") {
+            let out = try sh("command -v crun >/dev/null || { echo 'crun is not installed (make bench installs it)' >&2; exit 127; }; " +
+                             "unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; for i in $(seq \(coldN)); do s=$(date +%s%N); " +
+                             "crun run --bundle \(bundle) perf-crun-$i >/dev/null || exit $?; e=$(date +%s%N); echo $(( (e - s) / 1000 )); done'")
+            let ms = out.split(separator: "\n").compactMap { Double($0) }.map { $0 / 1000 }
+            guard ms.count == coldN else { throw PeerFailure(command: "crun run", status: .exited(1), stderr: "\(ms.count) of \(coldN) runs timed: \(out.prefix(200))") }
+            return ms
+        })
         rows.append(row("clone3+exec+wait /bin/true", try measure(count) { _ in
             var spec = ProcessSpec(executable: "/bin/true")
             spec.forkStyle = true
@@ -302,7 +383,7 @@ enum ContainerBenchmark {
                 shims.append((c, id))
             }
             usleep(200_000)
-            let shimPIDs = try sh("pgrep -f 'containerd-shim-runc-v2 -namespace perf -id m\(n)-'").split(separator: "\n").compactMap { pid_t($0) }
+            let shimPIDs = (try? sh("pgrep -f 'containerd-shim-runc-v2 -namespace perf -id m\(n)-'")).map { $0.split(separator: "\n").compactMap { pid_t($0) } } ?? []
             let theirPSS = shimPIDs.map(pss).reduce(0, +)
             memory.append(Memory(pods: n, kuasarDaemonPSSkB: ourPSS, runcShimsPSSkB: theirPSS, ratio: Double(ourPSS) / Double(max(theirPSS, 1))))
             log("  memory \(n) pods: kuasar \(ourPSS) kB, \(shimPIDs.count) shims \(theirPSS) kB")
@@ -325,21 +406,18 @@ enum ContainerBenchmark {
         daemon.terminate()
         daemon.waitUntilExit()
 
-        let cold = rows.first { $0.runtime.hasPrefix("shim-runc-v2 + runc (shim per") }!.p50ms
+        let cold = rows.first { $0.runtime.hasPrefix("shim-runc-v2 + runc (shim per") }?.p50ms
         var ratios: [String: Double] = [:]
-        for r in rows { ratios[r.runtime] = r.p50ms / cold }
+        for r in rows { if let p50 = r.p50ms, let cold { ratios[r.runtime] = p50 / cold } }
         print("\ncontainer lifecycle (Create+Start+Wait+Delete of /bin/true), \(count) runs, p50 vs a shim per container:")
         print(ReactorBenchmark.pad("runtime", 44) + ReactorBenchmark.pad("runs", 6) + ReactorBenchmark.pad("p50 ms", 10) + ReactorBenchmark.pad("p99 ms", 10) + ReactorBenchmark.pad("mean ms", 10) + "p50/shim-per-container")
-        for r in rows {
-            print(ReactorBenchmark.pad(r.runtime, 44) + ReactorBenchmark.pad("\(r.runs)", 6) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p50ms), 10)
-                  + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p99ms), 10) + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.meanms), 10) + ReactorBenchmark.fmt(ratios[r.runtime]!) + "x")
-        }
+        for r in rows { printRow(r, width: 44, ratio: ratios[r.runtime]) }
         print("p50 per call — kuasar: \(ourBreakdown); warm runc shim: \(theirBreakdown)")
         print("\nmemory: PSS of the kuasar daemon vs the sum over containerd-shim-runc-v2 processes, one sleeping container per pod:")
         for m in memory {
             print("  \(m.pods) pods: kuasar \(m.kuasarDaemonPSSkB) kB, runc shims \(m.runcShimsPSSkB) kB, ratio \(ReactorBenchmark.fmt(m.ratio))")
         }
-        let report = Report(date: ISO8601DateFormatter().string(from: Date()), perCallP50ms: ["kuasar": ourBreakdown, "shim-runc-v2 warm": theirBreakdown], rows: rows, vsShimRuncCold: ratios, memory: memory)
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), peers: peerVersions(), perCallP50ms: ["kuasar": ourBreakdown, "shim-runc-v2 warm": theirBreakdown], rows: rows, vsShimRuncCold: ratios, memory: memory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let path = ReactorBenchmark.resultsDirectory() + "/container.json"

@@ -38,6 +38,7 @@ enum PodBenchmark {
     }
     struct Report: Codable {
         var date: String
+        var peers: [String: String]
         var rows: [ContainerBenchmark.Row]
         var perCallP50ms: [String: Double]
         var inDaemonP50ms: Double
@@ -119,7 +120,7 @@ enum PodBenchmark {
             log("pod: no kuasar binary (build the main package, or set KUASAR_BIN)")
             return
         }
-        _ = try ContainerBenchmark.sh("umount -R \(work)/ctd/root 2>/dev/null; umount -l \(work)/kroot 2>/dev/null; rm -rf \(work)")
+        ContainerBenchmark.shIgnoringFailure("umount -R \(work)/ctd/root 2>/dev/null; umount -l \(work)/kroot 2>/dev/null; rm -rf \(work)")
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         let bundle = work + "/bundle"
         try ContainerBenchmark.makeBundle(bundle, args: ["sleep", "3600"])
@@ -129,7 +130,7 @@ enum PodBenchmark {
         // on the container's disk): the same, as a tmpfs of its own.
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         _ = try ContainerBenchmark.sh("mount -t tmpfs -o mode=0700 kuasar-perf \(root)")
-        defer { _ = try? ContainerBenchmark.sh("umount -l \(root)") }
+        defer { ContainerBenchmark.shIgnoringFailure("umount -l \(root)") }
         // KUASAR_PERF_LOG=trace: the daemon's per-Create breakdown in work/daemon.log.
         let level = ProcessInfo.processInfo.environment["KUASAR_PERF_LOG"] ?? "error"
         let logFD = open(work + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -229,48 +230,60 @@ enum PodBenchmark {
         var ctdRows: [ContainerBenchmark.Row] = []
         var speedup: Double?
         var containerdOwn: Double?
-        if let ctd = try? Containerd(dir: work + "/ctd", kuasar: kuasar) {
+        let runcName = "ctr run -d: containerd 1.6 + shim-runc-v2 + runc", oursName = "ctr run -d: containerd 1.6 + kuasar (shim v2 protocol)"
+        do {
+            let ctd = try Containerd(dir: work + "/ctd", kuasar: kuasar)
             defer { ctd.stop() }
             let n = max(10, runs / 8)
             var runc: [Double] = [], ours: [Double] = []
+            var failed: [String: String] = [:]
+            // Interleaved; a runtime whose `ctr run` fails once is not timed again, and its row says why.
             for i in 0..<(n + 2) {
-                for (runtime, id) in [("io.containerd.runc.v2", "r\(i)"), ("io.containerd.kuasar.v2", "k\(i)")] {
+                for (runtime, id) in [("io.containerd.runc.v2", "r\(i)"), ("io.containerd.kuasar.v2", "k\(i)")] where failed[runtime] == nil {
                     let t = MonotonicClock.nanoseconds()
-                    let out = try ContainerBenchmark.sh("\(ctd.ctr) run -d --runtime \(runtime) \(Containerd.image) \(id) sleep 3600 >/dev/null 2>&1 && echo ok")
+                    do { _ = try ContainerBenchmark.sh("\(ctd.ctr) run -d --runtime \(runtime) \(Containerd.image) \(id) sleep 3600 >/dev/null") } catch {
+                        failed[runtime] = "\(error)"
+                        log("  ctr run \(runtime): FAILED: \(error)")
+                        continue
+                    }
                     let ms = Double(MonotonicClock.nanoseconds() - t) / 1e6
-                    guard out.contains("ok") else { log("  ctr run \(runtime) failed"); continue }
                     if i >= 2 { if runtime.hasSuffix("runc.v2") { runc.append(ms) } else { ours.append(ms) } }
-                    _ = try ContainerBenchmark.sh("\(ctd.ctr) task kill -s SIGKILL \(id) >/dev/null 2>&1; for j in 1 2 3 4 5 6 7 8 9 10; do \(ctd.ctr) task delete \(id) >/dev/null 2>&1 && break; sleep 0.05; done; \(ctd.ctr) container delete \(id) >/dev/null 2>&1")
+                    ContainerBenchmark.shIgnoringFailure("\(ctd.ctr) task kill -s SIGKILL \(id) >/dev/null 2>&1; for j in 1 2 3 4 5 6 7 8 9 10; do \(ctd.ctr) task delete \(id) >/dev/null 2>&1 && break; sleep 0.05; done; \(ctd.ctr) container delete \(id) >/dev/null 2>&1")
                 }
             }
-            if !runc.isEmpty && !ours.isEmpty {
-                ctdRows.append(ContainerBenchmark.row("ctr run -d: containerd 1.6 + shim-runc-v2 + runc", runc))
-                ctdRows.append(ContainerBenchmark.row("ctr run -d: containerd 1.6 + kuasar (shim v2 protocol)", ours))
-                speedup = ctdRows[0].p50ms / ctdRows[1].p50ms
-                // What the daemon itself spends on the same container: Task Create + Start.
-                containerdOwn = ctdRows[1].p50ms - ((perCall["Task.Create"] ?? 0) + (perCall["Task.Start"] ?? 0))
+            func ctdRow(_ name: String, _ runtime: String, _ ms: [Double]) -> ContainerBenchmark.Row {
+                if let why = failed[runtime] { return ContainerBenchmark.Row(runtime: name, runs: 0, failed: why) }
+                return ContainerBenchmark.row(name, ms)
             }
-        } else {
-            log("  containerd: could not start it; skipped")
+            ctdRows = [ctdRow(runcName, "io.containerd.runc.v2", runc), ctdRow(oursName, "io.containerd.kuasar.v2", ours)]
+            if let theirs = ctdRows[0].p50ms, let mine = ctdRows[1].p50ms {
+                speedup = theirs / mine
+                // What the daemon itself spends on the same container: Task Create + Start.
+                containerdOwn = mine - ((perCall["Task.Create"] ?? 0) + (perCall["Task.Start"] ?? 0))
+            }
+        } catch {
+            log("  containerd: FAILED to start: \(error)")
+            ctdRows = [ContainerBenchmark.Row(runtime: runcName, runs: 0, failed: "containerd: \(error)"),
+                       ContainerBenchmark.Row(runtime: oursName, runs: 0, failed: "containerd: \(error)")]
         }
 
         let f = ReactorBenchmark.fmt, pad = ReactorBenchmark.pad
         print("\npod start (Controller Create+Start, Task Create+Start of one container), from the gRPC/ttrpc client:")
         print(pad("", 58) + pad("runs", 6) + pad("p50 ms", 10) + pad("p99 ms", 10) + "mean ms")
-        for r in rows + ctdRows {
-            print(pad(r.runtime, 58) + pad("\(r.runs)", 6) + pad(f(r.p50ms), 10) + pad(f(r.p99ms), 10) + f(r.meanms))
-        }
-        print("in the daemon (serial p50 minus the transport floor): \(f(rows[0].p50ms - rows[1].p50ms)) ms")
+        for r in rows + ctdRows { ContainerBenchmark.printRow(r, width: 58, ratio: nil) }
+        let inDaemon = (rows[0].p50ms ?? .nan) - (rows[1].p50ms ?? .nan)
+        print("in the daemon (serial p50 minus the transport floor): \(f(inDaemon)) ms")
         print("p50 per call (serial): " + perCall.sorted { $0.key < $1.key }.map { "\($0.key) \(f($0.value))" }.joined(separator: ", "))
         print("\(parallel) pods in parallel: all ready after \(f(wall)) ms (one daemon thread)")
         if let speedup, let containerdOwn {
-            print("ctr run -d: kuasar is \(f(speedup))x faster than shim-runc-v2 + runc; of kuasar's \(f(ctdRows[1].p50ms)) ms, ~\(f(containerdOwn)) ms is ctr + containerd (the daemon's Task Create+Start p50 is \(f(ctdRows[1].p50ms - containerdOwn)) ms)")
+            let mine = ctdRows[1].p50ms ?? .nan
+            print("ctr run -d: kuasar is \(f(speedup))x faster than shim-runc-v2 + runc; of kuasar's \(f(mine)) ms, ~\(f(containerdOwn)) ms is ctr + containerd (the daemon's Task Create+Start p50 is \(f(mine - containerdOwn)) ms)")
         }
         print("memory (PSS) with N pods, one sleeping container each:")
         for m in memory {
             print("  \(m.sandboxes) pods: daemon \(m.daemonPSSkB) kB, keeper \(m.keeperPSSkB) kB, \(m.holders) pod holders \(m.holdersPSSkB) kB; daemon + holders \(m.daemonPSSkB + m.holdersPSSkB) kB")
         }
-        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, perCallP50ms: perCall, inDaemonP50ms: rows[0].p50ms - rows[1].p50ms, parallelWallMs: wall,
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), peers: ContainerBenchmark.peerVersions(), rows: rows, perCallP50ms: perCall, inDaemonP50ms: inDaemon, parallelWallMs: wall,
                             containerd: ctdRows, ctrRunSpeedup: speedup, containerdOwnMs: containerdOwn, memory: memory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -318,8 +331,10 @@ enum PodBenchmark {
             pid = p.pid
             pidfd = p.pidfd.take()
             for _ in 0..<300 where access(dir + "/containerd.sock", F_OK) != 0 { usleep(10_000) }
-            let out = try ContainerBenchmark.sh("python3 \(PodBenchmark.repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) >/dev/null && \(ctr) images import \(dir)/busybox.tar >/dev/null 2>&1 && echo ok")
-            guard out.contains("ok") else { stop(); throw SystemError("containerd", "image import failed; see \(dir)/containerd.log", errno: .EIO) }
+            do { _ = try ContainerBenchmark.sh("python3 \(PodBenchmark.repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) >/dev/null && \(ctr) images import \(dir)/busybox.tar >/dev/null") } catch {
+                stop()
+                throw SystemError("containerd", "image import failed (\(error)); see \(dir)/containerd.log", errno: .EIO)
+            }
         }
 
         func stop() {
@@ -330,7 +345,7 @@ enum PodBenchmark {
                 kill(p, SIGTERM)
                 for _ in 0..<300 where kill(p, 0) == 0 { usleep(10_000) }
             }
-            _ = try? ContainerBenchmark.sh("umount -R \(dir)/root 2>/dev/null; true")
+            ContainerBenchmark.shIgnoringFailure("umount -R \(dir)/root 2>/dev/null")
         }
     }
 }

@@ -26,6 +26,7 @@ enum RPCBenchmark {
     }
     struct Report: Codable {
         var date: String
+        var peers: [String: String]
         var rows: [Row]
         var throughputVsGo: [String: Double]
         var p50VsGo: [String: Double]
@@ -120,7 +121,10 @@ enum RPCBenchmark {
                   + ReactorBenchmark.pad(ReactorBenchmark.fmt(r.p50us / go.p50us) + "x", 8)
                   + ReactorBenchmark.fmt(go.serverCPUusPerCall / max(r.serverCPUusPerCall, 0.001)) + "x")
         }
-        let report = Report(date: ISO8601DateFormatter().string(from: Date()), rows: rows, throughputVsGo: tput, p50VsGo: p50)
+        let peers = ["kuasar": KuasarVersion.string, "go": ContainerBenchmark.version("/usr/lib/go-1.19/bin/go version"),
+                     "grpc-go": ContainerBenchmark.version("dpkg-query -W -f='${Version}\\n' golang-google-grpc-dev"),
+                     "ttrpc-go": ContainerBenchmark.version("dpkg-query -W -f='${Version}\\n' golang-github-containerd-ttrpc-dev")]
+        let report = Report(date: ISO8601DateFormatter().string(from: Date()), peers: peers, rows: rows, throughputVsGo: tput, p50VsGo: p50)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let path = ReactorBenchmark.resultsDirectory() + "/\(wire).json"
