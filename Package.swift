@@ -1,9 +1,16 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// The runtime: one C shim module for what Swift cannot call, one library with the
-// layers of ../shared/DESIGN.md, one executable that only parses arguments and wires.
+// The runtime: one C shim module for what Swift cannot call, one target per layer of
+// ../shared/DESIGN.md, one executable that only parses arguments and wires.
 // Benchmarks live in perf/ as their own package so this build never pays for them.
+let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
+let protobuf: Target.Dependency = .product(name: "SwiftProtobuf", package: "swift-protobuf")
+let hpack: Target.Dependency = .product(name: "NIOHPACK", package: "swift-nio-http2")
+/// A layer's members that others use are `package`: visible to the layers above, not
+/// public API. (Swift's default for what a file declares is internal to its layer.)
+let layer: [SwiftSetting] = []
+
 let package = Package(
     name: "kuasar",
     platforms: [.macOS(.v14)],
@@ -34,28 +41,51 @@ let package = Package(
             dependencies: ["CLibURing", "CLibSeccomp"],
             cSettings: [.define("_GNU_SOURCE")],
             linkerSettings: [.linkedLibrary("uring"), .linkedLibrary("seccomp")]),
+        // The layers of ../shared/DESIGN.md, one target each (folders under Sources/Runtime),
+        // so the compiler holds the import rules: only KuasarSystem and the reactor's
+        // io_uring backend see CShims; the codecs know no container; the container engine
+        // knows no RPC; each backend sees the sandbox seam, never another backend; only the
+        // executable (and the Runtime umbrella, for tests and perf/) sees every backend.
+        .target(name: "KuasarOCI", path: "Sources/Runtime/OCI"),
         .target(
-            name: "Runtime",
-            dependencies: [
-                "CShims",
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
-                .product(name: "NIOHPACK", package: "swift-nio-http2"),
-                .product(name: "TOMLKit", package: "TOMLKit"),
-            ]),
+            name: "KuasarSystem", dependencies: ["CShims", "KuasarOCI"], path: "Sources/Runtime/System",
+            swiftSettings: layer),
+        .target(
+            name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor",
+            swiftSettings: layer),
+        .target(
+            name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf, hpack],
+            path: "Sources/Runtime/Wire", swiftSettings: layer),
+        .target(
+            name: "KuasarContainer", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", logging],
+            path: "Sources/Runtime/Container", swiftSettings: layer),
+        .target(
+            name: "KuasarSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", logging, protobuf],
+            path: "Sources/Runtime/Sandbox", swiftSettings: layer),
+        .target(
+            name: "KuasarNamespace", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            path: "Sources/Runtime/Backends/Namespace", swiftSettings: layer),
+        .target(
+            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf,
+                                                  .product(name: "TOMLKit", package: "TOMLKit")],
+            path: "Sources/Runtime/Services", swiftSettings: layer),
+        // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
+        .target(
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarServices"],
+            path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "Runtime",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarServices",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarServices", "CShims",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

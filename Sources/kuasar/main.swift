@@ -1,6 +1,13 @@
 import ArgumentParser
 import Logging
-import Runtime
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+import KuasarNamespace
+import KuasarServices
 
 #if canImport(Glibc)
 import Glibc

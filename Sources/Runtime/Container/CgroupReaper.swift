@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 
 /// Removes cgroups whose processes were killed, without blocking the loop. The kernel
 /// answers EBUSY to rmdir until the last task is released, usually a few milliseconds

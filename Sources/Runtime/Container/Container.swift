@@ -1,8 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CShims
 import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 
 /// Wall-clock time of an event (exit, creation), as protobuf Timestamps want it.
 public struct WallTime: Sendable, Equatable, Codable {
@@ -30,22 +32,6 @@ public struct ContainerError: Error, CustomStringConvertible, Sendable {
         errno = (cause as? SystemError)?.errno ?? (cause as? ContainerError)?.errno
     }
     public var description: String { message }
-}
-
-extension ContainerError: RPCStatusConvertible {
-    public var rpcError: RPCError {
-        switch kind {
-        case .notFound: return RPCError(.notFound, message)
-        case .alreadyExists: return RPCError(.alreadyExists, message)
-        case .invalid: return RPCError(.invalidArgument, message)
-        case .failedPrecondition: return RPCError(.failedPrecondition, message)
-        case .failed: return RPCError(errno.map { RPCCode(errno: $0) } ?? .internal, message)
-        }
-    }
-}
-
-extension SpecError: RPCStatusConvertible {
-    public var rpcError: RPCError { RPCError(.invalidArgument, description) }
 }
 
 /// The daemon-wide parts every container uses: the reactor, exit supervision, the
@@ -207,7 +193,7 @@ public final class ContainerProcess {
         let buf = reactor.sharedReadBuffer
         while syncFDRaw >= 0 {
             var passed: Int32 = -1
-            let n = ks_recv_with_fd(syncFDRaw, buf.baseAddress!, buf.count, &passed)
+            let n = Socket.receiveWithFD(syncFDRaw, buf.baseAddress!, buf.count, &passed)
             if passed >= 0 { io.attachConsole(OwnedFD(adopting: passed), size: spec.consoleSize) }
             if n > 0 {
                 syncBuffer.append(contentsOf: UnsafeRawBufferPointer(rebasing: buf[..<Int(n)]))
@@ -269,7 +255,7 @@ public final class ContainerProcess {
         writeSync(UInt8(ascii: "S"))
     }
 
-    private static let reportSize = MemoryLayout<ks_child_report>.size
+    private static let reportSize = ContainerLauncher.childReportSize
 
     private func consumeReports() {
         while syncBuffer.count >= Self.reportSize {

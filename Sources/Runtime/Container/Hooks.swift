@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import Foundation
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 
 /// OCI lifecycle hooks. Each gets the container's state JSON on stdin and runs with a
 /// timeout (its own `timeout`, else 30 s). prestart/createRuntime/poststart/poststop run

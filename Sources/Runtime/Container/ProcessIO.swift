@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import Foundation
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 
 /// Where a container process's stdio goes, as containerd names it: FIFO paths (the
 /// usual case), `file:///path` (append to a file), or nothing.

@@ -1,8 +1,10 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CShims
 import Foundation
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 
 /// What this engine supports, as the OCI runtime-spec's features document (features.md,
 /// the JSON `runc features` prints): containerd 2.x reads it from `-info` to decide, for
@@ -13,7 +15,7 @@ public enum RuntimeFeatures {
 
     public static func document(cgroups: CgroupHost?) -> [String: Any] {
         var mountOptions = Array(MountOptions.flags.keys) + Array(MountOptions.propagations.keys)
-        if ks_have_mount_setattr() != 0 { mountOptions.append("rro") }
+        if Mounts.haveMountSetattr { mountOptions.append("rro") }
         let linux: [String: Any] = [
             "namespaces": NamespaceFlag.flags.keys.sorted(),
             "capabilities": CapabilityNames.names,

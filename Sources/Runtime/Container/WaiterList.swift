@@ -1,3 +1,6 @@
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
 /// Callbacks waiting for one event (a process exit, a sandbox stop), each with a token
 /// so a waiter whose client went away can be dropped; fired once, in arrival order.
 public struct WaiterList<Value> {

@@ -1,3 +1,4 @@
+import KuasarSystem
 /// What a registration wants to hear about.
 public struct Interest: OptionSet, Sendable, Hashable {
     public let rawValue: UInt32

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarSystem
 
 /// A buffered stream connection (unix socket, vsock, pipe pair, pty) on the reactor.
 ///

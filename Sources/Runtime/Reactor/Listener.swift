@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Logging
+import KuasarSystem
 
 /// Accepts connections on a listening socket registered with the reactor.
 ///

@@ -1,3 +1,4 @@
+import KuasarSystem
 /// The objects a server keeps alive while they serve (connections), by identity.
 /// `takeAll` empties it first, so closing each element — which removes it again —
 /// never mutates the set while it is being walked.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarSystem
 
 /// Writes one buffer into a pipe (a hook's stdin, a helper's input) from the loop
 /// without ever blocking it: what the pipe takes now is written at once, the rest as

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Logging
+import KuasarSystem
 
 /// Children of the daemon, each watched through its pidfd on the reactor.
 ///
@@ -166,5 +167,5 @@ public final class ProcessSupervisor {
 
 extension Int32 {
     /// Wraps a raw descriptor just handed off by `take()` in a new owner.
-    func adopted() -> OwnedFD { OwnedFD(adopting: self) }
+    package func adopted() -> OwnedFD { OwnedFD(adopting: self) }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Logging
 import Synchronization
+import KuasarSystem
 
 /// The daemon's one event loop.
 ///
@@ -83,7 +84,7 @@ public final class Reactor {
     /// One read buffer for every connection of this loop: only one handler runs at a time.
     /// Write-queue chunks shared by this loop's connections.
     let chunkPool = ChunkPool()
-    lazy var sharedReadBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 16)
+    package lazy var sharedReadBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 16)
 
     private let threadID: pid_t
     private var running = false

@@ -1,3 +1,4 @@
+import KuasarSystem
 /// Identifies a scheduled timer, for `Reactor.cancel`.
 public struct TimerID: Hashable, Sendable {
     let value: UInt64

@@ -1,4 +1,5 @@
 import CShims
+import KuasarSystem
 
 /// Readiness through io_uring one-shot POLL_ADD.
 ///

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarSystem
 
 /// Fixed-size chunks shared by every connection of one reactor. A queue that drains
 /// gives its chunks back, so an idle connection holds no buffer, and a busy one reuses

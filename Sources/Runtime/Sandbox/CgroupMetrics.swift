@@ -1,5 +1,10 @@
 import Foundation
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
 
 /// A container cgroup's counters in the protobuf containerd decodes from Stats:
 /// `io.containerd.cgroups.v1.Metrics` or `io.containerd.cgroups.v2.Metrics`.

@@ -4,6 +4,11 @@ import Glibc
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
 
 /// Linux containers behind the Task API: the OCI engine (Container) for every call.
 /// The namespace kind serves its pods with it; wasm sandboxes and the guest agent use it
@@ -297,7 +302,7 @@ public enum RootfsMounts {
 
 extension Google_Protobuf_Timestamp {
     /// A protobuf time from ours; nil is the zero time containerd reads as "not yet".
-    init(_ t: WallTime?) {
+    package init(_ t: WallTime?) {
         self.init()
         if let t { seconds = t.seconds; nanos = t.nanos }
     }

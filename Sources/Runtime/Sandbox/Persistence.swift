@@ -3,6 +3,11 @@ import Glibc
 #endif
 import Foundation
 import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
 
 /// What survives a daemon restart: one `state.json` per sandbox, in its state directory,
 /// rewritten atomically (temporary file, fsync, rename, fsync of the directory) whenever

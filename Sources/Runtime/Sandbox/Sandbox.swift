@@ -3,6 +3,11 @@ import Glibc
 #endif
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
 
 /// IDs that become paths (state directories, cgroups): refused unless they are plain
 /// names, so "../x", "a/b" or an empty id can never point anywhere else.

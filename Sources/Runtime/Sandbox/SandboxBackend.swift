@@ -3,6 +3,11 @@ import Glibc
 #endif
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
 
 /// The seam every sandbox kind plugs into (namespace pods, microVMs, wasm, external
 /// runtimes). The Controller keeps what all kinds share — ids, the registry, state files,
@@ -120,6 +125,13 @@ public struct BackendContext {
     public let containers: ContainerTaskBackend
     public let reactor: Reactor
     public let logger: Logger
+
+    public init(registry: SandboxRegistry, containers: ContainerTaskBackend, reactor: Reactor, logger: Logger) {
+        self.registry = registry
+        self.containers = containers
+        self.reactor = reactor
+        self.logger = logger
+    }
 }
 
 /// Builds the kinds a daemon serves, once its registry and reactor exist.

@@ -3,6 +3,12 @@ import Glibc
 #endif
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// The daemon's own control service on `<root>/admin.sock` (ttrpc, 0600): how the shim
 /// binary registers sandboxes and how the CLI lists and cleans up.

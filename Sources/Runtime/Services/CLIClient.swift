@@ -3,6 +3,12 @@ import Glibc
 #endif
 import Foundation
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// What `kuasar run`, `exec`, `ps` and `kill` do: they are clients of the daemon like
 /// containerd is — admin.sock to find or make a sandbox, then the sandbox's Task API —

@@ -1,4 +1,10 @@
 import TOMLKit
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// The daemon's configuration: `/etc/kuasar/config.toml`, or the file `--config` names,
 /// over the embedded defaults below — so the daemon runs with no file at all, and a file

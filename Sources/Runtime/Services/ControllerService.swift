@@ -4,6 +4,12 @@ import Glibc
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// containerd 2.x's sandboxer endpoint: `containerd.services.sandbox.v1.Controller` over
 /// gRPC on the daemon's socket. Dispatches each sandbox to the backend of its kind (the

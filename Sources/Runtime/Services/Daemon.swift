@@ -2,6 +2,12 @@
 import Glibc
 #endif
 import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 public enum KuasarVersion {
     public static let string = "0.1.0"

@@ -4,6 +4,12 @@ import Glibc
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// Publishes task events to containerd's events service
 /// (`containerd.services.events.ttrpc.v1.Events/Forward` at TTRPC_ADDRESS), in order:

@@ -2,6 +2,12 @@
 import Glibc
 #endif
 import Foundation
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// The standard gRPC health service (`grpc.health.v1.Health`) on the API socket, as
 /// grpc_health_probe, grpcurl and Kubernetes' gRPC probes call it. Services: "" (the

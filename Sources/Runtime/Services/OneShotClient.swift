@@ -2,6 +2,12 @@
 import Glibc
 #endif
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// A ttrpc client with its own short-lived reactor, for tools that make a few calls and
 /// exit (the shim binary, the CLI). The daemon itself never uses this.

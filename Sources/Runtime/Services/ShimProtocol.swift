@@ -3,6 +3,12 @@ import Glibc
 #endif
 import Foundation
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// `containerd-shim-kuasar-v2`: the shim v2 binary protocol containerd 1.6/1.7 (and 2.x
 /// without a sandboxer) speaks to a runtime. `start` makes sure the daemon runs,

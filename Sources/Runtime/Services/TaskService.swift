@@ -4,6 +4,12 @@ import Glibc
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// containerd's Task API (`containerd.task.v2.Task` and `containerd.task.v3.Task`, one
 /// wire format) served on each sandbox's socket by the daemon itself: no shim process.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarOCI
 
 /// C memory for one launch: strings and arrays that live until `free()`.
 final class CArena {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// Which cgroup layout the host has. Hybrid hosts (v1 controllers plus an empty
 /// cgroup2 at /sys/fs/cgroup/unified) are driven as v1: that is where the controllers are.
@@ -358,7 +359,7 @@ public final class Cgroup: @unchecked Sendable {
 }
 
 extension StringProtocol {
-    var trimmingWhitespace: String {
+    package var trimmingWhitespace: String {
         var s = Substring(self)
         while let c = s.first, c == " " || c == "\n" || c == "\t" { s.removeFirst() }
         while let c = s.last, c == " " || c == "\n" || c == "\t" { s.removeLast() }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// An epoll set and its event buffer (the epoll backend's kernel side). Tokens and
 /// poll(2) bits pass through unchanged.

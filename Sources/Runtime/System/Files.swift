@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// Small whole-file operations for /proc, /sys/fs/cgroup and state files.
 public enum Files {
@@ -101,6 +102,9 @@ public enum Files {
 
 /// mount(2) and friends, plus /proc/self/mountinfo.
 public enum Mounts {
+    /// mount_setattr(2) (Linux 5.12+): recursive read-only mounts ("rro") are possible.
+    public static var haveMountSetattr: Bool { ks_have_mount_setattr() != 0 }
+
     public static func mount(source: String?, target: String, type: String?, flags: UInt, data: String? = nil) throws(SystemError) {
         _ = try shim("mount", "\(type ?? "bind") \(source ?? "none") on \(target)") {
             withOptionalCString(source) { s in

@@ -1,4 +1,5 @@
 import CShims
+import KuasarOCI
 
 /// The monotonic clock (CLOCK_MONOTONIC), in nanoseconds: what deadlines and uptimes
 /// are measured with, never the wall clock.

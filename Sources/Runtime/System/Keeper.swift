@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// The daemon's keeper (CShims/keeper.c): the parent that outlives a daemon crash,
 /// reaps the containers the dead daemon leaves behind and records their exit statuses

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarOCI
 
 /// The single owner of an open file descriptor.
 ///

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// Starts pod holders (CShims' podholder.c): a process per pod in the pod's new
 /// namespaces, whose program is a few instructions mapped from one sealed memfd.

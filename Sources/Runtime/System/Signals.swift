@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// Signal masks and signalfds. A signal is read from a signalfd only if it is blocked
 /// in every thread that could otherwise take it, so the daemon blocks its signals on

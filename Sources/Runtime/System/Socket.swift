@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// Unix and vsock stream sockets. Every socket is created non-blocking and
 /// close-on-exec; ownership of each descriptor is an `OwnedFD`.
@@ -165,6 +166,12 @@ public func makeDirectories(_ dir: String, mode: mode_t = 0o700) throws(SystemEr
 extension Socket {
     /// The pid of a unix socket's peer (SO_PEERCRED), 0 if unknown.
     public static func peerPid(_ fd: Int32) -> pid_t { ks_peer_pid(fd) }
+
+    /// recvmsg of bytes and at most one passed descriptor (`passed`, -1 when none);
+    /// returns the byte count or -errno.
+    public static func receiveWithFD(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ passed: inout Int32) -> Int {
+        Int(ks_recv_with_fd(fd, buffer, count, &passed))
+    }
 }
 
 public func makePipe(nonBlocking: Bool = true) throws(SystemError) -> FDPair {

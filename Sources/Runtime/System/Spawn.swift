@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CShims
+import KuasarOCI
 
 /// How a child ended.
 public enum ExitStatus: Equatable, Hashable, Sendable, CustomStringConvertible {
@@ -16,7 +17,7 @@ public enum ExitStatus: Equatable, Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    init(siginfoCode: Int32, status: Int32) {
+    package init(siginfoCode: Int32, status: Int32) {
         // CLD_EXITED = 1, CLD_KILLED = 2, CLD_DUMPED = 3
         switch siginfoCode {
         case 1: self = .exited(status)
@@ -67,6 +68,10 @@ public struct ProcessSpec: Sendable {
 @frozen public struct SpawnedProcess: ~Copyable {
     public let pid: pid_t
     public var pidfd: OwnedFD
+    public init(pid: pid_t, pidfd: consuming OwnedFD) {
+        self.pid = pid
+        self.pidfd = pidfd
+    }
 }
 
 /// Starts processes with a pidfd from the start (CLONE_PIDFD: no window where the pid

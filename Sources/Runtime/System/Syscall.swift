@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarOCI
 
 /// The result of a non-blocking call: done, or it would have blocked (EAGAIN).
 /// EAGAIN is a value, not an error, because on a non-blocking fd it is the normal end

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarOCI
 
 /// A C errno value with the names people grep for.
 public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertible {

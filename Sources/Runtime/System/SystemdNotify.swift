@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KuasarOCI
 
 /// systemd's notification protocol (sd_notify(3)) without libsystemd: datagrams such as
 /// "READY=1" to the unix socket named by NOTIFY_SOCKET ('@' is the abstract namespace).

@@ -1,3 +1,5 @@
+import KuasarSystem
+import KuasarReactor
 /// Bytes received from a peer and not yet taken by a frame decoder. Indices are
 /// relative to the first unconsumed byte. The consumed prefix is dropped once it
 /// dominates, so a long-lived connection keeps only what it has not parsed yet.

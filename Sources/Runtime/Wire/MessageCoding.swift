@@ -1,4 +1,6 @@
 import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
 
 /// Protobuf encode/decode with failures already in wire-status form, so every RPC
 /// surface reports a bad message the same way.

@@ -1,3 +1,5 @@
+import KuasarSystem
+import KuasarReactor
 /// The status codes gRPC and ttrpc share (google.rpc.Code).
 public enum RPCCode: Int32, Sendable, CustomStringConvertible {
     case ok = 0

@@ -4,6 +4,12 @@ import Glibc
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// The namespace kind (the original's runc-sandboxer, without runc): a CRI pod is a
 /// holder process in the pod's namespaces, pinned ns files, its hostname/DNS/hosts files

@@ -2,6 +2,12 @@
 import Glibc
 #endif
 import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
 
 /// What a CRI pod of the namespace kind is made of, from containerd's
 /// `runtime.v1.PodSandboxConfig`: its namespaces (held by a holder process, the pid

@@ -5,6 +5,8 @@ import Foundation
 import NIOCore
 import NIOHPACK
 import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
 
 /// A blocking gRPC client for unary calls over h2c on a unix socket: one call at a time
 /// on one connection (streams 1, 3, 5, …). For the CLI, benchmarks and tests — a peer

@@ -1,6 +1,8 @@
 import Logging
 import NIOHPACK
 import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
 
 /// A gRPC server over our own HTTP/2, on the reactor: unary and server-streaming
 /// methods, metadata, `grpc-timeout` deadlines, trailers with `grpc-status` and

@@ -1,6 +1,8 @@
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
 
 /// A ttrpc client on the reactor: many calls in flight on one connection, each on
 /// its own odd stream id; unary calls and all three kinds of stream. Completions run

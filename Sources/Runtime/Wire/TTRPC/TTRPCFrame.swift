@@ -1,3 +1,5 @@
+import KuasarSystem
+import KuasarReactor
 /// ttrpc framing: a 10-byte header — data length (u32 BE, at most 4 MiB), stream id
 /// (u32 BE, odd when the client opened the stream), message type (u8), flags (u8) —
 /// then the data. Pure bytes: nothing here touches a descriptor.

@@ -1,6 +1,8 @@
 import Foundation
 import Logging
 import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
 
 /// A ttrpc server on the reactor: a registry of "/service/method" handlers and the
 /// connections it serves. Handlers run on the loop and must not block; a handler that

@@ -2,34 +2,7 @@
 import Glibc
 #endif
 import CShims
-
-/// Clone flags for namespaces (sched.h).
-public enum NamespaceFlag {
-    public static let mount: UInt64 = 0x0002_0000
-    public static let cgroup: UInt64 = 0x0200_0000
-    public static let uts: UInt64 = 0x0400_0000
-    public static let ipc: UInt64 = 0x0800_0000
-    public static let user: UInt64 = 0x1000_0000
-    public static let pid: UInt64 = 0x2000_0000
-    public static let network: UInt64 = 0x4000_0000
-    public static let time: UInt64 = 0x0000_0080
-
-    /// OCI namespace type → CLONE_NEW* flag.
-    public static let flags: [String: UInt64] = [
-        "mount": mount, "cgroup": cgroup, "uts": uts, "ipc": ipc, "user": user, "pid": pid, "network": network, "time": time,
-    ]
-
-    public static func flag(_ type: String) -> UInt64 { flags[type] ?? 0 }
-
-    /// The /proc/<pid>/ns/ file name of a namespace type.
-    public static func procName(_ type: String) -> String {
-        switch type {
-        case "mount": return "mnt"
-        case "network": return "net"
-        default: return type
-        }
-    }
-}
+import KuasarOCI
 
 /// A child that has been cloned and waits on its sync socket: first for 'G' (go), then,
 /// for a container's init, for 'S' (start) after it reported ready.
@@ -51,6 +24,9 @@ public enum LaunchTarget {
 /// Everything that allocates — JSON, path lookups, the seccomp filter — happens here in
 /// the parent; the child only makes system calls.
 public enum ContainerLauncher {
+    /// The size of one report on a child's sync socket (CShims' ks_child_report).
+    public static let childReportSize = MemoryLayout<ks_child_report>.size
+
     public static let defaultDevices: [OCISpec.Device] = [
         .init(type: "c", path: "/dev/null", major: 1, minor: 3, fileMode: 0o666, uid: 0, gid: 0),
         .init(type: "c", path: "/dev/zero", major: 1, minor: 5, fileMode: 0o666, uid: 0, gid: 0),
@@ -192,12 +168,12 @@ public enum ContainerLauncher {
             pairParts.first.close()
             throw SystemError("clone3", args[0], errno: Errno(rawValue: -rc))
         }
-        return LaunchedChild(pid: pid, pidfd: OwnedFD(adopting: pidfd), sync: pairParts.first.take().adopted())
+        return LaunchedChild(pid: pid, pidfd: OwnedFD(adopting: pidfd), sync: OwnedFD(adopting: pairParts.first.take()))
     }
 
     /// Whether the child is cloned into a new user namespace (its cgroup namespace is then
     /// made at clone time, and its v1 cgroups joined before it does anything).
-    static func attrCreatesUserNamespace(spec: OCISpec, target: LaunchTarget) -> Bool {
+    package static func attrCreatesUserNamespace(spec: OCISpec, target: LaunchTarget) -> Bool {
         guard case .initProcess = target else { return false }
         return spec.linux?.namespaces?.contains { $0.type == "user" && $0.path == nil } ?? false
     }

@@ -36,7 +36,11 @@ public struct OCISpec: Codable, Sendable {
             self.user = user
         }
     }
-    public struct ConsoleSize: Codable, Sendable { public var height: UInt32; public var width: UInt32 }
+    public struct ConsoleSize: Codable, Sendable {
+        public var height: UInt32
+        public var width: UInt32
+        public init(height: UInt32, width: UInt32) { self.height = height; self.width = width }
+    }
     public struct User: Codable, Sendable {
         public var uid: UInt32
         public var gid: UInt32
@@ -46,15 +50,31 @@ public struct OCISpec: Codable, Sendable {
     }
     public struct Capabilities: Codable, Sendable {
         public var bounding, effective, inheritable, permitted, ambient: [String]?
+        public init(bounding: [String]? = nil, effective: [String]? = nil, inheritable: [String]? = nil, permitted: [String]? = nil, ambient: [String]? = nil) {
+            self.bounding = bounding
+            self.effective = effective
+            self.inheritable = inheritable
+            self.permitted = permitted
+            self.ambient = ambient
+        }
     }
     public struct Rlimit: Codable, Sendable {
         public var type: String
         public var hard: UInt64
         public var soft: UInt64
+        public init(type: String, hard: UInt64, soft: UInt64) {
+            self.type = type
+            self.hard = hard
+            self.soft = soft
+        }
     }
     public struct Root: Codable, Sendable {
         public var path: String
         public var readonly: Bool?
+        public init(path: String, readonly: Bool? = nil) {
+            self.path = path
+            self.readonly = readonly
+        }
     }
     public struct Mount: Codable, Sendable {
         public var destination: String
@@ -70,14 +90,33 @@ public struct OCISpec: Codable, Sendable {
         public var args: [String]?
         public var env: [String]?
         public var timeout: Int?
+        public init(path: String, args: [String]? = nil, env: [String]? = nil, timeout: Int? = nil) {
+            self.path = path
+            self.args = args
+            self.env = env
+            self.timeout = timeout
+        }
     }
     public struct Hooks: Codable, Sendable {
         public var prestart, createRuntime, createContainer, startContainer, poststart, poststop: [Hook]?
+        public init(prestart: [Hook]? = nil, createRuntime: [Hook]? = nil, createContainer: [Hook]? = nil, startContainer: [Hook]? = nil, poststart: [Hook]? = nil, poststop: [Hook]? = nil) {
+            self.prestart = prestart
+            self.createRuntime = createRuntime
+            self.createContainer = createContainer
+            self.startContainer = startContainer
+            self.poststart = poststart
+            self.poststop = poststop
+        }
     }
     public struct IDMapping: Codable, Sendable {
         public var containerID: UInt32
         public var hostID: UInt32
         public var size: UInt32
+        public init(containerID: UInt32, hostID: UInt32, size: UInt32) {
+            self.containerID = containerID
+            self.hostID = hostID
+            self.size = size
+        }
     }
     public struct Namespace: Codable, Sendable {
         public var type: String
@@ -92,6 +131,15 @@ public struct OCISpec: Codable, Sendable {
         public var fileMode: UInt32?
         public var uid: UInt32?
         public var gid: UInt32?
+        public init(type: String, path: String, major: Int64? = nil, minor: Int64? = nil, fileMode: UInt32? = nil, uid: UInt32? = nil, gid: UInt32? = nil) {
+            self.type = type
+            self.path = path
+            self.major = major
+            self.minor = minor
+            self.fileMode = fileMode
+            self.uid = uid
+            self.gid = gid
+        }
     }
     public struct Linux: Codable, Sendable {
         public var uidMappings: [IDMapping]?
@@ -128,6 +176,13 @@ public struct OCISpec: Codable, Sendable {
         public var major: Int64?
         public var minor: Int64?
         public var access: String?
+        public init(allow: Bool, type: String? = nil, major: Int64? = nil, minor: Int64? = nil, access: String? = nil) {
+            self.allow = allow
+            self.type = type
+            self.major = major
+            self.minor = minor
+            self.access = access
+        }
     }
     public struct Memory: Codable, Sendable {
         public var limit: Int64?
@@ -137,6 +192,15 @@ public struct OCISpec: Codable, Sendable {
         public var kernelTCP: Int64?
         public var swappiness: UInt64?
         public var disableOOMKiller: Bool?
+        public init(limit: Int64? = nil, reservation: Int64? = nil, swap: Int64? = nil, kernel: Int64? = nil, kernelTCP: Int64? = nil, swappiness: UInt64? = nil, disableOOMKiller: Bool? = nil) {
+            self.limit = limit
+            self.reservation = reservation
+            self.swap = swap
+            self.kernel = kernel
+            self.kernelTCP = kernelTCP
+            self.swappiness = swappiness
+            self.disableOOMKiller = disableOOMKiller
+        }
     }
     public struct CPU: Codable, Sendable {
         public var shares: UInt64?
@@ -146,9 +210,24 @@ public struct OCISpec: Codable, Sendable {
         public var realtimePeriod: UInt64?
         public var cpus: String?
         public var mems: String?
+        public init(shares: UInt64? = nil, quota: Int64? = nil, period: UInt64? = nil, realtimeRuntime: Int64? = nil, realtimePeriod: UInt64? = nil, cpus: String? = nil, mems: String? = nil) {
+            self.shares = shares
+            self.quota = quota
+            self.period = period
+            self.realtimeRuntime = realtimeRuntime
+            self.realtimePeriod = realtimePeriod
+            self.cpus = cpus
+            self.mems = mems
+        }
     }
-    public struct Pids: Codable, Sendable { public var limit: Int64 }
-    public struct BlockIO: Codable, Sendable { public var weight: UInt16? }
+    public struct Pids: Codable, Sendable {
+        public var limit: Int64
+        public init(limit: Int64) { self.limit = limit }
+    }
+    public struct BlockIO: Codable, Sendable {
+        public var weight: UInt16?
+        public init(weight: UInt16? = nil) { self.weight = weight }
+    }
     public struct Seccomp: Codable, Sendable {
         public var defaultAction: String
         public var defaultErrnoRet: UInt32?
@@ -156,18 +235,38 @@ public struct OCISpec: Codable, Sendable {
         public var flags: [String]?
         public var listenerPath: String?
         public var syscalls: [Syscall]?
+        public init(defaultAction: String, defaultErrnoRet: UInt32? = nil, architectures: [String]? = nil, flags: [String]? = nil, listenerPath: String? = nil, syscalls: [Syscall]? = nil) {
+            self.defaultAction = defaultAction
+            self.defaultErrnoRet = defaultErrnoRet
+            self.architectures = architectures
+            self.flags = flags
+            self.listenerPath = listenerPath
+            self.syscalls = syscalls
+        }
     }
     public struct Syscall: Codable, Sendable {
         public var names: [String]
         public var action: String
         public var errnoRet: UInt32?
         public var args: [SyscallArg]?
+        public init(names: [String], action: String, errnoRet: UInt32? = nil, args: [SyscallArg]? = nil) {
+            self.names = names
+            self.action = action
+            self.errnoRet = errnoRet
+            self.args = args
+        }
     }
     public struct SyscallArg: Codable, Sendable {
         public var index: UInt32
         public var value: UInt64
         public var valueTwo: UInt64?
         public var op: String
+        public init(index: UInt32, value: UInt64, valueTwo: UInt64? = nil, op: String) {
+            self.index = index
+            self.value = value
+            self.valueTwo = valueTwo
+            self.op = op
+        }
     }
     /// A field we decode only to notice that it is there.
     public struct IgnoredField: Codable, Sendable {
@@ -313,7 +412,7 @@ extension OCISpec {
 
 /// Capability names to numbers (linux/capability.h).
 public enum CapabilityNames {
-    static let names = [
+    package static let names = [
         "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
         "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
         "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
@@ -323,7 +422,7 @@ public enum CapabilityNames {
         "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
     ]
     public static func number(_ name: String) -> Int? { names.firstIndex(of: name) }
-    static func mask(_ list: [String]?) -> UInt64 {
+    package static func mask(_ list: [String]?) -> UInt64 {
         (list ?? []).reduce(0) { acc, n in number(n).map { acc | (1 << UInt64($0)) } ?? acc }
     }
 }
@@ -334,46 +433,46 @@ public enum Rlimits {
         "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7, "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10,
         "RLIMIT_SIGPENDING": 11, "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
     ]
-    static func resource(_ name: String) -> Int32? { table[name] }
+    package static func resource(_ name: String) -> Int32? { table[name] }
 }
 
 /// OCI seccomp names to libseccomp values (seccomp.h).
 public enum SeccompNames {
     /// SCMP_ACT_* → libseccomp's action value; ERRNO and TRACE carry their errno in the low bits.
-    static let actions: [String: UInt32] = [
+    package static let actions: [String: UInt32] = [
         "SCMP_ACT_KILL": 0x0000_0000, "SCMP_ACT_KILL_THREAD": 0x0000_0000, "SCMP_ACT_KILL_PROCESS": 0x8000_0000,
         "SCMP_ACT_TRAP": 0x0003_0000, "SCMP_ACT_ERRNO": 0x0005_0000, "SCMP_ACT_TRACE": 0x7ff0_0000,
         "SCMP_ACT_LOG": 0x7ffc_0000, "SCMP_ACT_ALLOW": 0x7fff_0000,
     ]
-    static let arches: [String: UInt32] = [
+    package static let arches: [String: UInt32] = [
         "SCMP_ARCH_X86_64": 0xC000_003E, "SCMP_ARCH_X86": 0x4000_0003, "SCMP_ARCH_X32": 0x4000_003E,
         "SCMP_ARCH_AARCH64": 0xC000_00B7, "SCMP_ARCH_ARM": 0x4000_0028, "SCMP_ARCH_RISCV64": 0xC000_00F3,
         "SCMP_ARCH_PPC64LE": 0xC000_0015, "SCMP_ARCH_S390X": 0x8000_0016,
     ]
-    static let operators: [String: Int32] = [
+    package static let operators: [String: Int32] = [
         "SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
         "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7,
     ]
 
-    static func action(_ name: String, errno: UInt32?) -> UInt32? {
+    package static func action(_ name: String, errno: UInt32?) -> UInt32? {
         guard let base = actions[name] else { return nil }
         return name == "SCMP_ACT_ERRNO" || name == "SCMP_ACT_TRACE" ? base | ((errno ?? 1) & 0xffff) : base
     }
-    static func arch(_ name: String) -> UInt32? { arches[name] }
-    static func op(_ name: String) -> Int32? { operators[name] }
+    package static func arch(_ name: String) -> UInt32? { arches[name] }
+    package static func op(_ name: String) -> Int32? { operators[name] }
 }
 
 /// mount(8)-style options to MS_* flags.
 public enum MountOptions {
     // MS_ values from sys/mount.h.
-    static let RDONLY: UInt = 1, NOSUID: UInt = 2, NODEV: UInt = 4, NOEXEC: UInt = 8, SYNCHRONOUS: UInt = 16
-    static let REMOUNT: UInt = 32, MANDLOCK: UInt = 64, DIRSYNC: UInt = 128, NOATIME: UInt = 1024
-    static let NODIRATIME: UInt = 2048, BIND: UInt = 4096, REC: UInt = 16384, SILENT: UInt = 32768
+    package static let RDONLY: UInt = 1, NOSUID: UInt = 2, NODEV: UInt = 4, NOEXEC: UInt = 8, SYNCHRONOUS: UInt = 16
+    package static let REMOUNT: UInt = 32, MANDLOCK: UInt = 64, DIRSYNC: UInt = 128, NOATIME: UInt = 1024
+    package static let NODIRATIME: UInt = 2048, BIND: UInt = 4096, REC: UInt = 16384, SILENT: UInt = 32768
     static let UNBINDABLE: UInt = 1 << 17, PRIVATE: UInt = 1 << 18, SLAVE: UInt = 1 << 19, SHARED: UInt = 1 << 20
     static let RELATIME: UInt = 1 << 21, STRICTATIME: UInt = 1 << 24
 
     /// Flag options → (set, clear); anything else is filesystem data.
-    static let flags: [String: (set: UInt, clear: UInt)] = [
+    package static let flags: [String: (set: UInt, clear: UInt)] = [
         "ro": (RDONLY, 0), "rw": (0, RDONLY), "nosuid": (NOSUID, 0), "suid": (0, NOSUID),
         "nodev": (NODEV, 0), "dev": (0, NODEV), "noexec": (NOEXEC, 0), "exec": (0, NOEXEC),
         "sync": (SYNCHRONOUS, 0), "async": (0, SYNCHRONOUS), "dirsync": (DIRSYNC, 0),
@@ -382,17 +481,17 @@ public enum MountOptions {
         "norelatime": (0, RELATIME), "strictatime": (STRICTATIME, 0), "bind": (BIND, 0), "rbind": (BIND | REC, 0),
         "remount": (REMOUNT, 0), "defaults": (0, 0), "silent": (0, 0), "loud": (0, 0),
     ]
-    static let propagations: [String: UInt] = [
+    package static let propagations: [String: UInt] = [
         "private": PRIVATE, "rprivate": PRIVATE | REC, "shared": SHARED, "rshared": SHARED | REC,
         "slave": SLAVE, "rslave": SLAVE | REC, "unbindable": UNBINDABLE, "runbindable": UNBINDABLE | REC,
     ]
 
     /// (set, clear) for a flag option; nil when it is not a flag (then it is fs data).
-    static func flag(_ o: String) -> (set: UInt, clear: UInt)? {
+    package static func flag(_ o: String) -> (set: UInt, clear: UInt)? {
         flags[o] ?? propagation(o).map { ($0, 0) }
     }
 
-    static func propagation(_ o: String) -> UInt? { propagations[o] }
+    package static func propagation(_ o: String) -> UInt? { propagations[o] }
 
     /// Options that look like a flag but are none of ours (fs data has "=" or is
     /// filesystem specific; we only refuse obvious typos of the common flags).

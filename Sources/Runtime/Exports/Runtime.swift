@@ -1,0 +1,10 @@
+// Every layer of the runtime in one import, for the tests and the benchmarks in perf/.
+// The daemon's own code never imports this: each layer imports only what it may use.
+@_exported import KuasarOCI
+@_exported import KuasarSystem
+@_exported import KuasarReactor
+@_exported import KuasarWire
+@_exported import KuasarContainer
+@_exported import KuasarSandbox
+@_exported import KuasarNamespace
+@_exported import KuasarServices
