@@ -7,9 +7,8 @@ import PackageDescription
 let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
 let protobuf: Target.Dependency = .product(name: "SwiftProtobuf", package: "swift-protobuf")
 let hpack: Target.Dependency = .product(name: "NIOHPACK", package: "swift-nio-http2")
-/// A layer's members that others use are `package`: visible to the layers above, not
-/// public API. (Swift's default for what a file declares is internal to its layer.)
-let layer: [SwiftSetting] = []
+// A layer's members that the layers above use are `package` (not public API); what a
+// layer keeps to itself stays internal, as Swift declares it by default.
 
 let package = Package(
     name: "kuasar",
@@ -48,27 +47,25 @@ let package = Package(
         // executable (and the Runtime umbrella, for tests and perf/) sees every backend.
         .target(name: "KuasarOCI", path: "Sources/Runtime/OCI"),
         .target(
-            name: "KuasarSystem", dependencies: ["CShims", "KuasarOCI"], path: "Sources/Runtime/System",
-            swiftSettings: layer),
+            name: "KuasarSystem", dependencies: ["CShims", "KuasarOCI"], path: "Sources/Runtime/System"),
         .target(
-            name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor",
-            swiftSettings: layer),
+            name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor"),
         .target(
             name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf, hpack],
-            path: "Sources/Runtime/Wire", swiftSettings: layer),
+            path: "Sources/Runtime/Wire"),
         .target(
             name: "KuasarContainer", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", logging],
-            path: "Sources/Runtime/Container", swiftSettings: layer),
+            path: "Sources/Runtime/Container"),
         .target(
             name: "KuasarSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", logging, protobuf],
-            path: "Sources/Runtime/Sandbox", swiftSettings: layer),
+            path: "Sources/Runtime/Sandbox"),
         .target(
             name: "KuasarNamespace", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
-            path: "Sources/Runtime/Backends/Namespace", swiftSettings: layer),
+            path: "Sources/Runtime/Backends/Namespace"),
         .target(
             name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf,
                                                   .product(name: "TOMLKit", package: "TOMLKit")],
-            path: "Sources/Runtime/Services", swiftSettings: layer),
+            path: "Sources/Runtime/Services"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
             name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarServices"],
