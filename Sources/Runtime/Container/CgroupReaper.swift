@@ -33,7 +33,9 @@ public final class CgroupReaper {
         self.logger = logger
     }
 
-    /// Kills what is left in `cgroup` (and below) and removes it, now or later.
+    /// Kills what is left in `cgroup` and removes it (with any cgroups below it), now or
+    /// later. The first pass kills what the cgroup itself holds, as that is the usual
+    /// case and costs one read; the retries kill through the whole subtree.
     public func remove(_ cgroup: Cgroup, owner: String, kill: Bool = true) {
         if kill { cgroup.killAll() }
         let (busy, error) = cgroup.removeOnce()
@@ -70,7 +72,7 @@ public final class CgroupReaper {
                 continue
             }
             // Something may have been started in it since: kill again.
-            if p.kill { p.cgroup.killAll() }
+            if p.kill { p.cgroup.killAll(subtree: true) }
             still.append(p)
         }
         pending = still

@@ -321,20 +321,25 @@ public final class Cgroup: @unchecked Sendable {
     }
 
     /// Every directory of this cgroup and of the cgroups its processes made below it
-    /// (systemd or a nested runtime in a container does), deepest first.
+    /// (systemd or a nested runtime in a container does), deepest first. Directory
+    /// entries' types come from readdir: no stat per control file.
     public func directoryTree() -> [String] {
         var out: [String] = []
         func walk(_ dir: String) {
-            for name in Files.list(dir) where Files.isDirectory(dir + "/" + name) { walk(dir + "/" + name) }
+            for name in Files.subdirectories(dir) { walk(dir + "/" + name) }
             out.append(dir)
         }
-        for dir in dirs.values where Files.isDirectory(dir) { walk(dir) }
+        for dir in dirs.values { walk(dir) }
         return out.sorted { $0.count > $1.count }
     }
 
-    /// SIGKILLs every process in the cgroup and in the cgroups below it.
-    public func killAll() {
+    /// SIGKILLs every process in the cgroup; `subtree`: in the cgroups below it too.
+    public func killAll(subtree: Bool = false) {
         if mode == .v2, let d = dirs[""], (try? Files.write(d + "/cgroup.kill", "1")) != nil { return }
+        guard subtree else {
+            for pid in processes() { kill(pid, SIGKILL) }
+            return
+        }
         var pids = Set<pid_t>()
         for dir in directoryTree() {
             guard let text = try? Files.readString(dir + "/cgroup.procs") else { continue }
@@ -343,17 +348,28 @@ public final class Cgroup: @unchecked Sendable {
         for pid in pids { kill(pid, SIGKILL) }
     }
 
-    /// One pass at removing the cgroup's directories (and any below them), deepest first;
-    /// never waits. Right after the last exit the kernel may still answer EBUSY for a
-    /// while: `busy` says so, and the caller tries again later (on a timer, not here).
+    /// One pass at removing the cgroup's directories, deepest first; never waits. The
+    /// usual case costs one rmdir per hierarchy; a directory that is busy is looked into
+    /// for cgroups made below it, which go first. Right after the last exit the kernel
+    /// may still answer EBUSY for a while: `busy` says so, and the caller tries again
+    /// later (on a timer, not here).
     public func removeOnce() -> (busy: Bool, error: SystemError?) {
         var busy = false
         var firstError: SystemError?
-        for dir in directoryTree() {
-            if rmdir(dir) == 0 || Errno.current == .ENOENT { continue }
+        func remove(_ dir: String, descend: Bool) {
+            if rmdir(dir) == 0 || Errno.current == .ENOENT { return }
             let e = Errno.current
+            if e == .EBUSY && descend {
+                let below = Files.subdirectories(dir)
+                if !below.isEmpty {
+                    for name in below { remove(dir + "/" + name, descend: true) }
+                    remove(dir, descend: false)
+                    return
+                }
+            }
             if e == .EBUSY { busy = true } else if firstError == nil { firstError = SystemError("rmdir", dir, errno: e) }
         }
+        for dir in dirs.values.sorted(by: { $0.count > $1.count }) { remove(dir, descend: true) }
         return (busy, firstError)
     }
 }

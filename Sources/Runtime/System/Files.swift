@@ -81,6 +81,28 @@ public enum Files {
         return out
     }
 
+    /// Names of the directories in a directory (from readdir's d_type; a file system
+    /// that does not give it is asked with lstat).
+    public static func subdirectories(_ path: String) -> [String] {
+        guard let dir = opendir(path) else { return [] }
+        defer { closedir(dir) }
+        var out: [String] = []
+        while let e = readdir(dir) {
+            let type = e.pointee.d_type
+            guard type == UInt8(DT_DIR) || type == UInt8(DT_UNKNOWN) else { continue }
+            let name = withUnsafeBytes(of: e.pointee.d_name) { raw in
+                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+            }
+            guard name != "." && name != ".." else { continue }
+            if type == UInt8(DT_UNKNOWN) {
+                var st = stat()
+                guard lstat(path + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { continue }
+            }
+            out.append(name)
+        }
+        return out
+    }
+
     /// `rm -rf` that never crosses into another mount (a leftover mount is an error to
     /// report, not something to delete through).
     public static func removeTree(_ path: String) {

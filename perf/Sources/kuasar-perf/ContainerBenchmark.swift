@@ -301,7 +301,7 @@ enum ContainerBenchmark {
         phases = [:]
         rows.append(row("kuasar daemon", try measure(count) { try lifecycle(ours, id: "k\($0)", bundle: bundle) }))
         let ourBreakdown = breakdown()
-        log("  kuasar: p50 \(rows.last!.p50ms) ms (p50 ms per call: \(ourBreakdown))")
+        log("  kuasar: p50 \(rows.last!.p50ms.map { "\($0)" } ?? "-") ms (p50 ms per call: \(ourBreakdown))")
 
         // containerd-shim-runc-v2 + runc, one warm shim for every container.
         var theirBreakdown = "-"

@@ -186,7 +186,7 @@ enum PodBenchmark {
         if let t = try? OneShotClient(path: root + "/floor/task.sock") { removePod(grpc, t, id: "floor") }
         rows.append(ContainerBenchmark.row("transport floor: 4 empty calls + ttrpc dial", floor))
         let perCall = phases.mapValues { v in v.sorted()[v.count / 2] }
-        log("  serial: p50 \(rows[0].p50ms) ms; per call \(perCall)")
+        log("  serial: p50 \(rows[0].p50ms.map { "\($0)" } ?? "-") ms; per call \(perCall)")
 
         // Parallel pods: each client on its own thread and connections, all at once.
         let results = ParallelResults()
@@ -204,7 +204,7 @@ enum PodBenchmark {
         if let e = results.error { log("  parallel: \(e)") }
         rows.append(ContainerBenchmark.row("kuasar pod start, \(parallel) in parallel", results.totals))
         for (id, t) in results.tasks { removePod(grpc, t, id: id) }
-        log("  parallel: p50 \(rows[2].p50ms) ms, wall \(wall) ms")
+        log("  parallel: p50 \(rows[2].p50ms.map { "\($0)" } ?? "-") ms, wall \(wall) ms")
 
         // Memory with N pods (one sleeping container each).
         var memory: [Memory] = []
