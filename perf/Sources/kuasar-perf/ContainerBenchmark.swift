@@ -74,7 +74,7 @@ enum ContainerBenchmark {
         let stderr: String
         var description: String {
             let why = stderr.split(separator: "\n").last.map { String($0.prefix(200)) } ?? ""
-            return "\(command.split(separator: " ").first ?? "") \(status)\(why.isEmpty ? "" : ": " + why)"
+            return "\(status)\(why.isEmpty ? "" : ": " + why)"
         }
     }
 
