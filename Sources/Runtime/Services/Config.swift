@@ -65,7 +65,7 @@ public struct KuasarConfig: Sendable, Equatable {
     # needs the keys it changes. Unknown keys are refused.
 
     [daemon]
-    # The API socket: gRPC (containerd's sandbox Controller) and the health line protocol. Created 0600.
+    # The API socket: gRPC (containerd's sandbox Controller and grpc.health.v1). Created 0600.
     socket = "/run/kuasar/kuasar.sock"
     # State directory: one directory per sandbox (state files, task.sock), admin.sock.
     # Default: the socket's directory.
@@ -79,7 +79,8 @@ public struct KuasarConfig: Sendable, Equatable {
     on_exit = "keep"
 
     # containerd sandboxer (proxy plugin) names and the sandbox kind each one starts.
-    # Kinds: "namespace" (Linux namespaces and cgroups); "vm" and "wasm" are not implemented yet.
+    # Kinds: "namespace" (Linux namespaces and cgroups); "vm" and "wasm" are accepted, but this
+    # build has no backend for them yet: their Controller.Create answers FailedPrecondition.
     [sandboxers]
     kuasar = "namespace"
     kuasar-ns = "namespace"
