@@ -1,4 +1,5 @@
 #include "CShims.h"
+#include <sys/prctl.h>
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
@@ -75,4 +76,8 @@ pid_t ks_gettid(void) { return (pid_t)syscall(SYS_gettid); }
 
 int ks_tgkill(pid_t tgid, pid_t tid, int sig) {
     return syscall(SYS_tgkill, tgid, tid, sig) < 0 ? -errno : 0;
+}
+
+int ks_set_child_subreaper(void) {
+    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 ? 0 : -errno;
 }

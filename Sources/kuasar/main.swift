@@ -7,6 +7,7 @@ import KuasarWire
 import KuasarContainer
 import KuasarSandbox
 import KuasarNamespace
+import KuasarExternal
 import KuasarServices
 
 #if canImport(Glibc)
@@ -86,7 +87,7 @@ struct DaemonCommand: ParsableCommand {
             h.logLevel = level
             return h
         }
-        let daemon = Daemon(options: options, logger: Logger(label: "kuasar.daemon"), backends: Backends.all)
+        let daemon = Daemon(options: options, logger: Logger(label: "kuasar.daemon")) { Backends.all($0, config: options) }
         do {
             try daemon.run()
         } catch {
@@ -176,7 +177,7 @@ struct InfoCommand: ParsableCommand {
         }
         print("sandbox kinds:")
         for kind in KuasarConfig.Kind.allCases {
-            let names = file.sandboxers.filter { $0.value == kind }.keys.sorted()
+            let names = file.sandboxers.filter { $0.value == kind.rawValue }.keys.sorted()
             if !Backends.built.contains(kind.rawValue), let reason = kind.unavailableReason {
                 print("  \(kind.rawValue): not available: \(reason)")
             } else {
@@ -357,7 +358,22 @@ Kuasar.main()
 enum Backends {
     static let built: Set<String> = ["namespace"]
 
-    static func all(_ ctx: BackendContext) -> [SandboxBackend] {
-        [NamespaceBackend(registry: ctx.registry, containers: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+    /// The namespace kind, and one `oci:<name>` kind per configured runtime: the same pods,
+    /// with that runtime running their containers.
+    static func all(_ ctx: BackendContext, config: KuasarConfig) -> [SandboxBackend] {
+        var kinds: [SandboxBackend] = [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+        let used = Set(config.sandboxers.values.filter { $0.hasPrefix(KuasarConfig.ociKindPrefix) })
+        guard !used.isEmpty else { return kinds }
+        // Their containers' inits (and detached execs) become our children when the runtime exits.
+        do { try Signals.becomeChildSubreaper() } catch { ctx.logger.error("OCI runtimes: \(error); their containers cannot be watched") }
+        for (name, r) in config.runtimes.sorted(by: { $0.key < $1.key }) where used.contains(KuasarConfig.ociKindPrefix + name) {
+            let base = ctx.registry.root + "/runtimes/" + name
+            let runtime = OCIRuntime(name: name, path: r.path, root: r.root ?? base, extraArgs: r.extraArgs, workDir: base + ".calls",
+                                     supervisor: ctx.registry.engine.supervisor, reactor: ctx.reactor, logger: ctx.logger)
+            let tasks = OCIRuntimeTasks(runtime: runtime, registry: ctx.registry, logger: ctx.logger)
+            kinds.append(NamespaceBackend(kind: KuasarConfig.ociKindPrefix + name, registry: ctx.registry, tasks: tasks, reactor: ctx.reactor, logger: ctx.logger,
+                                          unavailableReason: { runtime.unavailableReason }))
+        }
+        return kinds
     }
 }

@@ -9,6 +9,7 @@ import SwiftProtobuf
 @testable import KuasarContainer
 @testable import KuasarSandbox
 @testable import KuasarNamespace
+@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc
@@ -65,7 +66,7 @@ extension AllTests {
             engine = try ContainerEngine(reactor: reactor, supervisor: supervisor)
             registry = SandboxRegistry(root: root, engine: engine, logger: .init(label: "seam"))
             tasks = TaskService(registry: registry, reactor: reactor, logger: .init(label: "seam"))
-            let ns = NamespaceBackend(registry: registry, containers: tasks.containers, reactor: reactor, logger: .init(label: "seam"))
+            let ns = NamespaceBackend(registry: registry, tasks: tasks.containers, reactor: reactor, logger: .init(label: "seam"))
             controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: .init(label: "seam"), backends: [ns, toy])
             controller.sandboxers = ["kuasar": "namespace", "toy": "toy", "kuasar-vm": "vm"]
             controller.eventsAddress = ""

@@ -9,6 +9,7 @@ import SwiftProtobuf
 @testable import KuasarContainer
 @testable import KuasarSandbox
 @testable import KuasarNamespace
+@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc

@@ -9,6 +9,7 @@ import SwiftProtobuf
 @testable import KuasarContainer
 @testable import KuasarSandbox
 @testable import KuasarNamespace
+@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc
@@ -76,16 +77,16 @@ extension AllTests {
         }
 
         /// Controller Create + Start of a pod; returns the pid Start answered and the Task address.
-        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig) throws -> (pid: pid_t, address: String) {
+        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar") throws -> (pid: pid_t, address: String) {
             var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
             create.sandboxID = id
-            create.sandboxer = "kuasar"
+            create.sandboxer = sandboxer
             create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
             create.options.value = try config.serializedData()
             _ = try call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)
             var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
             start.sandboxID = id
-            start.sandboxer = "kuasar"
+            start.sandboxer = sandboxer
             let started = try call("Start", start, Containerd_Services_Sandbox_V1_ControllerStartResponse.self)
             return (pid_t(started.pid), String(started.address.dropFirst("ttrpc+unix://".count)))
         }

@@ -9,6 +9,7 @@ import SwiftProtobuf
 @testable import KuasarContainer
 @testable import KuasarSandbox
 @testable import KuasarNamespace
+@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc
@@ -378,15 +379,22 @@ extension AllTests {
     @Test func configurationFileIsCheckedAtStart() throws {
         #expect(try KuasarConfig.parse(KuasarConfig.defaultText) == KuasarConfig(), "the printed defaults are the defaults")
         let c = try KuasarConfig.parse("[daemon]\non_exit = \"stop\"\nreactor = \"epoll\"\n[sandboxers]\nmine = \"namespace\"\n")
-        #expect(c.onExit == .stop && c.reactor == .epoll && c.sandboxers == ["mine": .namespace])
+        #expect(c.onExit == .stop && c.reactor == .epoll && c.sandboxers == ["mine": "namespace"])
+        let oci = try KuasarConfig.parse("[sandboxers]\nkuasar-crun = \"oci:crun\"\n[runtimes.crun]\npath = \"/usr/bin/crun\"\nextra_args = [\"--debug\"]\n")
+        #expect(oci.sandboxers == ["kuasar-crun": "oci:crun"] && oci.runtimes["crun"] == .init(path: "/usr/bin/crun", extraArgs: ["--debug"]))
         // A kind this build lacks is a valid config: its Controller.Create says why it cannot serve.
-        #expect(try KuasarConfig.parse("[sandboxers]\nkuasar-vm = \"vm\"\n").sandboxers == ["kuasar-vm": .vm])
+        #expect(try KuasarConfig.parse("[sandboxers]\nkuasar-vm = \"vm\"\n").sandboxers == ["kuasar-vm": "vm"])
         let bad: [(String, String)] = [
             ("[daemon]\nsockets = \"/x\"\n", "unknown key [daemon] sockets"),
             ("[daemon]\non_exit = \"later\"\n", "[daemon] on_exit: \"later\" is not one of keep, stop"),
             ("[daemon]\nsocket = 3\n", "[daemon] socket must be a string"),
             ("[daemon]\nsocket = \"relative.sock\"\n", "[daemon] socket must be an absolute path"),
-            ("[sandboxers]\nvm = \"qemu\"\n", "[sandboxers] vm: \"qemu\" is not one of namespace, vm, wasm"),
+            ("[sandboxers]\nvm = \"qemu\"\n", "[sandboxers] vm: \"qemu\" is not one of namespace, vm, wasm, oci:<runtime>"),
+            ("[sandboxers]\nk = \"oci:crun\"\n", "[sandboxers] k = \"oci:crun\": no [runtimes.crun] table"),
+            ("[runtimes.crun]\npath = \"crun\"\n", "[runtimes.crun] path must be an absolute path"),
+            ("[runtimes.crun]\nroot = \"/r\"\n", "[runtimes.crun] needs path"),
+            ("[runtimes.crun]\npath = \"/c\"\nargs = []\n", "unknown key [runtimes.crun] args"),
+            ("[runtimes.crun]\npath = \"/c\"\nextra_args = [1]\n", "extra_args must be an array of strings"),
             ("[namespace]\ncgroup_parent = \"../escape\"\n", "cgroup_parent must be a relative path"),
             ("[mystery]\n", "unknown section [mystery]"),
             ("daemon = = 1", "line 1"),

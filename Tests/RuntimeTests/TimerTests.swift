@@ -8,6 +8,7 @@ import Synchronization
 @testable import KuasarContainer
 @testable import KuasarSandbox
 @testable import KuasarNamespace
+@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc

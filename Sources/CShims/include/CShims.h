@@ -240,6 +240,10 @@ int ks_vsock_connect(int fd, uint32_t cid, uint32_t port);
 int ks_af_vsock(void);
 /// The pid of a unix socket's peer (SO_PEERCRED), 0 if unknown.
 pid_t ks_peer_pid(int fd);
+
+// prctl(PR_SET_CHILD_SUBREAPER, 1): orphans of our descendants (an OCI runtime's
+// container init once the runtime exits) become our children. 0 or -errno.
+int ks_set_child_subreaper(void);
 /// accept4(SOCK_NONBLOCK | SOCK_CLOEXEC): the new fd or -errno (-EAGAIN when none).
 int ks_accept(int fd);
 /// pipe2(O_CLOEXEC [| O_NONBLOCK]) into fds[0] (read) and fds[1] (write).

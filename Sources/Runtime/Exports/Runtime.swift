@@ -7,4 +7,5 @@
 @_exported import KuasarContainer
 @_exported import KuasarSandbox
 @_exported import KuasarNamespace
+@_exported import KuasarExternal
 @_exported import KuasarServices

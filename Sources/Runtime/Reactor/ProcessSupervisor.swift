@@ -94,8 +94,22 @@ public final class ProcessSupervisor {
         if children[child.pid] === child { children[child.pid] = nil }
     }
 
+    /// While positive, exited children that are not supervised are left as zombies: an
+    /// OCI runtime's detached process may exit before its pid file is read and it is
+    /// adopted, and reaping it as a stray would lose its status. Release with `releaseStrays`.
+    public private(set) var strayHolds = 0
+
+    public func holdStrays() { strayHolds += 1 }
+
+    public func releaseStrays() {
+        strayHolds -= 1
+        if strayHolds == 0 { reapStrays() }
+    }
+
     /// Reaps exited children that are not supervised here. Wire it to SIGCHLD.
     public func reapStrays() {
+        // Supervised children are collected through their pidfds either way.
+        guard strayHolds == 0 else { return }
         while let pid = ChildReaper.peekExited() {
             if let child = children[pid] {
                 collect(child)

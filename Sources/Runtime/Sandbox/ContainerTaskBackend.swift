@@ -131,7 +131,7 @@ public final class ContainerTaskBackend: TaskBackend {
         if r.execID.isEmpty { c.start(answer) } else { c.startExec(try process(c, r.execID), answer) }
     }
 
-    public func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox) throws {
+    public func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         let c = try container(r.id, sandbox)
         try Identifier.validate(r.execID, what: "exec")
         let process: OCISpec.Process
@@ -141,6 +141,7 @@ public final class ContainerTaskBackend: TaskBackend {
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
         _ = try c.exec(id: r.execID, process: process, stdio: stdio)
+        reply(.success(()))
     }
 
     // MARK: Delete and State
@@ -210,30 +211,33 @@ public final class ContainerTaskBackend: TaskBackend {
 
     // MARK: the rest
 
-    public func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_PidsResponse {
+    public func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
         let c = try container(r.id, sandbox)
         var resp = Containerd_Task_V2_PidsResponse()
         resp.processes = c.pids().map { var p = Containerd_V1_Types_ProcessInfo(); p.pid = UInt32($0); return p }
-        return resp
+        reply(.success(resp))
     }
 
-    public func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox) throws {
+    public func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         try container(r.id, sandbox).pause()
         registry.save(sandbox)
+        reply(.success(()))
     }
 
-    public func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox) throws {
+    public func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         try container(r.id, sandbox).resume()
         registry.save(sandbox)
+        reply(.success(()))
     }
 
-    public func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox) throws {
+    public func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         let c = try container(r.id, sandbox)
         if r.execID.isEmpty {
             try c.kill(signal: Int32(bitPattern: r.signal), all: r.all)
         } else {
             try process(c, r.execID).signal(Int32(bitPattern: r.signal))
         }
+        reply(.success(()))
     }
 
     public func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in sandbox: Sandbox) throws {
@@ -245,13 +249,14 @@ public final class ContainerTaskBackend: TaskBackend {
         if r.stdin { p.io.closeStdin() }
     }
 
-    public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox) throws {
+    public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         let c = try container(r.id, sandbox)
         let res: OCISpec.Resources
         do { res = try JSONDecoder().decode(OCISpec.Resources.self, from: r.resources.value) } catch {
             throw RPCError(.invalidArgument, "update \(r.id): resources are not OCI LinuxResources JSON: \(error)")
         }
         try c.update(res)
+        reply(.success(()))
     }
 
     public func wait(_ r: Containerd_Task_V2_WaitRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
@@ -266,12 +271,47 @@ public final class ContainerTaskBackend: TaskBackend {
         return { [weak p] in p?.cancelWait(token) }
     }
 
-    public func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StatsResponse {
+    public func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws {
         let c = try container(r.id, sandbox)
         guard let cg = c.cgroup else { throw RPCError(.failedPrecondition, "container \(r.id) has no cgroup to read stats from") }
         var resp = Containerd_Task_V2_StatsResponse()
         resp.stats = try CgroupMetrics.any(cg)
-        return resp
+        reply(.success(resp))
+    }
+
+    public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
+        let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
+        guard !running.isEmpty else { done(); return }
+        for c in running {
+            if c.state == .paused { try? c.resume() }
+            try? c.kill(signal: timeoutSecs == 0 ? SIGKILL : SIGTERM, all: false)
+        }
+        var remaining = running.count
+        var timer: TimerID?
+        let reactor = engine.reactor
+        for c in running {
+            c.initProcess.wait { _, _ in
+                remaining -= 1
+                guard remaining == 0 else { return }
+                if let timer { reactor.cancel(timer) }
+                done()
+            }
+        }
+        if timeoutSecs > 0 {
+            timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
+                for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
+            }
+        }
+    }
+
+    public func killAll(in s: Sandbox) {
+        for c in s.containers.values where c.state == .running || c.state == .paused || c.state == .created {
+            try? c.kill(signal: SIGKILL, all: true)
+        }
+    }
+
+    public func release(_ s: Sandbox) {
+        for c in s.containers.values { c.destroy() }
     }
 }
 

@@ -260,7 +260,7 @@ public final class SandboxRegistry {
 
     /// Forgets a sandbox with no containers left and removes its state directory.
     public func remove(_ sandbox: Sandbox) {
-        for c in sandbox.containers.values { c.destroy() }
+        if let tasks = sandbox.taskBackend { tasks.release(sandbox) } else { for c in sandbox.containers.values { c.destroy() } }
         if sandbox.holderPidfd >= 0 { try? sendSignal(pidfd: sandbox.holderPidfd, SIGKILL) }
         if sandbox.hasShm { try? Mounts.unmount(sandbox.shmDir, lazy: true); sandbox.hasShm = false }
         PinnedNamespaces.release(sandbox.pinned, ownedUnder: sandbox.stateDir)

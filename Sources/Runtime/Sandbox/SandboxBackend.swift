@@ -93,23 +93,32 @@ public protocol TaskBackend: AnyObject {
     func create(_ r: Containerd_Task_V2_CreateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws
     func start(_ r: Containerd_Task_V2_StartRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws
     func delete(_ r: Containerd_Task_V2_DeleteRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws
-    func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox) throws
+    /// The calls below may need a process of their own (an external runtime's): each
+    /// answers through `reply`, at once or later.
+    func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws
     func state(_ r: Containerd_Task_V2_StateRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StateResponse
-    func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_PidsResponse
-    func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox) throws
-    func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox) throws
-    func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox) throws
+    func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws
+    func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws
+    func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws
+    func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws
     func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in sandbox: Sandbox) throws
     func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in sandbox: Sandbox) throws
-    func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox) throws
+    func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws
     /// Answers once the process has exited; returns what cancels the wait (a client that
     /// went away), nil when it was answered at once.
     func wait(_ r: Containerd_Task_V2_WaitRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)?
-    func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StatsResponse
+    func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws
     /// The pid of the task's init, for Connect (0: none).
     func taskPid(_ id: String, in sandbox: Sandbox) -> UInt32
     /// True when the sandbox runs no container (Task.Shutdown may then end a shim-path sandbox).
     func isEmpty(_ sandbox: Sandbox) -> Bool
+    /// Controller.Stop: every container gets SIGTERM (SIGKILL when `timeoutSecs` is 0),
+    /// SIGKILL after `timeoutSecs`; `done` once all have exited.
+    func stopAll(in sandbox: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void)
+    /// SIGKILL to everything the sandbox runs (its pod ended, Shutdown).
+    func killAll(in sandbox: Sandbox)
+    /// The sandbox is being removed: release what its containers hold.
+    func release(_ sandbox: Sandbox)
 }
 
 /// Where task events go (the Task service publishes them to containerd).

@@ -42,8 +42,27 @@ public struct KuasarConfig: Sendable, Equatable {
     public var reactor: BackendKind?
     public var logLevel = "info"
     public var onExit = OnExit.keep
-    /// containerd's sandboxer (proxy plugin) names → sandbox kind.
-    public var sandboxers: [String: Kind] = ["kuasar": .namespace, "kuasar-ns": .namespace, "namespace": .namespace]
+    /// containerd's sandboxer (proxy plugin) names → sandbox kind: a `Kind`'s name, or
+    /// `oci:<runtime>` for pods whose containers an external OCI runtime of `runtimes` runs.
+    public var sandboxers: [String: String] = ["kuasar": "namespace", "kuasar-ns": "namespace", "namespace": "namespace"]
+    /// External OCI runtimes ([runtimes.<name>]), by name.
+    public var runtimes: [String: OCIRuntimeConfig] = [:]
+
+    /// One `[runtimes.<name>]` table: an OCI runtime command line (runc, crun, runsc, youki).
+    public struct OCIRuntimeConfig: Sendable, Equatable {
+        public var path: String
+        /// Its `--root` (state directory); nil: `<daemon root>/runtimes/<name>`.
+        public var root: String?
+        public var extraArgs: [String] = []
+        public init(path: String, root: String? = nil, extraArgs: [String] = []) {
+            self.path = path
+            self.root = root
+            self.extraArgs = extraArgs
+        }
+    }
+
+    /// The kind prefix of a sandboxer served by an external OCI runtime.
+    public static let ociKindPrefix = "oci:"
     /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
     public var cgroupParent = "kuasar"
     /// containerd's ttrpc address, where events of sandboxes made through the Controller go.
@@ -86,6 +105,13 @@ public struct KuasarConfig: Sendable, Equatable {
     kuasar-ns = "namespace"
     namespace = "namespace"
 
+    # An external OCI runtime runs a sandboxer's containers (the daemon still makes the pod):
+    # [runtimes.crun]
+    # path = "/usr/bin/crun"           # required
+    # root = "/run/kuasar/runtimes/crun"  # its --root; default <root>/runtimes/<name>
+    # extra_args = []                  # given before the subcommand
+    # and in [sandboxers]: kuasar-crun = "oci:crun"
+
     [namespace]
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
     cgroup_parent = "kuasar"
@@ -114,17 +140,25 @@ public struct KuasarConfig: Sendable, Equatable {
         var c = KuasarConfig()
         for key in table.keys {
             guard let section = table[key]?.table else {
-                if ["daemon", "sandboxers", "namespace", "containerd"].contains(key) {
+                if Self.sections.contains(key) {
                     throw Error("\(origin): \(key) must be a table ([\(key)])")
                 }
-                throw Error("\(origin): unknown key \"\(key)\" (sections: daemon, sandboxers, namespace, containerd)")
+                throw Error("\(origin): unknown key \"\(key)\" (sections: \(Self.sections.joined(separator: ", ")))")
             }
             switch key {
             case "daemon": try c.applyDaemon(section, origin)
             case "sandboxers": try c.applySandboxers(section, origin)
             case "namespace": try c.applyNamespace(section, origin)
             case "containerd": try c.applyContainerd(section, origin)
-            default: throw Error("\(origin): unknown section [\(key)] (sections: daemon, sandboxers, namespace, containerd)")
+            case "runtimes": try c.applyRuntimes(section, origin)
+            default: throw Error("\(origin): unknown section [\(key)] (sections: \(Self.sections.joined(separator: ", ")))")
+            }
+        }
+        // Checked once every section is read: [runtimes] may come after [sandboxers].
+        for (name, kind) in c.sandboxers.sorted(by: { $0.key < $1.key }) where kind.hasPrefix(Self.ociKindPrefix) {
+            let runtime = String(kind.dropFirst(Self.ociKindPrefix.count))
+            guard c.runtimes[runtime] != nil else {
+                throw Error("\(origin): [sandboxers] \(name) = \"\(kind)\": no [runtimes.\(runtime)] table (runtimes: \(c.runtimes.keys.sorted().joined(separator: ", ")))")
             }
         }
         return c
@@ -172,13 +206,52 @@ public struct KuasarConfig: Sendable, Equatable {
         }
     }
 
+    static let sections = ["daemon", "sandboxers", "namespace", "containerd", "runtimes"]
+
     private mutating func applySandboxers(_ t: TOMLTable, _ origin: String) throws(Error) {
-        var map: [String: Kind] = [:]
+        var map: [String: String] = [:]
         for name in t.keys {
-            let kind: Kind = try Self.choice(try Self.string(t, "sandboxers", name, origin), "sandboxers", name, origin)
-            map[name] = kind
+            let v = try Self.string(t, "sandboxers", name, origin)
+            if v.hasPrefix(Self.ociKindPrefix) && v.count > Self.ociKindPrefix.count {
+                map[name] = v
+                continue
+            }
+            guard Kind(rawValue: v) != nil else {
+                throw Error("\(origin): [sandboxers] \(name): \"\(v)\" is not one of \(Kind.allCases.map(\.rawValue).joined(separator: ", ")), oci:<runtime>")
+            }
+            map[name] = v
         }
         sandboxers = map
+    }
+
+    private mutating func applyRuntimes(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for name in t.keys {
+            let section = "runtimes.\(name)"
+            guard let r = t[name]?.table else { throw Error("\(origin): [\(section)] must be a table") }
+            guard (try? Identifier.validate(name, what: "runtime")) != nil else {
+                throw Error("\(origin): [\(section)]: a runtime name is letters, digits, '_', '-' and '.'")
+            }
+            var path: String?
+            var config = OCIRuntimeConfig(path: "")
+            for key in r.keys {
+                switch key {
+                case "path", "root":
+                    let v = try Self.string(r, section, key, origin)
+                    guard v.hasPrefix("/") else { throw Error("\(origin): [\(section)] \(key) must be an absolute path, not \"\(v)\"") }
+                    if key == "path" { path = v } else { config.root = v }
+                case "extra_args":
+                    guard let a = r[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
+                        throw Error("\(origin): [\(section)] extra_args must be an array of strings")
+                    }
+                    config.extraArgs = args
+                default:
+                    throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, root, extra_args)")
+                }
+            }
+            guard let path else { throw Error("\(origin): [\(section)] needs path (the runtime binary)") }
+            config.path = path
+            runtimes[name] = config
+        }
     }
 
     private mutating func applyNamespace(_ t: TOMLTable, _ origin: String) throws(Error) {

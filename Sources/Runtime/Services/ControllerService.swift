@@ -19,7 +19,7 @@ public final class ControllerService {
     public static let service = "containerd.services.sandbox.v1.Controller"
     /// Sandboxer names (containerd's proxy plugin names) → kind, from the config; an
     /// empty name (an older client) means the namespace kind.
-    public var sandboxers: [String: String] = KuasarConfig().sandboxers.mapValues(\.rawValue)
+    public var sandboxers: [String: String] = KuasarConfig().sandboxers
     /// containerd's ttrpc socket ([containerd] address): where task events of the
     /// sandboxes made here are published.
     public var eventsAddress = KuasarConfig().containerdAddress

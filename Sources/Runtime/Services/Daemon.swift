@@ -96,7 +96,7 @@ public final class Daemon {
         let grpc = GRPCServer(reactor: reactor, logger: logger)
         let backends = makeBackends(BackendContext(registry: registry, containers: tasks.containers, reactor: reactor, logger: logger))
         let controller = ControllerService(registry: registry, tasks: tasks, reactor: reactor, logger: logger, backends: backends)
-        controller.sandboxers = options.sandboxers.mapValues(\.rawValue)
+        controller.sandboxers = options.sandboxers
         controller.eventsAddress = options.containerdAddress
         controller.register(on: grpc)
         self.controller = controller

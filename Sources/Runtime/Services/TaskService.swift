@@ -159,30 +159,36 @@ public final class TaskService: TaskEventSink {
             })
         }
         unary("State") { (call: TTRPCServerCall, r: Containerd_Task_V2_StateRequest) in call.respond(try b.state(r, in: sandbox)) }
-        unary("Pids") { (call: TTRPCServerCall, r: Containerd_Task_V2_PidsRequest) in call.respond(try b.pids(r, in: sandbox)) }
+        /// A call answered with Empty once the backend is done.
+        func empty(_ call: TTRPCServerCall, then after: @escaping () -> Void = {}) -> (Result<Void, RPCError>) -> Void {
+            { result in
+                switch result {
+                case .failure(let e): call.fail(e)
+                case .success: call.respond(Google_Protobuf_Empty()); after()
+                }
+            }
+        }
+        unary("Pids") { (call: TTRPCServerCall, r: Containerd_Task_V2_PidsRequest) in try b.pids(r, in: sandbox, reply: answer(call)) }
         unary("Pause") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_PauseRequest) in
-            try b.pause(r, in: sandbox)
-            call.respond(Google_Protobuf_Empty())
-            var e = Containerd_Events_TaskPaused(); e.containerID = r.id
-            self.publish(sandbox, "/tasks/paused", e)
+            try b.pause(r, in: sandbox, reply: empty(call) {
+                var e = Containerd_Events_TaskPaused(); e.containerID = r.id
+                self.publish(sandbox, "/tasks/paused", e)
+            })
         }
         unary("Resume") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_ResumeRequest) in
-            try b.resume(r, in: sandbox)
-            call.respond(Google_Protobuf_Empty())
-            var e = Containerd_Events_TaskResumed(); e.containerID = r.id
-            self.publish(sandbox, "/tasks/resumed", e)
+            try b.resume(r, in: sandbox, reply: empty(call) {
+                var e = Containerd_Events_TaskResumed(); e.containerID = r.id
+                self.publish(sandbox, "/tasks/resumed", e)
+            })
         }
-        unary("Kill") { (call: TTRPCServerCall, r: Containerd_Task_V2_KillRequest) in
-            try b.kill(r, in: sandbox)
-            call.respond(Google_Protobuf_Empty())
-        }
+        unary("Kill") { (call: TTRPCServerCall, r: Containerd_Task_V2_KillRequest) in try b.kill(r, in: sandbox, reply: empty(call)) }
         unary("Exec") { [unowned self] (call: TTRPCServerCall, r: Containerd_Task_V2_ExecProcessRequest) in
-            try b.exec(r, in: sandbox)
-            call.respond(Google_Protobuf_Empty())
-            var e = Containerd_Events_TaskExecAdded()
-            e.containerID = r.id
-            e.execID = r.execID
-            self.publish(sandbox, "/tasks/exec-added", e)
+            try b.exec(r, in: sandbox, reply: empty(call) {
+                var e = Containerd_Events_TaskExecAdded()
+                e.containerID = r.id
+                e.execID = r.execID
+                self.publish(sandbox, "/tasks/exec-added", e)
+            })
         }
         unary("ResizePty") { (call: TTRPCServerCall, r: Containerd_Task_V2_ResizePtyRequest) in
             try b.resizePty(r, in: sandbox)
@@ -192,15 +198,12 @@ public final class TaskService: TaskEventSink {
             try b.closeIO(r, in: sandbox)
             call.respond(Google_Protobuf_Empty())
         }
-        unary("Update") { (call: TTRPCServerCall, r: Containerd_Task_V2_UpdateTaskRequest) in
-            try b.update(r, in: sandbox)
-            call.respond(Google_Protobuf_Empty())
-        }
+        unary("Update") { (call: TTRPCServerCall, r: Containerd_Task_V2_UpdateTaskRequest) in try b.update(r, in: sandbox, reply: empty(call)) }
         unary("Wait") { (call: TTRPCServerCall, r: Containerd_Task_V2_WaitRequest) in
             // A client that disconnects (or whose deadline passes) stops waiting.
             if let cancel = try b.wait(r, in: sandbox, reply: answer(call)) { call.onCancel = { _ in cancel() } }
         }
-        unary("Stats") { (call: TTRPCServerCall, r: Containerd_Task_V2_StatsRequest) in call.respond(try b.stats(r, in: sandbox)) }
+        unary("Stats") { (call: TTRPCServerCall, r: Containerd_Task_V2_StatsRequest) in try b.stats(r, in: sandbox, reply: answer(call)) }
         unary("Connect") { (call: TTRPCServerCall, r: Containerd_Task_V2_ConnectRequest) in
             var resp = Containerd_Task_V2_ConnectResponse()
             resp.shimPid = UInt32(getpid())

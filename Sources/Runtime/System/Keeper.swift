@@ -46,6 +46,13 @@ public struct ExitRecords: Sendable {
     /// The start time of a live process (0 when it is gone).
     public static func startTime(of pid: pid_t) -> UInt64 { UInt64(ks_proc_starttime(pid)) }
 
+    /// A process's parent (field 4 of /proc/<pid>/stat), 0 when it is gone.
+    public static func parent(of pid: pid_t) -> pid_t {
+        guard let stat = try? Files.readString("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        return fields.count > 1 ? pid_t(fields[1]) ?? 0 : 0
+    }
+
     /// The file name of a process's record.
     public static func name(pid: pid_t, startTime: UInt64) -> String { "\(pid)-\(startTime)" }
 

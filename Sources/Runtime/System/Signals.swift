@@ -20,6 +20,14 @@ public enum Signals {
         OwnedFD(adopting: try shim("signalfd") { ks_signalfd(-1, signals, Int32(signals.count)) })
     }
 
+    /// Makes this process its descendants' subreaper: what an OCI runtime forks and leaves
+    /// behind (a container's init, a detached exec) becomes our child, to be watched by
+    /// pidfd and reaped here.
+    public static func becomeChildSubreaper() throws(SystemError) {
+        let rc = ks_set_child_subreaper()
+        if rc < 0 { throw SystemError("prctl(PR_SET_CHILD_SUBREAPER)", nil, errno: Errno(rawValue: -rc)) }
+    }
+
     /// SIGPIPE would kill the daemon on a write to a closed socket; EPIPE is enough.
     public static func ignoreSIGPIPE() {
         _ = ks_ignore_signal(SIGPIPE)

@@ -16,18 +16,24 @@ import KuasarSandbox
 /// and /dev/shm, and a cgroup parent; its containers are Linux containers of the OCI
 /// engine, served by the daemon's Task API.
 public final class NamespaceBackend: SandboxBackend {
-    public let kind = "namespace"
-    public var unavailableReason: String? { nil }
+    public let kind: String
+    public var unavailableReason: String? { whyUnavailable() }
+    private let whyUnavailable: () -> String?
     public var onSandboxExit: ((Sandbox, ExitStatus?) -> Void)?
 
     let registry: SandboxRegistry
-    let containers: ContainerTaskBackend
+    /// What runs the pods' containers: the OCI engine, or (kind `oci:<runtime>`) an
+    /// external OCI runtime. The pod itself is the same either way.
+    let tasks: TaskBackend
     let reactor: Reactor
     let logger: Logger
 
-    public init(registry: SandboxRegistry, containers: ContainerTaskBackend, reactor: Reactor, logger: Logger) {
+    public init(kind: String = "namespace", registry: SandboxRegistry, tasks: TaskBackend, reactor: Reactor, logger: Logger,
+                unavailableReason: @escaping () -> String? = { nil }) {
+        self.kind = kind
+        whyUnavailable = unavailableReason
         self.registry = registry
-        self.containers = containers
+        self.tasks = tasks
         self.reactor = reactor
         self.logger = logger
     }
@@ -53,7 +59,7 @@ public final class NamespaceBackend: SandboxBackend {
     }
 
     public func start(_ s: Sandbox, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
-        done(.success(.tasks(containers)))
+        done(.success(.tasks(tasks)))
         // The sandbox's cgroup parent, made while containerd dials the Task API (its
         // first Task.Create then only makes the container's own directories).
         if let host = registry.engine.cgroups {
@@ -65,29 +71,9 @@ public final class NamespaceBackend: SandboxBackend {
     }
 
     public func stop(_ s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
-        let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
-        guard !running.isEmpty else {
-            stopHolder(s, then: done)
-            return
-        }
-        for c in running {
-            if c.state == .paused { try? c.resume() }
-            try? c.kill(signal: timeoutSecs == 0 ? SIGKILL : SIGTERM, all: false)
-        }
-        var remaining = running.count
-        var timer: TimerID?
-        for c in running {
-            c.initProcess.wait { [weak self] _, _ in
-                remaining -= 1
-                guard remaining == 0, let self else { return }
-                if let timer { self.reactor.cancel(timer) }
-                self.stopHolder(s, then: done)
-            }
-        }
-        if timeoutSecs > 0 {
-            timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
-                for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
-            }
+        tasks.stopAll(in: s, timeoutSecs: timeoutSecs) { [weak self, weak s] in
+            guard let self, let s else { done(); return }
+            self.stopHolder(s, then: done)
         }
     }
 
@@ -115,16 +101,14 @@ public final class NamespaceBackend: SandboxBackend {
         if !s.holderStopping && s.state != .stopped {
             logger.warning("sandbox \(s.id): its holder \(s.holder?.pid ?? 0) ended (\(status.map { "\($0)" } ?? "status unknown")); the pod is stopped")
         }
-        for c in s.containers.values where c.state == .running || c.state == .paused || c.state == .created {
-            try? c.kill(signal: SIGKILL, all: true)
-        }
+        tasks.killAll(in: s)
         onSandboxExit?(s, status ?? .exited(255))
     }
 
     public func shutdown(_ s: Sandbox) {
         // The holder, the pins, /dev/shm and the cgroup parent go with the registry's
         // remove, which the shim path shares.
-        for c in s.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+        tasks.killAll(in: s)
     }
 
     public func update(_ s: Sandbox, resources: OCISpec.Resources) throws {

@@ -1,0 +1,467 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+
+/// The Task API of pods whose containers an external OCI runtime runs (`oci:<runtime>`
+/// sandboxers): `create --bundle --pid-file`, `start`, `exec --detach --pid-file`,
+/// `kill`, `pause`/`resume`, `update --resources`, `delete --force`. The daemon is the
+/// runtime's child subreaper, so each container's init (and each detached exec) becomes
+/// its child once the runtime exits: watched by pidfd, reaped here, its output written by
+/// the container straight into containerd's FIFOs, its exit reported after that output.
+///
+/// Each container gets a bundle of its own under the pod's state directory: containerd's
+/// spec as the pod adapts it (the pod's namespaces by their pinned files, its hostname,
+/// hosts and resolv.conf), with an absolute root path.
+public final class OCIRuntimeTasks: TaskBackend {
+    public weak var events: TaskEventSink?
+    let runtime: OCIRuntime
+    let registry: SandboxRegistry
+    let logger: Logger
+    var reactor: Reactor { runtime.reactor }
+
+    /// A process the runtime started: a container's init or one of its execs.
+    final class Process {
+        let execID: String
+        var pid: pid_t = 0
+        var pidfd: Int32 = -1
+        var exited: (ExitStatus, WallTime)?
+        var waiters = WaiterList<(ExitStatus, WallTime)>()
+        let io: ProcessIO
+        let stdio: StdioPaths
+        var started = false
+        init(execID: String, io: ProcessIO, stdio: StdioPaths) { self.execID = execID; self.io = io; self.stdio = stdio }
+    }
+
+    final class Task {
+        let id: String
+        let bundle: String
+        let ownBundle: String
+        let rootfs: String
+        var mounted = 0
+        let initProcess: Process
+        var execs: [String: Process] = [:]
+        var paused = false
+        init(id: String, bundle: String, ownBundle: String, rootfs: String, initProcess: Process) {
+            self.id = id; self.bundle = bundle; self.ownBundle = ownBundle; self.rootfs = rootfs; self.initProcess = initProcess
+        }
+    }
+
+    /// sandbox id → container id → task.
+    private var tasks: [String: [String: Task]] = [:]
+    private var pending: [String: Set<String>] = [:]
+
+    public init(runtime: OCIRuntime, registry: SandboxRegistry, logger: Logger) {
+        self.runtime = runtime
+        self.registry = registry
+        self.logger = logger
+    }
+
+    func task(_ id: String, _ s: Sandbox) throws -> Task {
+        guard let t = tasks[s.id]?[id] else { throw RPCError(.notFound, "container \(id) not found in sandbox \(s.id)") }
+        return t
+    }
+
+    func process(_ t: Task, _ execID: String) throws -> Process {
+        if execID.isEmpty { return t.initProcess }
+        guard let p = t.execs[execID] else { throw RPCError(.notFound, "exec \(execID) not found in container \(t.id)") }
+        return p
+    }
+
+    public func isEmpty(_ s: Sandbox) -> Bool { (tasks[s.id] ?? [:]).isEmpty }
+    public func taskPid(_ id: String, in s: Sandbox) -> UInt32 { tasks[s.id]?[id].map { UInt32($0.initProcess.pid) } ?? 0 }
+
+    // MARK: Create, Start
+
+    public func create(_ r: Containerd_Task_V2_CreateTaskRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
+        guard runtime.specVersion != nil else {
+            // First, once: which spec versions the runtime takes.
+            try Identifier.validate(r.id, what: "container")
+            runtime.withSpecVersion { [weak self] _ in
+                guard let self else { return }
+                do { try self.create(r, in: s, reply: reply) } catch { reply(.failure(RPCError.from(error))) }
+            }
+            return
+        }
+        try Identifier.validate(r.id, what: "container")
+        guard tasks[s.id]?[r.id] == nil, !(pending[s.id]?.contains(r.id) ?? false) else {
+            throw RPCError(.alreadyExists, "container \(r.id) already exists")
+        }
+        if r.terminal { throw RPCError(.unimplemented, "a terminal for \(runtime.name) containers (--console-socket) is not supported yet") }
+        guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
+        var spec = try s.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
+        guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
+        let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath
+        spec.root?.path = rootfs
+        try spec.validate()
+        if let max = runtime.specVersion ?? nil {
+            let v = OCIRuntime.version(spec.ociVersion, within: max)
+            if v != spec.ociVersion {
+                logger.debug("container \(r.id): spec \(spec.ociVersion) written as \(v), the newest \(runtime.name) takes")
+                spec.ociVersion = v
+            }
+        }
+        let ownBundle = s.stateDir + "/" + r.id
+        try makeDirectories(ownBundle, mode: 0o700)
+        do {
+            try Files.writeAtomically(ownBundle + "/config.json", Array(try JSONEncoder().encode(spec)), mode: 0o600)
+        } catch {
+            Files.removeTree(ownBundle)
+            throw RPCError(.internal, "container \(r.id): its bundle: \(error)")
+        }
+        var mounted = 0
+        for (i, m) in r.rootfs.enumerated() {
+            do { try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs) } catch {
+                for _ in 0..<i { try? Mounts.unmount(rootfs, lazy: true) }
+                Files.removeTree(ownBundle)
+                if let e = error as? RPCError { throw e }
+                throw RPCError(.invalidArgument, "rootfs mount \(i + 1) of \(r.rootfs.count) (\(m.type) \(m.source)): \(error)")
+            }
+            mounted += 1
+        }
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: false)
+        stdio.containerID = r.id
+        stdio.namespace = s.namespace
+        let io: ProcessIO
+        do { io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor) } catch {
+            for _ in 0..<mounted { try? Mounts.unmount(rootfs, lazy: true) }
+            Files.removeTree(ownBundle)
+            throw error
+        }
+        let t = Task(id: r.id, bundle: r.bundle, ownBundle: ownBundle, rootfs: rootfs, initProcess: Process(execID: "", io: io, stdio: stdio))
+        t.mounted = mounted
+        pending[s.id, default: []].insert(r.id)
+        let pidFile = ownBundle + "/init.pid"
+        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile, r.id], stdio: io.stdioMap) { [weak self] result in
+            guard let self else { return }
+            self.pending[s.id]?.remove(r.id)
+            let failed = { (e: RPCError) in
+                io.close()
+                self.undo(t)
+                reply(.failure(e))
+            }
+            switch result {
+            case .failure(let e): failed(RPCError(e.code, "create \(r.id): \(e.message)"))
+            case .success:
+                do {
+                    try self.adopt(t.initProcess, pidFile: pidFile, in: t, s)
+                    try io.start()
+                } catch {
+                    // The runtime made it: it must unmake it.
+                    self.runtime.run(["delete", "--force", r.id]) { _ in }
+                    failed(RPCError(.internal, "create \(r.id): \(error)"))
+                    return
+                }
+                self.tasks[s.id, default: [:]][r.id] = t
+                var resp = Containerd_Task_V2_CreateTaskResponse()
+                resp.pid = UInt32(t.initProcess.pid)
+                reply(.success(resp))
+            }
+        }
+    }
+
+    /// Reads the runtime's pid file and watches that process (our child: we are its
+    /// subreaper). A pid file that does not name a live child of ours is refused.
+    private func adopt(_ p: Process, pidFile: String, in t: Task, _ s: Sandbox) throws {
+        let text = (try? Files.readString(pidFile))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        guard let pid = pid_t(text), pid > 1 else {
+            throw RPCError(.internal, "\(runtime.name) wrote \"\(text.prefix(40))\" to its pid file \(pidFile), not a pid")
+        }
+        guard let fd = openPidfd(pid) else { throw RPCError(.internal, "pid \(pid) from \(pidFile) is gone") }
+        guard ExitRecords.parent(of: pid) == getpid() else {
+            _ = close(fd)
+            throw RPCError(.internal, "pid \(pid) from \(pidFile) is not a child of the daemon (is it the runtime's subreaper?)")
+        }
+        p.pid = pid
+        p.pidfd = fd
+        _ = try runtime.supervisor.adopt(SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: fd))) { [weak self, weak p, weak t] status in
+            guard let self, let p, let t else { return }
+            p.pidfd = -1
+            self.exited(p, status, in: t, s)
+        }
+    }
+
+    private func exited(_ p: Process, _ status: ExitStatus, in t: Task, _ s: Sandbox) {
+        p.io.drain { [weak self] in
+            let at = WallTime.now()
+            p.exited = (status, at)
+            self?.events?.taskExited(s, containerID: t.id, execID: p.execID, pid: UInt32(p.pid), status: status, at: at)
+            p.waiters.fire((status, at))
+            if p.execID.isEmpty {
+                for ex in t.execs.values where ex.exited == nil && ex.pidfd >= 0 { try? sendSignal(pidfd: ex.pidfd, SIGKILL) }
+            }
+        }
+    }
+
+    private func undo(_ t: Task) {
+        for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
+        t.mounted = 0
+        Files.removeTree(t.ownBundle)
+    }
+
+    public func start(_ r: Containerd_Task_V2_StartRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws {
+        let t = try task(r.id, s)
+        let p = try process(t, r.execID)
+        guard !p.started else { throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") was already started") }
+        if r.execID.isEmpty {
+            runtime.run(["start", r.id]) { result in
+                switch result {
+                case .failure(let e): reply(.failure(RPCError(e.code, "start \(r.id): \(e.message)")))
+                case .success:
+                    p.started = true
+                    var resp = Containerd_Task_V2_StartResponse()
+                    resp.pid = UInt32(p.pid)
+                    reply(.success(resp))
+                }
+            }
+            return
+        }
+        guard t.initProcess.exited == nil, t.initProcess.started else { throw RPCError(.failedPrecondition, "container \(r.id) is not running") }
+        let dir = t.ownBundle + "/exec-" + r.execID
+        let pidFile = dir + "/pid"
+        // Detached execs can exit before their pid file is read: strays wait until then.
+        runtime.supervisor.holdStrays()
+        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile, r.id], stdio: p.io.stdioMap) { [weak self] result in
+            guard let self else { return }
+            defer { self.runtime.supervisor.releaseStrays() }
+            switch result {
+            case .failure(let e): reply(.failure(RPCError(e.code, "exec \(r.execID) in \(r.id): \(e.message)")))
+            case .success:
+                do {
+                    try self.adopt(p, pidFile: pidFile, in: t, s)
+                    try p.io.start()
+                } catch {
+                    reply(.failure(RPCError.from(error)))
+                    return
+                }
+                p.started = true
+                var resp = Containerd_Task_V2_StartResponse()
+                resp.pid = UInt32(p.pid)
+                reply(.success(resp))
+            }
+        }
+    }
+
+    public func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let t = try task(r.id, s)
+        try Identifier.validate(r.execID, what: "exec")
+        guard t.execs[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in \(r.id)") }
+        if r.terminal { throw RPCError(.unimplemented, "a terminal for \(runtime.name) execs (--console-socket) is not supported yet") }
+        let process: OCISpec.Process
+        do { process = try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
+            throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
+        }
+        try OCISpec.validate(process: process, field: "process")
+        let dir = t.ownBundle + "/exec-" + r.execID
+        try makeDirectories(dir, mode: 0o700)
+        try Files.writeAtomically(dir + "/process.json", Array(r.spec.value), mode: 0o600)
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: false)
+        stdio.containerID = r.id
+        stdio.namespace = s.namespace
+        let io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor)
+        t.execs[r.execID] = Process(execID: r.execID, io: io, stdio: stdio)
+        reply(.success(()))
+    }
+
+    // MARK: Delete, State
+
+    public func delete(_ r: Containerd_Task_V2_DeleteRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws {
+        let t = try task(r.id, s)
+        var resp = Containerd_Task_V2_DeleteResponse()
+        if !r.execID.isEmpty {
+            let p = try process(t, r.execID)
+            guard p.exited != nil || !p.started else { throw RPCError(.failedPrecondition, "exec \(r.execID) of \(r.id) is still running") }
+            t.execs[r.execID] = nil
+            p.io.close()
+            Files.removeTree(t.ownBundle + "/exec-" + r.execID)
+            resp.pid = UInt32(p.pid)
+            resp.exitStatus = UInt32(bitPattern: p.exited?.0.code ?? 0)
+            resp.exitedAt = Google_Protobuf_Timestamp(p.exited?.1)
+            reply(.success(resp))
+            return
+        }
+        let p = t.initProcess
+        guard p.exited != nil || !p.started else {
+            throw RPCError(.failedPrecondition, "container \(r.id) is \(t.paused ? "paused" : "running"): kill it before delete")
+        }
+        let finish = { [weak self] in
+            self?.remove(t, from: s)
+            resp.pid = UInt32(p.pid)
+            resp.exitStatus = UInt32(bitPattern: p.exited?.0.code ?? 0)
+            resp.exitedAt = Google_Protobuf_Timestamp(p.exited?.1)
+            reply(.success(resp))
+        }
+        runtime.run(["delete", "--force", r.id], deadlineNS: 10_000_000_000) { [weak self] result in
+            if case .failure(let e) = result { self?.logger.warning("container \(r.id): \(e.message)") }
+            // A created init is killed by delete --force: answer with its status once reaped.
+            if p.exited == nil && p.pidfd >= 0 { _ = p.waiters.add { _ in finish() } } else { finish() }
+        }
+    }
+
+    private func remove(_ t: Task, from s: Sandbox) {
+        tasks[s.id]?[t.id] = nil
+        if tasks[s.id]?.isEmpty == true { tasks[s.id] = nil }
+        for p in [t.initProcess] + Array(t.execs.values) { p.io.close() }
+        undo(t)
+    }
+
+    public func state(_ r: Containerd_Task_V2_StateRequest, in s: Sandbox) throws -> Containerd_Task_V2_StateResponse {
+        let t = try task(r.id, s)
+        let p = try process(t, r.execID)
+        var resp = Containerd_Task_V2_StateResponse()
+        resp.id = r.execID.isEmpty ? t.id : r.execID
+        resp.execID = r.execID
+        resp.bundle = t.bundle
+        resp.pid = UInt32(p.pid)
+        if p.exited != nil { resp.status = .stopped } else if !p.started { resp.status = .created } else if t.paused && p.execID.isEmpty { resp.status = .paused } else { resp.status = .running }
+        resp.stdin = p.stdio.stdin
+        resp.stdout = p.stdio.stdout
+        resp.stderr = p.stdio.stderr
+        resp.exitStatus = UInt32(bitPattern: p.exited?.0.code ?? 0)
+        resp.exitedAt = Google_Protobuf_Timestamp(p.exited?.1)
+        return resp
+    }
+
+    // MARK: Signals, freezing, resources
+
+    public func kill(_ r: Containerd_Task_V2_KillRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let t = try task(r.id, s)
+        let p = try process(t, r.execID)
+        let signal = Int32(bitPattern: r.signal)
+        if r.all && r.execID.isEmpty {
+            runtime.run(["kill", "--all", r.id, String(signal)]) { result in
+                reply(result.map { _ in () }.mapError { RPCError($0.code, "kill \(r.id): \($0.message)") })
+            }
+            return
+        }
+        guard p.exited == nil, p.pidfd >= 0 else { throw RPCError(.notFound, "process \(p.pid) has already exited") }
+        // Its pidfd: no runtime call, and no pid that could have been reused.
+        try sendSignal(pidfd: p.pidfd, signal)
+        reply(.success(()))
+    }
+
+    public func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let t = try task(r.id, s)
+        runtime.run(["pause", r.id]) { result in
+            if case .success = result { t.paused = true }
+            reply(result.map { _ in () }.mapError { RPCError($0.code, "pause \(r.id): \($0.message)") })
+        }
+    }
+
+    public func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let t = try task(r.id, s)
+        runtime.run(["resume", r.id]) { result in
+            if case .success = result { t.paused = false }
+            reply(result.map { _ in () }.mapError { RPCError($0.code, "resume \(r.id): \($0.message)") })
+        }
+    }
+
+    public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let t = try task(r.id, s)
+        do { _ = try JSONDecoder().decode(OCISpec.Resources.self, from: r.resources.value) } catch {
+            throw RPCError(.invalidArgument, "update \(r.id): resources are not OCI LinuxResources JSON: \(error)")
+        }
+        let file = t.ownBundle + "/resources.json"
+        try Files.writeAtomically(file, Array(r.resources.value), mode: 0o600)
+        runtime.run(["update", "--resources", file, r.id]) { result in
+            reply(result.map { _ in () }.mapError { RPCError($0.code, "update \(r.id): \($0.message)") })
+        }
+    }
+
+    public func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
+        _ = try task(r.id, s)
+        runtime.run(["ps", "--format", "json", r.id]) { result in
+            switch result {
+            case .failure(let e): reply(.failure(RPCError(e.code, "ps \(r.id): \(e.message)")))
+            case .success(let out):
+                guard let pids = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [Int] else {
+                    reply(.failure(RPCError(.internal, "ps \(r.id): not a JSON list of pids: \(out.prefix(100))")))
+                    return
+                }
+                var resp = Containerd_Task_V2_PidsResponse()
+                resp.processes = pids.map { var p = Containerd_V1_Types_ProcessInfo(); p.pid = UInt32($0); return p }
+                reply(.success(resp))
+            }
+        }
+    }
+
+    public func stats(_ r: Containerd_Task_V2_StatsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws {
+        _ = try task(r.id, s)
+        throw RPCError(.unimplemented, "stats of \(runtime.name) containers are not read yet (their cgroup is the runtime's)")
+    }
+
+    public func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in s: Sandbox) throws {
+        _ = try task(r.id, s)
+        throw RPCError(.unimplemented, "\(runtime.name) containers have no terminal here yet")
+    }
+
+    public func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in s: Sandbox) throws {
+        let p = try process(try task(r.id, s), r.execID)
+        if r.stdin { p.io.closeStdin() }
+    }
+
+    public func wait(_ r: Containerd_Task_V2_WaitRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
+        let p = try process(try task(r.id, s), r.execID)
+        let answer = { (status: ExitStatus, at: WallTime) in
+            var resp = Containerd_Task_V2_WaitResponse()
+            resp.exitStatus = UInt32(bitPattern: status.code)
+            resp.exitedAt = Google_Protobuf_Timestamp(at)
+            reply(.success(resp))
+        }
+        if let (status, at) = p.exited { answer(status, at); return nil }
+        let token = p.waiters.add(answer)
+        return { [weak p] in p?.waiters.remove(token) }
+    }
+
+    // MARK: the pod's end
+
+    public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
+        let live = (tasks[s.id] ?? [:]).values.filter { $0.initProcess.exited == nil && $0.initProcess.pidfd >= 0 }
+        guard !live.isEmpty else { done(); return }
+        var remaining = live.count
+        var timer: TimerID?
+        for t in live {
+            if t.paused { runtime.run(["resume", t.id]) { _ in } }
+            try? sendSignal(pidfd: t.initProcess.pidfd, timeoutSecs == 0 ? SIGKILL : SIGTERM)
+            _ = t.initProcess.waiters.add { [weak self] _ in
+                remaining -= 1
+                guard remaining == 0 else { return }
+                if let timer { self?.reactor.cancel(timer) }
+                done()
+            }
+        }
+        if timeoutSecs > 0 {
+            timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
+                for t in live where t.initProcess.exited == nil && t.initProcess.pidfd >= 0 { try? sendSignal(pidfd: t.initProcess.pidfd, SIGKILL) }
+            }
+        }
+    }
+
+    public func killAll(in s: Sandbox) {
+        for t in (tasks[s.id] ?? [:]).values {
+            for p in [t.initProcess] + Array(t.execs.values) where p.exited == nil && p.pidfd >= 0 { try? sendSignal(pidfd: p.pidfd, SIGKILL) }
+        }
+    }
+
+    public func release(_ s: Sandbox) {
+        for t in (tasks[s.id] ?? [:]).values {
+            for p in [t.initProcess] + Array(t.execs.values) where p.exited == nil && p.pidfd >= 0 { try? sendSignal(pidfd: p.pidfd, SIGKILL) }
+            // The runtime's own state: its containers' records and cgroups.
+            runtime.run(["delete", "--force", t.id], deadlineNS: 10_000_000_000) { [logger] result in
+                if case .failure(let e) = result { logger.warning("container \(t.id): \(e.message)") }
+            }
+            for p in [t.initProcess] + Array(t.execs.values) { p.io.close() }
+            for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
+            t.mounted = 0
+        }
+        tasks[s.id] = nil
+    }
+}

@@ -1,0 +1,212 @@
+import Foundation
+import Testing
+import SwiftProtobuf
+@testable import Runtime
+@testable import KuasarOCI
+@testable import KuasarSystem
+@testable import KuasarReactor
+@testable import KuasarWire
+@testable import KuasarContainer
+@testable import KuasarSandbox
+@testable import KuasarNamespace
+@testable import KuasarExternal
+@testable import KuasarServices
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Pods whose containers Debian's runc and crun run (`oci:<runtime>` sandboxers), under
+/// the one daemon: the containers are made from containerd 2.3's CRI spec, join the pod's
+/// namespaces, and are driven through the Task API like the engine's own.
+extension AllTests {
+@Suite struct ExternalRuntimeTests {
+    static let task = "containerd.task.v3.Task"
+
+    /// crun refuses this machine's hybrid cgroups unless /sys/fs/cgroup/unified is gone:
+    /// the test's wrapper runs it in a private mount namespace (never the product).
+    static func crunWrapper(_ dir: String) throws -> String {
+        let path = dir + "/crun-wrapper"
+        try Files.write(path, "#!/bin/sh\nexec unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; exec /usr/bin/crun \"$@\"' crun \"$@\"\n", create: true, mode: 0o755)
+        return path
+    }
+
+    static func config(_ dir: String) throws -> String {
+        let failing = dir + "/failing-runtime"
+        // As runc does: the error as a JSON line in --log (its stderr is the container's).
+        try Files.write(failing, "#!/bin/sh\necho '{\"level\":\"error\",\"msg\":\"failing-runtime: cannot '\"$7\"' anything today\"}' > \"$4\"\nexit 4\n", create: true, mode: 0o755)
+        return """
+        [sandboxers]
+        kuasar = "namespace"
+        kuasar-runc = "oci:runc"
+        kuasar-crun = "oci:crun"
+        kuasar-missing = "oci:missing"
+        kuasar-failing = "oci:failing"
+        [runtimes.runc]
+        path = "/usr/sbin/runc"
+        [runtimes.crun]
+        path = "\(try crunWrapper(dir))"
+        [runtimes.missing]
+        path = "/nonexistent/runtime-\(getpid())"
+        [runtimes.failing]
+        path = "\(failing)"
+
+        """
+    }
+
+    static func call<Resp: SwiftProtobuf.Message>(_ t: OneShotClient, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+        try t.call(task, m, r, as: Resp.self, namespace: "k8s.io")
+    }
+
+    @Test(arguments: ["runc", "crun"])
+    func runtimeRunsThePodsContainers(runtime: String) throws {
+        let scratch = try scratchDirectory("ext-\(runtime)")
+        defer { Files.removeTree(scratch) }
+        let cgroupRoot = "/kuasar-ext-\(getpid())-\(runtime)"
+        try PodTests.Node.with("ext-\(runtime)", config: try Self.config(scratch)) { node in
+            let (holder, address) = try node.runPod("xp", PodTests.podConfig(hostname: "xp-\(runtime)"), sandboxer: "kuasar-\(runtime)")
+            func bundle(_ name: String, _ args: [String]) throws -> String {
+                try node.bundle(name, pid: holder, args: args) { json in
+                    var linux = json["linux"] as! [String: Any]
+                    linux["cgroupsPath"] = cgroupRoot + "/" + name
+                    json["linux"] = linux
+                }
+            }
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+
+            // Output and exit status, from containerd's own spec, in the pod's namespaces.
+            let b1 = try bundle("c1", ["sh", "-c", "echo hello from \(runtime) on $(hostname); exit 3"])
+            var create = Containerd_Task_V3_CreateTaskRequest()
+            create.id = "c1"
+            create.bundle = b1
+            create.stdout = "file://" + b1 + "/out"
+            create.stderr = "file://" + b1 + "/out"
+            let created = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+            #expect(created.pid > 0 && pid_t(created.pid) != holder)
+            #expect(PodTests.nsInode(String(created.pid), "net") == PodTests.nsInode(String(holder), "net"), "not in the pod's network namespace")
+            var start = Containerd_Task_V3_StartRequest()
+            start.id = "c1"
+            _ = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+            var wait = Containerd_Task_V3_WaitRequest()
+            wait.id = "c1"
+            let w1 = try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self)
+            #expect(w1.exitStatus == 3)
+            #expect(node.output(b1).contains("hello from \(runtime) on xp-\(runtime)"), "\(node.output(b1))")
+            var del = Containerd_Task_V3_DeleteRequest()
+            del.id = "c1"
+            let d1 = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+            #expect(d1.exitStatus == 3 && d1.pid == created.pid)
+
+            // A long one: exec, pause/resume, pids, kill.
+            let b2 = try bundle("c2", ["sleep", "300"])
+            create.id = "c2"
+            create.bundle = b2
+            create.stdout = "file://" + b2 + "/out"
+            create.stderr = "file://" + b2 + "/out"
+            let c2 = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+            start.id = "c2"
+            _ = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+            var exec = Containerd_Task_V3_ExecProcessRequest()
+            exec.id = "c2"
+            exec.execID = "e1"
+            exec.stdout = "file://" + b2 + "/exec-out"
+            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo from exec; exit 5"], env: ["PATH=/bin"], cwd: "/"))
+            _ = try Self.call(t, "Exec", exec, Google_Protobuf_Empty.self)
+            start.execID = "e1"
+            let e1 = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+            #expect(e1.pid > 0)
+            wait.id = "c2"
+            wait.execID = "e1"
+            #expect(try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self).exitStatus == 5)
+            #expect(((try? Files.readString(b2 + "/exec-out")) ?? "").contains("from exec"))
+            del.id = "c2"
+            del.execID = "e1"
+            _ = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+
+            var pause = Containerd_Task_V3_PauseRequest()
+            pause.id = "c2"
+            _ = try Self.call(t, "Pause", pause, Google_Protobuf_Empty.self)
+            var st = Containerd_Task_V3_StateRequest()
+            st.id = "c2"
+            #expect(try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self).status == .paused)
+            var resume = Containerd_Task_V3_ResumeRequest()
+            resume.id = "c2"
+            _ = try Self.call(t, "Resume", resume, Google_Protobuf_Empty.self)
+            #expect(try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self).status == .running)
+            var pids = Containerd_Task_V3_PidsRequest()
+            pids.id = "c2"
+            let listed = try Self.call(t, "Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid)
+            #expect(listed.contains(c2.pid), "\(listed)")
+            // Deleting a running task is refused; a kill ends it with 137.
+            del.execID = ""
+            do {
+                _ = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+                Issue.record("a running container was deleted")
+            } catch let e as RPCError { #expect(e.code == .failedPrecondition) }
+            var kill = Containerd_Task_V3_KillRequest()
+            kill.id = "c2"
+            kill.signal = 9
+            _ = try Self.call(t, "Kill", kill, Google_Protobuf_Empty.self)
+            wait.execID = ""
+            #expect(try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self).exitStatus == 137)
+            _ = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+            #expect(waitUntil { processGone(pid_t(c2.pid)) })
+
+            // A container left running goes with the pod.
+            let b3 = try bundle("c3", ["sleep", "300"])
+            create.id = "c3"
+            create.bundle = b3
+            let c3 = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+            start.id = "c3"
+            start.execID = ""
+            _ = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+            try node.shutdown("xp")
+            #expect(waitUntil { processGone(pid_t(c3.pid)) && processGone(holder) })
+            // The runtime forgot them all.
+            #expect(waitUntil {
+                let r = try? shell("/usr/sbin/runc --root \(node.root)/runtimes/\(runtime) list -q 2>/dev/null")
+                return (r?.out ?? "").trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+            }, "the runtime still lists containers")
+        }
+        for c in ["c1", "c2", "c3", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
+    }
+
+    /// A runtime that is not there makes its kind unavailable (Create says why); one that
+    /// fails makes the Task API answer with what it said, and leaves nothing behind.
+    @Test func missingAndFailingRuntimesAnswerWithTheReason() throws {
+        let scratch = try scratchDirectory("ext-bad")
+        defer { Files.removeTree(scratch) }
+        try PodTests.Node.with("ext-bad", config: try Self.config(scratch)) { node in
+            do {
+                _ = try node.runPod("nope", PodTests.podConfig(hostname: "nope"), sandboxer: "kuasar-missing")
+                Issue.record("a pod of a missing runtime was created")
+            } catch let e as RPCError {
+                #expect(e.code == .failedPrecondition && e.message.contains("/nonexistent/runtime-"), "\(e)")
+            }
+            #expect(!Files.exists(node.root + "/nope"))
+            let (holder, address) = try node.runPod("fp", PodTests.podConfig(hostname: "fp"), sandboxer: "kuasar-failing")
+            let b = try node.bundle("f1", pid: holder, args: ["true"])
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            var create = Containerd_Task_V3_CreateTaskRequest()
+            create.id = "f1"
+            create.bundle = b
+            do {
+                _ = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+                Issue.record("a failing runtime's create was answered OK")
+            } catch let e as RPCError {
+                #expect(e.message.contains("failing-runtime: cannot create anything today") && e.message.contains("exited with 4"), "\(e)")
+            }
+            #expect(!Files.exists(node.root + "/fp/f1"), "the container's bundle was left")
+            var st = Containerd_Task_V3_StateRequest()
+            st.id = "f1"
+            do {
+                _ = try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self)
+                Issue.record("a container whose create failed is listed")
+            } catch let e as RPCError { #expect(e.code == .notFound) }
+            try node.shutdown("fp")
+        }
+    }
+}
+}
