@@ -370,6 +370,7 @@ enum Backends {
             let base = ctx.registry.root + "/runtimes/" + name
             let runtime = OCIRuntime(name: name, path: r.path, root: r.root ?? base, extraArgs: r.extraArgs, workDir: base + ".calls",
                                      supervisor: ctx.registry.engine.supervisor, reactor: ctx.reactor, logger: ctx.logger)
+            runtime.deadlineNS = UInt64(r.timeoutSecs) * 1_000_000_000
             let tasks = OCIRuntimeTasks(runtime: runtime, registry: ctx.registry, logger: ctx.logger)
             kinds.append(NamespaceBackend(kind: KuasarConfig.ociKindPrefix + name, registry: ctx.registry, tasks: tasks, reactor: ctx.reactor, logger: ctx.logger,
                                           unavailableReason: { runtime.unavailableReason }))

@@ -34,8 +34,14 @@ extension AllTests {
         let failing = dir + "/failing-runtime"
         // As runc does: the error as a JSON line in --log (its stderr is the container's).
         try Files.write(failing, "#!/bin/sh\necho '{\"level\":\"error\",\"msg\":\"failing-runtime: cannot '\"$7\"' anything today\"}' > \"$4\"\nexit 4\n", create: true, mode: 0o755)
+        // Hangs at create; writes garbage to its pid file; both answer every other call.
+        let hanging = dir + "/hanging-runtime", garbage = dir + "/garbage-runtime"
+        try Files.write(hanging, "#!/bin/sh\n[ \"$7\" = create ] && exec sleep 60\nexit 0\n", create: true, mode: 0o755)
+        try Files.write(garbage, "#!/bin/sh\n[ \"$7\" = create ] && echo 'not-a-pid' > \"${11}\"\nexit 0\n", create: true, mode: 0o755)
         return """
         [sandboxers]
+        kuasar-hanging = "oci:hanging"
+        kuasar-garbage = "oci:garbage"
         kuasar = "namespace"
         kuasar-runc = "oci:runc"
         kuasar-crun = "oci:crun"
@@ -49,6 +55,11 @@ extension AllTests {
         path = "/nonexistent/runtime-\(getpid())"
         [runtimes.failing]
         path = "\(failing)"
+        [runtimes.hanging]
+        path = "\(hanging)"
+        timeout_secs = 1
+        [runtimes.garbage]
+        path = "\(garbage)"
 
         """
     }
@@ -138,6 +149,15 @@ extension AllTests {
             pids.id = "c2"
             let listed = try Self.call(t, "Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid)
             #expect(listed.contains(c2.pid), "\(listed)")
+            // Stats from the cgroup the runtime made (its pids controller counts the init).
+            var stats = Containerd_Task_V3_StatsRequest()
+            stats.id = "c2"
+            let metrics = try Self.call(t, "Stats", stats, Containerd_Task_V3_StatsResponse.self).stats
+            #expect(metrics.typeURL.hasSuffix("io.containerd.cgroups.v1.Metrics") || metrics.typeURL.hasSuffix("io.containerd.cgroups.v2.Metrics"), "\(metrics.typeURL)")
+            if metrics.typeURL.hasSuffix("v1.Metrics") {
+                let m = try Io_Containerd_Cgroups_V1_Metrics(serializedBytes: metrics.value)
+                #expect(m.pids.current >= 1 && m.memory.usage.usage > 0, "\(m.pids) \(m.memory.usage)")
+            }
             // Deleting a running task is refused; a kill ends it with 137.
             del.execID = ""
             do {
@@ -199,6 +219,25 @@ extension AllTests {
                 #expect(e.message.contains("failing-runtime: cannot create anything today") && e.message.contains("exited with 4"), "\(e)")
             }
             #expect(!Files.exists(node.root + "/fp/f1"), "the container's bundle was left")
+            // A runtime that hangs is killed at its deadline; one that writes garbage for a pid is refused.
+            for (kind, pod, expected) in [("hanging", "hp", "no answer after 1 s; killed"), ("garbage", "gp", "wrote \"not-a-pid\" to its pid file")] {
+                let (h, a) = try node.runPod(pod, PodTests.podConfig(hostname: pod), sandboxer: "kuasar-\(kind)")
+                let c = try OneShotClient(path: a)
+                defer { c.close() }
+                var req = Containerd_Task_V3_CreateTaskRequest()
+                req.id = "x"
+                req.bundle = try node.bundle("\(pod)1", pid: h, args: ["true"])
+                let t0 = MonotonicClock.nanoseconds()
+                do {
+                    _ = try Self.call(c, "Create", req, Containerd_Task_V3_CreateTaskResponse.self)
+                    Issue.record("\(kind): create answered OK")
+                } catch let e as RPCError {
+                    #expect(e.message.contains(expected), "\(kind): \(e)")
+                }
+                #expect(MonotonicClock.nanoseconds() - t0 < 10_000_000_000, "\(kind): the answer took too long")
+                #expect(!Files.exists(node.root + "/\(pod)/x"), "\(kind): the container's bundle was left")
+                try node.shutdown(pod)
+            }
             var st = Containerd_Task_V3_StateRequest()
             st.id = "f1"
             do {

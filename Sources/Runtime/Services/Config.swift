@@ -54,10 +54,13 @@ public struct KuasarConfig: Sendable, Equatable {
         /// Its `--root` (state directory); nil: `<daemon root>/runtimes/<name>`.
         public var root: String?
         public var extraArgs: [String] = []
-        public init(path: String, root: String? = nil, extraArgs: [String] = []) {
+        /// A call that takes longer is killed and fails (DeadlineExceeded).
+        public var timeoutSecs: UInt32 = 30
+        public init(path: String, root: String? = nil, extraArgs: [String] = [], timeoutSecs: UInt32 = 30) {
             self.path = path
             self.root = root
             self.extraArgs = extraArgs
+            self.timeoutSecs = timeoutSecs
         }
     }
 
@@ -110,6 +113,7 @@ public struct KuasarConfig: Sendable, Equatable {
     # path = "/usr/bin/crun"           # required
     # root = "/run/kuasar/runtimes/crun"  # its --root; default <root>/runtimes/<name>
     # extra_args = []                  # given before the subcommand
+    # timeout_secs = 30                # a call that takes longer is killed and fails
     # and in [sandboxers]: kuasar-crun = "oci:crun"
 
     [namespace]
@@ -244,8 +248,13 @@ public struct KuasarConfig: Sendable, Equatable {
                         throw Error("\(origin): [\(section)] extra_args must be an array of strings")
                     }
                     config.extraArgs = args
+                case "timeout_secs":
+                    guard let v = r[key]?.int, v > 0, v <= 3600 else {
+                        throw Error("\(origin): [\(section)] timeout_secs must be a number of seconds from 1 to 3600")
+                    }
+                    config.timeoutSecs = UInt32(v)
                 default:
-                    throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, root, extra_args)")
+                    throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, root, extra_args, timeout_secs)")
                 }
             }
             guard let path else { throw Error("\(origin): [\(section)] needs path (the runtime binary)") }

@@ -85,6 +85,26 @@ public struct CgroupHost: Sendable {
         return Cgroup(mode: mode, path: rel, dirs: hierarchies.mapValues { base($0) + rel }, order: order)
     }
 
+    /// The cgroup a process is in, in every hierarchy this host mounts (from
+    /// /proc/<pid>/cgroup): where an external runtime put its container.
+    public func cgroup(of pid: pid_t) -> Cgroup? {
+        guard let text = try? Files.readString("/proc/\(pid)/cgroup") else { return nil }
+        var dirs: [String: String] = [:]
+        var path = ""
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            let p = String(parts[2])
+            let keys: [String] = mode == .v2 ? (parts[1].isEmpty ? [""] : []) : parts[1].split(separator: ",").map { $0 == "name=systemd" ? "systemd" : String($0) }
+            for key in keys {
+                guard let h = hierarchies[key] else { continue }
+                dirs[key] = h.mount + (p == "/" ? "" : p)
+                path = p
+            }
+        }
+        return dirs.isEmpty ? nil : Cgroup(mode: mode, path: path, dirs: dirs, order: order.filter { dirs[$0] != nil })
+    }
+
     /// Creates (or opens) the cgroup `path` below our own cgroup in every hierarchy.
     public func create(_ path: String) throws(SystemError) -> Cgroup {
         let cgroup = existing(path)

@@ -394,8 +394,14 @@ public final class OCIRuntimeTasks: TaskBackend {
     }
 
     public func stats(_ r: Containerd_Task_V2_StatsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws {
-        _ = try task(r.id, s)
-        throw RPCError(.unimplemented, "stats of \(runtime.name) containers are not read yet (their cgroup is the runtime's)")
+        let t = try task(r.id, s)
+        // The cgroup the runtime put the container in, read as for our own containers.
+        guard t.initProcess.exited == nil, let host = registry.engine.cgroups, let cg = host.cgroup(of: t.initProcess.pid) else {
+            throw RPCError(.failedPrecondition, "container \(r.id) is not running: no cgroup to read stats from")
+        }
+        var resp = Containerd_Task_V2_StatsResponse()
+        resp.stats = try CgroupMetrics.any(cg)
+        reply(.success(resp))
     }
 
     public func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in s: Sandbox) throws {
