@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Logging
 import KuasarOCI
 import KuasarSystem
@@ -184,6 +185,40 @@ struct InfoCommand: ParsableCommand {
                 print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
             }
         }
+        if !file.runtimes.isEmpty { print("OCI runtimes:") }
+        for (name, r) in file.runtimes.sorted(by: { $0.key < $1.key }) {
+            let names = file.sandboxers.filter { $0.value == KuasarConfig.ociKindPrefix + name }.keys.sorted()
+            let used = "sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", "))"
+            guard access(r.path, X_OK) == 0 else {
+                print("  \(name): not usable: \(r.path) is not an executable file; \(used)")
+                continue
+            }
+            let version = Self.firstLine(r.path, ["--version"])
+            let features = Self.output(r.path, ["features"])
+            let spec = (features.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) } as? [String: Any])?["ociVersionMax"] as? String
+            print("  \(name): usable: \(version ?? "(no --version)"); \(spec.map { "features: spec up to \($0)" } ?? "no features command"); \(used)")
+        }
+    }
+
+    /// A command's stdout when it exits 0 (the CLI may wait: it is not the daemon's loop).
+    static func output(_ path: String, _ args: [String]) -> String? {
+        guard let pipe = try? makePipe(nonBlocking: false) else { return nil }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { close(null) }
+        guard let child = try? Spawner.spawn(ProcessSpec(executable: path, arguments: [path] + args, fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)])) else {
+            pipe.first.close()
+            pipe.second.close()
+            return nil
+        }
+        pipe.second.close()
+        let bytes = (try? pipe.first.readExactly(1 << 20)) ?? []
+        pipe.first.close()
+        guard (try? Spawner.wait(child)) == .exited(0) else { return nil }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    static func firstLine(_ path: String, _ args: [String]) -> String? {
+        output(path, args)?.split(separator: "\n").first.map(String.init)
     }
 }
 

@@ -247,5 +247,17 @@ extension AllTests {
             try node.shutdown("fp")
         }
     }
+
+    /// `kuasar info` runs each configured runtime's --version and features and says
+    /// which are usable.
+    @Test func infoListsTheRuntimes() throws {
+        let scratch = try scratchDirectory("ext-info")
+        defer { Files.removeTree(scratch) }
+        try Files.write(scratch + "/config.toml", try Self.config(scratch), create: true)
+        let r = try shell("\(AllTests.DaemonTests.binary) info --config \(scratch)/config.toml")
+        #expect(r.code == 0, "\(r.out)")
+        #expect(r.out.contains("runc: usable: runc version 1.") && r.out.contains("features: spec up to") && r.out.contains("sandboxers: kuasar-runc"), "\(r.out)")
+        #expect(r.out.contains("missing: not usable: /nonexistent/runtime-"), "\(r.out)")
+    }
 }
 }
