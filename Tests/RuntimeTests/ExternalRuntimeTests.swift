@@ -259,5 +259,70 @@ extension AllTests {
         #expect(r.out.contains("runc: usable: runc version 1.") && r.out.contains("features: spec up to") && r.out.contains("sandboxers: kuasar-runc"), "\(r.out)")
         #expect(r.out.contains("missing: not usable: /nonexistent/runtime-"), "\(r.out)")
     }
+
+    /// kill -9 of the daemon with crun containers running; one exits while no daemon runs:
+    /// the new daemon reports it once (Wait) and manages the other (kill, wait, delete).
+    @Test func crunContainersSurviveADaemonKill() throws {
+        let scratch = try scratchDirectory("ext-rec")
+        defer { Files.removeTree(scratch) }
+        let cgroupRoot = "/kuasar-ext-rec-\(getpid())"
+        try PodTests.Node.with("ext-rec", config: try Self.config(scratch), keep: true) { node in
+            let (holder, address) = try node.runPod("rp", PodTests.podConfig(hostname: "rp"), sandboxer: "kuasar-crun")
+            func run(_ id: String, _ args: [String]) throws -> (pid: UInt32, bundle: String) {
+                let b = try node.bundle(id, pid: holder, args: args) { json in
+                    var linux = json["linux"] as! [String: Any]
+                    linux["cgroupsPath"] = cgroupRoot + "/" + id
+                    json["linux"] = linux
+                }
+                let t = try OneShotClient(path: address)
+                defer { t.close() }
+                var create = Containerd_Task_V3_CreateTaskRequest()
+                create.id = id
+                create.bundle = b
+                create.stdout = "file://" + b + "/out"
+                let c = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+                var start = Containerd_Task_V3_StartRequest()
+                start.id = id
+                _ = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+                return (c.pid, b)
+            }
+            let long = try run("long", ["sleep", "300"])
+            let short = try run("short", ["sh", "-c", "echo waiting; while [ ! -e /go ]; do sleep 0.05; done; echo leaving; exit 7"])
+            #expect(waitUntil { node.output(short.bundle).contains("waiting") })
+            let firstKeeper = try node.killAndRestart {
+                try Files.write(short.bundle + "/rootfs/go", "", create: true)
+                #expect(waitUntil { processGone(pid_t(short.pid)) }, "the short container did not end while no daemon ran")
+                #expect(!processGone(pid_t(long.pid)))
+            }
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            var wait = Containerd_Task_V3_WaitRequest()
+            wait.id = "short"
+            #expect(try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self).exitStatus == 7)
+            var st = Containerd_Task_V3_StateRequest()
+            st.id = "short"
+            let s1 = try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self)
+            #expect(s1.status == .stopped && s1.exitStatus == 7, "\(s1)")
+            #expect(node.output(short.bundle).contains("leaving"))
+            st.id = "long"
+            #expect(try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self).status == .running)
+            var kill = Containerd_Task_V3_KillRequest()
+            kill.id = "long"
+            kill.signal = 9
+            _ = try Self.call(t, "Kill", kill, Google_Protobuf_Empty.self)
+            wait.id = "long"
+            #expect(try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self).exitStatus == 137)
+            for id in ["short", "long"] {
+                var del = Containerd_Task_V3_DeleteRequest()
+                del.id = id
+                _ = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+            }
+            try node.shutdown("rp")
+            #expect(waitUntil { processGone(holder) && processGone(pid_t(long.pid)) })
+            #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
+            firstKeeper.log.close()
+        }
+        for c in ["long", "short", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
+    }
 }
 }

@@ -100,7 +100,7 @@ struct ProcessRecord: Codable, Equatable {
 }
 
 extension ExitStatus {
-    var siginfo: (code: Int32, status: Int32) {
+    package var siginfo: (code: Int32, status: Int32) {
         switch self {
         case .exited(let c): return (1, c)
         case .signaled(let s, let core): return (core ? 3 : 2, s)

@@ -50,6 +50,12 @@ public protocol SandboxBackend: AnyObject {
     /// After a daemon restart: re-attach to what the sandbox's `state` names (processes,
     /// VMs). Called once per recovered sandbox of this kind, after its containers.
     func recover(_ sandbox: Sandbox, state: [String: String], exits: ExitRecords)
+    /// The keeper's exit records the sandbox's `state` names (kept at recovery).
+    func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String]
+}
+
+extension SandboxBackend {
+    public func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String] { [] }
 }
 
 /// Controller.Create, as a kind sees it.
@@ -119,6 +125,19 @@ public protocol TaskBackend: AnyObject {
     func killAll(in sandbox: Sandbox)
     /// The sandbox is being removed: release what its containers hold.
     func release(_ sandbox: Sandbox)
+    /// Its own state of the sandbox's containers, saved in the sandbox's state file (for
+    /// backends whose containers the registry does not record itself).
+    func persistentState(_ sandbox: Sandbox) -> [String: String]
+    /// The keeper's exit records that state names (kept at recovery, not swept away).
+    func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String]
+    /// After a restart: its containers from `state`, watched again.
+    func recover(_ sandbox: Sandbox, state: [String: String], exits: ExitRecords)
+}
+
+extension TaskBackend {
+    public func persistentState(_ sandbox: Sandbox) -> [String: String] { [:] }
+    public func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String] { [] }
+    public func recover(_ sandbox: Sandbox, state: [String: String], exits: ExitRecords) {}
 }
 
 /// Where task events go (the Task service publishes them to containerd).

@@ -283,6 +283,11 @@ public final class ControllerService {
         s.stopWaiters.fire(s.exitedAt!)
     }
 
+    /// The exit records a recovered sandbox's kind still needs.
+    func exitRecordNames(_ s: Sandbox) -> [String] {
+        backends[s.kind]?.exitRecordNames(s, state: s.recoveredState) ?? []
+    }
+
     /// After a restart: each recovered sandbox's kind re-attaches to it.
     func recover(_ s: Sandbox, exits: ExitRecords) {
         guard let b = backends[s.kind] else {

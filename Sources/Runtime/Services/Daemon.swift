@@ -219,7 +219,7 @@ public final class Daemon {
         // Records of processes that were not containers (helpers, execs) are dropped;
         // those of recovered containers are taken as they are found.
         let holders = sandboxes.compactMap { $0.holder.map { ExitRecords.name(pid: $0.pid, startTime: $0.startTime) } }
-        exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders))
+        exits.removeAll(except: Set(containers.flatMap(\.exitRecordNames) + holders + sandboxes.flatMap { controller.exitRecordNames($0) }))
         for r in containers { tasks.containers.watch(r.container, in: r.sandbox) }
         for r in containers { registry.resume(r, exits: exits) }
         // Each kind re-attaches to what it runs (a pod's holder, a VM), then the Task API

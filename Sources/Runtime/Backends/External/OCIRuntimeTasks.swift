@@ -34,11 +34,13 @@ public final class OCIRuntimeTasks: TaskBackend {
         var pid: pid_t = 0
         var pidfd: Int32 = -1
         var exited: (ExitStatus, WallTime)?
+        var startTime: UInt64 = 0
         var waiters = WaiterList<(ExitStatus, WallTime)>()
-        let io: ProcessIO
+        /// nil for a process recovered after a restart: it writes into its FIFOs itself.
+        let io: ProcessIO?
         let stdio: StdioPaths
         var started = false
-        init(execID: String, io: ProcessIO, stdio: StdioPaths) { self.execID = execID; self.io = io; self.stdio = stdio }
+        init(execID: String, io: ProcessIO?, stdio: StdioPaths) { self.execID = execID; self.io = io; self.stdio = stdio }
     }
 
     final class Task {
@@ -161,6 +163,7 @@ public final class OCIRuntimeTasks: TaskBackend {
                     return
                 }
                 self.tasks[s.id, default: [:]][r.id] = t
+                self.registry.save(s)
                 var resp = Containerd_Task_V2_CreateTaskResponse()
                 resp.pid = UInt32(t.initProcess.pid)
                 reply(.success(resp))
@@ -182,6 +185,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         }
         p.pid = pid
         p.pidfd = fd
+        p.startTime = ExitRecords.startTime(of: pid)
         _ = try runtime.supervisor.adopt(SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: fd))) { [weak self, weak p, weak t] status in
             guard let self, let p, let t else { return }
             p.pidfd = -1
@@ -189,16 +193,19 @@ public final class OCIRuntimeTasks: TaskBackend {
         }
     }
 
-    private func exited(_ p: Process, _ status: ExitStatus, in t: Task, _ s: Sandbox) {
-        p.io.drain { [weak self] in
-            let at = WallTime.now()
+    private func exited(_ p: Process, _ status: ExitStatus, in t: Task, _ s: Sandbox, at: WallTime? = nil) {
+        let report = { [weak self] in
+            let at = at ?? WallTime.now()
             p.exited = (status, at)
             self?.events?.taskExited(s, containerID: t.id, execID: p.execID, pid: UInt32(p.pid), status: status, at: at)
+            // Recorded before anything else: a restart must not report it again.
+            self?.registry.save(s)
             p.waiters.fire((status, at))
             if p.execID.isEmpty {
                 for ex in t.execs.values where ex.exited == nil && ex.pidfd >= 0 { try? sendSignal(pidfd: ex.pidfd, SIGKILL) }
             }
         }
+        if let io = p.io { io.drain(report) } else { report() }
     }
 
     private func undo(_ t: Task) {
@@ -212,11 +219,12 @@ public final class OCIRuntimeTasks: TaskBackend {
         let p = try process(t, r.execID)
         guard !p.started else { throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") was already started") }
         if r.execID.isEmpty {
-            runtime.run(["start", r.id]) { result in
+            runtime.run(["start", r.id]) { [self] result in
                 switch result {
                 case .failure(let e): reply(.failure(RPCError(e.code, "start \(r.id): \(e.message)")))
                 case .success:
                     p.started = true
+                    self.registry.save(s)
                     var resp = Containerd_Task_V2_StartResponse()
                     resp.pid = UInt32(p.pid)
                     reply(.success(resp))
@@ -229,7 +237,8 @@ public final class OCIRuntimeTasks: TaskBackend {
         let pidFile = dir + "/pid"
         // Detached execs can exit before their pid file is read: strays wait until then.
         runtime.supervisor.holdStrays()
-        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile, r.id], stdio: p.io.stdioMap) { [weak self] result in
+        guard let io = p.io else { throw RPCError(.failedPrecondition, "exec \(r.execID) was recovered: it cannot be started again") }
+        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile, r.id], stdio: io.stdioMap) { [weak self] result in
             guard let self else { return }
             defer { self.runtime.supervisor.releaseStrays() }
             switch result {
@@ -237,12 +246,13 @@ public final class OCIRuntimeTasks: TaskBackend {
             case .success:
                 do {
                     try self.adopt(p, pidFile: pidFile, in: t, s)
-                    try p.io.start()
+                    try io.start()
                 } catch {
                     reply(.failure(RPCError.from(error)))
                     return
                 }
                 p.started = true
+                self.registry.save(s)
                 var resp = Containerd_Task_V2_StartResponse()
                 resp.pid = UInt32(p.pid)
                 reply(.success(resp))
@@ -280,7 +290,8 @@ public final class OCIRuntimeTasks: TaskBackend {
             let p = try process(t, r.execID)
             guard p.exited != nil || !p.started else { throw RPCError(.failedPrecondition, "exec \(r.execID) of \(r.id) is still running") }
             t.execs[r.execID] = nil
-            p.io.close()
+            p.io?.close()
+            registry.save(s)
             Files.removeTree(t.ownBundle + "/exec-" + r.execID)
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: p.exited?.0.code ?? 0)
@@ -309,8 +320,9 @@ public final class OCIRuntimeTasks: TaskBackend {
     private func remove(_ t: Task, from s: Sandbox) {
         tasks[s.id]?[t.id] = nil
         if tasks[s.id]?.isEmpty == true { tasks[s.id] = nil }
-        for p in [t.initProcess] + Array(t.execs.values) { p.io.close() }
+        for p in [t.initProcess] + Array(t.execs.values) { p.io?.close() }
         undo(t)
+        registry.save(s)
     }
 
     public func state(_ r: Containerd_Task_V2_StateRequest, in s: Sandbox) throws -> Containerd_Task_V2_StateResponse {
@@ -350,16 +362,16 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["pause", r.id]) { result in
-            if case .success = result { t.paused = true }
+        runtime.run(["pause", r.id]) { [self] result in
+            if case .success = result { t.paused = true; self.registry.save(s) }
             reply(result.map { _ in () }.mapError { RPCError($0.code, "pause \(r.id): \($0.message)") })
         }
     }
 
     public func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["resume", r.id]) { result in
-            if case .success = result { t.paused = false }
+        runtime.run(["resume", r.id]) { [self] result in
+            if case .success = result { t.paused = false; self.registry.save(s) }
             reply(result.map { _ in () }.mapError { RPCError($0.code, "resume \(r.id): \($0.message)") })
         }
     }
@@ -411,7 +423,7 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in s: Sandbox) throws {
         let p = try process(try task(r.id, s), r.execID)
-        if r.stdin { p.io.closeStdin() }
+        if r.stdin { p.io?.closeStdin() }
     }
 
     public func wait(_ r: Containerd_Task_V2_WaitRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
@@ -464,10 +476,96 @@ public final class OCIRuntimeTasks: TaskBackend {
             runtime.run(["delete", "--force", t.id], deadlineNS: 10_000_000_000) { [logger] result in
                 if case .failure(let e) = result { logger.warning("container \(t.id): \(e.message)") }
             }
-            for p in [t.initProcess] + Array(t.execs.values) { p.io.close() }
+            for p in [t.initProcess] + Array(t.execs.values) { p.io?.close() }
             for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
             t.mounted = 0
         }
         tasks[s.id] = nil
+    }
+
+    // MARK: state across restarts
+
+    /// What the state file keeps of a task (key "oci.<id>" of the sandbox's backend state).
+    struct TaskRecord: Codable {
+        var id: String
+        var bundle: String
+        var rootfs: String
+        var mounted: Int
+        var paused: Bool
+        var processes: [ProcessRecord]
+    }
+    struct ProcessRecord: Codable {
+        var execID: String
+        var pid: Int32
+        var startTime: UInt64
+        var started: Bool
+        var stdin: String, stdout: String, stderr: String
+        var exitCode: Int32?
+        var exitStatus: Int32?
+        var exitedAt: WallTime?
+    }
+    static let keyPrefix = "oci."
+
+    public func persistentState(_ s: Sandbox) -> [String: String] {
+        var out: [String: String] = [:]
+        for t in (tasks[s.id] ?? [:]).values {
+            let procs = ([t.initProcess] + t.execs.values.sorted { $0.execID < $1.execID }).filter { $0.pid > 0 }.map { p in
+                let x = p.exited?.0.siginfo
+                return ProcessRecord(execID: p.execID, pid: p.pid, startTime: p.startTime, started: p.started,
+                                     stdin: p.stdio.stdin, stdout: p.stdio.stdout, stderr: p.stdio.stderr,
+                                     exitCode: x?.code, exitStatus: x?.status, exitedAt: p.exited?.1)
+            }
+            let record = TaskRecord(id: t.id, bundle: t.bundle, rootfs: t.rootfs, mounted: t.mounted, paused: t.paused, processes: procs)
+            if let json = try? JSONEncoder().encode(record) { out[Self.keyPrefix + t.id] = String(decoding: json, as: UTF8.self) }
+        }
+        return out
+    }
+
+    static func records(_ state: [String: String]) -> [TaskRecord] {
+        state.filter { $0.key.hasPrefix(keyPrefix) }.sorted { $0.key < $1.key }.compactMap {
+            try? JSONDecoder().decode(TaskRecord.self, from: Data($0.value.utf8))
+        }
+    }
+
+    public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] {
+        Self.records(state).flatMap { $0.processes.map { ExitRecords.name(pid: $0.pid, startTime: $0.startTime) } }
+    }
+
+    /// Rebuilds the tasks and watches their processes again (now the keeper's children:
+    /// it records their exits); one that ended while no daemon ran is reported now, once.
+    public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
+        for r in Self.records(state) {
+            var initProcess: Process?
+            var execs: [String: Process] = [:]
+            for pr in r.processes {
+                var stdio = StdioPaths(stdin: pr.stdin, stdout: pr.stdout, stderr: pr.stderr, terminal: false)
+                stdio.containerID = r.id
+                stdio.namespace = s.namespace
+                let p = Process(execID: pr.execID, io: nil, stdio: stdio)
+                p.pid = pr.pid
+                p.startTime = pr.startTime
+                p.started = pr.started
+                if let code = pr.exitCode, let status = pr.exitStatus { p.exited = (ExitStatus(siginfoCode: code, status: status), pr.exitedAt ?? WallTime.now()) }
+                if pr.execID.isEmpty { initProcess = p } else { execs[pr.execID] = p }
+            }
+            guard let initProcess else { continue }
+            let t = Task(id: r.id, bundle: r.bundle, ownBundle: s.stateDir + "/" + r.id, rootfs: r.rootfs, initProcess: initProcess)
+            t.mounted = r.mounted
+            t.paused = r.paused
+            t.execs = execs
+            tasks[s.id, default: [:]][r.id] = t
+            for p in [initProcess] + Array(execs.values) where p.exited == nil {
+                let fd = runtime.supervisor.watchForeign(pid: p.pid, startTime: p.startTime, exits: exits) { [weak self, weak p, weak t] status in
+                    guard let self, let p, let t else { return }
+                    p.pidfd = -1
+                    self.exited(p, status ?? .exited(255), in: t, s)
+                }
+                if let fd {
+                    p.pidfd = fd
+                } else {
+                    exited(p, exits.take(pid: p.pid, startTime: p.startTime) ?? .exited(255), in: t, s)
+                }
+            }
+        }
     }
 }

@@ -129,12 +129,17 @@ public final class NamespaceBackend: SandboxBackend {
         ["stateDir": s.stateDir, "cgroup": s.cgroupParent, "namespaces": s.pinned, "pid": Int(s.holder?.pid ?? 0)]
     }
 
-    /// The holder's pid and start time are fields of the state file itself.
-    public func persistentState(_ s: Sandbox) -> [String: String] { [:] }
+    /// The holder's pid and start time are fields of the state file itself; what the
+    /// pod's TaskBackend keeps of its containers rides along.
+    public func persistentState(_ s: Sandbox) -> [String: String] { tasks.persistentState(s) }
+
+    public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] { tasks.exitRecordNames(s, state: state) }
 
     /// Re-watches a recovered pod's holder; one that ended while no daemon ran stops the
     /// pod now, with the status the keeper recorded.
     public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
+        s.taskBackend = tasks
+        tasks.recover(s, state: state, exits: exits)
         guard let h = s.holder, s.state != .stopped else { return }
         let fd = registry.engine.supervisor.watchForeign(pid: h.pid, startTime: h.startTime, exits: exits) { [weak self, weak s] status in
             guard let self, let s else { return }
