@@ -108,6 +108,30 @@ extension AllTests {
             let d1 = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
             #expect(d1.exitStatus == 3 && d1.pid == created.pid)
 
+            // A terminal: the runtime sends the pty's master to our --console-socket.
+            let bt = try node.bundle("ct", pid: holder, args: ["sh", "-c", "tty; echo tty-ok"]) { json in
+                var linux = json["linux"] as! [String: Any]
+                linux["cgroupsPath"] = cgroupRoot + "/ct"
+                json["linux"] = linux
+                var p = json["process"] as! [String: Any]
+                p["terminal"] = true
+                json["process"] = p
+            }
+            create.id = "ct"
+            create.bundle = bt
+            create.terminal = true
+            create.stdout = "file://" + bt + "/out"
+            create.stderr = ""
+            _ = try Self.call(t, "Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+            start.id = "ct"
+            _ = try Self.call(t, "Start", start, Containerd_Task_V3_StartResponse.self)
+            wait.id = "ct"
+            #expect(try Self.call(t, "Wait", wait, Containerd_Task_V3_WaitResponse.self).exitStatus == 0)
+            #expect(node.output(bt).contains("/dev/pts/") && node.output(bt).contains("tty-ok"), "\(node.output(bt))")
+            del.id = "ct"
+            _ = try Self.call(t, "Delete", del, Containerd_Task_V3_DeleteResponse.self)
+            create.terminal = false
+
             // A long one: exec, pause/resume, pids, kill.
             let b2 = try bundle("c2", ["sleep", "300"])
             create.id = "c2"
@@ -189,7 +213,7 @@ extension AllTests {
                 return (r?.out ?? "").trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
             }, "the runtime still lists containers")
         }
-        for c in ["c1", "c2", "c3", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
+        for c in ["c1", "c2", "c3", "ct", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
     }
 
     /// A runtime that is not there makes its kind unavailable (Create says why); one that

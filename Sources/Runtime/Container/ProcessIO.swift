@@ -317,7 +317,7 @@ public final class ProcessIO {
     }
 
     /// Terminal mode: the console master arrived from the child; pump it like a pipe.
-    func attachConsole(_ fd: consuming OwnedFD, size: OCISpec.ConsoleSize?) {
+    package func attachConsole(_ fd: consuming OwnedFD, size: OCISpec.ConsoleSize?) {
         guard terminal, master == nil else { fd.close(); return }
         let conn = Connection(reactor: reactor, fd: fd)
         master = conn

@@ -35,6 +35,8 @@ public final class OCIRuntimeTasks: TaskBackend {
         var pidfd: Int32 = -1
         var exited: (ExitStatus, WallTime)?
         var startTime: UInt64 = 0
+        /// A terminal's size, for an exec whose runtime sends its master.
+        var consoleSize: OCISpec.ConsoleSize?
         var waiters = WaiterList<(ExitStatus, WallTime)>()
         /// nil for a process recovered after a restart: it writes into its FIFOs itself.
         let io: ProcessIO?
@@ -55,6 +57,41 @@ public final class OCIRuntimeTasks: TaskBackend {
         init(id: String, bundle: String, ownBundle: String, rootfs: String, initProcess: Process) {
             self.id = id; self.bundle = bundle; self.ownBundle = ownBundle; self.rootfs = rootfs; self.initProcess = initProcess
         }
+    }
+
+    /// The unix socket a runtime sends a terminal's master to (`--console-socket`): read
+    /// once the runtime's call has returned — by then it has connected and sent it.
+    final class ConsoleSocket {
+        let path: String
+        private var listener: Int32
+        init(path: String) throws {
+            self.path = path
+            unlink(path)
+            listener = try Socket.listenUnix(path: path, mode: 0o600, backlog: 1).take()
+        }
+        /// The master the runtime sent, if it did.
+        func receive() -> Int32? {
+            guard listener >= 0, let conn = try? Socket.accept(listener) else { return nil }
+            let fd = conn.take()
+            defer { _ = Glibc.close(fd) }
+            var buf = [UInt8](repeating: 0, count: 256)
+            var passed: Int32 = -1
+            _ = buf.withUnsafeMutableBytes { Socket.receiveWithFD(fd, $0.baseAddress!, $0.count, &passed) }
+            return passed >= 0 ? passed : nil
+        }
+        func close() {
+            if listener >= 0 { _ = Glibc.close(listener) }
+            listener = -1
+            unlink(path)
+        }
+        deinit { close() }
+    }
+    private var consoles = 0
+    func consoleSocket() throws -> ConsoleSocket {
+        consoles += 1
+        // Short: a sockaddr_un holds 107 bytes, and ids may be long.
+        try makeDirectories(runtime.workDir, mode: 0o700)
+        return try ConsoleSocket(path: runtime.workDir + "/console-\(consoles).sock")
     }
 
     /// sandbox id → container id → task.
@@ -97,7 +134,6 @@ public final class OCIRuntimeTasks: TaskBackend {
         guard tasks[s.id]?[r.id] == nil, !(pending[s.id]?.contains(r.id) ?? false) else {
             throw RPCError(.alreadyExists, "container \(r.id) already exists")
         }
-        if r.terminal { throw RPCError(.unimplemented, "a terminal for \(runtime.name) containers (--console-socket) is not supported yet") }
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
         var spec = try s.adapt(try OCISpec.decode(try Files.read(r.bundle + "/config.json")))
         guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
@@ -129,11 +165,15 @@ public final class OCIRuntimeTasks: TaskBackend {
             }
             mounted += 1
         }
-        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: false)
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.containerID = r.id
         stdio.namespace = s.namespace
         let io: ProcessIO
-        do { io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor) } catch {
+        let console: ConsoleSocket?
+        do {
+            io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor)
+            console = r.terminal ? try consoleSocket() : nil
+        } catch {
             for _ in 0..<mounted { try? Mounts.unmount(rootfs, lazy: true) }
             Files.removeTree(ownBundle)
             throw error
@@ -142,7 +182,9 @@ public final class OCIRuntimeTasks: TaskBackend {
         t.mounted = mounted
         pending[s.id, default: []].insert(r.id)
         let pidFile = ownBundle + "/init.pid"
-        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile, r.id], stdio: io.stdioMap) { [weak self] result in
+        let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
+        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile] + consoleArgs + [r.id], stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+            defer { console?.close() }
             guard let self else { return }
             self.pending[s.id]?.remove(r.id)
             let failed = { (e: RPCError) in
@@ -154,6 +196,10 @@ public final class OCIRuntimeTasks: TaskBackend {
             case .failure(let e): failed(RPCError(e.code, "create \(r.id): \(e.message)"))
             case .success:
                 do {
+                    if let console {
+                        guard let master = console.receive() else { throw RPCError(.internal, "\(self.runtime.name) sent no terminal to its --console-socket") }
+                        io.attachConsole(OwnedFD(adopting: master), size: spec.process?.consoleSize)
+                    }
                     try self.adopt(t.initProcess, pidFile: pidFile, in: t, s)
                     try io.start()
                 } catch {
@@ -238,13 +284,20 @@ public final class OCIRuntimeTasks: TaskBackend {
         // Detached execs can exit before their pid file is read: strays wait until then.
         runtime.supervisor.holdStrays()
         guard let io = p.io else { throw RPCError(.failedPrecondition, "exec \(r.execID) was recovered: it cannot be started again") }
-        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile, r.id], stdio: io.stdioMap) { [weak self] result in
+        let console = p.stdio.terminal ? try consoleSocket() : nil
+        let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
+        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile] + consoleArgs + [r.id], stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+            defer { console?.close() }
             guard let self else { return }
             defer { self.runtime.supervisor.releaseStrays() }
             switch result {
             case .failure(let e): reply(.failure(RPCError(e.code, "exec \(r.execID) in \(r.id): \(e.message)")))
             case .success:
                 do {
+                    if let console {
+                        guard let master = console.receive() else { throw RPCError(.internal, "\(self.runtime.name) sent no terminal to its --console-socket") }
+                        io.attachConsole(OwnedFD(adopting: master), size: p.consoleSize)
+                    }
                     try self.adopt(p, pidFile: pidFile, in: t, s)
                     try io.start()
                 } catch {
@@ -264,7 +317,6 @@ public final class OCIRuntimeTasks: TaskBackend {
         let t = try task(r.id, s)
         try Identifier.validate(r.execID, what: "exec")
         guard t.execs[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in \(r.id)") }
-        if r.terminal { throw RPCError(.unimplemented, "a terminal for \(runtime.name) execs (--console-socket) is not supported yet") }
         let process: OCISpec.Process
         do { process = try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
             throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
@@ -273,11 +325,13 @@ public final class OCIRuntimeTasks: TaskBackend {
         let dir = t.ownBundle + "/exec-" + r.execID
         try makeDirectories(dir, mode: 0o700)
         try Files.writeAtomically(dir + "/process.json", Array(r.spec.value), mode: 0o600)
-        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: false)
+        var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.containerID = r.id
         stdio.namespace = s.namespace
         let io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor)
-        t.execs[r.execID] = Process(execID: r.execID, io: io, stdio: stdio)
+        let p = Process(execID: r.execID, io: io, stdio: stdio)
+        p.consoleSize = process.consoleSize
+        t.execs[r.execID] = p
         reply(.success(()))
     }
 
@@ -417,8 +471,9 @@ public final class OCIRuntimeTasks: TaskBackend {
     }
 
     public func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in s: Sandbox) throws {
-        _ = try task(r.id, s)
-        throw RPCError(.unimplemented, "\(runtime.name) containers have no terminal here yet")
+        let p = try process(try task(r.id, s), r.execID)
+        guard let io = p.io, p.stdio.terminal else { throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? r.id : r.execID) has no terminal") }
+        try io.resize(width: r.width, height: r.height)
     }
 
     public func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in s: Sandbox) throws {
