@@ -43,10 +43,14 @@ public final class OCIRuntime {
         access(path, X_OK) == 0 ? nil : "\(path) is not an executable file (\(Errno.current))"
     }
 
+    /// The --root of one pod's containers: container ids are the runtime's keys, and two
+    /// pods (or two containerd namespaces) may use the same one.
+    public func root(of sandboxID: String) -> String { root + "/" + sandboxID }
+
     /// Runs `<path> --root R [--log L --log-format json] <extra> <args>` with `stdio` as
     /// its fds 0–2 (nil: /dev/null, stderr to a file we read back); `done` gets its stdout
     /// (a file too) on exit 0, else the error naming what it said.
-    public func run(_ args: [String], stdio: [(from: Int32, to: Int32)]? = nil, deadlineNS: UInt64? = nil,
+    public func run(_ args: [String], root: String? = nil, stdio: [(from: Int32, to: Int32)]? = nil, deadlineNS: UInt64? = nil,
                     done: @escaping (Result<String, RPCError>) -> Void) {
         seq += 1
         let base = "\(workDir)/call-\(seq)"
@@ -66,7 +70,7 @@ public final class OCIRuntime {
             opened.append(out)
             let err = try sys("open", errPath) { open(errPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
             opened.append(err)
-            var spec = ProcessSpec(executable: path, arguments: [path, "--root", root, "--log", logPath, "--log-format", "json"] + extraArgs + args)
+            var spec = ProcessSpec(executable: path, arguments: [path, "--root", root ?? self.root, "--log", logPath, "--log-format", "json"] + extraArgs + args)
             spec.fdMap = stdio ?? [(null, 0), (out, 1), (err, 2)]
             var timer: TimerID?
             var timedOut = false

@@ -183,7 +183,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         pending[s.id, default: []].insert(r.id)
         let pidFile = ownBundle + "/init.pid"
         let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
-        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile] + consoleArgs + [r.id], stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
             defer { console?.close() }
             guard let self else { return }
             self.pending[s.id]?.remove(r.id)
@@ -204,7 +204,7 @@ public final class OCIRuntimeTasks: TaskBackend {
                     try io.start()
                 } catch {
                     // The runtime made it: it must unmake it.
-                    self.runtime.run(["delete", "--force", r.id]) { _ in }
+                    self.runtime.run(["delete", "--force", r.id], root: self.runtime.root(of: s.id)) { _ in }
                     failed(RPCError(.internal, "create \(r.id): \(error)"))
                     return
                 }
@@ -265,7 +265,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         let p = try process(t, r.execID)
         guard !p.started else { throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") was already started") }
         if r.execID.isEmpty {
-            runtime.run(["start", r.id]) { [self] result in
+            runtime.run(["start", r.id], root: runtime.root(of: s.id)) { [self] result in
                 switch result {
                 case .failure(let e): reply(.failure(RPCError(e.code, "start \(r.id): \(e.message)")))
                 case .success:
@@ -286,7 +286,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         guard let io = p.io else { throw RPCError(.failedPrecondition, "exec \(r.execID) was recovered: it cannot be started again") }
         let console = p.stdio.terminal ? try consoleSocket() : nil
         let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
-        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile] + consoleArgs + [r.id], stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
             defer { console?.close() }
             guard let self else { return }
             defer { self.runtime.supervisor.releaseStrays() }
@@ -364,7 +364,7 @@ public final class OCIRuntimeTasks: TaskBackend {
             resp.exitedAt = Google_Protobuf_Timestamp(p.exited?.1)
             reply(.success(resp))
         }
-        runtime.run(["delete", "--force", r.id], deadlineNS: 10_000_000_000) { [weak self] result in
+        runtime.run(["delete", "--force", r.id], root: runtime.root(of: s.id), deadlineNS: 10_000_000_000) { [weak self] result in
             if case .failure(let e) = result { self?.logger.warning("container \(r.id): \(e.message)") }
             // A created init is killed by delete --force: answer with its status once reaped.
             if p.exited == nil && p.pidfd >= 0 { _ = p.waiters.add { _ in finish() } } else { finish() }
@@ -403,7 +403,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         let p = try process(t, r.execID)
         let signal = Int32(bitPattern: r.signal)
         if r.all && r.execID.isEmpty {
-            runtime.run(["kill", "--all", r.id, String(signal)]) { result in
+            runtime.run(["kill", "--all", r.id, String(signal)], root: runtime.root(of: s.id)) { result in
                 reply(result.map { _ in () }.mapError { RPCError($0.code, "kill \(r.id): \($0.message)") })
             }
             return
@@ -416,7 +416,7 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["pause", r.id]) { [self] result in
+        runtime.run(["pause", r.id], root: runtime.root(of: s.id)) { [self] result in
             if case .success = result { t.paused = true; self.registry.save(s) }
             reply(result.map { _ in () }.mapError { RPCError($0.code, "pause \(r.id): \($0.message)") })
         }
@@ -424,7 +424,7 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["resume", r.id]) { [self] result in
+        runtime.run(["resume", r.id], root: runtime.root(of: s.id)) { [self] result in
             if case .success = result { t.paused = false; self.registry.save(s) }
             reply(result.map { _ in () }.mapError { RPCError($0.code, "resume \(r.id): \($0.message)") })
         }
@@ -437,14 +437,14 @@ public final class OCIRuntimeTasks: TaskBackend {
         }
         let file = t.ownBundle + "/resources.json"
         try Files.writeAtomically(file, Array(r.resources.value), mode: 0o600)
-        runtime.run(["update", "--resources", file, r.id]) { result in
+        runtime.run(["update", "--resources", file, r.id], root: runtime.root(of: s.id)) { result in
             reply(result.map { _ in () }.mapError { RPCError($0.code, "update \(r.id): \($0.message)") })
         }
     }
 
     public func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
         _ = try task(r.id, s)
-        runtime.run(["ps", "--format", "json", r.id]) { result in
+        runtime.run(["ps", "--format", "json", r.id], root: runtime.root(of: s.id)) { result in
             switch result {
             case .failure(let e): reply(.failure(RPCError(e.code, "ps \(r.id): \(e.message)")))
             case .success(let out):
@@ -502,7 +502,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         var remaining = live.count
         var timer: TimerID?
         for t in live {
-            if t.paused { runtime.run(["resume", t.id]) { _ in } }
+            if t.paused { runtime.run(["resume", t.id], root: runtime.root(of: s.id)) { _ in } }
             try? sendSignal(pidfd: t.initProcess.pidfd, timeoutSecs == 0 ? SIGKILL : SIGTERM)
             _ = t.initProcess.waiters.add { [weak self] _ in
                 remaining -= 1
@@ -525,17 +525,23 @@ public final class OCIRuntimeTasks: TaskBackend {
     }
 
     public func release(_ s: Sandbox) {
-        for t in (tasks[s.id] ?? [:]).values {
+        let all = Array((tasks[s.id] ?? [:]).values)
+        tasks[s.id] = nil
+        let podRoot = runtime.root(of: s.id)
+        var remaining = all.count
+        // The pod's runtime root goes once the runtime has deleted its containers.
+        let oneDone = { remaining -= 1; if remaining <= 0 { Files.removeTree(podRoot) } }
+        if all.isEmpty { Files.removeTree(podRoot) }
+        for t in all {
             for p in [t.initProcess] + Array(t.execs.values) where p.exited == nil && p.pidfd >= 0 { try? sendSignal(pidfd: p.pidfd, SIGKILL) }
-            // The runtime's own state: its containers' records and cgroups.
-            runtime.run(["delete", "--force", t.id], deadlineNS: 10_000_000_000) { [logger] result in
+            runtime.run(["delete", "--force", t.id], root: podRoot, deadlineNS: 10_000_000_000) { [logger] result in
                 if case .failure(let e) = result { logger.warning("container \(t.id): \(e.message)") }
+                oneDone()
             }
             for p in [t.initProcess] + Array(t.execs.values) { p.io?.close() }
             for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
             t.mounted = 0
         }
-        tasks[s.id] = nil
     }
 
     // MARK: state across restarts
