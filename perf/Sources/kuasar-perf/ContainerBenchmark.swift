@@ -63,7 +63,7 @@ enum ContainerBenchmark {
         o.socket = root + "/kuasar.sock"
         o.onExit = .stop
         try Daemon(options: o, logger: .init(label: "perf-daemon")) { ctx in
-            [NamespaceBackend(registry: ctx.registry, containers: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+            [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
         }.run()
     }
 

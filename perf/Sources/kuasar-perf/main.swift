@@ -6,6 +6,7 @@ import Runtime
 ///   kuasar-perf ttrpc [--seconds S]     ttrpc unary: our server vs the Go ttrpc server, same Go client
 ///   kuasar-perf grpc [--seconds S]      gRPC unary: our server vs grpc-go, same grpc-go client
 ///   kuasar-perf container [--runs N]    container lifecycle and per-pod memory: kuasar vs shim-runc-v2+runc, runc, crun
+///   kuasar-perf external [--runs N]     container lifecycle with runc/crun under the daemon vs the runtime's own commands vs our engine
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
 ///   kuasar-perf all                     all of them
 ///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
@@ -43,6 +44,8 @@ case "kuasar-daemon":
     try ContainerBenchmark.serveDaemon(root: args[2])
 case "container":
     try ContainerBenchmark.run(count: Int(option("--runs", default: 200)), pods: [1, 100], executable: me)
+case "external":
+    try ExternalBenchmark.run(runs: Int(option("--runs", default: 100)))
 case "pod":
     try PodBenchmark.run(runs: Int(option("--runs", default: 200)), parallel: Int(option("--parallel", default: 50)),
                          memoryPoints: [1, 100, 500])
