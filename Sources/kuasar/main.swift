@@ -366,7 +366,7 @@ enum FileHandleStderr {
 }
 
 /// containerd runs the runtime as `containerd-shim-kuasar-v2` (a link to this binary).
-func runShim(_ args: [String]) -> Int32 {
+func runShim(_ args: [String], invokedAs: String = "") -> Int32 {
     let flags: ShimProtocol.Flags
     do { flags = try ShimProtocol.parse(args) } catch {
         FileHandleStderr.write("containerd-shim-kuasar-v2: \(error)\n")
@@ -375,14 +375,14 @@ func runShim(_ args: [String]) -> Int32 {
     var buf = [CChar](repeating: 0, count: 4096)
     let n = readlink("/proc/self/exe", &buf, buf.count - 1)
     let exe = n > 0 ? String(decoding: buf[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
-    return ShimProtocol.run(flags, environment: currentEnvironmentDictionary(), executable: exe,
+    return ShimProtocol.run(flags, environment: currentEnvironmentDictionary(), executable: exe, sandboxer: ShimProtocol.sandboxer(invokedAs: invokedAs),
                             stdout: { bytes in bytes.withUnsafeBytes { _ = Glibc.write(1, $0.baseAddress, $0.count) } },
                             stderr: { FileHandleStderr.write($0) })
 }
 
 let invokedAs = CommandLine.arguments.first.map { String($0.split(separator: "/").last ?? "") } ?? ""
 if invokedAs.hasPrefix("containerd-shim-kuasar") {
-    exit(runShim(Array(CommandLine.arguments.dropFirst())))
+    exit(runShim(Array(CommandLine.arguments.dropFirst()), invokedAs: invokedAs))
 }
 if CommandLine.arguments.count > 1 && CommandLine.arguments[1] == "shim" {
     exit(runShim(Array(CommandLine.arguments.dropFirst(2))))

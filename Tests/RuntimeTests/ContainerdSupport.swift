@@ -40,13 +40,15 @@ final class ContainerdFixture {
     static let image = "docker.io/library/busybox:latest"
     static let runtime = "io.containerd.kuasar.v2"
 
-    init(_ name: String) throws {
+    /// `config`: the daemon's config file; `shims`: more names for the shim binary
+    /// (`containerd-shim-kuasar-<x>-v2` serves sandboxer `kuasar-<x>`).
+    init(_ name: String, config: String = TestConfig.stopOnExit, shims: [String] = []) throws {
         dir = "/tmp/kuasar-ctd-\(name)-\(getpid())"
         socket = dir + "/containerd.sock"
         Mounts.unmountAll(under: dir)
         Files.removeTree(dir)
         try makeDirectories(dir + "/bin", mode: 0o755)
-        symlink(AllTests.DaemonTests.binary, dir + "/bin/containerd-shim-kuasar-v2")
+        for shim in ["containerd-shim-kuasar-v2"] + shims { symlink(AllTests.DaemonTests.binary, dir + "/bin/" + shim) }
         try Files.write(dir + "/config.toml", """
             version = 2
             root = "\(dir)/root"
@@ -58,7 +60,7 @@ final class ContainerdFixture {
         let log = open(dir + "/containerd.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         defer { close(log) }
         var env = currentEnvironment().filter { !$0.hasPrefix("PATH=") && !$0.hasPrefix("KUASAR_ROOT=") }
-        env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)", "KUASAR_CONFIG=\(TestConfig.stopOnExit)"]
+        env += ["PATH=\(dir)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "KUASAR_ROOT=\(kuasarRoot)", "KUASAR_CONFIG=\(config)"]
         let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/containerd", arguments: ["containerd", "--config", dir + "/config.toml"],
                                               environment: env, fdMap: [(log, 1), (log, 2)]))
         containerdPID = p.pid
@@ -100,7 +102,11 @@ final class ContainerdFixture {
             waitUntil { processGone(daemon) }
             #expect(processGone(daemon), "daemon \(daemon) did not stop on SIGTERM")
         }
-        let leftovers = Files.list(kuasarRoot).filter { !["daemon.log"].contains($0) }
+        // runtimes/: external runtimes' roots (each pod's is gone with the pod).
+        let leftovers = Files.list(kuasarRoot).filter { !["daemon.log", "runtimes"].contains($0) }
+        for r in Files.list(kuasarRoot + "/runtimes") where !r.hasSuffix(".calls") {
+            #expect(Files.list(kuasarRoot + "/runtimes/" + r).isEmpty, "runtime state left in \(r): \(Files.list(kuasarRoot + "/runtimes/" + r))")
+        }
         #expect(leftovers.isEmpty, "left in \(kuasarRoot): \(leftovers)")
         for (c, base) in try CgroupHost.detect().existing("kuasar").dirs {
             let left = Files.list(base).filter { Files.isDirectory(base + "/" + $0) }

@@ -345,5 +345,29 @@ extension AllTests {
         }
         for c in ["long", "short", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
     }
+
+    /// Debian's containerd 1.6 through the shim path: `io.containerd.kuasar-crun.v2` is the
+    /// shim binary `containerd-shim-kuasar-crun-v2`, whose sandboxer `kuasar-crun` crun serves.
+    @Test func containerdRunsCrunContainersThroughTheShimPath() throws {
+        let scratch = try scratchDirectory("ext-ctd")
+        defer { Files.removeTree(scratch) }
+        try Files.write(scratch + "/config.toml", "[daemon]\non_exit = \"stop\"\n" + (try Self.config(scratch)), create: true)
+        let ctd = try ContainerdFixture("crun", config: scratch + "/config.toml", shims: ["containerd-shim-kuasar-crun-v2"])
+        defer { try? ctd.stop() }
+        let runtime = "io.containerd.kuasar-crun.v2"
+        var r = try ctd.ctr("run --rm --runtime \(runtime) \(ContainerdFixture.image) cr1 sh -c 'echo hello from crun; exit 3'")
+        #expect(r.code == 3, "\(r.out)")
+        #expect(r.out.contains("hello from crun"), "\(r.out)")
+        // crun, not our engine, holds it: its state is under the pod's runtime root.
+        r = try ctd.ctr("run -d --runtime \(runtime) \(ContainerdFixture.image) cr2 sleep 30")
+        #expect(r.code == 0, "\(r.out)")
+        #expect(waitUntil { Files.exists(ctd.kuasarRoot + "/runtimes/crun/cr2/cr2") }, "no crun state for cr2: \(Files.list(ctd.kuasarRoot + "/runtimes/crun"))")
+        r = try ctd.ctr("task kill -s SIGKILL cr2")
+        #expect(r.code == 0, "\(r.out)")
+        #expect(waitUntil { ((try? ctd.ctr("task ls"))?.out ?? "").contains("STOPPED") }, "cr2 did not stop")
+        r = try ctd.ctr("task delete cr2")
+        #expect(r.code == 0, "\(r.out)")
+        _ = try ctd.ctr("container delete cr2")
+    }
 }
 }

@@ -52,10 +52,14 @@ public protocol SandboxBackend: AnyObject {
     func recover(_ sandbox: Sandbox, state: [String: String], exits: ExitRecords)
     /// The keeper's exit records the sandbox's `state` names (kept at recovery).
     func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String]
+    /// What runs the containers of a sandbox of this kind that containerd 1.6/1.7 makes
+    /// through the shim v2 protocol (no Controller, no pod holder); nil: no shim path.
+    var shimTasks: TaskBackend? { get }
 }
 
 extension SandboxBackend {
     public func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String] { [] }
+    public var shimTasks: TaskBackend? { nil }
 }
 
 /// Controller.Create, as a kind sees it.

@@ -16,6 +16,9 @@ public final class AdminService {
     public static let service = "kuasar.admin.v1.Admin"
     let registry: SandboxRegistry
     let tasks: TaskService
+    /// The kind and TaskBackend of a named sandboxer (the Controller's dispatch), for
+    /// shim binaries named after one.
+    public var shimTasks: ((String) throws -> (kind: String, tasks: TaskBackend))?
     let server: TTRPCServer
     let startedAt = MonotonicClock.nanoseconds()
 
@@ -24,8 +27,17 @@ public final class AdminService {
         self.tasks = tasks
         server = TTRPCServer(reactor: reactor, logger: logger)
         server.registerUnary(service: Self.service, method: "RegisterSandbox") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Admin_V1_RegisterSandboxRequest) in
+            // The shim binary's name picks the sandboxer; none is the namespace kind.
+            let chosen = r.sandboxer.isEmpty ? nil : try self.shimTasks?(r.sandboxer)
+            if let existing = self.registry.sandboxes[r.sandboxID], existing.kind != (chosen?.kind ?? "namespace") {
+                throw RPCError(.alreadyExists, "sandbox \(r.sandboxID) exists with kind \(existing.kind), not \(chosen?.kind ?? "namespace")")
+            }
             let (sandbox, created) = try self.registry.register(id: r.sandboxID, namespace: r.namespace, eventsAddress: r.eventsAddress,
                                                                  sharedNamespaces: r.sharedNamespaces)
+            if created, let chosen {
+                sandbox.kind = chosen.kind
+                sandbox.taskBackend = chosen.tasks
+            }
             do { try self.tasks.serve(sandbox) } catch {
                 if created { self.registry.remove(sandbox) }
                 throw error

@@ -283,6 +283,16 @@ public final class ControllerService {
         s.stopWaiters.fire(s.exitedAt!)
     }
 
+    /// The kind and TaskBackend of a shim-path sandbox of sandboxer `name` (the shim
+    /// binary's name says which).
+    public func shimTasks(forSandboxer name: String) throws -> (kind: String, tasks: TaskBackend) {
+        let b = try backend(forSandboxer: name)
+        guard let tasks = b.shimTasks else {
+            throw RPCError(.failedPrecondition, "sandboxer \"\(name)\" (kind \(b.kind)) has no shim v2 path: use containerd 2.x's sandbox Controller")
+        }
+        return (b.kind, tasks)
+    }
+
     /// The exit records a recovered sandbox's kind still needs.
     func exitRecordNames(_ s: Sandbox) -> [String] {
         backends[s.kind]?.exitRecordNames(s, state: s.recoveredState) ?? []

@@ -100,6 +100,7 @@ public final class Daemon {
         controller.eventsAddress = options.containerdAddress
         controller.register(on: grpc)
         self.controller = controller
+        admin.shimTasks = { [unowned controller] name in try controller.shimTasks(forSandboxer: name) }
         let health = HealthService(services: [ControllerService.service])
         health.register(on: grpc)
         self.health = health

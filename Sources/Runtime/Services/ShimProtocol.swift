@@ -73,7 +73,14 @@ public enum ShimProtocol {
 
     /// Runs one invocation; returns the process exit code. `stdout` gets exactly what
     /// containerd parses (it reads stdout and stderr together for `start`).
-    public static func run(_ f: Flags, environment: [String: String], executable: String,
+    /// The sandboxer a shim binary's name means: `containerd-shim-kuasar-v2` none (the
+    /// namespace kind), `containerd-shim-kuasar-<x>-v2` (runtime `io.containerd.kuasar-<x>.v2`) `kuasar-<x>`.
+    public static func sandboxer(invokedAs name: String) -> String {
+        guard name.hasPrefix("containerd-shim-kuasar-"), name.hasSuffix("-v2"), name != "containerd-shim-kuasar-v2" else { return "" }
+        return "kuasar-" + name.dropFirst("containerd-shim-kuasar-".count).dropLast("-v2".count)
+    }
+
+    public static func run(_ f: Flags, environment: [String: String], executable: String, sandboxer: String = "",
                            stdout: (([UInt8]) -> Void), stderr: ((String) -> Void)) -> Int32 {
         let root = environment["KUASAR_ROOT"] ?? "/run/kuasar"
         switch f.action {
@@ -108,6 +115,7 @@ public enum ShimProtocol {
                 req.eventsAddress = environment["TTRPC_ADDRESS"] ?? ""
                 req.bundle = bundle
                 req.sharedNamespaces = sandboxID != f.id
+                req.sandboxer = sandboxer
                 let resp = try client.call(AdminService.service, "RegisterSandbox", req, as: Kuasar_Admin_V1_RegisterSandboxResponse.self)
                 // containerd reads the address back from here after its own restart.
                 try? Files.write(bundle + "/address", resp.taskAddress, create: true, mode: 0o600)

@@ -135,6 +135,8 @@ public final class NamespaceBackend: SandboxBackend {
 
     public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] { tasks.exitRecordNames(s, state: state) }
 
+    public var shimTasks: TaskBackend? { tasks }
+
     /// Re-watches a recovered pod's holder; one that ended while no daemon ran stops the
     /// pod now, with the status the keeper recorded.
     public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {

@@ -39,6 +39,10 @@ public nonisolated struct Kuasar_Admin_V1_RegisterSandboxRequest: Sendable {
   /// and uts namespaces, which its containers join instead of making new ones.
   public var sharedNamespaces: Bool = false
 
+  /// The sandboxer whose kind runs its containers (the shim binary's name:
+  /// containerd-shim-kuasar-<x>-v2 is kuasar-<x>); empty: the namespace kind.
+  public var sandboxer: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -187,7 +191,7 @@ fileprivate nonisolated let _protobuf_package = "kuasar.admin.v1"
 
 nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RegisterSandboxRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sandbox_id\0\u{1}namespace\0\u{3}events_address\0\u{1}bundle\0\u{3}shared_namespaces\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}sandbox_id\0\u{1}namespace\0\u{3}events_address\0\u{1}bundle\0\u{3}shared_namespaces\0\u{1}sandboxer\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -200,6 +204,7 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
       case 3: try { try decoder.decodeSingularStringField(value: &self.eventsAddress) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.bundle) }()
       case 5: try { try decoder.decodeSingularBoolField(value: &self.sharedNamespaces) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.sandboxer) }()
       default: break
       }
     }
@@ -221,6 +226,9 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
     if self.sharedNamespaces != false {
       try visitor.visitSingularBoolField(value: self.sharedNamespaces, fieldNumber: 5)
     }
+    if !self.sandboxer.isEmpty {
+      try visitor.visitSingularStringField(value: self.sandboxer, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -230,6 +238,7 @@ nonisolated extension Kuasar_Admin_V1_RegisterSandboxRequest: SwiftProtobuf.Mess
     if lhs.eventsAddress != rhs.eventsAddress {return false}
     if lhs.bundle != rhs.bundle {return false}
     if lhs.sharedNamespaces != rhs.sharedNamespaces {return false}
+    if lhs.sandboxer != rhs.sandboxer {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
