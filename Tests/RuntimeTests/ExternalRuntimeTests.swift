@@ -64,6 +64,14 @@ extension AllTests {
         """
     }
 
+    /// The v1 cgroups a runtime made at the absolute cgroupsPath the test gave (runc and
+    /// crun leave the parent behind).
+    static func removeRuntimeCgroups(_ root: String, _ containers: [String]) {
+        for c in containers + [""] {
+            for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(root)/\(c)") }
+        }
+    }
+
     static func call<Resp: SwiftProtobuf.Message>(_ t: OneShotClient, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
         try t.call(task, m, r, as: Resp.self, namespace: "k8s.io")
     }
@@ -210,7 +218,7 @@ extension AllTests {
             // The runtime forgot them all: the pod's runtime root (its containers' state) is gone.
             #expect(waitUntil { !Files.exists(node.root + "/runtimes/\(runtime)/xp") }, "the pod's runtime root was left: \(Files.list(node.root + "/runtimes/\(runtime)/xp"))")
         }
-        for c in ["c1", "c2", "c3", "ct", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
+        Self.removeRuntimeCgroups(cgroupRoot, ["c1", "c2", "c3", "ct"])
     }
 
     /// A runtime that is not there makes its kind unavailable (Create says why); one that
@@ -343,7 +351,7 @@ extension AllTests {
             #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
             firstKeeper.log.close()
         }
-        for c in ["long", "short", ""] { for h in ["memory", "pids", "cpu,cpuacct", "cpuset", "blkio", "devices", "freezer", "systemd"] { _ = rmdir("/sys/fs/cgroup/\(h)\(cgroupRoot)/\(c)") } }
+        Self.removeRuntimeCgroups(cgroupRoot, ["long", "short"])
     }
 
     /// Debian's containerd 1.6 through the shim path: `io.containerd.kuasar-crun.v2` is the
