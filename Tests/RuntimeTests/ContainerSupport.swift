@@ -113,7 +113,8 @@ func waitUntil(timeoutMS: Int = 5000, everyMS: Int = 10, _ condition: () throws 
 /// clean host. The production default (keep, for recovery) has its own tests.
 enum TestConfig {
     static let stopOnExit: String = {
-        let path = "/tmp/kuasar-test-config-\(getpid()).toml"
+        // In the build directory, one for every run: not a file left in /tmp per run.
+        let path = "\(repositoryRoot)/.build/kuasar-test-config.toml"
         try? Files.write(path, "[daemon]\non_exit = \"stop\"\n", create: true, mode: 0o644)
         return path
     }()
