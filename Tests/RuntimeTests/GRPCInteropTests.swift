@@ -1,14 +1,5 @@
 import Testing
 @testable import Runtime
-@testable import KuasarOCI
-@testable import KuasarSystem
-@testable import KuasarReactor
-@testable import KuasarWire
-@testable import KuasarContainer
-@testable import KuasarSandbox
-@testable import KuasarNamespace
-@testable import KuasarExternal
-@testable import KuasarServices
 #if canImport(Glibc)
 import Glibc
 #endif

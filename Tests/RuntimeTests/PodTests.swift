@@ -2,14 +2,6 @@ import Foundation
 import Testing
 import SwiftProtobuf
 @testable import Runtime
-@testable import KuasarOCI
-@testable import KuasarSystem
-@testable import KuasarReactor
-@testable import KuasarWire
-@testable import KuasarContainer
-@testable import KuasarSandbox
-@testable import KuasarNamespace
-@testable import KuasarExternal
 @testable import KuasarServices
 #if canImport(Glibc)
 import Glibc

@@ -2,15 +2,6 @@ import Testing
 import Foundation
 import SwiftProtobuf
 @testable import Runtime
-@testable import KuasarOCI
-@testable import KuasarSystem
-@testable import KuasarReactor
-@testable import KuasarWire
-@testable import KuasarContainer
-@testable import KuasarSandbox
-@testable import KuasarNamespace
-@testable import KuasarExternal
-@testable import KuasarServices
 
 extension AllTests {
 @Suite struct ProtoTests {

@@ -47,9 +47,6 @@ public final class CgroupReaper {
         if timer == nil { delayNS = 1_000_000; arm() }
     }
 
-    /// Cgroups still waiting to be removed (tests and `kuasar info`).
-    public var pendingPaths: [String] { pending.map(\.cgroup.path) }
-
     private func arm() {
         timer = reactor.schedule(afterNS: delayNS) { [weak self] in self?.retry() }
     }

@@ -50,8 +50,6 @@ public final class PipeFeeder {
         return true
     }
 
-    public var finished: Bool { fd < 0 }
-
     public func close() {
         guard fd >= 0 else { return }
         if let registration { reactor.deregister(registration) }

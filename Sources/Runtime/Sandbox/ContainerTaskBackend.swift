@@ -58,19 +58,8 @@ public final class ContainerTaskBackend: TaskBackend {
         // Container.create validates everything; the rootfs path is needed first.
         guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
         let rootfs = rootPath.hasPrefix("/") ? rootPath : r.bundle + "/" + rootPath
-        // The rootfs containerd prepared as mounts (overlay snapshots, binds): ours to mount
-        // and unmount. All or nothing: a later mount that fails takes the earlier ones (and
-        // a bind whose read-only remount failed) with it.
-        var mounted: [String] = []
-        for (i, m) in r.rootfs.enumerated() {
-            do { try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs) } catch {
-                // Each earlier one is stacked on the rootfs: one unmount each, newest first.
-                for _ in 0..<i { try? Mounts.unmount(rootfs, lazy: true) }
-                if let e = error as? RPCError { throw e }
-                throw RPCError(.invalidArgument, "rootfs mount \(i + 1) of \(r.rootfs.count) (\(m.type) \(m.source)): \(error)")
-            }
-            mounted.append(rootfs)
-        }
+        // The rootfs containerd prepared as mounts: ours to mount and unmount.
+        let mounted = Array(repeating: rootfs, count: try RootfsMounts.mountAll(r.rootfs, at: rootfs))
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
         sandbox.pendingCreates.insert(r.id)
@@ -134,10 +123,7 @@ public final class ContainerTaskBackend: TaskBackend {
     public func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         let c = try container(r.id, sandbox)
         try Identifier.validate(r.execID, what: "exec")
-        let process: OCISpec.Process
-        do { process = try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
-            throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
-        }
+        let process = try TaskPayloads.process(r)
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
         _ = try c.exec(id: r.execID, process: process, stdio: stdio)
@@ -189,24 +175,14 @@ public final class ContainerTaskBackend: TaskBackend {
     public func state(_ r: Containerd_Task_V2_StateRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StateResponse {
         let c = try container(r.id, sandbox)
         let p = try process(c, r.execID)
-        var resp = Containerd_Task_V2_StateResponse()
-        resp.id = r.execID.isEmpty ? c.id : r.execID
-        resp.execID = r.execID
-        resp.bundle = c.bundle
-        resp.pid = UInt32(p.pid)
+        let status: Containerd_V1_Types_Status
         switch p.isInit ? c.state : (p.state == .running ? .running : p.state == .stopped ? .stopped : .created) {
-        case .creating, .created: resp.status = .created
-        case .running: resp.status = .running
-        case .paused: resp.status = .paused
-        case .stopped: resp.status = .stopped
+        case .creating, .created: status = .created
+        case .running: status = .running
+        case .paused: status = .paused
+        case .stopped: status = .stopped
         }
-        resp.stdin = p.stdio.stdin
-        resp.stdout = p.stdio.stdout
-        resp.stderr = p.stdio.stderr
-        resp.terminal = p.stdio.terminal
-        resp.exitStatus = UInt32(bitPattern: p.exitStatus?.code ?? 0)
-        resp.exitedAt = Google_Protobuf_Timestamp(p.exitedAt)
-        return resp
+        return Containerd_Task_V2_StateResponse(r, bundle: c.bundle, pid: p.pid, status: status, stdio: p.stdio, exit: p.exitStatus, exitedAt: p.exitedAt)
     }
 
     // MARK: the rest
@@ -251,22 +227,13 @@ public final class ContainerTaskBackend: TaskBackend {
 
     public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         let c = try container(r.id, sandbox)
-        let res: OCISpec.Resources
-        do { res = try JSONDecoder().decode(OCISpec.Resources.self, from: r.resources.value) } catch {
-            throw RPCError(.invalidArgument, "update \(r.id): resources are not OCI LinuxResources JSON: \(error)")
-        }
-        try c.update(res)
+        try c.update(try TaskPayloads.resources(r))
         reply(.success(()))
     }
 
     public func wait(_ r: Containerd_Task_V2_WaitRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
         let p = try process(try container(r.id, sandbox), r.execID)
-        let token = p.wait { status, at in
-            var resp = Containerd_Task_V2_WaitResponse()
-            resp.exitStatus = UInt32(bitPattern: status.code)
-            resp.exitedAt = Google_Protobuf_Timestamp(at)
-            reply(.success(resp))
-        }
+        let token = p.wait { status, at in reply(.success(Containerd_Task_V2_WaitResponse(status, at: at))) }
         guard let token else { return nil }
         return { [weak p] in p?.cancelWait(token) }
     }
@@ -281,27 +248,10 @@ public final class ContainerTaskBackend: TaskBackend {
 
     public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
         let running = s.containers.values.filter { $0.state == .running || $0.state == .paused || $0.state == .created }
-        guard !running.isEmpty else { done(); return }
-        for c in running {
-            if c.state == .paused { try? c.resume() }
-            try? c.kill(signal: timeoutSecs == 0 ? SIGKILL : SIGTERM, all: false)
-        }
-        var remaining = running.count
-        var timer: TimerID?
-        let reactor = engine.reactor
-        for c in running {
-            c.initProcess.wait { _, _ in
-                remaining -= 1
-                guard remaining == 0 else { return }
-                if let timer { reactor.cancel(timer) }
-                done()
-            }
-        }
-        if timeoutSecs > 0 {
-            timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
-                for c in running where c.state != .stopped { try? c.kill(signal: SIGKILL, all: true) }
-            }
-        }
+        for c in running where c.state == .paused { try? c.resume() }
+        stopGroup(Array(running), timeoutSecs: timeoutSecs, reactor: engine.reactor,
+                  signal: { c, sig in try? c.kill(signal: sig, all: sig == SIGKILL && timeoutSecs > 0) },
+                  isGone: { $0.state == .stopped }, whenGone: { c, gone in c.initProcess.wait { _, _ in gone() } }, done: done)
     }
 
     public func killAll(in s: Sandbox) {
@@ -345,5 +295,93 @@ extension Google_Protobuf_Timestamp {
     package init(_ t: WallTime?) {
         self.init()
         if let t { seconds = t.seconds; nanos = t.nanos }
+    }
+}
+
+extension RootfsMounts {
+    /// containerd's rootfs mounts (overlay snapshots, binds), stacked on `rootfs`, all or
+    /// nothing: a later one that fails takes the earlier ones (and a bind whose read-only
+    /// remount failed) with it. Returns how many are mounted: `unmount(count:)` undoes them.
+    public static func mountAll(_ mounts: [Containerd_Types_Mount], at rootfs: String) throws -> Int {
+        for (i, m) in mounts.enumerated() {
+            do { try mount(m.type, source: m.source, options: m.options, at: rootfs) } catch {
+                unmount(count: i, at: rootfs)
+                if let e = error as? RPCError { throw e }
+                throw RPCError(.invalidArgument, "rootfs mount \(i + 1) of \(mounts.count) (\(m.type) \(m.source)): \(error)")
+            }
+        }
+        return mounts.count
+    }
+
+    /// Each mount is stacked on the rootfs: one unmount each, newest first.
+    public static func unmount(count: Int, at rootfs: String) {
+        for _ in 0..<count { try? Mounts.unmount(rootfs, lazy: true) }
+    }
+}
+
+/// The Task API payloads every container backend decodes, refused with the same errors.
+package enum TaskPayloads {
+    package static func process(_ r: Containerd_Task_V2_ExecProcessRequest) throws -> OCISpec.Process {
+        do { return try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
+            throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
+        }
+    }
+
+    package static func resources(_ r: Containerd_Task_V2_UpdateTaskRequest) throws -> OCISpec.Resources {
+        do { return try JSONDecoder().decode(OCISpec.Resources.self, from: r.resources.value) } catch {
+            throw RPCError(.invalidArgument, "update \(r.id): resources are not OCI LinuxResources JSON: \(error)")
+        }
+    }
+}
+
+extension Containerd_Task_V2_WaitResponse {
+    package init(_ status: ExitStatus, at: WallTime?) {
+        self.init()
+        exitStatus = UInt32(bitPattern: status.code)
+        exitedAt = Google_Protobuf_Timestamp(at)
+    }
+}
+
+extension Containerd_Task_V2_StateResponse {
+    /// A process's state as every backend answers it.
+    package init(_ r: Containerd_Task_V2_StateRequest, bundle: String, pid: pid_t, status: Containerd_V1_Types_Status,
+                 stdio: StdioPaths, exit: ExitStatus?, exitedAt: WallTime?) {
+        self.init()
+        id = r.execID.isEmpty ? r.id : r.execID
+        execID = r.execID
+        self.bundle = bundle
+        self.pid = UInt32(pid)
+        self.status = status
+        stdin = stdio.stdin
+        stdout = stdio.stdout
+        stderr = stdio.stderr
+        terminal = stdio.terminal
+        exitStatus = UInt32(bitPattern: exit?.code ?? 0)
+        self.exitedAt = Google_Protobuf_Timestamp(exitedAt)
+    }
+}
+
+/// Controller.Stop of a pod's containers, whoever runs them: each gets SIGTERM (SIGKILL
+/// when `timeoutSecs` is 0) and, if still there after `timeoutSecs`, SIGKILL; `done` once
+/// every one is gone.
+package func stopGroup<Member>(_ members: [Member], timeoutSecs: UInt32, reactor: Reactor,
+                               signal: @escaping (Member, Int32) -> Void, isGone: @escaping (Member) -> Bool,
+                               whenGone: (Member, @escaping () -> Void) -> Void, done: @escaping () -> Void) {
+    guard !members.isEmpty else { done(); return }
+    for m in members { signal(m, timeoutSecs == 0 ? SIGKILL : SIGTERM) }
+    var remaining = members.count
+    var timer: TimerID?
+    for m in members {
+        whenGone(m) {
+            remaining -= 1
+            guard remaining == 0 else { return }
+            if let timer { reactor.cancel(timer) }
+            done()
+        }
+    }
+    if timeoutSecs > 0 {
+        timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
+            for m in members where !isGone(m) { signal(m, SIGKILL) }
+        }
     }
 }

@@ -51,6 +51,10 @@ public final class Sandbox {
     /// serves it (a task-serving sandbox program), and that API's version.
     public var taskAddressOverride: String?
     public var taskVersionOverride: UInt32 = 3
+    /// What Controller.Start and Status answer: the override, else our own socket (v3).
+    public var taskEndpoint: (address: String, version: UInt32) {
+        taskAddressOverride.map { ($0, taskVersionOverride) } ?? ("ttrpc+unix://" + taskSocket, 3)
+    }
     /// Its kind's own state as the last daemon saved it, until the kind recovers it.
     public var recoveredState: [String: String] = [:]
     public internal(set) var createdAt = WallTime.now()

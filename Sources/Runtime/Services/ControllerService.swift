@@ -79,10 +79,7 @@ public final class ControllerService {
             resp.state = s.state == .ready ? "SANDBOX_READY" : "SANDBOX_NOTREADY"
             resp.createdAt = Google_Protobuf_Timestamp(s.createdAt)
             if let at = s.exitedAt { resp.exitedAt = Google_Protobuf_Timestamp(at) }
-            if s.state != .created {
-                resp.address = s.taskAddressOverride ?? ("ttrpc+unix://" + s.taskSocket)
-                resp.version = s.taskAddressOverride == nil ? 3 : s.taskVersionOverride
-            }
+            if s.state != .created { (resp.address, resp.version) = s.taskEndpoint }
             if r.verbose {
                 var info: [String: Any] = backend?.statusInfo(s) ?? [:]
                 info["kind"] = s.kind
@@ -247,14 +244,11 @@ public final class ControllerService {
                     call.fail(RPCError(.internal, "sandbox \(s.id): the Task API at \(s.taskSocket): \(error)"))
                     return
                 }
-                resp.address = "ttrpc+unix://" + s.taskSocket
-                resp.version = 3
             case .success(.address(let address, let version)):
                 s.taskAddressOverride = address
                 s.taskVersionOverride = version
-                resp.address = address
-                resp.version = version
             }
+            (resp.address, resp.version) = s.taskEndpoint
             s.state = .ready
             self.registry.save(s)
             resp.sandboxID = s.id

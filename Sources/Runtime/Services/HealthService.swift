@@ -43,8 +43,6 @@ public final class HealthService {
         }
     }
 
-    public func status(of service: String) -> Status? { statuses[service] }
-
     /// Sets a service's status and tells its watchers when it changed.
     public func set(_ service: String, _ status: Status) {
         guard statuses[service] != status else { return }
@@ -59,8 +57,6 @@ public final class HealthService {
         watchers.removeAll()
         for (_, w) in all where !w.call.isFinished { w.call.finish() }
     }
-
-    public var watcherCount: Int { watchers.count }
 
     static func response(_ status: Status) -> Grpc_Health_V1_HealthCheckResponse {
         var r = Grpc_Health_V1_HealthCheckResponse()

@@ -50,8 +50,10 @@ public final class OCIRuntime {
     /// Runs `<path> --root R [--log L --log-format json] <extra> <args>` with `stdio` as
     /// its fds 0–2 (nil: /dev/null, stderr to a file we read back); `done` gets its stdout
     /// (a file too) on exit 0, else the error naming what it said.
+    /// `context` ("pause c2") leads the message of a failure.
     public func run(_ args: [String], root: String? = nil, stdio: [(from: Int32, to: Int32)]? = nil, deadlineNS: UInt64? = nil,
-                    done: @escaping (Result<String, RPCError>) -> Void) {
+                    context: String? = nil, done reply: @escaping (Result<String, RPCError>) -> Void) {
+        let done = context.map { c in { (r: Result<String, RPCError>) in reply(r.mapError { RPCError($0.code, "\(c): \($0.message)") }) } } ?? reply
         seq += 1
         let base = "\(workDir)/call-\(seq)"
         let outPath = base + ".out", errPath = base + ".err", logPath = base + ".log"

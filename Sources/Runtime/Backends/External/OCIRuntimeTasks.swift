@@ -155,15 +155,10 @@ public final class OCIRuntimeTasks: TaskBackend {
             Files.removeTree(ownBundle)
             throw RPCError(.internal, "container \(r.id): its bundle: \(error)")
         }
-        var mounted = 0
-        for (i, m) in r.rootfs.enumerated() {
-            do { try RootfsMounts.mount(m.type, source: m.source, options: m.options, at: rootfs) } catch {
-                for _ in 0..<i { try? Mounts.unmount(rootfs, lazy: true) }
-                Files.removeTree(ownBundle)
-                if let e = error as? RPCError { throw e }
-                throw RPCError(.invalidArgument, "rootfs mount \(i + 1) of \(r.rootfs.count) (\(m.type) \(m.source)): \(error)")
-            }
-            mounted += 1
+        let mounted: Int
+        do { mounted = try RootfsMounts.mountAll(r.rootfs, at: rootfs) } catch {
+            Files.removeTree(ownBundle)
+            throw error
         }
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.containerID = r.id
@@ -174,7 +169,7 @@ public final class OCIRuntimeTasks: TaskBackend {
             io = try ProcessIO(reactor: reactor, paths: stdio, supervisor: runtime.supervisor)
             console = r.terminal ? try consoleSocket() : nil
         } catch {
-            for _ in 0..<mounted { try? Mounts.unmount(rootfs, lazy: true) }
+            RootfsMounts.unmount(count: mounted, at: rootfs)
             Files.removeTree(ownBundle)
             throw error
         }
@@ -183,7 +178,8 @@ public final class OCIRuntimeTasks: TaskBackend {
         pending[s.id, default: []].insert(r.id)
         let pidFile = ownBundle + "/init.pid"
         let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
-        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+        runtime.run(["create", "--bundle", ownBundle, "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil,
+                    context: "create \(r.id)") { [weak self] result in
             defer { console?.close() }
             guard let self else { return }
             self.pending[s.id]?.remove(r.id)
@@ -193,7 +189,7 @@ public final class OCIRuntimeTasks: TaskBackend {
                 reply(.failure(e))
             }
             switch result {
-            case .failure(let e): failed(RPCError(e.code, "create \(r.id): \(e.message)"))
+            case .failure(let e): failed(e)
             case .success:
                 do {
                     if let console {
@@ -255,7 +251,7 @@ public final class OCIRuntimeTasks: TaskBackend {
     }
 
     private func undo(_ t: Task) {
-        for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
+        RootfsMounts.unmount(count: t.mounted, at: t.rootfs)
         t.mounted = 0
         Files.removeTree(t.ownBundle)
     }
@@ -265,9 +261,9 @@ public final class OCIRuntimeTasks: TaskBackend {
         let p = try process(t, r.execID)
         guard !p.started else { throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") was already started") }
         if r.execID.isEmpty {
-            runtime.run(["start", r.id], root: runtime.root(of: s.id)) { [self] result in
+            runtime.run(["start", r.id], root: runtime.root(of: s.id), context: "start \(r.id)") { [self] result in
                 switch result {
-                case .failure(let e): reply(.failure(RPCError(e.code, "start \(r.id): \(e.message)")))
+                case .failure(let e): reply(.failure(e))
                 case .success:
                     p.started = true
                     self.registry.save(s)
@@ -286,12 +282,13 @@ public final class OCIRuntimeTasks: TaskBackend {
         guard let io = p.io else { throw RPCError(.failedPrecondition, "exec \(r.execID) was recovered: it cannot be started again") }
         let console = p.stdio.terminal ? try consoleSocket() : nil
         let consoleArgs = console.map { ["--console-socket", $0.path] } ?? []
-        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil) { [weak self] result in
+        runtime.run(["exec", "--process", dir + "/process.json", "--detach", "--pid-file", pidFile] + consoleArgs + [r.id], root: runtime.root(of: s.id), stdio: console == nil ? io.stdioMap : nil,
+                    context: "exec \(r.execID) in \(r.id)") { [weak self] result in
             defer { console?.close() }
             guard let self else { return }
             defer { self.runtime.supervisor.releaseStrays() }
             switch result {
-            case .failure(let e): reply(.failure(RPCError(e.code, "exec \(r.execID) in \(r.id): \(e.message)")))
+            case .failure(let e): reply(.failure(e))
             case .success:
                 do {
                     if let console {
@@ -317,10 +314,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         let t = try task(r.id, s)
         try Identifier.validate(r.execID, what: "exec")
         guard t.execs[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in \(r.id)") }
-        let process: OCISpec.Process
-        do { process = try JSONDecoder().decode(OCISpec.Process.self, from: r.spec.value) } catch {
-            throw RPCError(.invalidArgument, "exec \(r.execID): spec is not an OCI process JSON: \(error)")
-        }
+        let process = try TaskPayloads.process(r)
         try OCISpec.validate(process: process, field: "process")
         let dir = t.ownBundle + "/exec-" + r.execID
         try makeDirectories(dir, mode: 0o700)
@@ -382,18 +376,8 @@ public final class OCIRuntimeTasks: TaskBackend {
     public func state(_ r: Containerd_Task_V2_StateRequest, in s: Sandbox) throws -> Containerd_Task_V2_StateResponse {
         let t = try task(r.id, s)
         let p = try process(t, r.execID)
-        var resp = Containerd_Task_V2_StateResponse()
-        resp.id = r.execID.isEmpty ? t.id : r.execID
-        resp.execID = r.execID
-        resp.bundle = t.bundle
-        resp.pid = UInt32(p.pid)
-        if p.exited != nil { resp.status = .stopped } else if !p.started { resp.status = .created } else if t.paused && p.execID.isEmpty { resp.status = .paused } else { resp.status = .running }
-        resp.stdin = p.stdio.stdin
-        resp.stdout = p.stdio.stdout
-        resp.stderr = p.stdio.stderr
-        resp.exitStatus = UInt32(bitPattern: p.exited?.0.code ?? 0)
-        resp.exitedAt = Google_Protobuf_Timestamp(p.exited?.1)
-        return resp
+        let status: Containerd_V1_Types_Status = p.exited != nil ? .stopped : !p.started ? .created : t.paused && p.execID.isEmpty ? .paused : .running
+        return Containerd_Task_V2_StateResponse(r, bundle: t.bundle, pid: p.pid, status: status, stdio: p.stdio, exit: p.exited?.0, exitedAt: p.exited?.1)
     }
 
     // MARK: Signals, freezing, resources
@@ -403,9 +387,7 @@ public final class OCIRuntimeTasks: TaskBackend {
         let p = try process(t, r.execID)
         let signal = Int32(bitPattern: r.signal)
         if r.all && r.execID.isEmpty {
-            runtime.run(["kill", "--all", r.id, String(signal)], root: runtime.root(of: s.id)) { result in
-                reply(result.map { _ in () }.mapError { RPCError($0.code, "kill \(r.id): \($0.message)") })
-            }
+            runtime.run(["kill", "--all", r.id, String(signal)], root: runtime.root(of: s.id), context: "kill \(r.id)") { reply($0.map { _ in () }) }
             return
         }
         guard p.exited == nil, p.pidfd >= 0 else { throw RPCError(.notFound, "process \(p.pid) has already exited") }
@@ -416,37 +398,33 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["pause", r.id], root: runtime.root(of: s.id)) { [self] result in
+        runtime.run(["pause", r.id], root: runtime.root(of: s.id), context: "pause \(r.id)") { [self] result in
             if case .success = result { t.paused = true; self.registry.save(s) }
-            reply(result.map { _ in () }.mapError { RPCError($0.code, "pause \(r.id): \($0.message)") })
+            reply(result.map { _ in () })
         }
     }
 
     public func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        runtime.run(["resume", r.id], root: runtime.root(of: s.id)) { [self] result in
+        runtime.run(["resume", r.id], root: runtime.root(of: s.id), context: "resume \(r.id)") { [self] result in
             if case .success = result { t.paused = false; self.registry.save(s) }
-            reply(result.map { _ in () }.mapError { RPCError($0.code, "resume \(r.id): \($0.message)") })
+            reply(result.map { _ in () })
         }
     }
 
     public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
         let t = try task(r.id, s)
-        do { _ = try JSONDecoder().decode(OCISpec.Resources.self, from: r.resources.value) } catch {
-            throw RPCError(.invalidArgument, "update \(r.id): resources are not OCI LinuxResources JSON: \(error)")
-        }
+        _ = try TaskPayloads.resources(r)
         let file = t.ownBundle + "/resources.json"
         try Files.writeAtomically(file, Array(r.resources.value), mode: 0o600)
-        runtime.run(["update", "--resources", file, r.id], root: runtime.root(of: s.id)) { result in
-            reply(result.map { _ in () }.mapError { RPCError($0.code, "update \(r.id): \($0.message)") })
-        }
+        runtime.run(["update", "--resources", file, r.id], root: runtime.root(of: s.id), context: "update \(r.id)") { reply($0.map { _ in () }) }
     }
 
     public func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
         _ = try task(r.id, s)
-        runtime.run(["ps", "--format", "json", r.id], root: runtime.root(of: s.id)) { result in
+        runtime.run(["ps", "--format", "json", r.id], root: runtime.root(of: s.id), context: "ps \(r.id)") { result in
             switch result {
-            case .failure(let e): reply(.failure(RPCError(e.code, "ps \(r.id): \(e.message)")))
+            case .failure(let e): reply(.failure(e))
             case .success(let out):
                 guard let pids = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [Int] else {
                     reply(.failure(RPCError(.internal, "ps \(r.id): not a JSON list of pids: \(out.prefix(100))")))
@@ -483,12 +461,7 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func wait(_ r: Containerd_Task_V2_WaitRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
         let p = try process(try task(r.id, s), r.execID)
-        let answer = { (status: ExitStatus, at: WallTime) in
-            var resp = Containerd_Task_V2_WaitResponse()
-            resp.exitStatus = UInt32(bitPattern: status.code)
-            resp.exitedAt = Google_Protobuf_Timestamp(at)
-            reply(.success(resp))
-        }
+        let answer = { (status: ExitStatus, at: WallTime) in reply(.success(Containerd_Task_V2_WaitResponse(status, at: at))) }
         if let (status, at) = p.exited { answer(status, at); return nil }
         let token = p.waiters.add(answer)
         return { [weak p] in p?.waiters.remove(token) }
@@ -498,24 +471,10 @@ public final class OCIRuntimeTasks: TaskBackend {
 
     public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
         let live = (tasks[s.id] ?? [:]).values.filter { $0.initProcess.exited == nil && $0.initProcess.pidfd >= 0 }
-        guard !live.isEmpty else { done(); return }
-        var remaining = live.count
-        var timer: TimerID?
-        for t in live {
-            if t.paused { runtime.run(["resume", t.id], root: runtime.root(of: s.id)) { _ in } }
-            try? sendSignal(pidfd: t.initProcess.pidfd, timeoutSecs == 0 ? SIGKILL : SIGTERM)
-            _ = t.initProcess.waiters.add { [weak self] _ in
-                remaining -= 1
-                guard remaining == 0 else { return }
-                if let timer { self?.reactor.cancel(timer) }
-                done()
-            }
-        }
-        if timeoutSecs > 0 {
-            timer = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000) {
-                for t in live where t.initProcess.exited == nil && t.initProcess.pidfd >= 0 { try? sendSignal(pidfd: t.initProcess.pidfd, SIGKILL) }
-            }
-        }
+        for t in live where t.paused { runtime.run(["resume", t.id], root: runtime.root(of: s.id)) { _ in } }
+        stopGroup(Array(live), timeoutSecs: timeoutSecs, reactor: reactor,
+                  signal: { t, sig in if t.initProcess.pidfd >= 0 { try? sendSignal(pidfd: t.initProcess.pidfd, sig) } },
+                  isGone: { $0.initProcess.exited != nil }, whenGone: { t, gone in _ = t.initProcess.waiters.add { _ in gone() } }, done: done)
     }
 
     public func killAll(in s: Sandbox) {
@@ -539,7 +498,7 @@ public final class OCIRuntimeTasks: TaskBackend {
                 oneDone()
             }
             for p in [t.initProcess] + Array(t.execs.values) { p.io?.close() }
-            for _ in 0..<t.mounted { try? Mounts.unmount(t.rootfs, lazy: true) }
+            RootfsMounts.unmount(count: t.mounted, at: t.rootfs)
             t.mounted = 0
         }
     }
