@@ -63,6 +63,20 @@ extension AllTests {
         }
     }
 
+    /// containerd's fixture spec with our args, the runtime's cgroup at `<cgroupRoot>/<name>`.
+    static func bundle(_ node: PodTests.Node, _ name: String, holder: pid_t, cgroupRoot: String, _ args: [String], terminal: Bool = false) throws -> String {
+        try node.bundle(name, pid: holder, args: args) { json in
+            var linux = json["linux"] as! [String: Any]
+            linux["cgroupsPath"] = cgroupRoot + "/" + name
+            json["linux"] = linux
+            if terminal {
+                var p = json["process"] as! [String: Any]
+                p["terminal"] = true
+                json["process"] = p
+            }
+        }
+    }
+
     static func call<Resp: SwiftProtobuf.Message>(_ t: OneShotClient, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
         try t.call(task, m, r, as: Resp.self, namespace: "k8s.io")
     }
@@ -75,11 +89,7 @@ extension AllTests {
         try PodTests.Node.with("ext-\(runtime)", config: try Self.config(scratch)) { node in
             let (holder, address) = try node.runPod("xp", PodTests.podConfig(hostname: "xp-\(runtime)"), sandboxer: "kuasar-\(runtime)")
             func bundle(_ name: String, _ args: [String]) throws -> String {
-                try node.bundle(name, pid: holder, args: args) { json in
-                    var linux = json["linux"] as! [String: Any]
-                    linux["cgroupsPath"] = cgroupRoot + "/" + name
-                    json["linux"] = linux
-                }
+                try Self.bundle(node, name, holder: holder, cgroupRoot: cgroupRoot, args)
             }
             let t = try OneShotClient(path: address)
             defer { t.close() }
@@ -108,14 +118,7 @@ extension AllTests {
             #expect(d1.exitStatus == 3 && d1.pid == created.pid)
 
             // A terminal: the runtime sends the pty's master to our --console-socket.
-            let bt = try node.bundle("ct", pid: holder, args: ["sh", "-c", "tty; echo tty-ok"]) { json in
-                var linux = json["linux"] as! [String: Any]
-                linux["cgroupsPath"] = cgroupRoot + "/ct"
-                json["linux"] = linux
-                var p = json["process"] as! [String: Any]
-                p["terminal"] = true
-                json["process"] = p
-            }
+            let bt = try Self.bundle(node, "ct", holder: holder, cgroupRoot: cgroupRoot, ["sh", "-c", "tty; echo tty-ok"], terminal: true)
             create.id = "ct"
             create.bundle = bt
             create.terminal = true
@@ -289,11 +292,7 @@ extension AllTests {
         try PodTests.Node.with("ext-rec", config: try Self.config(scratch), keep: true) { node in
             let (holder, address) = try node.runPod("rp", PodTests.podConfig(hostname: "rp"), sandboxer: "kuasar-crun")
             func run(_ id: String, _ args: [String]) throws -> (pid: UInt32, bundle: String) {
-                let b = try node.bundle(id, pid: holder, args: args) { json in
-                    var linux = json["linux"] as! [String: Any]
-                    linux["cgroupsPath"] = cgroupRoot + "/" + id
-                    json["linux"] = linux
-                }
+                let b = try Self.bundle(node, id, holder: holder, cgroupRoot: cgroupRoot, args)
                 let t = try OneShotClient(path: address)
                 defer { t.close() }
                 var create = Containerd_Task_V3_CreateTaskRequest()
