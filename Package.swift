@@ -1,4 +1,4 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.1
 import PackageDescription
 
 // The runtime: one C shim module for what Swift cannot call, one target per layer of
@@ -16,12 +16,15 @@ let package = Package(
     products: [
         .executable(name: "kuasar", targets: ["kuasar"]),
         .executable(name: "kuasar-keeper", targets: ["kuasar-keeper"]),
+        .executable(name: "kuasar-agent", targets: ["kuasar-agent"]),
         .library(name: "Runtime", targets: ["Runtime"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
-        .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
+        // No traits: BinaryDelimitedStreams imports full Foundation, which every module
+        // that imports SwiftProtobuf would then link (the guest agent too).
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0", traits: []),
         // HPACK only (RFC 7541, Huffman, dynamic table): its encoder and decoder are
         // plain values, used on our loop thread; no NIO event loop is ever started.
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
@@ -51,8 +54,13 @@ let package = Package(
         .target(
             name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor"),
         .target(
-            name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf, hpack],
-            path: "Sources/Runtime/Wire"),
+            name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf],
+            path: "Sources/Runtime/Wire", exclude: ["GRPC", "HTTP2"]),
+        // HTTP/2 and gRPC (containerd's sandbox Controller, health) apart from ttrpc: HPACK
+        // brings swift-nio's modules, which the guest agent (ttrpc only) must not link.
+        .target(
+            name: "KuasarGRPC", dependencies: ["KuasarReactor", "KuasarSystem", "KuasarWire", logging, protobuf, hpack],
+            path: "Sources/Runtime/Wire", sources: ["GRPC", "HTTP2"]),
         .target(
             name: "KuasarContainer", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", logging],
             path: "Sources/Runtime/Container"),
@@ -65,27 +73,44 @@ let package = Package(
         .target(
             name: "KuasarExternal", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Backends/External"),
+        // The Task service and the events publisher: the part of the API layer the guest
+        // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials
+        // only, like every layer below it): the agent's static binary stays small.
         .target(
-            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf,
+            name: "KuasarTasks", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            path: "Sources/Runtime/Services/Task"),
+        .target(
+            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarTasks", logging, protobuf,
                                                   .product(name: "TOMLKit", package: "TOMLKit")],
-            path: "Sources/Runtime/Services"),
+            path: "Sources/Runtime/Services", exclude: ["Task"]),
+        // What runs inside a VM as PID 1 (and, for tests and the task-server kind, as a
+        // plain process with --listen): early init, the channels, the Task service on
+        // the container engine, and the agent's own service (stdio streams, events).
+        .target(
+            name: "KuasarAgent", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarTasks", logging, protobuf],
+            path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarServices"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
+        // The guest's PID 1 on its own: only the agent's layers, no argument parser, no
+        // TOMLKit, no full Foundation, so `make guest` can link it statically and small.
+        .executableTarget(name: "kuasar-agent", dependencies: ["KuasarAgent", "CAgentInit"]),
+        // Before-main /proc for PID 1: a C constructor, linked into the agent binary only.
+        .target(name: "CAgentInit"),
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarServices",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarServices", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

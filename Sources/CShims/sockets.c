@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -85,4 +86,9 @@ pid_t ks_peer_pid(int fd) {
     socklen_t len = sizeof cred;
     if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return 0;
     return cred.pid;
+}
+
+int ks_finit_module(int fd) {
+    long r = syscall(SYS_finit_module, fd, "", 0);
+    return r < 0 ? -errno : 0;
 }

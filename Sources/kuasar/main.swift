@@ -5,11 +5,14 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
 import KuasarNamespace
 import KuasarExternal
 import KuasarServices
+import KuasarTasks
+import KuasarAgent
 
 #if canImport(Glibc)
 import Glibc
@@ -386,6 +389,16 @@ if invokedAs.hasPrefix("containerd-shim-kuasar") {
 }
 if CommandLine.arguments.count > 1 && CommandLine.arguments[1] == "shim" {
     exit(runShim(Array(CommandLine.arguments.dropFirst(2))))
+}
+// The guest agent's own parser (the static kuasar-agent has no ArgumentParser), so both
+// binaries take the same flags.
+if CommandLine.arguments.count > 1 && CommandLine.arguments[1] == "agent" {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = .info
+        return h
+    }
+    exit(AgentMain.main(Array(CommandLine.arguments.dropFirst(2))))
 }
 Kuasar.main()
 

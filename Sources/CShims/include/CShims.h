@@ -236,6 +236,10 @@ int ks_memfd(const char *name);
 // ---- sockets and terminals ------------------------------------------------------
 /// A vsock address family socket bound or connected to (cid, port).
 int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
+
+// ---- kernel modules (the guest agent) -----------------------------------------
+/// finit_module(2) of an open .ko with no parameters; 0 or -errno (-EEXIST: loaded).
+int ks_finit_module(int fd);
 int ks_vsock_connect(int fd, uint32_t cid, uint32_t port);
 int ks_af_vsock(void);
 /// The pid of a unix socket's peer (SO_PEERCRED), 0 if unknown.

@@ -1,7 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import KuasarOCI
 import KuasarSystem
 import KuasarReactor
@@ -34,7 +38,7 @@ struct HookRunner {
         var obj: [String: Any] = ["ociVersion": c.spec.ociVersion, "id": c.id, "status": status, "bundle": c.bundle]
         if c.initProcess.pid > 0 { obj["pid"] = Int(c.initProcess.pid) }
         if let a = c.spec.annotations { obj["annotations"] = a }
-        return [UInt8]((try? JSONSerialization.data(withJSONObject: obj)) ?? Data())
+        return JSONWriter.bytes(obj)
     }
 
     /// Runs the hooks of `phases` in order; `done` gets the first failure (nil: all ran).

@@ -1,7 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import KuasarOCI
 import KuasarSystem
 import KuasarReactor
@@ -236,14 +240,14 @@ public final class ProcessIO {
         let uri = paths.stdout
         let rest = String(uri.dropFirst("binary://".count))
         let parts = rest.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-        let path = String(parts[0]).removingPercentEncoding ?? String(parts[0])
+        let path = String(parts[0]).percentDecoded ?? String(parts[0])
         guard path.hasPrefix("/") else { throw SystemError("binary log driver", "\(uri): the path must be absolute", errno: .EINVAL) }
         var args = [path]
         if parts.count == 2 {
             for item in parts[1].split(separator: "&") {
                 let kv = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-                args.append(String(kv[0]).removingPercentEncoding ?? String(kv[0]))
-                if kv.count == 2, !kv[1].isEmpty { args.append(String(kv[1]).removingPercentEncoding ?? String(kv[1])) }
+                args.append(String(kv[0]).percentDecoded ?? String(kv[0]))
+                if kv.count == 2, !kv[1].isEmpty { args.append(String(kv[1]).percentDecoded ?? String(kv[1])) }
             }
         }
         let out = try makePipe(nonBlocking: false), err = try makePipe(nonBlocking: false), ready = try makePipe(nonBlocking: false)

@@ -1,7 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import KuasarOCI
 import KuasarSystem
 import KuasarReactor
@@ -41,6 +45,6 @@ public enum RuntimeFeatures {
     }
 
     public static func json(cgroups: CgroupHost?) -> Data {
-        (try? JSONSerialization.data(withJSONObject: document(cgroups: cgroups), options: [.sortedKeys])) ?? Data()
+        Data(JSONWriter.bytes(document(cgroups: cgroups)))
     }
 }

@@ -4,8 +4,11 @@
 @_exported import KuasarSystem
 @_exported import KuasarReactor
 @_exported import KuasarWire
+@_exported import KuasarGRPC
 @_exported import KuasarContainer
 @_exported import KuasarSandbox
 @_exported import KuasarNamespace
 @_exported import KuasarExternal
 @_exported import KuasarServices
+@_exported import KuasarTasks
+@_exported import KuasarAgent

@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// The OCI runtime spec (config.json, 1.0–1.2): the fields this runtime acts on. Fields
 /// it cannot honour on this host (AppArmor, SELinux, Intel RDT, ...) are decoded so they

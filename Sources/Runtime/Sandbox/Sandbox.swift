@@ -96,6 +96,9 @@ public final class Sandbox {
     /// Set for a CRI pod: its containers get /etc/hostname, /etc/hosts, /etc/resolv.conf
     /// from these files and, when they share its IPC namespace, its /dev/shm.
     public var isPod = false
+    /// The pod's namespaces are those of the process serving it (the guest agent, whose
+    /// VM is the pod): a container joining them is what is asked, not the host's.
+    public var namespacesAreServers = false
     public var hasShm = false
     public var hostnameFile: String { stateDir + "/hostname" }
     public var hostsFile: String { stateDir + "/hosts" }
@@ -142,6 +145,7 @@ public final class Sandbox {
             if let h = holder, pid == String(h.pid), let file = pinned[type] { ns[i].path = file; continue }
             // By name for every sandbox; for a pod also by identity, whoever's pid the path
             // names (containerd leaves out what a host-network pod shares).
+            if namespacesAreServers { continue }
             if pid == "self" || pid == "thread-self" || pid == DaemonNamespaces.pid || (isPod && DaemonNamespaces.isDaemons(path, type: type)) {
                 throw SpecError("linux.namespaces[\(type)].path",
                                 "\(path) is the kuasar daemon's own namespace (the host's); a pod's containers join the pid that Controller.Start returned\(holder.map { " (\($0.pid))" } ?? "")")

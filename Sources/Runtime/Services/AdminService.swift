@@ -9,6 +9,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// The daemon's own control service on `<root>/admin.sock` (ttrpc, 0600): how the shim
 /// binary registers sandboxes and how the CLI lists and cleans up.

@@ -9,6 +9,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// What `kuasar run`, `exec`, `ps` and `kill` do: they are clients of the daemon like
 /// containerd is — admin.sock to find or make a sandbox, then the sandbox's Task API —

@@ -5,6 +5,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// The daemon's configuration: `/etc/kuasar/config.toml`, or the file `--config` names,
 /// over the embedded defaults below — so the daemon runs with no file at all, and a file

@@ -8,8 +8,10 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// containerd 2.x's sandboxer endpoint: `containerd.services.sandbox.v1.Controller` over
 /// gRPC on the daemon's socket. Dispatches each sandbox to the backend of its kind (the

@@ -6,17 +6,13 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
-public enum KuasarVersion {
-    public static let string = "0.1.0"
-}
-
-/// The daemon process: one reactor, the API socket, the children it supervises.
-///
-/// At this stage the API socket speaks a line protocol with one request, `health`;
-/// gRPC (Sandbox API) and ttrpc (Task API) replace it.
+/// The daemon process: one reactor, the API socket (gRPC: the sandbox Controller and
+/// health), the admin socket (ttrpc), and the children it supervises.
 public final class Daemon {
     let options: KuasarConfig
     let logger: Logger

@@ -6,8 +6,10 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// The standard gRPC health service (`grpc.health.v1.Health`) on the API socket, as
 /// grpc_health_probe, grpcurl and Kubernetes' gRPC probes call it. Services: "" (the

@@ -8,6 +8,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// A ttrpc client with its own short-lived reactor, for tools that make a few calls and
 /// exit (the shim binary, the CLI). The daemon itself never uses this.

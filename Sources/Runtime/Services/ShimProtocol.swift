@@ -9,6 +9,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarTasks
 
 /// `containerd-shim-kuasar-v2`: the shim v2 binary protocol containerd 1.6/1.7 (and 2.x
 /// without a sandboxer) speaks to a runtime. `start` makes sure the daemon runs,

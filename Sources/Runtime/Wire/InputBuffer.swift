@@ -3,24 +3,26 @@ import KuasarReactor
 /// Bytes received from a peer and not yet taken by a frame decoder. Indices are
 /// relative to the first unconsumed byte. The consumed prefix is dropped once it
 /// dominates, so a long-lived connection keeps only what it has not parsed yet.
-struct InputBuffer: Sendable {
+package struct InputBuffer: Sendable {
     private var bytes: [UInt8] = []
     private var start = 0
 
-    var count: Int { bytes.count - start }
+    package var count: Int { bytes.count - start }
 
-    subscript(i: Int) -> UInt8 { bytes[start + i] }
+    package init() {}
 
-    func slice(_ range: Range<Int>) -> ArraySlice<UInt8> {
+    package subscript(i: Int) -> UInt8 { bytes[start + i] }
+
+    package func slice(_ range: Range<Int>) -> ArraySlice<UInt8> {
         bytes[(start + range.lowerBound)..<(start + range.upperBound)]
     }
 
-    mutating func append(_ raw: UnsafeRawBufferPointer) {
+    package mutating func append(_ raw: UnsafeRawBufferPointer) {
         if start > 0 && start == bytes.count { reset() }
         bytes.append(contentsOf: raw)
     }
 
-    mutating func consume(_ n: Int) {
+    package mutating func consume(_ n: Int) {
         start += n
         compact()
     }

@@ -1,12 +1,17 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import NIOCore
 import NIOHPACK
 import SwiftProtobuf
 import KuasarSystem
 import KuasarReactor
+import KuasarWire
 
 /// A blocking gRPC client for unary calls over h2c on a unix socket: one call at a time
 /// on one connection (streams 1, 3, 5, …). For the CLI, benchmarks and tests — a peer
@@ -89,7 +94,7 @@ public final class GRPCClient {
                 let h = try hpackDecoder.decodeHeaders(from: &buffer)
                 if let s = h.first(name: "grpc-status") {
                     status = Int(s) ?? 2
-                    statusMessage = h.first(name: "grpc-message")?.removingPercentEncoding ?? ""
+                    statusMessage = h.first(name: "grpc-message")?.percentDecoded ?? ""
                 }
             case .rstStream where frame.streamID == id:
                 throw RPCError(.unavailable, "stream reset by the server")

@@ -3,6 +3,7 @@ import NIOHPACK
 import SwiftProtobuf
 import KuasarSystem
 import KuasarReactor
+import KuasarWire
 
 /// A gRPC server over our own HTTP/2, on the reactor: unary and server-streaming
 /// methods, metadata, `grpc-timeout` deadlines, trailers with `grpc-status` and

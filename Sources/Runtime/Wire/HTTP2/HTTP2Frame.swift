@@ -1,5 +1,6 @@
 import KuasarSystem
 import KuasarReactor
+import KuasarWire
 /// HTTP/2 framing (RFC 9113 §4): a 9-byte header — length (24 bits), type, flags,
 /// stream id (31 bits) — then the payload. Pure bytes: nothing here touches a descriptor.
 public enum HTTP2 {

@@ -3,6 +3,7 @@ import NIOCore
 import NIOHPACK
 import KuasarSystem
 import KuasarReactor
+import KuasarWire
 
 /// The server side of one HTTP/2 connection (h2c with prior knowledge, as containerd
 /// dials a unix socket), on the reactor. It owns the HPACK state, the streams and both

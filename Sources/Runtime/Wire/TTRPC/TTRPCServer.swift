@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import SwiftProtobuf
 import KuasarSystem
@@ -62,9 +66,11 @@ public final class TTRPCServer {
         try listeners.listen(reactor: reactor, path: path) { [unowned self] conn in self.serve(conn) }
     }
 
-    /// Serves an already connected stream (an accepted socket, a VM agent channel).
-    public func serve(_ fd: consuming OwnedFD) {
+    /// Serves an already connected stream (an accepted socket, a VM agent channel);
+    /// `onClose` runs once it has closed (a channel that must be opened again).
+    public func serve(_ fd: consuming OwnedFD, onClose: (() -> Void)? = nil) {
         let conn = TTRPCServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd))
+        conn.onClosed = onClose
         connections.insert(conn)
         conn.start()
     }
@@ -88,6 +94,7 @@ final class TTRPCServerConnection {
     private var calls: [UInt32: TTRPCServerCall] = [:]
     private var heldRequestBytes = 0
     private var closed = false
+    var onClosed: (() -> Void)?
 
     init(server: TTRPCServer, connection: Connection) {
         self.server = server
@@ -124,6 +131,7 @@ final class TTRPCServerConnection {
         for call in Array(calls.values) { call.cancel(RPCError(.cancelled, "client disconnected")) }
         calls.removeAll()
         server.connectionClosed(self)
+        if let f = onClosed { onClosed = nil; f() }
     }
 
     private func handle(_ item: TTRPCDecoded) {

@@ -1,7 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import SwiftProtobuf
 import KuasarOCI
@@ -37,8 +41,9 @@ public final class EventPublisher {
         self.logger = logger
     }
 
-    /// The type URL containerd's typeurl gives a protobuf event: its full message name.
-    public func publish<M: SwiftProtobuf.Message>(namespace: String, topic: String, _ event: M) {
+    /// containerd's Envelope of one event. The type URL containerd's typeurl gives a
+    /// protobuf event is its full message name.
+    public static func envelope<M: SwiftProtobuf.Message>(namespace: String, topic: String, _ event: M) -> Containerd_Services_Events_Ttrpc_V1_Envelope {
         var env = Containerd_Services_Events_Ttrpc_V1_Envelope()
         env.timestamp = Google_Protobuf_Timestamp(WallTime.now())
         env.namespace = namespace
@@ -47,8 +52,17 @@ public final class EventPublisher {
         any.typeURL = M.protoMessageName
         any.value = (try? event.serializedData()) ?? Data()
         env.event = any
+        return env
+    }
+
+    public func publish<M: SwiftProtobuf.Message>(namespace: String, topic: String, _ event: M) {
+        publish(Self.envelope(namespace: namespace, topic: topic, event))
+    }
+
+    /// Forwards an envelope made elsewhere (a guest agent's event, relayed by its host).
+    public func publish(_ envelope: Containerd_Services_Events_Ttrpc_V1_Envelope) {
         var req = Containerd_Services_Events_Ttrpc_V1_ForwardRequest()
-        req.envelope = env
+        req.envelope = envelope
         if queue.count >= Self.maxQueued {
             queue.removeFirst()
             dropped += 1

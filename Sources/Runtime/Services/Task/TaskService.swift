@@ -1,7 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 import Logging
 import SwiftProtobuf
 import KuasarOCI
@@ -28,6 +32,10 @@ public final class TaskService: TaskEventSink {
     private var publishers: [String: EventPublisher] = [:]
     /// Runs after a sandbox lost its last container and its socket closed.
     public var onSandboxRemoved: ((String) -> Void)?
+    /// Sees every event as it is published, wrapped as containerd's Envelope (the guest
+    /// agent queues them for its host); containerd's publisher gets them as well when the
+    /// sandbox names an events address.
+    public var eventTap: ((Sandbox, Containerd_Services_Events_Ttrpc_V1_Envelope) -> Void)?
 
     /// Linux containers: the backend of shim-path sandboxes and of every kind that runs
     /// its containers with the OCI engine.
@@ -49,9 +57,17 @@ public final class TaskService: TaskEventSink {
         if backend.events == nil { backend.events = self }
         sandbox.taskBackend = backend
         let server = TTRPCServer(reactor: reactor, logger: logger)
-        for service in Self.services { register(server, service: service, sandbox: sandbox, backend: backend) }
+        register(on: server, sandbox: sandbox, backend: backend)
         try server.listen(path: sandbox.taskSocket)
         servers[sandbox.id] = server
+    }
+
+    /// Registers both Task API versions for `sandbox` on a server its owner listens with
+    /// (the guest agent's channels).
+    public func register(on server: TTRPCServer, sandbox: Sandbox, backend: TaskBackend) {
+        if backend.events == nil { backend.events = self }
+        sandbox.taskBackend = backend
+        for service in Self.services { register(server, service: service, sandbox: sandbox, backend: backend) }
     }
 
     public var openConnections: Int { servers.values.reduce(0) { $0 + $1.connectionCount } }
@@ -64,7 +80,7 @@ public final class TaskService: TaskEventSink {
         publishers.removeAll()
     }
 
-    func publisher(for sandbox: Sandbox) -> EventPublisher? {
+    package func publisher(for sandbox: Sandbox) -> EventPublisher? {
         guard !sandbox.eventsAddress.isEmpty else { return nil }
         if let p = publishers[sandbox.eventsAddress] { return p }
         let p = EventPublisher(reactor: reactor, address: sandbox.eventsAddress, logger: logger)
@@ -72,7 +88,8 @@ public final class TaskService: TaskEventSink {
         return p
     }
 
-    func publish<M: SwiftProtobuf.Message>(_ sandbox: Sandbox, _ topic: String, _ event: M) {
+    package func publish<M: SwiftProtobuf.Message>(_ sandbox: Sandbox, _ topic: String, _ event: M) {
+        if let eventTap { eventTap(sandbox, EventPublisher.envelope(namespace: sandbox.namespace, topic: topic, event)) }
         publisher(for: sandbox)?.publish(namespace: sandbox.namespace, topic: topic, event)
     }
 
@@ -96,7 +113,7 @@ public final class TaskService: TaskEventSink {
     }
 
     /// TaskDelete of a container's init: after Delete, and after the admin ForceDelete.
-    func publishDelete(_ sandbox: Sandbox, container id: String, pid: UInt32, exitStatus: UInt32, exitedAt: Google_Protobuf_Timestamp) {
+    package func publishDelete(_ sandbox: Sandbox, container id: String, pid: UInt32, exitStatus: UInt32, exitedAt: Google_Protobuf_Timestamp) {
         var e = Containerd_Events_TaskDelete()
         e.containerID = id
         e.id = id
@@ -224,11 +241,11 @@ public final class TaskService: TaskEventSink {
 
     /// A shim-path sandbox goes with its last container (Task Shutdown, ForceDelete); a pod
     /// made by the Controller is the Controller's to remove (its Shutdown).
-    func removeSandboxIfDone(_ sandbox: Sandbox) {
+    package func removeSandboxIfDone(_ sandbox: Sandbox) {
         if (sandbox.taskBackend ?? containers).isEmpty(sandbox) && sandbox.sandboxer == nil { removeSandbox(sandbox) }
     }
 
-    func removeSandbox(_ sandbox: Sandbox) {
+    package func removeSandbox(_ sandbox: Sandbox) {
         guard registry.sandboxes[sandbox.id] === sandbox else { return }
         if let server = servers.removeValue(forKey: sandbox.id) {
             // Answers already queued go out before the connections close.

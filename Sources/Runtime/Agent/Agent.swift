@@ -1,0 +1,413 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+import SwiftProtobuf
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+import KuasarTasks
+
+/// Where the agent serves: each a ttrpc channel carrying the Task API and the Agent service.
+public enum AgentChannel: Equatable, CustomStringConvertible, Sendable {
+    /// A unix socket (0600): `kuasar agent --listen` on a host, the task-server kind.
+    case unix(String)
+    /// AF_VSOCK on this port, any CID (a guest on a host with vhost-vsock).
+    case vsock(UInt32)
+    /// The virtio-serial port of this name (`/dev/vport*` whose sysfs name matches).
+    case serial(String)
+
+    public static let defaultVsockPort: UInt32 = 1024
+
+    public init(_ address: String) throws(AgentError) {
+        if address.hasPrefix("unix://") {
+            let path = String(address.dropFirst(7))
+            guard path.hasPrefix("/") else { throw AgentError("channel \(address): a unix path must be absolute") }
+            self = .unix(path)
+        } else if address.hasPrefix("vsock://") {
+            let port = address.dropFirst(8)
+            guard let p = UInt32(port.isEmpty ? "\(Self.defaultVsockPort)" : String(port)) else { throw AgentError("channel \(address): the vsock port must be a number") }
+            self = .vsock(p)
+        } else if address.hasPrefix("serial://") {
+            let name = String(address.dropFirst(9))
+            guard !name.isEmpty, !name.contains("/") else { throw AgentError("channel \(address): a virtio-serial port name, like serial://agent") }
+            self = .serial(name)
+        } else if address.hasPrefix("/") {
+            self = .unix(address)
+        } else {
+            throw AgentError("channel \"\(address)\": expected unix:///path, vsock://port or serial://name")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .unix(let p): "unix://\(p)"
+        case .vsock(let p): "vsock://\(p)"
+        case .serial(let n): "serial://\(n)"
+        }
+    }
+}
+
+public struct AgentError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
+public struct AgentOptions: Sendable {
+    public var channels: [AgentChannel] = []
+    /// The agent's state: stdio FIFOs, the sandbox's files.
+    public var root = "/run/kuasar-agent"
+    /// The sandbox id the containers belong to until the host's SetupSandbox names it.
+    public var sandboxID = "sandbox"
+    /// containerd's namespace for events (the host may rewrap them in its own).
+    public var namespace = "k8s.io"
+    /// containerd's ttrpc events address (TTRPC_ADDRESS), when the agent talks to
+    /// containerd directly (the task-server kind); events are also queued for NextEvents.
+    public var eventsAddress = ""
+    /// Bundles must lie below this directory (the host's share in a VM); nil: anywhere.
+    public var bundleRoot: String?
+    /// Cgroup parent of the containers (relative to the agent's own cgroup).
+    public var cgroupParent = "kuasar"
+    /// Guest-side timings of the boot, for Check (PID 1 fills it in).
+    public var bootMS: [String: Double] = [:]
+    public var debug = false
+    public init() {}
+}
+
+/// The guest agent: the Task API (v2 and v3) on the container engine, and the Agent
+/// service (`kuasar.agent.v1.Agent`: Check, SetupSandbox, SyncClock, events, stdio
+/// streams), on every channel it listens on. One sandbox: the VM (or the process's
+/// own namespaces with `--listen`) is the pod. Single-threaded on one reactor, like the
+/// daemon; as PID 1 it also reaps every orphan of the guest.
+public final class Agent {
+    public static let service = "kuasar.agent.v1.Agent"
+    public static let maxQueuedEvents = 10_000
+    let options: AgentOptions
+    let logger: Logger
+    let startedNS = MonotonicClock.nanoseconds()
+    private(set) var reactor: Reactor?
+    private var server: TTRPCServer?
+    private var listeners: [Listener] = []
+    private var supervisor: ProcessSupervisor?
+    private var tasks: TaskService?
+    private var streams: StdioStreams?
+    private var registry: SandboxRegistry?
+    private(set) var sandbox: Sandbox?
+    private var events: [Kuasar_Agent_V1_Event] = []
+    private var nextSeq: UInt64 = 1
+    private var eventWaiters: [(call: TTRPCServerCall, after: UInt64, max: Int)] = []
+    private var stopping = false
+    /// Events dropped because no host took them (the oldest go first).
+    public private(set) var droppedEvents = 0
+    public var isPID1: Bool { getpid() == 1 }
+
+    public init(options: AgentOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    /// Serves until SIGTERM/SIGINT (never returns as PID 1 unless the loop fails).
+    public func run() throws {
+        try Signals.block([SIGTERM, SIGINT, SIGCHLD])
+        Signals.ignoreSIGPIPE()
+        let reactor = try Reactor(logger: logger)
+        self.reactor = reactor
+        defer { shutdown() }
+        let supervisor = ProcessSupervisor(reactor: reactor)
+        self.supervisor = supervisor
+        // As PID 1 every orphan of the guest is ours to reap; otherwise our own strays.
+        try supervisor.enableSIGCHLDFallback()
+        try reactor.onSignals([SIGTERM, SIGINT]) { [unowned self] sig in
+            if self.isPID1 {
+                self.logger.info("signal \(sig) ignored: PID 1 serves until the VM powers off")
+                return
+            }
+            self.logger.info("signal \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): shutting down")
+            self.reactor?.stop()
+        }
+        try makeDirectories(options.root, mode: 0o700)
+        try makeDirectories(options.root + "/io", mode: 0o700)
+        let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
+        let registry = SandboxRegistry(root: options.root + "/sandboxes", engine: engine, logger: logger)
+        registry.cgroupRoot = options.cgroupParent
+        try makeDirectories(options.root + "/sandboxes", mode: 0o700)
+        self.registry = registry
+        let (sandbox, _) = try registry.register(id: options.sandboxID, namespace: options.namespace, eventsAddress: options.eventsAddress, save: false)
+        sandbox.isPod = true
+        sandbox.namespacesAreServers = true
+        try writePodFiles(sandbox, hostname: currentHostname(), dns: nil, hosts: [])
+        self.sandbox = sandbox
+        let streams = StdioStreams(reactor: reactor, dir: options.root + "/io")
+        self.streams = streams
+        let tasks = TaskService(registry: registry, reactor: reactor, logger: logger)
+        tasks.eventTap = { [unowned self] _, envelope in self.queue(envelope) }
+        self.tasks = tasks
+        let backend = AgentTasks(inner: tasks.containers, streams: streams, bundleRoot: options.bundleRoot)
+        let server = TTRPCServer(reactor: reactor, logger: logger)
+        tasks.register(on: server, sandbox: sandbox, backend: backend)
+        register(on: server)
+        self.server = server
+        for channel in options.channels { try open(channel) }
+        logger.info("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
+        try reactor.run()
+    }
+
+    /// Everything goes with the agent: its containers (SIGKILL), their cgroups (the
+    /// engine's reaper retries busy ones before it closes), the streams, the sockets.
+    private func shutdown() {
+        stopping = true
+        for l in listeners { l.close() }
+        listeners.removeAll()
+        server?.close()
+        server = nil
+        if let sandbox, let registry, registry.sandboxes[sandbox.id] === sandbox {
+            for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+            registry.remove(sandbox)
+            if let host = registry.engine.cgroups {
+                registry.engine.cgroupReaper.remove(host.existing(registry.cgroupRoot), owner: "the agent", kill: false)
+            }
+        }
+        streams?.closeAll()
+        streams = nil
+        tasks?.close()
+        tasks = nil
+        registry?.engine.close()
+        registry = nil
+        sandbox = nil
+        supervisor?.close()
+        supervisor = nil
+        for case .unix(let path) in options.channels { _ = unlink(path) }
+        reactor?.close()
+        reactor = nil
+    }
+
+    // MARK: channels
+
+    private func open(_ channel: AgentChannel) throws {
+        guard let server, let reactor else { return }
+        switch channel {
+        case .unix(let path):
+            try server.listen(path: path)
+        case .vsock(let port):
+            let fd = try Socket.listenVsock(port: port)
+            listeners.append(try Listener(reactor: reactor, fd: fd) { [unowned server] conn in server.serve(conn) })
+        case .serial(let name):
+            openSerial(name, attempt: 0)
+        }
+    }
+
+    /// A virtio-serial port reads EOF while no host end is connected, and drops what is
+    /// written while the guest has it closed: served again as soon as it closes.
+    private func openSerial(_ name: String, attempt: Int) {
+        guard !stopping, let server, let reactor else { return }
+        guard let dev = VirtioPorts.device(named: name) else {
+            if attempt == 0 || attempt % 100 == 0 { logger.warning("channel serial://\(name): no virtio-serial port of that name yet; retrying") }
+            _ = reactor.schedule(afterNS: 20_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }
+            return
+        }
+        let fd = Glibc.open(dev, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else {
+            logger.warning("channel serial://\(name): open \(dev): \(Errno(rawValue: errno))")
+            _ = reactor.schedule(afterNS: 20_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }
+            return
+        }
+        if attempt == 0 { logger.info("channel serial://\(name) is \(dev)") }
+        server.serve(OwnedFD(adopting: fd)) { [weak self] in
+            // The host closed (or was never there): open again shortly.
+            guard let self, !self.stopping, let reactor = self.reactor else { return }
+            _ = reactor.schedule(afterNS: 5_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }
+        }
+    }
+
+    // MARK: events
+
+    private func queue(_ envelope: Containerd_Services_Events_Ttrpc_V1_Envelope) {
+        var e = Kuasar_Agent_V1_Event()
+        e.seq = nextSeq
+        nextSeq += 1
+        e.envelope = envelope
+        if events.count >= Self.maxQueuedEvents {
+            events.removeFirst()
+            droppedEvents += 1
+            if droppedEvents == 1 || droppedEvents % 1000 == 0 { logger.warning("events: no host takes them; \(droppedEvents) dropped so far") }
+        }
+        events.append(e)
+        let waiters = eventWaiters
+        eventWaiters.removeAll()
+        for w in waiters { answerEvents(w.call, after: w.after, max: w.max) }
+    }
+
+    /// Answers with the events after `after` (acknowledging those up to it), or parks.
+    private func answerEvents(_ call: TTRPCServerCall, after: UInt64, max: Int) {
+        events.removeAll { $0.seq <= after }
+        guard !events.isEmpty else {
+            eventWaiters.append((call, after, max))
+            call.onCancel = { [weak self, weak call] _ in self?.eventWaiters.removeAll { $0.call === call } }
+            return
+        }
+        var resp = Kuasar_Agent_V1_NextEventsResponse()
+        resp.events = Array(events.prefix(max))
+        call.onCancel = nil
+        call.respond(resp)
+    }
+
+    // MARK: the Agent service
+
+    private func register(on server: TTRPCServer) {
+        func unary<Req: SwiftProtobuf.Message>(_ method: String, _ body: @escaping (TTRPCServerCall, Req) throws -> Void) {
+            server.registerUnary(service: Self.service, method: method, body)
+        }
+        unary("Check") { [unowned self] (call: TTRPCServerCall, _: Kuasar_Agent_V1_CheckRequest) in
+            var resp = Kuasar_Agent_V1_CheckResponse()
+            resp.version = KuasarVersion.string
+            resp.pid = UInt32(getpid())
+            resp.uptimeNs = MonotonicClock.nanoseconds() - self.startedNS
+            resp.sandboxID = self.sandboxName ?? self.sandbox?.id ?? ""
+            resp.kernel = GuestInit.kernelRelease()
+            resp.channels = self.options.channels.map(\.description)
+            resp.bootMs = self.options.bootMS
+            call.respond(resp)
+        }
+        unary("SetupSandbox") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_SetupSandboxRequest) in
+            try self.setup(r)
+            call.respond(Google_Protobuf_Empty())
+        }
+        unary("SyncClock") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_SyncClockRequest) in
+            guard self.isPID1 else {
+                throw RPCError(.failedPrecondition, "the agent is not PID 1 of a guest (pid \(getpid())): it does not set this host's clock")
+            }
+            var resp = Kuasar_Agent_V1_SyncClockResponse()
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            resp.previousUnixNs = Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec)
+            var ts = timespec(tv_sec: Int(r.hostUnixNs / 1_000_000_000), tv_nsec: Int(r.hostUnixNs % 1_000_000_000))
+            guard r.hostUnixNs > 0, clock_settime(CLOCK_REALTIME, &ts) == 0 else {
+                throw RPCError(.invalidArgument, "cannot set the clock to \(r.hostUnixNs) ns: \(Errno(rawValue: errno))")
+            }
+            call.respond(resp)
+        }
+        unary("NextEvents") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_NextEventsRequest) in
+            self.answerEvents(call, after: r.after, max: r.max == 0 ? 64 : Int(min(r.max, 1024)))
+        }
+        unary("ReadStdio") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_ReadStdioRequest) in
+            guard let s = self.streams?.output(r.containerID, r.execID, r.stream) else {
+                throw RPCError(.notFound, "no \(r.stream == .stderr ? "stderr" : "stdout") stream for container \(r.containerID)\(r.execID.isEmpty ? "" : " exec \(r.execID)") (Create and Exec make one for a `stream:` path)")
+            }
+            s.read(call, max: r.maxBytes == 0 ? 1 << 20 : Int(min(r.maxBytes, 4 << 20)))
+        }
+        unary("WriteStdin") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_WriteStdinRequest) in
+            guard let s = self.streams?.input(r.containerID, r.execID) else {
+                throw RPCError(.notFound, "no stdin stream for container \(r.containerID)\(r.execID.isEmpty ? "" : " exec \(r.execID)")")
+            }
+            s.write([UInt8](r.data), call: call)
+        }
+        unary("CloseStdin") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_CloseStdinRequest) in
+            guard let s = self.streams?.input(r.containerID, r.execID), let sandbox = self.sandbox else {
+                throw RPCError(.notFound, "no stdin stream for container \(r.containerID)\(r.execID.isEmpty ? "" : " exec \(r.execID)")")
+            }
+            s.whenDrained { [weak self] in
+                guard let self, let backend = sandbox.taskBackend else { return }
+                var close = Containerd_Task_V2_CloseIORequest()
+                close.id = r.containerID
+                close.execID = r.execID
+                close.stdin = true
+                do {
+                    try backend.closeIO(close, in: sandbox)
+                    call.respond(Google_Protobuf_Empty())
+                } catch {
+                    call.fail(RPCError.from(error))
+                }
+                _ = self
+            }
+        }
+    }
+
+    /// SetupSandbox: the pod's files always (its containers bind them); the guest's own
+    /// hostname and sysctls only as PID 1 — never a host's.
+    private func setup(_ r: Kuasar_Agent_V1_SetupSandboxRequest) throws {
+        guard let sandbox else { throw RPCError(.unavailable, "the agent is not serving yet") }
+        if !r.interfaces.isEmpty || !r.routes.isEmpty {
+            throw RPCError(.unimplemented, "network interfaces and routes are not set up by this agent yet (it has no netlink client); the guest keeps the interfaces the kernel brought up")
+        }
+        if !r.sandboxID.isEmpty {
+            try Identifier.validate(r.sandboxID, what: "sandbox")
+        }
+        for key in r.sysctls.keys {
+            guard !key.isEmpty, !key.contains(".."), !key.hasPrefix("/"), key.allSatisfy({ $0.isLetter || $0.isNumber || "._-/".contains($0) }) else {
+                throw RPCError(.invalidArgument, "sysctl \"\(key)\" is not a sysctl name")
+            }
+        }
+        if isPID1 {
+            if !r.hostname.isEmpty {
+                guard sethostname(r.hostname, r.hostname.utf8.count) == 0 else {
+                    throw RPCError(.invalidArgument, "hostname \"\(r.hostname)\": \(Errno(rawValue: errno))")
+                }
+            }
+            for (key, value) in r.sysctls.sorted(by: { $0.key < $1.key }) {
+                let path = "/proc/sys/" + String(key.map { $0 == "." ? "/" : $0 })
+                do { try Files.write(path, value) } catch { throw RPCError(.invalidArgument, "sysctl \(key)=\(value): \(error)") }
+            }
+        } else if !r.sysctls.isEmpty {
+            throw RPCError(.failedPrecondition, "the agent is not PID 1 of a guest: it does not set this host's sysctls")
+        }
+        let dns = (r.dnsServers.isEmpty && r.dnsSearches.isEmpty && r.dnsOptions.isEmpty) ? nil : (r.dnsServers, r.dnsSearches, r.dnsOptions)
+        try writePodFiles(sandbox, hostname: r.hostname.isEmpty ? currentHostname() : r.hostname, dns: dns, hosts: r.hosts)
+        if !r.sandboxID.isEmpty { sandboxName = r.sandboxID }
+        logger.info("sandbox \(r.sandboxID.isEmpty ? sandbox.id : r.sandboxID) set up: hostname \(r.hostname.isEmpty ? "(kept)" : r.hostname), \(r.dnsServers.count) DNS servers, \(r.sysctls.count) sysctls")
+    }
+
+    /// The id the host gave the sandbox (Check reports it).
+    private var sandboxName: String?
+
+    private func currentHostname() -> String {
+        var buf = [CChar](repeating: 0, count: 256)
+        gethostname(&buf, buf.count)
+        return String(cString: buf)
+    }
+
+    /// /etc/hostname, /etc/hosts and /etc/resolv.conf of the pod, bound into its containers.
+    private func writePodFiles(_ sandbox: Sandbox, hostname: String, dns: ([String], [String], [String])?, hosts: [Kuasar_Agent_V1_HostEntry]) throws {
+        try Files.writeAtomically(sandbox.hostnameFile, Array((hostname + "\n").utf8), mode: 0o644)
+        var h = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        if !hostname.isEmpty { h += "127.0.1.1\t\(hostname)\n" }
+        for e in hosts where !e.ip.isEmpty && !e.names.isEmpty { h += "\(e.ip)\t\(e.names.joined(separator: " "))\n" }
+        try Files.writeAtomically(sandbox.hostsFile, Array(h.utf8), mode: 0o644)
+        if let (servers, searches, opts) = dns {
+            var text = ""
+            if !searches.isEmpty { text += "search \(searches.joined(separator: " "))\n" }
+            for s in servers { text += "nameserver \(s)\n" }
+            if !opts.isEmpty { text += "options \(opts.joined(separator: " "))\n" }
+            try Files.writeAtomically(sandbox.resolvConfFile, Array(text.utf8), mode: 0o644)
+        } else if !Files.exists(sandbox.resolvConfFile) {
+            let host = (try? Files.read("/etc/resolv.conf", limit: 64 << 10)) ?? []
+            try Files.writeAtomically(sandbox.resolvConfFile, host, mode: 0o644)
+        }
+    }
+}
+
+/// virtio-serial ports by name (`/sys/class/virtio-ports/vportNpM/name`).
+public enum VirtioPorts {
+    public static func device(named name: String) -> String? {
+        for port in Files.list("/sys/class/virtio-ports").sorted() {
+            guard let n = try? Files.readString("/sys/class/virtio-ports/\(port)/name") else { continue }
+            if n.trimmingWhitespace() == name { return "/dev/" + port }
+        }
+        return nil
+    }
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let c = s.first, c.isWhitespace { s.removeFirst() }
+        while let c = s.last, c.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}

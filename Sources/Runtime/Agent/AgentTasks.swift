@@ -1,0 +1,123 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import KuasarSystem
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+
+/// The agent's Task backend: the container engine's (ContainerTaskBackend), with what a
+/// guest adds in front of it — `stream:` stdio kept in the agent for the host to pull,
+/// and bundles confined to the host's share (a path outside it is refused before
+/// anything is read).
+final class AgentTasks: TaskBackend, TaskEventSink {
+    let inner: ContainerTaskBackend
+    let streams: StdioStreams
+    /// Bundles must resolve below this directory (nil: anywhere, `--listen` on a host).
+    let bundleRoot: String?
+    weak var events: TaskEventSink?
+
+    init(inner: ContainerTaskBackend, streams: StdioStreams, bundleRoot: String?) {
+        self.inner = inner
+        self.streams = streams
+        self.bundleRoot = bundleRoot.map { Self.resolved($0) ?? $0 }
+        inner.events = self
+    }
+
+    static func resolved(_ path: String) -> String? {
+        guard let p = realpath(path, nil) else { return nil }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    /// The bundle, symlinks resolved, must be the share or below it.
+    func checkBundle(_ bundle: String) throws {
+        guard let root = bundleRoot else { return }
+        guard bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(bundle)\" must be an absolute path") }
+        guard let real = Self.resolved(bundle) else {
+            throw RPCError(.notFound, "bundle \(bundle) does not exist in the guest (the host places bundles under \(root))")
+        }
+        guard real == root || real.hasPrefix(root + "/") else {
+            throw RPCError(.permissionDenied, "bundle \(bundle) (\(real)) is outside the host's share \(root): the agent runs only bundles the host placed there")
+        }
+    }
+
+    // MARK: TaskEventSink (from the engine)
+
+    func taskExited(_ sandbox: Sandbox, containerID: String, execID: String, pid: UInt32, status: ExitStatus, at: WallTime?) {
+        // The engine reports an exit after its own holds on the output went: now the
+        // agent's go too, and the host's reads reach EOF once the bytes are out.
+        streams.processExited(containerID, execID)
+        events?.taskExited(sandbox, containerID: containerID, execID: execID, pid: pid, status: status, at: at)
+    }
+
+    func taskOOM(_ sandbox: Sandbox, containerID: String) { events?.taskOOM(sandbox, containerID: containerID) }
+
+    // MARK: TaskBackend
+
+    func create(_ r: Containerd_Task_V2_CreateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
+        try Identifier.validate(r.id, what: "container")
+        try checkBundle(r.bundle)
+        guard sandbox.containers[r.id] == nil, !sandbox.pendingCreates.contains(r.id) else {
+            throw RPCError(.alreadyExists, "container \(r.id) already exists")
+        }
+        var r = r
+        try streams.resolve(container: r.id, exec: "", stdin: &r.stdin, stdout: &r.stdout, stderr: &r.stderr, terminal: r.terminal)
+        let id = r.id
+        do {
+            try inner.create(r, in: sandbox) { [weak self] result in
+                if case .failure = result { self?.streams.remove(container: id, exec: nil) }
+                reply(result)
+            }
+        } catch {
+            streams.remove(container: id, exec: nil)
+            throw error
+        }
+    }
+
+    func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
+        try Identifier.validate(r.execID, what: "exec")
+        guard let c = sandbox.containers[r.id] else { throw RPCError(.notFound, "container \(r.id) not found in sandbox \(sandbox.id)") }
+        guard c.execs[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in container \(r.id)") }
+        var r = r
+        try streams.resolve(container: r.id, exec: r.execID, stdin: &r.stdin, stdout: &r.stdout, stderr: &r.stderr, terminal: r.terminal)
+        let (id, execID) = (r.id, r.execID)
+        do {
+            try inner.exec(r, in: sandbox) { [weak self] result in
+                if case .failure = result { self?.streams.remove(container: id, exec: execID) }
+                reply(result)
+            }
+        } catch {
+            streams.remove(container: id, exec: execID)
+            throw error
+        }
+    }
+
+    func delete(_ r: Containerd_Task_V2_DeleteRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws {
+        try inner.delete(r, in: sandbox) { [weak self] result in
+            if case .success = result { self?.streams.remove(container: r.id, exec: r.execID.isEmpty ? nil : r.execID) }
+            reply(result)
+        }
+    }
+
+    func start(_ r: Containerd_Task_V2_StartRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws { try inner.start(r, in: sandbox, reply: reply) }
+    func state(_ r: Containerd_Task_V2_StateRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StateResponse { try inner.state(r, in: sandbox) }
+    func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws { try inner.pids(r, in: sandbox, reply: reply) }
+    func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.pause(r, in: sandbox, reply: reply) }
+    func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.resume(r, in: sandbox, reply: reply) }
+    func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.kill(r, in: sandbox, reply: reply) }
+    func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in sandbox: Sandbox) throws { try inner.resizePty(r, in: sandbox) }
+    func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in sandbox: Sandbox) throws { try inner.closeIO(r, in: sandbox) }
+    func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.update(r, in: sandbox, reply: reply) }
+    func wait(_ r: Containerd_Task_V2_WaitRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? { try inner.wait(r, in: sandbox, reply: reply) }
+    func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws { try inner.stats(r, in: sandbox, reply: reply) }
+    func taskPid(_ id: String, in sandbox: Sandbox) -> UInt32 { inner.taskPid(id, in: sandbox) }
+    func isEmpty(_ sandbox: Sandbox) -> Bool { inner.isEmpty(sandbox) }
+    func stopAll(in sandbox: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) { inner.stopAll(in: sandbox, timeoutSecs: timeoutSecs, done: done) }
+    func killAll(in sandbox: Sandbox) { inner.killAll(in: sandbox) }
+    func release(_ sandbox: Sandbox) {
+        inner.release(sandbox)
+        streams.closeAll()
+    }
+}

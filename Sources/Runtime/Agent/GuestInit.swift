@@ -1,0 +1,159 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import KuasarSystem
+
+private let MS_NOSUID = UInt(Glibc.MS_NOSUID), MS_NODEV = UInt(Glibc.MS_NODEV), MS_NOEXEC = UInt(Glibc.MS_NOEXEC)
+
+/// The agent's settings from the kernel command line (`kuasar.*` keys), so the host needs
+/// no second channel to configure it:
+///
+/// | key | meaning | default |
+/// |---|---|---|
+/// | `kuasar.channel` | where to serve, comma-separated (`serial://agent`, `vsock://1024`) | `serial://agent,vsock://1024` |
+/// | `kuasar.share` | the host share's mount tag | `kuasar` |
+/// | `kuasar.share_type` | `9p` or `virtiofs` | `9p` |
+/// | `kuasar.log` | log level (`trace` … `critical`) | `info` |
+/// | `kuasar.hostname` | hostname before SetupSandbox | `kuasar` |
+/// | `kuasar.debug` | `1`: extra logging of the boot | `0` |
+public struct GuestSettings: Equatable {
+    public var channels: [String] = ["serial://agent", "vsock://\(AgentChannel.defaultVsockPort)"]
+    public var shareTag = "kuasar"
+    public var shareType = "9p"
+    public var logLevel = "info"
+    public var hostname = "kuasar"
+    public var debug = false
+    /// Keys it did not know (logged: a typo should not pass silently).
+    public var unknown: [String] = []
+
+    public init() {}
+
+    public init(cmdline: String) {
+        for word in cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }) where word.hasPrefix("kuasar.") {
+            let kv = word.dropFirst(7).split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(kv[0]), value = kv.count > 1 ? String(kv[1]) : ""
+            switch key {
+            case "channel": channels = value.split(separator: ",").map(String.init)
+            case "share": shareTag = value
+            case "share_type": shareType = value
+            case "log": logLevel = value
+            case "hostname": hostname = value
+            case "debug": debug = value == "1" || value == "true"
+            default: unknown.append(String(word))
+            }
+        }
+    }
+}
+
+/// What PID 1 of the guest does before it serves: the file systems, the modules the
+/// channel and the share need, the share itself, the hostname. Every step is timed for
+/// Check's boot breakdown; a failing step is logged and the agent serves anyway (PID 1
+/// exiting would panic the kernel and lose the VM with every container in it).
+public enum GuestInit {
+    /// Where the host's share (bundles and rootfs) is mounted in the guest.
+    public static let sharePath = "/run/kuasar/share"
+    /// What the channel and the share need, in the order they are loaded; each brings
+    /// its dependencies from modules.dep first.
+    public static let modules = ["virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs", "overlay", "vmw_vsock_virtio_transport"]
+
+    public static func kernelRelease() -> String {
+        var u = utsname()
+        guard uname(&u) == 0 else { return "" }
+        return withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+
+    /// Seconds since the kernel started (/proc/uptime), for the breakdown.
+    static func uptimeMS() -> Double {
+        guard let s = try? Files.readString("/proc/uptime"), let first = s.split(separator: " ").first, let v = Double(first) else { return 0 }
+        return v * 1000
+    }
+
+    struct Step {
+        let what: String
+        let run: () throws -> Void
+    }
+
+    /// Runs the early init; returns the settings and the boot breakdown (ms).
+    public static func run(logger: Logger) -> (GuestSettings, [String: Double]) {
+        var timings: [String: Double] = ["kernel": uptimeMS()]
+        var t = MonotonicClock.nanoseconds()
+        func lap(_ key: String) {
+            let now = MonotonicClock.nanoseconds()
+            timings[key] = Double(now - t) / 1e6
+            t = now
+        }
+        func attempt(_ what: String, _ body: () throws -> Void) {
+            do { try body() } catch { logger.error("init: \(what): \(error)") }
+        }
+        umask(0o022)
+        attempt("mount /proc") { if !Files.exists("/proc/self") { try mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC) } }
+        attempt("mount /sys") { try mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC) }
+        attempt("mount /dev") { try mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") }
+        attempt("mount /dev/pts") { try mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") }
+        attempt("mount /dev/shm") { try mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
+        attempt("mount /run") { try mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") }
+        attempt("mount /tmp") { try mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
+        for (link, target) in [("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                               ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+            _ = unlink(link)
+            _ = symlink(target, link)
+        }
+        let settings = GuestSettings(cmdline: (try? Files.readString("/proc/cmdline")) ?? "")
+        for key in settings.unknown { logger.warning("init: unknown kernel command line key \(key)") }
+        lap("mounts")
+        attempt("cgroups") { try mountCgroups() }
+        lap("cgroups")
+        attempt("modules") {
+            var mods = try KernelModules(directory: "/lib/modules/" + kernelRelease())
+            for m in modules where mods.knows(m) {
+                do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
+            }
+            logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
+        }
+        lap("modules")
+        attempt("share") {
+            try makeDirectories(sharePath, mode: 0o755)
+            if settings.shareType == "virtiofs" {
+                try mount(settings.shareTag, sharePath, "virtiofs", MS_NOSUID | MS_NODEV)
+            } else {
+                try mount(settings.shareTag, sharePath, "9p", MS_NOSUID | MS_NODEV, "trans=virtio,version=9p2000.L,msize=524288,cache=mmap")
+            }
+        }
+        lap("share")
+        attempt("hostname") {
+            guard sethostname(settings.hostname, settings.hostname.utf8.count) == 0 else {
+                throw SystemError("sethostname", settings.hostname, errno: Errno(rawValue: errno))
+            }
+        }
+        timings["init"] = timings.filter { $0.key != "kernel" }.values.reduce(0, +)
+        return (settings, timings)
+    }
+
+    private static func mount(_ source: String, _ target: String, _ type: String, _ flags: UInt, _ data: String? = nil) throws {
+        try makeDirectories(target, mode: 0o755)
+        try Mounts.mount(source: source, target: target, type: type, flags: flags, data: data)
+    }
+
+    /// cgroup v2 where the kernel has it (the container engine handles both); else v1's
+    /// controllers, each on its own directory under a tmpfs.
+    static func mountCgroups() throws {
+        let fs = (try? Files.readString("/proc/filesystems")) ?? ""
+        if fs.contains("cgroup2") {
+            try mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate")
+            // Every controller the kernel offers, for the containers' cgroups below.
+            let controllers = (try? Files.readString("/sys/fs/cgroup/cgroup.controllers")) ?? ""
+            let enable = controllers.split(separator: " ").map { "+" + $0.filter { !$0.isWhitespace } }.joined(separator: " ")
+            if !enable.isEmpty { try? Files.write("/sys/fs/cgroup/cgroup.subtree_control", enable) }
+            return
+        }
+        try mount("tmpfs", "/sys/fs/cgroup", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755")
+        let lines = ((try? Files.readString("/proc/cgroups")) ?? "").split(separator: "\n").dropFirst()
+        for line in lines {
+            let f = line.split(separator: "\t")
+            guard f.count >= 4, f[3] == "1" else { continue }
+            let name = String(f[0])
+            try mount("cgroup", "/sys/fs/cgroup/" + name, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, name)
+        }
+    }
+}

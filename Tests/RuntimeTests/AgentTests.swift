@@ -1,0 +1,341 @@
+import Foundation
+import Testing
+import SwiftProtobuf
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The guest agent's services on a host: `kuasar agent --listen unix://…` is the same
+/// program a VM runs as PID 1, serving the Task API and the Agent service (stdio streams,
+/// events, sandbox setup) on one ttrpc channel. Driven through its socket as the host
+/// side of the VM kind drives it through virtio-serial.
+extension AllTests {
+@Suite(.serialized) struct AgentTests {
+    static let task = "containerd.task.v3.Task"
+    static let agent = "kuasar.agent.v1.Agent"
+
+    /// A running `kuasar agent`; `stop` checks it exits 0 and left nothing behind.
+    final class AgentProcess {
+        let dir: String
+        let socket: String
+        let cgroupParent: String
+        var process: SpawnedProcess?
+        let pid: pid_t
+        let log: Int32
+        let client: OneShotClient
+
+        init(_ name: String, bundleRoot: String? = nil, extra: [String] = []) throws {
+            dir = try scratchDirectory("agent-\(name)")
+            socket = dir + "/agent.sock"
+            cgroupParent = "kuasar-agent-test-\(getpid())-\(name)"
+            let logPath = dir + "/agent.log"
+            log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            var args = ["kuasar", "agent", "--listen", "unix://" + socket, "--root", dir + "/root", "--cgroup-parent", cgroupParent, "--sandbox-id", "pod-\(name)"]
+            if let bundleRoot { args += ["--bundle-root", bundleRoot] }
+            var spec = ProcessSpec(executable: AllTests.DaemonTests.binary, arguments: args + extra)
+            spec.fdMap = [(from: log, to: 2)]
+            let p = try Spawner.spawn(spec)
+            pid = p.pid
+            process = consume p
+            let path = socket
+            #expect(waitUntil(timeoutMS: 10_000) { access(path, F_OK) == 0 }, "agent socket \(path)")
+            client = try OneShotClient(path: path)
+        }
+
+        var logText: String { (try? Files.readString(dir + "/agent.log")) ?? "" }
+
+        func call<Resp: SwiftProtobuf.Message>(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+            try client.call(service, m, r, as: Resp.self, namespace: "k8s.io")
+        }
+
+        /// A Task API call.
+        func task<Resp: SwiftProtobuf.Message>(_ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+            try call(AgentTests.task, m, r, Resp.self)
+        }
+
+        func expectFailure(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, code: RPCCode, _ text: String,
+                           sourceLocation: SourceLocation = #_sourceLocation) {
+            do {
+                _ = try client.call(service, m, r, as: Google_Protobuf_Empty.self, namespace: "k8s.io")
+                Issue.record("\(m) succeeded; expected \(code)", sourceLocation: sourceLocation)
+            } catch let e as RPCError {
+                #expect(e.code == code && e.message.contains(text), "\(m): \(e)", sourceLocation: sourceLocation)
+            } catch {
+                Issue.record("\(m): \(error)", sourceLocation: sourceLocation)
+            }
+        }
+
+        /// Every byte of a stream, to its EOF.
+        func readAll(_ id: String, exec: String = "", _ stream: Kuasar_Agent_V1_Stream = .stdout, max: UInt32 = 0) throws -> [UInt8] {
+            var out: [UInt8] = []
+            var r = Kuasar_Agent_V1_ReadStdioRequest()
+            r.containerID = id
+            r.execID = exec
+            r.stream = stream
+            r.maxBytes = max
+            while true {
+                let resp = try call(AgentTests.agent, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
+                if resp.eof { return out }
+                out += resp.data
+            }
+        }
+
+        func stop() throws {
+            client.close()
+            guard let p = process.take() else { return }
+            try sendSignal(pidfd: p.pidfd.rawValue, SIGTERM)
+            let status = try Spawner.wait(p)
+            #expect(status.code == 0, "agent exit \(status): \(logText)")
+            _ = close(log)
+            #expect(mountsUnder(dir).isEmpty, "\(mountsUnder(dir))")
+            #expect(!Files.exists(dir + "/agent.sock"), "the agent removes its socket")
+            for h in ["memory", "pids", "freezer", "cpu,cpuacct"] {
+                #expect(!Files.exists(CgroupTestPaths.ownV1(h) + "/" + cgroupParent), "cgroup \(h)/\(cgroupParent) left behind")
+            }
+            Files.removeTree(dir)
+        }
+    }
+
+    static func create(_ a: AgentProcess, _ id: String, _ bundle: TestBundle, stdin: Bool = false, terminal: Bool = false) throws -> UInt32 {
+        var create = Containerd_Task_V3_CreateTaskRequest()
+        create.id = id
+        create.bundle = bundle.path
+        create.stdout = "stream:"
+        create.stderr = terminal ? "" : "stream:"
+        if stdin { create.stdin = "stream:" }
+        create.terminal = terminal
+        let pid = try a.task("Create", create, Containerd_Task_V3_CreateTaskResponse.self).pid
+        var start = Containerd_Task_V3_StartRequest()
+        start.id = id
+        _ = try a.task("Start", start, Containerd_Task_V3_StartResponse.self)
+        return pid
+    }
+
+    static func wait(_ a: AgentProcess, _ id: String, exec: String = "") throws -> UInt32 {
+        var w = Containerd_Task_V3_WaitRequest()
+        w.id = id
+        w.execID = exec
+        return try a.task("Wait", w, Containerd_Task_V3_WaitResponse.self).exitStatus
+    }
+
+    static func delete(_ a: AgentProcess, _ id: String, exec: String = "") throws {
+        var d = Containerd_Task_V3_DeleteRequest()
+        d.id = id
+        d.execID = exec
+        _ = try a.task("Delete", d, Containerd_Task_V3_DeleteResponse.self)
+    }
+
+    @Test func containersOverTheAgentChannelWithStreamsAndEvents() throws {
+        let bundle = try TestBundle("agent-life")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["sh", "-c", "echo to-out; echo to-err >&2; cat /etc/hostname; exit 3"])
+        let a = try AgentProcess("life", bundleRoot: "/tmp/kuasar-test-bundles")
+        defer { try? a.stop() }
+
+        let check = try a.call(Self.agent, "Check", Kuasar_Agent_V1_CheckRequest(), Kuasar_Agent_V1_CheckResponse.self)
+        #expect(check.version == KuasarVersion.string && check.pid == UInt32(a.pid) && check.sandboxID == "pod-life")
+        #expect(check.channels == ["unix://" + a.socket])
+
+        // The pod's identity: its files (bound into each container), not this host's.
+        var setup = Kuasar_Agent_V1_SetupSandboxRequest()
+        setup.sandboxID = "pod-life"
+        setup.hostname = "agent-pod"
+        setup.dnsServers = ["10.0.0.53"]
+        setup.dnsSearches = ["svc.cluster.local"]
+        _ = try a.call(Self.agent, "SetupSandbox", setup, Google_Protobuf_Empty.self)
+        let podDir = a.dir + "/root/sandboxes/pod-life"
+        #expect((try? Files.readString(podDir + "/hostname")) == "agent-pod\n")
+        #expect(((try? Files.readString(podDir + "/resolv.conf")) ?? "").contains("nameserver 10.0.0.53"))
+
+        let pid = try Self.create(a, "c1", bundle)
+        #expect(pid > 0)
+        #expect(String(decoding: try a.readAll("c1"), as: UTF8.self) == "to-out\nagent-pod\n")
+        #expect(String(decoding: try a.readAll("c1", .stderr), as: UTF8.self) == "to-err\n")
+        #expect(try Self.wait(a, "c1") == 3)
+
+        // Events in order, each once, acknowledged by the next call's `after`.
+        var next = Kuasar_Agent_V1_NextEventsRequest()
+        var topics: [String] = []
+        var exitStatus: UInt32?
+        while !topics.contains("/tasks/exit") {
+            let got = try a.call(Self.agent, "NextEvents", next, Kuasar_Agent_V1_NextEventsResponse.self).events
+            for e in got {
+                #expect(e.seq > next.after)
+                topics.append(e.envelope.topic)
+                if e.envelope.topic == "/tasks/exit" { exitStatus = try Containerd_Events_TaskExit(serializedBytes: e.envelope.event.value).exitStatus }
+            }
+            next.after = got.last?.seq ?? next.after
+        }
+        #expect(topics == ["/tasks/create", "/tasks/start", "/tasks/exit"], "\(topics)")
+        #expect(exitStatus == 3)
+        try Self.delete(a, "c1")
+        let afterDelete = try a.call(Self.agent, "NextEvents", next, Kuasar_Agent_V1_NextEventsResponse.self).events
+        #expect(afterDelete.map(\.envelope.topic) == ["/tasks/delete"])
+        #expect(!Files.exists(a.dir + "/root/io/c1.init.stdout"), "the stream's FIFO goes with the container")
+    }
+
+    @Test func tenMiBArriveCompleteAndInOrderAndStdinReachesEOF() throws {
+        let bundle = try TestBundle("agent-bulk")
+        defer { bundle.remove() }
+        // ~10.4 MiB of numbered lines: any loss or reordering shows.
+        try bundle.setProcess(args: ["seq", "1", "1400000"])
+        let a = try AgentProcess("bulk")
+        defer { try? a.stop() }
+        _ = try Self.create(a, "big", bundle)
+        // Small reads first: the container blocks on a full FIFO meanwhile (back-pressure).
+        let got = try a.readAll("big", max: 64 << 10)
+        #expect(try Self.wait(a, "big") == 0)
+        let expected = (1...1_400_000).map(String.init).joined(separator: "\n") + "\n"
+        #expect(got.count == expected.utf8.count, "\(got.count) bytes of \(expected.utf8.count)")
+        #expect(got == Array(expected.utf8), "output differs")
+        try Self.delete(a, "big")
+
+        // stdin: 1 MiB through `cat`, then CloseStdin: every byte comes back, then EOF.
+        try bundle.setProcess(args: ["cat"])
+        _ = try Self.create(a, "cat", bundle, stdin: true)
+        var input: [UInt8] = []
+        for i in 0..<(1 << 20) { input.append(UInt8(truncatingIfNeeded: i &* 31 &+ i >> 8)) }
+        var w = Kuasar_Agent_V1_WriteStdinRequest()
+        w.containerID = "cat"
+        for off in stride(from: 0, to: input.count, by: 64 << 10) {
+            w.data = Data(input[off..<min(off + (64 << 10), input.count)])
+            #expect(try a.call(Self.agent, "WriteStdin", w, Kuasar_Agent_V1_WriteStdinResponse.self).written == UInt32(w.data.count))
+        }
+        var close = Kuasar_Agent_V1_CloseStdinRequest()
+        close.containerID = "cat"
+        _ = try a.call(Self.agent, "CloseStdin", close, Google_Protobuf_Empty.self)
+        let echoed = try a.readAll("cat")
+        #expect(echoed.count == input.count && echoed == input, "\(echoed.count) bytes back of \(input.count)")
+        #expect(try Self.wait(a, "cat") == 0)
+        try Self.delete(a, "cat")
+    }
+
+    @Test func terminalExecKillAndPids() throws {
+        let bundle = try TestBundle("agent-tty")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["sh", "-c", "tty; echo tty-ok"], terminal: true)
+        let a = try AgentProcess("tty")
+        defer { try? a.stop() }
+        _ = try Self.create(a, "t", bundle, terminal: true)
+        let out = String(decoding: try a.readAll("t"), as: UTF8.self)
+        #expect(out.contains("/dev/pts/") && out.contains("tty-ok"), "\(out)")
+        #expect(try Self.wait(a, "t") == 0)
+        try Self.delete(a, "t")
+
+        try bundle.setProcess(args: ["sleep", "300"])
+        let pid = try Self.create(a, "long", bundle)
+        var exec = Containerd_Task_V3_ExecProcessRequest()
+        exec.id = "long"
+        exec.execID = "e1"
+        exec.stdout = "stream:"
+        exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo from exec; exit 5"], env: ["PATH=/bin"], cwd: "/"))
+        _ = try a.task("Exec", exec, Google_Protobuf_Empty.self)
+        var start = Containerd_Task_V3_StartRequest()
+        start.id = "long"
+        start.execID = "e1"
+        _ = try a.task("Start", start, Containerd_Task_V3_StartResponse.self)
+        #expect(String(decoding: try a.readAll("long", exec: "e1"), as: UTF8.self) == "from exec\n")
+        #expect(try Self.wait(a, "long", exec: "e1") == 5)
+        try Self.delete(a, "long", exec: "e1")
+        var pids = Containerd_Task_V3_PidsRequest()
+        pids.id = "long"
+        #expect(try a.task("Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid).contains(pid))
+        var kill = Containerd_Task_V3_KillRequest()
+        kill.id = "long"
+        kill.signal = 9
+        _ = try a.task("Kill", kill, Google_Protobuf_Empty.self)
+        #expect(try Self.wait(a, "long") == 137)
+        try Self.delete(a, "long")
+        #expect(waitUntil { processGone(pid_t(pid)) })
+    }
+
+    @Test func badInputIsRefusedAndTheAgentKeepsServing() throws {
+        let share = try scratchDirectory("agent-share")
+        defer { Files.removeTree(share) }
+        let outside = try TestBundle("agent-outside")
+        defer { outside.remove() }
+        try outside.setProcess(args: ["true"])
+        symlink(outside.path, share + "/escape")
+        let a = try AgentProcess("bad", bundleRoot: share)
+        defer { try? a.stop() }
+
+        var create = Containerd_Task_V3_CreateTaskRequest()
+        create.id = "x"
+        for bundle in [outside.path, share + "/escape", share + "/.." + String(outside.path.dropFirst(4))] {
+            create.bundle = bundle
+            a.expectFailure(Self.task, "Create", create, code: .permissionDenied, "outside the host's share")
+        }
+        create.bundle = share + "/missing"
+        a.expectFailure(Self.task, "Create", create, code: .notFound, "does not exist in the guest")
+        create.id = "../etc"
+        create.bundle = share
+        a.expectFailure(Self.task, "Create", create, code: .invalidArgument, "container")
+        var state = Containerd_Task_V3_StateRequest()
+        state.id = "ghost"
+        a.expectFailure(Self.task, "State", state, code: .notFound, "ghost")
+        var read = Kuasar_Agent_V1_ReadStdioRequest()
+        read.containerID = "ghost"
+        a.expectFailure(Self.agent, "ReadStdio", read, code: .notFound, "no stdout stream for container ghost")
+        var clock = Kuasar_Agent_V1_SyncClockRequest()
+        clock.hostUnixNs = 1
+        a.expectFailure(Self.agent, "SyncClock", clock, code: .failedPrecondition, "does not set this host's clock")
+        var setup = Kuasar_Agent_V1_SetupSandboxRequest()
+        setup.sysctls = ["net.ipv4.ip_forward": "1"]
+        a.expectFailure(Self.agent, "SetupSandbox", setup, code: .failedPrecondition, "sysctls")
+        setup.sysctls = ["../../etc/passwd": "x"]
+        a.expectFailure(Self.agent, "SetupSandbox", setup, code: .invalidArgument, "not a sysctl name")
+        a.expectFailure(Self.agent, "NoSuchCall", Kuasar_Agent_V1_CheckRequest(), code: .unimplemented, "NoSuchCall")
+
+        // Garbage and an oversized frame on a connection of their own: refused there.
+        let raw = try Socket.connectUnix(path: a.socket, blocking: true)
+        _ = writeRaw(raw.rawValue, [UInt8](repeating: 0xAB, count: 64))
+        var huge: [UInt8] = []
+        TTRPC.appendHeader(to: &huge, length: 0, streamID: 9, type: .request, flags: [])
+        huge[0] = 0x7F
+        _ = writeRaw(raw.rawValue, huge + [UInt8](repeating: 0, count: 512))
+        raw.close()
+        // The agent's own connection was served all along.
+        let check = try a.call(Self.agent, "Check", Kuasar_Agent_V1_CheckRequest(), Kuasar_Agent_V1_CheckResponse.self)
+        #expect(check.pid == UInt32(a.pid))
+        #expect(!a.logText.contains("Fatal error"), "\(a.logText)")
+    }
+
+    @Test func kernelCommandLineAndModulesDep() throws {
+        let s = GuestSettings(cmdline: "console=ttyS0 quiet kuasar.channel=serial://agent,vsock://2048 kuasar.share=pod kuasar.share_type=virtiofs kuasar.log=debug kuasar.debug=1 kuasar.bogus=1\n")
+        #expect(s.channels == ["serial://agent", "vsock://2048"] && s.shareTag == "pod" && s.shareType == "virtiofs" && s.logLevel == "debug" && s.debug)
+        #expect(s.unknown == ["kuasar.bogus=1"])
+        #expect(GuestSettings(cmdline: "quiet").channels == ["serial://agent", "vsock://1024"])
+        #expect(try AgentChannel("vsock://") == .vsock(1024))
+        #expect(throws: AgentError.self) { try AgentChannel("tcp://1.2.3.4:5") }
+        #expect(throws: AgentError.self) { try AgentChannel("serial://../x") }
+        let dir = try scratchDirectory("agent-modules")
+        defer { Files.removeTree(dir) }
+        try Files.write(dir + "/modules.dep", """
+            kernel/fs/9p/9p.ko: kernel/fs/netfs/netfs.ko kernel/net/9p/9pnet.ko kernel/fs/fscache/fscache.ko
+            kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+            kernel/drivers/virtio/virtio-mmio.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+            kernel/net/9p/9pnet.ko:
+
+            """, create: true)
+        let mods = try KernelModules(directory: dir)
+        #expect(mods.knows("9p") && mods.knows("virtio_mmio") && mods.knows("virtio-mmio") && !mods.knows("ext4"))
+        #expect(KernelModules.name(of: "kernel/x/vmw_vsock_virtio_transport.ko.xz") == "vmw_vsock_virtio_transport")
+    }
+}
+}
+
+enum CgroupTestPaths {
+    /// This process's own v1 cgroup directory of `hierarchy` (the agent's containers go below its own).
+    static func ownV1(_ hierarchy: String) -> String {
+        let lines = ((try? Files.readString("/proc/self/cgroup")) ?? "").split(separator: "\n")
+        for l in lines {
+            let f = l.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            if f.count == 3, f[1].split(separator: ",").map(String.init).sorted() == hierarchy.split(separator: ",").map(String.init).sorted() {
+                return "/sys/fs/cgroup/\(hierarchy)\(f[2] == "/" ? "" : String(f[2]))"
+            }
+        }
+        return "/sys/fs/cgroup/\(hierarchy)"
+    }
+}
