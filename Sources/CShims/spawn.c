@@ -115,7 +115,7 @@ int ks_child_map_fds(const ks_fd_map *fds, int count, int *keep) {
     return ks_close_range((unsigned)top + 1, ~0U, CLOSE_RANGE_CLOEXEC) < 0 ? -1 : 0;
 }
 
-enum { STAGE_EXEC = 0, STAGE_FDS = 1, STAGE_CWD = 2, STAGE_SETSID = 3, STAGE_SIGNALS = 4 };
+enum { STAGE_EXEC = 0, STAGE_FDS = 1, STAGE_CWD = 2, STAGE_SETSID = 3, STAGE_SIGNALS = 4, STAGE_SETNS = 5 };
 
 // What the child needs, and where it reports a failure before exec: through shared
 // memory when it shares our address space (vfork path), else over a pipe.
@@ -150,6 +150,11 @@ static void child(struct child_ctx *ctx) {
 
     stage = STAGE_SETSID;
     if (a->new_session && setsid() < 0) goto fail;
+
+    // Join namespaces (net, ipc, uts: what a process sharing our memory may enter)
+    // before the fds move: the descriptors are the parent's numbers.
+    stage = STAGE_SETNS;
+    for (int i = 0; i < a->ns_count; i++) if (setns(a->ns_fds[i], 0) < 0) goto fail;
 
     stage = STAGE_FDS;
     if (ks_child_map_fds(a->fds, a->fd_count, &err_fd) < 0) goto fail;

@@ -410,6 +410,13 @@ enum Backends {
     /// with that runtime running their containers.
     static func all(_ ctx: BackendContext, config: KuasarConfig) -> [SandboxBackend] {
         var kinds: [SandboxBackend] = [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+        // One task-server kind per [servers.<name>] a sandboxer uses.
+        for (name, s) in config.servers.sorted(by: { $0.key < $1.key }) where config.sandboxers.values.contains(KuasarConfig.serverKindPrefix + name) {
+            let program = TaskServerProgram(name: name, path: s.path, args: s.args, address: s.address, restartOnFailure: s.restart == "on-failure",
+                                            maxRestarts: s.maxRestarts, readyTimeoutNS: UInt64(s.readyTimeoutSecs) * 1_000_000_000)
+            let pods = NamespaceBackend(kind: KuasarConfig.serverKindPrefix + name, registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)
+            kinds.append(TaskServerBackend(program: program, pods: pods, registry: ctx.registry, reactor: ctx.reactor, logger: ctx.logger))
+        }
         let used = Set(config.sandboxers.values.filter { $0.hasPrefix(KuasarConfig.ociKindPrefix) })
         guard !used.isEmpty else { return kinds }
         // Their containers' inits (and detached execs) become our children when the runtime exits.

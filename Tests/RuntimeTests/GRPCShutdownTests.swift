@@ -3,6 +3,7 @@ import NIOCore
 import NIOHPACK
 @testable import Runtime
 @testable import KuasarWire
+@testable import KuasarGRPC
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -4,6 +4,7 @@ import SwiftProtobuf
 @testable import Runtime
 @testable import KuasarSystem
 @testable import KuasarWire
+@testable import KuasarGRPC
 #if canImport(Glibc)
 import Glibc
 #endif

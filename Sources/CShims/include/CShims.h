@@ -94,6 +94,8 @@ typedef struct ks_spawn_attr {
     int new_session;           // setsid() in the child
     int parent_death_signal;   // PR_SET_PDEATHSIG, 0 for none
     int fork;                  // 1: clone3 on a copy of our memory instead of vfork-style
+    const int *_Nullable ns_fds;  // namespace files to setns(2) into before exec
+    int ns_count;
 } ks_spawn_attr;
 
 /// Starts a child with a pidfd and execs it. By default clone(CLONE_VM | CLONE_VFORK |
@@ -101,7 +103,7 @@ typedef struct ks_spawn_attr {
 /// shared memory. With `fork` (or CLONE_NEWUSER) it is clone3(CLONE_PIDFD) on a copy
 /// of our memory, reporting over a close-on-exec pipe. On success returns 0 with *pid
 /// and *pidfd set; on failure -errno with *stage naming the step that failed (0 exec,
-/// 1 fds, 2 cwd, 3 setsid, 4 signals), the child already reaped.
+/// 1 fds, 2 cwd, 3 setsid, 4 signals, 5 setns), the child already reaped.
 int ks_spawn(const ks_spawn_attr *attr, pid_t *pid, int *pidfd, int *stage);
 
 int ks_close_range(unsigned first, unsigned last, unsigned flags);

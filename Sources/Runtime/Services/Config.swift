@@ -67,6 +67,29 @@ public struct KuasarConfig: Sendable, Equatable {
 
     /// The kind prefix of a sandboxer served by an external OCI runtime.
     public static let ociKindPrefix = "oci:"
+    /// The kind prefix of a sandboxer whose pods a task-serving program of `servers` runs.
+    public static let serverKindPrefix = "server:"
+
+    /// Task-serving sandbox programs ([servers.<name>]), by name.
+    public var servers: [String: TaskServerConfig] = [:]
+
+    /// One `[servers.<name>]` table: a program launched per pod, in the pod's namespaces,
+    /// that serves the Task API itself (Quark's sandboxed mode, `kuasar agent --listen`).
+    /// In `args` and `address`, {id}, {state_dir}, {namespace} and {events} are replaced
+    /// by the pod's id, its state directory, its containerd namespace and containerd's
+    /// events address.
+    public struct TaskServerConfig: Sendable, Equatable {
+        public var path: String
+        public var args: [String] = []
+        /// Where it serves (`unix:///path`); empty: the first line it prints on stdout.
+        public var address = ""
+        /// "never": its exit stops the pod; "on-failure": a non-zero exit restarts it.
+        public var restart = "never"
+        public var maxRestarts: UInt32 = 3
+        /// From launch to its first ttrpc answer.
+        public var readyTimeoutSecs: UInt32 = 10
+        public init(path: String) { self.path = path }
+    }
     /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
     public var cgroupParent = "kuasar"
     /// containerd's ttrpc address, where events of sandboxes made through the Controller go.
@@ -117,6 +140,16 @@ public struct KuasarConfig: Sendable, Equatable {
     # timeout_secs = 30                # a call that takes longer is killed and fails
     # and in [sandboxers]: kuasar-crun = "oci:crun"
 
+    # A program per pod that serves the Task API itself, launched in the pod's namespaces:
+    # [servers.agent]
+    # path = "/usr/local/bin/kuasar"   # required
+    # args = ["agent", "--listen", "unix://{state_dir}/agent.sock", "--root", "{state_dir}/agent",
+    #         "--sandbox-id", "{id}", "--namespace", "{namespace}", "--events-address", "{events}"]
+    # address = "unix://{state_dir}/agent.sock"  # empty: the first line the program prints
+    # restart = "never"                # or "on-failure" (up to max_restarts = 3)
+    # ready_timeout_secs = 10          # launch to its first answer
+    # and in [sandboxers]: kuasar-agent = "server:agent"
+
     [namespace]
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
     cgroup_parent = "kuasar"
@@ -156,10 +189,17 @@ public struct KuasarConfig: Sendable, Equatable {
             case "namespace": try c.applyNamespace(section, origin)
             case "containerd": try c.applyContainerd(section, origin)
             case "runtimes": try c.applyRuntimes(section, origin)
+            case "servers": try c.applyServers(section, origin)
             default: throw Error("\(origin): unknown section [\(key)] (sections: \(Self.sections.joined(separator: ", ")))")
             }
         }
         // Checked once every section is read: [runtimes] may come after [sandboxers].
+        for (name, kind) in c.sandboxers.sorted(by: { $0.key < $1.key }) where kind.hasPrefix(Self.serverKindPrefix) {
+            let server = String(kind.dropFirst(Self.serverKindPrefix.count))
+            guard c.servers[server] != nil else {
+                throw Error("\(origin): [sandboxers] \(name) = \"\(kind)\": no [servers.\(server)] table (servers: \(c.servers.keys.sorted().joined(separator: ", ")))")
+            }
+        }
         for (name, kind) in c.sandboxers.sorted(by: { $0.key < $1.key }) where kind.hasPrefix(Self.ociKindPrefix) {
             let runtime = String(kind.dropFirst(Self.ociKindPrefix.count))
             guard c.runtimes[runtime] != nil else {
@@ -211,18 +251,19 @@ public struct KuasarConfig: Sendable, Equatable {
         }
     }
 
-    static let sections = ["daemon", "sandboxers", "namespace", "containerd", "runtimes"]
+    static let sections = ["daemon", "sandboxers", "namespace", "containerd", "runtimes", "servers"]
 
     private mutating func applySandboxers(_ t: TOMLTable, _ origin: String) throws(Error) {
         var map: [String: String] = [:]
         for name in t.keys {
             let v = try Self.string(t, "sandboxers", name, origin)
-            if v.hasPrefix(Self.ociKindPrefix) && v.count > Self.ociKindPrefix.count {
+            if (v.hasPrefix(Self.ociKindPrefix) && v.count > Self.ociKindPrefix.count)
+                || (v.hasPrefix(Self.serverKindPrefix) && v.count > Self.serverKindPrefix.count) {
                 map[name] = v
                 continue
             }
             guard Kind(rawValue: v) != nil else {
-                throw Error("\(origin): [sandboxers] \(name): \"\(v)\" is not one of \(Kind.allCases.map(\.rawValue).joined(separator: ", ")), oci:<runtime>")
+                throw Error("\(origin): [sandboxers] \(name): \"\(v)\" is not one of \(Kind.allCases.map(\.rawValue).joined(separator: ", ")), oci:<runtime>, server:<program>")
             }
             map[name] = v
         }
@@ -261,6 +302,50 @@ public struct KuasarConfig: Sendable, Equatable {
             guard let path else { throw Error("\(origin): [\(section)] needs path (the runtime binary)") }
             config.path = path
             runtimes[name] = config
+        }
+    }
+
+    private mutating func applyServers(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for name in t.keys {
+            let section = "servers.\(name)"
+            guard let r = t[name]?.table else { throw Error("\(origin): [\(section)] must be a table") }
+            guard (try? Identifier.validate(name, what: "server")) != nil else {
+                throw Error("\(origin): [\(section)]: a server name is letters, digits, '_', '-' and '.'")
+            }
+            var config = TaskServerConfig(path: "")
+            for key in r.keys {
+                switch key {
+                case "path":
+                    let v = try Self.string(r, section, key, origin)
+                    guard v.hasPrefix("/") else { throw Error("\(origin): [\(section)] path must be an absolute path, not \"\(v)\"") }
+                    config.path = v
+                case "address":
+                    let v = try Self.string(r, section, key, origin)
+                    guard v.isEmpty || v.hasPrefix("unix:///") || v.hasPrefix("unix://{") || v.hasPrefix("/") || v.hasPrefix("{") else {
+                        throw Error("\(origin): [\(section)] address must be unix:///path (or empty: the program prints it), not \"\(v)\"")
+                    }
+                    config.address = v
+                case "args":
+                    guard let a = r[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
+                        throw Error("\(origin): [\(section)] args must be an array of strings")
+                    }
+                    config.args = args
+                case "restart":
+                    let v = try Self.string(r, section, key, origin)
+                    guard v == "never" || v == "on-failure" else { throw Error("\(origin): [\(section)] restart must be \"never\" or \"on-failure\", not \"\(v)\"") }
+                    config.restart = v
+                case "max_restarts":
+                    guard let v = r[key]?.int, v >= 0, v <= 100 else { throw Error("\(origin): [\(section)] max_restarts must be a number from 0 to 100") }
+                    config.maxRestarts = UInt32(v)
+                case "ready_timeout_secs":
+                    guard let v = r[key]?.int, v > 0, v <= 600 else { throw Error("\(origin): [\(section)] ready_timeout_secs must be a number of seconds from 1 to 600") }
+                    config.readyTimeoutSecs = UInt32(v)
+                default:
+                    throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, args, address, restart, max_restarts, ready_timeout_secs)")
+                }
+            }
+            guard !config.path.isEmpty else { throw Error("\(origin): [\(section)] needs path (the program)") }
+            servers[name] = config
         }
     }
 

@@ -163,6 +163,11 @@ public final class ControllerService {
         }
     }
 
+    /// The daemon exits with on_exit = "stop": the sandbox's kind releases what it runs.
+    public func releaseForExit(_ s: Sandbox) {
+        backends[s.kind]?.shutdown(s)
+    }
+
     /// The backend a new sandbox of sandboxer `name` gets: its kind's, if built and usable here.
     func backend(forSandboxer name: String) throws -> SandboxBackend {
         try checkSandboxer(name)

@@ -240,13 +240,16 @@ public final class Daemon {
         health = nil
         grpc?.close()
         grpc = nil
-        controller = nil
+        let controller = self.controller
+        self.controller = nil
         // on_exit = "stop": containers go with the daemon, and so do their cgroups,
         // mounts and state. "keep": they run on, recorded for the next daemon, and the
         // keeper reaps them if they end before it comes.
         if let registry {
             if options.onExit == .stop {
                 for sandbox in registry.sandboxes.values {
+                    // What the kind runs beyond our containers goes too (a task server, a VMM).
+                    controller?.releaseForExit(sandbox)
                     for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
                     registry.remove(sandbox)
                 }

@@ -51,6 +51,9 @@ public struct ProcessSpec: Sendable {
     /// Run the child on a copy of our memory (clone3) rather than vfork-style on ours:
     /// for children that must wait for the parent before exec. Slower for a large parent.
     public var forkStyle = false
+    /// Namespace files (`/proc/<pid>/ns/net`, a pinned ns) the child joins before exec:
+    /// net, ipc and uts (a pod's, for a program that serves it).
+    public var joinNamespaces: [String] = []
 
     public init(
         executable: String, arguments: [String]? = nil, environment: [String]? = nil,
@@ -86,18 +89,26 @@ public enum Spawner {
         let envp = spec.environment.map { CStringArray($0) }
         defer { argv.free(); envp?.free() }
         let map = spec.fdMap.map { ks_fd_map(from: $0.from, to: $0.to) }
+        var nsFDs: [Int32] = []
+        defer { for fd in nsFDs { _ = close(fd) } }
+        for path in spec.joinNamespaces {
+            nsFDs.append(try sys("open", path) { open(path, O_RDONLY | O_CLOEXEC) })
+        }
 
         var pid: pid_t = 0, pidfd: Int32 = -1, stage: Int32 = 0
         let rc: Int32 = path.withCString { cpath in
             let cwd = spec.workingDirectory
             return map.withUnsafeBufferPointer { fds in
-                withOptionalCString(cwd) { ccwd in
-                    var attr = ks_spawn_attr(
-                        path: cpath, argv: argv.pointer, envp: envp?.pointer ?? UnsafeMutablePointer(environ), cwd: ccwd,
-                        fds: fds.baseAddress, fd_count: Int32(fds.count),
-                        clone_flags: spec.cloneFlags, new_session: spec.newSession ? 1 : 0,
-                        parent_death_signal: spec.parentDeathSignal, fork: spec.forkStyle ? 1 : 0)
-                    return ks_spawn(&attr, &pid, &pidfd, &stage)
+                nsFDs.withUnsafeBufferPointer { ns in
+                    withOptionalCString(cwd) { ccwd in
+                        var attr = ks_spawn_attr(
+                            path: cpath, argv: argv.pointer, envp: envp?.pointer ?? UnsafeMutablePointer(environ), cwd: ccwd,
+                            fds: fds.baseAddress, fd_count: Int32(fds.count),
+                            clone_flags: spec.cloneFlags, new_session: spec.newSession ? 1 : 0,
+                            parent_death_signal: spec.parentDeathSignal, fork: spec.forkStyle ? 1 : 0,
+                            ns_fds: ns.baseAddress, ns_count: Int32(ns.count))
+                        return ks_spawn(&attr, &pid, &pidfd, &stage)
+                    }
                 }
             }
         }
@@ -108,9 +119,10 @@ public enum Spawner {
             case 2: call = "chdir"
             case 3: call = "setsid"
             case 4: call = "sigprocmask"
+            case 5: call = "setns"
             default: call = rc == -Errno.ENOSYS.rawValue ? (spec.forkStyle ? "clone3" : "clone") : "execve"
             }
-            let subject = stage == 2 ? (spec.workingDirectory ?? "") : path
+            let subject = stage == 2 ? (spec.workingDirectory ?? "") : stage == 5 ? spec.joinNamespaces.joined(separator: ", ") : path
             throw SystemError(call, subject, errno: Errno(rawValue: -rc))
         }
         return SpawnedProcess(pid: pid, pidfd: OwnedFD(adopting: pidfd))

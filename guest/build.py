@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Builds the guest image for VM sandboxes: an uncompressed vmlinux (the PVH entry QEMU's
+microvm boots fastest) and an initramfs holding the static `kuasar-agent` as /init and the
+kernel modules it loads (and their dependencies), nothing else.
+
+Reproducible: the same kernel package and agent give the same bytes (entries sorted, every
+mtime, uid and gid 0, fixed inode numbers, lz4 legacy frames without timestamps).
+
+    build.py --agent PATH --out DIR [--kernel-package NAME] [--cache DIR]
+"""
+import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
+
+# What the agent loads (GuestInit.modules) — each brings what modules.dep says it needs.
+MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs",
+           "overlay", "vmw_vsock_virtio_transport"]
+
+
+def run(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def kernel_package(name):
+    """linux-image-amd64 is a metapackage: the image it depends on."""
+    if not name.endswith("-amd64") or name.count("-") > 2:
+        return name
+    for line in run("apt-cache", "depends", name).splitlines():
+        line = line.strip()
+        if line.startswith("Depends: linux-image-"):
+            return line.split(": ", 1)[1]
+    sys.exit(f"build.py: apt-cache depends {name} names no linux-image package")
+
+
+def unpack_kernel(package, cache):
+    os.makedirs(cache, exist_ok=True)
+    debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
+    if not debs:
+        run("apt-get", "download", package, cwd=cache)
+        debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
+    deb = os.path.join(cache, sorted(debs)[-1])
+    root = os.path.join(cache, "root-" + os.path.basename(deb)[:-4])
+    if not os.path.isdir(root):
+        tmp = root + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run("dpkg-deb", "-x", deb, tmp)
+        os.rename(tmp, root)
+    return deb, root
+
+
+def extract_vmlinux(bzimage):
+    """The bzImage's payload is an xz stream of the ELF vmlinux: find its magic, inflate
+    the first stream (what follows it is the setup's trailer), check the ELF header."""
+    data = open(bzimage, "rb").read()
+    magic = b"\xfd7zXZ\x00"
+    start = 0
+    while True:
+        i = data.find(magic, start)
+        if i < 0:
+            sys.exit(f"build.py: no xz payload in {bzimage}")
+        try:
+            out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[i:])
+        except lzma.LZMAError:
+            start = i + 1
+            continue
+        if out[:4] == b"\x7fELF":
+            return out
+        start = i + 1
+
+
+def modinfo_depends(path):
+    """The `depends=` of a module's .modinfo ELF section (what depmod reads)."""
+    data = open(path, "rb").read()
+    if path.endswith(".xz"):
+        data = lzma.decompress(data)
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        sys.exit(f"build.py: {path} is not a 64-bit ELF module")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    def section(i):
+        name, _type, _flags, _addr, off, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        return name, off, size
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, off, size = section(i)
+        if data[stroff + name: data.index(b"\0", stroff + name)] == b".modinfo":
+            for entry in data[off: off + size].split(b"\0"):
+                if entry.startswith(b"depends="):
+                    return [d for d in entry[8:].decode().split(",") if d]
+            return []
+    return []
+
+
+def module_closure(moddir):
+    """The wanted modules and everything they depend on, dependencies first. Uses
+    modules.dep when the tree has one, else each module's own .modinfo (no kmod needed)."""
+    paths = {}
+    for dirpath, _, files in os.walk(os.path.join(moddir, "kernel")):
+        for f in files:
+            if ".ko" in f:
+                rel = os.path.relpath(os.path.join(dirpath, f), moddir)
+                paths[name_of(rel)] = rel
+    chosen, order = set(), []
+
+    def visit(m):
+        if m in chosen or m not in paths:
+            return  # built in, or absent from this kernel
+        chosen.add(m)
+        deps = [name_of(d) for d in modinfo_depends(os.path.join(moddir, paths[m]))]
+        for d in deps:
+            visit(d)
+        order.append((m, paths[m], deps))
+
+    for m in MODULES:
+        visit(m)
+    return order
+
+
+def name_of(path):
+    base = os.path.basename(path)
+    for ext in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+            break
+    return base.replace("-", "_")
+
+
+class Cpio:
+    """newc archive with fixed metadata."""
+
+    def __init__(self):
+        self.out = bytearray()
+        self.ino = 1
+
+    def add(self, name, mode, data=b"", rdev=(0, 0)):
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+        self.ino += 1
+        hdr = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.out += hdr + name.encode() + b"\0"
+        self.out += b"\0" * ((4 - len(self.out) % 4) % 4)
+        self.out += data
+        self.out += b"\0" * ((4 - len(self.out) % 4) % 4)
+
+    def finish(self):
+        self.add("TRAILER!!!", 0)
+        self.out += b"\0" * ((512 - len(self.out) % 512) % 512)
+        return bytes(self.out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--agent", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kernel-package", default="linux-image-amd64")
+    ap.add_argument("--cache", default=None)
+    a = ap.parse_args()
+    cache = a.cache or os.path.join(a.out, "cache")
+    package = kernel_package(a.kernel_package)
+    deb, root = unpack_kernel(package, cache)
+    release = package[len("linux-image-"):]
+    vmlinux = extract_vmlinux(os.path.join(root, "boot", "vmlinuz-" + release))
+    moddir = os.path.join(root, "lib", "modules", release)
+    mods = module_closure(moddir)
+
+    entries = {}  # path -> (mode, data, rdev)
+    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "lib", "lib/modules", "lib/modules/" + release]:
+        entries[d] = (0o040755, b"", (0, 0))
+    entries["tmp"] = (0o041777, b"", (0, 0))
+    # PID 1's stdio: the kernel opens /dev/console before /init runs.
+    entries["dev/console"] = (0o020600, b"", (5, 1))
+    entries["init"] = (0o100755, open(a.agent, "rb").read(), (0, 0))
+    dep_lines = []
+    for name, path, deps in mods:
+        data = open(os.path.join(moddir, path), "rb").read()
+        if path.endswith(".xz"):
+            data, path = lzma.decompress(data), path[:-3]
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            entries["lib/modules/%s/%s" % (release, "/".join(parts[:i]))] = (0o040755, b"", (0, 0))
+        entries["lib/modules/%s/%s" % (release, path)] = (0o100644, data, (0, 0))
+        dep_paths = [p for n, p, _ in mods if n in deps]
+        dep_lines.append("%s: %s" % (path, " ".join(p[:-3] if p.endswith(".xz") else p for p in dep_paths)))
+    entries["lib/modules/%s/modules.dep" % release] = (0o100644, ("\n".join(sorted(dep_lines)) + "\n").encode(), (0, 0))
+    entries["etc/kuasar-guest"] = (0o100644, ("kernel %s\nagent %s\n" % (release, hashlib.sha256(entries["init"][1]).hexdigest())).encode(), (0, 0))
+
+    cpio = Cpio()
+    for path in sorted(entries):
+        mode, data, rdev = entries[path]
+        cpio.add(path, mode, data, rdev)
+    archive = cpio.finish()
+
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "vmlinux.tmp"), "wb") as f:
+        f.write(vmlinux)
+    os.replace(os.path.join(a.out, "vmlinux.tmp"), os.path.join(a.out, "vmlinux"))
+    raw = os.path.join(a.out, "initrd.cpio")
+    with open(raw, "wb") as f:
+        f.write(archive)
+    # lz4 legacy frames (the kernel's lz4 initrd format), -9 for size; no timestamps.
+    initrd = os.path.join(a.out, "initrd.lz4")
+    subprocess.run(["lz4", "-l", "-9", "-f", "-q", raw, initrd + ".tmp"], check=True)
+    os.replace(initrd + ".tmp", initrd)
+    os.unlink(raw)
+    manifest = {
+        "kernel": release,
+        "kernelPackage": os.path.basename(deb),
+        "modules": [m for m, _, _ in mods],
+        "sha256": {n: hashlib.sha256(open(os.path.join(a.out, n), "rb").read()).hexdigest() for n in ("vmlinux", "initrd.lz4")},
+        "bytes": {n: os.path.getsize(os.path.join(a.out, n)) for n in ("vmlinux", "initrd.lz4")},
+        "agentBytes": len(entries["init"][1]),
+    }
+    with open(os.path.join(a.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print(json.dumps(manifest, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
