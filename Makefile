@@ -2,11 +2,13 @@
 #   make run    install what the daemon needs, build, start the daemon, run a first container in it
 #   make test   install what the tests need, build with warnings as errors, run every test
 SHELL := /bin/bash
-APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf python3-pip golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2
+APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf python3-pip golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2 lz4 binutils
+# The tests boot the guest image under QEMU.
+TEST_APT_PACKAGES := qemu-system-x86
 SWIFT_FLAGS := -Xswiftc -warnings-as-errors
 SOCKET ?= /run/kuasar/kuasar.sock
 
-.PHONY: deps build run test test-release bench clean install protos
+.PHONY: deps test-deps build run test test-release bench clean install protos guest guest-if-missing
 
 # apt-get only when something is missing, so repeated runs cost nothing.
 deps:
@@ -16,14 +18,34 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+test-deps: deps
+	@dpkg -s $(TEST_APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_APT_PACKAGES) >/dev/null; }
+
 build: deps
 	swift build $(SWIFT_FLAGS)
+
+# The guest image of VM sandboxes: the agent linked statically (stdlib and
+# FoundationEssentials only), stripped, as /init of an initramfs with the modules it loads,
+# and the vmlinux of Debian's linux-image-amd64 (downloaded, never installed). Built in
+# $(GUEST_DIR), installed where the daemon looks by default. Incremental: a rebuild with
+# nothing changed costs seconds.
+GUEST_DIR := .build/guest
+GUEST_INSTALL := /var/lib/kuasar/guest
+guest: deps
+	swift build -c release --product kuasar-agent --static-swift-stdlib -Xswiftc -static-executable -Xswiftc -Osize --scratch-path .build-static
+	mkdir -p $(GUEST_DIR)
+	strip --strip-all -o $(GUEST_DIR)/kuasar-agent .build-static/release/kuasar-agent
+	python3 guest/build.py --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR) --cache .build/guest-cache
+	install -d $(GUEST_INSTALL) && install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.lz4 $(GUEST_DIR)/manifest.json $(GUEST_INSTALL)/
+
+guest-if-missing:
+	@[ -f $(GUEST_DIR)/initrd.lz4 ] || $(MAKE) guest
 
 # The main job: the daemon with its embedded defaults (state in /run/kuasar, API socket
 # $(SOCKET)), its health, then a first container — a busybox rootfs made here — run
 # through it with `kuasar run`. The daemon keeps running; Ctrl-C (SIGINT) stops it cleanly.
 DEMO_ROOTFS := .build/demo-rootfs
-run: build
+run: build guest-if-missing
 	@bin=$$(swift build $(SWIFT_FLAGS) --show-bin-path)/kuasar; \
 	rm -rf $(DEMO_ROOTFS) && mkdir -p $(DEMO_ROOTFS)/bin $(DEMO_ROOTFS)/proc $(DEMO_ROOTFS)/dev $(DEMO_ROOTFS)/sys $(DEMO_ROOTFS)/tmp && \
 	cp /bin/busybox $(DEMO_ROOTFS)/bin/ && for a in $$(/bin/busybox --list); do [ $$a = busybox ] || ln -sf busybox $(DEMO_ROOTFS)/bin/$$a; done; \
@@ -36,7 +58,7 @@ run: build
 	echo "first container exited with $$?; daemon running as pid $$pid (Ctrl-C stops it); try: $$bin ps --root $$(dirname $(SOCKET))"; \
 	wait $$pid
 
-test: build
+test: build test-deps guest
 	swift build $(SWIFT_FLAGS) --build-tests
 	swift test $(SWIFT_FLAGS) --no-parallel
 
@@ -61,7 +83,7 @@ install: build
 	@[ -e /etc/kuasar/config.toml ] || { mkdir -p /etc/kuasar && /usr/local/bin/kuasar config default > /etc/kuasar/config.toml; }
 
 clean:
-	rm -rf .build perf/.build
+	rm -rf .build .build-static perf/.build
 
 # Regenerates Sources/Runtime/Wire/Generated from Protos/. Needs protoc (apt
 # protobuf-compiler) and builds protoc-gen-swift from the swift-protobuf this package

@@ -302,6 +302,24 @@ extension AllTests {
         #expect(!a.logText.contains("Fatal error"), "\(a.logText)")
     }
 
+    /// vsock: the channel a guest serves on real hosts (vhost-vsock). This machine has no
+    /// transport to reach it, so the test checks that the agent listens on it beside unix.
+    @Test func theAgentListensOnVsockBesideUnix() throws {
+        let port = UInt32(20_000 + getpid() % 10_000)
+        let a = try AgentProcess("vsock", extra: ["--listen", "vsock://\(port)"])
+        defer { try? a.stop() }
+        let check = try a.call(Self.agent, "Check", Kuasar_Agent_V1_CheckRequest(), Kuasar_Agent_V1_CheckResponse.self)
+        #expect(check.channels == ["unix://" + a.socket, "vsock://\(port)"], "\(check.channels)")
+        // The agent holds the port: a second listener on it is refused.
+        do {
+            let fd = try Socket.listenVsock(port: port)
+            fd.close()
+            Issue.record("vsock port \(port) was free: the agent does not listen on it")
+        } catch {
+            #expect(error.errno == .EADDRINUSE, "\(error)")
+        }
+    }
+
     @Test func kernelCommandLineAndModulesDep() throws {
         let s = GuestSettings(cmdline: "console=ttyS0 quiet kuasar.channel=serial://agent,vsock://2048 kuasar.share=pod kuasar.share_type=virtiofs kuasar.log=debug kuasar.debug=1 kuasar.bogus=1\n")
         #expect(s.channels == ["serial://agent", "vsock://2048"] && s.shareTag == "pod" && s.shareType == "virtiofs" && s.logLevel == "debug" && s.debug)

@@ -121,6 +121,7 @@ public final class Agent {
         self.reactor = reactor
         defer { shutdown() }
         let supervisor = ProcessSupervisor(reactor: reactor)
+        if isPID1 { supervisor.strayLogLevel = .debug }
         self.supervisor = supervisor
         // As PID 1 every orphan of the guest is ours to reap; otherwise our own strays.
         try supervisor.enableSIGCHLDFallback()
@@ -218,8 +219,8 @@ public final class Agent {
             _ = reactor.schedule(afterNS: 20_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }
             return
         }
-        if attempt == 0 { logger.info("channel serial://\(name) is \(dev)") }
-        server.serve(OwnedFD(adopting: fd)) { [weak self] in
+        if attempt == 0 { logger.info("channel serial://\(name) is \(dev)") } else { logger.debug("channel serial://\(name): \(dev) opened again") }
+        server.serve(OwnedFD(adopting: fd), closeOnOversized: true) { [weak self] in
             // The host closed (or was never there): open again shortly.
             guard let self, !self.stopping, let reactor = self.reactor else { return }
             _ = reactor.schedule(afterNS: 5_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }

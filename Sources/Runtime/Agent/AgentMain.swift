@@ -64,7 +64,9 @@ public enum AgentMain {
         let pid1 = getpid() == 1
         var parsed: (AgentOptions, Logger.Level)
         do {
-            parsed = try parse(args)
+            // As a guest's init the arguments are the kernel's (its command line words
+            // without '='): the settings are the kuasar.* parameters instead.
+            parsed = pid1 && !args.contains("--listen") ? (AgentOptions(), .info) : try parse(args)
         } catch {
             printError("kuasar agent: \(error)\n")
             if !pid1 { return 2 }

@@ -29,6 +29,8 @@ public final class ProcessSupervisor {
     let reactor: Reactor
     var children: [pid_t: Child] = [:]
     public private(set) var strayChildrenReaped = 0
+    /// A guest's PID 1 reaps every orphan of the guest: routine there, worth a line here.
+    public var strayLogLevel: Logger.Level = .info
 
     public init(reactor: Reactor) {
         self.reactor = reactor
@@ -117,7 +119,7 @@ public final class ProcessSupervisor {
             }
             guard let status = ChildReaper.reap(pid) else { return }
             strayChildrenReaped += 1
-            reactor.logger.info("reaped unsupervised child \(pid): \(status)")
+            reactor.logger.log(level: strayLogLevel, "reaped unsupervised child \(pid): \(status)")
         }
     }
 

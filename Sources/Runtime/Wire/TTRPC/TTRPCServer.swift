@@ -68,9 +68,14 @@ public final class TTRPCServer {
 
     /// Serves an already connected stream (an accepted socket, a VM agent channel);
     /// `onClose` runs once it has closed (a channel that must be opened again).
-    public func serve(_ fd: consuming OwnedFD, onClose: (() -> Void)? = nil) {
+    /// `closeOnOversized`: a frame longer than the limit ends the connection (after its
+    /// error answer) instead of being skipped — for a channel with no reliable end of
+    /// stream (virtio-serial), where a length read from the middle of a frame would
+    /// otherwise make it skip everything that follows; opened again, it starts afresh.
+    public func serve(_ fd: consuming OwnedFD, closeOnOversized: Bool = false, onClose: (() -> Void)? = nil) {
         let conn = TTRPCServerConnection(server: self, connection: Connection(reactor: reactor, fd: fd))
         conn.onClosed = onClose
+        conn.closeOnOversized = closeOnOversized
         connections.insert(conn)
         conn.start()
     }
@@ -95,6 +100,9 @@ final class TTRPCServerConnection {
     private var heldRequestBytes = 0
     private var closed = false
     var onClosed: (() -> Void)?
+    var closeOnOversized = false
+    /// Closing after a framing error: what is still read is not decoded.
+    private var ending = false
 
     init(server: TTRPCServer, connection: Connection) {
         self.server = server
@@ -103,10 +111,11 @@ final class TTRPCServerConnection {
 
     func start() {
         connection.onRead = { [unowned self] _, bytes in
+            if self.ending { return }
             self.decoder.append(bytes)
             self.connection.cork()
             defer { self.connection.uncork() }
-            while !self.closed, let item = self.decoder.next() { self.handle(item) }
+            while !self.closed, !self.ending, let item = self.decoder.next() { self.handle(item) }
         }
         connection.onClose = { [unowned self] _, error in
             if let error { self.server.logger.debug("ttrpc connection closed: \(error)") }
@@ -140,6 +149,11 @@ final class TTRPCServerConnection {
             sendResponse(stream: stream, status: RPCError(.resourceExhausted,
                 "message length \(length) exceeds the maximum message size of \(TTRPC.maxDataLength)"), payload: [])
             calls[stream]?.cancel(RPCError(.resourceExhausted, "oversized message on the stream"))
+            if closeOnOversized {
+                server.logger.warning("ttrpc: a frame of \(length) bytes on a channel without end of stream: closed to start afresh")
+                ending = true
+                connection.closeAfterFlush()
+            }
         case .frame(let frame):
             switch frame.messageType {
             case .request: handleRequest(frame)

@@ -1,0 +1,327 @@
+import Foundation
+import Testing
+import SwiftProtobuf
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The guest image under QEMU (TCG here; this machine has no usable KVM): the static
+/// agent as PID 1, its channel a virtio-serial port, the host's share on 9p. One guest
+/// boots for the whole suite (a TCG boot takes seconds); every check drives it over the
+/// channel as the VM kind's host side will.
+extension AllTests {
+@Suite(.serialized) struct GuestVMTests {
+    static let task = "containerd.task.v3.Task"
+    static let agent = "kuasar.agent.v1.Agent"
+    /// `make guest` builds it here (and `make test` first, when it is missing).
+    static var imageDir: String { "\(repositoryRoot)/.build/guest" }
+
+    /// A microVM with the guest image: the command line ../shared/MACHINE.md measured
+    /// fastest here, a virtio-serial port named `agent`, a 9p share tagged `kuasar`.
+    final class GuestVM {
+        let dir: String
+        let share: String
+        let channel: String
+        var process: SpawnedProcess?
+        let pid: pid_t
+        private(set) var client: OneShotClient?
+
+        static func hostKHz() -> Int {
+            let info = (try? Files.readString("/proc/cpuinfo")) ?? ""
+            for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
+                if let v = Double(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) { return Int(v * 1000) }
+            }
+            return 2_000_000
+        }
+
+        static func arguments(image: String, console: String, channel: String, share: String, extraAppend: String = "") -> [String] {
+            let khz = hostKHz()
+            let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list kuasar.channel=serial://agent" + extraAppend
+            return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64", "-m", "256", "-smp", "2",
+                    "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + console,
+                    "-kernel", image + "/vmlinux", "-initrd", image + "/initrd.lz4", "-append", append,
+                    "-chardev", "socket,id=ch0,path=\(channel),server=on,wait=off",
+                    "-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=agent",
+                    "-fsdev", "local,id=fs0,path=\(share),security_model=passthrough",
+                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=kuasar"]
+        }
+
+        init(_ name: String) throws {
+            dir = try scratchDirectory("vm-\(name)")
+            share = dir + "/share"
+            channel = dir + "/agent.sock"
+            try makeDirectories(share, mode: 0o755)
+            // KUASAR_GUEST_LOG=debug: the agent's debug log on the guest's console.
+            let level = currentEnvironmentDictionary()["KUASAR_GUEST_LOG"].map { " kuasar.log=" + $0 } ?? ""
+            let args = Self.arguments(image: GuestVMTests.imageDir, console: dir + "/console.log", channel: channel, share: share, extraAppend: level)
+            let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+            defer { close(null) }
+            let log = open(dir + "/qemu.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            defer { close(log) }
+            let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/qemu-system-x86_64", arguments: args, fdMap: [(null, 0), (log, 1), (log, 2)]))
+            pid = p.pid
+            process = consume p
+        }
+
+        var console: String { (try? Files.readString(dir + "/console.log")) ?? "" }
+
+        /// Connects to the channel and calls Check until the agent answers (data sent
+        /// while the guest has its port closed is dropped: each try is a new call).
+        func waitReady(timeoutS: Int = 90) throws -> Kuasar_Agent_V1_CheckResponse {
+            let deadline = MonotonicClock.nanoseconds() + UInt64(timeoutS) * 1_000_000_000
+            while MonotonicClock.nanoseconds() < deadline {
+                if client == nil { client = try? OneShotClient(path: channel) }
+                if let c = client {
+                    if let r = try? c.call(GuestVMTests.agent, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 500_000_000) {
+                        return r
+                    }
+                } else {
+                    usleep(20_000)
+                }
+                guard !processGone(pid) else { break }
+            }
+            throw RPCError(.deadlineExceeded, "the guest's agent did not answer; console: \(console.suffix(2000))")
+        }
+
+        func call<Resp: SwiftProtobuf.Message>(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type, timeoutS: UInt64 = 60) throws -> Resp {
+            try client!.call(service, m, r, as: Resp.self, timeoutNS: timeoutS * 1_000_000_000, namespace: "k8s.io")
+        }
+
+        func task<Resp: SwiftProtobuf.Message>(_ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+            try call(GuestVMTests.task, m, r, Resp.self)
+        }
+
+        func readAll(_ id: String, exec: String = "", _ stream: Kuasar_Agent_V1_Stream = .stdout) throws -> [UInt8] {
+            var out: [UInt8] = []
+            var r = Kuasar_Agent_V1_ReadStdioRequest()
+            r.containerID = id
+            r.execID = exec
+            r.stream = stream
+            while true {
+                let resp = try call(GuestVMTests.agent, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
+                if resp.eof { return out }
+                out += resp.data
+            }
+        }
+
+        /// A busybox bundle in the share; its path as the guest sees it.
+        func bundle(_ name: String, _ args: [String], terminal: Bool = false, sharePid: Bool = false) throws -> String {
+            let b = try TestBundle("vm-" + name)
+            try b.setProcess(args: args, terminal: terminal)
+            try b.editSpec { spec in
+                var linux = spec["linux"] as! [String: Any]
+                // The guest is the pod: no network namespace of its own (it has no other
+                // interfaces either); with sharePid its orphans are PID 1's to reap.
+                linux["namespaces"] = (linux["namespaces"] as! [[String: Any]]).filter { ns in
+                    let t = ns["type"] as! String
+                    return t != "network" && !(sharePid && t == "pid")
+                }
+                spec["linux"] = linux
+            }
+            try RuntimeTests.run("/bin/mv", b.path, share + "/" + name)
+            return GuestInit.sharePath + "/" + name
+        }
+
+        func run(_ id: String, _ bundle: String, stdin: Bool = false, terminal: Bool = false) throws -> UInt32 {
+            var create = Containerd_Task_V3_CreateTaskRequest()
+            create.id = id
+            create.bundle = bundle
+            create.stdout = "stream:"
+            create.stderr = terminal ? "" : "stream:"
+            if stdin { create.stdin = "stream:" }
+            create.terminal = terminal
+            let pid = try task("Create", create, Containerd_Task_V3_CreateTaskResponse.self).pid
+            var start = Containerd_Task_V3_StartRequest()
+            start.id = id
+            _ = try task("Start", start, Containerd_Task_V3_StartResponse.self)
+            return pid
+        }
+
+        func wait(_ id: String, exec: String = "") throws -> UInt32 {
+            var w = Containerd_Task_V3_WaitRequest()
+            w.id = id
+            w.execID = exec
+            return try task("Wait", w, Containerd_Task_V3_WaitResponse.self).exitStatus
+        }
+
+        func delete(_ id: String, exec: String = "") throws {
+            var d = Containerd_Task_V3_DeleteRequest()
+            d.id = id
+            d.execID = exec
+            _ = try task("Delete", d, Containerd_Task_V3_DeleteResponse.self)
+        }
+
+        func stop() throws {
+            client?.close()
+            client = nil
+            if let p = process.take() {
+                try? sendSignal(pidfd: p.pidfd.rawValue, SIGKILL)
+                _ = try Spawner.wait(p)
+            }
+            for name in Files.list(share) { Mounts.unmountAll(under: share + "/" + name) }
+            // The guest's console outlives the test, for a failure's post-mortem.
+            try? Files.write("\(repositoryRoot)/.build/guest-test-console.log", console, create: true)
+            Files.removeTree(dir)
+        }
+    }
+
+    @Test func theAgentAsPID1RunsContainersOverVirtioSerial() throws {
+        #expect(Files.exists(Self.imageDir + "/vmlinux") && Files.exists(Self.imageDir + "/initrd.lz4"), "no guest image in \(Self.imageDir): make guest builds it")
+        let vm = try GuestVM("agent")
+        defer { try? vm.stop() }
+        let check = try vm.waitReady()
+        #expect(check.pid == 1 && check.version == KuasarVersion.string, "\(check)")
+        #expect(check.kernel.hasSuffix("-amd64") && check.channels == ["serial://agent"])
+        for step in ["kernel", "mounts", "modules", "share", "init"] { #expect(check.bootMs[step] != nil, "boot breakdown has \(step): \(check.bootMs)") }
+
+        // Identity and clock: PID 1 may set the guest's own.
+        var setup = Kuasar_Agent_V1_SetupSandboxRequest()
+        setup.sandboxID = "vm-pod"
+        setup.hostname = "vm-pod"
+        setup.sysctls = ["kernel.pid_max": "65536"]
+        _ = try vm.call(Self.agent, "SetupSandbox", setup, Google_Protobuf_Empty.self)
+        var clock = Kuasar_Agent_V1_SyncClockRequest()
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        clock.hostUnixNs = Int64(now.tv_sec) * 1_000_000_000 + Int64(now.tv_nsec)
+        _ = try vm.call(Self.agent, "SyncClock", clock, Kuasar_Agent_V1_SyncClockResponse.self)
+
+        // A container from a bundle in the share: output, its real exit status.
+        let hello = try vm.bundle("hello", ["sh", "-c", "echo hello from $(cat /etc/hostname) pid_max=$(cat /proc/sys/kernel/pid_max); date +%s; exit 7"])
+        _ = try vm.run("hello", hello)
+        let out = String(decoding: try vm.readAll("hello"), as: UTF8.self)
+        #expect(out.hasPrefix("hello from vm-pod pid_max=65536\n"), "\(out)")
+        if let guestTime = out.split(separator: "\n").dropFirst().first.flatMap({ Int($0) }) {
+            #expect(abs(guestTime - Int(now.tv_sec)) <= 5, "guest clock \(guestTime) vs host \(now.tv_sec)")
+        } else { Issue.record("no date in \(out)") }
+        #expect(try vm.wait("hello") == 7)
+        try vm.delete("hello")
+
+        // 10 MiB quickly, complete and in order.
+        let bulk = try vm.bundle("bulk", ["seq", "1", "1400000"])
+        _ = try vm.run("bulk", bulk)
+        let got = try vm.readAll("bulk")
+        #expect(try vm.wait("bulk") == 0)
+        let expected = Array(((1...1_400_000).map(String.init).joined(separator: "\n") + "\n").utf8)
+        #expect(got.count == expected.count && got == expected, "\(got.count) bytes of \(expected.count)")
+        try vm.delete("bulk")
+
+        // stdin to EOF, and a terminal.
+        let cat = try vm.bundle("cat", ["sh", "-c", "wc -c"])
+        _ = try vm.run("cat", cat, stdin: true)
+        var w = Kuasar_Agent_V1_WriteStdinRequest()
+        w.containerID = "cat"
+        w.data = Data(repeating: 0x61, count: 300_000)
+        _ = try vm.call(Self.agent, "WriteStdin", w, Kuasar_Agent_V1_WriteStdinResponse.self)
+        var closeIn = Kuasar_Agent_V1_CloseStdinRequest()
+        closeIn.containerID = "cat"
+        _ = try vm.call(Self.agent, "CloseStdin", closeIn, Google_Protobuf_Empty.self)
+        #expect(String(decoding: try vm.readAll("cat"), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) == "300000")
+        #expect(try vm.wait("cat") == 0)
+        try vm.delete("cat")
+        let tty = try vm.bundle("tty", ["sh", "-c", "tty; echo tty-ok"], terminal: true)
+        _ = try vm.run("tty", tty, terminal: true)
+        let ttyOut = String(decoding: try vm.readAll("tty"), as: UTF8.self)
+        #expect(ttyOut.contains("/dev/pts/") && ttyOut.contains("tty-ok"), "\(ttyOut)")
+        #expect(try vm.wait("tty") == 0)
+        try vm.delete("tty")
+
+        // Exec into a running container, then Kill and Wait for the real status.
+        let long = try vm.bundle("long", ["sleep", "300"])
+        _ = try vm.run("long", long)
+        var exec = Containerd_Task_V3_ExecProcessRequest()
+        exec.id = "long"
+        exec.execID = "e1"
+        exec.stdout = "stream:"
+        exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo exec in the guest; exit 4"], env: ["PATH=/bin"], cwd: "/"))
+        _ = try vm.task("Exec", exec, Google_Protobuf_Empty.self)
+        var start = Containerd_Task_V3_StartRequest()
+        start.id = "long"
+        start.execID = "e1"
+        _ = try vm.task("Start", start, Containerd_Task_V3_StartResponse.self)
+        #expect(String(decoding: try vm.readAll("long", exec: "e1"), as: UTF8.self) == "exec in the guest\n")
+        #expect(try vm.wait("long", exec: "e1") == 4)
+        try vm.delete("long", exec: "e1")
+        var kill = Containerd_Task_V3_KillRequest()
+        kill.id = "long"
+        kill.signal = 9
+        _ = try vm.task("Kill", kill, Google_Protobuf_Empty.self)
+        #expect(try vm.wait("long") == 137)
+        try vm.delete("long")
+
+        // 100 orphans in the guest's own pid namespace: PID 1 reaps them all and serves on.
+        let orphans = try vm.bundle("orphans", ["sh", "-c", "for i in $(seq 100); do (sleep 0.2 &) ; done; echo forked"], sharePid: true)
+        _ = try vm.run("orphans", orphans)
+        #expect(String(decoding: try vm.readAll("orphans"), as: UTF8.self) == "forked\n")
+        #expect(try vm.wait("orphans") == 0)
+        try vm.delete("orphans")
+        usleep(1_500_000)
+        let ps = try vm.bundle("ps", ["sh", "-c", "ps -o stat,comm | grep -c '^Z' || true"], sharePid: true)
+        _ = try vm.run("ps", ps)
+        #expect(String(decoding: try vm.readAll("ps"), as: UTF8.self) == "0\n", "zombies left in the guest")
+        #expect(try vm.wait("ps") == 0)
+        try vm.delete("ps")
+
+        // Bad input over the channel: a bundle outside the share, an unknown container;
+        // then garbage on the channel itself: the agent opens its port again and serves.
+        var create = Containerd_Task_V3_CreateTaskRequest()
+        create.id = "escape"
+        create.bundle = "/etc"
+        do {
+            _ = try vm.task("Create", create, Containerd_Task_V3_CreateTaskResponse.self)
+            Issue.record("a bundle outside the share was accepted")
+        } catch let e as RPCError { #expect(e.code == .permissionDenied && e.message.contains("outside the host's share"), "\(e)") }
+        var state = Containerd_Task_V3_StateRequest()
+        state.id = "ghost"
+        do {
+            _ = try vm.task("State", state, Containerd_Task_V3_StateResponse.self)
+            Issue.record("an unknown container answered")
+        } catch let e as RPCError { #expect(e.code == .notFound, "\(e)") }
+        vm.client?.close()
+        let raw = try Socket.connectUnix(path: vm.channel, blocking: true)
+        var huge: [UInt8] = []
+        TTRPC.appendHeader(to: &huge, length: 0, streamID: 9, type: .request, flags: [])
+        huge[0] = 0x7F
+        _ = writeRaw(raw.rawValue, [UInt8](repeating: 0xEE, count: 100) + huge + [UInt8](repeating: 0, count: 64))
+        usleep(200_000)
+        raw.close()
+        let again = try GuestVMTests.reconnect(vm)
+        #expect(again.pid == 1 && again.uptimeNs > check.uptimeNs, "the same agent serves on: \(again)")
+        #expect(!vm.console.contains("Kernel panic") && !vm.console.contains("Fatal error"), "\(vm.console.suffix(2000))")
+    }
+
+    /// The same agent and kernel package give the same bytes, built twice.
+    @Test func theImageBuildIsReproducible() throws {
+        let agent = Self.imageDir + "/kuasar-agent"
+        #expect(Files.exists(agent), "make guest leaves the stripped agent at \(agent)")
+        let out = try scratchDirectory("guest-repro")
+        defer { Files.removeTree(out) }
+        var digests: [String] = []
+        for n in 1...2 {
+            let (code, text) = try shell("python3 \(repositoryRoot)/guest/build.py --agent \(agent) --out \(out)/\(n) --cache \(repositoryRoot)/.build/guest-cache", timeoutS: 300)
+            #expect(code == 0, "\(text)")
+            digests.append(try shell("sha256sum \(out)/\(n)/vmlinux \(out)/\(n)/initrd.lz4 | cut -d' ' -f1").out)
+        }
+        #expect(digests[0] == digests[1] && digests[0].count > 64, "\(digests)")
+        // And the same as the image the VM test booted (make guest, from the same agent).
+        let booted = try shell("sha256sum \(Self.imageDir)/vmlinux \(Self.imageDir)/initrd.lz4 | cut -d' ' -f1").out
+        #expect(booted == digests[0])
+        let manifest = try Files.readString(out + "/1/manifest.json")
+        #expect(manifest.contains("\"virtio_console\"") && manifest.contains("\"9pnet_virtio\"") && manifest.contains("\"vmw_vsock_virtio_transport\""), "\(manifest)")
+    }
+
+    static func reconnect(_ vm: GuestVM) throws -> Kuasar_Agent_V1_CheckResponse {
+        try vm.reconnectAndCheck()
+    }
+}
+}
+
+extension AllTests.GuestVMTests.GuestVM {
+    func reconnectAndCheck() throws -> Kuasar_Agent_V1_CheckResponse {
+        client?.close()
+        client = nil
+        return try waitReady(timeoutS: 30)
+    }
+}
