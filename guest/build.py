@@ -7,6 +7,8 @@ Reproducible: the same kernel package and agent give the same bytes (entries sor
 mtime, uid and gid 0, fixed inode numbers, lz4 legacy frames without timestamps).
 
     build.py --agent PATH --out DIR [--kernel-package NAME] [--cache DIR]
+    build.py --baseline --out DIR      # initrd-baseline.lz4: a /init that only prints a
+                                       # line (busybox), the benchmark's floor
 """
 import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 
@@ -147,11 +149,16 @@ class Cpio:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--agent", required=True)
+    ap.add_argument("--agent")
+    ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernel-package", default="linux-image-amd64")
     ap.add_argument("--cache", default=None)
     a = ap.parse_args()
+    if a.baseline:
+        return baseline(a.out)
+    if not a.agent:
+        sys.exit("build.py: --agent PATH (or --baseline)")
     cache = a.cache or os.path.join(a.out, "cache")
     package = kernel_package(a.kernel_package)
     deb, root = unpack_kernel(package, cache)
@@ -211,6 +218,22 @@ def main():
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
     print(json.dumps(manifest, sort_keys=True))
+
+
+def baseline(out):
+    """The same kernel booting to the least an init can do: print one line on the console."""
+    cpio = Cpio()
+    script = b"#!/bin/busybox sh\n/bin/busybox echo kuasar-baseline-ready\nexec /bin/busybox sleep 3600\n"
+    for path, mode, data, rdev in sorted([
+            ("bin", 0o040755, b"", (0, 0)), ("bin/busybox", 0o100755, open("/bin/busybox", "rb").read(), (0, 0)),
+            ("dev", 0o040755, b"", (0, 0)), ("dev/console", 0o020600, b"", (5, 1)), ("init", 0o100755, script, (0, 0))]):
+        cpio.add(path, mode, data, rdev)
+    os.makedirs(out, exist_ok=True)
+    raw = os.path.join(out, "initrd-baseline.cpio")
+    with open(raw, "wb") as f:
+        f.write(cpio.finish())
+    subprocess.run(["lz4", "-l", "-9", "-f", "-q", raw, os.path.join(out, "initrd-baseline.lz4")], check=True)
+    os.unlink(raw)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import Runtime
 ///   kuasar-perf container [--runs N]    container lifecycle and per-pod memory: kuasar vs shim-runc-v2+runc, runc, crun
 ///   kuasar-perf external [--runs N]     container lifecycle with runc/crun under the daemon vs the runtime's own commands vs our engine
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
+///   kuasar-perf agent [--boots N] [--runs N]  guest boot to agent-ready vs a /init that prints a line; container lifecycle in the guest vs on the host
 ///   kuasar-perf all                     all of them
 ///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
 let args = CommandLine.arguments
@@ -44,6 +45,8 @@ case "kuasar-daemon":
     try ContainerBenchmark.serveDaemon(root: args[2])
 case "container":
     try ContainerBenchmark.run(count: Int(option("--runs", default: 200)), pods: [1, 100], executable: me)
+case "agent":
+    try AgentBenchmark.run(boots: Int(option("--boots", default: 5)), lifecycles: Int(option("--runs", default: 30)))
 case "external":
     try ExternalBenchmark.run(runs: Int(option("--runs", default: 100)))
 case "pod":

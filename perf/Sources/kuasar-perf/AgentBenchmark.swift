@@ -1,0 +1,237 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Runtime
+import SwiftProtobuf
+
+/// The guest agent, in one run:
+/// - boot to agent-ready (QEMU start → the first Check answered over virtio-serial)
+///   against the same kernel and QEMU command line booting a /init that only prints a
+///   line (QEMU start → that line on the serial console), alternating, `boots` each;
+///   with the guest-side breakdown the agent reports (kernel, mounts, modules, share);
+/// - Create+Start+Wait+Delete of `/bin/true` inside the guest over the channel, against
+///   the same calls to `kuasar agent --listen` on the host (a namespace sandbox there);
+/// - the agent's RSS in the guest, and the image's sizes.
+/// Writes perf/results/agent.json. Needs `make guest` (the image in .build/guest) and QEMU.
+enum AgentBenchmark {
+    static let work = "/tmp/kuasar-perf-agent"
+    static let agentService = "kuasar.agent.v1.Agent"
+    static let task = "containerd.task.v3.Task"
+
+    struct Report: Codable {
+        var date: String
+        var accelerator: String
+        var qemu: String
+        var boots: Int
+        var baselineInitMs: ContainerBenchmark.Row
+        var agentReadyMs: ContainerBenchmark.Row
+        /// agent-ready p50 / baseline p50: the goal is ≤ 1.10.
+        var readyRatio: Double?
+        /// Guest-side, from the agent's Check (p50 of each step, ms).
+        var guestBreakdownMs: [String: Double]
+        var lifecycleInGuest: ContainerBenchmark.Row
+        var lifecycleOnHost: ContainerBenchmark.Row
+        var lifecycleRatio: Double?
+        var agentRSSKiB: Int?
+        var agentBinaryBytes: Int
+        var initrdBytes: Int
+        var vmlinuxBytes: Int
+    }
+
+    static func hostKHz() -> Int {
+        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
+            if let v = Double(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) { return Int(v * 1000) }
+        }
+        return 2_000_000
+    }
+
+    /// The command line of ../shared/MACHINE.md's fastest TCG boot, with the agent's devices.
+    static func qemu(initrd: String, image: String, console: String, channel: String, share: String) -> [String] {
+        let khz = hostKHz()
+        let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list kuasar.channel=serial://agent"
+        return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64", "-m", "128", "-smp", "2",
+                "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + console,
+                "-kernel", image + "/vmlinux", "-initrd", initrd, "-append", append,
+                "-chardev", "socket,id=ch0,path=\(channel),server=on,wait=off",
+                "-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=agent",
+                "-fsdev", "local,id=fs0,path=\(share),security_model=passthrough",
+                "-device", "virtio-9p-device,fsdev=fs0,mount_tag=kuasar"]
+    }
+
+    final class VM {
+        let pidfd: Int32
+        let pid: pid_t
+        let started: UInt64
+        let console: String
+        let channel: String
+        init(initrd: String, image: String, dir: String, share: String) throws {
+            console = dir + "/console.log"
+            channel = dir + "/agent.sock"
+            unlink(console); unlink(channel)
+            let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+            defer { close(null) }
+            started = MonotonicClock.nanoseconds()
+            let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/qemu-system-x86_64",
+                                                  arguments: AgentBenchmark.qemu(initrd: initrd, image: image, console: console, channel: channel, share: share),
+                                                  fdMap: [(null, 0), (null, 1), (null, 2)]))
+            pid = p.pid
+            pidfd = p.pidfd.take()
+        }
+        func ms() -> Double { Double(MonotonicClock.nanoseconds() - started) / 1e6 }
+        func kill() {
+            try? sendSignal(pidfd: pidfd, SIGKILL)
+            var info = siginfo_t()
+            _ = waitid(P_PIDFD, id_t(pidfd), &info, WEXITED)
+            close(pidfd)
+        }
+    }
+
+    static func run(boots: Int, lifecycles: Int) throws {
+        let log = ContainerBenchmark.log
+        let root = PodBenchmark.repositoryRoot
+        let image = root + "/.build/guest"
+        guard access(image + "/initrd.lz4", R_OK) == 0, access("/usr/bin/qemu-system-x86_64", X_OK) == 0 else {
+            log("agent: needs the guest image (make guest) and qemu-system-x86")
+            return
+        }
+        guard let kuasar = PodBenchmark.kuasarBinary() else { log("agent: no kuasar binary"); return }
+        ContainerBenchmark.shIgnoringFailure("rm -rf \(work)")
+        let share = work + "/share"
+        try FileManager.default.createDirectory(atPath: share, withIntermediateDirectories: true)
+        _ = try ContainerBenchmark.sh("python3 \(root)/guest/build.py --baseline --out \(work)")
+        let bundle = share + "/true"
+        try ContainerBenchmark.makeBundle(bundle, args: ["true"])
+        try ContainerBenchmark.makeBundle(share + "/rss", args: ["sh", "-c", "grep VmRSS /proc/1/status"])
+        // The rss bundle shares the guest's pid namespace (to see PID 1); neither has a network namespace.
+        for b in [bundle, share + "/rss"] {
+            let url = URL(fileURLWithPath: b + "/config.json")
+            var spec = try JSONSerialization.jsonObject(with: Data(contentsOf: url)) as! [String: Any]
+            var linux = spec["linux"] as! [String: Any]
+            linux["namespaces"] = (linux["namespaces"] as! [[String: Any]]).filter { ($0["type"] as! String) != "network" && !(b.hasSuffix("rss") && ($0["type"] as! String) == "pid") }
+            spec["linux"] = linux
+            try JSONSerialization.data(withJSONObject: spec).write(to: url)
+        }
+
+        var baseline: [Double] = [], ready: [Double] = [], breakdown: [String: [Double]] = [:]
+        var inGuest: [Double] = []
+        var rss: Int?
+        for i in 0..<boots {
+            // The floor: the same kernel to a line printed by /init.
+            let b = try VM(initrd: work + "/initrd-baseline.lz4", image: image, dir: work, share: share)
+            var seen = false
+            while b.ms() < 60_000 {
+                if ((try? String(contentsOfFile: b.console, encoding: .utf8)) ?? "").contains("kuasar-baseline-ready") { seen = true; break }
+                usleep(2_000)
+            }
+            if seen { baseline.append(b.ms()) }
+            b.kill()
+            // The agent: to its first answer over the channel.
+            let vm = try VM(initrd: image + "/initrd.lz4", image: image, dir: work, share: share)
+            defer { vm.kill() }
+            var client: OneShotClient?
+            var check: Kuasar_Agent_V1_CheckResponse?
+            while vm.ms() < 60_000 && check == nil {
+                if client == nil { client = try? OneShotClient(path: vm.channel) }
+                guard let c = client else { usleep(2_000); continue }
+                check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 100_000_000)
+            }
+            guard let check, let c = client else { log("agent: boot \(i): no answer"); continue }
+            let readyMs = vm.ms()
+            ready.append(readyMs)
+            for (k, v) in check.bootMs { breakdown[k, default: []].append(v) }
+            breakdown["firstAnswerAfterInit", default: []].append(readyMs - (check.bootMs["kernel"] ?? 0) - (check.bootMs["init"] ?? 0))
+            if i == boots - 1 {
+                // Warm the translation cache, then time the lifecycle inside the guest.
+                for n in 0..<(lifecycles + 3) {
+                    let t = MonotonicClock.nanoseconds()
+                    try lifecycle(c, id: "g\(n)", bundle: GuestInit.sharePath + "/true")
+                    if n >= 3 { inGuest.append(Double(MonotonicClock.nanoseconds() - t) / 1e6) }
+                }
+                var create = Containerd_Task_V3_CreateTaskRequest()
+                create.id = "rss"
+                create.bundle = GuestInit.sharePath + "/rss"
+                create.stdout = "stream:"
+                _ = try c.call(task, "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+                var start = Containerd_Task_V3_StartRequest()
+                start.id = "rss"
+                _ = try c.call(task, "Start", start, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
+                var read = Kuasar_Agent_V1_ReadStdioRequest()
+                read.containerID = "rss"
+                var text = ""
+                while true {
+                    let r = try c.call(agentService, "ReadStdio", read, as: Kuasar_Agent_V1_ReadStdioResponse.self)
+                    if r.eof { break }
+                    text += String(decoding: r.data, as: UTF8.self)
+                }
+                rss = text.split(separator: " ", omittingEmptySubsequences: true).compactMap { Int($0) }.first
+            }
+            c.close()
+        }
+
+        // The same lifecycle against the agent on the host (a plain namespace sandbox).
+        let hostRoot = work + "/host"
+        let sock = work + "/host.sock"
+        let logFD = open(work + "/host-agent.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let host = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "agent", "--listen", "unix://" + sock, "--root", hostRoot, "--cgroup-parent", "kuasar-perf-agent"], fdMap: [(logFD, 2)]))
+        close(logFD)
+        let hostPidfd = host.pidfd.take()
+        defer {
+            try? sendSignal(pidfd: hostPidfd, SIGTERM)
+            var info = siginfo_t()
+            _ = waitid(P_PIDFD, id_t(hostPidfd), &info, WEXITED)
+            close(hostPidfd)
+        }
+        var onHost: [Double] = []
+        for _ in 0..<200 where access(sock, F_OK) != 0 { usleep(10_000) }
+        let hc = try OneShotClient(path: sock)
+        for n in 0..<(lifecycles + 3) {
+            let t = MonotonicClock.nanoseconds()
+            try lifecycle(hc, id: "h\(n)", bundle: bundle)
+            if n >= 3 { onHost.append(Double(MonotonicClock.nanoseconds() - t) / 1e6) }
+        }
+        hc.close()
+
+        func p50(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.sorted()[xs.count / 2] }
+        let manifest = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: image + "/manifest.json")))) as? [String: Any] ?? [:]
+        let bytes = manifest["bytes"] as? [String: Int] ?? [:]
+        let bRow = ContainerBenchmark.row("baseline /init (prints a line)", baseline)
+        let aRow = ContainerBenchmark.row("kuasar agent (first Check over virtio-serial)", ready)
+        let gRow = ContainerBenchmark.row("in the guest, over the channel", inGuest)
+        let hRow = ContainerBenchmark.row("kuasar agent --listen on the host", onHost)
+        let report = Report(
+            date: ISO8601DateFormatter().string(from: Date()), accelerator: "tcg",
+            qemu: (try? ContainerBenchmark.sh("qemu-system-x86_64 --version | head -1"))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "",
+            boots: boots, baselineInitMs: bRow, agentReadyMs: aRow,
+            readyRatio: p50(ready).flatMap { a in p50(baseline).map { a / $0 } },
+            guestBreakdownMs: breakdown.compactMapValues { p50($0) },
+            lifecycleInGuest: gRow, lifecycleOnHost: hRow,
+            lifecycleRatio: p50(inGuest).flatMap { g in p50(onHost).map { g / $0 } },
+            agentRSSKiB: rss, agentBinaryBytes: manifest["agentBytes"] as? Int ?? 0,
+            initrdBytes: bytes["initrd.lz4"] ?? 0, vmlinuxBytes: bytes["vmlinux"] ?? 0)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(report).write(to: URL(fileURLWithPath: root + "/perf/results/agent.json"))
+        log("agent: baseline p50 \(p50(baseline) ?? -1) ms, agent-ready p50 \(p50(ready) ?? -1) ms (ratio \(report.readyRatio ?? -1)); breakdown \(report.guestBreakdownMs)")
+        log("agent: lifecycle in guest p50 \(p50(inGuest) ?? -1) ms vs on host \(p50(onHost) ?? -1) ms; agent RSS \(rss ?? -1) KiB; agent \(report.agentBinaryBytes) B, initrd \(report.initrdBytes) B")
+        ContainerBenchmark.shIgnoringFailure("rm -rf \(work)")
+    }
+
+    static func lifecycle(_ c: OneShotClient, id: String, bundle: String) throws {
+        var create = Containerd_Task_V3_CreateTaskRequest()
+        create.id = id
+        create.bundle = bundle
+        _ = try c.call(task, "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+        var start = Containerd_Task_V3_StartRequest()
+        start.id = id
+        _ = try c.call(task, "Start", start, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
+        var wait = Containerd_Task_V3_WaitRequest()
+        wait.id = id
+        let w = try c.call(task, "Wait", wait, as: Containerd_Task_V3_WaitResponse.self, namespace: "k8s.io")
+        guard w.exitStatus == 0 else { throw RPCError(.internal, "\(id) exited \(w.exitStatus)") }
+        var del = Containerd_Task_V3_DeleteRequest()
+        del.id = id
+        _ = try c.call(task, "Delete", del, as: Containerd_Task_V3_DeleteResponse.self, namespace: "k8s.io")
+    }
+}
