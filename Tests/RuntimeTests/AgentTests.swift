@@ -16,7 +16,7 @@ extension AllTests {
     static let agent = "kuasar.agent.v1.Agent"
 
     /// A running `kuasar agent`; `stop` checks it exits 0 and left nothing behind.
-    final class AgentProcess {
+    final class AgentProcess: AgentPeer {
         let dir: String
         let socket: String
         let cgroupParent: String
@@ -49,11 +49,6 @@ extension AllTests {
             try client.call(service, m, r, as: Resp.self, namespace: "k8s.io")
         }
 
-        /// A Task API call.
-        func task<Resp: SwiftProtobuf.Message>(_ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
-            try call(AgentTests.task, m, r, Resp.self)
-        }
-
         func expectFailure(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, code: RPCCode, _ text: String,
                            sourceLocation: SourceLocation = #_sourceLocation) {
             do {
@@ -63,21 +58,6 @@ extension AllTests {
                 #expect(e.code == code && e.message.contains(text), "\(m): \(e)", sourceLocation: sourceLocation)
             } catch {
                 Issue.record("\(m): \(error)", sourceLocation: sourceLocation)
-            }
-        }
-
-        /// Every byte of a stream, to its EOF.
-        func readAll(_ id: String, exec: String = "", _ stream: Kuasar_Agent_V1_Stream = .stdout, max: UInt32 = 0) throws -> [UInt8] {
-            var out: [UInt8] = []
-            var r = Kuasar_Agent_V1_ReadStdioRequest()
-            r.containerID = id
-            r.execID = exec
-            r.stream = stream
-            r.maxBytes = max
-            while true {
-                let resp = try call(AgentTests.agent, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
-                if resp.eof { return out }
-                out += resp.data
             }
         }
 
@@ -95,35 +75,6 @@ extension AllTests {
             }
             Files.removeTree(dir)
         }
-    }
-
-    static func create(_ a: AgentProcess, _ id: String, _ bundle: TestBundle, stdin: Bool = false, terminal: Bool = false) throws -> UInt32 {
-        var create = Containerd_Task_V3_CreateTaskRequest()
-        create.id = id
-        create.bundle = bundle.path
-        create.stdout = "stream:"
-        create.stderr = terminal ? "" : "stream:"
-        if stdin { create.stdin = "stream:" }
-        create.terminal = terminal
-        let pid = try a.task("Create", create, Containerd_Task_V3_CreateTaskResponse.self).pid
-        var start = Containerd_Task_V3_StartRequest()
-        start.id = id
-        _ = try a.task("Start", start, Containerd_Task_V3_StartResponse.self)
-        return pid
-    }
-
-    static func wait(_ a: AgentProcess, _ id: String, exec: String = "") throws -> UInt32 {
-        var w = Containerd_Task_V3_WaitRequest()
-        w.id = id
-        w.execID = exec
-        return try a.task("Wait", w, Containerd_Task_V3_WaitResponse.self).exitStatus
-    }
-
-    static func delete(_ a: AgentProcess, _ id: String, exec: String = "") throws {
-        var d = Containerd_Task_V3_DeleteRequest()
-        d.id = id
-        d.execID = exec
-        _ = try a.task("Delete", d, Containerd_Task_V3_DeleteResponse.self)
     }
 
     @Test func containersOverTheAgentChannelWithStreamsAndEvents() throws {
@@ -148,11 +99,11 @@ extension AllTests {
         #expect((try? Files.readString(podDir + "/hostname")) == "agent-pod\n")
         #expect(((try? Files.readString(podDir + "/resolv.conf")) ?? "").contains("nameserver 10.0.0.53"))
 
-        let pid = try Self.create(a, "c1", bundle)
+        let pid = try a.run("c1", bundle: bundle.path)
         #expect(pid > 0)
         #expect(String(decoding: try a.readAll("c1"), as: UTF8.self) == "to-out\nagent-pod\n")
         #expect(String(decoding: try a.readAll("c1", .stderr), as: UTF8.self) == "to-err\n")
-        #expect(try Self.wait(a, "c1") == 3)
+        #expect(try a.wait("c1") == 3)
 
         // Events in order, each once, acknowledged by the next call's `after`.
         var next = Kuasar_Agent_V1_NextEventsRequest()
@@ -169,7 +120,7 @@ extension AllTests {
         }
         #expect(topics == ["/tasks/create", "/tasks/start", "/tasks/exit"], "\(topics)")
         #expect(exitStatus == 3)
-        try Self.delete(a, "c1")
+        try a.delete("c1")
         let afterDelete = try a.call(Self.agent, "NextEvents", next, Kuasar_Agent_V1_NextEventsResponse.self).events
         #expect(afterDelete.map(\.envelope.topic) == ["/tasks/delete"])
         #expect(!Files.exists(a.dir + "/root/io/c1.init.stdout"), "the stream's FIFO goes with the container")
@@ -182,18 +133,18 @@ extension AllTests {
         try bundle.setProcess(args: ["seq", "1", "1400000"])
         let a = try AgentProcess("bulk")
         defer { try? a.stop() }
-        _ = try Self.create(a, "big", bundle)
+        _ = try a.run("big", bundle: bundle.path)
         // Small reads first: the container blocks on a full FIFO meanwhile (back-pressure).
         let got = try a.readAll("big", max: 64 << 10)
-        #expect(try Self.wait(a, "big") == 0)
+        #expect(try a.wait("big") == 0)
         let expected = (1...1_400_000).map(String.init).joined(separator: "\n") + "\n"
         #expect(got.count == expected.utf8.count, "\(got.count) bytes of \(expected.utf8.count)")
         #expect(got == Array(expected.utf8), "output differs")
-        try Self.delete(a, "big")
+        try a.delete("big")
 
         // stdin: 1 MiB through `cat`, then CloseStdin: every byte comes back, then EOF.
         try bundle.setProcess(args: ["cat"])
-        _ = try Self.create(a, "cat", bundle, stdin: true)
+        _ = try a.run("cat", bundle: bundle.path, stdin: true)
         var input: [UInt8] = []
         for i in 0..<(1 << 20) { input.append(UInt8(truncatingIfNeeded: i &* 31 &+ i >> 8)) }
         var w = Kuasar_Agent_V1_WriteStdinRequest()
@@ -207,8 +158,8 @@ extension AllTests {
         _ = try a.call(Self.agent, "CloseStdin", close, Google_Protobuf_Empty.self)
         let echoed = try a.readAll("cat")
         #expect(echoed.count == input.count && echoed == input, "\(echoed.count) bytes back of \(input.count)")
-        #expect(try Self.wait(a, "cat") == 0)
-        try Self.delete(a, "cat")
+        #expect(try a.wait("cat") == 0)
+        try a.delete("cat")
     }
 
     @Test func terminalExecKillAndPids() throws {
@@ -217,37 +168,24 @@ extension AllTests {
         try bundle.setProcess(args: ["sh", "-c", "tty; echo tty-ok"], terminal: true)
         let a = try AgentProcess("tty")
         defer { try? a.stop() }
-        _ = try Self.create(a, "t", bundle, terminal: true)
+        _ = try a.run("t", bundle: bundle.path, terminal: true)
         let out = String(decoding: try a.readAll("t"), as: UTF8.self)
         #expect(out.contains("/dev/pts/") && out.contains("tty-ok"), "\(out)")
-        #expect(try Self.wait(a, "t") == 0)
-        try Self.delete(a, "t")
+        #expect(try a.wait("t") == 0)
+        try a.delete("t")
 
         try bundle.setProcess(args: ["sleep", "300"])
-        let pid = try Self.create(a, "long", bundle)
-        var exec = Containerd_Task_V3_ExecProcessRequest()
-        exec.id = "long"
-        exec.execID = "e1"
-        exec.stdout = "stream:"
-        exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-        exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo from exec; exit 5"], env: ["PATH=/bin"], cwd: "/"))
-        _ = try a.task("Exec", exec, Google_Protobuf_Empty.self)
-        var start = Containerd_Task_V3_StartRequest()
-        start.id = "long"
-        start.execID = "e1"
-        _ = try a.task("Start", start, Containerd_Task_V3_StartResponse.self)
+        let pid = try a.run("long", bundle: bundle.path)
+        try a.exec("long", "e1", ["sh", "-c", "echo from exec; exit 5"])
         #expect(String(decoding: try a.readAll("long", exec: "e1"), as: UTF8.self) == "from exec\n")
-        #expect(try Self.wait(a, "long", exec: "e1") == 5)
-        try Self.delete(a, "long", exec: "e1")
+        #expect(try a.wait("long", exec: "e1") == 5)
+        try a.delete("long", exec: "e1")
         var pids = Containerd_Task_V3_PidsRequest()
         pids.id = "long"
         #expect(try a.task("Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid).contains(pid))
-        var kill = Containerd_Task_V3_KillRequest()
-        kill.id = "long"
-        kill.signal = 9
-        _ = try a.task("Kill", kill, Google_Protobuf_Empty.self)
-        #expect(try Self.wait(a, "long") == 137)
-        try Self.delete(a, "long")
+        try a.kill("long")
+        #expect(try a.wait("long") == 137)
+        try a.delete("long")
         #expect(waitUntil { processGone(pid_t(pid)) })
     }
 

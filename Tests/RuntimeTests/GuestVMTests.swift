@@ -19,7 +19,7 @@ extension AllTests {
 
     /// A microVM with the guest image: the command line ../shared/MACHINE.md measured
     /// fastest here, a virtio-serial port named `agent`, a 9p share tagged `kuasar`.
-    final class GuestVM {
+    final class GuestVM: AgentPeer {
         let dir: String
         let share: String
         let channel: String
@@ -84,25 +84,8 @@ extension AllTests {
             throw RPCError(.deadlineExceeded, "the guest's agent did not answer; console: \(console.suffix(2000))")
         }
 
-        func call<Resp: SwiftProtobuf.Message>(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type, timeoutS: UInt64 = 60) throws -> Resp {
-            try client!.call(service, m, r, as: Resp.self, timeoutNS: timeoutS * 1_000_000_000, namespace: "k8s.io")
-        }
-
-        func task<Resp: SwiftProtobuf.Message>(_ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
-            try call(GuestVMTests.task, m, r, Resp.self)
-        }
-
-        func readAll(_ id: String, exec: String = "", _ stream: Kuasar_Agent_V1_Stream = .stdout) throws -> [UInt8] {
-            var out: [UInt8] = []
-            var r = Kuasar_Agent_V1_ReadStdioRequest()
-            r.containerID = id
-            r.execID = exec
-            r.stream = stream
-            while true {
-                let resp = try call(GuestVMTests.agent, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
-                if resp.eof { return out }
-                out += resp.data
-            }
+        func call<Resp: SwiftProtobuf.Message>(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+            try client!.call(service, m, r, as: Resp.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
         }
 
         /// A busybox bundle in the share; its path as the guest sees it.
@@ -121,35 +104,6 @@ extension AllTests {
             }
             try RuntimeTests.run("/bin/mv", b.path, share + "/" + name)
             return GuestInit.sharePath + "/" + name
-        }
-
-        func run(_ id: String, _ bundle: String, stdin: Bool = false, terminal: Bool = false) throws -> UInt32 {
-            var create = Containerd_Task_V3_CreateTaskRequest()
-            create.id = id
-            create.bundle = bundle
-            create.stdout = "stream:"
-            create.stderr = terminal ? "" : "stream:"
-            if stdin { create.stdin = "stream:" }
-            create.terminal = terminal
-            let pid = try task("Create", create, Containerd_Task_V3_CreateTaskResponse.self).pid
-            var start = Containerd_Task_V3_StartRequest()
-            start.id = id
-            _ = try task("Start", start, Containerd_Task_V3_StartResponse.self)
-            return pid
-        }
-
-        func wait(_ id: String, exec: String = "") throws -> UInt32 {
-            var w = Containerd_Task_V3_WaitRequest()
-            w.id = id
-            w.execID = exec
-            return try task("Wait", w, Containerd_Task_V3_WaitResponse.self).exitStatus
-        }
-
-        func delete(_ id: String, exec: String = "") throws {
-            var d = Containerd_Task_V3_DeleteRequest()
-            d.id = id
-            d.execID = exec
-            _ = try task("Delete", d, Containerd_Task_V3_DeleteResponse.self)
         }
 
         func stop() throws {
@@ -189,7 +143,7 @@ extension AllTests {
 
         // A container from a bundle in the share: output, its real exit status.
         let hello = try vm.bundle("hello", ["sh", "-c", "echo hello from $(cat /etc/hostname) pid_max=$(cat /proc/sys/kernel/pid_max); date +%s; exit 7"])
-        _ = try vm.run("hello", hello)
+        _ = try vm.run("hello", bundle: hello)
         let out = String(decoding: try vm.readAll("hello"), as: UTF8.self)
         #expect(out.hasPrefix("hello from vm-pod pid_max=65536\n"), "\(out)")
         if let guestTime = out.split(separator: "\n").dropFirst().first.flatMap({ Int($0) }) {
@@ -200,7 +154,7 @@ extension AllTests {
 
         // 10 MiB quickly, complete and in order.
         let bulk = try vm.bundle("bulk", ["seq", "1", "1400000"])
-        _ = try vm.run("bulk", bulk)
+        _ = try vm.run("bulk", bundle: bulk)
         let got = try vm.readAll("bulk")
         #expect(try vm.wait("bulk") == 0)
         let expected = Array(((1...1_400_000).map(String.init).joined(separator: "\n") + "\n").utf8)
@@ -209,7 +163,7 @@ extension AllTests {
 
         // stdin to EOF, and a terminal.
         let cat = try vm.bundle("cat", ["sh", "-c", "wc -c"])
-        _ = try vm.run("cat", cat, stdin: true)
+        _ = try vm.run("cat", bundle: cat, stdin: true)
         var w = Kuasar_Agent_V1_WriteStdinRequest()
         w.containerID = "cat"
         w.data = Data(repeating: 0x61, count: 300_000)
@@ -221,7 +175,7 @@ extension AllTests {
         #expect(try vm.wait("cat") == 0)
         try vm.delete("cat")
         let tty = try vm.bundle("tty", ["sh", "-c", "tty; echo tty-ok"], terminal: true)
-        _ = try vm.run("tty", tty, terminal: true)
+        _ = try vm.run("tty", bundle: tty, terminal: true)
         let ttyOut = String(decoding: try vm.readAll("tty"), as: UTF8.self)
         #expect(ttyOut.contains("/dev/pts/") && ttyOut.contains("tty-ok"), "\(ttyOut)")
         #expect(try vm.wait("tty") == 0)
@@ -229,37 +183,24 @@ extension AllTests {
 
         // Exec into a running container, then Kill and Wait for the real status.
         let long = try vm.bundle("long", ["sleep", "300"])
-        _ = try vm.run("long", long)
-        var exec = Containerd_Task_V3_ExecProcessRequest()
-        exec.id = "long"
-        exec.execID = "e1"
-        exec.stdout = "stream:"
-        exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-        exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo exec in the guest; exit 4"], env: ["PATH=/bin"], cwd: "/"))
-        _ = try vm.task("Exec", exec, Google_Protobuf_Empty.self)
-        var start = Containerd_Task_V3_StartRequest()
-        start.id = "long"
-        start.execID = "e1"
-        _ = try vm.task("Start", start, Containerd_Task_V3_StartResponse.self)
+        _ = try vm.run("long", bundle: long)
+        try vm.exec("long", "e1", ["sh", "-c", "echo exec in the guest; exit 4"])
         #expect(String(decoding: try vm.readAll("long", exec: "e1"), as: UTF8.self) == "exec in the guest\n")
         #expect(try vm.wait("long", exec: "e1") == 4)
         try vm.delete("long", exec: "e1")
-        var kill = Containerd_Task_V3_KillRequest()
-        kill.id = "long"
-        kill.signal = 9
-        _ = try vm.task("Kill", kill, Google_Protobuf_Empty.self)
+        try vm.kill("long")
         #expect(try vm.wait("long") == 137)
         try vm.delete("long")
 
         // 100 orphans in the guest's own pid namespace: PID 1 reaps them all and serves on.
         let orphans = try vm.bundle("orphans", ["sh", "-c", "for i in $(seq 100); do (sleep 0.2 &) ; done; echo forked"], sharePid: true)
-        _ = try vm.run("orphans", orphans)
+        _ = try vm.run("orphans", bundle: orphans)
         #expect(String(decoding: try vm.readAll("orphans"), as: UTF8.self) == "forked\n")
         #expect(try vm.wait("orphans") == 0)
         try vm.delete("orphans")
         usleep(1_500_000)
         let ps = try vm.bundle("ps", ["sh", "-c", "ps -o stat,comm | grep -c '^Z' || true"], sharePid: true)
-        _ = try vm.run("ps", ps)
+        _ = try vm.run("ps", bundle: ps)
         #expect(String(decoding: try vm.readAll("ps"), as: UTF8.self) == "0\n", "zombies left in the guest")
         #expect(try vm.wait("ps") == 0)
         try vm.delete("ps")
