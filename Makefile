@@ -27,8 +27,9 @@ build: deps
 # The guest image of VM sandboxes: the agent linked statically (stdlib and
 # FoundationEssentials only), stripped, as /init of an initramfs with the modules it loads,
 # and the vmlinux of Debian's linux-image-amd64 (downloaded, never installed). Built in
-# $(GUEST_DIR), installed where the daemon looks by default. Incremental: a rebuild with
-# nothing changed costs seconds.
+# $(GUEST_DIR), installed where the daemon looks by default; a debug variant with busybox
+# (kuasar.debug=1's shell) in $(GUEST_DIR)-debug. Incremental: a rebuild with nothing
+# changed costs seconds.
 GUEST_DIR := .build/guest
 GUEST_INSTALL := /var/lib/kuasar/guest
 guest: deps
@@ -36,6 +37,7 @@ guest: deps
 	mkdir -p $(GUEST_DIR)
 	strip --strip-all -o $(GUEST_DIR)/kuasar-agent .build-static/release/kuasar-agent
 	python3 guest/build.py --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR) --cache .build/guest-cache
+	python3 guest/build.py --debug --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR)-debug --cache .build/guest-cache >/dev/null
 	install -d $(GUEST_INSTALL) && install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.lz4 $(GUEST_DIR)/manifest.json $(GUEST_INSTALL)/
 
 guest-if-missing:

@@ -12,7 +12,8 @@ mtime, uid and gid 0, fixed inode numbers, lz4 legacy frames without timestamps)
 """
 import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 
-# What the agent loads (GuestInit.modules) — each brings what modules.dep says it needs.
+# What the agent may load (GuestInit.modules(for:): those its settings use at boot, overlay
+# on first use) — each brings what its .modinfo says it needs.
 MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs",
            "overlay", "vmw_vsock_virtio_transport"]
 
@@ -25,7 +26,12 @@ def kernel_package(name):
     """linux-image-amd64 is a metapackage: the image it depends on."""
     if not name.endswith("-amd64") or name.count("-") > 2:
         return name
-    for line in run("apt-cache", "depends", name).splitlines():
+    try:
+        deps = run("apt-cache", "depends", name)
+    except subprocess.CalledProcessError:
+        run("apt-get", "update", "-qq")
+        deps = run("apt-cache", "depends", name)
+    for line in deps.splitlines():
         line = line.strip()
         if line.startswith("Depends: linux-image-"):
             return line.split(": ", 1)[1]
@@ -36,7 +42,12 @@ def unpack_kernel(package, cache):
     os.makedirs(cache, exist_ok=True)
     debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
     if not debs:
-        run("apt-get", "download", package, cwd=cache)
+        try:
+            run("apt-get", "download", package, cwd=cache)
+        except subprocess.CalledProcessError:
+            # A fresh machine may have no package lists yet.
+            run("apt-get", "update", "-qq")
+            run("apt-get", "download", package, cwd=cache)
         debs = [f for f in os.listdir(cache) if f.startswith(package + "_") and f.endswith(".deb")]
     deb = os.path.join(cache, sorted(debs)[-1])
     root = os.path.join(cache, "root-" + os.path.basename(deb)[:-4])
@@ -151,6 +162,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent")
     ap.add_argument("--baseline", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="add busybox (/bin/sh and its applets) for kuasar.debug=1's shell")
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernel-package", default="linux-image-amd64")
     ap.add_argument("--cache", default=None)
@@ -186,6 +198,13 @@ def main():
         dep_paths = [p for n, p, _ in mods if n in deps]
         dep_lines.append("%s: %s" % (path, " ".join(p[:-3] if p.endswith(".xz") else p for p in dep_paths)))
     entries["lib/modules/%s/modules.dep" % release] = (0o100644, ("\n".join(sorted(dep_lines)) + "\n").encode(), (0, 0))
+    if a.debug:
+        entries["bin"] = (0o040755, b"", (0, 0))
+        entries["sbin"] = (0o040755, b"", (0, 0))
+        entries["bin/busybox"] = (0o100755, open("/bin/busybox", "rb").read(), (0, 0))
+        for applet in run("/bin/busybox", "--list").split():
+            if applet != "busybox":
+                entries["bin/" + applet] = (0o120777, b"busybox", (0, 0))
     entries["etc/kuasar-guest"] = (0o100644, ("kernel %s\nagent %s\n" % (release, hashlib.sha256(entries["init"][1]).hexdigest())).encode(), (0, 0))
 
     cpio = Cpio()

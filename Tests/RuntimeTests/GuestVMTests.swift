@@ -47,14 +47,14 @@ extension AllTests {
                     "-device", "virtio-9p-device,fsdev=fs0,mount_tag=kuasar"]
         }
 
-        init(_ name: String) throws {
+        init(_ name: String, image: String = GuestVMTests.imageDir, append: String = "", extraDevices: [String] = []) throws {
             dir = try scratchDirectory("vm-\(name)")
             share = dir + "/share"
             channel = dir + "/agent.sock"
             try makeDirectories(share, mode: 0o755)
             // KUASAR_GUEST_LOG=debug: the agent's debug log on the guest's console.
             let level = currentEnvironmentDictionary()["KUASAR_GUEST_LOG"].map { " kuasar.log=" + $0 } ?? ""
-            let args = Self.arguments(image: GuestVMTests.imageDir, console: dir + "/console.log", channel: channel, share: share, extraAppend: level)
+            let args = Self.arguments(image: image, console: dir + "/console.log", channel: channel, share: share, extraAppend: level + append) + extraDevices
             let null = open("/dev/null", O_RDWR | O_CLOEXEC)
             defer { close(null) }
             let log = open(dir + "/qemu.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -231,6 +231,33 @@ extension AllTests {
         let again = try GuestVMTests.reconnect(vm)
         #expect(again.pid == 1 && again.uptimeNs > check.uptimeNs, "the same agent serves on: \(again)")
         #expect(!vm.console.contains("Kernel panic") && !vm.console.contains("Fatal error"), "\(vm.console.suffix(2000))")
+    }
+
+    /// kuasar.debug=1 with the debug image: a shell on the port named `debug`.
+    @Test func theDebugImageGivesAShellOnASecondPort() throws {
+        let image = Self.imageDir + "-debug"
+        #expect(Files.exists(image + "/initrd.lz4"), "make guest builds the debug image in \(image)")
+        let debugSocket = "/tmp/kuasar-vm-debug-\(getpid()).sock"
+        unlink(debugSocket)
+        defer { unlink(debugSocket) }
+        let vm = try GuestVM("debug", image: image, append: " kuasar.debug=1",
+                             extraDevices: ["-chardev", "socket,id=dbg,path=\(debugSocket),server=on,wait=off", "-device", "virtserialport,chardev=dbg,name=debug"])
+        defer { try? vm.stop() }
+        _ = try vm.waitReady()
+        let fd = try Socket.connectUnix(path: debugSocket, blocking: true).take()
+        defer { close(fd) }
+        var tv = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var seen = ""
+        let deadline = MonotonicClock.nanoseconds() + 30_000_000_000
+        while !seen.contains("debug-42"), MonotonicClock.nanoseconds() < deadline {
+            // Sent again until the shell (started once a host is on the port) answers.
+            _ = writeRaw(fd, Array("echo debug-$((6*7)) $$\n".utf8))
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let n = read(fd, &buf, buf.count)
+            if n > 0 { seen += String(decoding: buf[..<n], as: UTF8.self) }
+        }
+        #expect(seen.contains("debug-42"), "debug shell: \(seen.suffix(500)); console: \(vm.console.suffix(1000))")
     }
 
     /// The same agent and kernel package give the same bytes, built twice.

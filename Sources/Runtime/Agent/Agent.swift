@@ -156,6 +156,7 @@ public final class Agent {
         register(on: server)
         self.server = server
         for channel in options.channels { try open(channel) }
+        if options.debug && isPID1 { openDebugShell(attempt: 0) }
         logger.info("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
         try reactor.run()
     }
@@ -224,6 +225,40 @@ public final class Agent {
             // The host closed (or was never there): open again shortly.
             guard let self, !self.stopping, let reactor = self.reactor else { return }
             _ = reactor.schedule(afterNS: 5_000_000) { [weak self] in self?.openSerial(name, attempt: attempt + 1) }
+        }
+    }
+
+    /// kuasar.debug=1: a shell on the virtio-serial port named `debug` (the debug image
+    /// has busybox; the default image has no shell, and says so). Started again whenever
+    /// it exits (the host end going away ends it).
+    private func openDebugShell(attempt: Int) {
+        guard !stopping, let reactor, let supervisor else { return }
+        guard access("/bin/sh", X_OK) == 0 else {
+            logger.warning("kuasar.debug=1: this image has no /bin/sh (guest/build.py --debug makes one that has)")
+            return
+        }
+        guard let dev = VirtioPorts.device(named: "debug") else {
+            if attempt == 0 { logger.warning("kuasar.debug=1: no virtio-serial port named debug yet; retrying") }
+            if attempt < 600 { _ = reactor.schedule(afterNS: 100_000_000) { [weak self] in self?.openDebugShell(attempt: attempt + 1) } }
+            return
+        }
+        let fd = Glibc.open(dev, O_RDWR | O_CLOEXEC | O_NOCTTY)
+        guard fd >= 0 else { logger.error("kuasar.debug=1: open \(dev): \(Errno(rawValue: errno))"); return }
+        defer { _ = Glibc.close(fd) }
+        let started = MonotonicClock.nanoseconds()
+        var spec = ProcessSpec(executable: "/bin/sh", arguments: ["sh"], environment: ["PATH=/bin:/sbin", "HOME=/", "TERM=dumb", "PS1=kuasar-guest# "],
+                               workingDirectory: "/", fdMap: [(fd, 0), (fd, 1), (fd, 2)])
+        spec.newSession = true
+        do {
+            let pid = try supervisor.spawn(spec) { [weak self] _ in
+                guard let self, let reactor = self.reactor else { return }
+                // A shell that ends at once (no host on the port): wait a little longer.
+                let quick = MonotonicClock.nanoseconds() - started < 1_000_000_000
+                _ = reactor.schedule(afterNS: quick ? 1_000_000_000 : 100_000_000) { [weak self] in self?.openDebugShell(attempt: 1) }
+            }
+            if attempt == 0 { logger.info("kuasar.debug=1: a shell (pid \(pid)) on \(dev)") }
+        } catch {
+            logger.error("kuasar.debug=1: shell: \(error)")
         }
     }
 

@@ -62,6 +62,10 @@ final class AgentTasks: TaskBackend, TaskEventSink {
         guard sandbox.containers[r.id] == nil, !sandbox.pendingCreates.contains(r.id) else {
             throw RPCError(.alreadyExists, "container \(r.id) already exists")
         }
+        // A rootfs the host gives as an overlay needs the module, loaded on first use.
+        if getpid() == 1, r.rootfs.contains(where: { $0.type == "overlay" }) {
+            do { try GuestInit.ensureModule("overlay") } catch { throw RPCError(.failedPrecondition, "overlay rootfs: the guest cannot load overlay: \(error)") }
+        }
         var r = r
         try streams.resolve(container: r.id, exec: "", stdin: &r.stdin, stdout: &r.stdout, stderr: &r.stderr, terminal: r.terminal)
         let id = r.id

@@ -135,7 +135,7 @@ enum AgentBenchmark {
             while vm.ms() < 60_000 && check == nil {
                 if client == nil { client = try? OneShotClient(path: vm.channel) }
                 guard let c = client else { usleep(2_000); continue }
-                check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 100_000_000)
+                check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 50_000_000)
             }
             guard let check, let c = client else { log("agent: boot \(i): no answer"); continue }
             let readyMs = vm.ms()
