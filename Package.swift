@@ -55,12 +55,12 @@ let package = Package(
             name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor"),
         .target(
             name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf],
-            path: "Sources/Runtime/Wire", exclude: ["GRPC", "HTTP2"]),
+            path: "Sources/Runtime/Wire", exclude: ["GRPC"]),
         // HTTP/2 and gRPC (containerd's sandbox Controller, health) apart from ttrpc: HPACK
         // brings swift-nio's modules, which the guest agent (ttrpc only) must not link.
         .target(
             name: "KuasarGRPC", dependencies: ["KuasarReactor", "KuasarSystem", "KuasarWire", logging, protobuf, hpack],
-            path: "Sources/Runtime/Wire", sources: ["GRPC", "HTTP2"]),
+            path: "Sources/Runtime/Wire/GRPC"),
         .target(
             name: "KuasarContainer", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", logging],
             path: "Sources/Runtime/Container"),

@@ -405,7 +405,7 @@ public final class Agent {
     private func currentHostname() -> String {
         var buf = [CChar](repeating: 0, count: 256)
         gethostname(&buf, buf.count)
-        return String(cString: buf)
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// /etc/hostname, /etc/hosts and /etc/resolv.conf of the pod, bound into its containers.

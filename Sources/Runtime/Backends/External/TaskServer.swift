@@ -139,7 +139,7 @@ public final class TaskServerBackend: SandboxBackend {
             _ = close(outW)
             closeW = false
             server.pid = started
-            server.startTime = ExitRecords.startTime(of: started) ?? 0
+            server.startTime = ExitRecords.startTime(of: started)
             server.exited = nil
             server.pidfd = openPidfd(started) ?? -1
             if let host = registry.engine.cgroups {
