@@ -37,8 +37,8 @@ extension AllTests {
 
         static func arguments(image: String, console: String, channel: String, share: String, extraAppend: String = "") -> [String] {
             let khz = hostKHz()
-            let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list kuasar.channel=serial://agent" + extraAppend
-            return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64", "-m", "256", "-smp", "2",
+            let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list random.trust_cpu=on kuasar.channel=serial://agent" + extraAppend
+            return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "256", "-smp", "2",
                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + console,
                     "-kernel", image + "/vmlinux", "-initrd", image + "/initrd.lz4", "-append", append,
                     "-chardev", "socket,id=ch0,path=\(channel),server=on,wait=off",
@@ -127,7 +127,7 @@ extension AllTests {
         let check = try vm.waitReady()
         #expect(check.pid == 1 && check.version == KuasarVersion.string, "\(check)")
         #expect(check.kernel.hasSuffix("-amd64") && check.channels == ["serial://agent"])
-        for step in ["kernel", "mounts", "modules", "share", "init"] { #expect(check.bootMs[step] != nil, "boot breakdown has \(step): \(check.bootMs)") }
+        for step in ["kernel", "runtime", "mounts", "modules", "share", "init"] { #expect(check.bootMs[step] != nil, "boot breakdown has \(step): \(check.bootMs)") }
 
         // Identity and clock: PID 1 may set the guest's own.
         var setup = Kuasar_Agent_V1_SetupSandboxRequest()

@@ -60,7 +60,8 @@ public enum AgentMain {
     }
 
     /// Runs the agent; returns the exit code (never returns as a guest's init).
-    public static func main(_ args: [String], procMountedEarly: Bool = false) -> Int32 {
+    /// `processStartBootNS`: CLOCK_BOOTTIME at the process's first C constructor (0: unknown).
+    public static func main(_ args: [String], procMountedEarly: Bool = false, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> Int32 {
         let pid1 = getpid() == 1
         var parsed: (AgentOptions, Logger.Level)
         do {
@@ -76,7 +77,7 @@ public enum AgentMain {
         var logger = Logger(label: "kuasar.agent")
         logger.logLevel = level
         if pid1 && options.channels.isEmpty {
-            let (settings, timings) = GuestInit.run(logger: logger)
+            let (settings, timings) = GuestInit.run(logger: logger, processStartBootNS: processStartBootNS, mainStartBootNS: mainStartBootNS)
             if let l = Logger.Level(rawValue: settings.logLevel) { logger.logLevel = l }
             for c in settings.channels {
                 do { options.channels.append(try AgentChannel(c)) } catch { logger.error("init: kuasar.channel: \(error)") }
