@@ -14,7 +14,7 @@ import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 
 # What the agent may load (GuestInit.modules(for:): those its settings use at boot, overlay
 # on first use) — each brings what its .modinfo says it needs.
-MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs",
+MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "virtiofs",
            "overlay", "vmw_vsock_virtio_transport"]
 
 

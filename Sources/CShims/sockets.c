@@ -92,3 +92,76 @@ int ks_finit_module(int fd) {
     long r = syscall(SYS_finit_module, fd, "", 0);
     return r < 0 ? -errno : 0;
 }
+
+// ---- network interfaces (the guest agent: ioctl, no netlink needed) -------------
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <sys/ioctl.h>
+
+static int ks_inet_dgram(void) { return socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0); }
+
+int ks_if_set_up(const char *name, int up) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int rc = ioctl(fd, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        if (up) ifr.ifr_flags |= IFF_UP; else ifr.ifr_flags &= ~IFF_UP;
+        rc = ioctl(fd, SIOCSIFFLAGS, &ifr);
+    }
+    int e = rc < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
+int ks_if_set_ipv4(const char *name, uint32_t addr_be, int prefix) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = addr_be;
+    int rc = ioctl(fd, SIOCSIFADDR, &ifr);
+    if (rc == 0) {
+        sin->sin_addr.s_addr = prefix == 0 ? 0 : htonl(0xFFFFFFFFu << (32 - prefix));
+        rc = ioctl(fd, SIOCSIFNETMASK, &ifr);
+    }
+    int e = rc < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
+int ks_if_set_mtu(const char *name, int mtu) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    ifr.ifr_mtu = mtu;
+    int e = ioctl(fd, SIOCSIFMTU, &ifr) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
+int ks_route_add_ipv4(uint32_t dest_be, int prefix, uint32_t gateway_be, const char *_Nullable dev) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    struct sockaddr_in *d = (struct sockaddr_in *)&rt.rt_dst, *g = (struct sockaddr_in *)&rt.rt_gateway, *m = (struct sockaddr_in *)&rt.rt_genmask;
+    d->sin_family = g->sin_family = m->sin_family = AF_INET;
+    d->sin_addr.s_addr = dest_be;
+    m->sin_addr.s_addr = prefix == 0 ? 0 : htonl(0xFFFFFFFFu << (32 - prefix));
+    g->sin_addr.s_addr = gateway_be;
+    rt.rt_flags = RTF_UP | (gateway_be ? RTF_GATEWAY : 0) | (prefix == 32 ? RTF_HOST : 0);
+    char devname[IFNAMSIZ];
+    if (dev) { strncpy(devname, dev, IFNAMSIZ - 1); devname[IFNAMSIZ - 1] = 0; rt.rt_dev = devname; }
+    int e = ioctl(fd, SIOCADDRT, &rt) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}

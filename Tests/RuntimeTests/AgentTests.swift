@@ -222,6 +222,13 @@ extension AllTests {
         var setup = Kuasar_Agent_V1_SetupSandboxRequest()
         setup.sysctls = ["net.ipv4.ip_forward": "1"]
         a.expectFailure(Self.agent, "SetupSandbox", setup, code: .failedPrecondition, "sysctls")
+        setup.sysctls = [:]
+        var nic = Kuasar_Agent_V1_Interface()
+        nic.name = "eth0"
+        nic.addresses = ["10.9.9.9/24"]
+        setup.interfaces = [nic]
+        a.expectFailure(Self.agent, "SetupSandbox", setup, code: .failedPrecondition, "does not configure this host's interfaces")
+        setup.interfaces = []
         setup.sysctls = ["../../etc/passwd": "x"]
         a.expectFailure(Self.agent, "SetupSandbox", setup, code: .invalidArgument, "not a sysctl name")
         a.expectFailure(Self.agent, "NoSuchCall", Kuasar_Agent_V1_CheckRequest(), code: .unimplemented, "NoSuchCall")

@@ -44,7 +44,9 @@ extension AllTests {
                     "-chardev", "socket,id=ch0,path=\(channel),server=on,wait=off",
                     "-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,name=agent",
                     "-fsdev", "local,id=fs0,path=\(share),security_model=passthrough",
-                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=kuasar"]
+                    "-device", "virtio-9p-device,fsdev=fs0,mount_tag=kuasar",
+                    // A NIC (user-mode networking: nothing on the host changes).
+                    "-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
         }
 
         init(_ name: String, image: String = GuestVMTests.imageDir, append: String = "", extraDevices: [String] = []) throws {
@@ -134,7 +136,25 @@ extension AllTests {
         setup.sandboxID = "vm-pod"
         setup.hostname = "vm-pod"
         setup.sysctls = ["kernel.pid_max": "65536"]
+        var eth0 = Kuasar_Agent_V1_Interface()
+        eth0.name = "eth0"
+        eth0.addresses = ["10.0.2.15/24"]
+        eth0.mtu = 1400
+        var route = Kuasar_Agent_V1_Route()
+        route.destination = "default"
+        route.gateway = "10.0.2.2"
+        setup.interfaces = [eth0]
+        setup.routes = [route]
         _ = try vm.call(Self.agent, "SetupSandbox", setup, Google_Protobuf_Empty.self)
+        var badAddress = Kuasar_Agent_V1_SetupSandboxRequest()
+        var v6 = Kuasar_Agent_V1_Interface()
+        v6.name = "eth0"
+        v6.addresses = ["fd00::2/64"]
+        badAddress.interfaces = [v6]
+        do {
+            _ = try vm.call(Self.agent, "SetupSandbox", badAddress, Google_Protobuf_Empty.self)
+            Issue.record("an IPv6 address was taken")
+        } catch let e as RPCError { #expect(e.code == .invalidArgument && e.message.contains("IPv6"), "\(e)") }
         var clock = Kuasar_Agent_V1_SyncClockRequest()
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
@@ -151,6 +171,15 @@ extension AllTests {
         } else { Issue.record("no date in \(out)") }
         #expect(try vm.wait("hello") == 7)
         try vm.delete("hello")
+
+        // The pod's network as SetupSandbox made it, and loopback up, seen by a container.
+        let net = try vm.bundle("net", ["sh", "-c", "ip -4 addr show eth0; ip route; ip link show lo; ip link show eth0"])
+        _ = try vm.run("net", bundle: net)
+        let netOut = String(decoding: try vm.readAll("net"), as: UTF8.self)
+        #expect(netOut.contains("inet 10.0.2.15/24") && netOut.contains("default via 10.0.2.2 dev eth0") && netOut.contains("mtu 1400"), "\(netOut)")
+        #expect(netOut.contains("lo: <LOOPBACK,UP"), "\(netOut)")
+        #expect(try vm.wait("net") == 0)
+        try vm.delete("net")
 
         // 10 MiB quickly, complete and in order.
         let bulk = try vm.bundle("bulk", ["seq", "1", "1400000"])

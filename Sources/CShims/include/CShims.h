@@ -242,6 +242,13 @@ int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
 // ---- kernel modules (the guest agent) -----------------------------------------
 /// finit_module(2) of an open .ko with no parameters; 0 or -errno (-EEXIST: loaded).
 int ks_finit_module(int fd);
+
+// ---- network interfaces and IPv4 routes (the guest agent), by ioctl; 0 or -errno --
+int ks_if_set_up(const char *name, int up);
+int ks_if_set_ipv4(const char *name, uint32_t addr_be, int prefix);
+int ks_if_set_mtu(const char *name, int mtu);
+/// A route to dest/prefix via gateway (0: on-link), optionally bound to `dev`.
+int ks_route_add_ipv4(uint32_t dest_be, int prefix, uint32_t gateway_be, const char *_Nullable dev);
 int ks_vsock_connect(int fd, uint32_t cid, uint32_t port);
 int ks_af_vsock(void);
 /// The pid of a unix socket's peer (SO_PEERCRED), 0 if unknown.

@@ -369,8 +369,8 @@ public final class Agent {
     /// hostname and sysctls only as PID 1 — never a host's.
     private func setup(_ r: Kuasar_Agent_V1_SetupSandboxRequest) throws {
         guard let sandbox else { throw RPCError(.unavailable, "the agent is not serving yet") }
-        if !r.interfaces.isEmpty || !r.routes.isEmpty {
-            throw RPCError(.unimplemented, "network interfaces and routes are not set up by this agent yet (it has no netlink client); the guest keeps the interfaces the kernel brought up")
+        if (!r.interfaces.isEmpty || !r.routes.isEmpty) && !isPID1 {
+            throw RPCError(.failedPrecondition, "the agent is not PID 1 of a guest: it does not configure this host's interfaces or routes")
         }
         if !r.sandboxID.isEmpty {
             try Identifier.validate(r.sandboxID, what: "sandbox")
@@ -393,10 +393,26 @@ public final class Agent {
         } else if !r.sysctls.isEmpty {
             throw RPCError(.failedPrecondition, "the agent is not PID 1 of a guest: it does not set this host's sysctls")
         }
+        // Interfaces, then routes (a gateway must be reachable on a configured interface).
+        for i in r.interfaces {
+            guard !i.name.isEmpty, i.name.count < 16, !i.name.contains("/") else { throw RPCError(.invalidArgument, "interface name \"\(i.name)\"") }
+            do {
+                for a in i.addresses { try Network.setAddress(i.name, a) }
+                if i.mtu > 0 { try Network.setMTU(i.name, Int32(i.mtu)) }
+                try Network.setUp(i.name)
+            } catch {
+                throw RPCError(error.errno == .EINVAL ? .invalidArgument : .failedPrecondition, "interface \(i.name): \(error)")
+            }
+        }
+        for route in r.routes {
+            do { try Network.addRoute(route.destination, gateway: route.gateway, device: route.device) } catch {
+                throw RPCError(error.errno == .EINVAL ? .invalidArgument : .failedPrecondition, "route \(route.destination.isEmpty ? "default" : route.destination): \(error)")
+            }
+        }
         let dns = (r.dnsServers.isEmpty && r.dnsSearches.isEmpty && r.dnsOptions.isEmpty) ? nil : (r.dnsServers, r.dnsSearches, r.dnsOptions)
         try writePodFiles(sandbox, hostname: r.hostname.isEmpty ? currentHostname() : r.hostname, dns: dns, hosts: r.hosts)
         if !r.sandboxID.isEmpty { sandboxName = r.sandboxID }
-        logger.info("sandbox \(r.sandboxID.isEmpty ? sandbox.id : r.sandboxID) set up: hostname \(r.hostname.isEmpty ? "(kept)" : r.hostname), \(r.dnsServers.count) DNS servers, \(r.sysctls.count) sysctls")
+        logger.info("sandbox \(r.sandboxID.isEmpty ? sandbox.id : r.sandboxID) set up: hostname \(r.hostname.isEmpty ? "(kept)" : r.hostname), \(r.dnsServers.count) DNS servers, \(r.sysctls.count) sysctls, \(r.interfaces.count) interfaces, \(r.routes.count) routes")
     }
 
     /// The id the host gave the sandbox (Check reports it).

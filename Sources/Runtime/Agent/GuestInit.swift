@@ -67,6 +67,13 @@ public enum GuestInit {
         return m
     }
 
+    /// Whether a virtio device of this type (1: network) is on a transport already bound.
+    static func hasVirtioDevice(id: Int) -> Bool {
+        Files.list("/sys/bus/virtio/devices").contains { dev in
+            Int(((try? Files.readString("/sys/bus/virtio/devices/\(dev)/device")) ?? "").trimmingWhitespace().dropFirst(2), radix: 16) == id
+        }
+    }
+
     /// Whether a PCI device of virtio's vendor (0x1af4) is present.
     static func hasVirtioPCI() -> Bool {
         Files.list("/sys/bus/pci/devices").contains { dev in
@@ -141,6 +148,10 @@ public enum GuestInit {
             for m in modules(for: settings) where mods.knows(m) {
                 do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
             }
+            // A NIC shows once its transport's driver is in: then its driver.
+            if hasVirtioDevice(id: 1), mods.knows("virtio_net") {
+                do { try mods.load("virtio_net") } catch { logger.error("init: module virtio_net: \(error)") }
+            }
             logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
         }
         lap("modules")
@@ -153,6 +164,8 @@ public enum GuestInit {
             }
         }
         lap("share")
+        // Loopback, for the pod's containers (they share the guest's network).
+        attempt("lo") { try Network.setUp("lo") }
         attempt("hostname") {
             guard sethostname(settings.hostname, settings.hostname.utf8.count) == 0 else {
                 throw SystemError("sethostname", settings.hostname, errno: Errno(rawValue: errno))

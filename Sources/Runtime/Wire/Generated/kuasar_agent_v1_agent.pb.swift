@@ -118,6 +118,7 @@ public nonisolated struct Kuasar_Agent_V1_Interface: Sendable {
 
   public var name: String = String()
 
+  /// a.b.c.d/prefix
   public var addresses: [String] = []
 
   public var mtu: UInt32 = 0
@@ -132,6 +133,7 @@ public nonisolated struct Kuasar_Agent_V1_Route: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// "default" (or empty) or a.b.c.d/prefix; gateway empty: on-link.
   public var destination: String = String()
 
   public var gateway: String = String()

@@ -1,0 +1,51 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CShims
+
+/// A guest's own interfaces and IPv4 routes, set by ioctl (what a VM's agent needs to
+/// bring its pod's network up; IPv6 and netlink-only features are not here).
+public enum Network {
+    public static func setUp(_ interface: String, up: Bool = true) throws(SystemError) {
+        _ = try shim("SIOCSIFFLAGS", interface) { interface.withCString { ks_if_set_up($0, up ? 1 : 0) } }
+    }
+
+    public static func setMTU(_ interface: String, _ mtu: Int32) throws(SystemError) {
+        _ = try shim("SIOCSIFMTU", "\(interface) \(mtu)") { interface.withCString { ks_if_set_mtu($0, mtu) } }
+    }
+
+    /// `a.b.c.d/nn` on `interface`.
+    public static func setAddress(_ interface: String, _ cidr: String) throws(SystemError) {
+        let (addr, prefix) = try parseCIDR(cidr)
+        _ = try shim("SIOCSIFADDR", "\(interface) \(cidr)") { interface.withCString { ks_if_set_ipv4($0, addr, prefix) } }
+    }
+
+    /// `default` or `a.b.c.d/nn`, via `gateway` (empty: on-link), on `device` (empty: any).
+    public static func addRoute(_ destination: String, gateway: String, device: String) throws(SystemError) {
+        let (dest, prefix) = destination == "default" || destination.isEmpty ? (UInt32(0), Int32(0)) : try parseCIDR(destination)
+        let gw = gateway.isEmpty ? UInt32(0) : try parseIPv4(gateway)
+        _ = try shim("SIOCADDRT", "\(destination) via \(gateway.isEmpty ? "-" : gateway) dev \(device.isEmpty ? "-" : device)") {
+            device.isEmpty ? ks_route_add_ipv4(dest, prefix, gw, nil) : device.withCString { ks_route_add_ipv4(dest, prefix, gw, $0) }
+        }
+    }
+
+    /// An IPv4 address in network byte order.
+    public static func parseIPv4(_ s: String) throws(SystemError) -> UInt32 {
+        let parts = s.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d; IPv6 is not supported)", errno: .EINVAL) }
+        var value: UInt32 = 0
+        for p in parts {
+            guard let b = UInt8(p) else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d; IPv6 is not supported)", errno: .EINVAL) }
+            value = value << 8 | UInt32(b)
+        }
+        return value.bigEndian
+    }
+
+    public static func parseCIDR(_ s: String) throws(SystemError) -> (UInt32, Int32) {
+        let parts = s.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let prefix = Int32(parts[1]), (0...32).contains(prefix) else {
+            throw SystemError("address", "\"\(s)\" is not a.b.c.d/prefix (IPv6 is not supported)", errno: .EINVAL)
+        }
+        return (try parseIPv4(String(parts[0])), prefix)
+    }
+}
