@@ -143,7 +143,7 @@ public final class Agent {
         let (sandbox, _) = try registry.register(id: options.sandboxID, namespace: options.namespace, eventsAddress: options.eventsAddress, save: false)
         sandbox.isPod = true
         sandbox.namespacesAreServers = true
-        try writePodFiles(sandbox, hostname: currentHostname(), dns: nil, hosts: [])
+        try writePodFiles(sandbox, hostname: PodFiles.hostname(), dns: nil, hosts: [])
         self.sandbox = sandbox
         let streams = StdioStreams(reactor: reactor, dir: options.root + "/io")
         self.streams = streams
@@ -348,8 +348,8 @@ public final class Agent {
             guard let s = self.streams?.input(r.containerID, r.execID), let sandbox = self.sandbox else {
                 throw RPCError(.notFound, "no stdin stream for container \(r.containerID)\(r.execID.isEmpty ? "" : " exec \(r.execID)")")
             }
-            s.whenDrained { [weak self] in
-                guard let self, let backend = sandbox.taskBackend else { return }
+            s.whenDrained {
+                guard let backend = sandbox.taskBackend else { return }
                 var close = Containerd_Task_V2_CloseIORequest()
                 close.id = r.containerID
                 close.execID = r.execID
@@ -360,7 +360,6 @@ public final class Agent {
                 } catch {
                     call.fail(RPCError.from(error))
                 }
-                _ = self
             }
         }
     }
@@ -410,7 +409,7 @@ public final class Agent {
             }
         }
         let dns = (r.dnsServers.isEmpty && r.dnsSearches.isEmpty && r.dnsOptions.isEmpty) ? nil : (r.dnsServers, r.dnsSearches, r.dnsOptions)
-        try writePodFiles(sandbox, hostname: r.hostname.isEmpty ? currentHostname() : r.hostname, dns: dns, hosts: r.hosts)
+        try writePodFiles(sandbox, hostname: r.hostname.isEmpty ? PodFiles.hostname() : r.hostname, dns: dns, hosts: r.hosts)
         if !r.sandboxID.isEmpty { sandboxName = r.sandboxID }
         logger.info("sandbox \(r.sandboxID.isEmpty ? sandbox.id : r.sandboxID) set up: hostname \(r.hostname.isEmpty ? "(kept)" : r.hostname), \(r.dnsServers.count) DNS servers, \(r.sysctls.count) sysctls, \(r.interfaces.count) interfaces, \(r.routes.count) routes")
     }
@@ -418,29 +417,15 @@ public final class Agent {
     /// The id the host gave the sandbox (Check reports it).
     private var sandboxName: String?
 
-    private func currentHostname() -> String {
-        var buf = [CChar](repeating: 0, count: 256)
-        gethostname(&buf, buf.count)
-        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     /// /etc/hostname, /etc/hosts and /etc/resolv.conf of the pod, bound into its containers.
     private func writePodFiles(_ sandbox: Sandbox, hostname: String, dns: ([String], [String], [String])?, hosts: [Kuasar_Agent_V1_HostEntry]) throws {
-        try Files.writeAtomically(sandbox.hostnameFile, Array((hostname + "\n").utf8), mode: 0o644)
-        var h = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        var h = PodFiles.defaultHosts
         if !hostname.isEmpty { h += "127.0.1.1\t\(hostname)\n" }
         for e in hosts where !e.ip.isEmpty && !e.names.isEmpty { h += "\(e.ip)\t\(e.names.joined(separator: " "))\n" }
-        try Files.writeAtomically(sandbox.hostsFile, Array(h.utf8), mode: 0o644)
-        if let (servers, searches, opts) = dns {
-            var text = ""
-            if !searches.isEmpty { text += "search \(searches.joined(separator: " "))\n" }
-            for s in servers { text += "nameserver \(s)\n" }
-            if !opts.isEmpty { text += "options \(opts.joined(separator: " "))\n" }
-            try Files.writeAtomically(sandbox.resolvConfFile, Array(text.utf8), mode: 0o644)
-        } else if !Files.exists(sandbox.resolvConfFile) {
-            let host = (try? Files.read("/etc/resolv.conf", limit: 64 << 10)) ?? []
-            try Files.writeAtomically(sandbox.resolvConfFile, host, mode: 0o644)
-        }
+        // No DNS config: the guest's own, once; a later SetupSandbox without one keeps it.
+        let resolv = dns.map { PodFiles.resolvConf(servers: $0.0, searches: $0.1, options: $0.2) }
+            ?? (Files.exists(sandbox.resolvConfFile) ? nil : PodFiles.nodeResolvConf())
+        try PodFiles.write(sandbox, hostname: hostname, hosts: h, resolvConf: resolv)
     }
 }
 
@@ -449,17 +434,8 @@ public enum VirtioPorts {
     public static func device(named name: String) -> String? {
         for port in Files.list("/sys/class/virtio-ports").sorted() {
             guard let n = try? Files.readString("/sys/class/virtio-ports/\(port)/name") else { continue }
-            if n.trimmingWhitespace() == name { return "/dev/" + port }
+            if n.trimmingWhitespace == name { return "/dev/" + port }
         }
         return nil
-    }
-}
-
-extension String {
-    func trimmingWhitespace() -> String {
-        var s = Substring(self)
-        while let c = s.first, c.isWhitespace { s.removeFirst() }
-        while let c = s.last, c.isWhitespace { s.removeLast() }
-        return String(s)
     }
 }

@@ -27,7 +27,8 @@ final class OutputStream {
     private let connection: Connection
     /// Holds EOF back until the process exited.
     private var guardFD: Int32
-    private var buffer: [UInt8] = []
+    /// Read ahead of the host's pulls (consumed from the front without moving the rest).
+    private var buffer = InputBuffer()
     private(set) var eof = false
     private var waiter: (call: TTRPCServerCall, max: Int)?
 
@@ -41,7 +42,7 @@ final class OutputStream {
         guardFD = wr
         connection = Connection(reactor: reactor, fd: OwnedFD(adopting: rd))
         connection.onRead = { [unowned self] _, bytes in
-            self.buffer.append(contentsOf: bytes)
+            self.buffer.append(bytes)
             if self.buffer.count >= Self.bufferLimit { self.connection.pauseReading() }
             self.answer()
         }
@@ -74,10 +75,10 @@ final class OutputStream {
     private func answer() {
         guard let (call, max) = waiter else { return }
         var resp = Kuasar_Agent_V1_ReadStdioResponse()
-        if !buffer.isEmpty {
+        if buffer.count > 0 {
             let n = min(max, buffer.count)
-            resp.data = Data(buffer[..<n])
-            buffer.removeFirst(n)
+            resp.data = Data(buffer.slice(0..<n))
+            buffer.consume(n)
             if buffer.count < Self.bufferLimit && connection.state == .open { connection.resumeReading() }
         } else if eof {
             resp.eof = true

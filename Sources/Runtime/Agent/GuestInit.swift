@@ -70,7 +70,7 @@ public enum GuestInit {
     /// Whether a virtio device of this type (1: network) is on a transport already bound.
     static func hasVirtioDevice(id: Int) -> Bool {
         Files.list("/sys/bus/virtio/devices").contains { dev in
-            Int(((try? Files.readString("/sys/bus/virtio/devices/\(dev)/device")) ?? "").trimmingWhitespace().dropFirst(2), radix: 16) == id
+            Int(((try? Files.readString("/sys/bus/virtio/devices/\(dev)/device")) ?? "").trimmingWhitespace.dropFirst(2), radix: 16) == id
         }
     }
 

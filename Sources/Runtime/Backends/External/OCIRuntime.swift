@@ -128,7 +128,7 @@ public final class OCIRuntime {
             self?.run(["--version"], deadlineNS: 10_000_000_000) { result in
                 guard case .success(let out) = result,
                       let line = out.split(separator: "\n").first(where: { $0.hasPrefix("spec: ") }) else { finish(nil); return }
-                finish(String(line.dropFirst("spec: ".count)).trimmingCharacters(in: .whitespaces))
+                finish(line.dropFirst("spec: ".count).trimmingWhitespace)
             }
         }
     }

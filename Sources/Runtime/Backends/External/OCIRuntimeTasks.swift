@@ -216,7 +216,7 @@ public final class OCIRuntimeTasks: TaskBackend {
     /// Reads the runtime's pid file and watches that process (our child: we are its
     /// subreaper). A pid file that does not name a live child of ours is refused.
     private func adopt(_ p: Process, pidFile: String, in t: Task, _ s: Sandbox) throws {
-        let text = (try? Files.readString(pidFile))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        let text = (try? Files.readString(pidFile))?.trimmingWhitespace ?? ""
         guard let pid = pid_t(text), pid > 1 else {
             throw RPCError(.internal, "\(runtime.name) wrote \"\(text.prefix(40))\" to its pid file \(pidFile), not a pid")
         }

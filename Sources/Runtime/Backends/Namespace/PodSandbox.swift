@@ -30,33 +30,19 @@ public struct PodSettings: Sendable {
     /// A pod annotation that sizes its /dev/shm (bytes), as CRI has no field for it.
     public static let shmSizeAnnotation = "io.kuasar.shm-size"
 
-    public static let defaultHosts = """
-        127.0.0.1\tlocalhost
-        ::1\tlocalhost ip6-localhost ip6-loopback
-        fe00::0\tip6-localnet
-        ff00::0\tip6-mcastprefix
-        ff02::1\tip6-allnodes
-        ff02::2\tip6-allrouters
-
-        """
-
     /// Settings from the pod's config (nil: a client that sent none, e.g. not the CRI).
     /// Throws InvalidArgument naming the field for what cannot be honoured.
     public init(_ config: Runtime_V1_PodSandboxConfig?, netnsPath: String) throws(RPCError) {
         hostname = config?.hostname ?? ""
-        if hostname.isEmpty { hostname = Self.hostHostname() }
+        if hostname.isEmpty { hostname = PodFiles.hostname() }
         guard hostname.utf8.count <= 64, !hostname.contains("\0") else {
             throw RPCError(.invalidArgument, "options: hostname \"\(hostname.prefix(80))\" is longer than 64 bytes")
         }
-        hosts = Self.defaultHosts
+        hosts = PodFiles.defaultHosts
         if let dns = config?.dnsConfig, config?.hasDnsConfig == true {
-            var text = dns.servers.map { "nameserver \($0)\n" }.joined()
-            if !dns.searches.isEmpty { text += "search \(dns.searches.joined(separator: " "))\n" }
-            if !dns.options.isEmpty { text += "options \(dns.options.joined(separator: " "))\n" }
-            resolvConf = text
+            resolvConf = PodFiles.resolvConf(servers: dns.servers, searches: dns.searches, options: dns.options)
         } else {
-            // As containerd does for a pod without a DNS config: the node's.
-            resolvConf = (try? Files.readString("/etc/resolv.conf")) ?? ""
+            resolvConf = PodFiles.nodeResolvConf()
         }
         if let opts = config?.linux.securityContext.namespaceOptions {
             newPid = opts.pid != .node
@@ -93,12 +79,6 @@ public struct PodSettings: Sendable {
         if key.hasPrefix("kernel.shm") || key.hasPrefix("kernel.msg") || key == "kernel.sem" || key.hasPrefix("fs.mqueue.") { return "ipc" }
         return nil
     }
-
-    static func hostHostname() -> String {
-        var buf = [CChar](repeating: 0, count: 256)
-        _ = gethostname(&buf, buf.count)
-        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
 }
 
 /// Makes and releases a CRI pod's host-side parts.
@@ -109,9 +89,7 @@ public enum PodSandbox {
     public static func prepare(_ s: Sandbox, settings: PodSettings, netnsPath: String, supervisor: ProcessSupervisor,
                                onHolderExit: @escaping (ExitStatus) -> Void) throws {
         s.isPod = true
-        try Files.write(s.hostnameFile, settings.hostname + "\n", create: true, mode: 0o644)
-        try Files.write(s.hostsFile, settings.hosts, create: true, mode: 0o644)
-        try Files.write(s.resolvConfFile, settings.resolvConf, create: true, mode: 0o644)
+        try PodFiles.write(s, hostname: settings.hostname, hosts: settings.hosts, resolvConf: settings.resolvConf)
         if settings.newIPC {
             try makeDirectories(s.shmDir, mode: 0o1777)
             try Mounts.mount(source: "shm", target: s.shmDir, type: "tmpfs",

@@ -89,8 +89,12 @@ public final class TaskService: TaskEventSink {
     }
 
     package func publish<M: SwiftProtobuf.Message>(_ sandbox: Sandbox, _ topic: String, _ event: M) {
-        if let eventTap { eventTap(sandbox, EventPublisher.envelope(namespace: sandbox.namespace, topic: topic, event)) }
-        publisher(for: sandbox)?.publish(namespace: sandbox.namespace, topic: topic, event)
+        let publisher = publisher(for: sandbox)
+        guard eventTap != nil || publisher != nil else { return }
+        // Made (and the event serialized) once for both.
+        let envelope = EventPublisher.envelope(namespace: sandbox.namespace, topic: topic, event)
+        eventTap?(sandbox, envelope)
+        publisher?.publish(envelope)
     }
 
 

@@ -139,8 +139,11 @@ final class TTRPCServerConnection {
         // The client is gone: every open call is cancelled; nothing can be answered.
         for call in Array(calls.values) { call.cancel(RPCError(.cancelled, "client disconnected")) }
         calls.removeAll()
+        // Taken first: the server's set may hold the last reference to self.
+        let after = onClosed
+        onClosed = nil
         server.connectionClosed(self)
-        if let f = onClosed { onClosed = nil; f() }
+        after?()
     }
 
     private func handle(_ item: TTRPCDecoded) {
