@@ -73,6 +73,10 @@ let package = Package(
         .target(
             name: "KuasarExternal", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Backends/External"),
+        // microVM pods: one driver per VMM (QEMU/) behind the Hypervisor protocol.
+        .target(
+            name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            path: "Sources/Runtime/Backends/VM"),
         // The Task service and the events publisher: the part of the API layer the guest
         // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials
         // only, like every layer below it): the agent's static binary stays small.
@@ -91,7 +95,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -103,14 +107,14 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

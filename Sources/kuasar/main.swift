@@ -10,6 +10,7 @@ import KuasarContainer
 import KuasarSandbox
 import KuasarNamespace
 import KuasarExternal
+import KuasarVM
 import KuasarServices
 import KuasarTasks
 import KuasarAgent
@@ -404,12 +405,23 @@ Kuasar.main()
 
 /// The sandbox kinds this build has, made for a daemon: the one place that sees them all.
 enum Backends {
-    static let built: Set<String> = ["namespace"]
+    /// The vm kind with the configured VMM and guest image.
+    static func vm(_ ctx: BackendContext, config: KuasarConfig) -> VMBackend {
+        let v = config.vm
+        let qemu = QEMU(binary: v.qemu, machine: QEMU.Machine(rawValue: v.machine) ?? .microvm, supervisor: ctx.registry.engine.supervisor,
+                        reactor: ctx.reactor, logger: ctx.logger)
+        let settings = VMSettings(kernel: v.kernel, initrd: v.initrd, accelerator: v.accelerator, memoryMiB: v.memoryMiB, vcpus: v.vcpus,
+                                  bootTimeoutNS: UInt64(v.bootTimeoutSecs) * 1_000_000_000, kernelArgs: v.kernelArgs)
+        return VMBackend(hypervisor: qemu, settings: settings, registry: ctx.registry, reactor: ctx.reactor, logger: ctx.logger)
+    }
+
+    static let built: Set<String> = ["namespace", "vm"]
 
     /// The namespace kind, and one `oci:<name>` kind per configured runtime: the same pods,
     /// with that runtime running their containers.
     static func all(_ ctx: BackendContext, config: KuasarConfig) -> [SandboxBackend] {
         var kinds: [SandboxBackend] = [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
+        kinds.append(vm(ctx, config: config))
         // One task-server kind per [servers.<name>] a sandboxer uses.
         for (name, s) in config.servers.sorted(by: { $0.key < $1.key }) where config.sandboxers.values.contains(KuasarConfig.serverKindPrefix + name) {
             let program = TaskServerProgram(name: name, path: s.path, args: s.args, address: s.address, restartOnFailure: s.restart == "on-failure",

@@ -243,6 +243,10 @@ int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
 /// finit_module(2) of an open .ko with no parameters; 0 or -errno (-EEXIST: loaded).
 int ks_finit_module(int fd);
 
+/// 1 when KVM runs a tiny real-mode guest to its marker within timeout_ms (in a forked
+/// child); `why` says what passed or failed.
+int ks_kvm_probe(int timeout_ms, char *_Nonnull why, size_t why_len);
+
 // ---- network interfaces and IPv4 routes (the guest agent), by ioctl; 0 or -errno --
 int ks_if_set_up(const char *name, int up);
 int ks_if_set_ipv4(const char *name, uint32_t addr_be, int prefix);

@@ -10,6 +10,10 @@ import KuasarReactor
 public struct WallTime: Sendable, Equatable, Codable {
     public var seconds: Int64
     public var nanos: Int32
+    public init(seconds: Int64, nanos: Int32) {
+        self.seconds = seconds
+        self.nanos = nanos
+    }
     public static func now() -> WallTime {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)

@@ -8,6 +8,7 @@
 @_exported import KuasarContainer
 @_exported import KuasarSandbox
 @_exported import KuasarNamespace
+@_exported import KuasarVM
 @_exported import KuasarExternal
 @_exported import KuasarServices
 @_exported import KuasarTasks

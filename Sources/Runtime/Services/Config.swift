@@ -30,7 +30,7 @@ public struct KuasarConfig: Sendable, Equatable {
         public var unavailableReason: String? {
             switch self {
             case .namespace: return nil
-            case .vm: return "microVM sandboxes (QEMU, Cloud Hypervisor, StratoVirt) are not implemented yet"
+            case .vm: return nil
             case .wasm: return "WebAssembly sandboxes are not implemented yet"
             }
         }
@@ -45,7 +45,7 @@ public struct KuasarConfig: Sendable, Equatable {
     public var onExit = OnExit.keep
     /// containerd's sandboxer (proxy plugin) names → sandbox kind: a `Kind`'s name, or
     /// `oci:<runtime>` for pods whose containers an external OCI runtime of `runtimes` runs.
-    public var sandboxers: [String: String] = ["kuasar": "namespace", "kuasar-ns": "namespace", "namespace": "namespace"]
+    public var sandboxers: [String: String] = ["kuasar": "namespace", "kuasar-ns": "namespace", "namespace": "namespace", "kuasar-vm": "vm"]
     /// External OCI runtimes ([runtimes.<name>]), by name.
     public var runtimes: [String: OCIRuntimeConfig] = [:]
 
@@ -90,6 +90,30 @@ public struct KuasarConfig: Sendable, Equatable {
         public var readyTimeoutSecs: UInt32 = 10
         public init(path: String) { self.path = path }
     }
+    /// `[vm]`: microVM sandboxes.
+    public var vm = VMConfig()
+
+    public struct VMConfig: Sendable, Equatable {
+        public static let imageDir = "/var/lib/kuasar/guest"
+        /// Only "qemu" so far (Cloud Hypervisor and StratoVirt plug in behind the same driver protocol).
+        public var hypervisor = "qemu"
+        public var qemu = "/usr/bin/qemu-system-x86_64"
+        /// "microvm" (virtio-mmio, PVH vmlinux, fastest) or "q35" (PCI: disks can be hot-plugged).
+        public var machine = "microvm"
+        public var kernel = imageDir + "/vmlinux"
+        public var initrd = imageDir + "/initrd.lz4"
+        /// "auto": KVM when a probe guest runs under it, else TCG; "kvm"; "tcg".
+        public var accelerator = "auto"
+        /// A pod's VM when its resources (linux.resources) say nothing.
+        public var memoryMiB: UInt32 = 256
+        public var vcpus: UInt32 = 1
+        /// From QEMU's start to the agent's first answer.
+        public var bootTimeoutSecs: UInt32 = 60
+        /// Extra guest kernel command-line words (kuasar.log=debug, ...).
+        public var kernelArgs: [String] = []
+        public init() {}
+    }
+
     /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
     public var cgroupParent = "kuasar"
     /// containerd's ttrpc address, where events of sandboxes made through the Controller go.
@@ -125,12 +149,14 @@ public struct KuasarConfig: Sendable, Equatable {
     on_exit = "keep"
 
     # containerd sandboxer (proxy plugin) names and the sandbox kind each one starts.
-    # Kinds: "namespace" (Linux namespaces and cgroups); "vm" and "wasm" are accepted, but this
-    # build has no backend for them yet: their Controller.Create answers FailedPrecondition.
+    # Kinds: "namespace" (Linux namespaces and cgroups), "vm" (a microVM per pod, see [vm]);
+    # "wasm" is accepted, but this build has no backend for it yet: its Controller.Create
+    # answers FailedPrecondition.
     [sandboxers]
     kuasar = "namespace"
     kuasar-ns = "namespace"
     namespace = "namespace"
+    kuasar-vm = "vm"
 
     # An external OCI runtime runs a sandboxer's containers (the daemon still makes the pod):
     # [runtimes.crun]
@@ -149,6 +175,26 @@ public struct KuasarConfig: Sendable, Equatable {
     # restart = "never"                # or "on-failure" (up to max_restarts = 3)
     # ready_timeout_secs = 10          # launch to its first answer
     # and in [sandboxers]: kuasar-agent = "server:agent"
+
+    [vm]
+    # A microVM per pod: the guest agent (kuasar agent) is its PID 1 and runs the containers;
+    # the daemon serves containerd's Task API on the host and forwards to it.
+    hypervisor = "qemu"
+    qemu = "/usr/bin/qemu-system-x86_64"
+    # "microvm" (virtio-mmio, boots the PVH vmlinux fastest) or "q35" (PCI; disks hot-plug).
+    machine = "microvm"
+    # The guest image (make guest installs it here).
+    kernel = "/var/lib/kuasar/guest/vmlinux"
+    initrd = "/var/lib/kuasar/guest/initrd.lz4"
+    # "auto": KVM when a probe guest really runs under it, else TCG (emulated); "kvm"; "tcg".
+    accelerator = "auto"
+    # A pod's VM size when its linux.resources do not set one (memory limit, CPU quota/period).
+    memory_mib = 256
+    vcpus = 1
+    # QEMU start to the agent's first answer; past it the VM is killed and Start fails.
+    boot_timeout_secs = 60
+    # Extra guest kernel command-line words, e.g. ["kuasar.log=debug"].
+    kernel_args = []
 
     [namespace]
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
@@ -190,6 +236,7 @@ public struct KuasarConfig: Sendable, Equatable {
             case "containerd": try c.applyContainerd(section, origin)
             case "runtimes": try c.applyRuntimes(section, origin)
             case "servers": try c.applyServers(section, origin)
+            case "vm": try c.applyVM(section, origin)
             default: throw Error("\(origin): unknown section [\(key)] (sections: \(Self.sections.joined(separator: ", ")))")
             }
         }
@@ -251,7 +298,7 @@ public struct KuasarConfig: Sendable, Equatable {
         }
     }
 
-    static let sections = ["daemon", "sandboxers", "namespace", "containerd", "runtimes", "servers"]
+    static let sections = ["daemon", "sandboxers", "namespace", "vm", "containerd", "runtimes", "servers"]
 
     private mutating func applySandboxers(_ t: TOMLTable, _ origin: String) throws(Error) {
         var map: [String: String] = [:]
@@ -346,6 +393,40 @@ public struct KuasarConfig: Sendable, Equatable {
             }
             guard !config.path.isEmpty else { throw Error("\(origin): [\(section)] needs path (the program)") }
             servers[name] = config
+        }
+    }
+
+    private mutating func applyVM(_ t: TOMLTable, _ origin: String) throws(Error) {
+        let keys = "hypervisor, qemu, machine, kernel, initrd, accelerator, memory_mib, vcpus, boot_timeout_secs, kernel_args"
+        for key in t.keys {
+            switch key {
+            case "hypervisor", "machine", "accelerator":
+                let v = try Self.string(t, "vm", key, origin)
+                let allowed = key == "hypervisor" ? ["qemu"] : key == "machine" ? ["microvm", "q35"] : ["auto", "kvm", "tcg"]
+                guard allowed.contains(v) else { throw Error("\(origin): [vm] \(key): \"\(v)\" is not one of \(allowed.joined(separator: ", "))") }
+                if key == "hypervisor" { vm.hypervisor = v } else if key == "machine" { vm.machine = v } else { vm.accelerator = v }
+            case "qemu", "kernel", "initrd":
+                let v = try Self.string(t, "vm", key, origin)
+                guard v.hasPrefix("/") else { throw Error("\(origin): [vm] \(key) must be an absolute path, not \"\(v)\"") }
+                if key == "qemu" { vm.qemu = v } else if key == "kernel" { vm.kernel = v } else { vm.initrd = v }
+            case "memory_mib":
+                guard let v = t[key]?.int, v >= 64, v <= 1 << 20 else { throw Error("\(origin): [vm] memory_mib must be a number of MiB from 64 to 1048576") }
+                vm.memoryMiB = UInt32(v)
+            case "vcpus":
+                guard let v = t[key]?.int, v >= 1, v <= 255 else { throw Error("\(origin): [vm] vcpus must be a number from 1 to 255") }
+                vm.vcpus = UInt32(v)
+            case "boot_timeout_secs":
+                guard let v = t[key]?.int, v >= 1, v <= 3600 else { throw Error("\(origin): [vm] boot_timeout_secs must be a number of seconds from 1 to 3600") }
+                vm.bootTimeoutSecs = UInt32(v)
+            case "kernel_args":
+                guard let a = t[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
+                    throw Error("\(origin): [vm] kernel_args must be an array of strings")
+                }
+                guard !args.contains(where: { $0.contains(" ") || $0.isEmpty }) else { throw Error("\(origin): [vm] kernel_args: one word each, no spaces") }
+                vm.kernelArgs = args
+            default:
+                throw Error("\(origin): unknown key [vm] \(key) (keys: \(keys))")
+            }
         }
     }
 

@@ -1,0 +1,104 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KuasarSystem
+import KuasarWire
+import KuasarReactor
+
+/// What a VMM driver is asked to run: one microVM per pod, described without any one
+/// VMM's vocabulary. The driver turns it into its command line or API calls.
+public struct VMSpec: Sendable, Equatable {
+    public var id: String
+    /// The sandbox's state directory: sockets, console.log, the VMM's own log.
+    public var stateDir: String
+    public var kernel: String
+    public var initrd: String
+    /// Kernel command-line words after the driver's own (`kuasar.*` settings).
+    public var kernelArgs: [String] = []
+    public var memoryMiB: UInt32
+    public var vcpus: UInt32
+    public var accelerator: Accelerator
+    /// The host directory exported to the guest (9p), and its tag.
+    public var sharePath: String
+    public var shareTag = "kuasar"
+    /// A tap device's fd to give the guest as its NIC (nil: no NIC).
+    public var tapFD: Int32?
+    public var tapMAC: String?
+
+    /// The host end of the agent's channel (the VMM listens on it), the console's, QMP's.
+    public var agentSocket: String { stateDir + "/agent.sock" }
+    public var consoleSocket: String { stateDir + "/console.sock" }
+    public var controlSocket: String { stateDir + "/qmp.sock" }
+    public var consoleLog: String { stateDir + "/console.log" }
+    public var vmmLog: String { stateDir + "/vmm.log" }
+
+    public init(id: String, stateDir: String, kernel: String, initrd: String, memoryMiB: UInt32, vcpus: UInt32, accelerator: Accelerator, sharePath: String) {
+        self.id = id
+        self.stateDir = stateDir
+        self.kernel = kernel
+        self.initrd = initrd
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.accelerator = accelerator
+        self.sharePath = sharePath
+    }
+}
+
+public enum Accelerator: String, Sendable, Equatable {
+    case kvm, tcg
+
+    /// KVM when it really runs a guest here, else TCG; `why` says which and why. Probed
+    /// once per process (a forked child runs a test guest to a marker, 2 s deadline).
+    public static let probed: (Accelerator, why: String) = {
+        let (ran, detail) = KVMProbe.run()
+        guard ran else { return (.tcg, "KVM unusable (\(detail)): TCG, emulated and many times slower") }
+        // A para-virtualised KVM (PVM, this host being a guest itself) runs our real-mode
+        // test guest, but not an ordinary kernel: QEMU aborts or never reaches /init.
+        if KVMProbe.isPVM {
+            return (.tcg, "/dev/kvm is PVM (kvm_pvm loaded), which runs only PVM-enabled guest kernels: TCG, emulated and many times slower")
+        }
+        return (.kvm, "KVM works (\(detail))")
+    }()
+}
+
+/// A running VM as its driver sees it.
+public protocol VirtualMachine: AnyObject {
+    var pid: pid_t { get }
+    /// The process's start time (from /proc), to recognise it after a daemon restart.
+    var startTime: UInt64 { get }
+    var accelerator: Accelerator { get }
+    /// Runs once, when the VMM process has exited (with its status; nil when it was not
+    /// our child and its status is unknown).
+    var onExit: ((ExitStatus?) -> Void)? { get set }
+    var hasExited: Bool { get }
+
+    /// The VMM's own view (QMP query-status: "running", "paused", "shutdown", …).
+    func status(_ done: @escaping (Result<String, RPCError>) -> Void)
+    /// Asks the guest to power off (ACPI), then ends the VMM (quit, then SIGKILL) once
+    /// `timeoutNS` has passed; `done` once the process is gone.
+    func stop(timeoutNS: UInt64, done: @escaping () -> Void)
+    /// SIGKILL to the VMM at once.
+    func kill()
+    /// Attaches a host block device or image file as a virtio disk (`id` names it for
+    /// removal); `done` once the guest was offered it.
+    func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void)
+    func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void)
+    /// What a new daemon needs to find the VM again (strings: kept in the state file).
+    var persistentState: [String: String] { get }
+    /// Stops reading its sockets (the daemon is exiting and leaves the VM running).
+    func detach()
+}
+
+/// One VMM (QEMU first; Cloud Hypervisor and StratoVirt behind the same protocol).
+public protocol Hypervisor: AnyObject {
+    var name: String { get }
+    /// Why no VM can be launched with it (binary missing), nil when it can.
+    var unavailableReason: String? { get }
+    /// Its version line (`QEMU emulator version 7.2.x`), for `kuasar info` and Status.
+    var version: String { get }
+    /// Starts the VMM and answers once its control socket works (the guest is booting).
+    func launch(_ spec: VMSpec, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
+    /// After a daemon restart: the VM `state` names, if its process is still the one
+    /// that was started (pid and start time), with its control socket and console again.
+    func recover(_ spec: VMSpec, state: [String: String], exits: ExitRecords, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
+}

@@ -1,0 +1,408 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarSandbox
+
+/// The QEMU driver: a `microvm` (virtio-mmio devices, the PVH `vmlinux`) on x86-64, or a
+/// `q35` machine with virtio PCI devices; no default devices, QEMU's own seccomp filter
+/// (`-sandbox on`). The process is the daemon's child, watched by pidfd; QMP, the serial
+/// console and the agent's virtio-serial port are unix sockets QEMU listens on, so a new
+/// daemon can connect to them again after a restart.
+public final class QEMU: Hypervisor {
+    public enum Machine: String, Sendable, CaseIterable { case microvm, q35 }
+
+    public let name = "qemu"
+    public let binary: String
+    public let machine: Machine
+    let supervisor: ProcessSupervisor
+    let reactor: Reactor
+    let logger: Logger
+    /// From QEMU start to its first QMP answer.
+    public var controlTimeoutNS: UInt64 = 10_000_000_000
+
+    public init(binary: String, machine: Machine, supervisor: ProcessSupervisor, reactor: Reactor, logger: Logger) {
+        self.binary = binary
+        self.machine = machine
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.logger = logger
+    }
+
+    public var unavailableReason: String? {
+        access(binary, X_OK) == 0 ? nil : "QEMU: \(binary) is not an executable file (Debian: apt-get install qemu-system-x86)"
+    }
+
+    public private(set) lazy var version: String = Self.versionLine(binary) ?? "unknown"
+
+    /// `qemu-system-x86_64 --version`'s first line (run once, off the request path).
+    static func versionLine(_ binary: String) -> String? {
+        guard access(binary, X_OK) == 0, let pipe = try? makePipe(nonBlocking: false) else { return nil }
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { _ = close(null) }
+        guard let child = try? Spawner.spawn(ProcessSpec(executable: binary, arguments: [binary, "--version"], fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)])) else {
+            pipe.first.close(); pipe.second.close()
+            return nil
+        }
+        pipe.second.close()
+        let bytes = (try? pipe.first.readExactly(4096)) ?? []
+        pipe.first.close()
+        _ = try? Spawner.wait(child)
+        return String(decoding: bytes, as: UTF8.self).split(separator: "\n").first.map(String.init)
+    }
+
+    /// The host's TSC rate in kHz: the guest kernel is told it (calibrating under TCG
+    /// takes seconds, or never ends).
+    static let hostKHz: Int = {
+        let info = (try? Files.readString("/proc/cpuinfo")) ?? ""
+        for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
+            if let v = Double(line.split(separator: ":").last.map { String($0).trimmingWhitespace } ?? "") { return Int(v * 1000) }
+        }
+        return 2_000_000
+    }()
+
+    /// The guest kernel's command line: what boots fastest here (../shared/MACHINE.md),
+    /// the agent's channel, then the spec's own words.
+    public static func kernelCommandLine(_ spec: VMSpec) -> String {
+        let khz = hostKHz
+        let base = ["console=ttyS0", "quiet", "panic=-1", "tsc_early_khz=\(khz)", "lpj=\(khz * 1000 / 250)", "init_on_alloc=0",
+                    "cryptomgr.notests=1", "mitigations=off", "loglevel=0", "nokaslr", "no_timer_check", "tsc=reliable",
+                    "lsm=capability", "audit=0", "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list",
+                    // The CPU's RDRAND seeds the guest's CRNG at once (the agent's runtime
+                    // otherwise waits ~1 s for entropy at start).
+                    "random.trust_cpu=on", "kuasar.channel=serial://agent", "kuasar.share=\(spec.shareTag)"]
+        return (base + spec.kernelArgs).joined(separator: " ")
+    }
+
+    /// QEMU's argv for `spec` (argv[0] included). A comma in a path is doubled, as QEMU's
+    /// option syntax wants.
+    public func arguments(_ spec: VMSpec) -> [String] {
+        func esc(_ s: String) -> String { s.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
+        let pci = machine == .q35
+        var a = [binary, "-name", "kuasar-\(spec.id)"]
+        switch machine {
+        case .microvm: a += ["-M", "microvm,pic=off,pit=off"]
+        case .q35: a += ["-M", "q35"]
+        }
+        a += ["-accel", spec.accelerator.rawValue,
+              "-cpu", spec.accelerator == .kvm ? "host" : "qemu64,+rdrand",
+              "-m", String(spec.memoryMiB), "-smp", String(spec.vcpus),
+              "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
+              "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+              "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", Self.kernelCommandLine(spec),
+              "-chardev", "socket,id=con,path=\(esc(spec.consoleSocket)),server=on,wait=off", "-serial", "chardev:con",
+              "-chardev", "socket,id=agent,path=\(esc(spec.agentSocket)),server=on,wait=off",
+              "-device", pci ? "virtio-serial-pci,id=vser" : "virtio-serial-device,id=vser",
+              "-device", "virtserialport,chardev=agent,name=agent",
+              "-fsdev", "local,id=share,path=\(esc(spec.sharePath)),security_model=passthrough,multidevs=remap",
+              "-device", (pci ? "virtio-9p-pci" : "virtio-9p-device") + ",fsdev=share,mount_tag=\(spec.shareTag)"]
+        if spec.tapFD != nil {
+            // The tap's fd is the child's fd 3 (see launch).
+            a += ["-netdev", "tap,id=net0,fd=3",
+                  "-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net0" + (spec.tapMAC.map { ",mac=\($0)" } ?? "")]
+        }
+        if pci {
+            // Hot-plugged disks need a free PCIe slot.
+            a += ["-device", "pcie-root-port,id=hotplug0,chassis=1,slot=1"]
+        }
+        a += ["-qmp", "unix:\(esc(spec.controlSocket)),server=on,wait=off"]
+        return a
+    }
+
+    public func launch(_ spec: VMSpec, done: @escaping (Result<VirtualMachine, RPCError>) -> Void) {
+        for path in [spec.kernel, spec.initrd] where access(path, R_OK) != 0 {
+            done(.failure(RPCError(.failedPrecondition, "sandbox \(spec.id): guest image file \(path) is missing or unreadable (make guest builds it)")))
+            return
+        }
+        for socket in [spec.agentSocket, spec.consoleSocket, spec.controlSocket] { _ = unlink(socket) }
+        let vm: QEMUMachine
+        do {
+            let log = try sys("open", spec.vmmLog) { open(spec.vmmLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            defer { _ = close(log) }
+            let null = try sys("open", "/dev/null") { open("/dev/null", O_RDONLY | O_CLOEXEC) }
+            defer { _ = close(null) }
+            var fdMap: [(from: Int32, to: Int32)] = [(null, 0), (log, 1), (log, 2)]
+            if let tap = spec.tapFD { fdMap.append((tap, 3)) }
+            var p = ProcessSpec(executable: binary, arguments: arguments(spec), environment: ["PATH=/usr/bin:/bin"], workingDirectory: spec.stateDir, fdMap: fdMap)
+            // Its own session: a signal to the daemon's process group never reaches it.
+            p.newSession = true
+            vm = QEMUMachine(spec: spec, driver: self)
+            let pid = try supervisor.spawn(p) { [weak vm] status in vm?.exited(status) }
+            vm.pid = pid
+            vm.startTime = ExitRecords.startTime(of: pid)
+            vm.pidfd = openPidfd(pid) ?? -1
+        } catch {
+            done(.failure(RPCError(.internal, "sandbox \(spec.id): start \(binary): \(error)")))
+            return
+        }
+        logger.info("sandbox \(spec.id): QEMU started, pid \(vm.pid), \(spec.accelerator.rawValue), \(spec.vcpus) vCPU, \(spec.memoryMiB) MiB")
+        vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
+    }
+
+    public func recover(_ spec: VMSpec, state: [String: String], exits: ExitRecords, done: @escaping (Result<VirtualMachine, RPCError>) -> Void) {
+        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else {
+            done(.failure(RPCError(.notFound, "sandbox \(spec.id): no QEMU recorded in its state")))
+            return
+        }
+        let vm = QEMUMachine(spec: spec, driver: self)
+        vm.pid = pid
+        vm.startTime = start
+        guard let fd = supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { [weak vm] status in vm?.exited(status) }) else {
+            let status = exits.take(pid: pid, startTime: start)
+            done(.failure(RPCError(.notFound, "sandbox \(spec.id): QEMU (pid \(pid)) exited while no daemon ran\(status.map { " (\($0))" } ?? "")")))
+            return
+        }
+        vm.pidfd = fd
+        vm.foreign = true
+        vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
+    }
+}
+
+/// One QEMU process and its sockets.
+final class QEMUMachine: VirtualMachine {
+    let spec: VMSpec
+    unowned let driver: QEMU
+    var pid: pid_t = 0
+    var startTime: UInt64 = 0
+    var pidfd: Int32 = -1
+    /// Not our child (recovered): its pidfd is the supervisor's to close.
+    var foreign = false
+    var qmp: QMPClient?
+    var console: ConsoleLog?
+    var exitStatus: ExitStatus?
+    private(set) var hasExited = false
+    var onExit: ((ExitStatus?) -> Void)?
+    private var exitWaiters: [() -> Void] = []
+    var accelerator: Accelerator { spec.accelerator }
+
+    init(spec: VMSpec, driver: QEMU) {
+        self.spec = spec
+        self.driver = driver
+    }
+
+    deinit {
+        if pidfd >= 0 && !foreign { _ = close(pidfd) }
+    }
+
+    var persistentState: [String: String] {
+        ["vmm": "qemu", "vmm_pid": String(pid), "vmm_start": String(startTime), "accelerator": spec.accelerator.rawValue]
+    }
+
+    /// Connects QMP (retrying while QEMU makes its socket), negotiates, checks the VM
+    /// runs, then follows the console.
+    func attach(deadline: UInt64, done: @escaping (Result<QEMUMachine, RPCError>) -> Void) {
+        if hasExited {
+            done(.failure(RPCError(.internal, "sandbox \(spec.id): QEMU exited at start (\(exitStatus.map { "\($0)" } ?? "status unknown")): \(vmmLogTail())")))
+            return
+        }
+        guard let client = try? QMPClient.connect(reactor: driver.reactor, path: spec.controlSocket, logger: driver.logger) else {
+            guard MonotonicClock.nanoseconds() < deadline else {
+                kill()
+                done(.failure(RPCError(.deadlineExceeded, "sandbox \(spec.id): QEMU's QMP socket \(spec.controlSocket) did not accept within \(driver.controlTimeoutNS / 1_000_000) ms: \(vmmLogTail())")))
+                return
+            }
+            driver.reactor.schedule(afterNS: 5_000_000) { [self] in attach(deadline: deadline, done: done) }
+            return
+        }
+        qmp = client
+        client.onEvent = { [weak self] event, data in
+            guard let self else { return }
+            self.driver.logger.info("sandbox \(self.spec.id): QEMU event \(event) \(data.text.prefix(200))")
+        }
+        client.handshake(timeoutNS: driver.controlTimeoutNS) { [self] r in
+            switch r {
+            case .failure(let f):
+                done(.failure(RPCError(.internal, "sandbox \(spec.id): QMP: \(f); \(vmmLogTail())")))
+            case .success:
+                client.execute("query-status") { [self] s in
+                    switch s {
+                    case .failure(let f): done(.failure(RPCError(.internal, "sandbox \(spec.id): QMP query-status: \(f)")))
+                    case .success(let status):
+                        driver.logger.debug("sandbox \(spec.id): QEMU \(status["status"]?.stringValue ?? "?")")
+                        followConsole()
+                        done(.success(self))
+                    }
+                }
+            }
+        }
+    }
+
+    private func followConsole() {
+        guard console == nil else { return }
+        do {
+            let c = try ConsoleLog(reactor: driver.reactor, socket: spec.consoleSocket, file: spec.consoleLog)
+            console = c
+        } catch {
+            driver.logger.warning("sandbox \(spec.id): console \(spec.consoleSocket): \(error)")
+        }
+    }
+
+    func exited(_ status: ExitStatus?) {
+        guard !hasExited else { return }
+        hasExited = true
+        exitStatus = status
+        qmp?.close()
+        qmp = nil
+        // What the guest printed last is in the socket still: read it before closing.
+        console?.drainAndClose()
+        console = nil
+        for path in [spec.agentSocket, spec.consoleSocket, spec.controlSocket] { _ = unlink(path) }
+        driver.logger.info("sandbox \(spec.id): QEMU (pid \(pid)) exited: \(status.map { "\($0)" } ?? "status unknown")")
+        let waiters = exitWaiters
+        exitWaiters.removeAll()
+        for w in waiters { w() }
+        onExit?(status)
+    }
+
+    func status(_ done: @escaping (Result<String, RPCError>) -> Void) {
+        guard let qmp, !hasExited else { done(.success("exited")); return }
+        qmp.execute("query-status", timeoutNS: 2_000_000_000) { r in
+            switch r {
+            case .success(let v): done(.success(v["status"]?.stringValue ?? "unknown"))
+            case .failure(let f): done(.failure(RPCError(.unavailable, "QMP query-status: \(f)")))
+            }
+        }
+    }
+
+    func stop(timeoutNS: UInt64, done: @escaping () -> Void) {
+        if hasExited { done(); return }
+        exitWaiters.append(done)
+        let reactor = driver.reactor
+        // The guest is asked first (ACPI power button); a guest that does not act on it
+        // is ended by QEMU (quit) after the grace, and by SIGKILL if QEMU hangs.
+        qmp?.execute("system_powerdown", timeoutNS: 1_000_000_000) { _ in }
+        reactor.schedule(afterNS: timeoutNS) { [weak self] in
+            guard let self, !self.hasExited else { return }
+            self.qmp?.execute("quit", timeoutNS: 1_000_000_000) { _ in }
+            reactor.schedule(afterNS: 2_000_000_000) { [weak self] in
+                guard let self, !self.hasExited else { return }
+                self.driver.logger.warning("sandbox \(self.spec.id): QEMU did not quit within 2 s: SIGKILL")
+                self.kill()
+            }
+        }
+    }
+
+    func kill() {
+        guard !hasExited, pidfd >= 0 else { return }
+        try? sendSignal(pidfd: pidfd, SIGKILL)
+    }
+
+    func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void) {
+        guard driver.machine == .q35 else {
+            done(.failure(RPCError(.failedPrecondition, "a microvm has no hot-plug bus (virtio-mmio): disk \(path) needs [vm] machine = \"q35\"")))
+            return
+        }
+        guard let qmp else { done(.failure(RPCError(.unavailable, "QEMU's QMP connection is gone"))); return }
+        var st = stat()
+        let isBlock = stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFBLK
+        let node: JSONValue = ["node-name": .string(id), "driver": "raw", "read-only": .bool(readOnly),
+                               "file": ["driver": .string(isBlock ? "host_device" : "file"), "filename": .string(path)]]
+        qmp.execute("blockdev-add", node) { r in
+            if case .failure(let f) = r { done(.failure(RPCError(.internal, "blockdev-add \(path): \(f)"))); return }
+            qmp.execute("device_add", ["driver": "virtio-blk-pci", "id": .string(id), "drive": .string(id), "bus": "hotplug0"]) { r in
+                switch r {
+                case .success: done(.success(()))
+                case .failure(let f):
+                    qmp.execute("blockdev-del", ["node-name": .string(id)]) { _ in }
+                    done(.failure(RPCError(.internal, "device_add \(id): \(f)")))
+                }
+            }
+        }
+    }
+
+    func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void) {
+        guard let qmp else { done(.failure(RPCError(.unavailable, "QEMU's QMP connection is gone"))); return }
+        // device_del completes when the guest lets go (DEVICE_DELETED); then the node goes.
+        let previous = qmp.onEvent
+        var finished = false
+        qmp.onEvent = { event, data in
+            previous?(event, data)
+            guard !finished, event == "DEVICE_DELETED", data["device"]?.stringValue == id else { return }
+            finished = true
+            qmp.onEvent = previous
+            qmp.execute("blockdev-del", ["node-name": .string(id)]) { r in
+                done(r.map { _ in () }.mapError { RPCError(.internal, "blockdev-del \(id): \($0)") })
+            }
+        }
+        qmp.execute("device_del", ["id": .string(id)]) { r in
+            if case .failure(let f) = r, !finished {
+                finished = true
+                qmp.onEvent = previous
+                done(.failure(RPCError(.notFound, "device_del \(id): \(f)")))
+            }
+        }
+    }
+
+    func detach() {
+        qmp?.close()
+        qmp = nil
+        console?.close()
+        console = nil
+    }
+
+    func vmmLogTail() -> String {
+        let text = (try? Files.readString(spec.vmmLog)) ?? ""
+        let tail = text.trimmingWhitespace.suffix(600)
+        return tail.isEmpty ? "QEMU printed nothing" : "QEMU said: \(tail)"
+    }
+}
+
+/// A serial console read on the loop into `console.log`, rotated to `console.log.1` at
+/// `maxBytes`: the guest never waits for us (QEMU drops output nobody reads), the disk
+/// never fills.
+final class ConsoleLog {
+    let connection: Connection
+    let path: String
+    let maxBytes: Int
+    private var file: Int32
+    private var size: Int
+
+    init(reactor: Reactor, socket: String, file path: String, maxBytes: Int = 1 << 20) throws(SystemError) {
+        self.path = path
+        self.maxBytes = maxBytes
+        file = try sys("open", path) { open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
+        var st = stat()
+        size = fstat(file, &st) == 0 ? Int(st.st_size) : 0
+        do {
+            connection = Connection(reactor: reactor, fd: try Socket.connectUnix(path: socket))
+        } catch {
+            _ = Glibc.close(file)
+            throw error
+        }
+        connection.isWriteOnly = false
+        connection.onRead = { [unowned self] _, bytes in self.append(bytes) }
+        connection.onReadEOF = { c in c.close() }
+        try connection.start()
+    }
+
+    deinit { if file >= 0 { _ = Glibc.close(file) } }
+
+    private func append(_ bytes: UnsafeRawBufferPointer) {
+        if size + bytes.count > maxBytes { rotate() }
+        let n = write(file, bytes.baseAddress, bytes.count)
+        if n > 0 { size += n }
+    }
+
+    private func rotate() {
+        _ = rename(path, path + ".1")
+        _ = Glibc.close(file)
+        file = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o600)
+        size = 0
+    }
+
+    /// Whatever the socket still holds, then closed.
+    func drainAndClose() {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(connection.rawFD, $0.baseAddress, $0.count) }
+            guard n > 0 else { break }
+            buf.withUnsafeBytes { append(UnsafeRawBufferPointer(rebasing: $0.prefix(n))) }
+        }
+        connection.close()
+    }
+
+    func close() { connection.close() }
+}

@@ -1,0 +1,329 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+
+/// The `vm` kind's settings, as `[vm]` gives them.
+public struct VMSettings: Sendable {
+    public var kernel: String
+    public var initrd: String
+    public var accelerator: String
+    public var memoryMiB: UInt32
+    public var vcpus: UInt32
+    public var bootTimeoutNS: UInt64
+    public var kernelArgs: [String]
+
+    public init(kernel: String, initrd: String, accelerator: String, memoryMiB: UInt32, vcpus: UInt32, bootTimeoutNS: UInt64, kernelArgs: [String]) {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.accelerator = accelerator
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.bootTimeoutNS = bootTimeoutNS
+        self.kernelArgs = kernelArgs
+    }
+}
+
+/// The `vm` kind: a microVM per pod. Controller.Create prepares the state directory and
+/// the share (`<state dir>/share`, exported to the guest); Start launches the VMM, waits
+/// for the guest agent's first answer, sets the pod up in the guest (hostname, DNS,
+/// sysctls, clock) and serves containerd's Task API at `<state dir>/task.sock` on the
+/// host, forwarding each call to the agent (`VMTasks`). The VMM's exit ends the pod.
+public final class VMBackend: SandboxBackend {
+    public let kind: String
+    public var onSandboxExit: ((Sandbox, ExitStatus?) -> Void)?
+    let hypervisor: Hypervisor
+    let settings: VMSettings
+    let registry: SandboxRegistry
+    let reactor: Reactor
+    let logger: Logger
+    public let tasks: VMTasks
+    var pods: [String: VMPod] = [:]
+
+    public init(kind: String = "vm", hypervisor: Hypervisor, settings: VMSettings, registry: SandboxRegistry, reactor: Reactor, logger: Logger) {
+        self.kind = kind
+        self.hypervisor = hypervisor
+        self.settings = settings
+        self.registry = registry
+        self.reactor = reactor
+        self.logger = logger
+        tasks = VMTasks(registry: registry, reactor: reactor, logger: logger)
+        tasks.podOf = { [unowned self] s in self.pods[s.id] }
+    }
+
+    public var unavailableReason: String? {
+        if let why = hypervisor.unavailableReason { return why }
+        for (what, path) in [("kernel", settings.kernel), ("initrd", settings.initrd)] where access(path, R_OK) != 0 {
+            return "the guest \(what) \(path) is missing (make guest builds and installs the image; [vm] \(what) names another)"
+        }
+        return nil
+    }
+
+    /// The accelerator pods get, and why.
+    public var accelerator: (Accelerator, why: String) {
+        switch settings.accelerator {
+        case "kvm": return (.kvm, "[vm] accelerator = \"kvm\"")
+        case "tcg": return (.tcg, "[vm] accelerator = \"tcg\"")
+        default: return Accelerator.probed
+        }
+    }
+
+    public func create(_ s: Sandbox, _ request: SandboxCreateRequest, done: @escaping (Result<Void, RPCError>) -> Void) {
+        do {
+            let (memory, vcpus) = try size(request.podConfig)
+            let share = s.stateDir + "/share"
+            try makeDirectories(share, mode: 0o711)
+            var spec = VMSpec(id: s.id, stateDir: s.stateDir, kernel: settings.kernel, initrd: settings.initrd,
+                              memoryMiB: memory, vcpus: vcpus, accelerator: accelerator.0, sharePath: share)
+            spec.kernelArgs = settings.kernelArgs
+            if !request.netnsPath.isEmpty {
+                logger.warning("sandbox \(s.id): containerd's network namespace \(request.netnsPath) is not connected to the VM (tap networking is not built yet): the guest has no NIC")
+            }
+            let pod = VMPod(spec: spec, setup: try setupRequest(s, request.podConfig))
+            pods[s.id] = pod
+            s.kind = kind
+            done(.success(()))
+        } catch let e as RPCError {
+            done(.failure(e))
+        } catch {
+            done(.failure(RPCError(.internal, "sandbox \(s.id): prepare the VM's share: \(error)")))
+        }
+    }
+
+    /// The VM's memory and vCPUs: the configured size, plus what the pod's resources ask
+    /// for (a memory limit, a CPU quota) on top of it — the guest's own kernel and agent
+    /// need the base.
+    func size(_ config: Runtime_V1_PodSandboxConfig?) throws -> (UInt32, UInt32) {
+        var memory = settings.memoryMiB, vcpus = settings.vcpus
+        guard let r = config?.linux.resources, config?.linux.hasResources == true else { return (memory, vcpus) }
+        if r.memoryLimitInBytes > 0 {
+            let mib = (UInt64(r.memoryLimitInBytes) + (1 << 20) - 1) >> 20
+            guard mib <= 1 << 20 else { throw RPCError(.invalidArgument, "linux.resources.memory_limit_in_bytes \(r.memoryLimitInBytes) is more than 1 TiB") }
+            memory += UInt32(mib)
+        }
+        if r.cpuQuota > 0 && r.cpuPeriod > 0 {
+            let cpus = (r.cpuQuota + r.cpuPeriod - 1) / r.cpuPeriod
+            guard cpus <= 254 else { throw RPCError(.invalidArgument, "linux.resources: cpu_quota/cpu_period asks for \(cpus) CPUs") }
+            vcpus = max(vcpus, UInt32(cpus))
+        }
+        return (memory, vcpus)
+    }
+
+    /// What the agent is told at Start: the CRI's hostname, DNS and sysctls.
+    func setupRequest(_ s: Sandbox, _ config: Runtime_V1_PodSandboxConfig?) throws -> Kuasar_Agent_V1_SetupSandboxRequest {
+        var r = Kuasar_Agent_V1_SetupSandboxRequest()
+        r.sandboxID = s.id
+        r.hostname = config?.hostname ?? ""
+        if r.hostname.isEmpty { r.hostname = String(s.id.prefix(63)) }
+        guard r.hostname.utf8.count <= 64, !r.hostname.contains("\0") else {
+            throw RPCError(.invalidArgument, "options: hostname \"\(r.hostname.prefix(80))\" is longer than 64 bytes")
+        }
+        if let dns = config?.dnsConfig, config?.hasDnsConfig == true {
+            r.dnsServers = dns.servers
+            r.dnsSearches = dns.searches
+            r.dnsOptions = dns.options
+        }
+        r.sysctls = config?.linux.sysctls ?? [:]
+        return r
+    }
+
+    public func start(_ s: Sandbox, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
+        guard let pod = pods[s.id] else {
+            done(.failure(RPCError(.failedPrecondition, "sandbox \(s.id): no VM prepared (Create first)")))
+            return
+        }
+        pod.timings = [("start", MonotonicClock.nanoseconds())]
+        let deadline = MonotonicClock.nanoseconds() + settings.bootTimeoutNS
+        hypervisor.launch(pod.spec) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .failure(let e):
+                done(.failure(e))
+            case .success(let vm):
+                pod.vm = vm
+                pod.mark("vmm")
+                vm.onExit = { [weak self, weak s] status in
+                    guard let self, let s else { return }
+                    self.vmExited(s, pod, status)
+                }
+                self.registry.save(s)
+                self.connectAgent(s, pod, deadline: deadline) { r in
+                    switch r {
+                    case .failure(let e):
+                        vm.kill()
+                        done(.failure(e))
+                    case .success:
+                        done(.success(.tasks(self.tasks)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The agent's first answer, then the pod set up in the guest and events followed.
+    private func connectAgent(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<Void, RPCError>) -> Void) {
+        let link = AgentLink(reactor: reactor, path: pod.spec.agentSocket, namespace: s.namespace, logger: logger)
+        pod.agent = link
+        link.connect(deadline: deadline, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
+            guard let self else { return }
+            switch r {
+            case .failure(let e):
+                done(.failure(self.bootFailure(s, pod, e)))
+            case .success(let check):
+                pod.mark("agent")
+                self.logger.info("sandbox \(s.id): guest agent \(check.version) answered, kernel \(check.kernel), boot \(check.bootMs.sorted { $0.key < $1.key }.map { "\($0.key) \(Int($0.value)) ms" }.joined(separator: ", "))")
+                var clock = Kuasar_Agent_V1_SyncClockRequest()
+                let now = WallTime.now()
+                clock.hostUnixNs = now.seconds * 1_000_000_000 + Int64(now.nanos)
+                link.call(AgentLink.agent, "SyncClock", clock, as: Kuasar_Agent_V1_SyncClockResponse.self) { _ in }
+                link.call(AgentLink.agent, "SetupSandbox", pod.setup, as: Google_Protobuf_Empty.self) { [weak self] r in
+                    guard let self else { return }
+                    if case .failure(let e) = r {
+                        done(.failure(RPCError(e.code, "sandbox \(s.id): set up the guest: \(e.message)")))
+                        return
+                    }
+                    pod.mark("setup")
+                    link.onLost = { [weak self, weak s] e in
+                        guard let self, let s else { return }
+                        self.agentLost(s, pod, e)
+                    }
+                    self.tasks.followEvents(s, pod)
+                    done(.success(()))
+                }
+            }
+        }
+    }
+
+    /// Why a boot failed, with what the guest and QEMU printed last.
+    private func bootFailure(_ s: Sandbox, _ pod: VMPod, _ e: RPCError) -> RPCError {
+        let console = String(((try? Files.readString(pod.spec.consoleLog)) ?? "").trimmingWhitespace.suffix(800))
+        let vmm = (pod.vm as? QEMUMachine)?.vmmLogTail() ?? ""
+        if pod.vm?.hasExited == true {
+            return RPCError(.internal, "sandbox \(s.id): the VM exited before its agent answered; \(vmm); console: \(console.isEmpty ? "(empty)" : console)")
+        }
+        return RPCError(e.code == .deadlineExceeded ? .deadlineExceeded : .unavailable,
+                        "sandbox \(s.id): \(e.message) within \(settings.bootTimeoutNS / 1_000_000_000) s; the VM is killed; console: \(console.isEmpty ? "(empty)" : console)")
+    }
+
+    private func agentLost(_ s: Sandbox, _ pod: VMPod, _ e: RPCError) {
+        guard pod.vm?.hasExited == false, !pod.stopping else { return }
+        // The guest closed its port (or the agent restarted): dial again; calls meanwhile fail.
+        logger.warning("sandbox \(s.id): the agent's channel closed (\(e.message)); reconnecting")
+        pod.agent?.connect(deadline: MonotonicClock.nanoseconds() + 10_000_000_000, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
+            guard let self else { return }
+            if case .failure(let e) = r {
+                self.logger.error("sandbox \(s.id): the agent did not answer again (\(e.message)): the VM is killed")
+                pod.vm?.kill()
+            } else {
+                self.tasks.followEvents(s, pod)
+            }
+        }
+    }
+
+    private func vmExited(_ s: Sandbox, _ pod: VMPod, _ status: ExitStatus?) {
+        pod.agent?.close()
+        tasks.vmGone(s, pod, status)
+        pod.exitStatus = status
+        guard !pod.stopping else { return }
+        logger.warning("sandbox \(s.id): its VM exited on its own (\(status.map { "\($0)" } ?? "status unknown")); console: \(pod.spec.consoleLog)")
+        onSandboxExit?(s, status)
+    }
+
+    public func stop(_ s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
+        guard let pod = pods[s.id], let vm = pod.vm, !vm.hasExited else { done(); return }
+        tasks.stopAll(in: s, timeoutSecs: timeoutSecs) { [weak self] in
+            guard self != nil else { return }
+            pod.stopping = true
+            pod.agent?.close()
+            // The containers are gone and the guest wrote through to the share: a short
+            // grace for the power button, then QEMU quits.
+            vm.stop(timeoutNS: 200_000_000, done: done)
+        }
+    }
+
+    public func shutdown(_ s: Sandbox) {
+        guard let pod = pods[s.id] else { return }
+        pod.stopping = true
+        pod.agent?.close()
+        if let vm = pod.vm, !vm.hasExited { vm.kill() }
+        tasks.release(s)
+        pods[s.id] = nil
+    }
+
+    public func update(_ s: Sandbox, resources: OCISpec.Resources) throws {
+        throw RPCError(.unimplemented, "sandbox \(s.id): resizing a running VM (memory/CPU hot-plug) is not supported yet")
+    }
+
+    public func metrics(_ s: Sandbox) throws -> Google_Protobuf_Any {
+        throw RPCError(.unimplemented, "sandbox \(s.id): VM pod metrics are not collected yet; Task.Stats answers per container from the guest's cgroups")
+    }
+
+    public func pid(_ s: Sandbox) -> UInt32 { pods[s.id]?.vm.map { UInt32($0.pid) } ?? 0 }
+
+    public func statusInfo(_ s: Sandbox) -> [String: Any] {
+        guard let pod = pods[s.id] else { return [:] }
+        var info: [String: Any] = ["hypervisor": hypervisor.name, "hypervisor_version": hypervisor.version, "accelerator": pod.spec.accelerator.rawValue,
+                                   "console": pod.spec.consoleLog, "memory_mib": Int(pod.spec.memoryMiB), "vcpus": Int(pod.spec.vcpus),
+                                   "kernel": pod.spec.kernel, "initrd": pod.spec.initrd]
+        if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited }
+        if let c = pod.agent?.check { info["agent_version"] = c.version; info["guest_kernel"] = c.kernel; info["guest_boot_ms"] = c.bootMs }
+        if let t0 = pod.timings.first?.1 {
+            info["start_ms"] = Dictionary(pod.timings.dropFirst().map { ($0.0, Double($0.1 - t0) / 1e6) }, uniquingKeysWith: { a, _ in a })
+        }
+        return info
+    }
+
+    public func persistentState(_ s: Sandbox) -> [String: String] {
+        guard let pod = pods[s.id] else { return [:] }
+        var state = pod.vm?.persistentState ?? [:]
+        state["memory_mib"] = String(pod.spec.memoryMiB)
+        state["vcpus"] = String(pod.spec.vcpus)
+        return state
+    }
+
+    public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
+        // Re-attaching a VM after a daemon restart is not built yet: say so, and end it
+        // rather than leave a VM nobody serves.
+        if let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }),
+           ExitRecords.startTime(of: pid) == start, let fd = openPidfd(pid) {
+            logger.error("sandbox \(s.id): its VM (QEMU pid \(pid)) outlived the previous daemon; re-attaching VMs is not supported yet: it is killed")
+            try? sendSignal(pidfd: fd, SIGKILL)
+            _ = close(fd)
+        }
+        onSandboxExit?(s, nil)
+    }
+
+    public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] {
+        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else { return [] }
+        return [ExitRecords.name(pid: pid, startTime: start)]
+    }
+}
+
+/// One pod's VM, its agent, and what the host keeps of its containers.
+public final class VMPod {
+    let spec: VMSpec
+    let setup: Kuasar_Agent_V1_SetupSandboxRequest
+    var vm: VirtualMachine?
+    var agent: AgentLink?
+    var stopping = false
+    var exitStatus: ExitStatus?
+    /// The last agent event handled (acknowledged with the next NextEvents).
+    var eventSeq: UInt64 = 0
+    var eventsFollowed = false
+    var containers: [String: VMContainer] = [:]
+    var timings: [(String, UInt64)] = []
+
+    init(spec: VMSpec, setup: Kuasar_Agent_V1_SetupSandboxRequest) {
+        self.spec = spec
+        self.setup = setup
+    }
+
+    func mark(_ step: String) { timings.append((step, MonotonicClock.nanoseconds())) }
+}

@@ -1,0 +1,518 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+import SwiftProtobuf
+import KuasarOCI
+import KuasarSystem
+import KuasarReactor
+import KuasarWire
+import KuasarContainer
+import KuasarSandbox
+
+/// A container of a VM pod, as the host keeps it: where its bundle went in the share,
+/// what the host mounted for it, and its processes.
+final class VMContainer {
+    let id: String
+    /// containerd's bundle on the host (State answers it).
+    let bundle: String
+    /// `<share>/<id>`: the bundle the guest sees at `<guest share>/<id>`.
+    let shareDir: String
+    /// Host mounts made for it (its rootfs, its bind mounts), unmounted at Delete.
+    var mounts: [String] = []
+    var processes: [String: VMProcess] = [:]
+    var paused = false
+    init(id: String, bundle: String, shareDir: String) {
+        self.id = id
+        self.bundle = bundle
+        self.shareDir = shareDir
+    }
+    var initProcess: VMProcess? { processes[""] }
+}
+
+/// One process (a container's init, or an exec) of a VM pod.
+final class VMProcess {
+    let execID: String
+    let stdio: StdioPaths
+    var pid: UInt32 = 0
+    var started = false
+    /// The exit the agent reported; `finished` once its output has reached the FIFOs too.
+    var exit: (ExitStatus, WallTime?)?
+    var finished = false
+    var bridge: StdioBridge?
+    var waiters: [(UInt64, (Result<Containerd_Task_V2_WaitResponse, RPCError>) -> Void)] = []
+    var nextWaiter: UInt64 = 0
+    init(execID: String, stdio: StdioPaths) {
+        self.execID = execID
+        self.stdio = stdio
+    }
+}
+
+/// containerd's Task API for the containers of VM pods: each call is checked and
+/// prepared on the host — the bundle and rootfs made visible through the share, paths
+/// rewritten for the guest, containerd's FIFOs bridged to the agent's stdio streams —
+/// and forwarded to the pod's agent. Exits come from the agent's event queue and are
+/// reported (and Wait answered) only once the process's output has reached its FIFOs.
+public final class VMTasks: TaskBackend {
+    public weak var events: TaskEventSink?
+    let registry: SandboxRegistry
+    let reactor: Reactor
+    let logger: Logger
+    var podOf: (Sandbox) -> VMPod? = { _ in nil }
+    /// Where the guest sees the share (GuestInit.sharePath in the agent).
+    static let guestShare = "/run/kuasar/share"
+
+    init(registry: SandboxRegistry, reactor: Reactor, logger: Logger) {
+        self.registry = registry
+        self.reactor = reactor
+        self.logger = logger
+    }
+
+    private func running(_ s: Sandbox) throws -> VMPod {
+        guard let p = podOf(s), let vm = p.vm, !vm.hasExited, let agent = p.agent, !agent.isClosed else {
+            throw RPCError(.failedPrecondition, "sandbox \(s.id): its VM is not running")
+        }
+        return p
+    }
+
+    private func container(_ p: VMPod, _ id: String) throws -> VMContainer {
+        guard let c = p.containers[id] else { throw RPCError(.notFound, "container \(id) not found") }
+        return c
+    }
+
+    private func process(_ p: VMPod, _ id: String, _ execID: String) throws -> VMProcess {
+        let c = try container(p, id)
+        guard let proc = c.processes[execID] else {
+            throw RPCError(.notFound, execID.isEmpty ? "container \(id) has no task" : "exec \(execID) not found in container \(id)")
+        }
+        return proc
+    }
+
+    /// An agent answer, with the container named in its error.
+    private func forward<Req: SwiftProtobuf.Message, Resp: SwiftProtobuf.Message>(_ p: VMPod, _ method: String, _ r: Req, as: Resp.Type,
+                                                                                 _ done: @escaping (Result<Resp, RPCError>) -> Void) {
+        guard let agent = p.agent else { done(.failure(RPCError(.unavailable, "the VM's agent is not connected"))); return }
+        agent.task(method, r, as: Resp.self, done: done)
+    }
+
+    // MARK: Create
+
+    public func create(_ r: Containerd_Task_V2_CreateTaskRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
+        try Identifier.validate(r.id, what: "container")
+        let p = try running(s)
+        guard p.containers[r.id] == nil else { throw RPCError(.alreadyExists, "container \(r.id) already exists") }
+        if !r.checkpoint.isEmpty { throw RPCError(.unimplemented, "restore from a checkpoint is not supported by kuasar") }
+        guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
+        let spec = try OCISpec.decode(try Files.read(r.bundle + "/config.json"))
+        let c = VMContainer(id: r.id, bundle: r.bundle, shareDir: p.spec.sharePath + "/" + r.id)
+        do {
+            try prepare(c, spec, rootfs: r.rootfs)
+        } catch {
+            unprepare(c)
+            throw error
+        }
+        var fwd = r
+        fwd.bundle = Self.guestShare + "/" + r.id
+        fwd.rootfs = []
+        let stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
+        (fwd.stdin, fwd.stdout, fwd.stderr) = Self.streams(stdio)
+        p.containers[r.id] = c
+        let proc = VMProcess(execID: "", stdio: stdio)
+        c.processes[""] = proc
+        forward(p, "Create", fwd, as: Containerd_Task_V2_CreateTaskResponse.self) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .failure(let e):
+                p.containers[r.id] = nil
+                self.unprepare(c)
+                reply(.failure(e))
+            case .success(let resp):
+                proc.pid = resp.pid
+                self.bridge(s, p, c, proc)
+                self.registry.save(s)
+                reply(.success(resp))
+            }
+        }
+    }
+
+    /// `stream:` for each stdio the host will bridge (the agent's side of a FIFO).
+    static func streams(_ io: StdioPaths) -> (String, String, String) {
+        (io.stdin.isEmpty ? "" : "stream:", io.stdout.isEmpty ? "" : "stream:", io.stderr.isEmpty || io.terminal ? "" : "stream:")
+    }
+
+    /// Makes the container's bundle in the share: its rootfs mounted there (containerd's
+    /// snapshot mounts, or the bundle's own rootfs bound), its host bind mounts bound
+    /// beside it, and a config.json whose paths are the guest's.
+    func prepare(_ c: VMContainer, _ spec: OCISpec, rootfs: [Containerd_Types_Mount]) throws {
+        try makeDirectories(c.shareDir, mode: 0o711)
+        let rootTarget = c.shareDir + "/rootfs"
+        try makeDirectories(rootTarget, mode: 0o755)
+        if !rootfs.isEmpty {
+            let n = try RootfsMounts.mountAll(rootfs, at: rootTarget)
+            c.mounts += Array(repeating: rootTarget, count: n)
+        } else {
+            guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
+            let source = rootPath.hasPrefix("/") ? rootPath : c.bundle + "/" + rootPath
+            guard Files.isDirectory(source) else { throw RPCError(.invalidArgument, "root.path \(source) is not a directory (and containerd passed no rootfs mounts)") }
+            try RootfsMounts.mount("bind", source: source, options: ["rbind"] + (spec.root?.readonly == true ? ["ro"] : []), at: rootTarget)
+            c.mounts.append(rootTarget)
+        }
+        var out = spec
+        out.root = OCISpec.Root(path: "rootfs", readonly: spec.root?.readonly)
+        // The VM is the pod: the pod's network, IPC, UTS are the guest's own, so entries
+        // that name the host's pod (a /proc/<pid>/ns path) join the guest's; a pod-wide
+        // PID namespace becomes the container's own (PID 1 of the guest stays hidden).
+        if var linux = out.linux, let ns = linux.namespaces {
+            linux.namespaces = ns.compactMap { n in
+                guard n.path != nil else { return n }
+                if n.type == "pid" || n.type == "mount" || n.type == "cgroup" || n.type == "user" { return OCISpec.Namespace(type: n.type, path: nil) }
+                return nil
+            }
+            out.linux = linux
+        }
+        // Hooks name host programs: they do not exist in the guest.
+        if out.hooks != nil {
+            logger.warning("container \(c.id): OCI hooks are not run inside a VM; dropped")
+            out.hooks = nil
+        }
+        var mounts = out.mounts ?? []
+        for i in mounts.indices {
+            let m = mounts[i]
+            let options = m.options ?? []
+            let isBind = m.type == "bind" || options.contains("bind") || options.contains("rbind")
+            guard isBind, let source = m.source, source.hasPrefix("/") else { continue }
+            // The guest's own /proc, /sys and /dev are the VM's: those stay as they are.
+            if ["/proc", "/sys", "/dev"].contains(where: { source == $0 || source.hasPrefix($0 + "/") }) { continue }
+            var st = stat()
+            guard stat(source, &st) == 0 else { throw RPCError(.invalidArgument, "mounts[\(i)]: source \(source): \(Errno(rawValue: errno))") }
+            let name = "m\(i)"
+            let dir = c.shareDir + "/mounts"
+            try makeDirectories(dir, mode: 0o711)
+            let target = dir + "/" + name
+            if (st.st_mode & S_IFMT) == S_IFDIR {
+                try makeDirectories(target, mode: 0o755)
+            } else {
+                try Files.write(target, "", create: true, mode: 0o644)
+            }
+            try RootfsMounts.mount("bind", source: source, options: ["rbind"] + (options.contains("ro") ? ["ro"] : []), at: target)
+            c.mounts.append(target)
+            mounts[i].source = Self.guestShare + "/" + c.id + "/mounts/" + name
+        }
+        out.mounts = mounts
+        let json: Data
+        do { json = try JSONEncoder().encode(out) } catch { throw RPCError(.internal, "container \(c.id): encode its spec for the guest: \(error)") }
+        try Files.write(c.shareDir + "/config.json", String(decoding: json, as: UTF8.self), create: true, mode: 0o600)
+    }
+
+    /// Undoes `prepare` (newest mount first) and removes the container's share directory.
+    func unprepare(_ c: VMContainer) {
+        for m in c.mounts.reversed() { try? Mounts.unmount(m, lazy: true) }
+        c.mounts.removeAll()
+        Mounts.unmountAll(under: c.shareDir)
+        Files.removeTree(c.shareDir)
+    }
+
+    // MARK: stdio
+
+    /// containerd's FIFOs joined to the agent's streams of `proc`; its exit is reported once
+    /// both outputs reached their end.
+    private func bridge(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess) {
+        guard let agent = p.agent else { return }
+        do {
+            let b = try StdioBridge(reactor: reactor, agent: agent, containerID: c.id, execID: proc.execID, stdio: proc.stdio, logger: logger)
+            proc.bridge = b
+            b.onDrained = { [weak self, weak proc] in
+                guard let self, let proc else { return }
+                self.finishIfDone(s, c, proc)
+            }
+            b.start()
+        } catch {
+            logger.error("container \(c.id)\(proc.execID.isEmpty ? "" : " exec \(proc.execID)"): its stdio: \(error); output is lost")
+        }
+    }
+
+    // MARK: events and exits
+
+    /// Follows the agent's event queue (a long poll, each batch acknowledged by the next
+    /// call): exits and OOM kills become the host's events.
+    func followEvents(_ s: Sandbox, _ p: VMPod) {
+        guard let agent = p.agent, !agent.isClosed else { return }
+        var r = Kuasar_Agent_V1_NextEventsRequest()
+        r.after = p.eventSeq
+        r.max = 64
+        agent.call(AgentLink.agent, "NextEvents", r, as: Kuasar_Agent_V1_NextEventsResponse.self, timeoutNS: nil) { [weak self, weak s] result in
+            guard let self, let s else { return }
+            switch result {
+            case .failure(let e):
+                // The channel went away (reconnecting, or the VM is gone).
+                if e.code != .unavailable { self.logger.warning("sandbox \(s.id): agent events: \(e.message)") }
+                if e.code != .unavailable { self.reactor.schedule(afterNS: 100_000_000) { [weak self] in self?.followEvents(s, p) } }
+            case .success(let batch):
+                for event in batch.events where event.seq > p.eventSeq {
+                    p.eventSeq = event.seq
+                    self.handle(s, p, event.envelope)
+                }
+                self.followEvents(s, p)
+            }
+        }
+    }
+
+    private func handle(_ s: Sandbox, _ p: VMPod, _ envelope: Containerd_Services_Events_Ttrpc_V1_Envelope) {
+        switch envelope.topic {
+        case "/tasks/exit":
+            guard let e = try? Containerd_Events_TaskExit(serializedBytes: envelope.event.value) else { return }
+            let execID = e.id == e.containerID ? "" : e.id
+            guard let c = p.containers[e.containerID], let proc = c.processes[execID], proc.exit == nil else { return }
+            let at = e.hasExitedAt ? WallTime(seconds: e.exitedAt.seconds, nanos: e.exitedAt.nanos) : WallTime.now()
+            proc.exit = (Self.status(e.exitStatus), at)
+            finishIfDone(s, c, proc)
+        case "/tasks/oom":
+            guard let e = try? Containerd_Events_TaskOOM(serializedBytes: envelope.event.value) else { return }
+            events?.taskOOM(s, containerID: e.containerID)
+        default:
+            break
+        }
+    }
+
+    static func status(_ code: UInt32) -> ExitStatus {
+        code > 128 && code < 128 + 65 ? .signaled(Int32(code) - 128, coreDumped: false) : .exited(Int32(bitPattern: code))
+    }
+
+    /// Reports the exit (event, waiters) once it is known and the output is all out.
+    private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess) {
+        guard !proc.finished, let (status, at) = proc.exit, proc.bridge?.drained ?? true else { return }
+        proc.finished = true
+        events?.taskExited(s, containerID: c.id, execID: proc.execID, pid: proc.pid, status: status, at: at)
+        var resp = Containerd_Task_V2_WaitResponse()
+        resp.exitStatus = UInt32(bitPattern: status.code)
+        resp.exitedAt = Google_Protobuf_Timestamp(at)
+        let waiters = proc.waiters
+        proc.waiters.removeAll()
+        for (_, w) in waiters { w(.success(resp)) }
+        if proc.execID.isEmpty {
+            // The init is gone: so is every exec of the container (the guest killed them).
+            for other in c.processes.values where other !== proc && other.started && other.exit == nil {
+                other.exit = (.signaled(SIGKILL, coreDumped: false), at)
+                finishIfDone(s, c, other)
+            }
+        }
+    }
+
+    /// The VM is gone: every process still running ends with it (SIGKILL), after its
+    /// output so far.
+    func vmGone(_ s: Sandbox, _ p: VMPod, _ status: ExitStatus?) {
+        let now = WallTime.now()
+        for c in p.containers.values {
+            for proc in c.processes.values where proc.exit == nil && proc.started {
+                proc.exit = (.signaled(SIGKILL, coreDumped: false), now)
+                proc.bridge?.abandon()
+                finishIfDone(s, c, proc)
+            }
+        }
+    }
+
+    // MARK: the rest, forwarded
+
+    public func start(_ r: Containerd_Task_V2_StartRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws {
+        let p = try running(s)
+        let proc = try process(p, r.id, r.execID)
+        forward(p, "Start", r, as: Containerd_Task_V2_StartResponse.self) { [weak self] result in
+            if case .success(let resp) = result {
+                proc.started = true
+                proc.pid = resp.pid
+                self?.registry.save(s)
+            }
+            reply(result)
+        }
+    }
+
+    public func delete(_ r: Containerd_Task_V2_DeleteRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws {
+        let p = try running(s)
+        let c = try container(p, r.id)
+        let proc = try process(p, r.id, r.execID)
+        guard !proc.started || proc.finished else {
+            throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") is still running; kill it first")
+        }
+        forward(p, "Delete", r, as: Containerd_Task_V2_DeleteResponse.self) { [weak self] result in
+            guard let self else { return }
+            if case .success = result {
+                proc.bridge?.close()
+                if r.execID.isEmpty {
+                    for other in c.processes.values { other.bridge?.close() }
+                    p.containers[r.id] = nil
+                    self.unprepare(c)
+                } else {
+                    c.processes[r.execID] = nil
+                }
+                self.registry.save(s)
+            }
+            reply(result)
+        }
+    }
+
+    public func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let p = try running(s)
+        let c = try container(p, r.id)
+        try Identifier.validate(r.execID, what: "exec")
+        guard c.processes[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in container \(r.id)") }
+        let stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
+        var fwd = r
+        (fwd.stdin, fwd.stdout, fwd.stderr) = Self.streams(stdio)
+        let proc = VMProcess(execID: r.execID, stdio: stdio)
+        c.processes[r.execID] = proc
+        forward(p, "Exec", fwd, as: Google_Protobuf_Empty.self) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .failure(let e):
+                c.processes[r.execID] = nil
+                reply(.failure(e))
+            case .success:
+                self.bridge(s, p, c, proc)
+                reply(.success(()))
+            }
+        }
+    }
+
+    public func state(_ r: Containerd_Task_V2_StateRequest, in s: Sandbox) throws -> Containerd_Task_V2_StateResponse {
+        guard let p = podOf(s) else { throw RPCError(.notFound, "container \(r.id) not found") }
+        let c = try container(p, r.id)
+        let proc = try process(p, r.id, r.execID)
+        let status: Containerd_V1_Types_Status = proc.exit != nil ? .stopped : !proc.started ? .created : (proc.execID.isEmpty && c.paused) ? .paused : .running
+        return Containerd_Task_V2_StateResponse(r, bundle: c.bundle, pid: pid_t(proc.pid), status: status, stdio: proc.stdio, exit: proc.exit?.0, exitedAt: proc.exit?.1)
+    }
+
+    public func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
+        let p = try running(s)
+        _ = try container(p, r.id)
+        forward(p, "Pids", r, as: Containerd_Task_V2_PidsResponse.self, reply)
+    }
+
+    public func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let p = try running(s)
+        let c = try container(p, r.id)
+        forward(p, "Pause", r, as: Google_Protobuf_Empty.self) { result in
+            if case .success = result { c.paused = true }
+            reply(result.map { _ in () })
+        }
+    }
+
+    public func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let p = try running(s)
+        let c = try container(p, r.id)
+        forward(p, "Resume", r, as: Google_Protobuf_Empty.self) { result in
+            if case .success = result { c.paused = false }
+            reply(result.map { _ in () })
+        }
+    }
+
+    public func kill(_ r: Containerd_Task_V2_KillRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let p = try running(s)
+        _ = try process(p, r.id, r.execID)
+        forward(p, "Kill", r, as: Google_Protobuf_Empty.self) { reply($0.map { _ in () }) }
+    }
+
+    public func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in s: Sandbox) throws {
+        let p = try running(s)
+        _ = try process(p, r.id, r.execID)
+        forward(p, "ResizePty", r, as: Google_Protobuf_Empty.self) { [logger] result in
+            if case .failure(let e) = result { logger.warning("container \(r.id): resize its terminal: \(e.message)") }
+        }
+    }
+
+    public func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in s: Sandbox) throws {
+        let p = try running(s)
+        let proc = try process(p, r.id, r.execID)
+        guard r.stdin else { return }
+        proc.bridge?.closeStdin()
+    }
+
+    public func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws {
+        let p = try running(s)
+        _ = try container(p, r.id)
+        forward(p, "Update", r, as: Google_Protobuf_Empty.self) { reply($0.map { _ in () }) }
+    }
+
+    public func wait(_ r: Containerd_Task_V2_WaitRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? {
+        guard let p = podOf(s) else { throw RPCError(.notFound, "container \(r.id) not found") }
+        let proc = try process(p, r.id, r.execID)
+        if proc.finished, let (status, at) = proc.exit {
+            var resp = Containerd_Task_V2_WaitResponse()
+            resp.exitStatus = UInt32(bitPattern: status.code)
+            resp.exitedAt = Google_Protobuf_Timestamp(at)
+            reply(.success(resp))
+            return nil
+        }
+        let token = proc.nextWaiter
+        proc.nextWaiter += 1
+        proc.waiters.append((token, reply))
+        return { [weak proc] in proc?.waiters.removeAll { $0.0 == token } }
+    }
+
+    public func stats(_ r: Containerd_Task_V2_StatsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws {
+        let p = try running(s)
+        _ = try container(p, r.id)
+        forward(p, "Stats", r, as: Containerd_Task_V2_StatsResponse.self, reply)
+    }
+
+    public func taskPid(_ id: String, in s: Sandbox) -> UInt32 { podOf(s)?.containers[id]?.initProcess?.pid ?? 0 }
+
+    public func isEmpty(_ s: Sandbox) -> Bool { podOf(s)?.containers.isEmpty ?? true }
+
+    public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
+        guard let p = podOf(s), let agent = p.agent, !agent.isClosed else { done(); return }
+        let running = p.containers.values.compactMap { c in c.initProcess.flatMap { $0.started && $0.exit == nil ? c : nil } }
+        guard !running.isEmpty else { done(); return }
+        var finished = false
+        let finish = { if !finished { finished = true; done() } }
+        func allExited() -> Bool { running.allSatisfy { $0.initProcess?.exit != nil } }
+        func signal(_ sig: Int32) {
+            for c in running where c.initProcess?.exit == nil {
+                var k = Containerd_Task_V2_KillRequest()
+                k.id = c.id
+                k.signal = UInt32(sig)
+                k.all = true
+                agent.task("Kill", k, as: Google_Protobuf_Empty.self) { _ in }
+            }
+        }
+        signal(timeoutSecs == 0 ? SIGKILL : SIGTERM)
+        // Polled on the loop (cheap: a few containers) until every init's exit arrived.
+        func poll(_ deadline: UInt64, killed: Bool) {
+            if allExited() { finish(); return }
+            let now = MonotonicClock.nanoseconds()
+            if now >= deadline {
+                if killed { finish(); return }
+                signal(SIGKILL)
+                poll(now + 5_000_000_000, killed: true)
+                return
+            }
+            reactor.schedule(afterNS: 10_000_000) { poll(deadline, killed: killed) }
+        }
+        poll(MonotonicClock.nanoseconds() + UInt64(timeoutSecs) * 1_000_000_000, killed: timeoutSecs == 0)
+    }
+
+    public func killAll(in s: Sandbox) {
+        guard let p = podOf(s), let agent = p.agent, !agent.isClosed else { return }
+        for c in p.containers.values where c.initProcess?.started == true && c.initProcess?.exit == nil {
+            var k = Containerd_Task_V2_KillRequest()
+            k.id = c.id
+            k.signal = UInt32(SIGKILL)
+            k.all = true
+            agent.task("Kill", k, as: Google_Protobuf_Empty.self) { _ in }
+        }
+    }
+
+    public func release(_ s: Sandbox) {
+        guard let p = podOf(s) else { return }
+        for c in p.containers.values {
+            for proc in c.processes.values { proc.bridge?.close() }
+            unprepare(c)
+        }
+        p.containers.removeAll()
+        Mounts.unmountAll(under: p.spec.sharePath)
+    }
+}
