@@ -292,3 +292,70 @@ extension AllTests {
     }
 }
 }
+
+extension AllTests.VMSandboxTests {
+    /// `kill -9` of the daemon with two VM pods: QEMU outlives it; a container that exits
+    /// while no daemon runs is reported once by the next one, with the output it wrote
+    /// meanwhile; the other pod keeps serving.
+    @Test func vmPodsSurviveADaemonKillAndAnExitMeanwhileIsReportedOnce() throws {
+        try AllTests.PodTests.Node.with("vmrec", config: Self.config(), keep: true) { node in
+            let (pidA, addrA) = try node.runPod("ra", AllTests.PodTests.podConfig(hostname: "rec-a"), sandboxer: "kuasar-vm")
+            let (pidB, addrB) = try node.runPod("rb", AllTests.PodTests.podConfig(hostname: "rec-b"), sandboxer: "kuasar-vm")
+            let ba = try node.bundle("ra", pid: pidA, args: ["sleep", "300"])
+            let ioA = try FIFOs(ba, ["stdout"])
+            defer { ioA.close() }
+            let bb = try node.bundle("rb", pid: pidB, args: ["sh", "-c", "echo before; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo after; exit 7"])
+            let ioB = try FIFOs(bb, ["stdout"])
+            defer { ioB.close() }
+            do {
+                let ta = try OneShotClient(path: addrA)
+                defer { ta.close() }
+                _ = try Self.create(ta, "a", bundle: ba, ioA)
+                _ = try Self.start(ta, "a")
+                let tb = try OneShotClient(path: addrB)
+                defer { tb.close() }
+                _ = try Self.create(tb, "b", bundle: bb, ioB)
+                _ = try Self.start(tb, "b")
+            }
+            #expect(waitUntil(timeoutMS: 20_000) { ioB.read("stdout").contains("before") }, "b started")
+
+            let firstKeeper = try node.killAndRestart {
+                #expect(!processGone(pidA) && !processGone(pidB), "QEMU died with the daemon")
+                // While no daemon runs, b is told to finish (through an exec-free path:
+                // the file appears in its rootfs through the share).
+                let rootfs = node.root + "/rb/share/b/rootfs/tmp"
+                try makeDirectories(rootfs, mode: 0o1777)
+                try Files.write(rootfs + "/go", "", create: true)
+                usleep(1_500_000)
+            }
+            let ta = try OneShotClient(path: addrA)
+            defer { ta.close() }
+            let tb = try OneShotClient(path: addrB)
+            defer { tb.close() }
+            #expect(try Self.wait(tb, "b") == 7, "the exit while down is reported")
+            #expect(ioB.read("stdout") == "after\n", "the output written while no daemon ran arrives")
+            var state = Containerd_Task_V3_StateRequest()
+            state.id = "a"
+            #expect(try Self.call(ta, "State", state, Containerd_Task_V3_StateResponse.self).status == .running)
+            // Pod A still runs containers.
+            let ioE = try FIFOs(ba, ["exec"])
+            defer { ioE.close() }
+            var exec = Containerd_Task_V3_ExecProcessRequest()
+            exec.id = "a"
+            exec.execID = "x"
+            exec.stdout = ioE.path("exec")
+            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["hostname"], env: ["PATH=/bin"], cwd: "/"))
+            _ = try Self.call(ta, "Exec", exec, Google_Protobuf_Empty.self)
+            _ = try Self.start(ta, "a", exec: "x")
+            #expect(try Self.wait(ta, "a", exec: "x") == 0)
+            #expect(ioE.read("exec") == "rec-a\n")
+            try Self.delete(tb, "b")
+            try AllTests.TaskServerTests.shutdown(node, "ra", "kuasar-vm")
+            try AllTests.TaskServerTests.shutdown(node, "rb", "kuasar-vm")
+            #expect(waitUntil(timeoutMS: 10_000) { processGone(pidA) && processGone(pidB) })
+            #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
+            firstKeeper.log.close()
+        }
+    }
+}

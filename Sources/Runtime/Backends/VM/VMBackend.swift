@@ -195,6 +195,7 @@ public final class VMBackend: SandboxBackend {
                         self.agentLost(s, pod, e)
                     }
                     self.tasks.followEvents(s, pod)
+                    self.registry.save(s)
                     done(.success(()))
                 }
             }
@@ -285,19 +286,54 @@ public final class VMBackend: SandboxBackend {
         var state = pod.vm?.persistentState ?? [:]
         state["memory_mib"] = String(pod.spec.memoryMiB)
         state["vcpus"] = String(pod.spec.vcpus)
+        state["kernel"] = pod.spec.kernel
+        state["initrd"] = pod.spec.initrd
+        state.merge(tasks.persistentState(s)) { a, _ in a }
         return state
     }
 
     public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
-        // Re-attaching a VM after a daemon restart is not built yet: say so, and end it
-        // rather than leave a VM nobody serves.
-        if let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }),
-           ExitRecords.startTime(of: pid) == start, let fd = openPidfd(pid) {
-            logger.error("sandbox \(s.id): its VM (QEMU pid \(pid)) outlived the previous daemon; re-attaching VMs is not supported yet: it is killed")
-            try? sendSignal(pidfd: fd, SIGKILL)
-            _ = close(fd)
+        guard s.state == .ready, state["vmm_pid"] != nil else { return }
+        let accelerator = state["accelerator"].flatMap { Accelerator(rawValue: $0) } ?? .tcg
+        var spec = VMSpec(id: s.id, stateDir: s.stateDir, kernel: state["kernel"] ?? settings.kernel, initrd: state["initrd"] ?? settings.initrd,
+                          memoryMiB: state["memory_mib"].flatMap { UInt32($0) } ?? settings.memoryMiB, vcpus: state["vcpus"].flatMap { UInt32($0) } ?? settings.vcpus,
+                          accelerator: accelerator, sharePath: s.stateDir + "/share")
+        spec.kernelArgs = settings.kernelArgs
+        let pod = VMPod(spec: spec, setup: Kuasar_Agent_V1_SetupSandboxRequest())
+        tasks.restore(pod, from: state)
+        pods[s.id] = pod
+        s.taskBackend = tasks
+        hypervisor.recover(spec, state: state, exits: exits) { [weak self, weak s] result in
+            guard let self, let s else { return }
+            switch result {
+            case .failure(let e):
+                self.logger.warning("sandbox \(s.id): \(e.message)")
+                self.vmExited(s, pod, nil)
+            case .success(let vm):
+                pod.vm = vm
+                vm.onExit = { [weak self, weak s] status in
+                    guard let self, let s else { return }
+                    self.vmExited(s, pod, status)
+                }
+                let link = AgentLink(reactor: self.reactor, path: spec.agentSocket, namespace: s.namespace, logger: self.logger)
+                pod.agent = link
+                link.connect(deadline: MonotonicClock.nanoseconds() + 10_000_000_000, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
+                    guard let self else { return }
+                    switch r {
+                    case .failure(let e):
+                        self.logger.error("sandbox \(s.id): its VM was found again but its agent did not answer (\(e.message)): the VM is killed")
+                        vm.kill()
+                    case .success(let check):
+                        self.logger.info("sandbox \(s.id): VM re-attached (QEMU pid \(vm.pid), agent \(check.version))")
+                        link.onLost = { [weak self, weak s] e in
+                            guard let self, let s else { return }
+                            self.agentLost(s, pod, e)
+                        }
+                        self.tasks.reattach(s, pod)
+                    }
+                }
+            }
         }
-        onSandboxExit?(s, nil)
     }
 
     public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] {

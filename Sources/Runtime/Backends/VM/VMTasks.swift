@@ -253,10 +253,14 @@ public final class VMTasks: TaskBackend {
                 if e.code != .unavailable { self.logger.warning("sandbox \(s.id): agent events: \(e.message)") }
                 if e.code != .unavailable { self.reactor.schedule(afterNS: 100_000_000) { [weak self] in self?.followEvents(s, p) } }
             case .success(let batch):
+                var handled = false
                 for event in batch.events where event.seq > p.eventSeq {
                     p.eventSeq = event.seq
                     self.handle(s, p, event.envelope)
+                    handled = true
                 }
+                // Saved before the next poll acknowledges them to the agent.
+                if handled { self.registry.save(s) }
                 self.followEvents(s, p)
             }
         }
@@ -287,6 +291,7 @@ public final class VMTasks: TaskBackend {
     private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess) {
         guard !proc.finished, let (status, at) = proc.exit, proc.bridge?.drained ?? true else { return }
         proc.finished = true
+        registry.save(s)
         events?.taskExited(s, containerID: c.id, execID: proc.execID, pid: proc.pid, status: status, at: at)
         var resp = Containerd_Task_V2_WaitResponse()
         resp.exitStatus = UInt32(bitPattern: status.code)
@@ -504,6 +509,73 @@ public final class VMTasks: TaskBackend {
             k.all = true
             agent.task("Kill", k, as: Google_Protobuf_Empty.self) { _ in }
         }
+    }
+
+    // MARK: persistence
+
+    /// A container as the state file keeps it.
+    struct Record: Codable {
+        struct Process: Codable {
+            var execID: String
+            var pid: UInt32
+            var stdin: String
+            var stdout: String
+            var stderr: String
+            var terminal: Bool
+            var started: Bool
+            var exitStatus: UInt32?
+            var exitedAt: WallTime?
+            var finished: Bool
+        }
+        var id: String
+        var bundle: String
+        var mounts: [String]
+        var paused: Bool
+        var processes: [Process]
+    }
+
+    public func persistentState(_ s: Sandbox) -> [String: String] {
+        guard let p = podOf(s) else { return [:] }
+        let records = p.containers.values.sorted { $0.id < $1.id }.map { c in
+            Record(id: c.id, bundle: c.bundle, mounts: c.mounts, paused: c.paused, processes: c.processes.values.sorted { $0.execID < $1.execID }.map { proc in
+                Record.Process(execID: proc.execID, pid: proc.pid, stdin: proc.stdio.stdin, stdout: proc.stdio.stdout, stderr: proc.stdio.stderr,
+                               terminal: proc.stdio.terminal, started: proc.started, exitStatus: proc.exit.map { UInt32(bitPattern: $0.0.code) },
+                               exitedAt: proc.exit?.1, finished: proc.finished)
+            })
+        }
+        let json = (try? JSONEncoder().encode(records)).map { String(decoding: $0, as: UTF8.self) } ?? "[]"
+        return ["containers": json, "event_seq": String(p.eventSeq)]
+    }
+
+    /// The containers a previous daemon recorded (their bridges are made again once the
+    /// agent answers: `reattach`).
+    func restore(_ p: VMPod, from state: [String: String]) {
+        p.eventSeq = state["event_seq"].flatMap { UInt64($0) } ?? 0
+        guard let json = state["containers"], let records = try? JSONDecoder().decode([Record].self, from: Data(json.utf8)) else { return }
+        for r in records {
+            let c = VMContainer(id: r.id, bundle: r.bundle, shareDir: p.spec.sharePath + "/" + r.id)
+            c.mounts = r.mounts
+            c.paused = r.paused
+            for rp in r.processes {
+                let proc = VMProcess(execID: rp.execID, stdio: StdioPaths(stdin: rp.stdin, stdout: rp.stdout, stderr: rp.stderr, terminal: rp.terminal))
+                proc.pid = rp.pid
+                proc.started = rp.started
+                if let code = rp.exitStatus { proc.exit = (Self.status(code), rp.exitedAt) }
+                proc.finished = rp.finished
+                c.processes[rp.execID] = proc
+            }
+            p.containers[r.id] = c
+        }
+    }
+
+    /// After a restart, once the agent answers: output bridges for the processes whose
+    /// output had not all arrived, then the agent's events from where the last daemon
+    /// stopped (an exit in between is reported now, once).
+    func reattach(_ s: Sandbox, _ p: VMPod) {
+        for c in p.containers.values {
+            for proc in c.processes.values where !proc.finished { bridge(s, p, c, proc) }
+        }
+        followEvents(s, p)
     }
 
     public func release(_ s: Sandbox) {
