@@ -185,6 +185,21 @@ struct InfoCommand: ParsableCommand {
             let names = file.sandboxers.filter { $0.value == kind.rawValue }.keys.sorted()
             if !Backends.built.contains(kind.rawValue), let reason = kind.unavailableReason {
                 print("  \(kind.rawValue): not available: \(reason)")
+            } else if kind == .vm {
+                let v = file.vm
+                let usable: String
+                if access(v.qemu, X_OK) != 0 {
+                    usable = "not available: \(v.qemu) is not an executable file (Debian: apt-get install qemu-system-x86)"
+                } else if let missing = [v.kernel, v.initrd].first(where: { (path: String) in access(path, R_OK) != 0 }) {
+                    usable = "not available: the guest image file \(missing) is missing (make guest builds and installs it)"
+                } else {
+                    usable = "available"
+                }
+                print("  vm: \(usable); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", "))")
+                print("    hypervisor: qemu \(v.qemu): \(Self.firstLine(v.qemu, ["--version"]) ?? "no --version"); machine \(v.machine)")
+                let accel: (Accelerator, why: String) = v.accelerator == "auto" ? Accelerator.probed : (Accelerator(rawValue: v.accelerator) ?? .tcg, "[vm] accelerator = \"\(v.accelerator)\"")
+                print("    accelerator: \(accel.0.rawValue) (\(accel.why))")
+                print("    guest image: kernel \(v.kernel), initrd \(v.initrd); \(v.vcpus) vCPU, \(v.memoryMiB) MiB by default")
             } else {
                 print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
             }
