@@ -96,7 +96,7 @@ enum PodBenchmark {
     }
 
     /// Untimed: what containerd does when the pod goes away.
-    static func removePod(_ grpc: GRPCClient, _ tasks: OneShotClient, id: String) {
+    static func removePod(_ grpc: GRPCClient, _ tasks: OneShotClient, id: String, sandboxer: String = "kuasar") {
         var k = Containerd_Task_V3_KillRequest()
         k.id = id + "-c"
         k.signal = 9
@@ -110,7 +110,7 @@ enum PodBenchmark {
         tasks.close()
         var s = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
         s.sandboxID = id
-        s.sandboxer = "kuasar"
+        s.sandboxer = sandboxer
         _ = try? grpc.call(controller, "Shutdown", s, as: Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self, metadata: md)
     }
 

@@ -9,6 +9,7 @@ import Runtime
 ///   kuasar-perf external [--runs N]     container lifecycle with runc/crun under the daemon vs the runtime's own commands vs our engine
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
 ///   kuasar-perf agent [--boots N] [--runs N]  guest boot to agent-ready vs a /init that prints a line; container lifecycle in the guest vs on the host
+///   kuasar-perf vm [--boots N] [--pods N]  VM pod ready + first container vs raw QEMU to a /init, same command line; PSS at 1 and N pods
 ///   kuasar-perf all                     all of them
 ///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
 let args = CommandLine.arguments
@@ -47,6 +48,8 @@ case "container":
     try ContainerBenchmark.run(count: Int(option("--runs", default: 200)), pods: [1, 100], executable: me)
 case "agent":
     try AgentBenchmark.run(boots: Int(option("--boots", default: 5)), lifecycles: Int(option("--runs", default: 30)))
+case "vm":
+    try VMBenchmark.run(boots: Int(option("--boots", default: 8)), pods: Int(option("--pods", default: 10)))
 case "external":
     try ExternalBenchmark.run(runs: Int(option("--runs", default: 100)))
 case "pod":

@@ -33,16 +33,37 @@ final class AgentLink {
         self.logger = logger
     }
 
+    /// The Check loop under way: one `done` for however many tries are in flight.
+    private var pending: (deadline: UInt64, alive: () -> Bool, done: (Result<Kuasar_Agent_V1_CheckResponse, RPCError>) -> Void)?
+
     /// Calls Check until the agent answers. A guest that has not opened its port yet
-    /// drops what we send, so each try is a fresh call with a short deadline; `alive`
-    /// says whether waiting still makes sense (the VMM runs).
+    /// drops what we send, so each try is a fresh call with a short deadline; `kick`
+    /// (the VMM saw the guest open the port) sends one at once. `alive` says whether
+    /// waiting still makes sense (the VMM runs).
     func connect(deadline: UInt64, alive: @escaping () -> Bool, done: @escaping (Result<Kuasar_Agent_V1_CheckResponse, RPCError>) -> Void) {
-        guard !isClosed, alive() else {
-            done(.failure(RPCError(.unavailable, "the VM exited before its agent answered")))
+        pending = (deadline, alive, done)
+        attempt()
+    }
+
+    /// The guest opened its end: try now rather than at the next retry.
+    func kick() {
+        if pending != nil { attempt() }
+    }
+
+    private func finish(_ r: Result<Kuasar_Agent_V1_CheckResponse, RPCError>) {
+        guard let p = pending else { return }
+        pending = nil
+        p.done(r)
+    }
+
+    private func attempt() {
+        guard let p = pending else { return }
+        guard !isClosed, p.alive() else {
+            finish(.failure(RPCError(.unavailable, "the VM exited before its agent answered")))
             return
         }
-        guard MonotonicClock.nanoseconds() < deadline else {
-            done(.failure(RPCError(.deadlineExceeded, "the guest agent did not answer on \(path)")))
+        guard MonotonicClock.nanoseconds() < p.deadline else {
+            finish(.failure(RPCError(.deadlineExceeded, "the guest agent did not answer on \(path)")))
             return
         }
         if client == nil || client?.isClosed == true {
@@ -50,18 +71,18 @@ final class AgentLink {
             client?.onClose = { [weak self] e in self?.lost(e) }
         }
         guard let client else {
-            reactor.schedule(afterNS: 10_000_000) { [weak self] in self?.connect(deadline: deadline, alive: alive, done: done) }
+            reactor.schedule(afterNS: 10_000_000) { [weak self] in self?.attempt() }
             return
         }
         client.unary(service: Self.agent, method: "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self,
                      timeoutNS: 300_000_000) { [weak self] r in
-            guard let self else { return }
+            guard let self, self.pending != nil else { return }
             switch r {
             case .success(let c):
                 self.check = c
-                done(.success(c))
+                self.finish(.success(c))
             case .failure:
-                self.reactor.schedule(afterNS: 20_000_000) { [weak self] in self?.connect(deadline: deadline, alive: alive, done: done) }
+                self.reactor.schedule(afterNS: 20_000_000) { [weak self] in self?.attempt() }
             }
         }
     }

@@ -72,6 +72,10 @@ public protocol VirtualMachine: AnyObject {
     var onExit: ((ExitStatus?) -> Void)? { get set }
     var hasExited: Bool { get }
 
+    /// Runs when the guest opens the agent's port (at once if it has), for VMMs that can
+    /// tell; others never call it and the host's tries find the agent anyway.
+    var onAgentPortOpen: (() -> Void)? { get set }
+
     /// The VMM's own view (QMP query-status: "running", "paused", "shutdown", …).
     func status(_ done: @escaping (Result<String, RPCError>) -> Void)
     /// Asks the guest to power off (ACPI), then ends the VMM (quit, then SIGKILL) once

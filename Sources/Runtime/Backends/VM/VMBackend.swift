@@ -171,6 +171,10 @@ public final class VMBackend: SandboxBackend {
     private func connectAgent(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<Void, RPCError>) -> Void) {
         let link = AgentLink(reactor: reactor, path: pod.spec.agentSocket, namespace: s.namespace, logger: logger)
         pod.agent = link
+        pod.vm?.onAgentPortOpen = { [weak link, weak pod] in
+            pod?.mark("port")
+            link?.kick()
+        }
         link.connect(deadline: deadline, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
             guard let self else { return }
             switch r {

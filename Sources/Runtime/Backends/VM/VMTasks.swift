@@ -159,7 +159,9 @@ public final class VMTasks: TaskBackend {
             guard let rootPath = spec.root?.path, !rootPath.isEmpty else { throw SpecError("root.path", "required") }
             let source = rootPath.hasPrefix("/") ? rootPath : c.bundle + "/" + rootPath
             guard Files.isDirectory(source) else { throw RPCError(.invalidArgument, "root.path \(source) is not a directory (and containerd passed no rootfs mounts)") }
-            try RootfsMounts.mount("bind", source: source, options: ["rbind"] + (spec.root?.readonly == true ? ["ro"] : []), at: rootTarget)
+            // Bound writable: the guest's engine makes its mount points in it first and then
+            // turns it read-only itself when root.readonly says so.
+            try RootfsMounts.mount("bind", source: source, options: ["rbind"], at: rootTarget)
             c.mounts.append(rootTarget)
         }
         var out = spec

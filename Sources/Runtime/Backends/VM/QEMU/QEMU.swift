@@ -79,7 +79,9 @@ public final class QEMU: Hypervisor {
 
     /// QEMU's argv for `spec` (argv[0] included). A comma in a path is doubled, as QEMU's
     /// option syntax wants.
-    public func arguments(_ spec: VMSpec) -> [String] {
+    public func arguments(_ spec: VMSpec) -> [String] { Self.arguments(binary: binary, machine: machine, spec) }
+
+    public static func arguments(binary: String, machine: Machine, _ spec: VMSpec) -> [String] {
         func esc(_ s: String) -> String { s.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
         let pci = machine == .q35
         var a = [binary, "-name", "kuasar-\(spec.id)"]
@@ -92,11 +94,11 @@ public final class QEMU: Hypervisor {
               "-m", String(spec.memoryMiB), "-smp", String(spec.vcpus),
               "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
               "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-              "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", Self.kernelCommandLine(spec),
+              "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", kernelCommandLine(spec),
               "-chardev", "socket,id=con,path=\(esc(spec.consoleSocket)),server=on,wait=off", "-serial", "chardev:con",
               "-chardev", "socket,id=agent,path=\(esc(spec.agentSocket)),server=on,wait=off",
               "-device", pci ? "virtio-serial-pci,id=vser" : "virtio-serial-device,id=vser",
-              "-device", "virtserialport,chardev=agent,name=agent",
+              "-device", "virtserialport,chardev=agent,name=agent,id=agentport",
               "-fsdev", "local,id=share,path=\(esc(spec.sharePath)),security_model=passthrough,multidevs=remap",
               "-device", (pci ? "virtio-9p-pci" : "virtio-9p-device") + ",fsdev=share,mount_tag=\(spec.shareTag)"]
         if spec.tapFD != nil {
@@ -175,6 +177,10 @@ final class QEMUMachine: VirtualMachine {
     var exitStatus: ExitStatus?
     private(set) var hasExited = false
     var onExit: ((ExitStatus?) -> Void)?
+    private var agentPortOpen = false
+    var onAgentPortOpen: (() -> Void)? {
+        didSet { if agentPortOpen { onAgentPortOpen?() } }
+    }
     private var exitWaiters: [() -> Void] = []
     var accelerator: Accelerator { spec.accelerator }
 
@@ -210,6 +216,12 @@ final class QEMUMachine: VirtualMachine {
         qmp = client
         client.onEvent = { [weak self] event, data in
             guard let self else { return }
+            // The guest opened the agent's virtio-serial port: it is about to serve.
+            if event == "VSERPORT_CHANGE", data["id"]?.stringValue == "agentport" {
+                self.agentPortOpen = data["open"]?.boolValue == true
+                if self.agentPortOpen { self.onAgentPortOpen?() }
+                return
+            }
             self.driver.logger.info("sandbox \(self.spec.id): QEMU event \(event) \(data.text.prefix(200))")
         }
         client.handshake(timeoutNS: driver.controlTimeoutNS) { [self] r in
