@@ -144,7 +144,7 @@ extension AllTests {
                 #expect(unknown == .invalidArgument && why.contains("kuasar, kuasar-vm, toy"), "\(why)")
                 // A kind this daemon was built without: FailedPrecondition with the reason.
                 let (missing, reason) = Self.code { try Self.create(c, "pod-vm", "kuasar-vm") }
-                #expect(missing == .failedPrecondition && reason.contains("\"vm\"") && reason.contains("not implemented"), "\(reason)")
+                #expect(missing == .failedPrecondition && reason.contains("\"vm\"") && reason.contains("does not have"), "\(reason)")
                 // A kind's failed Create leaves nothing registered.
                 let (failed, _) = Self.code { try Self.create(c, "pod-fails", "toy", labels: ["fail": "1"]) }
                 #expect(failed == .internal)

@@ -27,17 +27,10 @@ extension AllTests {
         let pid: pid_t
         private(set) var client: OneShotClient?
 
-        static func hostKHz() -> Int {
-            let info = (try? Files.readString("/proc/cpuinfo")) ?? ""
-            for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
-                if let v = Double(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) { return Int(v * 1000) }
-            }
-            return 2_000_000
-        }
-
         static func arguments(image: String, console: String, channel: String, share: String, extraAppend: String = "") -> [String] {
-            let khz = hostKHz()
-            let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list random.trust_cpu=on kuasar.channel=serial://agent" + extraAppend
+            // The guest kernel's command line is the QEMU driver's own.
+            let spec = VMSpec(id: "test", stateDir: "/", kernel: "", initrd: "", memoryMiB: 256, vcpus: 2, accelerator: .tcg, sharePath: share)
+            let append = QEMU.kernelCommandLine(spec) + extraAppend
             return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "256", "-smp", "2",
                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + console,
                     "-kernel", image + "/vmlinux", "-initrd", image + "/initrd.lz4", "-append", append,

@@ -39,18 +39,10 @@ enum AgentBenchmark {
         var vmlinuxBytes: Int
     }
 
-    static func hostKHz() -> Int {
-        let info = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
-        for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
-            if let v = Double(line.split(separator: ":").last!.trimmingCharacters(in: .whitespaces)) { return Int(v * 1000) }
-        }
-        return 2_000_000
-    }
-
     /// The command line of ../shared/MACHINE.md's fastest TCG boot, with the agent's devices.
     static func qemu(initrd: String, image: String, console: String, channel: String, share: String) -> [String] {
-        let khz = hostKHz()
-        let append = "console=ttyS0 quiet panic=-1 tsc_early_khz=\(khz) lpj=\(khz * 1000 / 250) init_on_alloc=0 cryptomgr.notests=1 mitigations=off loglevel=0 nokaslr no_timer_check tsc=reliable lsm=capability audit=0 initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list random.trust_cpu=on kuasar.channel=serial://agent"
+        // The guest kernel's command line is the QEMU driver's own.
+        let append = QEMU.kernelCommandLine(VMSpec(id: "perf", stateDir: "/", kernel: "", initrd: "", memoryMiB: 128, vcpus: 2, accelerator: .tcg, sharePath: share))
         return ["qemu-system-x86_64", "-M", "microvm,pic=off,pit=off", "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "128", "-smp", "2",
                 "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:" + console,
                 "-kernel", image + "/vmlinux", "-initrd", initrd, "-append", append,
