@@ -108,6 +108,18 @@ extension AllTests {
         _ = try call(t, "Delete", d, Containerd_Task_V3_DeleteResponse.self)
     }
 
+    /// Exec of `args` with stdout on `fifo`, started.
+    static func exec(_ t: OneShotClient, _ id: String, _ execID: String, _ args: [String], stdout fifo: String) throws {
+        var exec = Containerd_Task_V3_ExecProcessRequest()
+        exec.id = id
+        exec.execID = execID
+        exec.stdout = fifo
+        exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+        exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: args, env: ["PATH=/bin"], cwd: "/"))
+        _ = try call(t, "Exec", exec, Google_Protobuf_Empty.self)
+        _ = try start(t, id, exec: execID)
+    }
+
     static func qemuProcesses(mentioning text: String) -> [pid_t] {
         Files.list("/proc").compactMap { name in
             guard let pid = pid_t(name), let cmd = try? Files.read("/proc/\(name)/cmdline") else { return nil }
@@ -150,14 +162,7 @@ extension AllTests {
             // An exec in the same container, with its own FIFO.
             let ioE = try FIFOs(b1, ["exec-out"])
             defer { ioE.close() }
-            var exec = Containerd_Task_V3_ExecProcessRequest()
-            exec.id = "c1"
-            exec.execID = "e1"
-            exec.stdout = ioE.path("exec-out")
-            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["sh", "-c", "echo exec sees $(cat /etc/hostname); exit 4"], env: ["PATH=/bin"], cwd: "/"))
-            _ = try Self.call(t, "Exec", exec, Google_Protobuf_Empty.self)
-            _ = try Self.start(t, "c1", exec: "e1")
+            try Self.exec(t, "c1", "e1", ["sh", "-c", "echo exec sees $(cat /etc/hostname); exit 4"], stdout: ioE.path("exec-out"))
             #expect(try Self.wait(t, "c1", exec: "e1") == 4)
             #expect(ioE.read("exec-out") == "exec sees vm-pod\n")
             try Self.delete(t, "c1", exec: "e1")
@@ -340,14 +345,7 @@ extension AllTests.VMSandboxTests {
             // Pod A still runs containers.
             let ioE = try FIFOs(ba, ["exec"])
             defer { ioE.close() }
-            var exec = Containerd_Task_V3_ExecProcessRequest()
-            exec.id = "a"
-            exec.execID = "x"
-            exec.stdout = ioE.path("exec")
-            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: ["hostname"], env: ["PATH=/bin"], cwd: "/"))
-            _ = try Self.call(ta, "Exec", exec, Google_Protobuf_Empty.self)
-            _ = try Self.start(ta, "a", exec: "x")
+            try Self.exec(ta, "a", "x", ["hostname"], stdout: ioE.path("exec"))
             #expect(try Self.wait(ta, "a", exec: "x") == 0)
             #expect(ioE.read("exec") == "rec-a\n")
             try Self.delete(tb, "b")

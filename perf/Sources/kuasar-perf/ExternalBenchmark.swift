@@ -52,22 +52,10 @@ enum ExternalBenchmark {
         for (name, _) in runtimes { config += "kuasar-\(name) = \"oci:\(name)\"\n" }
         for (name, path) in runtimes { config += "[runtimes.\(name)]\npath = \"\(path)\"\n" }
         try config.write(toFile: work + "/config.toml", atomically: true, encoding: .utf8)
-        let logFD = open(work + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let spawned = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "daemon", "--root", root, "--socket", socket, "--config", work + "/config.toml",
-                                                                                   "--on-exit", "stop", "--log-level", "error"], fdMap: [(logFD, 2)]))
-        close(logFD)
-        let keeperPID = spawned.pid, keeperPidfd = spawned.pidfd.take()
-        defer {
-            _ = try? sendSignal(pidfd: keeperPidfd, SIGTERM)
-            _ = waitpid(keeperPID, nil, 0)
-            close(keeperPidfd)
-        }
-        var daemonPID: pid_t = 0
-        for _ in 0..<500 {
-            if let p = Daemon.pid(root: root), access(socket, F_OK) == 0 { daemonPID = p; break }
-            usleep(10_000)
-        }
-        let grpc = try GRPCClient(path: socket)
+        let daemon = try PodBenchmark.DaemonProcess(kuasar: kuasar, root: root, socket: socket, config: work + "/config.toml", log: work + "/daemon.log", level: "error")
+        defer { daemon.stop() }
+        let daemonPID = daemon.pid
+        let grpc = daemon.grpc
         defer { grpc.close() }
 
         /// Create + Start + Wait + Delete of one container on the pod's Task API.

@@ -62,6 +62,33 @@ enum PodBenchmark {
         return nil
     }
 
+    /// The real daemon on `root` with the config file `config`, `--on-exit stop`; `stop()`
+    /// ends it (SIGTERM to its keeper) and waits.
+    final class DaemonProcess {
+        let keeperPID: pid_t
+        let keeperPidfd: Int32
+        private(set) var pid: pid_t = 0
+        let grpc: GRPCClient
+        init(kuasar: String, root: String, socket: String, config: String, log: String, level: String) throws {
+            let logFD = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            let spawned = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "daemon", "--root", root, "--socket", socket, "--config", config,
+                                                                                       "--on-exit", "stop", "--log-level", level], fdMap: [(logFD, 2)]))
+            close(logFD)
+            keeperPID = spawned.pid
+            keeperPidfd = spawned.pidfd.take()
+            for _ in 0..<500 {
+                if let p = Daemon.pid(root: root), access(socket, F_OK) == 0 { pid = p; break }
+                usleep(10_000)
+            }
+            grpc = try GRPCClient(path: socket)
+        }
+        func stop() {
+            _ = try? sendSignal(pidfd: keeperPidfd, SIGTERM)
+            _ = waitpid(keeperPID, nil, 0)
+            close(keeperPidfd)
+        }
+    }
+
     /// One pod: the four calls containerd makes; returns per-call ms.
     static func startPod(_ grpc: GRPCClient, id: String, bundle: String) throws -> (total: Double, phases: [String: Double], tasks: OneShotClient) {
         var phases: [String: Double] = [:]

@@ -114,23 +114,13 @@ enum VMBenchmark {
 
         """
         try config.write(toFile: work + "/config.toml", atomically: true, encoding: .utf8)
-        let logFD = open(work + "/daemon.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        let spawned = try Spawner.spawn(ProcessSpec(executable: kuasar, arguments: ["kuasar", "daemon", "--root", root, "--socket", socket, "--config", work + "/config.toml",
-                                                                                   "--on-exit", "stop", "--log-level", "warning"], fdMap: [(logFD, 2)]))
-        close(logFD)
-        let keeperPID = spawned.pid, keeperPidfd = spawned.pidfd.take()
+        let daemon = try PodBenchmark.DaemonProcess(kuasar: kuasar, root: root, socket: socket, config: work + "/config.toml", log: work + "/daemon.log", level: "warning")
         defer {
-            _ = try? sendSignal(pidfd: keeperPidfd, SIGTERM)
-            _ = waitpid(keeperPID, nil, 0)
-            close(keeperPidfd)
+            daemon.stop()
             ContainerBenchmark.shIgnoringFailure("rm -rf \(work)")
         }
-        var daemonPID: pid_t = 0
-        for _ in 0..<500 {
-            if let p = Daemon.pid(root: root), access(socket, F_OK) == 0 { daemonPID = p; break }
-            usleep(10_000)
-        }
-        let grpc = try GRPCClient(path: socket)
+        let daemonPID = daemon.pid
+        let grpc = daemon.grpc
 
         func startPod(_ id: String) throws -> (ready: Double, container: Double, tasks: OneShotClient, qemu: pid_t) {
             let t0 = MonotonicClock.nanoseconds()
@@ -188,6 +178,7 @@ enum VMBenchmark {
         // Memory: QEMU's PSS (the guest's RAM it touched, QEMU itself) and the daemon's growth.
         var memory: [Memory] = []
         let base = pss(daemonPID)
+        log("vm: daemon pid \(daemonPID), PSS \(base) kB before the pods")
         var running: [(String, OneShotClient, pid_t)] = []
         for n in 1...max(1, pods) {
             let id = "m\(n)"
