@@ -41,9 +41,12 @@ public final class QMPClient {
         self.reactor = reactor
         self.logger = logger
         connection = Connection(reactor: reactor, fd: fd)
-        connection.onRead = { [unowned self] _, bytes in self.received(bytes) }
+        // An answer's handler may drop the client's last owner: it lives until the handler returned.
+        connection.onRead = { [unowned self] _, bytes in withExtendedLifetime(self) { self.received(bytes) } }
         connection.onClose = { [unowned self] _, error in
-            self.teardown(Failure(errorClass: "Disconnected", desc: error.map { "QMP connection lost: \($0)" } ?? "QMP connection closed"))
+            withExtendedLifetime(self) {
+                self.teardown(Failure(errorClass: "Disconnected", desc: error.map { "QMP connection lost: \($0)" } ?? "QMP connection closed"))
+            }
         }
         try connection.start()
     }
@@ -57,14 +60,15 @@ public final class QMPClient {
     public func handshake(timeoutNS: UInt64, done: @escaping (Result<JSONValue, Failure>) -> Void) {
         if let greeting, greeted { done(.success(greeting)); return }
         if isClosed { done(.failure(Failure(errorClass: "Disconnected", desc: "QMP connection closed before its greeting"))); return }
-        var answered = false
-        let once: (Result<JSONValue, Failure>) -> Void = { r in
-            guard !answered else { return }
-            answered = true
+        var timer: TimerID?
+        let once: (Result<JSONValue, Failure>) -> Void = { [reactor] r in
+            guard let t = timer else { return }
+            timer = nil
+            reactor.cancel(t)
             done(r)
         }
         readyWaiters.append(once)
-        reactor.schedule(afterNS: timeoutNS) { once(.failure(Failure(errorClass: "Timeout", desc: "no QMP greeting within \(timeoutNS / 1_000_000) ms"))) }
+        timer = reactor.schedule(afterNS: timeoutNS) { once(.failure(Failure(errorClass: "Timeout", desc: "no QMP greeting within \(timeoutNS / 1_000_000) ms"))) }
     }
 
     /// Runs `command` with `arguments`; `done` gets its `return` member or its `error`.
@@ -93,7 +97,7 @@ public final class QMPClient {
 
     private func received(_ bytes: UnsafeRawBufferPointer) {
         buffer.append(contentsOf: bytes)
-        while let nl = buffer.firstIndex(of: 10) {
+        while !isClosed, let nl = buffer.firstIndex(of: 10) {
             let line = buffer[..<nl]
             defer { buffer.removeSubrange(...nl) }
             guard line.contains(where: { $0 != 13 && $0 != 32 }) else { continue }

@@ -29,13 +29,19 @@ public final class TTRPCClient {
         self.reactor = reactor
         self.logger = logger
         connection = Connection(reactor: reactor, fd: fd)
+        // A completion may drop the client's last owner (its owner closes it on an answer):
+        // the client lives until its handler has returned.
         connection.onRead = { [unowned self] _, bytes in
-            self.decoder.append(bytes)
-            while let item = self.decoder.next() { self.handle(item) }
+            withExtendedLifetime(self) {
+                self.decoder.append(bytes)
+                while !self.isClosed, let item = self.decoder.next() { self.handle(item) }
+            }
         }
         connection.onClose = { [unowned self] _, error in
-            if let error { self.closeReason = RPCError(.unavailable, "connection lost: \(error)") }
-            self.teardown()
+            withExtendedLifetime(self) {
+                if let error { self.closeReason = RPCError(.unavailable, "connection lost: \(error)") }
+                self.teardown()
+            }
         }
         try connection.start()
     }

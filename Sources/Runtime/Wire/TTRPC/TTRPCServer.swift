@@ -110,16 +110,22 @@ final class TTRPCServerConnection {
     }
 
     func start() {
+        // A handler may end the connection (and the server drop it): it lives until the
+        // handler has returned.
         connection.onRead = { [unowned self] _, bytes in
-            if self.ending { return }
-            self.decoder.append(bytes)
-            self.connection.cork()
-            defer { self.connection.uncork() }
-            while !self.closed, !self.ending, let item = self.decoder.next() { self.handle(item) }
+            withExtendedLifetime(self) {
+                if self.ending { return }
+                self.decoder.append(bytes)
+                self.connection.cork()
+                defer { self.connection.uncork() }
+                while !self.closed, !self.ending, let item = self.decoder.next() { self.handle(item) }
+            }
         }
         connection.onClose = { [unowned self] _, error in
-            if let error { self.server.logger.debug("ttrpc connection closed: \(error)") }
-            self.teardown()
+            withExtendedLifetime(self) {
+                if let error { self.server.logger.debug("ttrpc connection closed: \(error)") }
+                self.teardown()
+            }
         }
         do {
             try connection.start()
