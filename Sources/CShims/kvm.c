@@ -6,13 +6,10 @@
 #include <errno.h>
 #include <stdio.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 #include "CShims.h"
@@ -51,45 +48,20 @@ static int probe_child(void) {
     return P_OK;
 }
 
-int ks_kvm_probe(int timeout_ms, char *why, size_t why_len) {
-    if (access("/dev/kvm", R_OK | W_OK) != 0) {
-        snprintf(why, why_len, "/dev/kvm: %s", strerror(errno));
-        return 0;
-    }
+pid_t ks_kvm_probe_fork(void) {
     pid_t pid = fork();
-    if (pid < 0) {
-        snprintf(why, why_len, "fork: %s", strerror(errno));
-        return 0;
-    }
     if (pid == 0) _exit(probe_child());
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
-    int status = 0;
-    for (;;) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid) break;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-        if (r < 0 || elapsed > timeout_ms) {
-            kill(pid, SIGKILL);
-            waitpid(pid, &status, 0);
-            snprintf(why, why_len, "a test guest did not reach its marker within %d ms", timeout_ms);
-            return 0;
-        }
-        usleep(1000);
-    }
-    if (!WIFEXITED(status)) {
-        snprintf(why, why_len, "the probe died of signal %d", WTERMSIG(status));
-        return 0;
-    }
+    return pid;
+}
+
+int ks_kvm_probe_describe(int exit_code, char *why, size_t why_len) {
     static const char *const steps[] = {"open /dev/kvm", "KVM API version is not 12", "KVM_CREATE_VM", "guest memory", "KVM_CREATE_VCPU",
                                         "KVM_GET_VCPU_MMAP_SIZE", "setting vCPU registers", "KVM_RUN", "the test guest did not write its marker (wrong exit)"};
-    int code = WEXITSTATUS(status);
-    if (code == P_OK) {
+    if (exit_code == P_OK) {
         snprintf(why, why_len, "a test guest ran to its marker");
         return 1;
     }
-    if (code >= P_OPEN && code <= P_EXIT) snprintf(why, why_len, "%s failed", steps[code - P_OPEN]);
-    else snprintf(why, why_len, "the probe exited %d", code);
+    if (exit_code >= P_OPEN && exit_code <= P_EXIT) snprintf(why, why_len, "%s failed", steps[exit_code - P_OPEN]);
+    else snprintf(why, why_len, "the probe exited %d", exit_code);
     return 0;
 }

@@ -187,17 +187,10 @@ struct InfoCommand: ParsableCommand {
                 print("  \(kind.rawValue): not available: \(reason)")
             } else if kind == .vm {
                 let v = file.vm
-                let usable: String
-                if access(v.qemu, X_OK) != 0 {
-                    usable = "not available: \(v.qemu) is not an executable file (Debian: apt-get install qemu-system-x86)"
-                } else if let missing = [v.kernel, v.initrd].first(where: { (path: String) in access(path, R_OK) != 0 }) {
-                    usable = "not available: the guest image file \(missing) is missing (make guest builds and installs it)"
-                } else {
-                    usable = "available"
-                }
-                print("  vm: \(usable); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", "))")
-                print("    hypervisor: qemu \(v.qemu): \(Self.firstLine(v.qemu, ["--version"]) ?? "no --version"); machine \(v.machine)")
-                let accel: (Accelerator, why: String) = v.accelerator == "auto" ? Accelerator.probed : (Accelerator(rawValue: v.accelerator) ?? .tcg, "[vm] accelerator = \"\(v.accelerator)\"")
+                let why = QEMU.unavailableReason(binary: v.qemu) ?? VMBackend.missingImage(kernel: v.kernel, initrd: v.initrd)
+                print("  vm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", "))")
+                print("    hypervisor: qemu \(v.qemu): \(Spawner.firstLine(v.qemu, ["--version"]) ?? "no --version"); machine \(v.machine)")
+                let accel = Accelerator.chosen(by: v.accelerator)
                 print("    accelerator: \(accel.0.rawValue) (\(accel.why))")
                 print("    guest image: kernel \(v.kernel), initrd \(v.initrd); \(v.vcpus) vCPU, \(v.memoryMiB) MiB by default")
             } else {
@@ -212,33 +205,13 @@ struct InfoCommand: ParsableCommand {
                 print("  \(name): not usable: \(r.path) is not an executable file; \(used)")
                 continue
             }
-            let version = Self.firstLine(r.path, ["--version"])
-            let features = Self.output(r.path, ["features"])
+            let version = Spawner.firstLine(r.path, ["--version"])
+            let features = Spawner.output(r.path, ["features"])
             let spec = (features.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) } as? [String: Any])?["ociVersionMax"] as? String
             print("  \(name): usable: \(version ?? "(no --version)"); \(spec.map { "features: spec up to \($0)" } ?? "no features command"); \(used)")
         }
     }
 
-    /// A command's stdout when it exits 0 (the CLI may wait: it is not the daemon's loop).
-    static func output(_ path: String, _ args: [String]) -> String? {
-        guard let pipe = try? makePipe(nonBlocking: false) else { return nil }
-        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
-        defer { close(null) }
-        guard let child = try? Spawner.spawn(ProcessSpec(executable: path, arguments: [path] + args, fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)])) else {
-            pipe.first.close()
-            pipe.second.close()
-            return nil
-        }
-        pipe.second.close()
-        let bytes = (try? pipe.first.readExactly(1 << 20)) ?? []
-        pipe.first.close()
-        guard (try? Spawner.wait(child)) == .exited(0) else { return nil }
-        return String(decoding: bytes, as: UTF8.self)
-    }
-
-    static func firstLine(_ path: String, _ args: [String]) -> String? {
-        output(path, args)?.split(separator: "\n").first.map(String.init)
-    }
 }
 
 /// Options every client command shares.

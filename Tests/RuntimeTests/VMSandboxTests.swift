@@ -333,25 +333,34 @@ extension AllTests.VMSandboxTests {
                 try Files.write(rootfs + "/go", "", create: true)
                 usleep(1_500_000)
             }
-            let ta = try OneShotClient(path: addrA)
-            defer { ta.close() }
-            let tb = try OneShotClient(path: addrB)
-            defer { tb.close() }
-            #expect(try Self.wait(tb, "b") == 7, "the exit while down is reported")
-            #expect(ioB.read("stdout") == "after\n", "the output written while no daemon ran arrives")
-            var state = Containerd_Task_V3_StateRequest()
-            state.id = "a"
-            #expect(try Self.call(ta, "State", state, Containerd_Task_V3_StateResponse.self).status == .running)
-            // Pod A still runs containers.
-            let ioE = try FIFOs(ba, ["exec"])
-            defer { ioE.close() }
-            try Self.exec(ta, "a", "x", ["hostname"], stdout: ioE.path("exec"))
-            #expect(try Self.wait(ta, "a", exec: "x") == 0)
-            #expect(ioE.read("exec") == "rec-a\n")
-            try Self.delete(tb, "b")
-            try AllTests.TaskServerTests.shutdown(node, "ra", "kuasar-vm")
-            try AllTests.TaskServerTests.shutdown(node, "rb", "kuasar-vm")
-            #expect(waitUntil(timeoutMS: 10_000) { processGone(pidA) && processGone(pidB) })
+            // The first keeper lives on until its orphans (the VMs) are gone: waited for
+            // whatever happens below.
+            do {
+                let ta = try OneShotClient(path: addrA)
+                defer { ta.close() }
+                let tb = try OneShotClient(path: addrB)
+                defer { tb.close() }
+                #expect(try Self.wait(tb, "b") == 7, "the exit while down is reported")
+                #expect(ioB.read("stdout") == "after\n", "the output written while no daemon ran arrives")
+                var state = Containerd_Task_V3_StateRequest()
+                state.id = "a"
+                #expect(try Self.call(ta, "State", state, Containerd_Task_V3_StateResponse.self).status == .running)
+                // Pod A still runs containers.
+                let ioE = try FIFOs(ba, ["exec"])
+                defer { ioE.close() }
+                try Self.exec(ta, "a", "x", ["hostname"], stdout: ioE.path("exec"))
+                #expect(try Self.wait(ta, "a", exec: "x") == 0)
+                #expect(ioE.read("exec") == "rec-a\n")
+                try Self.delete(tb, "b")
+                try AllTests.TaskServerTests.shutdown(node, "ra", "kuasar-vm")
+                try AllTests.TaskServerTests.shutdown(node, "rb", "kuasar-vm")
+                #expect(waitUntil(timeoutMS: 10_000) { processGone(pidA) && processGone(pidB) })
+            } catch {
+                for pid in [pidA, pidB] { kill(pid, SIGKILL) }
+                _ = try? Spawner.wait(firstKeeper.process)
+                firstKeeper.log.close()
+                throw error
+            }
             #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
             firstKeeper.log.close()
         }

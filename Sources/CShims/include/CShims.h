@@ -243,9 +243,11 @@ int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
 /// finit_module(2) of an open .ko with no parameters; 0 or -errno (-EEXIST: loaded).
 int ks_finit_module(int fd);
 
-/// 1 when KVM runs a tiny real-mode guest to its marker within timeout_ms (in a forked
-/// child); `why` says what passed or failed.
-int ks_kvm_probe(int timeout_ms, char *_Nonnull why, size_t why_len);
+/// Forks a child that runs a tiny real-mode guest under KVM and exits 0 when it reached
+/// its marker, else with the step that failed; -1 (errno) when fork fails.
+pid_t ks_kvm_probe_fork(void);
+/// 1 for a probe child's exit code 0; `why` says what passed or which step failed.
+int ks_kvm_probe_describe(int exit_code, char *_Nonnull why, size_t why_len);
 
 // ---- network interfaces and IPv4 routes (the guest agent), by ioctl; 0 or -errno --
 int ks_if_set_up(const char *name, int up);

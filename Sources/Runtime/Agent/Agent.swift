@@ -170,7 +170,7 @@ public final class Agent {
         server?.close()
         server = nil
         if let sandbox, let registry, registry.sandboxes[sandbox.id] === sandbox {
-            for c in sandbox.containers.values { try? c.kill(signal: SIGKILL, all: true) }
+            tasks?.containers.killAll(in: sandbox)
             registry.remove(sandbox)
             if let host = registry.engine.cgroups {
                 registry.engine.cgroupReaper.remove(host.existing(registry.cgroupRoot), owner: "the agent", kill: false)

@@ -59,14 +59,14 @@ public final class ProcessIO {
 
     /// Where output goes: a FIFO on the reactor, or a regular file (which epoll cannot
     /// watch and which never blocks: written directly).
-    final class OutputSink {
+    package final class OutputSink {
         let stream: Connection?
         var file: OwnedFD?
         init(stream: Connection) { self.stream = stream }
         init(file: consuming OwnedFD) { stream = nil; self.file = consume file }
         deinit { file.take()?.close() }
 
-        func write(_ bytes: UnsafeRawBufferPointer) {
+        package func write(_ bytes: UnsafeRawBufferPointer) {
             if let stream { stream.write(bytes); return }
             guard let fd = file?.rawValue else { return }
             var off = 0
@@ -77,23 +77,23 @@ public final class ProcessIO {
                 off += n
             }
         }
-        var isWritable: Bool { stream?.isWritable ?? true }
-        var isFlushed: Bool { stream.map { $0.state == .closed || $0.queuedBytes == 0 } ?? true }
-        var state: Connection.State { stream?.state ?? (file == nil ? .closed : .open) }
-        var queuedBytes: Int { stream?.queuedBytes ?? 0 }
-        var onWritable: ((Connection) -> Void)? {
+        package var isWritable: Bool { stream?.isWritable ?? true }
+        package var isFlushed: Bool { stream.map { $0.state == .closed || $0.queuedBytes == 0 } ?? true }
+        package var state: Connection.State { stream?.state ?? (file == nil ? .closed : .open) }
+        package var queuedBytes: Int { stream?.queuedBytes ?? 0 }
+        package var onWritable: ((Connection) -> Void)? {
             get { stream?.onWritable }
             set { stream?.onWritable = newValue }
         }
-        var onClose: ((Connection, SystemError?) -> Void)? {
+        package var onClose: ((Connection, SystemError?) -> Void)? {
             get { stream?.onClose }
             set { stream?.onClose = newValue }
         }
-        func start() throws(SystemError) { try stream?.start() }
-        func closeAfterFlush() {
+        package func start() throws(SystemError) { try stream?.start() }
+        package func closeAfterFlush() {
             if let stream { stream.closeAfterFlush() } else { file.take()?.close() }
         }
-        func close() {
+        package func close() {
             if let stream { stream.close() } else { file.take()?.close() }
         }
     }
@@ -163,7 +163,7 @@ public final class ProcessIO {
     }
 
     /// containerd names FIFOs by path, sometimes as `fifo://path`.
-    static func fifoPath(_ path: String) -> String { path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path }
+    package static func fifoPath(_ path: String) -> String { path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path }
 
     /// Re-opened output holds for a process recovered after a daemon restart.
     func holdOutputs(_ paths: StdioPaths) {
@@ -294,7 +294,7 @@ public final class ProcessIO {
 
     /// Output FIFO (opened read-write so opening never blocks and a reader that comes
     /// and goes never makes us fail with EPIPE) or an append-only file.
-    static func openOutput(_ path: String, reactor: Reactor) throws(SystemError) -> OutputSink? {
+    package static func openOutput(_ path: String, reactor: Reactor) throws(SystemError) -> OutputSink? {
         if path.isEmpty { return nil }
         let fd: Int32
         if path.hasPrefix("file://") {
@@ -314,7 +314,7 @@ public final class ProcessIO {
 
     /// stdin FIFO, read-write for the same reason: a writer that has not opened it yet
     /// must not look like end of input. CloseIO ends stdin.
-    static func openInput(_ path: String, reactor: Reactor) throws(SystemError) -> Connection {
+    package static func openInput(_ path: String, reactor: Reactor) throws(SystemError) -> Connection {
         let p = ProcessIO.fifoPath(path)
         let fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
         return Connection(reactor: reactor, fd: OwnedFD(adopting: fd))

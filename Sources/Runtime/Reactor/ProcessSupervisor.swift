@@ -62,9 +62,11 @@ public final class ProcessSupervisor {
         return pid
     }
 
-    /// Sends `signal` to a supervised child. ESRCH names a pid that is not ours.
+    /// Sends `signal` to a supervised child, or to a process watched with `watchForeign`,
+    /// through the pidfd we hold for it (never a recycled pid). ESRCH names a pid that is
+    /// not watched (or has been reaped).
     public func signal(_ pid: pid_t, _ signal: Int32) throws(SystemError) {
-        guard let child = children[pid], let raw = child.pidfd?.rawValue else {
+        guard let child = children[pid] ?? foreign[pid], let raw = child.pidfd?.rawValue else {
             throw SystemError("pidfd_send_signal", "pid \(pid)", errno: .ESRCH)
         }
         try sendSignal(pidfd: raw, signal)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import KuasarSystem
+import KuasarWire
 
 /// A pod's /etc/hostname, /etc/hosts and /etc/resolv.conf, kept in its state directory
 /// and bound into its containers (`Sandbox.adapt`): written alike by every kind that makes
@@ -27,6 +28,13 @@ public enum PodFiles {
 
     /// As containerd does for a pod without a DNS config: the node's.
     public static func nodeResolvConf() -> String { (try? Files.readString("/etc/resolv.conf")) ?? "" }
+
+    /// A pod's hostname from the CRI must be one a kernel takes: at most 64 bytes, no NUL.
+    public static func check(hostname: String) throws(RPCError) {
+        guard hostname.utf8.count <= 64, !hostname.contains("\0") else {
+            throw RPCError(.invalidArgument, "options: hostname \"\(hostname.prefix(80))\" is longer than 64 bytes")
+        }
+    }
 
     /// This host's (or guest's) hostname.
     public static func hostname() -> String {

@@ -270,16 +270,36 @@ public struct KuasarConfig: Sendable, Equatable {
         return v
     }
 
+    /// An absolute path.
+    private static func path(_ t: TOMLTable, _ section: String, _ key: String, _ origin: String) throws(Error) -> String {
+        let v = try string(t, section, key, origin)
+        guard v.hasPrefix("/") else { throw Error("\(origin): [\(section)] \(key) must be an absolute path, not \"\(v)\"") }
+        return v
+    }
+
+    private static func strings(_ t: TOMLTable, _ section: String, _ key: String, _ origin: String) throws(Error) -> [String] {
+        guard let a = t[key]?.array, let v = Optional(a.compactMap { $0.string }), v.count == a.count else {
+            throw Error("\(origin): [\(section)] \(key) must be an array of strings")
+        }
+        return v
+    }
+
+    /// A whole number in `range` (`unit` names what it counts in the error).
+    private static func number(_ t: TOMLTable, _ section: String, _ key: String, _ range: ClosedRange<Int>, unit: String = "", _ origin: String) throws(Error) -> UInt32 {
+        guard let v = t[key]?.int, range.contains(v) else {
+            throw Error("\(origin): [\(section)] \(key) must be a number\(unit.isEmpty ? "" : " of \(unit)") from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return UInt32(v)
+    }
+
     private mutating func applyDaemon(_ t: TOMLTable, _ origin: String) throws(Error) {
         for key in t.keys {
             let v = try Self.string(t, "daemon", key, origin)
             switch key {
             case "socket":
-                guard v.hasPrefix("/") else { throw Error("\(origin): [daemon] socket must be an absolute path, not \"\(v)\"") }
-                socket = v
+                socket = try Self.path(t, "daemon", key, origin)
             case "root":
-                guard v.hasPrefix("/") else { throw Error("\(origin): [daemon] root must be an absolute path, not \"\(v)\"") }
-                root = v
+                root = try Self.path(t, "daemon", key, origin)
             case "reactor":
                 if v == "auto" { reactor = nil; continue }
                 guard let k = BackendKind(rawValue: v) else {
@@ -329,19 +349,12 @@ public struct KuasarConfig: Sendable, Equatable {
             for key in r.keys {
                 switch key {
                 case "path", "root":
-                    let v = try Self.string(r, section, key, origin)
-                    guard v.hasPrefix("/") else { throw Error("\(origin): [\(section)] \(key) must be an absolute path, not \"\(v)\"") }
+                    let v = try Self.path(r, section, key, origin)
                     if key == "path" { path = v } else { config.root = v }
                 case "extra_args":
-                    guard let a = r[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
-                        throw Error("\(origin): [\(section)] extra_args must be an array of strings")
-                    }
-                    config.extraArgs = args
+                    config.extraArgs = try Self.strings(r, section, key, origin)
                 case "timeout_secs":
-                    guard let v = r[key]?.int, v > 0, v <= 3600 else {
-                        throw Error("\(origin): [\(section)] timeout_secs must be a number of seconds from 1 to 3600")
-                    }
-                    config.timeoutSecs = UInt32(v)
+                    config.timeoutSecs = try Self.number(r, section, key, 1...3600, unit: "seconds", origin)
                 default:
                     throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, root, extra_args, timeout_secs)")
                 }
@@ -363,9 +376,7 @@ public struct KuasarConfig: Sendable, Equatable {
             for key in r.keys {
                 switch key {
                 case "path":
-                    let v = try Self.string(r, section, key, origin)
-                    guard v.hasPrefix("/") else { throw Error("\(origin): [\(section)] path must be an absolute path, not \"\(v)\"") }
-                    config.path = v
+                    config.path = try Self.path(r, section, key, origin)
                 case "address":
                     let v = try Self.string(r, section, key, origin)
                     guard v.isEmpty || v.hasPrefix("unix:///") || v.hasPrefix("unix://{") || v.hasPrefix("/") || v.hasPrefix("{") else {
@@ -373,20 +384,15 @@ public struct KuasarConfig: Sendable, Equatable {
                     }
                     config.address = v
                 case "args":
-                    guard let a = r[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
-                        throw Error("\(origin): [\(section)] args must be an array of strings")
-                    }
-                    config.args = args
+                    config.args = try Self.strings(r, section, key, origin)
                 case "restart":
                     let v = try Self.string(r, section, key, origin)
                     guard v == "never" || v == "on-failure" else { throw Error("\(origin): [\(section)] restart must be \"never\" or \"on-failure\", not \"\(v)\"") }
                     config.restart = v
                 case "max_restarts":
-                    guard let v = r[key]?.int, v >= 0, v <= 100 else { throw Error("\(origin): [\(section)] max_restarts must be a number from 0 to 100") }
-                    config.maxRestarts = UInt32(v)
+                    config.maxRestarts = try Self.number(r, section, key, 0...100, origin)
                 case "ready_timeout_secs":
-                    guard let v = r[key]?.int, v > 0, v <= 600 else { throw Error("\(origin): [\(section)] ready_timeout_secs must be a number of seconds from 1 to 600") }
-                    config.readyTimeoutSecs = UInt32(v)
+                    config.readyTimeoutSecs = try Self.number(r, section, key, 1...600, unit: "seconds", origin)
                 default:
                     throw Error("\(origin): unknown key [\(section)] \(key) (keys: path, args, address, restart, max_restarts, ready_timeout_secs)")
                 }
@@ -406,22 +412,16 @@ public struct KuasarConfig: Sendable, Equatable {
                 guard allowed.contains(v) else { throw Error("\(origin): [vm] \(key): \"\(v)\" is not one of \(allowed.joined(separator: ", "))") }
                 if key == "hypervisor" { vm.hypervisor = v } else if key == "machine" { vm.machine = v } else { vm.accelerator = v }
             case "qemu", "kernel", "initrd":
-                let v = try Self.string(t, "vm", key, origin)
-                guard v.hasPrefix("/") else { throw Error("\(origin): [vm] \(key) must be an absolute path, not \"\(v)\"") }
+                let v = try Self.path(t, "vm", key, origin)
                 if key == "qemu" { vm.qemu = v } else if key == "kernel" { vm.kernel = v } else { vm.initrd = v }
             case "memory_mib":
-                guard let v = t[key]?.int, v >= 64, v <= 1 << 20 else { throw Error("\(origin): [vm] memory_mib must be a number of MiB from 64 to 1048576") }
-                vm.memoryMiB = UInt32(v)
+                vm.memoryMiB = try Self.number(t, "vm", key, 64...(1 << 20), unit: "MiB", origin)
             case "vcpus":
-                guard let v = t[key]?.int, v >= 1, v <= 255 else { throw Error("\(origin): [vm] vcpus must be a number from 1 to 255") }
-                vm.vcpus = UInt32(v)
+                vm.vcpus = try Self.number(t, "vm", key, 1...255, origin)
             case "boot_timeout_secs":
-                guard let v = t[key]?.int, v >= 1, v <= 3600 else { throw Error("\(origin): [vm] boot_timeout_secs must be a number of seconds from 1 to 3600") }
-                vm.bootTimeoutSecs = UInt32(v)
+                vm.bootTimeoutSecs = try Self.number(t, "vm", key, 1...3600, unit: "seconds", origin)
             case "kernel_args":
-                guard let a = t[key]?.array, let args = Optional(a.compactMap { $0.string }), args.count == a.count else {
-                    throw Error("\(origin): [vm] kernel_args must be an array of strings")
-                }
+                let args = try Self.strings(t, "vm", key, origin)
                 guard !args.contains(where: { $0.contains(" ") || $0.isEmpty }) else { throw Error("\(origin): [vm] kernel_args: one word each, no spaces") }
                 vm.kernelArgs = args
             default:

@@ -143,6 +143,29 @@ public enum Spawner {
         throw SystemError("execve", name, errno: .ENOENT)
     }
 
+    /// A command's stdout (up to 1 MiB) when it exits 0, waiting for it: for the CLI
+    /// (`kuasar info`), never the daemon's loop.
+    public static func output(_ path: String, _ args: [String]) -> String? {
+        guard let pipe = try? makePipe(nonBlocking: false) else { return nil }
+        let null = Glibc.open("/dev/null", O_RDWR | O_CLOEXEC)
+        defer { _ = Glibc.close(null) }
+        guard let child = try? spawn(ProcessSpec(executable: path, arguments: [path] + args, fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)])) else {
+            pipe.first.close()
+            pipe.second.close()
+            return nil
+        }
+        pipe.second.close()
+        let bytes = (try? pipe.first.readExactly(1 << 20)) ?? []
+        pipe.first.close()
+        guard (try? wait(child)) == .exited(0) else { return nil }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// The first line of `output`.
+    public static func firstLine(_ path: String, _ args: [String]) -> String? {
+        output(path, args)?.split(separator: "\n").first.map(String.init)
+    }
+
     /// Waits for a child synchronously (tools and tests; the daemon uses the reactor).
     public static func wait(_ process: consuming SpawnedProcess) throws(SystemError) -> ExitStatus {
         var code: Int32 = 0, status: Int32 = 0

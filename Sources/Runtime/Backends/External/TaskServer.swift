@@ -71,7 +71,8 @@ public final class TaskServerBackend: SandboxBackend {
     final class Server {
         var pid: pid_t = 0
         var startTime: UInt64 = 0
-        var pidfd: Int32 = -1
+        /// Watched by the supervisor (our child, or found again after a restart) until it exits.
+        var supervised = false
         var address = ""
         var restarts: UInt32 = 0
         var stopping = false
@@ -107,7 +108,7 @@ public final class TaskServerBackend: SandboxBackend {
                 self.servers[s.id] = nil
                 done(.failure(e))
             case .success:
-                self.registry.save(s)
+                // The Controller saves the pod once Start has answered.
                 done(.success(.address("ttrpc+unix://" + server.address, version: 3)))
             }
         }
@@ -140,8 +141,8 @@ public final class TaskServerBackend: SandboxBackend {
             closeW = false
             server.pid = started
             server.startTime = ExitRecords.startTime(of: started)
+            server.supervised = true
             server.exited = nil
-            server.pidfd = openPidfd(started) ?? -1
             if let host = registry.engine.cgroups {
                 do { try host.create(s.cgroupParent).add(pid: started) } catch { logger.warning("sandbox \(s.id): task server into its cgroup: \(error)") }
             }
@@ -214,7 +215,7 @@ public final class TaskServerBackend: SandboxBackend {
 
     private func exited(_ s: Sandbox, _ server: Server, _ status: ExitStatus?) {
         server.exited = status ?? .exited(255)
-        if server.pidfd >= 0 { _ = close(server.pidfd); server.pidfd = -1 }
+        server.supervised = false
         let waiters = server.exitWaiters
         server.exitWaiters.removeAll()
         for w in waiters { w() }
@@ -243,23 +244,29 @@ public final class TaskServerBackend: SandboxBackend {
         pods.onSandboxExit?(s, status ?? .exited(255))
     }
 
+    /// Through the supervisor's pidfd (our child, or one recovered after a restart).
+    private func signal(_ server: Server, _ sig: Int32) {
+        guard server.supervised else { return }
+        try? registry.engine.supervisor.signal(server.pid, sig)
+    }
+
     private func kill(_ server: Server) {
         server.stopping = true
-        if server.pidfd >= 0 { try? sendSignal(pidfd: server.pidfd, SIGKILL) }
+        signal(server, SIGKILL)
     }
 
     /// SIGTERM to the program (it stops its containers), SIGKILL after the timeout; then
     /// the pod's holder.
     public func stop(_ s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
-        guard let server = servers[s.id], server.exited == nil, server.pidfd >= 0 else {
+        guard let server = servers[s.id], server.supervised else {
             pods.stop(s, timeoutSecs: 0, done: done)
             return
         }
         server.stopping = true
         var finished = false
-        let timer = reactor.schedule(afterNS: UInt64(max(timeoutSecs, 0)) * 1_000_000_000 + 1) { [weak server] in
-            guard let server, server.exited == nil, server.pidfd >= 0 else { return }
-            try? sendSignal(pidfd: server.pidfd, SIGKILL)
+        let timer = reactor.schedule(afterNS: UInt64(max(timeoutSecs, 0)) * 1_000_000_000 + 1) { [weak self, weak server] in
+            guard let self, let server else { return }
+            self.signal(server, SIGKILL)
         }
         server.exitWaiters.append { [weak self, weak s] in
             guard !finished else { return }
@@ -268,7 +275,7 @@ public final class TaskServerBackend: SandboxBackend {
             self.reactor.cancel(timer)
             self.pods.stop(s, timeoutSecs: 0, done: done)
         }
-        try? sendSignal(pidfd: server.pidfd, timeoutSecs == 0 ? SIGKILL : SIGTERM)
+        signal(server, timeoutSecs == 0 ? SIGKILL : SIGTERM)
     }
 
     public func shutdown(_ s: Sandbox) {
@@ -316,11 +323,10 @@ public final class TaskServerBackend: SandboxBackend {
         guard s.state == .ready else { return }
         let fd = registry.engine.supervisor.watchForeign(pid: pid, startTime: start, exits: exits) { [weak self, weak s, weak server] status in
             guard let self, let s, let server else { return }
-            server.pidfd = -1
             self.exited(s, server, status)
         }
-        if let fd {
-            server.pidfd = fd
+        if fd != nil {
+            server.supervised = true
         } else {
             exited(s, server, exits.take(pid: pid, startTime: start))
         }

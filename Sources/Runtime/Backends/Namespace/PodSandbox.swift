@@ -35,9 +35,7 @@ public struct PodSettings: Sendable {
     public init(_ config: Runtime_V1_PodSandboxConfig?, netnsPath: String) throws(RPCError) {
         hostname = config?.hostname ?? ""
         if hostname.isEmpty { hostname = PodFiles.hostname() }
-        guard hostname.utf8.count <= 64, !hostname.contains("\0") else {
-            throw RPCError(.invalidArgument, "options: hostname \"\(hostname.prefix(80))\" is longer than 64 bytes")
-        }
+        try PodFiles.check(hostname: hostname)
         hosts = PodFiles.defaultHosts
         if let dns = config?.dnsConfig, config?.hasDnsConfig == true {
             resolvConf = PodFiles.resolvConf(servers: dns.servers, searches: dns.searches, options: dns.options)

@@ -47,18 +47,28 @@ public struct VMSpec: Sendable, Equatable {
 public enum Accelerator: String, Sendable, Equatable {
     case kvm, tcg
 
-    /// KVM when it really runs a guest here, else TCG; `why` says which and why. Probed
-    /// once per process (a forked child runs a test guest to a marker, 2 s deadline).
-    public static let probed: (Accelerator, why: String) = {
-        let (ran, detail) = KVMProbe.run()
-        guard ran else { return (.tcg, "KVM unusable (\(detail)): TCG, emulated and many times slower") }
+    /// What `[vm] accelerator` ("auto", "kvm", "tcg") gives, and why.
+    public static func chosen(by setting: String) -> (Accelerator, why: String) {
+        switch setting {
+        case "kvm": return (.kvm, "[vm] accelerator = \"kvm\"")
+        case "tcg": return (.tcg, "[vm] accelerator = \"tcg\"")
+        default: return probed
+        }
+    }
+
+    /// KVM when the probe guest ran under it, else TCG; `why` says which and why.
+    public static func decide(_ probe: (ran: Bool, detail: String)) -> (Accelerator, why: String) {
+        guard probe.ran else { return (.tcg, "KVM unusable (\(probe.detail)): TCG, emulated and many times slower") }
         // A para-virtualised KVM (PVM, this host being a guest itself) runs our real-mode
         // test guest, but not an ordinary kernel: QEMU aborts or never reaches /init.
         if KVMProbe.isPVM {
             return (.tcg, "/dev/kvm is PVM (kvm_pvm loaded), which runs only PVM-enabled guest kernels: TCG, emulated and many times slower")
         }
-        return (.kvm, "KVM works (\(detail))")
-    }()
+        return (.kvm, "KVM works (\(probe.detail))")
+    }
+
+    /// Probed once per process, waiting for the probe (the CLI; the daemon probes on its loop).
+    public static let probed: (Accelerator, why: String) = decide(KVMProbe.run())
 }
 
 /// A running VM as its driver sees it.
@@ -87,6 +97,10 @@ public protocol VirtualMachine: AnyObject {
     /// removal); `done` once the guest was offered it.
     func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void)
     func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void)
+    /// The VMM's version as the running VM reports it (QMP's greeting for QEMU).
+    var vmmVersion: String { get }
+    /// The end of what the VMM printed itself (its stderr), for errors.
+    var vmmLogTail: String { get }
     /// What a new daemon needs to find the VM again (strings: kept in the state file).
     var persistentState: [String: String] { get }
     /// Stops reading its sockets (the daemon is exiting and leaves the VM running).
@@ -98,8 +112,6 @@ public protocol Hypervisor: AnyObject {
     var name: String { get }
     /// Why no VM can be launched with it (binary missing), nil when it can.
     var unavailableReason: String? { get }
-    /// Its version line (`QEMU emulator version 7.2.x`), for `kuasar info` and Status.
-    var version: String { get }
     /// Starts the VMM and answers once its control socket works (the guest is booting).
     func launch(_ spec: VMSpec, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
     /// After a daemon restart: the VM `state` names, if its process is still the one

@@ -22,15 +22,13 @@ import KuasarContainer
 final class StdioBridge {
     final class Output {
         let stream: Kuasar_Agent_V1_Stream
-        let fifo: Connection?
-        let file: Int32
+        /// containerd's FIFO (or file), as the container engine opens its own.
+        let sink: ProcessIO.OutputSink
         var done = false
-        init(stream: Kuasar_Agent_V1_Stream, fifo: Connection?, file: Int32) {
+        init(stream: Kuasar_Agent_V1_Stream, sink: ProcessIO.OutputSink) {
             self.stream = stream
-            self.fifo = fifo
-            self.file = file
+            self.sink = sink
         }
-        deinit { if file >= 0 { _ = Glibc.close(file) } }
     }
 
     let reactor: Reactor
@@ -57,38 +55,17 @@ final class StdioBridge {
         self.execID = execID
         self.logger = logger
         for (path, stream) in [(stdio.stdout, Kuasar_Agent_V1_Stream.stdout), (stdio.terminal ? "" : stdio.stderr, .stderr)] where !path.isEmpty {
-            outputs.append(try Self.openOutput(path, stream, reactor: reactor))
+            if path.hasPrefix("binary://") {
+                throw RPCError(.unimplemented, "\(path): binary:// log drivers are not supported for VM pods yet (FIFOs and file:// are)")
+            }
+            if let sink = try ProcessIO.openOutput(path, reactor: reactor) { outputs.append(Output(stream: stream, sink: sink)) }
         }
-        if !stdio.stdin.isEmpty {
-            let p = Self.fifoPath(stdio.stdin)
-            // Read-write: a writer that has not opened it yet is not the end of input.
-            let fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
-            stdin = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
-        }
-    }
-
-    static func fifoPath(_ path: String) -> String { path.hasPrefix("fifo://") ? String(path.dropFirst(7)) : path }
-
-    static func openOutput(_ path: String, _ stream: Kuasar_Agent_V1_Stream, reactor: Reactor) throws -> Output {
-        if path.hasPrefix("binary://") {
-            throw RPCError(.unimplemented, "\(path): binary:// log drivers are not supported for VM pods yet (FIFOs and file:// are)")
-        }
-        if path.hasPrefix("file://") {
-            let file = String(path.dropFirst(7))
-            let fd = try sys("open", file) { open(file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o640) }
-            return Output(stream: stream, fifo: nil, file: fd)
-        }
-        let p = fifoPath(path)
-        // Read-write, so opening never blocks and a reader that comes and goes is no EPIPE.
-        let fd = try sys("open", p) { open(p, O_RDWR | O_CLOEXEC | O_NONBLOCK) }
-        let c = Connection(reactor: reactor, fd: OwnedFD(adopting: fd))
-        c.isWriteOnly = true
-        return Output(stream: stream, fifo: c, file: -1)
+        if !stdio.stdin.isEmpty { stdin = try ProcessIO.openInput(stdio.stdin, reactor: reactor) }
     }
 
     func start() {
         for o in outputs {
-            do { try o.fifo?.start() } catch { logger.error("\(what): \(o.stream) FIFO: \(error)") }
+            do { try o.sink.start() } catch { logger.error("\(what): \(o.stream) FIFO: \(error)") }
             pull(o)
         }
         if let stdin {
@@ -121,12 +98,12 @@ final class StdioBridge {
                 self.logger.warning("\(self.what): ReadStdio \(o.stream): \(e.message)")
                 self.finish(o)
             case .success(let resp):
-                if !resp.data.isEmpty { self.emit(o, resp.data) }
+                if !resp.data.isEmpty { resp.data.withUnsafeBytes { o.sink.write($0) } }
                 if resp.eof {
                     self.finish(o)
-                } else if let fifo = o.fifo, !fifo.isWritable {
+                } else if !o.sink.isWritable {
                     // The FIFO's reader is behind: pull again once it caught up.
-                    fifo.onWritable = { [weak self] _ in self?.pull(o) }
+                    o.sink.onWritable = { [weak self] _ in self?.pull(o) }
                 } else {
                     self.pull(o)
                 }
@@ -134,37 +111,21 @@ final class StdioBridge {
         }
     }
 
-    private func emit(_ o: Output, _ data: Data) {
-        if let fifo = o.fifo {
-            data.withUnsafeBytes { _ = fifo.write($0) }
-            return
-        }
-        data.withUnsafeBytes { raw in
-            var off = 0
-            while off < raw.count {
-                let n = write(o.file, raw.baseAddress! + off, raw.count - off)
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { break }
-                off += n
-            }
-        }
-    }
-
     /// The stream ended: once its bytes are in the FIFO, it is done.
     private func finish(_ o: Output) {
         guard !o.done else { return }
-        guard let fifo = o.fifo, fifo.state != .closed, fifo.queuedBytes > 0 else {
+        guard o.sink.state != .closed, !o.sink.isFlushed else {
             markDone(o)
             return
         }
-        fifo.onClose = { [weak self] _, _ in self?.markDone(o) }
-        fifo.closeAfterFlush()
+        o.sink.onClose = { [weak self] _, _ in self?.markDone(o) }
+        o.sink.closeAfterFlush()
     }
 
     private func markDone(_ o: Output) {
         guard !o.done else { return }
         o.done = true
-        o.fifo?.close()
+        o.sink.close()
         if drained { onDrained?() }
     }
 
@@ -225,7 +186,7 @@ final class StdioBridge {
         stdin = nil
         for o in outputs where !o.done {
             o.done = true
-            o.fifo?.close()
+            o.sink.close()
         }
     }
 }

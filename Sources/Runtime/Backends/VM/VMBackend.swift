@@ -56,23 +56,52 @@ public final class VMBackend: SandboxBackend {
         self.logger = logger
         tasks = VMTasks(registry: registry, reactor: reactor, logger: logger)
         tasks.podOf = { [unowned self] s in self.pods[s.id] }
+        if settings.accelerator == "auto" { startProbe() } else { accelerator = Accelerator.chosen(by: settings.accelerator) }
+    }
+
+    /// The accelerator pods get, and why; nil until the KVM probe has answered.
+    public private(set) var accelerator: (Accelerator, why: String)?
+    private var acceleratorWaiters: [((Accelerator, why: String)) -> Void] = []
+
+    /// The KVM probe as a child on the loop (~30 ms), started with the daemon: a VM's
+    /// Start never waits for it unless it comes within those first milliseconds.
+    private func startProbe() {
+        let decided = { [weak self] (probe: (ran: Bool, detail: String)) in
+            guard let self else { return }
+            let chosen = Accelerator.decide(probe)
+            self.accelerator = chosen
+            if chosen.0 == .tcg { self.logger.warning("vm: accelerator tcg: \(chosen.why)") } else { self.logger.info("vm: accelerator kvm: \(chosen.why)") }
+            let waiters = self.acceleratorWaiters
+            self.acceleratorWaiters.removeAll()
+            for w in waiters { w(chosen) }
+        }
+        let supervisor = registry.engine.supervisor
+        do {
+            var deadline: TimerID?
+            let pid = try supervisor.adopt(try KVMProbe.start()) { [reactor] status in
+                if let deadline { reactor.cancel(deadline) }
+                decided(KVMProbe.describe(status))
+            }
+            deadline = reactor.schedule(afterNS: UInt64(KVMProbe.timeoutMS) * 1_000_000) { try? supervisor.signal(pid, SIGKILL) }
+        } catch {
+            decided((false, "the probe did not start: \(error)"))
+        }
+    }
+
+    private func whenAccelerator(_ body: @escaping ((Accelerator, why: String)) -> Void) {
+        if let accelerator { body(accelerator) } else { acceleratorWaiters.append(body) }
     }
 
     public var unavailableReason: String? {
-        if let why = hypervisor.unavailableReason { return why }
-        for (what, path) in [("kernel", settings.kernel), ("initrd", settings.initrd)] where access(path, R_OK) != 0 {
+        hypervisor.unavailableReason ?? Self.missingImage(kernel: settings.kernel, initrd: settings.initrd)
+    }
+
+    /// Why the guest image cannot be used, nil when both files are readable.
+    public static func missingImage(kernel: String, initrd: String) -> String? {
+        for (what, path) in [("kernel", kernel), ("initrd", initrd)] where access(path, R_OK) != 0 {
             return "the guest \(what) \(path) is missing (make guest builds and installs the image; [vm] \(what) names another)"
         }
         return nil
-    }
-
-    /// The accelerator pods get, and why.
-    public var accelerator: (Accelerator, why: String) {
-        switch settings.accelerator {
-        case "kvm": return (.kvm, "[vm] accelerator = \"kvm\"")
-        case "tcg": return (.tcg, "[vm] accelerator = \"tcg\"")
-        default: return Accelerator.probed
-        }
     }
 
     public func create(_ s: Sandbox, _ request: SandboxCreateRequest, done: @escaping (Result<Void, RPCError>) -> Void) {
@@ -81,7 +110,7 @@ public final class VMBackend: SandboxBackend {
             let share = s.stateDir + "/share"
             try makeDirectories(share, mode: 0o711)
             var spec = VMSpec(id: s.id, stateDir: s.stateDir, kernel: settings.kernel, initrd: settings.initrd,
-                              memoryMiB: memory, vcpus: vcpus, accelerator: accelerator.0, sharePath: share)
+                              memoryMiB: memory, vcpus: vcpus, accelerator: .tcg, sharePath: share)
             spec.kernelArgs = settings.kernelArgs
             if !request.netnsPath.isEmpty {
                 logger.warning("sandbox \(s.id): containerd's network namespace \(request.netnsPath) is not connected to the VM (tap networking is not built yet): the guest has no NIC")
@@ -122,9 +151,7 @@ public final class VMBackend: SandboxBackend {
         r.sandboxID = s.id
         r.hostname = config?.hostname ?? ""
         if r.hostname.isEmpty { r.hostname = String(s.id.prefix(63)) }
-        guard r.hostname.utf8.count <= 64, !r.hostname.contains("\0") else {
-            throw RPCError(.invalidArgument, "options: hostname \"\(r.hostname.prefix(80))\" is longer than 64 bytes")
-        }
+        try PodFiles.check(hostname: r.hostname)
         if let dns = config?.dnsConfig, config?.hasDnsConfig == true {
             r.dnsServers = dns.servers
             r.dnsSearches = dns.searches
@@ -141,18 +168,22 @@ public final class VMBackend: SandboxBackend {
         }
         pod.timings = [("start", MonotonicClock.nanoseconds())]
         let deadline = MonotonicClock.nanoseconds() + settings.bootTimeoutNS
+        whenAccelerator { [weak self] chosen in
+            pod.spec.accelerator = chosen.0
+            self?.launch(s, pod, deadline: deadline, done: done)
+        }
+    }
+
+    private func launch(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
         hypervisor.launch(pod.spec) { [weak self] result in
             guard let self else { return }
             switch result {
             case .failure(let e):
                 done(.failure(e))
             case .success(let vm):
-                pod.vm = vm
+                self.watch(s, pod, vm)
                 pod.mark("vmm")
-                vm.onExit = { [weak self, weak s] status in
-                    guard let self, let s else { return }
-                    self.vmExited(s, pod, status)
-                }
+                // Recorded while it boots: a daemon that dies now leaves a VM the next one ends.
                 self.registry.save(s)
                 self.connectAgent(s, pod, deadline: deadline) { r in
                     switch r {
@@ -167,16 +198,40 @@ public final class VMBackend: SandboxBackend {
         }
     }
 
-    /// The agent's first answer, then the pod set up in the guest and events followed.
-    private func connectAgent(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<Void, RPCError>) -> Void) {
+    /// `vm` is the pod's; its exit ends the pod.
+    private func watch(_ s: Sandbox, _ pod: VMPod, _ vm: VirtualMachine) {
+        pod.vm = vm
+        vm.onExit = { [weak self, weak s] status in
+            guard let self, let s else { return }
+            self.vmExited(s, pod, status)
+        }
+    }
+
+    /// Dials the pod's agent until its first answer (tried at once when the guest opens
+    /// its port); once it answered, a lost channel is dialled again.
+    private func attachAgent(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<Kuasar_Agent_V1_CheckResponse, RPCError>) -> Void) {
         let link = AgentLink(reactor: reactor, path: pod.spec.agentSocket, namespace: s.namespace, logger: logger)
         pod.agent = link
         pod.vm?.onAgentPortOpen = { [weak link, weak pod] in
             pod?.mark("port")
             link?.kick()
         }
-        link.connect(deadline: deadline, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
-            guard let self else { return }
+        link.connect(deadline: deadline, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self, weak s] r in
+            guard let self, let s else { return }
+            if case .success = r {
+                link.onLost = { [weak self, weak s] e in
+                    guard let self, let s else { return }
+                    self.agentLost(s, pod, e)
+                }
+            }
+            done(r)
+        }
+    }
+
+    /// The agent's first answer, then the pod set up in the guest and events followed.
+    private func connectAgent(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<Void, RPCError>) -> Void) {
+        attachAgent(s, pod, deadline: deadline) { [weak self] r in
+            guard let self, let link = pod.agent else { return }
             switch r {
             case .failure(let e):
                 done(.failure(self.bootFailure(s, pod, e)))
@@ -194,12 +249,8 @@ public final class VMBackend: SandboxBackend {
                         return
                     }
                     pod.mark("setup")
-                    link.onLost = { [weak self, weak s] e in
-                        guard let self, let s else { return }
-                        self.agentLost(s, pod, e)
-                    }
+                    // The Controller saves the pod once Start has answered.
                     self.tasks.followEvents(s, pod)
-                    self.registry.save(s)
                     done(.success(()))
                 }
             }
@@ -209,7 +260,7 @@ public final class VMBackend: SandboxBackend {
     /// Why a boot failed, with what the guest and QEMU printed last.
     private func bootFailure(_ s: Sandbox, _ pod: VMPod, _ e: RPCError) -> RPCError {
         let console = String(((try? Files.readString(pod.spec.consoleLog)) ?? "").trimmingWhitespace.suffix(800))
-        let vmm = (pod.vm as? QEMUMachine)?.vmmLogTail() ?? ""
+        let vmm = pod.vm?.vmmLogTail ?? ""
         if pod.vm?.hasExited == true {
             return RPCError(.internal, "sandbox \(s.id): the VM exited before its agent answered; \(vmm); console: \(console.isEmpty ? "(empty)" : console)")
         }
@@ -243,14 +294,21 @@ public final class VMBackend: SandboxBackend {
 
     public func stop(_ s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
         guard let pod = pods[s.id], let vm = pod.vm, !vm.hasExited else { done(); return }
-        tasks.stopAll(in: s, timeoutSecs: timeoutSecs) { [weak self] in
-            guard self != nil else { return }
+        var stopped = false
+        var safety: TimerID?
+        let thenVM = { [reactor] in
+            guard !stopped else { return }
+            stopped = true
+            if let safety { reactor.cancel(safety) }
             pod.stopping = true
             pod.agent?.close()
-            // The containers are gone and the guest wrote through to the share: a short
-            // grace for the power button, then QEMU quits.
+            // The containers are gone (or the guest stopped answering) and the guest wrote
+            // through to the share: a short grace for the power button, then QEMU quits.
             vm.stop(timeoutNS: 200_000_000, done: done)
         }
+        tasks.stopAll(in: s, timeoutSecs: timeoutSecs, done: thenVM)
+        // A guest that reports no exit 5 s after its SIGKILLs is ended with its VM.
+        if !stopped { safety = reactor.schedule(afterNS: UInt64(timeoutSecs) * 1_000_000_000 + 5_000_000_000) { thenVM() } }
     }
 
     public func shutdown(_ s: Sandbox) {
@@ -274,10 +332,10 @@ public final class VMBackend: SandboxBackend {
 
     public func statusInfo(_ s: Sandbox) -> [String: Any] {
         guard let pod = pods[s.id] else { return [:] }
-        var info: [String: Any] = ["hypervisor": hypervisor.name, "hypervisor_version": hypervisor.version, "accelerator": pod.spec.accelerator.rawValue,
+        var info: [String: Any] = ["hypervisor": hypervisor.name, "accelerator": pod.spec.accelerator.rawValue,
                                    "console": pod.spec.consoleLog, "memory_mib": Int(pod.spec.memoryMiB), "vcpus": Int(pod.spec.vcpus),
                                    "kernel": pod.spec.kernel, "initrd": pod.spec.initrd]
-        if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited }
+        if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited; info["hypervisor_version"] = vm.vmmVersion }
         if let c = pod.agent?.check { info["agent_version"] = c.version; info["guest_kernel"] = c.kernel; info["guest_boot_ms"] = c.bootMs }
         if let t0 = pod.timings.first?.1 {
             info["start_ms"] = Dictionary(pod.timings.dropFirst().map { ($0.0, Double($0.1 - t0) / 1e6) }, uniquingKeysWith: { a, _ in a })
@@ -314,14 +372,8 @@ public final class VMBackend: SandboxBackend {
                 self.logger.warning("sandbox \(s.id): \(e.message)")
                 self.vmExited(s, pod, nil)
             case .success(let vm):
-                pod.vm = vm
-                vm.onExit = { [weak self, weak s] status in
-                    guard let self, let s else { return }
-                    self.vmExited(s, pod, status)
-                }
-                let link = AgentLink(reactor: self.reactor, path: spec.agentSocket, namespace: s.namespace, logger: self.logger)
-                pod.agent = link
-                link.connect(deadline: MonotonicClock.nanoseconds() + 10_000_000_000, alive: { [weak pod] in pod?.vm?.hasExited == false }) { [weak self] r in
+                self.watch(s, pod, vm)
+                self.attachAgent(s, pod, deadline: MonotonicClock.nanoseconds() + 10_000_000_000) { [weak self] r in
                     guard let self else { return }
                     switch r {
                     case .failure(let e):
@@ -329,10 +381,6 @@ public final class VMBackend: SandboxBackend {
                         vm.kill()
                     case .success(let check):
                         self.logger.info("sandbox \(s.id): VM re-attached (QEMU pid \(vm.pid), agent \(check.version))")
-                        link.onLost = { [weak self, weak s] e in
-                            guard let self, let s else { return }
-                            self.agentLost(s, pod, e)
-                        }
                         self.tasks.reattach(s, pod)
                     }
                 }
@@ -348,7 +396,8 @@ public final class VMBackend: SandboxBackend {
 
 /// One pod's VM, its agent, and what the host keeps of its containers.
 public final class VMPod {
-    let spec: VMSpec
+    /// Its accelerator is set at Start, once the KVM probe has answered.
+    var spec: VMSpec
     let setup: Kuasar_Agent_V1_SetupSandboxRequest
     var vm: VirtualMachine?
     var agent: AgentLink?

@@ -27,6 +27,8 @@ final class VMContainer {
     var mounts: [String] = []
     var processes: [String: VMProcess] = [:]
     var paused = false
+    /// Run once its init has exited (stopAll).
+    var initExitWaiters: [() -> Void] = []
     init(id: String, bundle: String, shareDir: String) {
         self.id = id
         self.bundle = bundle
@@ -252,8 +254,9 @@ public final class VMTasks: TaskBackend {
             switch result {
             case .failure(let e):
                 // The channel went away (reconnecting, or the VM is gone).
-                if e.code != .unavailable { self.logger.warning("sandbox \(s.id): agent events: \(e.message)") }
-                if e.code != .unavailable { self.reactor.schedule(afterNS: 100_000_000) { [weak self] in self?.followEvents(s, p) } }
+                guard e.code != .unavailable else { return }
+                self.logger.warning("sandbox \(s.id): agent events: \(e.message)")
+                self.reactor.schedule(afterNS: 100_000_000) { [weak self] in self?.followEvents(s, p) }
             case .success(let batch):
                 var handled = false
                 for event in batch.events where event.seq > p.eventSeq {
@@ -275,8 +278,7 @@ public final class VMTasks: TaskBackend {
             let execID = e.id == e.containerID ? "" : e.id
             guard let c = p.containers[e.containerID], let proc = c.processes[execID], proc.exit == nil else { return }
             let at = e.hasExitedAt ? WallTime(seconds: e.exitedAt.seconds, nanos: e.exitedAt.nanos) : WallTime.now()
-            proc.exit = (Self.status(e.exitStatus), at)
-            finishIfDone(s, c, proc)
+            exited(s, p, c, proc, Self.status(e.exitStatus), at: at, save: false)
         case "/tasks/oom":
             guard let e = try? Containerd_Events_TaskOOM(serializedBytes: envelope.event.value) else { return }
             events?.taskOOM(s, containerID: e.containerID)
@@ -289,15 +291,26 @@ public final class VMTasks: TaskBackend {
         code > 128 && code < 128 + 65 ? .signaled(Int32(code) - 128, coreDumped: false) : .exited(Int32(bitPattern: code))
     }
 
+    /// `proc` has exited (the agent said so, or the VM is gone): reported once its output
+    /// is all out; stopAll hears of an init's exit at once.
+    private func exited(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess, _ status: ExitStatus, at: WallTime?, save: Bool) {
+        proc.exit = (status, at)
+        finishIfDone(s, c, proc, save: save)
+        if proc.execID.isEmpty {
+            let waiters = c.initExitWaiters
+            c.initExitWaiters.removeAll()
+            for w in waiters { w() }
+        }
+    }
+
     /// Reports the exit (event, waiters) once it is known and the output is all out.
-    private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess) {
+    /// `save: false` when the caller saves once for a batch.
+    private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess, save: Bool = true) {
         guard !proc.finished, let (status, at) = proc.exit, proc.bridge?.drained ?? true else { return }
         proc.finished = true
-        registry.save(s)
+        if save { registry.save(s) }
         events?.taskExited(s, containerID: c.id, execID: proc.execID, pid: proc.pid, status: status, at: at)
-        var resp = Containerd_Task_V2_WaitResponse()
-        resp.exitStatus = UInt32(bitPattern: status.code)
-        resp.exitedAt = Google_Protobuf_Timestamp(at)
+        let resp = Containerd_Task_V2_WaitResponse(status, at: at)
         let waiters = proc.waiters
         proc.waiters.removeAll()
         for (_, w) in waiters { w(.success(resp)) }
@@ -305,7 +318,7 @@ public final class VMTasks: TaskBackend {
             // The init is gone: so is every exec of the container (the guest killed them).
             for other in c.processes.values where other !== proc && other.started && other.exit == nil {
                 other.exit = (.signaled(SIGKILL, coreDumped: false), at)
-                finishIfDone(s, c, other)
+                finishIfDone(s, c, other, save: save)
             }
         }
     }
@@ -314,13 +327,15 @@ public final class VMTasks: TaskBackend {
     /// output so far.
     func vmGone(_ s: Sandbox, _ p: VMPod, _ status: ExitStatus?) {
         let now = WallTime.now()
+        var ended = false
         for c in p.containers.values {
             for proc in c.processes.values where proc.exit == nil && proc.started {
-                proc.exit = (.signaled(SIGKILL, coreDumped: false), now)
                 proc.bridge?.abandon()
-                finishIfDone(s, c, proc)
+                exited(s, p, c, proc, .signaled(SIGKILL, coreDumped: false), at: now, save: false)
+                ended = true
             }
         }
+        if ended { registry.save(s) }
     }
 
     // MARK: the rest, forwarded
@@ -448,10 +463,7 @@ public final class VMTasks: TaskBackend {
         guard let p = podOf(s) else { throw RPCError(.notFound, "container \(r.id) not found") }
         let proc = try process(p, r.id, r.execID)
         if proc.finished, let (status, at) = proc.exit {
-            var resp = Containerd_Task_V2_WaitResponse()
-            resp.exitStatus = UInt32(bitPattern: status.code)
-            resp.exitedAt = Google_Protobuf_Timestamp(at)
-            reply(.success(resp))
+            reply(.success(Containerd_Task_V2_WaitResponse(status, at: at)))
             return nil
         }
         let token = proc.nextWaiter
@@ -470,47 +482,37 @@ public final class VMTasks: TaskBackend {
 
     public func isEmpty(_ s: Sandbox) -> Bool { podOf(s)?.containers.isEmpty ?? true }
 
-    public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
-        guard let p = podOf(s), let agent = p.agent, !agent.isClosed else { done(); return }
-        let running = p.containers.values.compactMap { c in c.initProcess.flatMap { $0.started && $0.exit == nil ? c : nil } }
-        guard !running.isEmpty else { done(); return }
-        var finished = false
-        let finish = { if !finished { finished = true; done() } }
-        func allExited() -> Bool { running.allSatisfy { $0.initProcess?.exit != nil } }
-        func signal(_ sig: Int32) {
-            for c in running where c.initProcess?.exit == nil {
-                var k = Containerd_Task_V2_KillRequest()
-                k.id = c.id
-                k.signal = UInt32(sig)
-                k.all = true
-                agent.task("Kill", k, as: Google_Protobuf_Empty.self) { _ in }
-            }
-        }
-        signal(timeoutSecs == 0 ? SIGKILL : SIGTERM)
-        // Polled on the loop (cheap: a few containers) until every init's exit arrived.
-        func poll(_ deadline: UInt64, killed: Bool) {
-            if allExited() { finish(); return }
-            let now = MonotonicClock.nanoseconds()
-            if now >= deadline {
-                if killed { finish(); return }
-                signal(SIGKILL)
-                poll(now + 5_000_000_000, killed: true)
-                return
-            }
-            reactor.schedule(afterNS: 10_000_000) { poll(deadline, killed: killed) }
-        }
-        poll(MonotonicClock.nanoseconds() + UInt64(timeoutSecs) * 1_000_000_000, killed: timeoutSecs == 0)
+    /// Containers whose init runs.
+    private func running(_ p: VMPod) -> [VMContainer] {
+        p.containers.values.filter { c in c.initProcess.map { $0.started && $0.exit == nil } ?? false }
     }
 
-    public func killAll(in s: Sandbox) {
-        guard let p = podOf(s), let agent = p.agent, !agent.isClosed else { return }
-        for c in p.containers.values where c.initProcess?.started == true && c.initProcess?.exit == nil {
+    /// `sig` to every process of each container, through the agent.
+    private func signal(_ p: VMPod, _ containers: [VMContainer], _ sig: Int32) {
+        guard let agent = p.agent, !agent.isClosed else { return }
+        for c in containers where c.initProcess?.exit == nil {
             var k = Containerd_Task_V2_KillRequest()
             k.id = c.id
-            k.signal = UInt32(SIGKILL)
+            k.signal = UInt32(sig)
             k.all = true
             agent.task("Kill", k, as: Google_Protobuf_Empty.self) { _ in }
         }
+    }
+
+    /// Through the agent, as the namespace kind stops its containers (`stopGroup`); a guest
+    /// that never answers is VMBackend.stop's to end.
+    public func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) {
+        guard let p = podOf(s), let agent = p.agent, !agent.isClosed else { done(); return }
+        stopGroup(running(p), timeoutSecs: timeoutSecs, reactor: reactor,
+                  signal: { [weak self] c, sig in self?.signal(p, [c], sig) },
+                  isGone: { $0.initProcess?.exit != nil },
+                  whenGone: { c, gone in if c.initProcess?.exit != nil { gone() } else { c.initExitWaiters.append(gone) } },
+                  done: done)
+    }
+
+    public func killAll(in s: Sandbox) {
+        guard let p = podOf(s) else { return }
+        signal(p, running(p), SIGKILL)
     }
 
     // MARK: persistence

@@ -32,26 +32,10 @@ public final class QEMU: Hypervisor {
         self.logger = logger
     }
 
-    public var unavailableReason: String? {
+    public var unavailableReason: String? { Self.unavailableReason(binary: binary) }
+
+    public static func unavailableReason(binary: String) -> String? {
         access(binary, X_OK) == 0 ? nil : "QEMU: \(binary) is not an executable file (Debian: apt-get install qemu-system-x86)"
-    }
-
-    public private(set) lazy var version: String = Self.versionLine(binary) ?? "unknown"
-
-    /// `qemu-system-x86_64 --version`'s first line (run once, off the request path).
-    static func versionLine(_ binary: String) -> String? {
-        guard access(binary, X_OK) == 0, let pipe = try? makePipe(nonBlocking: false) else { return nil }
-        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
-        defer { _ = close(null) }
-        guard let child = try? Spawner.spawn(ProcessSpec(executable: binary, arguments: [binary, "--version"], fdMap: [(null, 0), (pipe.second.rawValue, 1), (null, 2)])) else {
-            pipe.first.close(); pipe.second.close()
-            return nil
-        }
-        pipe.second.close()
-        let bytes = (try? pipe.first.readExactly(4096)) ?? []
-        pipe.first.close()
-        _ = try? Spawner.wait(child)
-        return String(decoding: bytes, as: UTF8.self).split(separator: "\n").first.map(String.init)
     }
 
     /// The host's TSC rate in kHz: the guest kernel is told it (calibrating under TCG
@@ -135,7 +119,6 @@ public final class QEMU: Hypervisor {
             let pid = try supervisor.spawn(p) { [weak vm] status in vm?.exited(status) }
             vm.pid = pid
             vm.startTime = ExitRecords.startTime(of: pid)
-            vm.pidfd = openPidfd(pid) ?? -1
         } catch {
             done(.failure(RPCError(.internal, "sandbox \(spec.id): start \(binary): \(error)")))
             return
@@ -152,13 +135,11 @@ public final class QEMU: Hypervisor {
         let vm = QEMUMachine(spec: spec, driver: self)
         vm.pid = pid
         vm.startTime = start
-        guard let fd = supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { [weak vm] status in vm?.exited(status) }) else {
+        guard supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { [weak vm] status in vm?.exited(status) }) != nil else {
             let status = exits.take(pid: pid, startTime: start)
             done(.failure(RPCError(.notFound, "sandbox \(spec.id): QEMU (pid \(pid)) exited while no daemon ran\(status.map { " (\($0))" } ?? "")")))
             return
         }
-        vm.pidfd = fd
-        vm.foreign = true
         vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
     }
 }
@@ -169,28 +150,31 @@ final class QEMUMachine: VirtualMachine {
     unowned let driver: QEMU
     var pid: pid_t = 0
     var startTime: UInt64 = 0
-    var pidfd: Int32 = -1
-    /// Not our child (recovered): its pidfd is the supervisor's to close.
-    var foreign = false
     var qmp: QMPClient?
     var console: ConsoleLog?
     var exitStatus: ExitStatus?
     private(set) var hasExited = false
     var onExit: ((ExitStatus?) -> Void)?
     private var agentPortOpen = false
+    /// unplugDisk's next step per device id, run on its DEVICE_DELETED event.
+    private var deviceDeleted: [String: () -> Void] = [:]
     var onAgentPortOpen: (() -> Void)? {
         didSet { if agentPortOpen { onAgentPortOpen?() } }
     }
     private var exitWaiters: [() -> Void] = []
     var accelerator: Accelerator { spec.accelerator }
 
+    /// From QMP's greeting: `7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`.
+    var vmmVersion: String {
+        guard let v = qmp?.greeting?["version"], let q = v["qemu"] else { return "unknown" }
+        let n = [q["major"], q["minor"], q["micro"]].map { $0?.numberValue.map { String(Int($0)) } ?? "?" }.joined(separator: ".")
+        let package = v["package"]?.stringValue?.trimmingWhitespace ?? ""
+        return package.isEmpty ? n : "\(n) (\(package))"
+    }
+
     init(spec: VMSpec, driver: QEMU) {
         self.spec = spec
         self.driver = driver
-    }
-
-    deinit {
-        if pidfd >= 0 && !foreign { _ = close(pidfd) }
     }
 
     var persistentState: [String: String] {
@@ -201,13 +185,13 @@ final class QEMUMachine: VirtualMachine {
     /// runs, then follows the console.
     func attach(deadline: UInt64, done: @escaping (Result<QEMUMachine, RPCError>) -> Void) {
         if hasExited {
-            done(.failure(RPCError(.internal, "sandbox \(spec.id): QEMU exited at start (\(exitStatus.map { "\($0)" } ?? "status unknown")): \(vmmLogTail())")))
+            done(.failure(RPCError(.internal, "sandbox \(spec.id): QEMU exited at start (\(exitStatus.map { "\($0)" } ?? "status unknown")): \(vmmLogTail)")))
             return
         }
         guard let client = try? QMPClient.connect(reactor: driver.reactor, path: spec.controlSocket, logger: driver.logger) else {
             guard MonotonicClock.nanoseconds() < deadline else {
                 kill()
-                done(.failure(RPCError(.deadlineExceeded, "sandbox \(spec.id): QEMU's QMP socket \(spec.controlSocket) did not accept within \(driver.controlTimeoutNS / 1_000_000) ms: \(vmmLogTail())")))
+                done(.failure(RPCError(.deadlineExceeded, "sandbox \(spec.id): QEMU's QMP socket \(spec.controlSocket) did not accept within \(driver.controlTimeoutNS / 1_000_000) ms: \(vmmLogTail)")))
                 return
             }
             driver.reactor.schedule(afterNS: 5_000_000) { [self] in attach(deadline: deadline, done: done) }
@@ -217,17 +201,22 @@ final class QEMUMachine: VirtualMachine {
         client.onEvent = { [weak self] event, data in
             guard let self else { return }
             // The guest opened the agent's virtio-serial port: it is about to serve.
-            if event == "VSERPORT_CHANGE", data["id"]?.stringValue == "agentport" {
+            switch event {
+            case "VSERPORT_CHANGE" where data["id"]?.stringValue == "agentport":
                 self.agentPortOpen = data["open"]?.boolValue == true
                 if self.agentPortOpen { self.onAgentPortOpen?() }
                 return
+            case "DEVICE_DELETED":
+                if let id = data["device"]?.stringValue, let then = self.deviceDeleted.removeValue(forKey: id) { then() }
+            default:
+                break
             }
             self.driver.logger.info("sandbox \(self.spec.id): QEMU event \(event) \(data.text.prefix(200))")
         }
         client.handshake(timeoutNS: driver.controlTimeoutNS) { [self] r in
             switch r {
             case .failure(let f):
-                done(.failure(RPCError(.internal, "sandbox \(spec.id): QMP: \(f); \(vmmLogTail())")))
+                done(.failure(RPCError(.internal, "sandbox \(spec.id): QMP: \(f); \(vmmLogTail)")))
             case .success:
                 client.execute("query-status") { [self] s in
                     switch s {
@@ -297,9 +286,10 @@ final class QEMUMachine: VirtualMachine {
         }
     }
 
+    /// Through the supervisor's pidfd: our child, or the one recovered after a restart.
     func kill() {
-        guard !hasExited, pidfd >= 0 else { return }
-        try? sendSignal(pidfd: pidfd, SIGKILL)
+        guard !hasExited, pid > 0 else { return }
+        try? driver.supervisor.signal(pid, SIGKILL)
     }
 
     func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void) {
@@ -328,21 +318,13 @@ final class QEMUMachine: VirtualMachine {
     func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void) {
         guard let qmp else { done(.failure(RPCError(.unavailable, "QEMU's QMP connection is gone"))); return }
         // device_del completes when the guest lets go (DEVICE_DELETED); then the node goes.
-        let previous = qmp.onEvent
-        var finished = false
-        qmp.onEvent = { event, data in
-            previous?(event, data)
-            guard !finished, event == "DEVICE_DELETED", data["device"]?.stringValue == id else { return }
-            finished = true
-            qmp.onEvent = previous
+        deviceDeleted[id] = {
             qmp.execute("blockdev-del", ["node-name": .string(id)]) { r in
                 done(r.map { _ in () }.mapError { RPCError(.internal, "blockdev-del \(id): \($0)") })
             }
         }
-        qmp.execute("device_del", ["id": .string(id)]) { r in
-            if case .failure(let f) = r, !finished {
-                finished = true
-                qmp.onEvent = previous
+        qmp.execute("device_del", ["id": .string(id)]) { [weak self] r in
+            if case .failure(let f) = r, self?.deviceDeleted.removeValue(forKey: id) != nil {
                 done(.failure(RPCError(.notFound, "device_del \(id): \(f)")))
             }
         }
@@ -355,7 +337,7 @@ final class QEMUMachine: VirtualMachine {
         console = nil
     }
 
-    func vmmLogTail() -> String {
+    var vmmLogTail: String {
         let text = (try? Files.readString(spec.vmmLog)) ?? ""
         let tail = text.trimmingWhitespace.suffix(600)
         return tail.isEmpty ? "QEMU printed nothing" : "QEMU said: \(tail)"
