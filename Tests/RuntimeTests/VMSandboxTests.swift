@@ -15,7 +15,8 @@ extension AllTests {
     static let task = "containerd.task.v3.Task"
     static var image: String { GuestVMTests.imageDir }
 
-    static func config(qemu: String = "/usr/bin/qemu-system-x86_64", kernel: String = image + "/vmlinux", bootTimeout: Int = 90) -> String {
+    static func config(qemu: String = "/usr/bin/qemu-system-x86_64", kernel: String = image + "/vmlinux", initrd: String = image + "/initrd.lz4",
+                       bootTimeout: Int = 90) -> String {
         let level = currentEnvironmentDictionary()["KUASAR_GUEST_LOG"].map { "\"kuasar.log=\($0)\"" } ?? ""
         return """
         [sandboxers]
@@ -24,7 +25,7 @@ extension AllTests {
         [vm]
         qemu = "\(qemu)"
         kernel = "\(kernel)"
-        initrd = "\(image)/initrd.lz4"
+        initrd = "\(initrd)"
         accelerator = "tcg"
         boot_timeout_secs = \(bootTimeout)
         kernel_args = [\(level)]

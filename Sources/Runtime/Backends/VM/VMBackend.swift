@@ -46,6 +46,8 @@ public final class VMBackend: SandboxBackend {
     let logger: Logger
     public let tasks: VMTasks
     var pods: [String: VMPod] = [:]
+    /// containerd 1.6/1.7's shim path: the first container's Create boots the VM.
+    public private(set) lazy var shimTasks: TaskBackend? = VMShimTasks(backend: self)
 
     public init(kind: String = "vm", hypervisor: Hypervisor, settings: VMSettings, registry: SandboxRegistry, reactor: Reactor, logger: Logger) {
         self.kind = kind
@@ -364,7 +366,7 @@ public final class VMBackend: SandboxBackend {
         let pod = VMPod(spec: spec, setup: Kuasar_Agent_V1_SetupSandboxRequest())
         tasks.restore(pod, from: state)
         pods[s.id] = pod
-        s.taskBackend = tasks
+        s.taskBackend = s.sandboxer == nil ? shimTasks : tasks
         hypervisor.recover(spec, state: state, exits: exits) { [weak self, weak s] result in
             guard let self, let s else { return }
             switch result {
