@@ -136,6 +136,38 @@ int ks_if_set_ipv4(const char *name, uint32_t addr_be, int prefix) {
     return e;
 }
 
+int ks_if_rename(const char *name, const char *new_name) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    strncpy(ifr.ifr_newname, new_name, IFNAMSIZ - 1);
+    int e = ioctl(fd, SIOCSIFNAME, &ifr) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
+int ks_if_by_mac(const unsigned char *mac, char *name_out) {
+    struct if_nameindex *all = if_nameindex();
+    if (!all) return -errno;
+    int fd = ks_inet_dgram(), found = -ENODEV;
+    for (struct if_nameindex *i = all; fd >= 0 && i->if_index != 0; i++) {
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        strncpy(ifr.ifr_name, i->if_name, IFNAMSIZ - 1);
+        if (ioctl(fd, SIOCGIFHWADDR, &ifr) == 0 && memcmp(ifr.ifr_hwaddr.sa_data, mac, 6) == 0) {
+            strncpy(name_out, i->if_name, IFNAMSIZ - 1);
+            name_out[IFNAMSIZ - 1] = 0;
+            found = 0;
+            break;
+        }
+    }
+    if (fd >= 0) close(fd);
+    if_freenameindex(all);
+    return found;
+}
+
 int ks_if_set_mtu(const char *name, int mtu) {
     int fd = ks_inet_dgram();
     if (fd < 0) return -errno;

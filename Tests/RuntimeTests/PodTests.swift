@@ -69,10 +69,11 @@ extension AllTests {
         }
 
         /// Controller Create + Start of a pod; returns the pid Start answered and the Task address.
-        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar") throws -> (pid: pid_t, address: String) {
+        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar", netns: String = "") throws -> (pid: pid_t, address: String) {
             var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
             create.sandboxID = id
             create.sandboxer = sandboxer
+            create.netnsPath = netns
             create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
             create.options.value = try config.serializedData()
             _ = try call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)

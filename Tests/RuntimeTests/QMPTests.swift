@@ -127,9 +127,12 @@ extension AllTests {
             #expect(!a.contains("-netdev"), "no NIC without a tap")
             let q35 = QEMU(binary: "/usr/bin/qemu-system-x86_64", machine: .q35, supervisor: supervisor, reactor: reactor, logger: Logger(label: "test"))
             spec.accelerator = .kvm
-            spec.tapFD = 9
+            spec.nics = [.init(tapFD: 9, mac: "02:00:00:00:00:01"), .init(tapFD: 11, mac: "02:00:00:00:00:02")]
             let b = q35.arguments(spec)
-            #expect(b.contains("virtio-9p-pci,fsdev=share,mount_tag=kuasar") && b.contains("-netdev") && b.contains("host"), "\(b)")
+            #expect(b.contains("virtio-9p-pci,fsdev=share,mount_tag=kuasar") && b.contains("host"), "\(b)")
+            let nets = b.indices.filter { b[$0] == "-netdev" || b[$0] == "-device" }.map { b[$0 + 1] }.filter { $0.contains("net") }
+            #expect(nets == ["tap,id=net0,fd=3", "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01", "tap,id=net1,fd=4", "virtio-net-pci,netdev=net1,mac=02:00:00:00:00:02"],
+                    "each tap is the child's fd 3, 4, ... with its MAC: \(nets)")
         }
     }
 }

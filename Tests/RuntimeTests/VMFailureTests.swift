@@ -104,3 +104,54 @@ extension AllTests.VMSandboxTests {
         }
     }
 }
+
+extension AllTests.VMSandboxTests {
+    /// What CNI leaves for a pod, made by the test in its own namespaces: a netns with a
+    /// veth `eth0` (10.211.x.2/24, default route via .1), whose peer sits in a second netns
+    /// (.1). The VM's container has the veth's address, MAC and route on its NIC, reaches
+    /// the peer (ping, and a TCP exchange with a server in the peer's netns), and after
+    /// Shutdown the netns holds no tap and no tc redirect.
+    @Test func aVMPodJoinsTheNetworkCNIMadeAndReachesItsPeer() throws {
+        let tag = "kq\(getpid() % 100_000)"
+        let (podNS, peerNS) = (tag + "p", tag + "q")
+        let subnet = "10.211.\(getpid() % 250)"
+        defer { _ = try? shell("ip netns del \(podNS); ip netns del \(peerNS)") }
+        var r = try shell("""
+            set -e
+            ip netns add \(podNS); ip netns add \(peerNS)
+            ip link add eth0 netns \(podNS) type veth peer name eth0 netns \(peerNS)
+            ip -n \(podNS) link set lo up; ip -n \(podNS) link set eth0 up
+            ip -n \(podNS) addr add \(subnet).2/24 dev eth0; ip -n \(podNS) route add default via \(subnet).1
+            ip -n \(peerNS) link set eth0 up; ip -n \(peerNS) addr add \(subnet).1/24 dev eth0
+            """)
+        #expect(r.code == 0, "\(r.out)")
+        let vethMAC = try shell("ip netns exec \(podNS) cat /sys/class/net/eth0/address").out.trimmingWhitespace
+        // The peer answers one TCP connection with a line (busybox nc in the peer's netns).
+        let server = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/timeout", arguments: ["timeout", "120", "ip", "netns", "exec", peerNS, "/bin/busybox", "sh", "-c", "echo hello-from-the-peer | /bin/busybox nc -l -p 7777"]))
+        try AllTests.PodTests.Node.with("vm-net", config: Self.config()) { node in
+            let (pid, address) = try node.runPod("vn", AllTests.PodTests.podConfig(hostname: "vn"), sandboxer: "kuasar-vm", netns: "/run/netns/" + podNS)
+            r = try shell("ip -n \(podNS) -o link show; tc -n \(podNS) filter show dev eth0 ingress")
+            #expect(r.out.contains("tap0_kuasar") && r.out.contains("mirred"), "the tap and its redirect are in the pod's netns: \(r.out)")
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            let b = try node.bundle("n1", pid: pid, args: ["sh", "-c",
+                "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; ip route; ping -c 2 -W 5 \(subnet).1 >/dev/null && echo ping-ok; nc \(subnet).1 7777 </dev/null"])
+            let io = try FIFOs(b, ["stdout", "stderr"])
+            defer { io.close() }
+            _ = try Self.create(t, "n1", bundle: b, io)
+            _ = try Self.start(t, "n1")
+            #expect(try Self.wait(t, "n1") == 0, "stderr: \(io.read("stderr"))")
+            let out = io.read("stdout")
+            #expect(out.hasPrefix(vethMAC + "\n"), "the NIC has the veth's MAC \(vethMAC): \(out)")
+            #expect(out.contains("inet \(subnet).2/24") && out.contains("default via \(subnet).1 dev eth0"), "\(out)")
+            #expect(out.contains("ping-ok") && out.contains("hello-from-the-peer"), "\(out)")
+            try Self.delete(t, "n1")
+            try AllTests.TaskServerTests.shutdown(node, "vn", "kuasar-vm")
+            #expect(waitUntil(timeoutMS: 10_000) { processGone(pid) })
+            r = try shell("ip -n \(podNS) -o link show; tc -n \(podNS) qdisc show dev eth0")
+            #expect(!r.out.contains("tap0_kuasar") && !r.out.contains("ingress"), "no tap and no redirect left: \(r.out)")
+        }
+        kill(server.pid, SIGKILL)
+        _ = try? Spawner.wait(server)
+    }
+}

@@ -253,6 +253,38 @@ int ks_kvm_probe_describe(int exit_code, char *_Nonnull why, size_t why_len);
 int ks_if_set_up(const char *name, int up);
 int ks_if_set_ipv4(const char *name, uint32_t addr_be, int prefix);
 int ks_if_set_mtu(const char *name, int mtu);
+// Renames a (down) interface: the guest names its NICs after the MAC the host gave each.
+int ks_if_rename(const char *name, const char *new_name);
+/// The name of the interface whose MAC is `mac` (6 bytes) in `name_out` (16 bytes); 0 or -ENODEV.
+int ks_if_by_mac(const unsigned char *mac, char *name_out);
+
+// ---- rtnetlink (a VM pod's network namespace, netlink.c); counts, 0 or -errno ----
+typedef struct ks_link {
+    int ifindex;
+    unsigned flags;
+    unsigned mtu;
+    int has_mac;
+    unsigned char mac[6];
+    char name[16];
+    /// IFLA_INFO_KIND: "veth", "tun", ... ("" for a device without one).
+    char kind[16];
+} ks_link;
+/// Addresses and routes in network byte order.
+typedef struct ks_addr4 { int ifindex; uint32_t addr; int prefix; } ks_addr4;
+typedef struct ks_route4 { uint32_t dst; int prefix; uint32_t gateway; int oif; } ks_route4;
+/// A NETLINK_ROUTE socket of the calling thread's network namespace.
+int ks_nl_open(void);
+int ks_nl_links(int nl, ks_link *out, int max);
+int ks_nl_addrs4(int nl, ks_addr4 *out, int max);
+/// The main table's IPv4 unicast routes not made by the kernel itself.
+int ks_nl_routes4(int nl, ks_route4 *out, int max);
+int ks_nl_link_up(int nl, int ifindex, unsigned mtu);
+/// Adds (add 1) or deletes the ingress qdisc of `ifindex`.
+int ks_nl_qdisc_ingress(int nl, int ifindex, int add);
+/// Every packet arriving at `from` leaves through `to` (tc u32 match-all, mirred redirect).
+int ks_nl_redirect(int nl, int from, int to);
+/// A tap device `name` in the calling thread's network namespace: its fd, its index in `ifindex`.
+int ks_tap_open(const char *name, int *ifindex);
 /// A route to dest/prefix via gateway (0: on-link), optionally bound to `dev`.
 int ks_route_add_ipv4(uint32_t dest_be, int prefix, uint32_t gateway_be, const char *_Nullable dev);
 int ks_vsock_connect(int fd, uint32_t cid, uint32_t port);

@@ -396,6 +396,14 @@ public final class Agent {
         for i in r.interfaces {
             guard !i.name.isEmpty, i.name.count < 16, !i.name.contains("/") else { throw RPCError(.invalidArgument, "interface name \"\(i.name)\"") }
             do {
+                if !i.mac.isEmpty {
+                    // The NIC the host gave this MAC takes the name the pod knows it by.
+                    let current = try Network.interface(withMAC: i.mac)
+                    if current != i.name {
+                        try Network.setUp(current, up: false)
+                        try Network.rename(current, to: i.name)
+                    }
+                }
                 for a in i.addresses { try Network.setAddress(i.name, a) }
                 if i.mtu > 0 { try Network.setMTU(i.name, Int32(i.mtu)) }
                 try Network.setUp(i.name)

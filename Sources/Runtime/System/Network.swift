@@ -14,6 +14,20 @@ public enum Network {
         _ = try shim("SIOCSIFMTU", "\(interface) \(mtu)") { interface.withCString { ks_if_set_mtu($0, mtu) } }
     }
 
+    /// Renames a down interface.
+    public static func rename(_ interface: String, to name: String) throws(SystemError) {
+        _ = try shim("SIOCSIFNAME", "\(interface) → \(name)") { interface.withCString { a in name.withCString { ks_if_rename(a, $0) } } }
+    }
+
+    /// The name of the interface whose MAC is `mac` (aa:bb:cc:dd:ee:ff).
+    public static func interface(withMAC mac: String) throws(SystemError) -> String {
+        let bytes = mac.split(separator: ":").compactMap { UInt8($0, radix: 16) }
+        guard bytes.count == 6, mac.split(separator: ":").count == 6 else { throw SystemError("mac", "\"\(mac)\" is not aa:bb:cc:dd:ee:ff", errno: .EINVAL) }
+        var name = [CChar](repeating: 0, count: 16)
+        _ = try shim("SIOCGIFHWADDR", mac) { bytes.withUnsafeBufferPointer { ks_if_by_mac($0.baseAddress!, &name) } }
+        return String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// `a.b.c.d/nn` on `interface`.
     public static func setAddress(_ interface: String, _ cidr: String) throws(SystemError) {
         let (addr, prefix) = try parseCIDR(cidr)

@@ -21,9 +21,17 @@ public struct VMSpec: Sendable, Equatable {
     /// The host directory exported to the guest (9p), and its tag.
     public var sharePath: String
     public var shareTag = "kuasar"
-    /// A tap device's fd to give the guest as its NIC (nil: no NIC).
-    public var tapFD: Int32?
-    public var tapMAC: String?
+    /// The guest's NICs: a tap device's fd each, and the MAC the NIC takes (none: no NIC).
+    public var nics: [NIC] = []
+
+    public struct NIC: Sendable, Equatable {
+        public var tapFD: Int32
+        public var mac: String
+        public init(tapFD: Int32, mac: String) {
+            self.tapFD = tapFD
+            self.mac = mac
+        }
+    }
 
     /// The host end of the agent's channel (the VMM listens on it), the console's, QMP's.
     public var agentSocket: String { stateDir + "/agent.sock" }

@@ -114,10 +114,18 @@ public final class VMBackend: SandboxBackend {
             var spec = VMSpec(id: s.id, stateDir: s.stateDir, kernel: settings.kernel, initrd: settings.initrd,
                               memoryMiB: memory, vcpus: vcpus, accelerator: .tcg, sharePath: share)
             spec.kernelArgs = settings.kernelArgs
+            var setup = try setupRequest(s, request.podConfig)
+            var network: PodNetwork?
             if !request.netnsPath.isEmpty {
-                logger.warning("sandbox \(s.id): containerd's network namespace \(request.netnsPath) is not connected to the VM (tap networking is not built yet): the guest has no NIC")
+                do { network = try PodNetwork.attach(netnsPath: request.netnsPath) } catch {
+                    throw RPCError(RPCCode(errno: error.errno), "sandbox \(s.id): join the VM to the pod's network namespace \(request.netnsPath): \(error)")
+                }
+                Self.configure(&spec, &setup, network!)
+                logger.info("sandbox \(s.id): network \(request.netnsPath): \(network!.links.map { "\($0.name) \($0.mac) \($0.addresses.joined(separator: ","))" }.joined(separator: "; "))\(network!.links.isEmpty ? "no interface to join (the guest gets no NIC)" : "")")
             }
-            let pod = VMPod(spec: spec, setup: try setupRequest(s, request.podConfig))
+            let pod = VMPod(spec: spec, setup: setup)
+            pod.netns = request.netnsPath
+            pod.network = network
             pods[s.id] = pod
             s.kind = kind
             done(.success(()))
@@ -145,6 +153,27 @@ public final class VMBackend: SandboxBackend {
             vcpus = max(vcpus, UInt32(cpus))
         }
         return (memory, vcpus)
+    }
+
+    /// A NIC per interface CNI made (on its tap, with its MAC), and the agent told the
+    /// interface's addresses, MTU and routes.
+    static func configure(_ spec: inout VMSpec, _ setup: inout Kuasar_Agent_V1_SetupSandboxRequest, _ net: PodNetwork) {
+        spec.nics = zip(net.links, net.tapFDs).map { VMSpec.NIC(tapFD: $1, mac: $0.mac) }
+        setup.interfaces = net.links.map { l in
+            var i = Kuasar_Agent_V1_Interface()
+            i.name = l.name
+            i.mac = l.mac
+            i.mtu = l.mtu
+            i.addresses = l.addresses
+            return i
+        }
+        setup.routes = net.routes.map { r in
+            var route = Kuasar_Agent_V1_Route()
+            route.destination = r.destination
+            route.gateway = r.gateway
+            route.device = r.device
+            return route
+        }
     }
 
     /// What the agent is told at Start: the CRI's hostname, DNS and sysctls.
@@ -178,6 +207,10 @@ public final class VMBackend: SandboxBackend {
 
     private func launch(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
         hypervisor.launch(pod.spec) { [weak self] result in
+            // The VMM holds the taps now (or never will): the daemon's copies go, so the
+            // taps vanish with the VMM.
+            pod.network?.closeTaps()
+            pod.spec.nics = []
             guard let self else { return }
             switch result {
             case .failure(let e):
@@ -319,6 +352,8 @@ public final class VMBackend: SandboxBackend {
         pod.agent?.close()
         if let vm = pod.vm, !vm.hasExited { vm.kill() }
         tasks.release(s)
+        pod.network?.closeTaps()
+        PodNetwork.detach(netnsPath: pod.netns, links: pod.netLinks)
         pods[s.id] = nil
     }
 
@@ -338,6 +373,9 @@ public final class VMBackend: SandboxBackend {
                                    "console": pod.spec.consoleLog, "memory_mib": Int(pod.spec.memoryMiB), "vcpus": Int(pod.spec.vcpus),
                                    "kernel": pod.spec.kernel, "initrd": pod.spec.initrd]
         if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited; info["hypervisor_version"] = vm.vmmVersion }
+        if let net = pod.network {
+            info["network"] = net.links.map { ["name": $0.name, "mac": $0.mac, "addresses": $0.addresses, "tap_ifindex": Int($0.tapIndex)] as [String: Any] }
+        }
         if let c = pod.agent?.check { info["agent_version"] = c.version; info["guest_kernel"] = c.kernel; info["guest_boot_ms"] = c.bootMs }
         if let t0 = pod.timings.first?.1 {
             info["start_ms"] = Dictionary(pod.timings.dropFirst().map { ($0.0, Double($0.1 - t0) / 1e6) }, uniquingKeysWith: { a, _ in a })
@@ -352,6 +390,10 @@ public final class VMBackend: SandboxBackend {
         state["vcpus"] = String(pod.spec.vcpus)
         state["kernel"] = pod.spec.kernel
         state["initrd"] = pod.spec.initrd
+        if !pod.netns.isEmpty {
+            state["netns"] = pod.netns
+            state["net_links"] = pod.netLinks.map(String.init).joined(separator: ",")
+        }
         state.merge(tasks.persistentState(s)) { a, _ in a }
         return state
     }
@@ -364,6 +406,8 @@ public final class VMBackend: SandboxBackend {
                           accelerator: accelerator, sharePath: s.stateDir + "/share")
         spec.kernelArgs = settings.kernelArgs
         let pod = VMPod(spec: spec, setup: Kuasar_Agent_V1_SetupSandboxRequest())
+        pod.netns = state["netns"] ?? ""
+        pod.recoveredLinks = (state["net_links"] ?? "").split(separator: ",").compactMap { Int32($0) }
         tasks.restore(pod, from: state)
         pods[s.id] = pod
         s.taskBackend = s.sandboxer == nil ? shimTasks : tasks
@@ -403,6 +447,12 @@ public final class VMPod {
     let setup: Kuasar_Agent_V1_SetupSandboxRequest
     var vm: VirtualMachine?
     var agent: AgentLink?
+    /// containerd's netns for the pod ("": none), and what joins the VM to it.
+    var netns = ""
+    var network: PodNetwork?
+    /// After a restart: the redirected links' indexes (the taps are the VMM's).
+    var recoveredLinks: [Int32] = []
+    var netLinks: [Int32] { network.map { $0.links.map(\.ifindex) } ?? recoveredLinks }
     var stopping = false
     var exitStatus: ExitStatus?
     /// The last agent event handled (acknowledged with the next NextEvents).

@@ -35,7 +35,10 @@ final class VMShimTasks: TaskBackend {
             // The first container's spec sizes and names the VM; a bad spec fails here,
             // before a VM is booted for it.
             let spec = try OCISpec.decode(try Files.read(r.bundle + "/config.json"))
-            boot(s, Self.podConfig(spec))
+            // The CRI's pause container names the CNI netns (containers after it join
+            // it through /proc/<pid>/ns paths, which mean the guest's own).
+            let netns = spec.linux?.namespaces?.first { $0.type == "network" }?.path ?? ""
+            boot(s, Self.podConfig(spec), netns: netns.hasPrefix("/proc/") ? "" : netns)
         }
         whenBooted(s) { [weak self] result in
             guard let self else { return }
@@ -65,7 +68,7 @@ final class VMShimTasks: TaskBackend {
         return config
     }
 
-    private func boot(_ s: Sandbox, _ config: Runtime_V1_PodSandboxConfig) {
+    private func boot(_ s: Sandbox, _ config: Runtime_V1_PodSandboxConfig, netns: String) {
         booting[s.id] = []
         let finish = { [weak self] (result: Result<Void, RPCError>) in
             guard let self else { return }
@@ -73,7 +76,7 @@ final class VMShimTasks: TaskBackend {
             if case .failure = result { self.backend.shutdown(s) }
             for w in waiters { w(result) }
         }
-        backend.create(s, SandboxCreateRequest(id: s.id, namespace: s.namespace, podConfig: config)) { [weak self] r in
+        backend.create(s, SandboxCreateRequest(id: s.id, namespace: s.namespace, netnsPath: netns, podConfig: config)) { [weak self] r in
             guard let self else { return }
             if case .failure(let e) = r { finish(.failure(e)); return }
             self.backend.start(s) { [weak self] r in

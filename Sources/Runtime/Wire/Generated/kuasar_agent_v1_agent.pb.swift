@@ -123,6 +123,10 @@ public nonisolated struct Kuasar_Agent_V1_Interface: Sendable {
 
   public var mtu: UInt32 = 0
 
+  /// aa:bb:cc:dd:ee:ff: the guest's NIC with this MAC is renamed `name` first (a VM's NICs
+  /// enumerate in no fixed order).
+  public var mac: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -447,7 +451,7 @@ nonisolated extension Kuasar_Agent_V1_HostEntry: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Interface"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}addresses\0\u{1}mtu\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}addresses\0\u{1}mtu\0\u{1}mac\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -458,6 +462,7 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
       case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 2: try { try decoder.decodeRepeatedStringField(value: &self.addresses) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.mtu) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.mac) }()
       default: break
       }
     }
@@ -473,6 +478,9 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
     if self.mtu != 0 {
       try visitor.visitSingularUInt32Field(value: self.mtu, fieldNumber: 3)
     }
+    if !self.mac.isEmpty {
+      try visitor.visitSingularStringField(value: self.mac, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -480,6 +488,7 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
     if lhs.name != rhs.name {return false}
     if lhs.addresses != rhs.addresses {return false}
     if lhs.mtu != rhs.mtu {return false}
+    if lhs.mac != rhs.mac {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -85,10 +85,10 @@ public final class QEMU: Hypervisor {
               "-device", "virtserialport,chardev=agent,name=agent,id=agentport",
               "-fsdev", "local,id=share,path=\(esc(spec.sharePath)),security_model=passthrough,multidevs=remap",
               "-device", (pci ? "virtio-9p-pci" : "virtio-9p-device") + ",fsdev=share,mount_tag=\(spec.shareTag)"]
-        if spec.tapFD != nil {
-            // The tap's fd is the child's fd 3 (see launch).
-            a += ["-netdev", "tap,id=net0,fd=3",
-                  "-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net0" + (spec.tapMAC.map { ",mac=\($0)" } ?? "")]
+        for (i, nic) in spec.nics.enumerated() {
+            // The taps' fds are the child's fds 3, 4, ... (see launch).
+            a += ["-netdev", "tap,id=net\(i),fd=\(3 + i)",
+                  "-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net\(i),mac=\(nic.mac)"]
         }
         if pci {
             // Hot-plugged disks need a free PCIe slot.
@@ -111,7 +111,7 @@ public final class QEMU: Hypervisor {
             let null = try sys("open", "/dev/null") { open("/dev/null", O_RDONLY | O_CLOEXEC) }
             defer { _ = close(null) }
             var fdMap: [(from: Int32, to: Int32)] = [(null, 0), (log, 1), (log, 2)]
-            if let tap = spec.tapFD { fdMap.append((tap, 3)) }
+            for (i, nic) in spec.nics.enumerated() { fdMap.append((nic.tapFD, Int32(3 + i))) }
             var p = ProcessSpec(executable: binary, arguments: arguments(spec), environment: ["PATH=/usr/bin:/bin"], workingDirectory: spec.stateDir, fdMap: fdMap)
             // Its own session: a signal to the daemon's process group never reaches it.
             p.newSession = true
