@@ -62,6 +62,49 @@ extension AllTests.VMSandboxTests {
             _ = try? node.call("Shutdown", sd, Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
         }
 
+        // The daemon is killed while a VM boots (its Start unanswered): the next daemon
+        // kills that QEMU instead of leaving it to run unserved, and Start says what to do.
+        try AllTests.PodTests.Node.with("vm-midboot", config: Self.config(initrd: scratch + "/initrd-baseline.lz4", bootTimeout: 60), keep: true) { node in
+            var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
+            create.sandboxID = "mb"
+            create.sandboxer = "kuasar-vm"
+            create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
+            create.options.value = try AllTests.PodTests.podConfig(hostname: "mb").serializedData()
+            _ = try node.call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)
+            let socket = node.socket
+            let starter = Thread {
+                // Its own connection: the answer never comes, the daemon dies first.
+                guard let c = try? GRPCClient(path: socket) else { return }
+                var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
+                start.sandboxID = "mb"
+                start.sandboxer = "kuasar-vm"
+                _ = try? c.call(AllTests.PodTests.controller, "Start", start, as: Containerd_Services_Sandbox_V1_ControllerStartResponse.self,
+                                metadata: [("containerd-namespace", "k8s.io")])
+            }
+            starter.start()
+            // Recorded as soon as QEMU is spawned, before its QMP answers.
+            #expect(waitUntil(timeoutMS: 20_000) { ((try? Files.readString(node.root + "/mb/state.json")) ?? "").contains("vmm_pid") }, "the VM boots")
+            let booting = Self.qemuProcesses(mentioning: node.root)
+            let firstKeeper = try node.killAndRestart {}
+            #expect(waitUntil(timeoutMS: 10_000) { booting.allSatisfy { processGone($0) } }, "the half-started VM is killed by the next daemon")
+            var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
+            start.sandboxID = "mb"
+            start.sandboxer = "kuasar-vm"
+            do {
+                _ = try node.call("Start", start, Containerd_Services_Sandbox_V1_ControllerStartResponse.self)
+                Issue.record("a pod whose VM was killed started without one")
+            } catch let e as RPCError { #expect(e.code == .failedPrecondition && e.message.contains("created again"), "\(e)") }
+            _ = try node.call("Shutdown", sd(), Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+            #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
+            firstKeeper.log.close()
+        }
+        func sd() -> Containerd_Services_Sandbox_V1_ControllerShutdownRequest {
+            var r = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
+            r.sandboxID = "mb"
+            r.sandboxer = "kuasar-vm"
+            return r
+        }
+
         try AllTests.PodTests.Node.with("vm-panic", config: Self.config()) { node in
             let (pid, address) = try node.runPod("vp", AllTests.PodTests.podConfig(hostname: "vp"), sandboxer: "kuasar-vm")
             let t = try OneShotClient(path: address)

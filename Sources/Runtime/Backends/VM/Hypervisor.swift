@@ -121,7 +121,9 @@ public protocol Hypervisor: AnyObject {
     /// Why no VM can be launched with it (binary missing), nil when it can.
     var unavailableReason: String? { get }
     /// Starts the VMM and answers once its control socket works (the guest is booting).
-    func launch(_ spec: VMSpec, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
+    /// `spawned` gets the VMM's `persistentState` as soon as its process exists (before
+    /// its control socket answers), so a daemon that dies while it boots leaves a record.
+    func launch(_ spec: VMSpec, spawned: @escaping ([String: String]) -> Void, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
     /// After a daemon restart: the VM `state` names, if its process is still the one
     /// that was started (pid and start time), with its control socket and console again.
     func recover(_ spec: VMSpec, state: [String: String], exits: ExitRecords, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)

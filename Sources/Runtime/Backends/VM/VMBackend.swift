@@ -194,7 +194,7 @@ public final class VMBackend: SandboxBackend {
 
     public func start(_ s: Sandbox, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
         guard let pod = pods[s.id] else {
-            done(.failure(RPCError(.failedPrecondition, "sandbox \(s.id): no VM prepared (Create first)")))
+            done(.failure(RPCError(.failedPrecondition, "sandbox \(s.id): no VM prepared (Create first; a pod whose Start a restarted daemon did not finish must be shut down and created again)")))
             return
         }
         pod.timings = [("start", MonotonicClock.nanoseconds())]
@@ -206,7 +206,11 @@ public final class VMBackend: SandboxBackend {
     }
 
     private func launch(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
-        hypervisor.launch(pod.spec) { [weak self] result in
+        hypervisor.launch(pod.spec, spawned: { [weak self] state in
+            // Recorded at once: a daemon that dies while the VM boots leaves a VM the next one ends.
+            pod.spawnedState = state
+            self?.registry.save(s)
+        }) { [weak self] result in
             // The VMM holds the taps now (or never will): the daemon's copies go, so the
             // taps vanish with the VMM.
             pod.network?.closeTaps()
@@ -218,8 +222,6 @@ public final class VMBackend: SandboxBackend {
             case .success(let vm):
                 self.watch(s, pod, vm)
                 pod.mark("vmm")
-                // Recorded while it boots: a daemon that dies now leaves a VM the next one ends.
-                self.registry.save(s)
                 self.connectAgent(s, pod, deadline: deadline) { r in
                     switch r {
                     case .failure(let e):
@@ -385,7 +387,7 @@ public final class VMBackend: SandboxBackend {
 
     public func persistentState(_ s: Sandbox) -> [String: String] {
         guard let pod = pods[s.id] else { return [:] }
-        var state = pod.vm?.persistentState ?? [:]
+        var state = pod.vm?.persistentState ?? pod.spawnedState
         state["memory_mib"] = String(pod.spec.memoryMiB)
         state["vcpus"] = String(pod.spec.vcpus)
         state["kernel"] = pod.spec.kernel
@@ -399,7 +401,11 @@ public final class VMBackend: SandboxBackend {
     }
 
     public func recover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
-        guard s.state == .ready, state["vmm_pid"] != nil else { return }
+        guard state["vmm_pid"] != nil else { return }
+        guard s.state == .ready else {
+            endLeftover(s, state: state, exits: exits)
+            return
+        }
         let accelerator = state["accelerator"].flatMap { Accelerator(rawValue: $0) } ?? .tcg
         var spec = VMSpec(id: s.id, stateDir: s.stateDir, kernel: state["kernel"] ?? settings.kernel, initrd: state["initrd"] ?? settings.initrd,
                           memoryMiB: state["memory_mib"].flatMap { UInt32($0) } ?? settings.memoryMiB, vcpus: state["vcpus"].flatMap { UInt32($0) } ?? settings.vcpus,
@@ -434,6 +440,20 @@ public final class VMBackend: SandboxBackend {
         }
     }
 
+    /// A VM whose Start the last daemon did not finish (or a stopped pod's that outlived
+    /// it): nothing serves it, so it is killed — checked by pid and start time, never a
+    /// stranger that reused the pid. Its pod must be created again.
+    private func endLeftover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
+        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else { return }
+        let supervisor = registry.engine.supervisor
+        guard supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { _ in }) != nil else {
+            _ = exits.take(pid: pid, startTime: start)
+            return
+        }
+        logger.warning("sandbox \(s.id): its VM (QEMU pid \(pid)) was still starting when the last daemon ended: killed; shut the pod down and create it again")
+        try? supervisor.signal(pid, SIGKILL)
+    }
+
     public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] {
         guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else { return [] }
         return [ExitRecords.name(pid: pid, startTime: start)]
@@ -452,6 +472,8 @@ public final class VMPod {
     var network: PodNetwork?
     /// After a restart: the redirected links' indexes (the taps are the VMM's).
     var recoveredLinks: [Int32] = []
+    /// The VMM's record from the moment it was spawned, until `vm` is there.
+    var spawnedState: [String: String] = [:]
     var netLinks: [Int32] { network.map { $0.links.map(\.ifindex) } ?? recoveredLinks }
     var stopping = false
     var exitStatus: ExitStatus?

@@ -98,7 +98,7 @@ public final class QEMU: Hypervisor {
         return a
     }
 
-    public func launch(_ spec: VMSpec, done: @escaping (Result<VirtualMachine, RPCError>) -> Void) {
+    public func launch(_ spec: VMSpec, spawned: @escaping ([String: String]) -> Void, done: @escaping (Result<VirtualMachine, RPCError>) -> Void) {
         for path in [spec.kernel, spec.initrd] where access(path, R_OK) != 0 {
             done(.failure(RPCError(.failedPrecondition, "sandbox \(spec.id): guest image file \(path) is missing or unreadable (make guest builds it)")))
             return
@@ -124,6 +124,7 @@ public final class QEMU: Hypervisor {
             return
         }
         logger.info("sandbox \(spec.id): QEMU started, pid \(vm.pid), \(spec.accelerator.rawValue), \(spec.vcpus) vCPU, \(spec.memoryMiB) MiB")
+        spawned(vm.persistentState)
         vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
     }
 
