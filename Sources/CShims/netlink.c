@@ -114,6 +114,18 @@ typedef struct dump_ctx {
     int max, count;
 } dump_ctx;
 
+// A dump request of `type` with its family header; each answer goes to `each`, which
+// fills `out` up to `max`. Returns how many it kept, or -errno.
+static int nl_dump(int nl, int type, const void *header, size_t size, void (*each)(struct nlmsghdr *, void *), void *out, int max) {
+    nl_req b;
+    nl_begin(&b, type, NLM_F_DUMP, header, size);
+    int r = nl_send(nl, &b);
+    if (r < 0) return r;
+    dump_ctx c = {out, max, 0};
+    r = nl_answers(nl, ((struct nlmsghdr *)b.data)->nlmsg_seq, each, &c);
+    return r < 0 ? r : c.count;
+}
+
 static void each_link(struct nlmsghdr *h, void *p) {
     dump_ctx *c = p;
     if (h->nlmsg_type != RTM_NEWLINK || c->count >= c->max) return;
@@ -143,14 +155,8 @@ static void each_link(struct nlmsghdr *h, void *p) {
 }
 
 int ks_nl_links(int nl, ks_link *out, int max) {
-    nl_req b;
-    struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
-    nl_begin(&b, RTM_GETLINK, NLM_F_DUMP, &ifi, sizeof ifi);
-    int r = nl_send(nl, &b);
-    if (r < 0) return r;
-    dump_ctx c = {out, max, 0};
-    r = nl_answers(nl, ((struct nlmsghdr *)b.data)->nlmsg_seq, each_link, &c);
-    return r < 0 ? r : c.count;
+    struct ifinfomsg h = {.ifi_family = AF_UNSPEC};
+    return nl_dump(nl, RTM_GETLINK, &h, sizeof h, each_link, out, max);
 }
 
 static void each_addr(struct nlmsghdr *h, void *p) {
@@ -174,14 +180,8 @@ static void each_addr(struct nlmsghdr *h, void *p) {
 }
 
 int ks_nl_addrs4(int nl, ks_addr4 *out, int max) {
-    nl_req b;
-    struct ifaddrmsg ifa = {.ifa_family = AF_INET};
-    nl_begin(&b, RTM_GETADDR, NLM_F_DUMP, &ifa, sizeof ifa);
-    int r = nl_send(nl, &b);
-    if (r < 0) return r;
-    dump_ctx c = {out, max, 0};
-    r = nl_answers(nl, ((struct nlmsghdr *)b.data)->nlmsg_seq, each_addr, &c);
-    return r < 0 ? r : c.count;
+    struct ifaddrmsg h = {.ifa_family = AF_INET};
+    return nl_dump(nl, RTM_GETADDR, &h, sizeof h, each_addr, out, max);
 }
 
 static void each_route(struct nlmsghdr *h, void *p) {
@@ -206,14 +206,8 @@ static void each_route(struct nlmsghdr *h, void *p) {
 }
 
 int ks_nl_routes4(int nl, ks_route4 *out, int max) {
-    nl_req b;
-    struct rtmsg rt = {.rtm_family = AF_INET};
-    nl_begin(&b, RTM_GETROUTE, NLM_F_DUMP, &rt, sizeof rt);
-    int r = nl_send(nl, &b);
-    if (r < 0) return r;
-    dump_ctx c = {out, max, 0};
-    r = nl_answers(nl, ((struct nlmsghdr *)b.data)->nlmsg_seq, each_route, &c);
-    return r < 0 ? r : c.count;
+    struct rtmsg h = {.rtm_family = AF_INET};
+    return nl_dump(nl, RTM_GETROUTE, &h, sizeof h, each_route, out, max);
 }
 
 int ks_nl_link_up(int nl, int ifindex, unsigned mtu) {

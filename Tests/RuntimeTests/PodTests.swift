@@ -68,8 +68,8 @@ extension AllTests {
             try grpc.call(PodTests.controller, m, r, as: Resp.self, metadata: [("containerd-namespace", "k8s.io")])
         }
 
-        /// Controller Create + Start of a pod; returns the pid Start answered and the Task address.
-        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar", netns: String = "") throws -> (pid: pid_t, address: String) {
+        /// Controller Create of a pod.
+        func createPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar", netns: String = "") throws {
             var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
             create.sandboxID = id
             create.sandboxer = sandboxer
@@ -77,6 +77,11 @@ extension AllTests {
             create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
             create.options.value = try config.serializedData()
             _ = try call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)
+        }
+
+        /// Controller Create + Start of a pod; returns the pid Start answered and the Task address.
+        func runPod(_ id: String, _ config: Runtime_V1_PodSandboxConfig, sandboxer: String = "kuasar", netns: String = "") throws -> (pid: pid_t, address: String) {
+            try createPod(id, config, sandboxer: sandboxer, netns: netns)
             var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
             start.sandboxID = id
             start.sandboxer = sandboxer

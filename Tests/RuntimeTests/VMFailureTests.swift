@@ -56,21 +56,13 @@ extension AllTests.VMSandboxTests {
                 #expect(e.code == .deadlineExceeded && e.message.contains("within 6 s") && e.message.contains("kuasar-baseline-ready"), "\(e)")
             }
             #expect(waitUntil(timeoutMS: 10_000) { Self.qemuProcesses(mentioning: node.root).isEmpty }, "the VM is killed")
-            var sd = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
-            sd.sandboxID = "na"
-            sd.sandboxer = "kuasar-vm"
-            _ = try? node.call("Shutdown", sd, Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+            try? AllTests.TaskServerTests.shutdown(node, "na", "kuasar-vm")
         }
 
         // The daemon is killed while a VM boots (its Start unanswered): the next daemon
         // kills that QEMU instead of leaving it to run unserved, and Start says what to do.
         try AllTests.PodTests.Node.with("vm-midboot", config: Self.config(initrd: scratch + "/initrd-baseline.lz4", bootTimeout: 60), keep: true) { node in
-            var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
-            create.sandboxID = "mb"
-            create.sandboxer = "kuasar-vm"
-            create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
-            create.options.value = try AllTests.PodTests.podConfig(hostname: "mb").serializedData()
-            _ = try node.call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)
+            try node.createPod("mb", AllTests.PodTests.podConfig(hostname: "mb"), sandboxer: "kuasar-vm")
             let socket = node.socket
             let starter = Thread {
                 // Its own connection: the answer never comes, the daemon dies first.
@@ -94,15 +86,9 @@ extension AllTests.VMSandboxTests {
                 _ = try node.call("Start", start, Containerd_Services_Sandbox_V1_ControllerStartResponse.self)
                 Issue.record("a pod whose VM was killed started without one")
             } catch let e as RPCError { #expect(e.code == .failedPrecondition && e.message.contains("created again"), "\(e)") }
-            _ = try node.call("Shutdown", sd(), Containerd_Services_Sandbox_V1_ControllerShutdownResponse.self)
+            try AllTests.TaskServerTests.shutdown(node, "mb", "kuasar-vm")
             #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
             firstKeeper.log.close()
-        }
-        func sd() -> Containerd_Services_Sandbox_V1_ControllerShutdownRequest {
-            var r = Containerd_Services_Sandbox_V1_ControllerShutdownRequest()
-            r.sandboxID = "mb"
-            r.sandboxer = "kuasar-vm"
-            return r
         }
 
         try AllTests.PodTests.Node.with("vm-panic", config: Self.config()) { node in
@@ -123,11 +109,8 @@ extension AllTests.VMSandboxTests {
             _ = try Self.start(t, "p1")
             #expect(Files.isDirectory(node.root + "/vp/share/p1/rootfs/escaped"), "the mount point is in the container's rootfs")
             // The guest's kernel crashes (sysrq 'c': a panic; the guest reboots, QEMU exits).
-            let b2 = try node.bundle("p2", pid: pid, args: ["sh", "-c", "echo c > /proc/sysrq-trigger"])
-            let io2 = try FIFOs(b2, ["stdout"])
+            let io2 = try Self.run(t, node, "p2", pid: pid, ["sh", "-c", "echo c > /proc/sysrq-trigger"])
             defer { io2.close() }
-            _ = try Self.create(t, "p2", bundle: b2, io2)
-            _ = try Self.start(t, "p2")
             #expect(try Self.wait(t, "p1") == 137)
             #expect(io1.read("stdout") == "1\n", "what p1 wrote before the panic arrives")
             var w = Containerd_Services_Sandbox_V1_ControllerWaitRequest()
@@ -177,12 +160,10 @@ extension AllTests.VMSandboxTests {
             #expect(r.out.contains("tap0_kuasar") && r.out.contains("mirred"), "the tap and its redirect are in the pod's netns: \(r.out)")
             let t = try OneShotClient(path: address)
             defer { t.close() }
-            let b = try node.bundle("n1", pid: pid, args: ["sh", "-c",
-                "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; ip route; ping -c 2 -W 5 \(subnet).1 >/dev/null && echo ping-ok; nc \(subnet).1 7777 </dev/null"])
-            let io = try FIFOs(b, ["stdout", "stderr"])
+            let io = try Self.run(t, node, "n1", pid: pid, ["sh", "-c",
+                "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; ip route; ping -c 2 -W 5 \(subnet).1 >/dev/null && echo ping-ok; nc \(subnet).1 7777 </dev/null"],
+                streams: ["stdout", "stderr"])
             defer { io.close() }
-            _ = try Self.create(t, "n1", bundle: b, io)
-            _ = try Self.start(t, "n1")
             #expect(try Self.wait(t, "n1") == 0, "stderr: \(io.read("stderr"))")
             let out = io.read("stdout")
             #expect(out.hasPrefix(vethMAC + "\n"), "the NIC has the veth's MAC \(vethMAC): \(out)")

@@ -84,6 +84,21 @@ extension AllTests {
         return try t.call(task, "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, timeoutNS: 60_000_000_000, namespace: "k8s.io").pid
     }
 
+    /// A container of `args` in the pod whose Start answered `pid`: its bundle (the CRI
+    /// fixture), FIFOs for `streams`, Create and Start. The caller closes the FIFOs.
+    static func run(_ t: OneShotClient, _ node: PodTests.Node, _ id: String, pid: pid_t, _ args: [String], streams: [String] = ["stdout"]) throws -> FIFOs {
+        let bundle = try node.bundle(id, pid: pid, args: args)
+        let io = try FIFOs(bundle, streams)
+        do {
+            _ = try create(t, id, bundle: bundle, io)
+            _ = try start(t, id)
+        } catch {
+            io.close()
+            throw error
+        }
+        return io
+    }
+
     static func call<Resp: SwiftProtobuf.Message>(_ t: OneShotClient, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
         try t.call(task, m, r, as: Resp.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
     }
@@ -230,16 +245,10 @@ extension AllTests {
             defer { ta.close() }
             let tb = try OneShotClient(path: addrB)
             defer { tb.close() }
-            let ba = try node.bundle("a", pid: pidA, args: ["sh", "-c", "echo I am $(hostname); exec sleep 300"])
-            let ioA = try FIFOs(ba, ["stdout"])
+            let ioA = try Self.run(ta, node, "a", pid: pidA, ["sh", "-c", "echo I am $(hostname); exec sleep 300"])
             defer { ioA.close() }
-            _ = try Self.create(ta, "a", bundle: ba, ioA)
-            _ = try Self.start(ta, "a")
-            let bb = try node.bundle("b", pid: pidB, args: ["sh", "-c", "echo I am $(hostname)"])
-            let ioB = try FIFOs(bb, ["stdout"])
+            let ioB = try Self.run(tb, node, "b", pid: pidB, ["sh", "-c", "echo I am $(hostname)"])
             defer { ioB.close() }
-            _ = try Self.create(tb, "b", bundle: bb, ioB)
-            _ = try Self.start(tb, "b")
             #expect(try Self.wait(tb, "b") == 0)
             #expect(ioB.read("stdout") == "I am pod-b\n")
 

@@ -11,17 +11,21 @@ import KuasarSandbox
 /// guest adds in front of it — `stream:` stdio kept in the agent for the host to pull,
 /// and bundles confined to the host's share (a path outside it is refused before
 /// anything is read).
-final class AgentTasks: TaskBackend, TaskEventSink {
-    let inner: ContainerTaskBackend
+final class AgentTasks: TaskBackendForwarder<ContainerTaskBackend>, TaskEventSink {
     let streams: StdioStreams
     /// Bundles must resolve below this directory (nil: anywhere, `--listen` on a host).
     let bundleRoot: String?
-    weak var events: TaskEventSink?
+    /// The engine reports to the agent, which reports here.
+    private weak var sink: TaskEventSink?
+    override var events: TaskEventSink? {
+        get { sink }
+        set { sink = newValue }
+    }
 
     init(inner: ContainerTaskBackend, streams: StdioStreams, bundleRoot: String?) {
-        self.inner = inner
         self.streams = streams
         self.bundleRoot = bundleRoot.map { Self.resolved($0) ?? $0 }
+        super.init(inner: inner)
         inner.events = self
     }
 
@@ -56,7 +60,7 @@ final class AgentTasks: TaskBackend, TaskEventSink {
 
     // MARK: TaskBackend
 
-    func create(_ r: Containerd_Task_V2_CreateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
+    override func create(_ r: Containerd_Task_V2_CreateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
         try Identifier.validate(r.id, what: "container")
         try checkBundle(r.bundle)
         guard sandbox.containers[r.id] == nil, !sandbox.pendingCreates.contains(r.id) else {
@@ -80,7 +84,7 @@ final class AgentTasks: TaskBackend, TaskEventSink {
         }
     }
 
-    func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
+    override func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws {
         try Identifier.validate(r.execID, what: "exec")
         guard let c = sandbox.containers[r.id] else { throw RPCError(.notFound, "container \(r.id) not found in sandbox \(sandbox.id)") }
         guard c.execs[r.execID] == nil else { throw RPCError(.alreadyExists, "exec \(r.execID) already exists in container \(r.id)") }
@@ -98,29 +102,14 @@ final class AgentTasks: TaskBackend, TaskEventSink {
         }
     }
 
-    func delete(_ r: Containerd_Task_V2_DeleteRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws {
+    override func delete(_ r: Containerd_Task_V2_DeleteRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws {
         try inner.delete(r, in: sandbox) { [weak self] result in
             if case .success = result { self?.streams.remove(container: r.id, exec: r.execID.isEmpty ? nil : r.execID) }
             reply(result)
         }
     }
 
-    func start(_ r: Containerd_Task_V2_StartRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws { try inner.start(r, in: sandbox, reply: reply) }
-    func state(_ r: Containerd_Task_V2_StateRequest, in sandbox: Sandbox) throws -> Containerd_Task_V2_StateResponse { try inner.state(r, in: sandbox) }
-    func pids(_ r: Containerd_Task_V2_PidsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws { try inner.pids(r, in: sandbox, reply: reply) }
-    func pause(_ r: Containerd_Task_V2_PauseRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.pause(r, in: sandbox, reply: reply) }
-    func resume(_ r: Containerd_Task_V2_ResumeRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.resume(r, in: sandbox, reply: reply) }
-    func kill(_ r: Containerd_Task_V2_KillRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.kill(r, in: sandbox, reply: reply) }
-    func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in sandbox: Sandbox) throws { try inner.resizePty(r, in: sandbox) }
-    func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in sandbox: Sandbox) throws { try inner.closeIO(r, in: sandbox) }
-    func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Void>) throws { try inner.update(r, in: sandbox, reply: reply) }
-    func wait(_ r: Containerd_Task_V2_WaitRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? { try inner.wait(r, in: sandbox, reply: reply) }
-    func stats(_ r: Containerd_Task_V2_StatsRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws { try inner.stats(r, in: sandbox, reply: reply) }
-    func taskPid(_ id: String, in sandbox: Sandbox) -> UInt32 { inner.taskPid(id, in: sandbox) }
-    func isEmpty(_ sandbox: Sandbox) -> Bool { inner.isEmpty(sandbox) }
-    func stopAll(in sandbox: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) { inner.stopAll(in: sandbox, timeoutSecs: timeoutSecs, done: done) }
-    func killAll(in sandbox: Sandbox) { inner.killAll(in: sandbox) }
-    func release(_ sandbox: Sandbox) {
+    override func release(_ sandbox: Sandbox) {
         inner.release(sandbox)
         streams.closeAll()
     }

@@ -123,6 +123,9 @@ public protocol Hypervisor: AnyObject {
     /// Starts the VMM and answers once its control socket works (the guest is booting).
     /// `spawned` gets the VMM's `persistentState` as soon as its process exists (before
     /// its control socket answers), so a daemon that dies while it boots leaves a record.
+    /// Kills the VMM a `persistentState` names if it still runs (checked by pid and start
+    /// time, never a stranger that reused the pid); its pid, nil when it is gone.
+    func kill(recorded state: [String: String], exits: ExitRecords) -> pid_t?
     func launch(_ spec: VMSpec, spawned: @escaping ([String: String]) -> Void, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
     /// After a daemon restart: the VM `state` names, if its process is still the one
     /// that was started (pid and start time), with its control socket and console again.

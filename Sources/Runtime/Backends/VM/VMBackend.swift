@@ -117,15 +117,19 @@ public final class VMBackend: SandboxBackend {
             var setup = try setupRequest(s, request.podConfig)
             var network: PodNetwork?
             if !request.netnsPath.isEmpty {
-                do { network = try PodNetwork.attach(netnsPath: request.netnsPath) } catch {
+                let net: PodNetwork
+                do { net = try PodNetwork.attach(netnsPath: request.netnsPath) } catch {
                     throw RPCError(RPCCode(errno: error.errno), "sandbox \(s.id): join the VM to the pod's network namespace \(request.netnsPath): \(error)")
                 }
-                Self.configure(&spec, &setup, network!)
-                logger.info("sandbox \(s.id): network \(request.netnsPath): \(network!.links.map { "\($0.name) \($0.mac) \($0.addresses.joined(separator: ","))" }.joined(separator: "; "))\(network!.links.isEmpty ? "no interface to join (the guest gets no NIC)" : "")")
+                Self.configure(&spec, &setup, net)
+                let links = net.links.map { "\($0.name) \($0.mac) \($0.addresses.joined(separator: ","))" }
+                logger.info("sandbox \(s.id): network \(request.netnsPath): \(links.isEmpty ? "no interface to join (the guest gets no NIC)" : links.joined(separator: "; "))")
+                network = net
             }
             let pod = VMPod(spec: spec, setup: setup)
             pod.netns = request.netnsPath
             pod.network = network
+            pod.netLinks = network?.links.map(\.ifindex) ?? []
             pods[s.id] = pod
             s.kind = kind
             done(.success(()))
@@ -413,7 +417,7 @@ public final class VMBackend: SandboxBackend {
         spec.kernelArgs = settings.kernelArgs
         let pod = VMPod(spec: spec, setup: Kuasar_Agent_V1_SetupSandboxRequest())
         pod.netns = state["netns"] ?? ""
-        pod.recoveredLinks = (state["net_links"] ?? "").split(separator: ",").compactMap { Int32($0) }
+        pod.netLinks = (state["net_links"] ?? "").split(separator: ",").compactMap { Int32($0) }
         tasks.restore(pod, from: state)
         pods[s.id] = pod
         s.taskBackend = s.sandboxer == nil ? shimTasks : tasks
@@ -444,14 +448,8 @@ public final class VMBackend: SandboxBackend {
     /// it): nothing serves it, so it is killed — checked by pid and start time, never a
     /// stranger that reused the pid. Its pod must be created again.
     private func endLeftover(_ s: Sandbox, state: [String: String], exits: ExitRecords) {
-        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else { return }
-        let supervisor = registry.engine.supervisor
-        guard supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { _ in }) != nil else {
-            _ = exits.take(pid: pid, startTime: start)
-            return
-        }
-        logger.warning("sandbox \(s.id): its VM (QEMU pid \(pid)) was still starting when the last daemon ended: killed; shut the pod down and create it again")
-        try? supervisor.signal(pid, SIGKILL)
+        guard let pid = hypervisor.kill(recorded: state, exits: exits) else { return }
+        logger.warning("sandbox \(s.id): its VM (VMM pid \(pid)) was still starting when the last daemon ended: killed; shut the pod down and create it again")
     }
 
     public func exitRecordNames(_ s: Sandbox, state: [String: String]) -> [String] {
@@ -469,12 +467,12 @@ public final class VMPod {
     var agent: AgentLink?
     /// containerd's netns for the pod ("": none), and what joins the VM to it.
     var netns = ""
+    /// (nil after a restart: the taps are the VMM's then.)
     var network: PodNetwork?
-    /// After a restart: the redirected links' indexes (the taps are the VMM's).
-    var recoveredLinks: [Int32] = []
+    /// The netns's links whose ingress redirects to the VM (removed at Shutdown).
+    var netLinks: [Int32] = []
     /// The VMM's record from the moment it was spawned, until `vm` is there.
     var spawnedState: [String: String] = [:]
-    var netLinks: [Int32] { network.map { $0.links.map(\.ifindex) } ?? recoveredLinks }
     var stopping = false
     var exitStatus: ExitStatus?
     /// The last agent event handled (acknowledged with the next NextEvents).

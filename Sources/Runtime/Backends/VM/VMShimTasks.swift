@@ -15,20 +15,17 @@ import KuasarSandbox
 /// VM, sized from that container's `linux.resources` and named after its hostname. Creates
 /// that arrive while it boots wait for it. The VM goes when the sandbox is removed after
 /// its last container (Task.Shutdown). Every call is then the Controller path's `VMTasks`.
-final class VMShimTasks: TaskBackend {
+final class VMShimTasks: TaskBackendForwarder<VMTasks> {
     unowned let backend: VMBackend
-    var tasks: VMTasks { backend.tasks }
     /// The Creates waiting for a sandbox's VM to boot.
     private var booting: [String: [(Result<Void, RPCError>) -> Void]] = [:]
 
-    init(backend: VMBackend) { self.backend = backend }
-
-    var events: TaskEventSink? {
-        get { tasks.events }
-        set { tasks.events = newValue }
+    init(backend: VMBackend) {
+        self.backend = backend
+        super.init(inner: backend.tasks)
     }
 
-    func create(_ r: Containerd_Task_V2_CreateTaskRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
+    override func create(_ r: Containerd_Task_V2_CreateTaskRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
         try Identifier.validate(r.id, what: "container")
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
         if backend.pods[s.id] == nil && booting[s.id] == nil {
@@ -46,7 +43,7 @@ final class VMShimTasks: TaskBackend {
             case .failure(let e):
                 reply(.failure(e))
             case .success:
-                do { try self.tasks.create(r, in: s, reply: reply) } catch { reply(.failure(RPCError.from(error))) }
+                do { try self.inner.create(r, in: s, reply: reply) } catch { reply(.failure(RPCError.from(error))) }
             }
         }
     }
@@ -102,26 +99,8 @@ final class VMShimTasks: TaskBackend {
         body(.success(()))
     }
 
-    // Everything else is the Controller path's.
-
-    func start(_ r: Containerd_Task_V2_StartRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StartResponse>) throws { try tasks.start(r, in: s, reply: reply) }
-    func delete(_ r: Containerd_Task_V2_DeleteRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_DeleteResponse>) throws { try tasks.delete(r, in: s, reply: reply) }
-    func exec(_ r: Containerd_Task_V2_ExecProcessRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws { try tasks.exec(r, in: s, reply: reply) }
-    func state(_ r: Containerd_Task_V2_StateRequest, in s: Sandbox) throws -> Containerd_Task_V2_StateResponse { try tasks.state(r, in: s) }
-    func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws { try tasks.pids(r, in: s, reply: reply) }
-    func pause(_ r: Containerd_Task_V2_PauseRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws { try tasks.pause(r, in: s, reply: reply) }
-    func resume(_ r: Containerd_Task_V2_ResumeRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws { try tasks.resume(r, in: s, reply: reply) }
-    func kill(_ r: Containerd_Task_V2_KillRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws { try tasks.kill(r, in: s, reply: reply) }
-    func resizePty(_ r: Containerd_Task_V2_ResizePtyRequest, in s: Sandbox) throws { try tasks.resizePty(r, in: s) }
-    func closeIO(_ r: Containerd_Task_V2_CloseIORequest, in s: Sandbox) throws { try tasks.closeIO(r, in: s) }
-    func update(_ r: Containerd_Task_V2_UpdateTaskRequest, in s: Sandbox, reply: @escaping Reply<Void>) throws { try tasks.update(r, in: s, reply: reply) }
-    func wait(_ r: Containerd_Task_V2_WaitRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_WaitResponse>) throws -> (() -> Void)? { try tasks.wait(r, in: s, reply: reply) }
-    func stats(_ r: Containerd_Task_V2_StatsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_StatsResponse>) throws { try tasks.stats(r, in: s, reply: reply) }
-    func taskPid(_ id: String, in s: Sandbox) -> UInt32 { tasks.taskPid(id, in: s) }
     /// A sandbox whose VM still boots is not empty: its first container is on its way.
-    func isEmpty(_ s: Sandbox) -> Bool { booting[s.id] == nil && tasks.isEmpty(s) }
-    func stopAll(in s: Sandbox, timeoutSecs: UInt32, done: @escaping () -> Void) { tasks.stopAll(in: s, timeoutSecs: timeoutSecs, done: done) }
-    func killAll(in s: Sandbox) { tasks.killAll(in: s) }
+    override func isEmpty(_ s: Sandbox) -> Bool { booting[s.id] == nil && inner.isEmpty(s) }
     /// The sandbox goes (its last container was deleted, or ForceDelete): so does its VM.
-    func release(_ s: Sandbox) { backend.shutdown(s) }
+    override func release(_ s: Sandbox) { backend.shutdown(s) }
 }

@@ -128,8 +128,24 @@ public final class QEMU: Hypervisor {
         vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
     }
 
+    /// The pid and start time a `QEMUMachine.persistentState` recorded.
+    static func recorded(_ state: [String: String]) -> (pid_t, UInt64)? {
+        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else { return nil }
+        return (pid, start)
+    }
+
+    public func kill(recorded state: [String: String], exits: ExitRecords) -> pid_t? {
+        guard let (pid, start) = Self.recorded(state) else { return nil }
+        guard supervisor.watchForeign(pid: pid, startTime: start, exits: exits, onExit: { _ in }) != nil else {
+            _ = exits.take(pid: pid, startTime: start)
+            return nil
+        }
+        try? supervisor.signal(pid, SIGKILL)
+        return pid
+    }
+
     public func recover(_ spec: VMSpec, state: [String: String], exits: ExitRecords, done: @escaping (Result<VirtualMachine, RPCError>) -> Void) {
-        guard let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) else {
+        guard let (pid, start) = Self.recorded(state) else {
             done(.failure(RPCError(.notFound, "sandbox \(spec.id): no QEMU recorded in its state")))
             return
         }
