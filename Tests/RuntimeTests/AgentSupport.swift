@@ -29,6 +29,7 @@ extension AgentPeer {
             let resp = try call(Self.agentService, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
             if resp.eof { return out }
             out += resp.data
+            r.offset = resp.offset + UInt64(resp.data.count)
         }
     }
 

@@ -162,6 +162,106 @@ extension AllTests {
         try a.delete("cat")
     }
 
+    /// A ttrpc peer written frame by frame, as a restarted daemon looks to an agent whose
+    /// virtio-serial port never closed: the same connection, stream ids from 1 again.
+    struct RawHost {
+        let fd: Int32
+        init(_ path: String) throws { fd = try Socket.connectUnix(path: path, blocking: true).take() }
+        func send(_ stream: UInt32, _ method: String, _ m: some SwiftProtobuf.Message) throws {
+            var req = Ttrpc_Request()
+            req.service = method == "Check" || method == "ReadStdio" ? AgentTests.agent : AgentTests.task
+            req.method = method
+            req.payload = try m.serializedData()
+            req.metadata = [.with { $0.key = "containerd-namespace-ttrpc"; $0.value = "k8s.io" }]
+            _ = writeRaw(fd, TTRPC.encode(TTRPC.Frame(streamID: stream, type: .request, payload: try req.serializedBytes())))
+        }
+        /// Every response frame that arrives within `ms`.
+        func responses(ms: Int32) -> [(UInt32, Ttrpc_Response)] {
+            var d = TTRPCFrameDecoder()
+            var out: [(UInt32, Ttrpc_Response)] = []
+            var buf = [UInt8](repeating: 0, count: 65536)
+            let end = MonotonicClock.nanoseconds() + UInt64(ms) * 1_000_000
+            while MonotonicClock.nanoseconds() < end {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&p, 1, 20) > 0 else { continue }
+                let n = read(fd, &buf, buf.count)
+                if n <= 0 { break }
+                d.append(Array(buf[..<n]))
+                while case .frame(let f)? = d.next() {
+                    if let r = try? Ttrpc_Response(serializedBytes: f.payload) { out.append((f.streamID, r)) }
+                }
+            }
+            return out
+        }
+        func close() { _ = Glibc.close(fd) }
+    }
+
+    /// A daemon killed while its long polls wait, and the next one on the same channel
+    /// before the agent saw it go: the new Check's session ends the old calls, so the
+    /// new host's stream ids are free and the output they were waiting for is not spent
+    /// on a host that is gone. Output is acknowledged by the next read: a chunk a host
+    /// took but did not acknowledge comes again (offset, or resume after a restart).
+    @Test func aNewHostSessionTakesOverTheChannelAndLosesNoOutput() throws {
+        let bundle = try TestBundle("agent-takeover")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["cat"])
+        let a = try AgentProcess("takeover")
+        defer { try? a.stop() }
+        _ = try a.run("cat", bundle: bundle.path, stdin: true)
+
+        var read = Kuasar_Agent_V1_ReadStdioRequest()
+        read.containerID = "cat"
+        let old = try RawHost(a.socket)
+        defer { old.close() }
+        try old.send(1, "Check", Kuasar_Agent_V1_CheckRequest.with { $0.session = 11 })
+        try old.send(3, "ReadStdio", read)   // waits: cat has read nothing yet
+        #expect(old.responses(ms: 200).map(\.0) == [1])
+        // The "new daemon", same connection, ids from 1 again.
+        try old.send(1, "Check", Kuasar_Agent_V1_CheckRequest.with { $0.session = 22 })
+        try old.send(3, "ReadStdio", read)
+        #expect(old.responses(ms: 200).map(\.0) == [1], "the new session's read waits; the old one was dropped unanswered")
+        #expect(a.logText.contains("a new host session on this channel: 1 call(s) of the previous one dropped"), "\(a.logText)")
+
+        var w = Kuasar_Agent_V1_WriteStdinRequest()
+        w.containerID = "cat"
+        w.data = Data("hello".utf8)
+        _ = try a.call(Self.agent, "WriteStdin", w, Kuasar_Agent_V1_WriteStdinResponse.self)
+        let got = old.responses(ms: 300)
+        #expect(got.count == 1 && got.first?.0 == 3, "one answer, on the new session's stream: \(got.map(\.0))")
+        if let (_, r) = got.first, let resp = try? Kuasar_Agent_V1_ReadStdioResponse(serializedBytes: r.payload) {
+            #expect(String(decoding: resp.data, as: UTF8.self) == "hello" && resp.offset == 0)
+        } else {
+            Issue.record("no ReadStdio answer: \(got)")
+        }
+
+        // Not acknowledged (offset still 0): sent again; resume: again, from the last acknowledged byte.
+        func pull(_ r: Kuasar_Agent_V1_ReadStdioRequest) throws -> Kuasar_Agent_V1_ReadStdioResponse {
+            try a.call(Self.agent, "ReadStdio", r, Kuasar_Agent_V1_ReadStdioResponse.self)
+        }
+        #expect(String(decoding: try pull(read).data, as: UTF8.self) == "hello")
+        var resume = read
+        resume.resume = true
+        let again = try pull(resume)
+        #expect(String(decoding: again.data, as: UTF8.self) == "hello" && again.offset == 0)
+        var bad = read
+        bad.offset = 99
+        a.expectFailure(Self.agent, "ReadStdio", bad, code: .outOfRange, "offset 99")
+        // Acknowledged: what comes next starts at 5.
+        w.data = Data(" world".utf8)
+        _ = try a.call(Self.agent, "WriteStdin", w, Kuasar_Agent_V1_WriteStdinResponse.self)
+        var next = read
+        next.offset = 5
+        let tail = try pull(next)
+        #expect(String(decoding: tail.data, as: UTF8.self) == " world" && tail.offset == 5)
+        var close = Kuasar_Agent_V1_CloseStdinRequest()
+        close.containerID = "cat"
+        _ = try a.call(Self.agent, "CloseStdin", close, Google_Protobuf_Empty.self)
+        next.offset = 11
+        #expect(try pull(next).eof)
+        #expect(try a.wait("cat") == 0)
+        try a.delete("cat")
+    }
+
     @Test func terminalExecKillAndPids() throws {
         let bundle = try TestBundle("agent-tty")
         defer { bundle.remove() }

@@ -300,7 +300,16 @@ public final class Agent {
         func unary<Req: SwiftProtobuf.Message>(_ method: String, _ body: @escaping (TTRPCServerCall, Req) throws -> Void) {
             server.registerUnary(service: Self.service, method: method, body)
         }
-        unary("Check") { [unowned self] (call: TTRPCServerCall, _: Kuasar_Agent_V1_CheckRequest) in
+        unary("Check") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_CheckRequest) in
+            if r.session != 0 && r.session != call.session {
+                // A new host on a channel that stayed open (a restarted daemon reached the
+                // port before the guest saw the old one go): the old host's calls end here.
+                if call.session != 0 {
+                    let n = call.cancelOtherCalls(RPCError(.cancelled, "a new host session took over the channel"))
+                    self.logger.info("a new host session on this channel: \(n) call(s) of the previous one dropped")
+                }
+                call.session = r.session
+            }
             var resp = Kuasar_Agent_V1_CheckResponse()
             resp.version = KuasarVersion.string
             resp.pid = UInt32(getpid())
@@ -336,7 +345,7 @@ public final class Agent {
             guard let s = self.streams?.output(r.containerID, r.execID, r.stream) else {
                 throw RPCError(.notFound, "no \(r.stream == .stderr ? "stderr" : "stdout") stream for container \(r.containerID)\(r.execID.isEmpty ? "" : " exec \(r.execID)") (Create and Exec make one for a `stream:` path)")
             }
-            s.read(call, max: r.maxBytes == 0 ? 1 << 20 : Int(min(r.maxBytes, 4 << 20)))
+            s.read(call, max: r.maxBytes == 0 ? 1 << 20 : Int(min(r.maxBytes, 4 << 20)), offset: r.resume ? nil : r.offset)
         }
         unary("WriteStdin") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_WriteStdinRequest) in
             guard let s = self.streams?.input(r.containerID, r.execID) else {

@@ -27,8 +27,12 @@ final class OutputStream {
     private let connection: Connection
     /// Holds EOF back until the process exited.
     private var guardFD: Int32
-    /// Read ahead of the host's pulls (consumed from the front without moving the rest).
+    /// Read ahead of the host's pulls (consumed from the front without moving the rest):
+    /// its first `inFlight` bytes were sent and wait for a read to acknowledge them.
     private var buffer = InputBuffer()
+    private var inFlight = 0
+    /// Stream offset of the buffer's first byte (everything before it acknowledged).
+    private(set) var acknowledged: UInt64 = 0
     private(set) var eof = false
     private var waiter: (call: TTRPCServerCall, max: Int)?
 
@@ -62,24 +66,40 @@ final class OutputStream {
         if guardFD >= 0 { _ = Glibc.close(guardFD); guardFD = -1 }
     }
 
-    func read(_ call: TTRPCServerCall, max: Int) {
-        guard waiter == nil else {
-            call.fail(RPCError(.failedPrecondition, "a read of \(path) is already waiting; one at a time per stream"))
+    /// A read from the host that has received everything before `offset` (nil: it does
+    /// not know; from the last acknowledged byte). What was sent after it is sent again.
+    /// The newest read is the host's: one still waiting is superseded.
+    func read(_ call: TTRPCServerCall, max: Int, offset: UInt64?) {
+        let from = offset ?? acknowledged
+        let sent = acknowledged + UInt64(inFlight)
+        guard from >= acknowledged, from <= sent else {
+            call.fail(RPCError(.outOfRange, "offset \(from) of \(path) is not one this stream can go on from (acknowledged \(acknowledged), sent \(sent))"))
             return
         }
+        let n = Int(from - acknowledged)
+        buffer.consume(n)
+        acknowledged = from
+        inFlight = 0
+        if buffer.count < Self.bufferLimit && connection.state == .open { connection.resumeReading() }
+        if let (old, _) = waiter {
+            old.onCancel = nil
+            old.fail(RPCError(.aborted, "superseded by a newer read of \(path)"))
+        }
         waiter = (call, max)
-        call.onCancel = { [weak self] _ in self?.waiter = nil }
+        call.onCancel = { [weak self, weak call] _ in
+            if let self, self.waiter?.call === call { self.waiter = nil }
+        }
         answer()
     }
 
     private func answer() {
         guard let (call, max) = waiter else { return }
         var resp = Kuasar_Agent_V1_ReadStdioResponse()
-        if buffer.count > 0 {
-            let n = min(max, buffer.count)
-            resp.data = Data(buffer.slice(0..<n))
-            buffer.consume(n)
-            if buffer.count < Self.bufferLimit && connection.state == .open { connection.resumeReading() }
+        resp.offset = acknowledged + UInt64(inFlight)
+        if buffer.count > inFlight {
+            let n = min(max, buffer.count - inFlight)
+            resp.data = Data(buffer.slice(inFlight..<(inFlight + n)))
+            inFlight += n
         } else if eof {
             resp.eof = true
         } else {

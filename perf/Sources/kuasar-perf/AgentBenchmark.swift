@@ -158,6 +158,7 @@ enum AgentBenchmark {
                     let r = try c.call(agentService, "ReadStdio", read, as: Kuasar_Agent_V1_ReadStdioResponse.self)
                     if r.eof { break }
                     text += String(decoding: r.data, as: UTF8.self)
+                    read.offset = r.offset + UInt64(r.data.count)
                 }
                 rss = text.split(separator: " ", omittingEmptySubsequences: true).compactMap { Int($0) }.first
             }

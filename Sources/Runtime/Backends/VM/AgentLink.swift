@@ -25,6 +25,9 @@ final class AgentLink {
     var onLost: ((RPCError) -> Void)?
     /// Calls are refused (the VM is gone): no reconnect.
     var isClosed = false
+    /// This connection's session, named in each Check: the agent drops the calls a
+    /// previous host left open on a virtio-serial port that outlived it.
+    private(set) var session: UInt64 = 0
 
     init(reactor: Reactor, path: String, namespace: String, logger: Logger) {
         self.reactor = reactor
@@ -69,12 +72,15 @@ final class AgentLink {
         if client == nil || client?.isClosed == true {
             client = try? TTRPCClient.connect(reactor: reactor, path: path)
             client?.onClose = { [weak self] e in self?.lost(e) }
+            session = UInt64.random(in: 1...UInt64.max)
         }
         guard let client else {
             reactor.schedule(afterNS: 10_000_000) { [weak self] in self?.attempt() }
             return
         }
-        client.unary(service: Self.agent, method: "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self,
+        var check = Kuasar_Agent_V1_CheckRequest()
+        check.session = session
+        client.unary(service: Self.agent, method: "Check", check, as: Kuasar_Agent_V1_CheckResponse.self,
                      timeoutNS: 300_000_000) { [weak self] r in
             guard let self, self.pending != nil else { return }
             switch r {

@@ -25,9 +25,13 @@ final class StdioBridge {
         /// containerd's FIFO (or file), as the container engine opens its own.
         let sink: ProcessIO.OutputSink
         var done = false
-        init(stream: Kuasar_Agent_V1_Stream, sink: ProcessIO.OutputSink) {
+        /// Bytes of the stream received (each read acknowledges them); nil until the agent
+        /// says, for a bridge made again after a restart.
+        var received: UInt64?
+        init(stream: Kuasar_Agent_V1_Stream, sink: ProcessIO.OutputSink, received: UInt64?) {
             self.stream = stream
             self.sink = sink
+            self.received = received
         }
     }
 
@@ -48,7 +52,9 @@ final class StdioBridge {
     /// ttrpc's 4 MiB.
     static let chunk: UInt32 = 256 * 1024
 
-    init(reactor: Reactor, agent: AgentLink, containerID: String, execID: String, stdio: StdioPaths, logger: Logger) throws {
+    /// `resume`: the process's output was pulled by an earlier daemon, which may have died
+    /// holding a chunk it never acknowledged; the agent goes on from its last acknowledged byte.
+    init(reactor: Reactor, agent: AgentLink, containerID: String, execID: String, stdio: StdioPaths, resume: Bool = false, logger: Logger) throws {
         self.reactor = reactor
         self.agent = agent
         self.containerID = containerID
@@ -58,7 +64,7 @@ final class StdioBridge {
             if path.hasPrefix("binary://") {
                 throw RPCError(.unimplemented, "\(path): binary:// log drivers are not supported for VM pods yet (FIFOs and file:// are)")
             }
-            if let sink = try ProcessIO.openOutput(path, reactor: reactor) { outputs.append(Output(stream: stream, sink: sink)) }
+            if let sink = try ProcessIO.openOutput(path, reactor: reactor) { outputs.append(Output(stream: stream, sink: sink, received: resume ? nil : 0)) }
         }
         if !stdio.stdin.isEmpty { stdin = try ProcessIO.openInput(stdio.stdin, reactor: reactor) }
     }
@@ -84,6 +90,7 @@ final class StdioBridge {
         r.execID = execID
         r.stream = o.stream
         r.maxBytes = Self.chunk
+        if let received = o.received { r.offset = received } else { r.resume = true }
         agent.call(AgentLink.agent, "ReadStdio", r, as: Kuasar_Agent_V1_ReadStdioResponse.self, timeoutNS: nil) { [weak self] result in
             guard let self, !o.done else { return }
             switch result {
@@ -98,6 +105,7 @@ final class StdioBridge {
                 self.logger.warning("\(self.what): ReadStdio \(o.stream): \(e.message)")
                 self.finish(o)
             case .success(let resp):
+                o.received = resp.offset + UInt64(resp.data.count)
                 if !resp.data.isEmpty { resp.data.withUnsafeBytes { o.sink.write($0) } }
                 if resp.eof {
                     self.finish(o)

@@ -225,10 +225,10 @@ public final class VMTasks: TaskBackend {
 
     /// containerd's FIFOs joined to the agent's streams of `proc`; its exit is reported once
     /// both outputs reached their end.
-    private func bridge(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess) {
+    private func bridge(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess, resume: Bool = false) {
         guard let agent = p.agent else { return }
         do {
-            let b = try StdioBridge(reactor: reactor, agent: agent, containerID: c.id, execID: proc.execID, stdio: proc.stdio, logger: logger)
+            let b = try StdioBridge(reactor: reactor, agent: agent, containerID: c.id, execID: proc.execID, stdio: proc.stdio, resume: resume, logger: logger)
             proc.bridge = b
             b.onDrained = { [weak self, weak proc] in
                 guard let self, let proc else { return }
@@ -577,7 +577,7 @@ public final class VMTasks: TaskBackend {
     /// stopped (an exit in between is reported now, once).
     func reattach(_ s: Sandbox, _ p: VMPod) {
         for c in p.containers.values {
-            for proc in c.processes.values where !proc.finished { bridge(s, p, c, proc) }
+            for proc in c.processes.values where !proc.finished { bridge(s, p, c, proc, resume: true) }
         }
         followEvents(s, p)
     }

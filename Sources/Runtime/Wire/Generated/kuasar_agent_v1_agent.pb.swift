@@ -64,6 +64,14 @@ public nonisolated struct Kuasar_Agent_V1_CheckRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// The host's session on this channel (random, one per connection it makes). A
+  /// virtio-serial port outlives its host end: when a restarted daemon connects before the
+  /// guest saw the old one go, the port is the same to the agent. A Check naming a new
+  /// session cancels every call still open from the old one (its long polls would answer
+  /// a host that is gone, under stream ids the new host reuses); their state (unsent
+  /// output, unacknowledged events) stays for the new host. 0: no session (kept as is).
+  public var session: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -266,6 +274,16 @@ public nonisolated struct Kuasar_Agent_V1_ReadStdioRequest: Sendable {
   /// At most this many bytes (0: 1 MiB).
   public var maxBytes: UInt32 = 0
 
+  /// How many bytes of this stream the host has received: everything before it is
+  /// acknowledged and forgotten; what the agent sent after it (lost with a host that
+  /// died) is sent again. Output leaves the agent only when a later read acknowledges it.
+  public var offset: UInt64 = 0
+
+  /// The host does not know its offset (a restarted daemon): the agent goes on from the
+  /// last acknowledged byte, so a chunk the old host took but never acknowledged arrives
+  /// again (at least once, never lost). `offset` is ignored.
+  public var resume: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -279,6 +297,9 @@ public nonisolated struct Kuasar_Agent_V1_ReadStdioResponse: Sendable {
   public var data: Data = Data()
 
   public var eof: Bool = false
+
+  /// The stream offset of data's first byte.
+  public var offset: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -337,18 +358,29 @@ nonisolated extension Kuasar_Agent_V1_Stream: SwiftProtobuf._ProtoNameProviding 
 
 nonisolated extension Kuasar_Agent_V1_CheckRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CheckRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}session\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    // Load everything into unknown fields
-    while try decoder.nextFieldNumber() != nil {}
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.session) }()
+      default: break
+      }
+    }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.session != 0 {
+      try visitor.visitSingularUInt64Field(value: self.session, fieldNumber: 1)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kuasar_Agent_V1_CheckRequest, rhs: Kuasar_Agent_V1_CheckRequest) -> Bool {
+    if lhs.session != rhs.session {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -770,7 +802,7 @@ nonisolated extension Kuasar_Agent_V1_NextEventsResponse: SwiftProtobuf.Message,
 
 nonisolated extension Kuasar_Agent_V1_ReadStdioRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReadStdioRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}container_id\0\u{3}exec_id\0\u{1}stream\0\u{3}max_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}container_id\0\u{3}exec_id\0\u{1}stream\0\u{3}max_bytes\0\u{1}offset\0\u{1}resume\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -782,6 +814,8 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioRequest: SwiftProtobuf.Message, S
       case 2: try { try decoder.decodeSingularStringField(value: &self.execID) }()
       case 3: try { try decoder.decodeSingularEnumField(value: &self.stream) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.maxBytes) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.resume) }()
       default: break
       }
     }
@@ -800,6 +834,12 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioRequest: SwiftProtobuf.Message, S
     if self.maxBytes != 0 {
       try visitor.visitSingularUInt32Field(value: self.maxBytes, fieldNumber: 4)
     }
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 5)
+    }
+    if self.resume != false {
+      try visitor.visitSingularBoolField(value: self.resume, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -808,6 +848,8 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioRequest: SwiftProtobuf.Message, S
     if lhs.execID != rhs.execID {return false}
     if lhs.stream != rhs.stream {return false}
     if lhs.maxBytes != rhs.maxBytes {return false}
+    if lhs.offset != rhs.offset {return false}
+    if lhs.resume != rhs.resume {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -815,7 +857,7 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioRequest: SwiftProtobuf.Message, S
 
 nonisolated extension Kuasar_Agent_V1_ReadStdioResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReadStdioResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}eof\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}data\0\u{1}eof\0\u{1}offset\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -825,6 +867,7 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioResponse: SwiftProtobuf.Message, 
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 2: try { try decoder.decodeSingularBoolField(value: &self.eof) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
       default: break
       }
     }
@@ -837,12 +880,16 @@ nonisolated extension Kuasar_Agent_V1_ReadStdioResponse: SwiftProtobuf.Message, 
     if self.eof != false {
       try visitor.visitSingularBoolField(value: self.eof, fieldNumber: 2)
     }
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Kuasar_Agent_V1_ReadStdioResponse, rhs: Kuasar_Agent_V1_ReadStdioResponse) -> Bool {
     if lhs.data != rhs.data {return false}
     if lhs.eof != rhs.eof {return false}
+    if lhs.offset != rhs.offset {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -103,6 +103,8 @@ final class TTRPCServerConnection {
     var closeOnOversized = false
     /// Closing after a framing error: what is still read is not decoded.
     private var ending = false
+    /// Whatever the service says the client's session is (see `TTRPCServerCall.session`).
+    var session: UInt64 = 0
 
     init(server: TTRPCServer, connection: Connection) {
         self.server = server
@@ -137,6 +139,14 @@ final class TTRPCServerConnection {
 
     func close() {
         connection.close()
+    }
+
+    /// Every open call but `keep` ends as cancelled, unanswered: the client that made them
+    /// is gone although the connection stays (a channel that outlives its peer).
+    func cancelCalls(except keep: TTRPCServerCall, _ error: RPCError) -> Int {
+        let others = calls.values.filter { $0 !== keep }
+        for call in others { call.cancel(error) }
+        return others.count
     }
 
     private func teardown() {
@@ -388,6 +398,20 @@ public final class TTRPCServerCall {
         case .success(let bytes): respond(bytes)
         case .failure(let error): fail(error)
         }
+    }
+
+    /// The session of the connection this call came on, as the service names it (0 until
+    /// it does): for channels whose peer can change without the connection ending.
+    public var session: UInt64 {
+        get { connection.session }
+        set { connection.session = newValue }
+    }
+
+    /// Ends every other open call of this connection unanswered (`onCancel` runs): a new
+    /// peer took over the channel. Returns how many there were.
+    @discardableResult
+    public func cancelOtherCalls(_ error: RPCError) -> Int {
+        connection.cancelCalls(except: self, error)
     }
 
     /// Closes the connection this call came on once what is queued (its answer) is
