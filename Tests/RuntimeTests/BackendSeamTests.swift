@@ -39,7 +39,7 @@ extension AllTests {
         }
         func shutdown(_ s: Sandbox) { calls.append("shutdown \(s.id)") }
         func update(_ s: Sandbox, resources: OCISpec.Resources) throws { throw RPCError(.unimplemented, "toy: no resources") }
-        func metrics(_ s: Sandbox) throws -> Google_Protobuf_Any { throw RPCError(.unimplemented, "toy: no metrics") }
+        func metrics(_ s: Sandbox, done: @escaping (Result<Google_Protobuf_Any, RPCError>) -> Void) { done(.failure(RPCError(.unimplemented, "toy: no metrics"))) }
         func pid(_ s: Sandbox) -> UInt32 { 4242 }
         func statusInfo(_ s: Sandbox) -> [String: Any] { ["toy": true] }
         func persistentState(_ s: Sandbox) -> [String: String] { ["token": s.id + "-token"] }

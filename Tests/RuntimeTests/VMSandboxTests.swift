@@ -175,6 +175,15 @@ extension AllTests {
             let s1 = try Self.call(t, "State", state, Containerd_Task_V3_StateResponse.self)
             #expect(s1.status == .running && s1.bundle == b1 && s1.stdout == io1.path("stdout"), "\(s1)")
 
+            // Controller.Metrics: the guest's cgroup of the pod's containers, as containerd decodes it.
+            var mr = Containerd_Services_Sandbox_V1_ControllerMetricsRequest()
+            mr.sandboxID = "vm1"
+            mr.sandboxer = "kuasar-vm"
+            let metrics = try node.call("Metrics", mr, Containerd_Services_Sandbox_V1_ControllerMetricsResponse.self).metrics
+            #expect(metrics.id == "vm1" && metrics.data.typeURL.hasSuffix("io.containerd.cgroups.v2.Metrics"), "\(metrics.data.typeURL)")
+            let m2 = try Io_Containerd_Cgroups_V2_Metrics(serializedBytes: metrics.data.value)
+            #expect(m2.pids.current == 1 && m2.memory.usage > 0 && m2.cpu.usageUsec > 0, "c1 (sh exec-ed sleep): \(m2)")
+
             // An exec in the same container, with its own FIFO.
             let ioE = try FIFOs(b1, ["exec-out"])
             defer { ioE.close() }

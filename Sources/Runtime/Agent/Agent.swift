@@ -338,6 +338,17 @@ public final class Agent {
             }
             call.respond(resp)
         }
+        unary("Metrics") { [unowned self] (call: TTRPCServerCall, _: Kuasar_Agent_V1_MetricsRequest) in
+            guard let sandbox = self.sandbox, let host = self.registry?.engine.cgroups else {
+                throw RPCError(.failedPrecondition, "no cgroups in this guest: its kernel mounts none")
+            }
+            // Made when missing: before the first container its counters are real zeros.
+            let cg: Cgroup
+            do { cg = try host.create(sandbox.cgroupParent) } catch { throw RPCError(.internal, "cgroup \(sandbox.cgroupParent): \(error)") }
+            var resp = Kuasar_Agent_V1_MetricsResponse()
+            resp.data = try CgroupMetrics.any(cg)
+            call.respond(resp)
+        }
         unary("NextEvents") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_NextEventsRequest) in
             self.answerEvents(call, after: r.after, max: r.max == 0 ? 64 : Int(min(r.max, 1024)))
         }

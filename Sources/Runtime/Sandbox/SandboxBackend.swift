@@ -39,7 +39,7 @@ public protocol SandboxBackend: AnyObject {
     /// Controller.Update's resources (the sandbox spec's linux.resources).
     func update(_ sandbox: Sandbox, resources: OCISpec.Resources) throws
     /// Controller.Metrics: the sandbox's usage as containerd's typed Any.
-    func metrics(_ sandbox: Sandbox) throws -> Google_Protobuf_Any
+    func metrics(_ sandbox: Sandbox, done: @escaping (Result<Google_Protobuf_Any, RPCError>) -> Void)
     /// The pid containerd is told (Start, Status), 0 when the kind has none to give.
     func pid(_ sandbox: Sandbox) -> UInt32
     /// Controller.Status verbose: what the kind can say about the sandbox (JSON values).

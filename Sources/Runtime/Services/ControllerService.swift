@@ -109,12 +109,17 @@ public final class ControllerService {
         }
         unary("Metrics") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerMetricsRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)
-            let data = try self.backend(of: s).metrics(s)
-            var resp = Containerd_Services_Sandbox_V1_ControllerMetricsResponse()
-            resp.metrics.timestamp = Google_Protobuf_Timestamp(WallTime.now())
-            resp.metrics.id = s.id
-            resp.metrics.data = data
-            call.respond(resp)
+            try self.backend(of: s).metrics(s) { result in
+                switch result {
+                case .failure(let e): call.fail(e)
+                case .success(let data):
+                    var resp = Containerd_Services_Sandbox_V1_ControllerMetricsResponse()
+                    resp.metrics.timestamp = Google_Protobuf_Timestamp(WallTime.now())
+                    resp.metrics.id = s.id
+                    resp.metrics.data = data
+                    call.respond(resp)
+                }
+            }
         }
         unary("Update") { [unowned self] (call: GRPCServerCall, r: Containerd_Services_Sandbox_V1_ControllerUpdateRequest) in
             let s = try self.sandbox(r.sandboxID, r.sandboxer)

@@ -287,7 +287,7 @@ public final class TaskServerBackend: SandboxBackend {
     }
 
     public func update(_ s: Sandbox, resources: OCISpec.Resources) throws { try pods.update(s, resources: resources) }
-    public func metrics(_ s: Sandbox) throws -> Google_Protobuf_Any { try pods.metrics(s) }
+    public func metrics(_ s: Sandbox, done: @escaping (Result<Google_Protobuf_Any, RPCError>) -> Void) { pods.metrics(s, done: done) }
 
     /// The program's pid: containerd's CRI points the containers' namespaces at it, and
     /// the program runs in the pod's.

@@ -118,9 +118,9 @@ public final class NamespaceBackend: SandboxBackend {
         }
     }
 
-    public func metrics(_ s: Sandbox) throws -> Google_Protobuf_Any {
-        guard let host = registry.engine.cgroups else { throw RPCError(.failedPrecondition, "no cgroups on this host") }
-        return try CgroupMetrics.any(host.existing(s.cgroupParent))
+    public func metrics(_ s: Sandbox, done: @escaping (Result<Google_Protobuf_Any, RPCError>) -> Void) {
+        guard let host = registry.engine.cgroups else { return done(.failure(RPCError(.failedPrecondition, "no cgroups on this host"))) }
+        done(Result { try CgroupMetrics.any(host.existing(s.cgroupParent)) }.mapError(RPCError.from))
     }
 
     public func pid(_ s: Sandbox) -> UInt32 { UInt32(s.holder?.pid ?? 0) }

@@ -367,8 +367,15 @@ public final class VMBackend: SandboxBackend {
         throw RPCError(.unimplemented, "sandbox \(s.id): resizing a running VM (memory/CPU hot-plug) is not supported yet")
     }
 
-    public func metrics(_ s: Sandbox) throws -> Google_Protobuf_Any {
-        throw RPCError(.unimplemented, "sandbox \(s.id): VM pod metrics are not collected yet; Task.Stats answers per container from the guest's cgroups")
+    /// From the guest: the cgroup its containers run under (the VMM's own cost, its PSS
+    /// on the host, is not in it).
+    public func metrics(_ s: Sandbox, done: @escaping (Result<Google_Protobuf_Any, RPCError>) -> Void) {
+        guard let agent = pods[s.id]?.agent, s.state == .ready else {
+            return done(.failure(RPCError(.failedPrecondition, "sandbox \(s.id) is not running: no metrics")))
+        }
+        agent.call(AgentLink.agent, "Metrics", Kuasar_Agent_V1_MetricsRequest(), as: Kuasar_Agent_V1_MetricsResponse.self) { result in
+            done(result.map(\.data))
+        }
     }
 
     public func pid(_ s: Sandbox) -> UInt32 { pods[s.id]?.vm.map { UInt32($0.pid) } ?? 0 }
