@@ -336,10 +336,12 @@ enum PodBenchmark {
         let pidfd: Int32
         var ctr: String { "ctr -a \(dir)/containerd.sock -n perf" }
 
-        init(dir: String, kuasar: String) throws {
+        /// `shims`: the names our binary answers to on containerd's PATH (each maps a
+        /// runtime `io.containerd.<name>.v2` to a kind); `kuasarConfig`: the daemon's config.
+        init(dir: String, kuasar: String, shims: [String] = ["containerd-shim-kuasar-v2"], kuasarConfig: String = "[daemon]\non_exit = \"stop\"\n") throws {
             self.dir = dir
             try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
-            symlink(kuasar, dir + "/bin/containerd-shim-kuasar-v2")
+            for shim in shims { symlink(kuasar, dir + "/bin/" + shim) }
             try """
             version = 2
             root = "\(dir)/root"
@@ -348,7 +350,7 @@ enum PodBenchmark {
             [grpc]
               address = "\(dir)/containerd.sock"
             """.write(toFile: dir + "/config.toml", atomically: true, encoding: .utf8)
-            try "[daemon]\non_exit = \"stop\"\n".write(toFile: dir + "/kuasar.toml", atomically: true, encoding: .utf8)
+            try kuasarConfig.write(toFile: dir + "/kuasar.toml", atomically: true, encoding: .utf8)
             let log = open(dir + "/containerd.log", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             defer { close(log) }
             var env = ProcessInfo.processInfo.environment.filter { $0.key != "PATH" }.map { "\($0.key)=\($0.value)" }

@@ -42,6 +42,10 @@ enum VMBenchmark {
         /// The guest's own boot, p50 per step (from the agent's Check).
         var guestBootMs: [String: Double]
         var memory: [Memory]
+        /// containerd 1.6, `ctr run -d`: the vm kind's handler against runc's, interleaved.
+        var containerd: [ContainerBenchmark.Row]
+        /// vm handler p50 / runc handler p50: what a VM per pod costs over a runc container.
+        var ctrRunRatio: Double?
     }
 
     static func pss(_ pid: pid_t) -> Int {
@@ -84,6 +88,54 @@ enum VMBenchmark {
             if seen.contains("kuasar-baseline-ready") { return Double(MonotonicClock.nanoseconds() - t0) / 1e6 }
         }
         return nil
+    }
+
+    /// containerd 1.6 with our shim named for the vm kind: `ctr run -d` of a sleeping
+    /// busybox through `io.containerd.kuasar-vm.v2` (its first container boots the VM)
+    /// and through `io.containerd.runc.v2`, interleaved; each VM gone before the next run.
+    static func ctrRun(kuasar: String, config: String, runs: Int) -> [ContainerBenchmark.Row] {
+        let log = ContainerBenchmark.log
+        let vmName = "ctr run -d: containerd 1.6 + kuasar vm kind (a microVM per pod)", runcName = "ctr run -d: containerd 1.6 + shim-runc-v2 + runc"
+        let dir = work + "/ctd"
+        do {
+            let ctd = try PodBenchmark.Containerd(dir: dir, kuasar: kuasar, shims: ["containerd-shim-kuasar-vm-v2"],
+                                                  kuasarConfig: "[daemon]\non_exit = \"stop\"\n" + config)
+            defer { ctd.stop() }
+            var times: [String: [Double]] = [:]
+            var failed: [String: String] = [:]
+            let runtimes = ["io.containerd.kuasar-vm.v2", "io.containerd.runc.v2"]
+            for i in 0..<(runs + 1) {
+                for runtime in runtimes where failed[runtime] == nil {
+                    let id = (runtime.contains("vm") ? "v" : "r") + "\(i)"
+                    let t = MonotonicClock.nanoseconds()
+                    do { _ = try ContainerBenchmark.sh("\(ctd.ctr) run -d --runtime \(runtime) \(PodBenchmark.Containerd.image) \(id) sleep 3600 >/dev/null") } catch {
+                        failed[runtime] = "\(error)"
+                        log("  ctr run \(runtime): FAILED: \(error)")
+                        continue
+                    }
+                    let ms = Double(MonotonicClock.nanoseconds() - t) / 1e6
+                    if i >= 1 { times[runtime, default: []].append(ms) }  // the first of each warms caches
+                    ContainerBenchmark.shIgnoringFailure("\(ctd.ctr) task kill -s SIGKILL \(id) >/dev/null 2>&1; for j in $(seq 1 100); do \(ctd.ctr) task delete \(id) >/dev/null 2>&1 && break; sleep 0.05; done; \(ctd.ctr) container delete \(id) >/dev/null 2>&1")
+                    // The VM goes with its last container: not timed into the next run.
+                    for _ in 0..<200 where VMBenchmark.qemuRunning(under: dir) { usleep(50_000) }
+                }
+            }
+            return [(vmName, runtimes[0]), (runcName, runtimes[1])].map { name, runtime in
+                if let why = failed[runtime] { return ContainerBenchmark.Row(runtime: name, runs: 0, failed: why) }
+                return ContainerBenchmark.row(name, times[runtime] ?? [])
+            }
+        } catch {
+            log("vm: containerd: FAILED to start: \(error)")
+            return [ContainerBenchmark.Row(runtime: vmName, runs: 0, failed: "containerd: \(error)"), ContainerBenchmark.Row(runtime: runcName, runs: 0, failed: "containerd: \(error)")]
+        }
+    }
+
+    static func qemuRunning(under dir: String) -> Bool {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.contains { name in
+            guard Int(name) != nil, let cmd = FileManager.default.contents(atPath: "/proc/\(name)/cmdline") else { return false }
+            let s = String(decoding: cmd.map { $0 == 0 ? 32 : $0 }, as: UTF8.self)
+            return s.contains("qemu-system") && s.contains(dir)
+        } ?? false
     }
 
     static func run(boots: Int, pods: Int) throws {
@@ -194,6 +246,8 @@ enum VMBenchmark {
         }
         for (id, t, _) in running { removePod(id, t) }
 
+        let ctdRows = ctrRun(kuasar: kuasar, config: config, runs: max(3, boots / 2))
+
         func p50(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.sorted()[xs.count / 2] }
         let report = Report(
             date: ISO8601DateFormatter().string(from: Date()), accelerator: "tcg",
@@ -203,11 +257,14 @@ enum VMBenchmark {
             podReadyMs: ContainerBenchmark.row("VM pod ready (Controller Create+Start)", ready),
             firstContainerMs: ContainerBenchmark.row("first container (Task Create+Start via the host)", container),
             readyRatio: p50(ready).flatMap { r in p50(raw).map { r / $0 } },
-            startStepsMs: steps.compactMapValues { p50($0) }, guestBootMs: guest.compactMapValues { p50($0) }, memory: memory)
+            startStepsMs: steps.compactMapValues { p50($0) }, guestBootMs: guest.compactMapValues { p50($0) }, memory: memory,
+            containerd: ctdRows, ctrRunRatio: ctdRows[0].p50ms.flatMap { v in ctdRows[1].p50ms.map { v / $0 } })
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(report).write(to: URL(fileURLWithPath: repo + "/perf/results/vm.json"))
         log("vm: raw boot p50 \(p50(raw) ?? -1) ms, pod ready p50 \(p50(ready) ?? -1) ms (ratio \(report.readyRatio ?? -1)), first container p50 \(p50(container) ?? -1) ms")
         log("vm: daemon's Start steps \(report.startStepsMs); guest \(report.guestBootMs)")
+        for r in ctdRows { log("vm: \(r.runtime): p50 \(r.p50ms ?? -1) ms over \(r.runs) runs\(r.failed.map { " FAILED \($0)" } ?? "")") }
+        if let ratio = report.ctrRunRatio { log("vm: ctr run -d with the vm handler takes \(ReactorBenchmark.fmt(ratio))x runc's") }
     }
 }
