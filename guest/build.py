@@ -12,9 +12,10 @@ mtime, uid and gid 0, fixed inode numbers, lz4 legacy frames without timestamps)
 """
 import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 
-# What the agent may load (GuestInit.modules(for:): those its settings use at boot, overlay
-# on first use) — each brings what its .modinfo says it needs.
+# What the agent may load (GuestInit.modules(for:): those its settings use at boot; overlay,
+# virtio_blk and a block rootfs's filesystem on first use) — each brings what its .modinfo says it needs.
 MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "virtiofs",
+           "virtio_blk", "crc32c_generic", "ext4",
            "overlay", "vmw_vsock_virtio_transport"]
 
 

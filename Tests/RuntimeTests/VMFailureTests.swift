@@ -39,6 +39,57 @@ extension AllTests.VMSandboxTests {
         #expect(mountsUnder(ctd.kuasarRoot).isEmpty, "\(mountsUnder(ctd.kuasarRoot))")
     }
 
+    /// containerd's devmapper snapshotter gives a container its rootfs as one ext4 on a
+    /// block device (here a loop device over an image). On q35 the daemon hot-plugs it into
+    /// the VM (QMP blockdev-add + device_add; the agent finds it by serial and mounts it),
+    /// and unplugs it at Delete before answering; a microvm cannot hot-plug, so there the
+    /// daemon mounts it on the host and shares it. Both write to the same filesystem.
+    @Test func aBlockDeviceRootfsIsHotPluggedOnQ35AndSharedOnAMicroVM() throws {
+        let scratch = try scratchDirectory("vm-block")
+        defer { Files.removeTree(scratch) }
+        let b = try TestBundle("vm-block-rootfs")
+        defer { b.remove() }
+        try Files.write(b.rootfs + "/marker", "from the block device\n", create: true)
+        var (code, out) = try shell("mkfs.ext4 -q -F -d \(b.rootfs) \(scratch)/root.img 64M >/dev/null && losetup --find --show \(scratch)/root.img")
+        #expect(code == 0, "\(out)")
+        let loop = String(out.split(separator: "\n").last ?? "")
+        #expect(loop.hasPrefix("/dev/loop"), "\(out)")
+        guard code == 0, loop.hasPrefix("/dev/loop") else { return }
+        defer { _ = try? shell("losetup -d \(loop)") }
+        for machine in ["q35", "microvm"] {
+            try AllTests.PodTests.Node.with("vm-blk-\(machine)", config: Self.config(machine: machine)) { node in
+                let (pid, address) = try node.runPod("blk", AllTests.PodTests.podConfig(hostname: "blk"), sandboxer: "kuasar-vm")
+                let t = try OneShotClient(path: address)
+                defer { t.close() }
+                let bundle = try node.bundle("c", pid: pid, args: ["sh", "-c", "cat /marker; grep ' / ' /proc/mounts | cut -d' ' -f1,3; echo \(machine) > /written-by-\(machine)"])
+                let io = try FIFOs(bundle, ["stdout"])
+                defer { io.close() }
+                var m = Containerd_Types_Mount()
+                m.type = "ext4"
+                m.source = loop
+                m.options = ["rw"]
+                _ = try Self.create(t, "c", bundle: bundle, io, rootfs: [m])
+                _ = try Self.start(t, "c")
+                #expect(try Self.wait(t, "c") == 0)
+                let text = io.read("stdout")
+                #expect(text.hasPrefix("from the block device\n"), "\(machine): \(text)")
+                if machine == "q35" {
+                    #expect(text.contains("/dev/vda ext4"), "the guest mounted the hot-plugged disk: \(text)")
+                } else {
+                    #expect(text.contains(" 9p"), "the host mounted it and shared it: \(text)")
+                }
+                try Self.delete(t, "c")
+                // Unplugged before Delete answered: QEMU holds the device no more.
+                let held = (try? shell("ls -l /proc/\(pid)/fd"))?.out.contains(loop) ?? false
+                #expect(!held, "\(machine): QEMU still holds \(loop) after Delete")
+                #expect(mountsUnder(node.root).isEmpty, "\(mountsUnder(node.root))")
+                try AllTests.TaskServerTests.shutdown(node, "blk", "kuasar-vm")
+            }
+        }
+        (code, out) = try shell("debugfs -R 'cat /written-by-q35' \(scratch)/root.img 2>/dev/null; debugfs -R 'cat /written-by-microvm' \(scratch)/root.img 2>/dev/null")
+        #expect(out == "q35\nmicrovm\n", "what the containers wrote is on the filesystem: \(out)")
+    }
+
     /// A guest whose init never answers (the benchmark's baseline initrd: it prints a line
     /// and sleeps) fails Start at the boot deadline with what the console printed, and its
     /// QEMU is killed; a guest kernel that panics while its pod runs ends the pod — its

@@ -16,7 +16,7 @@ extension AllTests {
     static var image: String { GuestVMTests.imageDir }
 
     static func config(qemu: String = "/usr/bin/qemu-system-x86_64", kernel: String = image + "/vmlinux", initrd: String = image + "/initrd.lz4",
-                       bootTimeout: Int = 90) -> String {
+                       bootTimeout: Int = 90, machine: String = "microvm") -> String {
         let level = currentEnvironmentDictionary()["KUASAR_GUEST_LOG"].map { "\"kuasar.log=\($0)\"" } ?? ""
         return """
         [sandboxers]
@@ -27,6 +27,7 @@ extension AllTests {
         kernel = "\(kernel)"
         initrd = "\(initrd)"
         accelerator = "tcg"
+        machine = "\(machine)"
         boot_timeout_secs = \(bootTimeout)
         kernel_args = [\(level)]
 
@@ -73,10 +74,11 @@ extension AllTests {
         }
     }
 
-    static func create(_ t: OneShotClient, _ id: String, bundle: String, _ io: FIFOs, terminal: Bool = false) throws -> UInt32 {
+    static func create(_ t: OneShotClient, _ id: String, bundle: String, _ io: FIFOs, terminal: Bool = false, rootfs: [Containerd_Types_Mount] = []) throws -> UInt32 {
         var create = Containerd_Task_V3_CreateTaskRequest()
         create.id = id
         create.bundle = bundle
+        create.rootfs = rootfs
         if io.readers["stdout"] != nil { create.stdout = io.path("stdout") }
         if io.readers["stderr"] != nil { create.stderr = io.path("stderr") }
         if io.stdinWriter >= 0 { create.stdin = io.path("stdin") }

@@ -70,6 +70,43 @@ final class AgentTasks: TaskBackendForwarder<ContainerTaskBackend>, TaskEventSin
         if getpid() == 1, r.rootfs.contains(where: { $0.type == "overlay" }) {
             do { try GuestInit.ensureModule("overlay") } catch { throw RPCError(.failedPrecondition, "overlay rootfs: the guest cannot load overlay: \(error)") }
         }
+        // A disk the host hot-plugged: its driver and filesystem loaded, then found by
+        // serial once the guest has probed it.
+        if let i = r.rootfs.firstIndex(where: { $0.source.hasPrefix(AgentProtocol.diskSourceScheme) }) {
+            let serial = String(r.rootfs[i].source.dropFirst(AgentProtocol.diskSourceScheme.count))
+            if getpid() == 1 {
+                for m in ["virtio_blk", "crc32c_generic", r.rootfs[i].type] {
+                    do { try GuestInit.ensureModule(m) } catch { throw RPCError(.failedPrecondition, "rootfs disk \(serial): the guest cannot load \(m): \(error)") }
+                }
+            }
+            let deadline = MonotonicClock.nanoseconds() + Self.diskProbeTimeoutNS
+            func resolve() {
+                if let dev = Self.disk(serial: serial) {
+                    var r = r
+                    r.rootfs[i].source = dev
+                    do { try createNow(r, in: sandbox, reply: reply) } catch { reply(.failure(RPCError.from(error))) }
+                } else if MonotonicClock.nanoseconds() > deadline {
+                    reply(.failure(RPCError(.deadlineExceeded, "rootfs disk \(serial): no virtio disk with that serial appeared within \(Self.diskProbeTimeoutNS / 1_000_000_000) s")))
+                } else {
+                    _ = streams.reactor.schedule(afterNS: 10_000_000) { resolve() }
+                }
+            }
+            return resolve()
+        }
+        try createNow(r, in: sandbox, reply: reply)
+    }
+
+    static let diskProbeTimeoutNS: UInt64 = 20_000_000_000
+
+    /// The block device whose virtio serial is `serial` (/dev/vdX), once the guest has it.
+    static func disk(serial: String) -> String? {
+        for name in Files.list("/sys/block").sorted() where name.hasPrefix("vd") {
+            if (try? Files.readString("/sys/block/\(name)/serial"))?.trimmingWhitespace == serial, Files.exists("/dev/" + name) { return "/dev/" + name }
+        }
+        return nil
+    }
+
+    private func createNow(_ r: Containerd_Task_V2_CreateTaskRequest, in sandbox: Sandbox, reply: @escaping Reply<Containerd_Task_V2_CreateTaskResponse>) throws {
         var r = r
         try streams.resolve(container: r.id, exec: "", stdin: &r.stdin, stdout: &r.stdout, stderr: &r.stderr, terminal: r.terminal)
         let id = r.id

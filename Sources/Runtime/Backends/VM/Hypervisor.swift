@@ -101,8 +101,11 @@ public protocol VirtualMachine: AnyObject {
     func stop(timeoutNS: UInt64, done: @escaping () -> Void)
     /// SIGKILL to the VMM at once.
     func kill()
+    /// Whether disks can be attached while it runs (q35's PCIe root ports; a microvm's
+    /// virtio-mmio cannot).
+    var canHotplugDisks: Bool { get }
     /// Attaches a host block device or image file as a virtio disk (`id` names it for
-    /// removal); `done` once the guest was offered it.
+    /// removal and is its serial, how the guest finds it); `done` once the guest was offered it.
     func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void)
     func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void)
     /// The VMM's version as the running VM reports it (QMP's greeting for QEMU).

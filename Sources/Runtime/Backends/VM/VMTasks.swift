@@ -27,6 +27,8 @@ final class VMContainer {
     var mounts: [String] = []
     var processes: [String: VMProcess] = [:]
     var paused = false
+    /// The hot-plugged disk of its block rootfs (its QMP id and virtio serial), unplugged at Delete.
+    var disk: String?
     /// Run once its init has exited (stopAll).
     var initExitWaiters: [() -> Void] = []
     init(id: String, bundle: String, shareDir: String) {
@@ -112,8 +114,11 @@ public final class VMTasks: TaskBackend {
         guard r.bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(r.bundle)\" must be an absolute path") }
         let spec = try OCISpec.decode(try Files.read(r.bundle + "/config.json"))
         let c = VMContainer(id: r.id, bundle: r.bundle, shareDir: p.spec.sharePath + "/" + r.id)
+        // A block rootfs (devmapper-style) goes to the guest as a disk where the VMM can
+        // hot-plug one; elsewhere it is mounted here and shared like any other.
+        let block = Self.blockRootfs(r.rootfs).flatMap { p.vm?.canHotplugDisks == true ? $0 : nil }
         do {
-            try prepare(c, spec, rootfs: r.rootfs)
+            try prepare(c, spec, rootfs: block == nil ? r.rootfs : [], guestMountsRootfs: block != nil)
         } catch {
             unprepare(c)
             throw error
@@ -126,20 +131,60 @@ public final class VMTasks: TaskBackend {
         p.containers[r.id] = c
         let proc = VMProcess(execID: "", stdio: stdio)
         c.processes[""] = proc
-        forward(p, "Create", fwd, as: Containerd_Task_V2_CreateTaskResponse.self) { [weak self] result in
-            guard let self else { return }
-            switch result {
-            case .failure(let e):
-                p.containers[r.id] = nil
-                self.unprepare(c)
-                reply(.failure(e))
-            case .success(let resp):
-                proc.pid = resp.pid
-                self.bridge(s, p, c, proc)
-                self.registry.save(s)
-                reply(.success(resp))
+        func undo(_ e: RPCError) {
+            p.containers[r.id] = nil
+            unprepare(c)
+            if let disk = c.disk { p.vm?.unplugDisk(id: disk) { [logger] r in
+                if case .failure(let u) = r { logger.warning("container \(c.id): unplug its disk after a failed Create: \(u.message)") }
+            } }
+            reply(.failure(e))
+        }
+        func send(_ fwd: Containerd_Task_V2_CreateTaskRequest) {
+            forward(p, "Create", fwd, as: Containerd_Task_V2_CreateTaskResponse.self) { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .failure(let e):
+                    undo(e)
+                case .success(let resp):
+                    proc.pid = resp.pid
+                    self.bridge(s, p, c, proc)
+                    self.registry.save(s)
+                    reply(.success(resp))
+                }
             }
         }
+        guard let block, let vm = p.vm else { return send(fwd) }
+        let disk = Self.diskID(r.id)
+        vm.hotplugDisk(id: disk, path: block.source, readOnly: block.options.contains("ro")) { result in
+            switch result {
+            case .failure(let e):
+                undo(RPCError(e.code, "container \(r.id): its rootfs \(block.source): \(e.message)"))
+            case .success:
+                c.disk = disk
+                var m = block
+                m.source = AgentProtocol.diskSourceScheme + disk
+                fwd.rootfs = [m]
+                send(fwd)
+            }
+        }
+    }
+
+    /// containerd's rootfs when it is one filesystem on a block device (the devmapper
+    /// snapshotter's), nil for overlay and bind snapshots.
+    static func blockRootfs(_ rootfs: [Containerd_Types_Mount]) -> Containerd_Types_Mount? {
+        guard rootfs.count == 1, let m = rootfs.first, ["ext4", "ext3", "ext2", "xfs", "btrfs"].contains(m.type) else { return nil }
+        var st = stat()
+        guard stat(m.source, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return nil }
+        return m
+    }
+
+    /// A disk id from the container id: stable (recovery), within virtio-blk's 20-byte
+    /// serial and QMP's id syntax.
+    static func diskID(_ containerID: String) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in containerID.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        let hex = String(h, radix: 16)
+        return "kd" + String(repeating: "0", count: 16 - hex.count) + hex
     }
 
     /// `stream:` for each stdio the host will bridge (the agent's side of a FIFO).
@@ -150,11 +195,15 @@ public final class VMTasks: TaskBackend {
     /// Makes the container's bundle in the share: its rootfs mounted there (containerd's
     /// snapshot mounts, or the bundle's own rootfs bound), its host bind mounts bound
     /// beside it, and a config.json whose paths are the guest's.
-    func prepare(_ c: VMContainer, _ spec: OCISpec, rootfs: [Containerd_Types_Mount]) throws {
+    /// `guestMountsRootfs`: the rootfs is a disk the guest mounts itself over the
+    /// (empty) rootfs directory.
+    func prepare(_ c: VMContainer, _ spec: OCISpec, rootfs: [Containerd_Types_Mount], guestMountsRootfs: Bool = false) throws {
         try makeDirectories(c.shareDir, mode: 0o711)
         let rootTarget = c.shareDir + "/rootfs"
         try makeDirectories(rootTarget, mode: 0o755)
-        if !rootfs.isEmpty {
+        if guestMountsRootfs {
+            // Nothing here: the guest's mount covers the directory.
+        } else if !rootfs.isEmpty {
             let n = try RootfsMounts.mountAll(rootfs, at: rootTarget)
             c.mounts += Array(repeating: rootTarget, count: n)
         } else {
@@ -362,18 +411,24 @@ public final class VMTasks: TaskBackend {
         }
         forward(p, "Delete", r, as: Containerd_Task_V2_DeleteResponse.self) { [weak self] result in
             guard let self else { return }
-            if case .success = result {
-                proc.bridge?.close()
-                if r.execID.isEmpty {
-                    for other in c.processes.values { other.bridge?.close() }
-                    p.containers[r.id] = nil
-                    self.unprepare(c)
-                } else {
-                    c.processes[r.execID] = nil
-                }
+            guard case .success = result else { return reply(result) }
+            proc.bridge?.close()
+            guard r.execID.isEmpty else {
+                c.processes[r.execID] = nil
                 self.registry.save(s)
+                return reply(result)
             }
-            reply(result)
+            for other in c.processes.values { other.bridge?.close() }
+            p.containers[r.id] = nil
+            self.unprepare(c)
+            self.registry.save(s)
+            // The guest unmounted its disk: unplugged before containerd is told, so the
+            // snapshotter can take the device back.
+            guard let disk = c.disk, let vm = p.vm else { return reply(result) }
+            vm.unplugDisk(id: disk) { [logger = self.logger] u in
+                if case .failure(let e) = u { logger.warning("container \(r.id): unplug disk \(disk): \(e.message)") }
+                reply(result)
+            }
         }
     }
 
@@ -535,13 +590,14 @@ public final class VMTasks: TaskBackend {
         var bundle: String
         var mounts: [String]
         var paused: Bool
+        var disk: String?
         var processes: [Process]
     }
 
     public func persistentState(_ s: Sandbox) -> [String: String] {
         guard let p = podOf(s) else { return [:] }
         let records = p.containers.values.sorted { $0.id < $1.id }.map { c in
-            Record(id: c.id, bundle: c.bundle, mounts: c.mounts, paused: c.paused, processes: c.processes.values.sorted { $0.execID < $1.execID }.map { proc in
+            Record(id: c.id, bundle: c.bundle, mounts: c.mounts, paused: c.paused, disk: c.disk, processes: c.processes.values.sorted { $0.execID < $1.execID }.map { proc in
                 Record.Process(execID: proc.execID, pid: proc.pid, stdin: proc.stdio.stdin, stdout: proc.stdio.stdout, stderr: proc.stdio.stderr,
                                terminal: proc.stdio.terminal, started: proc.started, exitStatus: proc.exit.map { UInt32(bitPattern: $0.0.code) },
                                exitedAt: proc.exit?.1, finished: proc.finished)
@@ -560,6 +616,7 @@ public final class VMTasks: TaskBackend {
             let c = VMContainer(id: r.id, bundle: r.bundle, shareDir: p.spec.sharePath + "/" + r.id)
             c.mounts = r.mounts
             c.paused = r.paused
+            c.disk = r.disk
             for rp in r.processes {
                 let proc = VMProcess(execID: rp.execID, stdio: StdioPaths(stdin: rp.stdin, stdout: rp.stdout, stderr: rp.stderr, terminal: rp.terminal))
                 proc.pid = rp.pid

@@ -40,6 +40,9 @@ public final class QEMU: Hypervisor {
 
     /// The host's TSC rate in kHz: the guest kernel is told it (calibrating under TCG
     /// takes seconds, or never ends).
+    /// PCIe root ports a q35 VM gets for hot-plugged disks: that many block rootfs at once.
+    static let hotplugPorts = 8
+
     static let hostKHz: Int = {
         let info = (try? Files.readString("/proc/cpuinfo")) ?? ""
         for line in info.split(separator: "\n") where line.hasPrefix("cpu MHz") {
@@ -91,8 +94,8 @@ public final class QEMU: Hypervisor {
                   "-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net\(i),mac=\(nic.mac)"]
         }
         if pci {
-            // Hot-plugged disks need a free PCIe slot.
-            a += ["-device", "pcie-root-port,id=hotplug0,chassis=1,slot=1"]
+            // Hot-plugged disks (a container's block rootfs each) need a free PCIe slot.
+            for i in 0..<Self.hotplugPorts { a += ["-device", "pcie-root-port,id=hotplug\(i),chassis=\(i + 1),slot=\(i + 1)"] }
         }
         a += ["-qmp", "unix:\(esc(spec.controlSocket)),server=on,wait=off"]
         return a
@@ -309,6 +312,12 @@ final class QEMUMachine: VirtualMachine {
         try? driver.supervisor.signal(pid, SIGKILL)
     }
 
+    var canHotplugDisks: Bool { driver.machine == .q35 }
+
+    /// The root port each disk this daemon plugged sits on (a recovered VM's earlier disks
+    /// are not in it: a port they hold refuses device_add and the next one is tried).
+    private var diskPorts: [String: Int] = [:]
+
     func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void) {
         guard driver.machine == .q35 else {
             done(.failure(RPCError(.failedPrecondition, "a microvm has no hot-plug bus (virtio-mmio): disk \(path) needs [vm] machine = \"q35\"")))
@@ -321,21 +330,36 @@ final class QEMUMachine: VirtualMachine {
                                "file": ["driver": .string(isBlock ? "host_device" : "file"), "filename": .string(path)]]
         qmp.execute("blockdev-add", node) { r in
             if case .failure(let f) = r { done(.failure(RPCError(.internal, "blockdev-add \(path): \(f)"))); return }
-            qmp.execute("device_add", ["driver": "virtio-blk-pci", "id": .string(id), "drive": .string(id), "bus": "hotplug0"]) { r in
-                switch r {
-                case .success: done(.success(()))
-                case .failure(let f):
+            // The guest finds it by its serial (virtio-blk's, at most 20 bytes): the id.
+            var tried: [String] = []
+            func plug(_ port: Int) {
+                guard port < QEMU.hotplugPorts else {
                     qmp.execute("blockdev-del", ["node-name": .string(id)]) { _ in }
-                    done(.failure(RPCError(.internal, "device_add \(id): \(f)")))
+                    done(.failure(RPCError(.resourceExhausted, "device_add \(id): no free hot-plug port of \(QEMU.hotplugPorts) (\(tried.joined(separator: "; ")))")))
+                    return
+                }
+                if self.diskPorts.values.contains(port) { return plug(port + 1) }
+                qmp.execute("device_add", ["driver": "virtio-blk-pci", "id": .string(id), "drive": .string(id), "bus": .string("hotplug\(port)"),
+                                           "serial": .string(String(id.prefix(20)))]) { [weak self] r in
+                    switch r {
+                    case .success:
+                        self?.diskPorts[id] = port
+                        done(.success(()))
+                    case .failure(let f):
+                        tried.append("hotplug\(port): \(f)")
+                        plug(port + 1)
+                    }
                 }
             }
+            plug(0)
         }
     }
 
     func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void) {
         guard let qmp else { done(.failure(RPCError(.unavailable, "QEMU's QMP connection is gone"))); return }
         // device_del completes when the guest lets go (DEVICE_DELETED); then the node goes.
-        deviceDeleted[id] = {
+        deviceDeleted[id] = { [weak self] in
+            self?.diskPorts[id] = nil
             qmp.execute("blockdev-del", ["node-name": .string(id)]) { r in
                 done(r.map { _ in () }.mapError { RPCError(.internal, "blockdev-del \(id): \($0)") })
             }
