@@ -15,7 +15,7 @@ import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 # What the agent may load (GuestInit.modules(for:): those its settings use at boot; overlay,
 # virtio_blk and a block rootfs's filesystem on first use) — each brings what its .modinfo says it needs.
 MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "virtiofs",
-           "virtio_blk", "crc32c_generic", "ext4",
+           "virtio_blk", "crc32c_generic", "ext4", "virtio_balloon",
            "overlay", "vmw_vsock_virtio_transport"]
 
 

@@ -152,6 +152,10 @@ public enum GuestInit {
             if hasVirtioDevice(id: 1), mods.knows("virtio_net") {
                 do { try mods.load("virtio_net") } catch { logger.error("init: module virtio_net: \(error)") }
             }
+            // The balloon device reports the pages the guest frees (the host takes them back).
+            if hasVirtioDevice(id: 5), mods.knows("virtio_balloon") {
+                do { try mods.load("virtio_balloon") } catch { logger.error("init: module virtio_balloon: \(error)") }
+            }
             logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
         }
         lap("modules")

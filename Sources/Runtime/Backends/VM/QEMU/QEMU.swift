@@ -87,7 +87,11 @@ public final class QEMU: Hypervisor {
               "-device", pci ? "virtio-serial-pci,id=vser" : "virtio-serial-device,id=vser",
               "-device", "virtserialport,chardev=agent,name=agent,id=agentport",
               "-fsdev", "local,id=share,path=\(esc(spec.sharePath)),security_model=passthrough,multidevs=remap",
-              "-device", (pci ? "virtio-9p-pci" : "virtio-9p-device") + ",fsdev=share,mount_tag=\(spec.shareTag)"]
+              "-device", (pci ? "virtio-9p-pci" : "virtio-9p-device") + ",fsdev=share,mount_tag=\(spec.shareTag)",
+              // Free page reporting: the guest hands back the RAM it freed (the initramfs
+              // image once unpacked, boot-time memory, a container's exited processes), and
+              // QEMU drops those pages, so a pod costs the host what its guest uses now.
+              "-device", (pci ? "virtio-balloon-pci" : "virtio-balloon-device") + ",free-page-reporting=on"]
         for (i, nic) in spec.nics.enumerated() {
             // The taps' fds are the child's fds 3, 4, ... (see launch).
             a += ["-netdev", "tap,id=net\(i),fd=\(3 + i)",
