@@ -157,6 +157,7 @@ public final class Agent {
         self.server = server
         for channel in options.channels { try open(channel) }
         if options.debug && isPID1 { openDebugShell(attempt: 0) }
+        if isPID1 { _ = reactor.schedule(afterNS: 1_500_000_000) { [logger] in GuestInit.loadDeferredModules(logger: logger) } }
         logger.info("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
         try reactor.run()
     }

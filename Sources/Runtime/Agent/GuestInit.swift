@@ -81,6 +81,14 @@ public enum GuestInit {
         }
     }
 
+    /// What the guest needs soon but not to answer its host: the balloon driver, whose
+    /// free page reporting hands freed RAM back (the host takes it back), loaded off the
+    /// boot's critical path.
+    public static func loadDeferredModules(logger: Logger) {
+        guard hasVirtioDevice(id: 5) else { return }
+        do { try ensureModule("virtio_balloon") } catch { logger.warning("init: module virtio_balloon: \(error); freed guest RAM stays with the VM") }
+    }
+
     /// Loads a module (and what it needs) from the guest image when it is not loaded yet.
     public static func ensureModule(_ name: String) throws {
         guard !Files.exists("/sys/module/" + name) else { return }
@@ -151,10 +159,6 @@ public enum GuestInit {
             // A NIC shows once its transport's driver is in: then its driver.
             if hasVirtioDevice(id: 1), mods.knows("virtio_net") {
                 do { try mods.load("virtio_net") } catch { logger.error("init: module virtio_net: \(error)") }
-            }
-            // The balloon device reports the pages the guest frees (the host takes them back).
-            if hasVirtioDevice(id: 5), mods.knows("virtio_balloon") {
-                do { try mods.load("virtio_balloon") } catch { logger.error("init: module virtio_balloon: \(error)") }
             }
             logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
         }
