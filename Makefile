@@ -39,6 +39,7 @@ guest: deps
 	python3 guest/build.py --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR) --cache .build/guest-cache
 	python3 guest/build.py --debug --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR)-debug --cache .build/guest-cache >/dev/null
 	install -d $(GUEST_INSTALL) && install -m 0644 $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initrd.lz4 $(GUEST_DIR)/manifest.json $(GUEST_INSTALL)/
+	rm -rf $(GUEST_INSTALL)/modules && cp -a $(GUEST_DIR)/modules $(GUEST_INSTALL)/modules
 
 guest-if-missing:
 	@[ -f $(GUEST_DIR)/initrd.lz4 ] || $(MAKE) guest

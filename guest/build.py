@@ -12,11 +12,16 @@ mtime, uid and gid 0, fixed inode numbers, lz4 legacy frames without timestamps)
 """
 import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 
-# What the agent may load (GuestInit.modules(for:): those its settings use at boot; overlay,
-# virtio_blk and a block rootfs's filesystem on first use) — each brings what its .modinfo says it needs.
+# What the agent loads at boot (GuestInit.modules(for:): those its settings use) — each
+# brings what its .modinfo says it needs. In the initramfs: every byte there is unpacked at
+# every boot.
 MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "virtiofs",
-           "virtio_blk", "crc32c_generic", "ext4", "virtio_balloon",
-           "overlay", "vmw_vsock_virtio_transport"]
+           "vmw_vsock_virtio_transport", "virtio_balloon"]
+# What it loads on first use (overlay, a hot-plugged block rootfs's driver and filesystem):
+# not in the initramfs but in DIR/modules/<release>/, which the host shares read-only into
+# each VM's share (.modules). Their dependencies that are boot modules must be ones every
+# boot loads (virtio, virtio_ring): they are left out of that modules.dep.
+ON_DEMAND = ["overlay", "virtio_blk", "crc32c_generic", "ext4"]
 
 
 def run(*args, **kw):
@@ -103,7 +108,7 @@ def modinfo_depends(path):
     return []
 
 
-def module_closure(moddir):
+def module_closure(moddir, wanted):
     """The wanted modules and everything they depend on, dependencies first. Uses
     modules.dep when the tree has one, else each module's own .modinfo (no kmod needed)."""
     paths = {}
@@ -123,7 +128,7 @@ def module_closure(moddir):
             visit(d)
         order.append((m, paths[m], deps))
 
-    for m in MODULES:
+    for m in wanted:
         visit(m)
     return order
 
@@ -194,7 +199,7 @@ def main():
     release = package[len("linux-image-"):]
     vmlinux = extract_vmlinux(os.path.join(root, "boot", "vmlinuz-" + release))
     moddir = os.path.join(root, "lib", "modules", release)
-    mods = module_closure(moddir)
+    mods = module_closure(moddir, MODULES)
 
     entries = {}  # path -> (mode, data, rdev)
     for d in ["dev", "proc", "sys", "run", "tmp", "etc", "lib", "lib/modules", "lib/modules/" + release]:
@@ -243,8 +248,33 @@ def main():
     subprocess.run(["lz4", "-l", "-9", "-f", "-q", raw, initrd + ".tmp"], check=True)
     os.replace(initrd + ".tmp", initrd)
     os.unlink(raw)
+    # The on-demand modules, beside the image (shared into each VM read-only).
+    boot_names = {n for n, _, _ in mods}
+    extra = [m for m in module_closure(moddir, ON_DEMAND) if m[0] not in boot_names]
+    shutil.rmtree(os.path.join(a.out, "modules"), ignore_errors=True)
+    extra_root = os.path.join(a.out, "modules", release)
+    extra_lines, extra_digest = [], hashlib.sha256()
+    for name, path, deps in extra:
+        data = open(os.path.join(moddir, path), "rb").read()
+        if path.endswith(".xz"):
+            data, path = lzma.decompress(data), path[:-3]
+        data = strip_signature(data)
+        os.makedirs(os.path.dirname(os.path.join(extra_root, path)), exist_ok=True)
+        with open(os.path.join(extra_root, path), "wb") as f:
+            f.write(data)
+        extra_digest.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
+        dep_paths = [p[:-3] if p.endswith(".xz") else p for n, p, _ in extra if n in deps]
+        extra_lines.append("%s: %s" % (path, " ".join(dep_paths)))
+    os.makedirs(extra_root, exist_ok=True)
+    with open(os.path.join(extra_root, "modules.dep"), "w") as f:
+        f.write("\n".join(sorted(extra_lines)) + "\n")
+    for dirpath, dirs, files in os.walk(os.path.join(a.out, "modules")):
+        for n in dirs + files:
+            os.utime(os.path.join(dirpath, n), (0, 0))
     manifest = {
         "kernel": release,
+        "onDemandModules": [m for m, _, _ in extra],
+        "onDemandSha256": extra_digest.hexdigest(),
         "kernelPackage": os.path.basename(deb),
         "modules": [m for m, _, _ in mods],
         "sha256": {n: hashlib.sha256(open(os.path.join(a.out, n), "rb").read()).hexdigest() for n in ("vmlinux", "initrd.lz4")},

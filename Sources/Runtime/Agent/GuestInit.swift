@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Logging
 import KuasarSystem
+import KuasarWire
 
 private let MS_NOSUID = UInt(Glibc.MS_NOSUID), MS_NODEV = UInt(Glibc.MS_NODEV), MS_NOEXEC = UInt(Glibc.MS_NOEXEC)
 
@@ -90,10 +91,19 @@ public enum GuestInit {
     }
 
     /// Loads a module (and what it needs) from the guest image when it is not loaded yet.
+    /// The image's boot modules first, then the on-demand ones the host shares; a module
+    /// in neither is taken to be built in.
     public static func ensureModule(_ name: String) throws {
         guard !Files.exists("/sys/module/" + name) else { return }
-        var mods = try KernelModules(directory: "/lib/modules/" + kernelRelease())
-        try mods.load(name)
+        var boot = try KernelModules(directory: "/lib/modules/" + kernelRelease())
+        if boot.knows(name) {
+            try boot.load(name)
+            return
+        }
+        let shared = sharePath + "/" + AgentProtocol.modulesDirectory + "/" + kernelRelease()
+        guard Files.exists(shared + "/modules.dep") else { return }
+        var onDemand = try KernelModules(directory: shared)
+        try onDemand.load(name)
     }
 
     public static func kernelRelease() -> String {

@@ -106,6 +106,24 @@ public final class VMBackend: SandboxBackend {
         return nil
     }
 
+    /// The image's on-demand modules (`modules/` beside the initrd), bound read-only into
+    /// the share for the agent; without them overlay and block rootfs cannot load theirs.
+    private func shareModules(_ s: Sandbox, _ share: String) {
+        let initrd = settings.initrd
+        let dir = String(initrd[..<(initrd.lastIndex(of: "/") ?? initrd.startIndex)]) + "/modules"
+        guard Files.isDirectory(dir) else {
+            logger.info("sandbox \(s.id): no on-demand guest modules in \(dir) (make guest installs them): overlay and block rootfs are unavailable in its guest")
+            return
+        }
+        let target = share + "/" + AgentProtocol.modulesDirectory
+        do {
+            try makeDirectories(target, mode: 0o755)
+            try RootfsMounts.mount("bind", source: dir, options: ["rbind", "ro"], at: target)
+        } catch {
+            logger.warning("sandbox \(s.id): share the guest modules \(dir): \(error); overlay and block rootfs are unavailable in its guest")
+        }
+    }
+
     public func create(_ s: Sandbox, _ request: SandboxCreateRequest, done: @escaping (Result<Void, RPCError>) -> Void) {
         do {
             let (memory, vcpus) = try size(request.podConfig)
@@ -126,6 +144,7 @@ public final class VMBackend: SandboxBackend {
                 logger.info("sandbox \(s.id): network \(request.netnsPath): \(links.isEmpty ? "no interface to join (the guest gets no NIC)" : links.joined(separator: "; "))")
                 network = net
             }
+            shareModules(s, share)
             let pod = VMPod(spec: spec, setup: setup)
             pod.netns = request.netnsPath
             pod.network = network
