@@ -107,15 +107,13 @@ enum VMBenchmark {
             for i in 0..<(runs + 1) {
                 for runtime in runtimes where failed[runtime] == nil {
                     let id = (runtime.contains("vm") ? "v" : "r") + "\(i)"
-                    let t = MonotonicClock.nanoseconds()
-                    do { _ = try ContainerBenchmark.sh("\(ctd.ctr) run -d --runtime \(runtime) \(PodBenchmark.Containerd.image) \(id) sleep 3600 >/dev/null") } catch {
+                    let ms: Double
+                    do { ms = try ctd.timedRun(runtime, id) } catch {
                         failed[runtime] = "\(error)"
                         log("  ctr run \(runtime): FAILED: \(error)")
                         continue
                     }
-                    let ms = Double(MonotonicClock.nanoseconds() - t) / 1e6
                     if i >= 1 { times[runtime, default: []].append(ms) }  // the first of each warms caches
-                    ContainerBenchmark.shIgnoringFailure("\(ctd.ctr) task kill -s SIGKILL \(id) >/dev/null 2>&1; for j in $(seq 1 100); do \(ctd.ctr) task delete \(id) >/dev/null 2>&1 && break; sleep 0.05; done; \(ctd.ctr) container delete \(id) >/dev/null 2>&1")
                     // The VM goes with its last container: not timed into the next run.
                     for _ in 0..<200 where VMBenchmark.qemuRunning(under: dir) { usleep(50_000) }
                 }
