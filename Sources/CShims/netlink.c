@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <net/if.h>
@@ -208,6 +209,100 @@ static void each_route(struct nlmsghdr *h, void *p) {
 int ks_nl_routes4(int nl, ks_route4 *out, int max) {
     struct rtmsg h = {.rtm_family = AF_INET};
     return nl_dump(nl, RTM_GETROUTE, &h, sizeof h, each_route, out, max);
+}
+
+static void each_addr6(struct nlmsghdr *h, void *p) {
+    dump_ctx *c = p;
+    if (h->nlmsg_type != RTM_NEWADDR || c->count >= c->max) return;
+    struct ifaddrmsg *ifa = NLMSG_DATA(h);
+    // Global addresses only: the guest makes its own link-local one.
+    if (ifa->ifa_family != AF_INET6 || ifa->ifa_scope != RT_SCOPE_UNIVERSE) return;
+    ks_addr6 *a6 = (ks_addr6 *)c->out + c->count;
+    memset(a6, 0, sizeof *a6);
+    a6->ifindex = (int)ifa->ifa_index;
+    a6->prefix = ifa->ifa_prefixlen;
+    int len = (int)IFA_PAYLOAD(h), found = 0;
+    for (struct rtattr *a = IFA_RTA(ifa); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+        if (a->rta_type == IFA_LOCAL || (a->rta_type == IFA_ADDRESS && !found)) {
+            found = inet_ntop(AF_INET6, RTA_DATA(a), a6->addr, sizeof a6->addr) != NULL;
+        }
+    }
+    if (found) c->count++;
+}
+
+int ks_nl_addrs6(int nl, ks_addr6 *out, int max) {
+    struct ifaddrmsg h = {.ifa_family = AF_INET6};
+    return nl_dump(nl, RTM_GETADDR, &h, sizeof h, each_addr6, out, max);
+}
+
+static void each_route6(struct nlmsghdr *h, void *p) {
+    dump_ctx *c = p;
+    if (h->nlmsg_type != RTM_NEWROUTE || c->count >= c->max) return;
+    struct rtmsg *rt = NLMSG_DATA(h);
+    if (rt->rtm_family != AF_INET6 || rt->rtm_table != RT_TABLE_MAIN || rt->rtm_type != RTN_UNICAST || rt->rtm_protocol == RTPROT_KERNEL) return;
+    ks_route6 *r6 = (ks_route6 *)c->out + c->count;
+    memset(r6, 0, sizeof *r6);
+    r6->prefix = rt->rtm_dst_len;
+    strcpy(r6->dst, "::");
+    int len = (int)RTM_PAYLOAD(h);
+    for (struct rtattr *a = RTM_RTA(rt); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+        switch (a->rta_type) {
+        case RTA_DST: inet_ntop(AF_INET6, RTA_DATA(a), r6->dst, sizeof r6->dst); break;
+        case RTA_GATEWAY: inet_ntop(AF_INET6, RTA_DATA(a), r6->gateway, sizeof r6->gateway); break;
+        case RTA_OIF: memcpy(&r6->oif, RTA_DATA(a), 4); break;
+        }
+    }
+    c->count++;
+}
+
+int ks_nl_routes6(int nl, ks_route6 *out, int max) {
+    struct rtmsg h = {.rtm_family = AF_INET6};
+    return nl_dump(nl, RTM_GETROUTE, &h, sizeof h, each_route6, out, max);
+}
+
+/* The kernel's in6_ifreq and in6_rtmsg (linux/ipv6.h, linux/ipv6_route.h clash with glibc's headers). */
+struct ks_in6_ifreq { struct in6_addr addr; uint32_t prefixlen; int ifindex; };
+struct ks_in6_rtmsg {
+    struct in6_addr dst, src, gateway;
+    uint32_t type;
+    uint16_t dst_len, src_len;
+    uint32_t metric;
+    unsigned long info;
+    uint32_t flags;
+    int ifindex;
+};
+
+int ks_if_add_ipv6(const char *ifname, const char *addr, int prefix) {
+    struct ks_in6_ifreq r;
+    memset(&r, 0, sizeof r);
+    if (inet_pton(AF_INET6, addr, &r.addr) != 1) return -EINVAL;
+    r.prefixlen = (uint32_t)prefix;
+    r.ifindex = (int)if_nametoindex(ifname);
+    if (r.ifindex == 0) return -errno;
+    int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int e = ioctl(fd, SIOCSIFADDR, &r) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
+int ks_route_add_ipv6(const char *dst, int prefix, const char *_Nullable gateway, const char *_Nullable dev) {
+    struct ks_in6_rtmsg r;
+    memset(&r, 0, sizeof r);
+    if (inet_pton(AF_INET6, dst, &r.dst) != 1) return -EINVAL;
+    if (gateway && inet_pton(AF_INET6, gateway, &r.gateway) != 1) return -EINVAL;
+    r.dst_len = (uint16_t)prefix;
+    r.metric = 1024;
+    r.flags = 0x1 /* RTF_UP */ | (gateway ? 0x2 /* RTF_GATEWAY */ : 0);
+    if (dev) {
+        r.ifindex = (int)if_nametoindex(dev);
+        if (r.ifindex == 0) return -errno;
+    }
+    int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int e = ioctl(fd, SIOCADDRT, &r) < 0 ? -errno : 0;
+    close(fd);
+    return e;
 }
 
 int ks_nl_link_up(int nl, int ifindex, unsigned mtu) {

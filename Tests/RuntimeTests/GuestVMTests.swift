@@ -142,12 +142,18 @@ extension AllTests {
         var badAddress = Kuasar_Agent_V1_SetupSandboxRequest()
         var v6 = Kuasar_Agent_V1_Interface()
         v6.name = "eth0"
-        v6.addresses = ["fd00::2/64"]
+        v6.addresses = ["fd00::zz/64"]
         badAddress.interfaces = [v6]
         do {
             _ = try vm.call(Self.agent, "SetupSandbox", badAddress, Google_Protobuf_Empty.self)
-            Issue.record("an IPv6 address was taken")
-        } catch let e as RPCError { #expect(e.code == .invalidArgument && e.message.contains("IPv6"), "\(e)") }
+            Issue.record("a malformed IPv6 address was taken")
+        } catch let e as RPCError { #expect(e.code == .invalidArgument && e.message.contains("\"fd00::zz/64\" is not an IPv6 address"), "\(e)") }
+        v6.addresses = ["fd00::2/129"]
+        badAddress.interfaces = [v6]
+        do {
+            _ = try vm.call(Self.agent, "SetupSandbox", badAddress, Google_Protobuf_Empty.self)
+            Issue.record("an IPv6 prefix of 129 was taken")
+        } catch let e as RPCError { #expect(e.code == .invalidArgument, "\(e)") }
         var clock = Kuasar_Agent_V1_SyncClockRequest()
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)

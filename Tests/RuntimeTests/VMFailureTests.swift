@@ -185,14 +185,15 @@ extension AllTests.VMSandboxTests {
 
 extension AllTests.VMSandboxTests {
     /// What CNI leaves for a pod, made by the test in its own namespaces: a netns with a
-    /// veth `eth0` (10.211.x.2/24, default route via .1), whose peer sits in a second netns
-    /// (.1). The VM's container has the veth's address, MAC and route on its NIC, reaches
+    /// veth `eth0` (10.211.x.2/24 and fd00:211:x::2/64, default routes via .1 and ::1),
+    /// whose peer sits in a second netns (.1, ::1). The VM's container has the veth's address, MAC and route on its NIC, reaches
     /// the peer (ping, and a TCP exchange with a server in the peer's netns), and after
     /// Shutdown the netns holds no tap and no tc redirect.
     @Test func aVMPodJoinsTheNetworkCNIMadeAndReachesItsPeer() throws {
         let tag = "kq\(getpid() % 100_000)"
         let (podNS, peerNS) = (tag + "p", tag + "q")
         let subnet = "10.211.\(getpid() % 250)"
+        let subnet6 = "fd00:211:\(String(getpid() % 65_000, radix: 16))"
         defer { _ = try? shell("ip netns del \(podNS); ip netns del \(peerNS)") }
         var r = try shell("""
             set -e
@@ -201,6 +202,8 @@ extension AllTests.VMSandboxTests {
             ip -n \(podNS) link set lo up; ip -n \(podNS) link set eth0 up
             ip -n \(podNS) addr add \(subnet).2/24 dev eth0; ip -n \(podNS) route add default via \(subnet).1
             ip -n \(peerNS) link set eth0 up; ip -n \(peerNS) addr add \(subnet).1/24 dev eth0
+            ip -n \(podNS) -6 addr add \(subnet6)::2/64 dev eth0 nodad; ip -n \(peerNS) -6 addr add \(subnet6)::1/64 dev eth0 nodad
+            ip -n \(podNS) -6 route add default via \(subnet6)::1
             """)
         #expect(r.code == 0, "\(r.out)")
         let vethMAC = try shell("ip netns exec \(podNS) cat /sys/class/net/eth0/address").out.trimmingWhitespace
@@ -213,7 +216,7 @@ extension AllTests.VMSandboxTests {
             let t = try OneShotClient(path: address)
             defer { t.close() }
             let io = try Self.run(t, node, "n1", pid: pid, ["sh", "-c",
-                "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; ip route; ping -c 2 -W 5 \(subnet).1 >/dev/null && echo ping-ok; nc \(subnet).1 7777 </dev/null"],
+                "cat /sys/class/net/eth0/address; ip -4 -o addr show eth0; ip route; ping -c 2 -W 5 \(subnet).1 >/dev/null && echo ping-ok; ip -6 -o addr show eth0 scope global; ip -6 route show default; ping6 -c 2 -W 5 \(subnet6)::1 >/dev/null && echo ping6-ok; nc \(subnet).1 7777 </dev/null"],
                 streams: ["stdout", "stderr"])
             defer { io.close() }
             #expect(try Self.wait(t, "n1") == 0, "stderr: \(io.read("stderr"))")
@@ -221,6 +224,7 @@ extension AllTests.VMSandboxTests {
             #expect(out.hasPrefix(vethMAC + "\n"), "the NIC has the veth's MAC \(vethMAC): \(out)")
             #expect(out.contains("inet \(subnet).2/24") && out.contains("default via \(subnet).1 dev eth0"), "\(out)")
             #expect(out.contains("ping-ok") && out.contains("hello-from-the-peer"), "\(out)")
+            #expect(out.contains("inet6 \(subnet6)::2/64") && out.contains("default via \(subnet6)::1 dev eth0") && out.contains("ping6-ok"), "IPv6 too: \(out)")
             try Self.delete(t, "n1")
             try AllTests.TaskServerTests.shutdown(node, "vn", "kuasar-vm")
             #expect(waitUntil(timeoutMS: 10_000) { processGone(pid) })

@@ -278,6 +278,16 @@ int ks_nl_links(int nl, ks_link *out, int max);
 int ks_nl_addrs4(int nl, ks_addr4 *out, int max);
 /// The main table's IPv4 unicast routes not made by the kernel itself.
 int ks_nl_routes4(int nl, ks_route4 *out, int max);
+typedef struct ks_addr6 { int ifindex; int prefix; char addr[46]; } ks_addr6;
+typedef struct ks_route6 { int oif; int prefix; char dst[46]; char gateway[46]; } ks_route6;
+/// Global-scope IPv6 addresses (link-local ones left out), as text.
+int ks_nl_addrs6(int nl, ks_addr6 *out, int max);
+/// The main table's IPv6 unicast routes not made by the kernel itself, as text ("" gateway: on-link).
+int ks_nl_routes6(int nl, ks_route6 *out, int max);
+/// SIOCSIFADDR on an AF_INET6 socket: `addr`/`prefix` on `ifname`.
+int ks_if_add_ipv6(const char *ifname, const char *addr, int prefix);
+/// SIOCADDRT on an AF_INET6 socket; `gateway` NULL: on-link; `dev` NULL: any.
+int ks_route_add_ipv6(const char *dst, int prefix, const char *_Nullable gateway, const char *_Nullable dev);
 int ks_nl_link_up(int nl, int ifindex, unsigned mtu);
 /// Adds (add 1) or deletes the ingress qdisc of `ifindex`.
 int ks_nl_qdisc_ingress(int nl, int ifindex, int add);

@@ -425,9 +425,10 @@ public final class Agent {
                         try Network.rename(current, to: i.name)
                     }
                 }
-                for a in i.addresses { try Network.setAddress(i.name, a) }
                 if i.mtu > 0 { try Network.setMTU(i.name, Int32(i.mtu)) }
+                // Up first: an interface going down drops its IPv6 addresses.
                 try Network.setUp(i.name)
+                for a in i.addresses { try Network.setAddress(i.name, a) }
             } catch {
                 throw RPCError(error.errno == .EINVAL ? .invalidArgument : .failedPrecondition, "interface \(i.name): \(error)")
             }

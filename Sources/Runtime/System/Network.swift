@@ -3,8 +3,8 @@ import Glibc
 #endif
 import CShims
 
-/// A guest's own interfaces and IPv4 routes, set by ioctl (what a VM's agent needs to
-/// bring its pod's network up; IPv6 and netlink-only features are not here).
+/// A guest's own interfaces and IPv4/IPv6 routes, set by ioctl (what a VM's agent needs to
+/// bring its pod's network up; netlink-only features are not here).
 public enum Network {
     public static func setUp(_ interface: String, up: Bool = true) throws(SystemError) {
         _ = try shim("SIOCSIFFLAGS", interface) { interface.withCString { ks_if_set_up($0, up ? 1 : 0) } }
@@ -30,12 +30,29 @@ public enum Network {
 
     /// `a.b.c.d/nn` on `interface`.
     public static func setAddress(_ interface: String, _ cidr: String) throws(SystemError) {
+        if cidr.contains(":") {
+            let (addr, prefix) = try parseCIDR6(cidr)
+            // The host's side already did duplicate address detection: usable at once.
+            _ = try? Files.write("/proc/sys/net/ipv6/conf/\(interface)/accept_dad", "0")
+            _ = try shim("SIOCSIFADDR", "\(interface) \(cidr)") { interface.withCString { i in addr.withCString { ks_if_add_ipv6(i, $0, prefix) } } }
+            return
+        }
         let (addr, prefix) = try parseCIDR(cidr)
         _ = try shim("SIOCSIFADDR", "\(interface) \(cidr)") { interface.withCString { ks_if_set_ipv4($0, addr, prefix) } }
     }
 
     /// `default` or `a.b.c.d/nn`, via `gateway` (empty: on-link), on `device` (empty: any).
     public static func addRoute(_ destination: String, gateway: String, device: String) throws(SystemError) {
+        if destination.contains(":") || gateway.contains(":") {
+            let (dest, prefix) = destination == "default" || destination.isEmpty ? ("::", Int32(0)) : try parseCIDR6(destination)
+            _ = try shim("SIOCADDRT", "\(destination) via \(gateway.isEmpty ? "-" : gateway) dev \(device.isEmpty ? "-" : device)") {
+                dest.withCString { d in
+                    func dev(_ g: UnsafePointer<CChar>?) -> Int32 { device.isEmpty ? ks_route_add_ipv6(d, prefix, g, nil) : device.withCString { ks_route_add_ipv6(d, prefix, g, $0) } }
+                    return gateway.isEmpty ? dev(nil) : gateway.withCString { dev($0) }
+                }
+            }
+            return
+        }
         let (dest, prefix) = destination == "default" || destination.isEmpty ? (UInt32(0), Int32(0)) : try parseCIDR(destination)
         let gw = gateway.isEmpty ? UInt32(0) : try parseIPv4(gateway)
         _ = try shim("SIOCADDRT", "\(destination) via \(gateway.isEmpty ? "-" : gateway) dev \(device.isEmpty ? "-" : device)") {
@@ -46,19 +63,29 @@ public enum Network {
     /// An IPv4 address in network byte order.
     public static func parseIPv4(_ s: String) throws(SystemError) -> UInt32 {
         let parts = s.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 4 else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d; IPv6 is not supported)", errno: .EINVAL) }
+        guard parts.count == 4 else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d, or an IPv6 address with a colon)", errno: .EINVAL) }
         var value: UInt32 = 0
         for p in parts {
-            guard let b = UInt8(p) else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d; IPv6 is not supported)", errno: .EINVAL) }
+            guard let b = UInt8(p) else { throw SystemError("address", "\"\(s)\" is not an IPv4 address (a.b.c.d, or an IPv6 address with a colon)", errno: .EINVAL) }
             value = value << 8 | UInt32(b)
         }
         return value.bigEndian
     }
 
+    /// `addr/nn` for IPv6: the address as given (the shim parses it), the prefix checked.
+    public static func parseCIDR6(_ s: String) throws(SystemError) -> (String, Int32) {
+        let parts = s.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let prefix = Int32(parts[1]), (0...128).contains(prefix), parts[0].contains(":"),
+              parts[0].allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else {
+            throw SystemError("address", "\"\(s)\" is not an IPv6 address/prefix", errno: .EINVAL)
+        }
+        return (String(parts[0]), prefix)
+    }
+
     public static func parseCIDR(_ s: String) throws(SystemError) -> (UInt32, Int32) {
         let parts = s.split(separator: "/", omittingEmptySubsequences: false)
         guard parts.count == 2, let prefix = Int32(parts[1]), (0...32).contains(prefix) else {
-            throw SystemError("address", "\"\(s)\" is not a.b.c.d/prefix (IPv6 is not supported)", errno: .EINVAL)
+            throw SystemError("address", "\"\(s)\" is not a.b.c.d/prefix", errno: .EINVAL)
         }
         return (try parseIPv4(String(parts[0])), prefix)
     }

@@ -40,6 +40,11 @@ public struct PodNetwork: Sendable {
         return l.flags & UInt32(IFF_LOOPBACK) == 0 && l.flags & UInt32(IFF_UP) != 0 && l.has_mac != 0 && kind != "tun"
     }
 
+    /// A NUL-terminated C char array (the shim's text addresses) as a String.
+    static func text<T>(_ chars: T) -> String {
+        withUnsafeBytes(of: chars) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+
     /// Taps and redirects in the network namespace at `netnsPath` for every interface CNI
     /// made there. Nothing is left behind when it fails.
     public static func attach(netnsPath: String) throws(SystemError) -> PodNetwork {
@@ -52,6 +57,8 @@ public struct PodNetwork: Sendable {
                 let links = try dump("RTM_GETLINK", netnsPath, ks_link()) { ks_nl_links(nl, $0, $1) }.filter(eligible)
                 let addrs = try dump("RTM_GETADDR", netnsPath, ks_addr4()) { ks_nl_addrs4(nl, $0, $1) }
                 let routes = try dump("RTM_GETROUTE", netnsPath, ks_route4()) { ks_nl_routes4(nl, $0, $1) }
+                let addrs6 = try dump("RTM_GETADDR", netnsPath, ks_addr6()) { ks_nl_addrs6(nl, $0, $1) }
+                let routes6 = try dump("RTM_GETROUTE", netnsPath, ks_route6()) { ks_nl_routes6(nl, $0, $1) }
                 var names: [Int32: String] = [:]
                 for (i, l) in links.enumerated() {
                     let name = withUnsafeBytes(of: l.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
@@ -75,12 +82,17 @@ public struct PodNetwork: Sendable {
                     _ = try shim("RTM_NEWTFILTER mirred", "\(tapName) → \(name)") { ks_nl_redirect(nl, tapIndex, l.ifindex) }
                     let mac = withUnsafeBytes(of: l.mac) { $0.map { hex($0) }.joined(separator: ":") }
                     net.links.append(Link(name: name, ifindex: l.ifindex, tapIndex: tapIndex, mac: mac, mtu: l.mtu,
-                                          addresses: addrs.filter { $0.ifindex == l.ifindex }.map { "\(dotted($0.addr))/\($0.prefix)" }))
+                                          addresses: addrs.filter { $0.ifindex == l.ifindex }.map { "\(dotted($0.addr))/\($0.prefix)" }
+                                            + addrs6.filter { $0.ifindex == l.ifindex }.map { "\(text($0.addr))/\($0.prefix)" }))
                 }
                 let ours = routes.filter { names[$0.oif] != nil }
                 net.routes = (ours.filter { $0.gateway == 0 } + ours.filter { $0.gateway != 0 }).map {
                     Route(destination: $0.prefix == 0 ? "default" : "\(dotted($0.dst))/\($0.prefix)",
                           gateway: $0.gateway == 0 ? "" : dotted($0.gateway), device: names[$0.oif] ?? "")
+                }
+                let ours6 = routes6.filter { names[$0.oif] != nil }
+                net.routes += (ours6.filter { text($0.gateway).isEmpty } + ours6.filter { !text($0.gateway).isEmpty }).map {
+                    Route(destination: "\(text($0.dst))/\($0.prefix)", gateway: text($0.gateway), device: names[$0.oif] ?? "")
                 }
             }
         } catch {
