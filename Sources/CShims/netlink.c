@@ -164,24 +164,24 @@ static void each_addr(struct nlmsghdr *h, void *p) {
     dump_ctx *c = p;
     if (h->nlmsg_type != RTM_NEWADDR || c->count >= c->max) return;
     struct ifaddrmsg *ifa = NLMSG_DATA(h);
-    if (ifa->ifa_family != AF_INET) return;
-    ks_addr4 *a4 = (ks_addr4 *)c->out + c->count;
-    memset(a4, 0, sizeof *a4);
-    a4->ifindex = (int)ifa->ifa_index;
-    a4->prefix = ifa->ifa_prefixlen;
+    // IPv4, and IPv6's global addresses (the guest makes its own link-local one).
+    if (ifa->ifa_family != AF_INET && (ifa->ifa_family != AF_INET6 || ifa->ifa_scope != RT_SCOPE_UNIVERSE)) return;
+    ks_addr *out = (ks_addr *)c->out + c->count;
+    memset(out, 0, sizeof *out);
+    out->ifindex = (int)ifa->ifa_index;
+    out->prefix = ifa->ifa_prefixlen;
     int len = (int)IFA_PAYLOAD(h), found = 0;
     for (struct rtattr *a = IFA_RTA(ifa); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
         // IFA_LOCAL is the interface's own address (IFA_ADDRESS the peer's on point-to-point).
         if (a->rta_type == IFA_LOCAL || (a->rta_type == IFA_ADDRESS && !found)) {
-            memcpy(&a4->addr, RTA_DATA(a), 4);
-            found = 1;
+            found = inet_ntop(ifa->ifa_family, RTA_DATA(a), out->addr, sizeof out->addr) != NULL;
         }
     }
     if (found) c->count++;
 }
 
-int ks_nl_addrs4(int nl, ks_addr4 *out, int max) {
-    struct ifaddrmsg h = {.ifa_family = AF_INET};
+int ks_nl_addrs(int nl, ks_addr *out, int max) {
+    struct ifaddrmsg h = {.ifa_family = AF_UNSPEC};
     return nl_dump(nl, RTM_GETADDR, &h, sizeof h, each_addr, out, max);
 }
 
@@ -191,73 +191,26 @@ static void each_route(struct nlmsghdr *h, void *p) {
     struct rtmsg *rt = NLMSG_DATA(h);
     // The main table's unicast routes that someone added: the kernel's own (from an
     // address's prefix) come back by themselves where the address is set again.
-    if (rt->rtm_family != AF_INET || rt->rtm_table != RT_TABLE_MAIN || rt->rtm_type != RTN_UNICAST || rt->rtm_protocol == RTPROT_KERNEL) return;
-    ks_route4 *r4 = (ks_route4 *)c->out + c->count;
-    memset(r4, 0, sizeof *r4);
-    r4->prefix = rt->rtm_dst_len;
+    if ((rt->rtm_family != AF_INET && rt->rtm_family != AF_INET6) || rt->rtm_table != RT_TABLE_MAIN
+        || rt->rtm_type != RTN_UNICAST || rt->rtm_protocol == RTPROT_KERNEL) return;
+    ks_route *out = (ks_route *)c->out + c->count;
+    memset(out, 0, sizeof *out);
+    out->prefix = rt->rtm_dst_len;
+    strcpy(out->dst, rt->rtm_family == AF_INET ? "0.0.0.0" : "::");
     int len = (int)RTM_PAYLOAD(h);
     for (struct rtattr *a = RTM_RTA(rt); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
         switch (a->rta_type) {
-        case RTA_DST: memcpy(&r4->dst, RTA_DATA(a), 4); break;
-        case RTA_GATEWAY: memcpy(&r4->gateway, RTA_DATA(a), 4); break;
-        case RTA_OIF: memcpy(&r4->oif, RTA_DATA(a), 4); break;
+        case RTA_DST: inet_ntop(rt->rtm_family, RTA_DATA(a), out->dst, sizeof out->dst); break;
+        case RTA_GATEWAY: inet_ntop(rt->rtm_family, RTA_DATA(a), out->gateway, sizeof out->gateway); break;
+        case RTA_OIF: memcpy(&out->oif, RTA_DATA(a), 4); break;
         }
     }
     c->count++;
 }
 
-int ks_nl_routes4(int nl, ks_route4 *out, int max) {
-    struct rtmsg h = {.rtm_family = AF_INET};
+int ks_nl_routes(int nl, ks_route *out, int max) {
+    struct rtmsg h = {.rtm_family = AF_UNSPEC};
     return nl_dump(nl, RTM_GETROUTE, &h, sizeof h, each_route, out, max);
-}
-
-static void each_addr6(struct nlmsghdr *h, void *p) {
-    dump_ctx *c = p;
-    if (h->nlmsg_type != RTM_NEWADDR || c->count >= c->max) return;
-    struct ifaddrmsg *ifa = NLMSG_DATA(h);
-    // Global addresses only: the guest makes its own link-local one.
-    if (ifa->ifa_family != AF_INET6 || ifa->ifa_scope != RT_SCOPE_UNIVERSE) return;
-    ks_addr6 *a6 = (ks_addr6 *)c->out + c->count;
-    memset(a6, 0, sizeof *a6);
-    a6->ifindex = (int)ifa->ifa_index;
-    a6->prefix = ifa->ifa_prefixlen;
-    int len = (int)IFA_PAYLOAD(h), found = 0;
-    for (struct rtattr *a = IFA_RTA(ifa); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
-        if (a->rta_type == IFA_LOCAL || (a->rta_type == IFA_ADDRESS && !found)) {
-            found = inet_ntop(AF_INET6, RTA_DATA(a), a6->addr, sizeof a6->addr) != NULL;
-        }
-    }
-    if (found) c->count++;
-}
-
-int ks_nl_addrs6(int nl, ks_addr6 *out, int max) {
-    struct ifaddrmsg h = {.ifa_family = AF_INET6};
-    return nl_dump(nl, RTM_GETADDR, &h, sizeof h, each_addr6, out, max);
-}
-
-static void each_route6(struct nlmsghdr *h, void *p) {
-    dump_ctx *c = p;
-    if (h->nlmsg_type != RTM_NEWROUTE || c->count >= c->max) return;
-    struct rtmsg *rt = NLMSG_DATA(h);
-    if (rt->rtm_family != AF_INET6 || rt->rtm_table != RT_TABLE_MAIN || rt->rtm_type != RTN_UNICAST || rt->rtm_protocol == RTPROT_KERNEL) return;
-    ks_route6 *r6 = (ks_route6 *)c->out + c->count;
-    memset(r6, 0, sizeof *r6);
-    r6->prefix = rt->rtm_dst_len;
-    strcpy(r6->dst, "::");
-    int len = (int)RTM_PAYLOAD(h);
-    for (struct rtattr *a = RTM_RTA(rt); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
-        switch (a->rta_type) {
-        case RTA_DST: inet_ntop(AF_INET6, RTA_DATA(a), r6->dst, sizeof r6->dst); break;
-        case RTA_GATEWAY: inet_ntop(AF_INET6, RTA_DATA(a), r6->gateway, sizeof r6->gateway); break;
-        case RTA_OIF: memcpy(&r6->oif, RTA_DATA(a), 4); break;
-        }
-    }
-    c->count++;
-}
-
-int ks_nl_routes6(int nl, ks_route6 *out, int max) {
-    struct rtmsg h = {.rtm_family = AF_INET6};
-    return nl_dump(nl, RTM_GETROUTE, &h, sizeof h, each_route6, out, max);
 }
 
 /* The kernel's in6_ifreq and in6_rtmsg (linux/ipv6.h, linux/ipv6_route.h clash with glibc's headers). */
@@ -272,6 +225,14 @@ struct ks_in6_rtmsg {
     int ifindex;
 };
 
+static int inet6_ioctl(unsigned long request, void *arg) {
+    int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int e = ioctl(fd, request, arg) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}
+
 int ks_if_add_ipv6(const char *ifname, const char *addr, int prefix) {
     struct ks_in6_ifreq r;
     memset(&r, 0, sizeof r);
@@ -279,11 +240,7 @@ int ks_if_add_ipv6(const char *ifname, const char *addr, int prefix) {
     r.prefixlen = (uint32_t)prefix;
     r.ifindex = (int)if_nametoindex(ifname);
     if (r.ifindex == 0) return -errno;
-    int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    int e = ioctl(fd, SIOCSIFADDR, &r) < 0 ? -errno : 0;
-    close(fd);
-    return e;
+    return inet6_ioctl(SIOCSIFADDR, &r);
 }
 
 int ks_route_add_ipv6(const char *dst, int prefix, const char *_Nullable gateway, const char *_Nullable dev) {
@@ -298,11 +255,7 @@ int ks_route_add_ipv6(const char *dst, int prefix, const char *_Nullable gateway
         r.ifindex = (int)if_nametoindex(dev);
         if (r.ifindex == 0) return -errno;
     }
-    int fd = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    int e = ioctl(fd, SIOCADDRT, &r) < 0 ? -errno : 0;
-    close(fd);
-    return e;
+    return inet6_ioctl(SIOCADDRT, &r);
 }
 
 int ks_nl_link_up(int nl, int ifindex, unsigned mtu) {

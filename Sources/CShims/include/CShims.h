@@ -270,20 +270,16 @@ typedef struct ks_link {
     char kind[16];
 } ks_link;
 /// Addresses and routes in network byte order.
-typedef struct ks_addr4 { int ifindex; uint32_t addr; int prefix; } ks_addr4;
-typedef struct ks_route4 { uint32_t dst; int prefix; uint32_t gateway; int oif; } ks_route4;
+/// Addresses as text (inet_ntop); an empty gateway is on-link.
+typedef struct ks_addr { int ifindex; int prefix; char addr[46]; } ks_addr;
+typedef struct ks_route { int oif; int prefix; char dst[46]; char gateway[46]; } ks_route;
 /// A NETLINK_ROUTE socket of the calling thread's network namespace.
 int ks_nl_open(void);
 int ks_nl_links(int nl, ks_link *out, int max);
-int ks_nl_addrs4(int nl, ks_addr4 *out, int max);
-/// The main table's IPv4 unicast routes not made by the kernel itself.
-int ks_nl_routes4(int nl, ks_route4 *out, int max);
-typedef struct ks_addr6 { int ifindex; int prefix; char addr[46]; } ks_addr6;
-typedef struct ks_route6 { int oif; int prefix; char dst[46]; char gateway[46]; } ks_route6;
-/// Global-scope IPv6 addresses (link-local ones left out), as text.
-int ks_nl_addrs6(int nl, ks_addr6 *out, int max);
-/// The main table's IPv6 unicast routes not made by the kernel itself, as text ("" gateway: on-link).
-int ks_nl_routes6(int nl, ks_route6 *out, int max);
+/// IPv4 addresses, and IPv6 ones of global scope (link-local left out).
+int ks_nl_addrs(int nl, ks_addr *out, int max);
+/// The main table's IPv4 and IPv6 unicast routes not made by the kernel itself.
+int ks_nl_routes(int nl, ks_route *out, int max);
 /// SIOCSIFADDR on an AF_INET6 socket: `addr`/`prefix` on `ifname`.
 int ks_if_add_ipv6(const char *ifname, const char *addr, int prefix);
 /// SIOCADDRT on an AF_INET6 socket; `gateway` NULL: on-link; `dev` NULL: any.

@@ -55,10 +55,8 @@ public struct PodNetwork: Sendable {
                 let nl = try shim("socket(NETLINK_ROUTE)", netnsPath) { ks_nl_open() }
                 defer { _ = close(nl) }
                 let links = try dump("RTM_GETLINK", netnsPath, ks_link()) { ks_nl_links(nl, $0, $1) }.filter(eligible)
-                let addrs = try dump("RTM_GETADDR", netnsPath, ks_addr4()) { ks_nl_addrs4(nl, $0, $1) }
-                let routes = try dump("RTM_GETROUTE", netnsPath, ks_route4()) { ks_nl_routes4(nl, $0, $1) }
-                let addrs6 = try dump("RTM_GETADDR", netnsPath, ks_addr6()) { ks_nl_addrs6(nl, $0, $1) }
-                let routes6 = try dump("RTM_GETROUTE", netnsPath, ks_route6()) { ks_nl_routes6(nl, $0, $1) }
+                let addrs = try dump("RTM_GETADDR", netnsPath, ks_addr()) { ks_nl_addrs(nl, $0, $1) }
+                let routes = try dump("RTM_GETROUTE", netnsPath, ks_route()) { ks_nl_routes(nl, $0, $1) }
                 var names: [Int32: String] = [:]
                 for (i, l) in links.enumerated() {
                     let name = withUnsafeBytes(of: l.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
@@ -82,17 +80,13 @@ public struct PodNetwork: Sendable {
                     _ = try shim("RTM_NEWTFILTER mirred", "\(tapName) → \(name)") { ks_nl_redirect(nl, tapIndex, l.ifindex) }
                     let mac = withUnsafeBytes(of: l.mac) { $0.map { hex($0) }.joined(separator: ":") }
                     net.links.append(Link(name: name, ifindex: l.ifindex, tapIndex: tapIndex, mac: mac, mtu: l.mtu,
-                                          addresses: addrs.filter { $0.ifindex == l.ifindex }.map { "\(dotted($0.addr))/\($0.prefix)" }
-                                            + addrs6.filter { $0.ifindex == l.ifindex }.map { "\(text($0.addr))/\($0.prefix)" }))
+                                          addresses: addrs.filter { $0.ifindex == l.ifindex }.map { "\(text($0.addr))/\($0.prefix)" }))
                 }
                 let ours = routes.filter { names[$0.oif] != nil }
-                net.routes = (ours.filter { $0.gateway == 0 } + ours.filter { $0.gateway != 0 }).map {
-                    Route(destination: $0.prefix == 0 ? "default" : "\(dotted($0.dst))/\($0.prefix)",
-                          gateway: $0.gateway == 0 ? "" : dotted($0.gateway), device: names[$0.oif] ?? "")
-                }
-                let ours6 = routes6.filter { names[$0.oif] != nil }
-                net.routes += (ours6.filter { text($0.gateway).isEmpty } + ours6.filter { !text($0.gateway).isEmpty }).map {
-                    Route(destination: "\(text($0.dst))/\($0.prefix)", gateway: text($0.gateway), device: names[$0.oif] ?? "")
+                net.routes = (ours.filter { text($0.gateway).isEmpty } + ours.filter { !text($0.gateway).isEmpty }).map {
+                    let dst = text($0.dst)
+                    return Route(destination: $0.prefix == 0 && !dst.contains(":") ? "default" : "\(dst)/\($0.prefix)",
+                                 gateway: text($0.gateway), device: names[$0.oif] ?? "")
                 }
             }
         } catch {
@@ -143,11 +137,6 @@ public struct PodNetwork: Sendable {
 
     /// CLONE_NEWNET (sched.h keeps it behind _GNU_SOURCE).
     static let cloneNewNet: Int32 = 0x4000_0000
-
-    static func dotted(_ be: UInt32) -> String {
-        let h = UInt32(bigEndian: be)
-        return "\(h >> 24).\(h >> 16 & 0xFF).\(h >> 8 & 0xFF).\(h & 0xFF)"
-    }
 
     static func hex(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b, radix: 16) }
 }
