@@ -21,7 +21,10 @@ MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_v
 # not in the initramfs but in DIR/modules/<release>/, which the host shares read-only into
 # each VM's share (.modules). Their dependencies that are boot modules must be ones every
 # boot loads (virtio, virtio_ring): they are left out of that modules.dep.
-ON_DEMAND = ["overlay", "virtio_blk", "crc32c_generic", "ext4"]
+ON_DEMAND = ["overlay", "virtio_blk", "ext4"]
+# Soft dependencies (.modinfo "softdep=pre: ..."), named by the module that provides them
+# here: ext4 asks the crypto API for crc32c, which nothing loads by itself.
+SOFTDEPS = {"ext4": ["crc32c_generic"]}
 
 
 def run(*args, **kw):
@@ -108,6 +111,21 @@ def modinfo_depends(path):
     return []
 
 
+def module_files(moddir, mods):
+    """Each module of `mods` (module_closure's) as (path in the tree, bytes: uncompressed,
+    signature stripped), and the modules.dep text listing them with their dependencies
+    among `mods`."""
+    plain = lambda p: p[:-3] if p.endswith(".xz") else p
+    files, lines = [], []
+    for name, path, deps in mods:
+        data = open(os.path.join(moddir, path), "rb").read()
+        if path.endswith(".xz"):
+            data = lzma.decompress(data)
+        files.append((plain(path), strip_signature(data)))
+        lines.append("%s: %s" % (plain(path), " ".join(plain(p) for n, p, _ in mods if n in deps)))
+    return files, "\n".join(sorted(lines)) + "\n"
+
+
 def module_closure(moddir, wanted):
     """The wanted modules and everything they depend on, dependencies first. Uses
     modules.dep when the tree has one, else each module's own .modinfo (no kmod needed)."""
@@ -123,7 +141,7 @@ def module_closure(moddir, wanted):
         if m in chosen or m not in paths:
             return  # built in, or absent from this kernel
         chosen.add(m)
-        deps = [name_of(d) for d in modinfo_depends(os.path.join(moddir, paths[m]))]
+        deps = [name_of(d) for d in modinfo_depends(os.path.join(moddir, paths[m]))] + SOFTDEPS.get(m, [])
         for d in deps:
             visit(d)
         order.append((m, paths[m], deps))
@@ -208,19 +226,13 @@ def main():
     # PID 1's stdio: the kernel opens /dev/console before /init runs.
     entries["dev/console"] = (0o020600, b"", (5, 1))
     entries["init"] = (0o100755, open(a.agent, "rb").read(), (0, 0))
-    dep_lines = []
-    for name, path, deps in mods:
-        data = open(os.path.join(moddir, path), "rb").read()
-        if path.endswith(".xz"):
-            data, path = lzma.decompress(data), path[:-3]
-        data = strip_signature(data)
+    files, dep_text = module_files(moddir, mods)
+    for path, data in files:
         parts = path.split("/")
         for i in range(1, len(parts)):
             entries["lib/modules/%s/%s" % (release, "/".join(parts[:i]))] = (0o040755, b"", (0, 0))
         entries["lib/modules/%s/%s" % (release, path)] = (0o100644, data, (0, 0))
-        dep_paths = [p for n, p, _ in mods if n in deps]
-        dep_lines.append("%s: %s" % (path, " ".join(p[:-3] if p.endswith(".xz") else p for p in dep_paths)))
-    entries["lib/modules/%s/modules.dep" % release] = (0o100644, ("\n".join(sorted(dep_lines)) + "\n").encode(), (0, 0))
+    entries["lib/modules/%s/modules.dep" % release] = (0o100644, dep_text.encode(), (0, 0))
     if a.debug:
         entries["bin"] = (0o040755, b"", (0, 0))
         entries["sbin"] = (0o040755, b"", (0, 0))
@@ -253,21 +265,16 @@ def main():
     extra = [m for m in module_closure(moddir, ON_DEMAND) if m[0] not in boot_names]
     shutil.rmtree(os.path.join(a.out, "modules"), ignore_errors=True)
     extra_root = os.path.join(a.out, "modules", release)
-    extra_lines, extra_digest = [], hashlib.sha256()
-    for name, path, deps in extra:
-        data = open(os.path.join(moddir, path), "rb").read()
-        if path.endswith(".xz"):
-            data, path = lzma.decompress(data), path[:-3]
-        data = strip_signature(data)
+    extra_files, extra_dep = module_files(moddir, extra)
+    extra_digest = hashlib.sha256()
+    for path, data in extra_files:
         os.makedirs(os.path.dirname(os.path.join(extra_root, path)), exist_ok=True)
         with open(os.path.join(extra_root, path), "wb") as f:
             f.write(data)
         extra_digest.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
-        dep_paths = [p[:-3] if p.endswith(".xz") else p for n, p, _ in extra if n in deps]
-        extra_lines.append("%s: %s" % (path, " ".join(dep_paths)))
     os.makedirs(extra_root, exist_ok=True)
     with open(os.path.join(extra_root, "modules.dep"), "w") as f:
-        f.write("\n".join(sorted(extra_lines)) + "\n")
+        f.write(extra_dep)
     for dirpath, dirs, files in os.walk(os.path.join(a.out, "modules")):
         for n in dirs + files:
             os.utime(os.path.join(dirpath, n), (0, 0))

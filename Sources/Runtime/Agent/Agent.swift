@@ -343,9 +343,11 @@ public final class Agent {
             guard let sandbox = self.sandbox, let host = self.registry?.engine.cgroups else {
                 throw RPCError(.failedPrecondition, "no cgroups in this guest: its kernel mounts none")
             }
-            // Made when missing: before the first container its counters are real zeros.
-            let cg: Cgroup
-            do { cg = try host.create(sandbox.cgroupParent) } catch { throw RPCError(.internal, "cgroup \(sandbox.cgroupParent): \(error)") }
+            // Made only when missing (before the first container): its counters are real zeros then.
+            var cg = host.existing(sandbox.cgroupParent)
+            if !cg.dirs.values.allSatisfy(Files.isDirectory) {
+                do { cg = try host.create(sandbox.cgroupParent) } catch { throw RPCError(.internal, "cgroup \(sandbox.cgroupParent): \(error)") }
+            }
             var resp = Kuasar_Agent_V1_MetricsResponse()
             resp.data = try CgroupMetrics.any(cg)
             call.respond(resp)

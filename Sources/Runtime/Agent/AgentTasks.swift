@@ -75,7 +75,7 @@ final class AgentTasks: TaskBackendForwarder<ContainerTaskBackend>, TaskEventSin
         if let i = r.rootfs.firstIndex(where: { $0.source.hasPrefix(AgentProtocol.diskSourceScheme) }) {
             let serial = String(r.rootfs[i].source.dropFirst(AgentProtocol.diskSourceScheme.count))
             if getpid() == 1 {
-                for m in ["virtio_blk", "crc32c_generic", r.rootfs[i].type] {
+                for m in ["virtio_blk", r.rootfs[i].type] {
                     do { try GuestInit.ensureModule(m) } catch { throw RPCError(.failedPrecondition, "rootfs disk \(serial): the guest cannot load \(m): \(error)") }
                 }
             }

@@ -46,9 +46,8 @@ public enum Network {
         if destination.contains(":") || gateway.contains(":") {
             let (dest, prefix) = destination == "default" || destination.isEmpty ? ("::", Int32(0)) : try parseCIDR6(destination)
             _ = try shim("SIOCADDRT", "\(destination) via \(gateway.isEmpty ? "-" : gateway) dev \(device.isEmpty ? "-" : device)") {
-                dest.withCString { d in
-                    func dev(_ g: UnsafePointer<CChar>?) -> Int32 { device.isEmpty ? ks_route_add_ipv6(d, prefix, g, nil) : device.withCString { ks_route_add_ipv6(d, prefix, g, $0) } }
-                    return gateway.isEmpty ? dev(nil) : gateway.withCString { dev($0) }
+                withOptionalCString(gateway.isEmpty ? nil : gateway) { g in
+                    withOptionalCString(device.isEmpty ? nil : device) { ks_route_add_ipv6(dest, prefix, g, $0) }
                 }
             }
             return
@@ -56,7 +55,7 @@ public enum Network {
         let (dest, prefix) = destination == "default" || destination.isEmpty ? (UInt32(0), Int32(0)) : try parseCIDR(destination)
         let gw = gateway.isEmpty ? UInt32(0) : try parseIPv4(gateway)
         _ = try shim("SIOCADDRT", "\(destination) via \(gateway.isEmpty ? "-" : gateway) dev \(device.isEmpty ? "-" : device)") {
-            device.isEmpty ? ks_route_add_ipv4(dest, prefix, gw, nil) : device.withCString { ks_route_add_ipv4(dest, prefix, gw, $0) }
+            withOptionalCString(device.isEmpty ? nil : device) { ks_route_add_ipv4(dest, prefix, gw, $0) }
         }
     }
 

@@ -36,7 +36,7 @@ public struct PodNetwork: Sendable {
 
     /// The interfaces worth a tap: up, not loopback, not a tap or tun of ours or anyone's.
     static func eligible(_ l: ks_link) -> Bool {
-        let kind = withUnsafeBytes(of: l.kind) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let kind = text(l.kind)
         return l.flags & UInt32(IFF_LOOPBACK) == 0 && l.flags & UInt32(IFF_UP) != 0 && l.has_mac != 0 && kind != "tun"
     }
 
@@ -59,7 +59,7 @@ public struct PodNetwork: Sendable {
                 let routes = try dump("RTM_GETROUTE", netnsPath, ks_route()) { ks_nl_routes(nl, $0, $1) }
                 var names: [Int32: String] = [:]
                 for (i, l) in links.enumerated() {
-                    let name = withUnsafeBytes(of: l.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                    let name = text(l.name)
                     names[l.ifindex] = name
                     var tapIndex: Int32 = 0
                     let tapName = "tap\(i)_kuasar"
