@@ -197,3 +197,16 @@ int ks_route_add_ipv4(uint32_t dest_be, int prefix, uint32_t gateway_be, const c
     close(fd);
     return e;
 }
+
+int ks_if_set_mac(const char *name, const unsigned char *mac) {
+    int fd = ks_inet_dgram();
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    ifr.ifr_hwaddr.sa_family = 1; // ARPHRD_ETHER
+    memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+    int e = ioctl(fd, SIOCSIFHWADDR, &ifr) < 0 ? -errno : 0;
+    close(fd);
+    return e;
+}

@@ -26,7 +26,7 @@ struct Kuasar: ParsableCommand {
         abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
         version: KuasarVersion.string,
         subcommands: [DaemonCommand.self, ConfigCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
-                      PsCommand.self, KillCommand.self, RmCommand.self, LogsCommand.self])
+                      PsCommand.self, KillCommand.self, RmCommand.self, LogsCommand.self, VMCommand.self])
 }
 
 struct DaemonCommand: ParsableCommand {
@@ -193,6 +193,13 @@ struct InfoCommand: ParsableCommand {
                 let accel = Accelerator.chosen(by: v.accelerator)
                 print("    accelerator: \(accel.0.rawValue) (\(accel.why))")
                 print("    guest image: kernel \(v.kernel), initrd \(v.initrd); \(v.vcpus) vCPU, \(v.memoryMiB) MiB by default")
+                if v.template {
+                    let lines = VMTemplates.describe(root: v.templateDir)
+                    print("    templates: \(v.templateDir)\(lines.isEmpty ? ": none yet (the daemon builds the default size's at start; kuasar vm template build)" : "")")
+                    for line in lines { print("      " + line) }
+                } else {
+                    print("    templates: off ([vm] template = false): every VM pod boots")
+                }
             } else {
                 print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
             }
@@ -212,6 +219,67 @@ struct InfoCommand: ParsableCommand {
         }
     }
 
+}
+
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vm", abstract: "The vm kind's guest templates.", subcommands: [Template.self])
+
+    struct Template: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "template", abstract: "VM templates: a guest booted once and saved, which VM pods clone.",
+                                                        subcommands: [Build.self, List.self])
+    }
+
+    struct Build: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "build", abstract: "Build (or check) the template for a VM size; pods of that size then clone it.")
+        @Option(help: "Configuration file (default: KUASAR_CONFIG, else \(KuasarConfig.defaultPath) when it exists).")
+        var config: String?
+        @Option(help: "The VM's memory in MiB (default: [vm] memory_mib).")
+        var memory: UInt32?
+        @Option(help: "The VM's vCPUs (default: [vm] vcpus).")
+        var vcpus: UInt32?
+
+        func run() throws {
+            try reportingErrors("vm template build") {
+                let file = try KuasarConfig.resolve(explicit: config, environment: currentEnvironmentDictionary()).0
+                var logger = Logger(label: "kuasar.vm")
+                logger.logLevel = .warning
+                let reactor = try Reactor(logger: logger)
+                let supervisor = ProcessSupervisor(reactor: reactor)
+                defer { supervisor.close(); reactor.close() }
+                var settings = Backends.vmSettings(file.vm)
+                settings.templateDir = file.vm.templateDir
+                let qemu = QEMU(binary: file.vm.qemu, machine: QEMU.Machine(rawValue: file.vm.machine) ?? .microvm, supervisor: supervisor, reactor: reactor, logger: logger)
+                if let why = qemu.unavailableReason ?? VMBackend.missingImage(kernel: settings.kernel, initrd: settings.initrd) { throw RPCError(.failedPrecondition, why) }
+                let templates = VMTemplates(root: file.vm.templateDir, hypervisor: qemu, settings: settings, reactor: reactor, logger: logger)
+                templates.removeLeftovers()
+                let accel = Accelerator.chosen(by: settings.accelerator)
+                var result: Result<VMTemplates.Template, RPCError>?
+                let t0 = MonotonicClock.nanoseconds()
+                templates.ensure(memoryMiB: memory ?? settings.memoryMiB, vcpus: vcpus ?? settings.vcpus, accelerator: accel.0) { result = $0 }
+                _ = try reactor.run(until: { result != nil }, timeoutNS: settings.bootTimeoutNS + 60_000_000_000)
+                switch result {
+                case .success(let t)?:
+                    print("template \(t.key): \(t.dir) (\(t.memoryMiB) MiB, \(t.vcpus) vCPU, \(accel.0.rawValue)); \(Int(Double(MonotonicClock.nanoseconds() - t0) / 1e6)) ms")
+                case .failure(let e)?:
+                    throw e
+                case nil:
+                    throw RPCError(.deadlineExceeded, "the template was not built in time")
+                }
+            }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "The templates in [vm] template_dir.")
+        @Option(help: "Configuration file (default: KUASAR_CONFIG, else \(KuasarConfig.defaultPath) when it exists).")
+        var config: String?
+        func run() throws {
+            try reportingErrors("vm template list") {
+                let file = try KuasarConfig.resolve(explicit: config, environment: currentEnvironmentDictionary()).0
+                for line in VMTemplates.describe(root: file.vm.templateDir) { print(line) }
+            }
+        }
+    }
 }
 
 /// Options every client command shares.
@@ -393,13 +461,19 @@ Kuasar.main()
 
 /// The sandbox kinds this build has, made for a daemon: the one place that sees them all.
 enum Backends {
+    static func vmSettings(_ v: KuasarConfig.VMConfig) -> VMSettings {
+        var settings = VMSettings(kernel: v.kernel, initrd: v.initrd, accelerator: v.accelerator, memoryMiB: v.memoryMiB, vcpus: v.vcpus,
+                                  bootTimeoutNS: UInt64(v.bootTimeoutSecs) * 1_000_000_000, kernelArgs: v.kernelArgs)
+        settings.templateDir = v.template ? v.templateDir : nil
+        return settings
+    }
+
     /// The vm kind with the configured VMM and guest image.
     static func vm(_ ctx: BackendContext, config: KuasarConfig) -> VMBackend {
         let v = config.vm
         let qemu = QEMU(binary: v.qemu, machine: QEMU.Machine(rawValue: v.machine) ?? .microvm, supervisor: ctx.registry.engine.supervisor,
                         reactor: ctx.reactor, logger: ctx.logger)
-        let settings = VMSettings(kernel: v.kernel, initrd: v.initrd, accelerator: v.accelerator, memoryMiB: v.memoryMiB, vcpus: v.vcpus,
-                                  bootTimeoutNS: UInt64(v.bootTimeoutSecs) * 1_000_000_000, kernelArgs: v.kernelArgs)
+        let settings = vmSettings(v)
         return VMBackend(hypervisor: qemu, settings: settings, registry: ctx.registry, reactor: ctx.reactor, logger: ctx.logger)
     }
 

@@ -16,7 +16,7 @@ extension AllTests {
     static var image: String { GuestVMTests.imageDir }
 
     static func config(qemu: String = "/usr/bin/qemu-system-x86_64", kernel: String = image + "/vmlinux", initrd: String = image + "/initrd.lz4",
-                       bootTimeout: Int = 90, machine: String = "microvm") -> String {
+                       bootTimeout: Int = 90, machine: String = "microvm", templates: String? = nil) -> String {
         let level = currentEnvironmentDictionary()["KUASAR_GUEST_LOG"].map { "\"kuasar.log=\($0)\"" } ?? ""
         return """
         [sandboxers]
@@ -30,6 +30,7 @@ extension AllTests {
         machine = "\(machine)"
         boot_timeout_secs = \(bootTimeout)
         kernel_args = [\(level)]
+        \(templates.map { "template = true\ntemplate_dir = \"\($0)\"" } ?? "template = false")
 
         """
     }

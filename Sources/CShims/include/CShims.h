@@ -257,6 +257,16 @@ int ks_if_set_mtu(const char *name, int mtu);
 int ks_if_rename(const char *name, const char *new_name);
 /// The name of the interface whose MAC is `mac` (6 bytes) in `name_out` (16 bytes); 0 or -ENODEV.
 int ks_if_by_mac(const unsigned char *mac, char *name_out);
+/// SIOCSIFHWADDR: a (down) NIC takes `mac` (6 bytes).
+int ks_if_set_mac(const char *name, const unsigned char *mac);
+
+// ---- digests and random state (digest.c) -----------------------------------------
+/// A 128-bit content digest (not cryptographic: it detects changed or corrupt files) of
+/// everything `fd` holds from offset 0, and its size; 0 or -errno.
+int ks_digest_fd(int fd, uint64_t out[_Nonnull 2], uint64_t *_Nullable size_out);
+/// Mixes `seed` (at most 512 bytes) into the kernel's pool, credited (RNDADDENTROPY), then
+/// reseeds its CRNG at once (RNDRESEEDCRNG); 0 or -errno.
+int ks_reseed_random(const void *seed, size_t len);
 
 // ---- rtnetlink (a VM pod's network namespace, netlink.c); counts, 0 or -errno ----
 typedef struct ks_link {

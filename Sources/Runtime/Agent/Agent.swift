@@ -78,6 +78,8 @@ public struct AgentOptions: Sendable {
     /// Guest-side timings of the boot, for Check (PID 1 fills it in).
     public var bootMS: [String: Double] = [:]
     public var debug = false
+    /// PID 1's kernel command-line settings (nil: not a guest's init).
+    public var guest: GuestSettings?
     public init() {}
 }
 
@@ -157,7 +159,11 @@ public final class Agent {
         self.server = server
         for channel in options.channels { try open(channel) }
         if options.debug && isPID1 { openDebugShell(attempt: 0) }
-        if isPID1 { _ = reactor.schedule(afterNS: 1_500_000_000) { [logger] in GuestInit.loadDeferredModules(logger: logger) } }
+        // (A template's clones have no free page reporting: it would punch holes in the
+        // template's memory file, which every clone maps.)
+        if isPID1 && options.guest?.template != true {
+            _ = reactor.schedule(afterNS: 1_500_000_000) { [logger] in GuestInit.loadDeferredModules(logger: logger) }
+        }
         logger.info("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
         try reactor.run()
     }
@@ -352,6 +358,9 @@ public final class Agent {
             resp.data = try CgroupMetrics.any(cg)
             call.respond(resp)
         }
+        unary("Restored") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_RestoredRequest) in
+            call.respond(try self.restored(r))
+        }
         unary("NextEvents") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_NextEventsRequest) in
             self.answerEvents(call, after: r.after, max: r.max == 0 ? 64 : Int(min(r.max, 1024)))
         }
@@ -387,6 +396,41 @@ public final class Agent {
         }
     }
 
+    /// A clone's first call: its own random state, then its pod's share.
+    private func restored(_ r: Kuasar_Agent_V1_RestoredRequest) throws -> Kuasar_Agent_V1_RestoredResponse {
+        guard isPID1, let guest = options.guest else {
+            throw RPCError(.failedPrecondition, "the agent is not PID 1 of a guest (pid \(getpid())): there is no restored VM to set up")
+        }
+        guard r.seed.count >= 16, r.seed.count <= 512 else {
+            throw RPCError(.invalidArgument, "a seed of \(r.seed.count) bytes: 16 to 512 are needed")
+        }
+        var resp = Kuasar_Agent_V1_RestoredResponse()
+        var t = MonotonicClock.nanoseconds()
+        func lap(_ key: String) {
+            let now = MonotonicClock.nanoseconds()
+            resp.stepsMs[key] = Double(now - t) / 1e6
+            t = now
+        }
+        do {
+            try KernelRandom.reseed([UInt8](r.seed))
+        } catch {
+            throw RPCError(.internal, "re-seed the guest's random state: \(error)")
+        }
+        lap("reseed")
+        if !shareMounted {
+            do { try GuestInit.mountShare(guest) } catch {
+                throw RPCError(.failedPrecondition, "mount the pod's share (\(guest.shareType) \(guest.shareTag)): \(error)")
+            }
+            shareMounted = true
+        }
+        lap("share")
+        logger.info("restored from a template: reseeded, share mounted (\(resp.stepsMs.sorted { $0.key < $1.key }.map { "\($0.key) \(Double(Int($0.value * 10)) / 10) ms" }.joined(separator: ", ")))")
+        return resp
+    }
+
+    /// A template's guest mounts the share only when restored (`Restored`); others at boot.
+    private lazy var shareMounted = options.guest?.template != true
+
     /// SetupSandbox: the pod's files always (its containers bind them); the guest's own
     /// hostname and sysctls only as PID 1 — never a host's.
     private func setup(_ r: Kuasar_Agent_V1_SetupSandboxRequest) throws {
@@ -419,7 +463,13 @@ public final class Agent {
         for i in r.interfaces {
             guard !i.name.isEmpty, i.name.count < 16, !i.name.contains("/") else { throw RPCError(.invalidArgument, "interface name \"\(i.name)\"") }
             do {
-                if !i.mac.isEmpty {
+                if !i.guestMac.isEmpty && i.guestMac != i.mac {
+                    // A clone's NIC has the template's MAC: it takes the pod's, and its name.
+                    let current = try Network.interface(withMAC: i.guestMac)
+                    try Network.setUp(current, up: false)
+                    try Network.setMAC(current, i.mac)
+                    if current != i.name { try Network.rename(current, to: i.name) }
+                } else if !i.mac.isEmpty {
                     // The NIC the host gave this MAC takes the name the pod knows it by.
                     let current = try Network.interface(withMAC: i.mac)
                     if current != i.name {

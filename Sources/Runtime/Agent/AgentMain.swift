@@ -86,6 +86,7 @@ public enum AgentMain {
             options.root = "/run/kuasar-agent"
             options.bootMS = timings
             options.debug = settings.debug
+            options.guest = settings
             logger.info("init: kernel \(GuestInit.kernelRelease()) up at \(Int(timings["kernel"] ?? 0)) ms; init took \(String(Int((timings["init"] ?? 0) * 10) / 10)) ms\(procMountedEarly ? " (/proc mounted before main)" : "")")
         }
         guard !options.channels.isEmpty else {

@@ -18,13 +18,18 @@ private let MS_NOSUID = UInt(Glibc.MS_NOSUID), MS_NODEV = UInt(Glibc.MS_NODEV), 
 /// | `kuasar.log` | log level (`trace` … `critical`) | `info` |
 /// | `kuasar.hostname` | hostname before SetupSandbox | `kuasar` |
 /// | `kuasar.debug` | `1`: extra logging of the boot | `0` |
-public struct GuestSettings: Equatable {
+/// | `kuasar.template` | `1`: a template's boot (saved, then cloned): no share until `Restored` | `0` |
+public struct GuestSettings: Equatable, Sendable {
     public var channels: [String] = ["serial://agent", "vsock://\(AgentChannel.defaultVsockPort)"]
     public var shareTag = "kuasar"
     public var shareType = "9p"
     public var logLevel = "info"
     public var hostname = "kuasar"
     public var debug = false
+    /// Booted to be saved as a VM template: the share is mounted only once a clone is
+    /// told it was restored (a mounted 9p share blocks QEMU's save), and nothing is read
+    /// that must differ per clone (boot_id, random bytes).
+    public var template = false
     /// Keys it did not know (logged: a typo should not pass silently).
     public var unknown: [String] = []
 
@@ -41,6 +46,7 @@ public struct GuestSettings: Equatable {
             case "log": logLevel = value
             case "hostname": hostname = value
             case "debug": debug = value == "1" || value == "true"
+            case "template": template = value == "1" || value == "true"
             default: unknown.append(String(word))
             }
         }
@@ -173,15 +179,10 @@ public enum GuestInit {
             logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
         }
         lap("modules")
-        attempt("share") {
-            try makeDirectories(sharePath, mode: 0o755)
-            if settings.shareType == "virtiofs" {
-                try mount(settings.shareTag, sharePath, "virtiofs", MS_NOSUID | MS_NODEV)
-            } else {
-                try mount(settings.shareTag, sharePath, "9p", MS_NOSUID | MS_NODEV, "trans=virtio,version=9p2000.L,msize=524288,cache=mmap")
-            }
+        if !settings.template {
+            attempt("share") { try mountShare(settings) }
+            lap("share")
         }
-        lap("share")
         // Loopback, for the pod's containers (they share the guest's network).
         attempt("lo") { try Network.setUp("lo") }
         attempt("hostname") {
@@ -191,6 +192,16 @@ public enum GuestInit {
         }
         timings["init"] = timings.filter { !["kernel", "runtime", "main"].contains($0.key) }.values.reduce(0, +)
         return (settings, timings)
+    }
+
+    /// The host's share at `sharePath` (at boot; a clone's once it was restored).
+    public static func mountShare(_ settings: GuestSettings) throws {
+        try makeDirectories(sharePath, mode: 0o755)
+        if settings.shareType == "virtiofs" {
+            try mount(settings.shareTag, sharePath, "virtiofs", MS_NOSUID | MS_NODEV)
+        } else {
+            try mount(settings.shareTag, sharePath, "9p", MS_NOSUID | MS_NODEV, "trans=virtio,version=9p2000.L,msize=524288,cache=mmap")
+        }
     }
 
     private static func mount(_ source: String, _ target: String, _ type: String, _ flags: UInt, _ data: String? = nil) throws {

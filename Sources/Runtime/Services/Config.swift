@@ -111,6 +111,11 @@ public struct KuasarConfig: Sendable, Equatable {
         public var bootTimeoutSecs: UInt32 = 60
         /// Extra guest kernel command-line words (kuasar.log=debug, ...).
         public var kernelArgs: [String] = []
+        /// Pods of the default size start as clones of a template (booted once, saved),
+        /// built at daemon start when none matches.
+        public var template = true
+        /// Where templates live: tmpfs (their RAM is a file), ours only.
+        public var templateDir = "/dev/shm/kuasar-vm-templates"
         public init() {}
     }
 
@@ -195,6 +200,13 @@ public struct KuasarConfig: Sendable, Equatable {
     boot_timeout_secs = 60
     # Extra guest kernel command-line words, e.g. ["kuasar.log=debug"].
     kernel_args = []
+    # Pods of the default size start as clones of a template: a guest booted once to its
+    # agent and saved (its RAM a file in template_dir, on tmpfs), restored in a fraction of
+    # a boot. Built at daemon start when none matches (kernel, initrd, QEMU, machine, size);
+    # `kuasar vm template build` makes one for another size. Clones get no free page
+    # reporting (QEMU 7.2 would punch it into the shared file).
+    template = true
+    template_dir = "/dev/shm/kuasar-vm-templates"
 
     [namespace]
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
@@ -403,7 +415,7 @@ public struct KuasarConfig: Sendable, Equatable {
     }
 
     private mutating func applyVM(_ t: TOMLTable, _ origin: String) throws(Error) {
-        let keys = "hypervisor, qemu, machine, kernel, initrd, accelerator, memory_mib, vcpus, boot_timeout_secs, kernel_args"
+        let keys = "hypervisor, qemu, machine, kernel, initrd, accelerator, memory_mib, vcpus, boot_timeout_secs, kernel_args, template, template_dir"
         for key in t.keys {
             switch key {
             case "hypervisor", "machine", "accelerator":
@@ -411,9 +423,12 @@ public struct KuasarConfig: Sendable, Equatable {
                 let allowed = key == "hypervisor" ? ["qemu"] : key == "machine" ? ["microvm", "q35"] : ["auto", "kvm", "tcg"]
                 guard allowed.contains(v) else { throw Error("\(origin): [vm] \(key): \"\(v)\" is not one of \(allowed.joined(separator: ", "))") }
                 if key == "hypervisor" { vm.hypervisor = v } else if key == "machine" { vm.machine = v } else { vm.accelerator = v }
-            case "qemu", "kernel", "initrd":
+            case "qemu", "kernel", "initrd", "template_dir":
                 let v = try Self.path(t, "vm", key, origin)
-                if key == "qemu" { vm.qemu = v } else if key == "kernel" { vm.kernel = v } else { vm.initrd = v }
+                if key == "qemu" { vm.qemu = v } else if key == "kernel" { vm.kernel = v } else if key == "initrd" { vm.initrd = v } else { vm.templateDir = v }
+            case "template":
+                guard let v = t[key]?.bool else { throw Error("\(origin): [vm] template must be true or false") }
+                vm.template = v
             case "memory_mib":
                 vm.memoryMiB = try Self.number(t, "vm", key, 64...(1 << 20), unit: "MiB", origin)
             case "vcpus":

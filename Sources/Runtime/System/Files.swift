@@ -62,6 +62,25 @@ public enum Files {
 
     public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+    /// A 128-bit content digest of the file (32 hex digits; not cryptographic: it tells a
+    /// changed or corrupt file), and its size. ~GB/s: a 256 MiB VM image in a few 10 ms.
+    public static func digest(_ path: String) throws(SystemError) -> (hex: String, size: UInt64) {
+        let fd = try sys("open", path) { open(path, O_RDONLY | O_CLOEXEC) }
+        defer { _ = close(fd) }
+        var out: (UInt64, UInt64) = (0, 0)
+        var size: UInt64 = 0
+        _ = try shim("read", path) { withUnsafeMutableBytes(of: &out) { ks_digest_fd(fd, $0.baseAddress!.assumingMemoryBound(to: UInt64.self), &size) } }
+        func hex(_ v: UInt64) -> String { let h = String(v, radix: 16); return String(repeating: "0", count: 16 - h.count) + h }
+        return (hex(out.0) + hex(out.1), size)
+    }
+
+    /// What changes when a file is replaced or written: device, inode, size, mtime, ctime.
+    public static func fingerprint(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return "\(st.st_dev):\(st.st_ino):\(st.st_size):\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec):\(st.st_ctim.tv_sec).\(st.st_ctim.tv_nsec)"
+    }
+
     public static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
@@ -195,5 +214,14 @@ public enum Mounts {
             }
         }
         return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// The kernel's random state.
+public enum KernelRandom {
+    /// Mixes `seed` into the pool (credited) and reseeds the CRNG at once: a VM clone
+    /// stops sharing its template's random state (needs CAP_SYS_ADMIN).
+    public static func reseed(_ seed: [UInt8]) throws(SystemError) {
+        _ = try shim("RNDRESEEDCRNG", "/dev/urandom") { seed.withUnsafeBytes { ks_reseed_random($0.baseAddress!, $0.count) } }
     }
 }

@@ -19,10 +19,21 @@ public enum Network {
         _ = try shim("SIOCSIFNAME", "\(interface) → \(name)") { interface.withCString { a in name.withCString { ks_if_rename(a, $0) } } }
     }
 
+    static func macBytes(_ mac: String) throws(SystemError) -> [UInt8] {
+        let bytes = mac.split(separator: ":").compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+        guard bytes.count == 6, mac.split(separator: ":").count == 6 else { throw SystemError("mac", "\"\(mac)\" is not aa:bb:cc:dd:ee:ff", errno: .EINVAL) }
+        return bytes
+    }
+
+    /// A down interface takes `mac` (aa:bb:cc:dd:ee:ff).
+    public static func setMAC(_ interface: String, _ mac: String) throws(SystemError) {
+        let bytes = try macBytes(mac)
+        _ = try shim("SIOCSIFHWADDR", "\(interface) \(mac)") { interface.withCString { n in bytes.withUnsafeBufferPointer { ks_if_set_mac(n, $0.baseAddress!) } } }
+    }
+
     /// The name of the interface whose MAC is `mac` (aa:bb:cc:dd:ee:ff).
     public static func interface(withMAC mac: String) throws(SystemError) -> String {
-        let bytes = mac.split(separator: ":").compactMap { UInt8($0, radix: 16) }
-        guard bytes.count == 6, mac.split(separator: ":").count == 6 else { throw SystemError("mac", "\"\(mac)\" is not aa:bb:cc:dd:ee:ff", errno: .EINVAL) }
+        let bytes = try macBytes(mac)
         var name = [CChar](repeating: 0, count: 16)
         _ = try shim("SIOCGIFHWADDR", mac) { bytes.withUnsafeBufferPointer { ks_if_by_mac($0.baseAddress!, &name) } }
         return String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)

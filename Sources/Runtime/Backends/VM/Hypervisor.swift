@@ -23,6 +23,37 @@ public struct VMSpec: Sendable, Equatable {
     public var shareTag = "kuasar"
     /// The guest's NICs: a tap device's fd each, and the MAC the NIC takes (none: no NIC).
     public var nics: [NIC] = []
+    /// A template's boot or a clone's: see `Snapshot`. nil: an ordinary cold boot.
+    public var snapshot: Snapshot?
+
+    /// A VM that is saved as a template (`.template`) or restored from one (`.clone`).
+    /// Both have the same devices, so the saved device state fits: the template's NIC
+    /// slots (a pod's taps fill the first ones, the rest have no backend), no free page
+    /// reporting (a clone's would punch holes in the memory file every clone maps), and
+    /// the guest's RAM in `memoryFile` — shared and written by the template's VMM, a
+    /// private copy-on-write view for a clone's.
+    public struct Snapshot: Sendable, Equatable {
+        public enum Role: Sendable, Equatable {
+            case template
+            /// The device state the template's VMM saved.
+            case clone(state: String)
+        }
+        public var role: Role
+        public var memoryFile: String
+        public var nicSlots: Int
+        public init(role: Role, memoryFile: String, nicSlots: Int) {
+            self.role = role
+            self.memoryFile = memoryFile
+            self.nicSlots = nicSlots
+        }
+
+        /// The MAC of a template's NIC slot `i` (locally administered); a clone's agent
+        /// gives each NIC the pod's.
+        public static func nicMAC(_ i: Int) -> String {
+            let h = String(i + 1, radix: 16)
+            return "02:6b:74:00:00:" + (h.count < 2 ? "0" + h : h)
+        }
+    }
 
     public struct NIC: Sendable, Equatable {
         public var tapFD: Int32
@@ -108,6 +139,9 @@ public protocol VirtualMachine: AnyObject {
     /// removal and is its serial, how the guest finds it); `done` once the guest was offered it.
     func hotplugDisk(id: String, path: String, readOnly: Bool, done: @escaping (Result<Void, RPCError>) -> Void)
     func unplugDisk(id: String, done: @escaping (Result<Void, RPCError>) -> Void)
+    /// Pauses the guest and saves its device state (without the shared RAM) to `path`:
+    /// a template's VM, once its agent answered. The VM stays paused.
+    func saveState(to path: String, done: @escaping (Result<Void, RPCError>) -> Void)
     /// The VMM's version as the running VM reports it (QMP's greeting for QEMU).
     var vmmVersion: String { get }
     /// The end of what the VMM printed itself (its stderr), for errors.
@@ -121,6 +155,9 @@ public protocol VirtualMachine: AnyObject {
 /// One VMM (QEMU first; Cloud Hypervisor and StratoVirt behind the same protocol).
 public protocol Hypervisor: AnyObject {
     var name: String { get }
+    /// What a VM template made with this VMM depends on (its binary, machine type): part
+    /// of every template's key.
+    var templateIdentity: String { get }
     /// Why no VM can be launched with it (binary missing), nil when it can.
     var unavailableReason: String? { get }
     /// Starts the VMM and answers once its control socket works (the guest is booting).
@@ -129,6 +166,7 @@ public protocol Hypervisor: AnyObject {
     /// Kills the VMM a `persistentState` names if it still runs (checked by pid and start
     /// time, never a stranger that reused the pid); its pid, nil when it is gone.
     func kill(recorded state: [String: String], exits: ExitRecords) -> pid_t?
+    /// A clone (`spec.snapshot` role `.clone`) answers once its state is restored and it runs.
     func launch(_ spec: VMSpec, spawned: @escaping ([String: String]) -> Void, done: @escaping (Result<VirtualMachine, RPCError>) -> Void)
     /// After a daemon restart: the VM `state` names, if its process is still the one
     /// that was started (pid and start time), with its control socket and console again.

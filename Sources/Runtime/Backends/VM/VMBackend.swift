@@ -1,6 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import Logging
 import SwiftProtobuf
 import KuasarOCI
@@ -19,6 +24,9 @@ public struct VMSettings: Sendable {
     public var vcpus: UInt32
     public var bootTimeoutNS: UInt64
     public var kernelArgs: [String]
+    /// Pods of the default size start as clones of a template (`VMTemplates`), built at
+    /// daemon start when none matches; nil: every pod cold-boots.
+    public var templateDir: String?
 
     public init(kernel: String, initrd: String, accelerator: String, memoryMiB: UInt32, vcpus: UInt32, bootTimeoutNS: UInt64, kernelArgs: [String]) {
         self.kernel = kernel
@@ -58,7 +66,27 @@ public final class VMBackend: SandboxBackend {
         self.logger = logger
         tasks = VMTasks(registry: registry, reactor: reactor, logger: logger)
         tasks.podOf = { [unowned self] s in self.pods[s.id] }
+        if let dir = settings.templateDir {
+            templates = VMTemplates(root: dir, hypervisor: hypervisor, settings: settings, reactor: reactor, logger: logger)
+        }
         if settings.accelerator == "auto" { startProbe() } else { accelerator = Accelerator.chosen(by: settings.accelerator) }
+        if templates != nil {
+            // On the loop once it runs: the default size's template, found or built.
+            reactor.schedule(afterNS: 0) { [weak self] in self?.whenAccelerator { _ in self?.prepareTemplate() } }
+        }
+    }
+
+    /// The templates pods clone (nil: `[vm] template = false`).
+    public private(set) var templates: VMTemplates?
+
+    /// What a dead daemon's builds left goes; then the default size's template is loaded
+    /// (its digests checked) or built. Pods started meanwhile cold-boot.
+    private func prepareTemplate() {
+        guard let templates, let accelerator, unavailableReason == nil else { return }
+        templates.removeLeftovers()
+        templates.ensure(memoryMiB: settings.memoryMiB, vcpus: settings.vcpus, accelerator: accelerator.0) { [weak self] r in
+            if case .failure(let e) = r { self?.logger.error("\(e.message): VM pods cold-boot") }
+        }
     }
 
     /// The accelerator pods get, and why; nil until the KVM probe has answered.
@@ -223,9 +251,20 @@ public final class VMBackend: SandboxBackend {
         pod.timings = [("start", MonotonicClock.nanoseconds())]
         let deadline = MonotonicClock.nanoseconds() + settings.bootTimeoutNS
         whenAccelerator { [weak self] chosen in
+            guard let self else { return }
             pod.spec.accelerator = chosen.0
-            self?.launch(s, pod, deadline: deadline, done: done)
+            self.chooseTemplate(s, pod)
+            self.launch(s, pod, deadline: deadline, done: done)
         }
+    }
+
+    /// A clone when a verified template fits the pod's size and NICs; its NICs then wake
+    /// with the template's MACs, and the agent is told which pod MAC each takes.
+    private func chooseTemplate(_ s: Sandbox, _ pod: VMPod) {
+        guard let t = templates?.ready(memoryMiB: pod.spec.memoryMiB, vcpus: pod.spec.vcpus, nics: pod.spec.nics.count, accelerator: pod.spec.accelerator) else { return }
+        pod.spec.snapshot = VMSpec.Snapshot(role: .clone(state: t.state), memoryFile: t.ram, nicSlots: t.nicSlots)
+        pod.template = t.key
+        for i in pod.setup.interfaces.indices { pod.setup.interfaces[i].guestMac = VMSpec.Snapshot.nicMAC(i) }
     }
 
     private func launch(_ s: Sandbox, _ pod: VMPod, deadline: UInt64, done: @escaping (Result<SandboxStarted, RPCError>) -> Void) {
@@ -234,6 +273,16 @@ public final class VMBackend: SandboxBackend {
             pod.spawnedState = state
             self?.registry.save(s)
         }) { [weak self] result in
+            if case .failure(let e) = result, let key = pod.template, let self {
+                // A template that does not restore is not used again; this pod boots.
+                self.logger.error("sandbox \(s.id): clone of VM template \(key) failed (\(e.message)): the template is dropped and the VM boots")
+                self.templates?.discard(key)
+                pod.template = nil
+                pod.spec.snapshot = nil
+                for i in pod.setup.interfaces.indices { pod.setup.interfaces[i].guestMac = "" }
+                pod.timings = [pod.timings[0]]
+                return self.launch(s, pod, deadline: deadline, done: done)
+            }
             // The VMM holds the taps now (or never will): the daemon's copies go, so the
             // taps vanish with the VMM.
             pod.network?.closeTaps()
@@ -297,23 +346,45 @@ public final class VMBackend: SandboxBackend {
                 done(.failure(self.bootFailure(s, pod, e)))
             case .success(let check):
                 pod.mark("agent")
-                self.logger.info("sandbox \(s.id): guest agent \(check.version) answered, kernel \(check.kernel), boot \(check.bootMs.sorted { $0.key < $1.key }.map { "\($0.key) \(Int($0.value)) ms" }.joined(separator: ", "))")
-                var clock = Kuasar_Agent_V1_SyncClockRequest()
-                let now = WallTime.now()
-                clock.hostUnixNs = now.seconds * 1_000_000_000 + Int64(now.nanos)
-                link.call(AgentLink.agent, "SyncClock", clock, as: Kuasar_Agent_V1_SyncClockResponse.self) { _ in }
-                link.call(AgentLink.agent, "SetupSandbox", pod.setup, as: Google_Protobuf_Empty.self) { [weak self] r in
-                    guard let self else { return }
-                    if case .failure(let e) = r {
-                        done(.failure(RPCError(e.code, "sandbox \(s.id): set up the guest: \(e.message)")))
-                        return
-                    }
-                    pod.mark("setup")
-                    // The Controller saves the pod once Start has answered.
-                    self.tasks.followEvents(s, pod)
-                    done(.success(()))
-                }
+                self.logger.info("sandbox \(s.id): guest agent \(check.version) answered, kernel \(check.kernel), \(pod.template.map { "a clone of VM template \($0)" } ?? "boot \(check.bootMs.sorted { $0.key < $1.key }.map { "\($0.key) \(Int($0.value)) ms" }.joined(separator: ", "))")")
+                if pod.template != nil { self.restored(s, pod, link, done: done) } else { self.setUp(s, pod, link, done: done) }
             }
+        }
+    }
+
+    /// A clone's guest first gets its own random state and its share.
+    private func restored(_ s: Sandbox, _ pod: VMPod, _ link: AgentLink, done: @escaping (Result<Void, RPCError>) -> Void) {
+        var r = Kuasar_Agent_V1_RestoredRequest()
+        var rng = SystemRandomNumberGenerator()
+        r.seed = Data((0..<64).map { _ in UInt8.random(in: 0...255, using: &rng) })
+        link.call(AgentLink.agent, "Restored", r, as: Kuasar_Agent_V1_RestoredResponse.self) { [weak self] result in
+            guard let self else { return }
+            switch result {
+            case .failure(let e):
+                done(.failure(RPCError(e.code, "sandbox \(s.id): wake the clone of VM template \(pod.template ?? "?"): \(e.message)")))
+            case .success:
+                pod.mark("restored")
+                self.setUp(s, pod, link, done: done)
+            }
+        }
+    }
+
+    /// The guest's clock, then the pod's identity and network (SetupSandbox).
+    private func setUp(_ s: Sandbox, _ pod: VMPod, _ link: AgentLink, done: @escaping (Result<Void, RPCError>) -> Void) {
+        var clock = Kuasar_Agent_V1_SyncClockRequest()
+        let now = WallTime.now()
+        clock.hostUnixNs = now.seconds * 1_000_000_000 + Int64(now.nanos)
+        link.call(AgentLink.agent, "SyncClock", clock, as: Kuasar_Agent_V1_SyncClockResponse.self) { _ in }
+        link.call(AgentLink.agent, "SetupSandbox", pod.setup, as: Google_Protobuf_Empty.self) { [weak self] r in
+            guard let self else { return }
+            if case .failure(let e) = r {
+                done(.failure(RPCError(e.code, "sandbox \(s.id): set up the guest: \(e.message)")))
+                return
+            }
+            pod.mark("setup")
+            // The Controller saves the pod once Start has answered.
+            self.tasks.followEvents(s, pod)
+            done(.success(()))
         }
     }
 
@@ -403,7 +474,8 @@ public final class VMBackend: SandboxBackend {
         guard let pod = pods[s.id] else { return [:] }
         var info: [String: Any] = ["hypervisor": hypervisor.name, "accelerator": pod.spec.accelerator.rawValue,
                                    "console": pod.spec.consoleLog, "memory_mib": Int(pod.spec.memoryMiB), "vcpus": Int(pod.spec.vcpus),
-                                   "kernel": pod.spec.kernel, "initrd": pod.spec.initrd]
+                                   "kernel": pod.spec.kernel, "initrd": pod.spec.initrd,
+                                   "started_from": pod.template.map { "template \($0)" } ?? "cold boot"]
         if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited; info["hypervisor_version"] = vm.vmmVersion }
         if let net = pod.network {
             info["network"] = net.links.map { ["name": $0.name, "mac": $0.mac, "addresses": $0.addresses, "tap_ifindex": Int($0.tapIndex)] as [String: Any] }
@@ -422,6 +494,7 @@ public final class VMBackend: SandboxBackend {
         state["vcpus"] = String(pod.spec.vcpus)
         state["kernel"] = pod.spec.kernel
         state["initrd"] = pod.spec.initrd
+        if let t = pod.template { state["template"] = t }
         if !pod.netns.isEmpty {
             state["netns"] = pod.netns
             state["net_links"] = pod.netLinks.map(String.init).joined(separator: ",")
@@ -442,6 +515,7 @@ public final class VMBackend: SandboxBackend {
                           accelerator: accelerator, sharePath: s.stateDir + "/share")
         spec.kernelArgs = settings.kernelArgs
         let pod = VMPod(spec: spec, setup: Kuasar_Agent_V1_SetupSandboxRequest())
+        pod.template = state["template"]
         pod.netns = state["netns"] ?? ""
         pod.netLinks = (state["net_links"] ?? "").split(separator: ",").compactMap { Int32($0) }
         tasks.restore(pod, from: state)
@@ -488,7 +562,9 @@ public final class VMBackend: SandboxBackend {
 public final class VMPod {
     /// Its accelerator is set at Start, once the KVM probe has answered.
     var spec: VMSpec
-    let setup: Kuasar_Agent_V1_SetupSandboxRequest
+    var setup: Kuasar_Agent_V1_SetupSandboxRequest
+    /// The VM template it was cloned from (nil: it booted).
+    var template: String?
     var vm: VirtualMachine?
     var agent: AgentLink?
     /// containerd's netns for the pod ("": none), and what joins the VM to it.

@@ -135,6 +135,10 @@ public nonisolated struct Kuasar_Agent_V1_Interface: Sendable {
   /// enumerate in no fixed order).
   public var mac: String = String()
 
+  /// The MAC the guest's NIC has now, when it is not `mac`: a clone's NICs wake with the
+  /// template's. That NIC takes `mac` (and the name) before it is brought up.
+  public var guestMac: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -379,6 +383,33 @@ public nonisolated struct Kuasar_Agent_V1_MetricsResponse: Sendable {
   fileprivate var _data: SwiftProtobuf.Google_Protobuf_Any? = nil
 }
 
+public nonisolated struct Kuasar_Agent_V1_RestoredRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// From the host's random source: mixed into the guest's pool, credited, and the CRNG
+  /// reseeded from it at once.
+  public var seed: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Kuasar_Agent_V1_RestoredResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// What each step took in the guest (ms): reseed, share.
+  public var stepsMs: Dictionary<String,Double> = [:]
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "kuasar.agent.v1"
@@ -514,7 +545,7 @@ nonisolated extension Kuasar_Agent_V1_HostEntry: SwiftProtobuf.Message, SwiftPro
 
 nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Interface"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}addresses\0\u{1}mtu\0\u{1}mac\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}addresses\0\u{1}mtu\0\u{1}mac\0\u{3}guest_mac\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -526,6 +557,7 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
       case 2: try { try decoder.decodeRepeatedStringField(value: &self.addresses) }()
       case 3: try { try decoder.decodeSingularUInt32Field(value: &self.mtu) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.mac) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.guestMac) }()
       default: break
       }
     }
@@ -544,6 +576,9 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
     if !self.mac.isEmpty {
       try visitor.visitSingularStringField(value: self.mac, fieldNumber: 4)
     }
+    if !self.guestMac.isEmpty {
+      try visitor.visitSingularStringField(value: self.guestMac, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -552,6 +587,7 @@ nonisolated extension Kuasar_Agent_V1_Interface: SwiftProtobuf.Message, SwiftPro
     if lhs.addresses != rhs.addresses {return false}
     if lhs.mtu != rhs.mtu {return false}
     if lhs.mac != rhs.mac {return false}
+    if lhs.guestMac != rhs.guestMac {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1079,6 +1115,66 @@ nonisolated extension Kuasar_Agent_V1_MetricsResponse: SwiftProtobuf.Message, Sw
 
   public static func ==(lhs: Kuasar_Agent_V1_MetricsResponse, rhs: Kuasar_Agent_V1_MetricsResponse) -> Bool {
     if lhs._data != rhs._data {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kuasar_Agent_V1_RestoredRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RestoredRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}seed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.seed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.seed.isEmpty {
+      try visitor.visitSingularBytesField(value: self.seed, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kuasar_Agent_V1_RestoredRequest, rhs: Kuasar_Agent_V1_RestoredRequest) -> Bool {
+    if lhs.seed != rhs.seed {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Kuasar_Agent_V1_RestoredResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RestoredResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}steps_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: &self.stepsMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.stepsMs.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufDouble>.self, value: self.stepsMs, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Kuasar_Agent_V1_RestoredResponse, rhs: Kuasar_Agent_V1_RestoredResponse) -> Bool {
+    if lhs.stepsMs != rhs.stepsMs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -34,6 +34,9 @@ public final class QEMU: Hypervisor {
 
     public var unavailableReason: String? { Self.unavailableReason(binary: binary) }
 
+    /// The binary (path, and what changes when it is replaced or upgraded) and the machine.
+    public var templateIdentity: String { "vmm qemu \(binary) \(Files.fingerprint(binary) ?? "missing") machine \(machine.rawValue)" }
+
     public static func unavailableReason(binary: String) -> String? {
         access(binary, X_OK) == 0 ? nil : "QEMU: \(binary) is not an executable file (Debian: apt-get install qemu-system-x86)"
     }
@@ -61,7 +64,9 @@ public final class QEMU: Hypervisor {
                     // The CPU's RDRAND seeds the guest's CRNG at once (the agent's runtime
                     // otherwise waits ~1 s for entropy at start).
                     "random.trust_cpu=on", "kuasar.channel=serial://agent", "kuasar.share=\(spec.shareTag)"]
-        return (base + spec.kernelArgs).joined(separator: " ")
+        // A template (and so each clone) boots without mounting the share.
+        let template = spec.snapshot == nil ? [] : ["kuasar.template=1"]
+        return (base + template + spec.kernelArgs).joined(separator: " ")
     }
 
     /// QEMU's argv for `spec` (argv[0] included). A comma in a path is doubled, as QEMU's
@@ -71,10 +76,17 @@ public final class QEMU: Hypervisor {
     public static func arguments(binary: String, machine: Machine, _ spec: VMSpec) -> [String] {
         func esc(_ s: String) -> String { s.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
         let pci = machine == .q35
+        let snap = spec.snapshot
         var a = [binary, "-name", "kuasar-\(spec.id)"]
+        let ram = snap == nil ? "" : ",memory-backend=ram"
         switch machine {
-        case .microvm: a += ["-M", "microvm,pic=off,pit=off"]
-        case .q35: a += ["-M", "q35"]
+        case .microvm: a += ["-M", "microvm,pic=off,pit=off" + ram]
+        case .q35: a += ["-M", "q35" + ram]
+        }
+        if let snap {
+            // The template's VMM writes the guest's RAM into the file (share=on); a clone
+            // maps it privately (share=off): its writes never reach the file.
+            a += ["-object", "memory-backend-file,id=ram,size=\(spec.memoryMiB)M,mem-path=\(esc(snap.memoryFile)),share=\(snap.role == .template ? "on" : "off")"]
         }
         a += ["-accel", spec.accelerator.rawValue,
               "-cpu", spec.accelerator == .kvm ? "host" : "qemu64,+rdrand",
@@ -91,15 +103,29 @@ public final class QEMU: Hypervisor {
               // Free page reporting: the guest hands back the RAM it freed (the initramfs
               // image once unpacked, boot-time memory, a container's exited processes), and
               // QEMU drops those pages, so a pod costs the host what its guest uses now.
-              "-device", (pci ? "virtio-balloon-pci" : "virtio-balloon-device") + ",free-page-reporting=on"]
-        for (i, nic) in spec.nics.enumerated() {
-            // The taps' fds are the child's fds 3, 4, ... (see launch).
-            a += ["-netdev", "tap,id=net\(i),fd=\(3 + i)",
-                  "-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net\(i),mac=\(nic.mac)"]
+              // Not for templates and clones: QEMU 7.2 punches the holes into the memory
+              // file even when the mapping is private, under every clone of it.
+              "-device", (pci ? "virtio-balloon-pci" : "virtio-balloon-device") + (snap == nil ? ",free-page-reporting=on" : "")]
+        for i in 0..<max(spec.nics.count, snap?.nicSlots ?? 0) {
+            if i < spec.nics.count {
+                // The taps' fds are the child's fds 3, 4, ... (see launch).
+                a += ["-netdev", "tap,id=net\(i),fd=\(3 + i)"]
+            } else {
+                // A template's NIC slot this pod does not use: no backend (a hub of its own).
+                a += ["-netdev", "hubport,id=net\(i),hubid=\(i)"]
+            }
+            // A clone's NICs keep the template's MACs (the saved state has them); the agent
+            // gives each the pod's.
+            let mac = snap == nil ? spec.nics[i].mac : VMSpec.Snapshot.nicMAC(i)
+            a += ["-device", (pci ? "virtio-net-pci" : "virtio-net-device") + ",netdev=net\(i),mac=\(mac)"]
         }
         if pci {
             // Hot-plugged disks (a container's block rootfs each) need a free PCIe slot.
             for i in 0..<Self.hotplugPorts { a += ["-device", "pcie-root-port,id=hotplug\(i),chassis=\(i + 1),slot=\(i + 1)"] }
+        }
+        if case .clone = snap?.role {
+            // Restored over QMP once x-ignore-shared is set (see QEMUMachine.restore).
+            a += ["-incoming", "defer"]
         }
         a += ["-qmp", "unix:\(esc(spec.controlSocket)),server=on,wait=off"]
         return a
@@ -119,6 +145,12 @@ public final class QEMU: Hypervisor {
             defer { _ = close(null) }
             var fdMap: [(from: Int32, to: Int32)] = [(null, 0), (log, 1), (log, 2)]
             for (i, nic) in spec.nics.enumerated() { fdMap.append((nic.tapFD, Int32(3 + i))) }
+            var stateFD: Int32 = -1
+            if case .clone(let state) = spec.snapshot?.role {
+                stateFD = try sys("open", state) { open(state, O_RDONLY | O_CLOEXEC) }
+                fdMap.append((stateFD, Int32(3 + spec.nics.count)))
+            }
+            defer { if stateFD >= 0 { _ = close(stateFD) } }
             var p = ProcessSpec(executable: binary, arguments: arguments(spec), environment: ["PATH=/usr/bin:/bin"], workingDirectory: spec.stateDir, fdMap: fdMap)
             // Its own session: a signal to the daemon's process group never reaches it.
             p.newSession = true
@@ -132,7 +164,17 @@ public final class QEMU: Hypervisor {
         }
         logger.info("sandbox \(spec.id): QEMU started, pid \(vm.pid), \(spec.accelerator.rawValue), \(spec.vcpus) vCPU, \(spec.memoryMiB) MiB")
         spawned(vm.persistentState)
-        vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in done(result.map { $0 as VirtualMachine }) }
+        vm.attach(deadline: MonotonicClock.nanoseconds() + controlTimeoutNS) { result in
+            guard case .success(let vm) = result, case .clone = spec.snapshot?.role else { return done(result.map { $0 as VirtualMachine }) }
+            vm.restore { r in
+                switch r {
+                case .success: done(.success(vm))
+                case .failure(let e):
+                    vm.kill()
+                    done(.failure(e))
+                }
+            }
+        }
     }
 
     /// The pid and start time a `QEMUMachine.persistentState` recorded.
@@ -371,6 +413,127 @@ final class QEMUMachine: VirtualMachine {
         qmp.execute("device_del", ["id": .string(id)]) { [weak self] r in
             if case .failure(let f) = r, self?.deviceDeleted.removeValue(forKey: id) != nil {
                 done(.failure(RPCError(.notFound, "device_del \(id): \(f)")))
+            }
+        }
+    }
+
+    // MARK: templates
+
+    /// Runs `steps` (QMP commands) in order; the first failure ends them.
+    private func run(_ steps: [(String, JSONValue?)], _ what: String, done: @escaping (Result<Void, RPCError>) -> Void) {
+        guard let qmp else { return done(.failure(RPCError(.unavailable, "sandbox \(spec.id): \(what): QEMU's QMP connection is gone"))) }
+        guard let (command, args) = steps.first else { return done(.success(())) }
+        qmp.execute(command, args) { [weak self] r in
+            switch r {
+            case .failure(let f): done(.failure(RPCError(.internal, "sandbox \(self?.spec.id ?? "?"): \(what): \(command): \(f)")))
+            case .success: self?.run(Array(steps.dropFirst()), what, done: done) ?? done(.failure(RPCError(.unavailable, "\(what): the VM is gone")))
+            }
+        }
+    }
+
+    /// Polls query-migrate until the migration completed (or failed) or `deadline`.
+    private func awaitMigration(_ what: String, deadline: UInt64, done: @escaping (Result<Void, RPCError>) -> Void) {
+        guard let qmp, !hasExited else {
+            return done(.failure(RPCError(.internal, "sandbox \(spec.id): \(what): QEMU exited (\(exitStatus.map { "\($0)" } ?? "status unknown")): \(vmmLogTail)")))
+        }
+        qmp.execute("query-migrate") { [weak self] r in
+            guard let self else { return }
+            switch r {
+            case .failure(let f):
+                done(.failure(RPCError(.internal, "sandbox \(self.spec.id): \(what): query-migrate: \(f)")))
+            case .success(let v):
+                switch v["status"]?.stringValue {
+                case "completed":
+                    done(.success(()))
+                case "failed", "cancelled":
+                    let why = v["error-desc"]?.stringValue ?? "no reason given"
+                    done(.failure(RPCError(.internal, "sandbox \(self.spec.id): \(what) failed: \(why); \(self.vmmLogTail)")))
+                default:
+                    guard MonotonicClock.nanoseconds() < deadline else {
+                        return done(.failure(RPCError(.deadlineExceeded, "sandbox \(self.spec.id): \(what) did not complete in time (\(v["status"]?.stringValue ?? "no status"))")))
+                    }
+                    self.driver.reactor.schedule(afterNS: 2_000_000) { [weak self] in self?.awaitMigration(what, deadline: deadline, done: done) }
+                }
+            }
+        }
+    }
+
+    private static let ignoreShared: JSONValue = ["capabilities": [["capability": "x-ignore-shared", "state": true]]]
+
+    /// The stream comes to a unix socket the daemon listens on and is written to `path`
+    /// on the loop: complete once QEMU says so and closed its end (no `exec:` child, so
+    /// the template's VMM keeps spawn=deny too).
+    func saveState(to path: String, done: @escaping (Result<Void, RPCError>) -> Void) {
+        let socket = spec.stateDir + "/save.sock"
+        var file: Int32 = -1
+        var listener: Listener?
+        var stream: Connection?
+        var (received, completed, finished) = (false, false, false)
+        var writeError: String?
+        func finish(_ r: Result<Void, RPCError>) {
+            guard !finished else { return }
+            finished = true
+            listener?.close()
+            stream?.close()
+            _ = unlink(socket)
+            var result = r
+            if case .success = r, let writeError { result = .failure(RPCError(.internal, "sandbox \(spec.id): write the template's state \(path): \(writeError)")) }
+            if case .success = result, fsync(file) != 0 { result = .failure(RPCError(.internal, "fsync \(path): \(Errno(rawValue: errno))")) }
+            if file >= 0 { _ = close(file) }
+            done(result)
+        }
+        do {
+            _ = unlink(socket)
+            file = try sys("open", path) { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o400) }
+            listener = try Listener(reactor: driver.reactor, fd: try Socket.listenUnix(path: socket, backlog: 1)) { fd in
+                guard stream == nil else { return }
+                let c = Connection(reactor: self.driver.reactor, fd: fd)
+                c.onRead = { _, bytes in
+                    var off = 0
+                    while off < bytes.count, writeError == nil {
+                        let n = write(file, bytes.baseAddress! + off, bytes.count - off)
+                        if n < 0 { if errno != EINTR { writeError = "\(Errno(rawValue: errno))" } } else { off += n }
+                    }
+                }
+                c.onReadEOF = { c in
+                    c.close()
+                    received = true
+                    if completed { finish(.success(())) }
+                }
+                stream = c
+                do { try c.start() } catch { finish(.failure(RPCError(.internal, "sandbox \(self.spec.id): read the template's state: \(error)"))) }
+            }
+        } catch {
+            return finish(.failure(RPCError(.internal, "sandbox \(spec.id): prepare the template's state \(path): \(error)")))
+        }
+        // The RAM is the shared file already: only the devices' state is written.
+        run([("migrate-set-capabilities", Self.ignoreShared), ("stop", nil), ("migrate", ["uri": .string("unix:" + socket)])], "save the template") { [weak self] r in
+            guard let self else { return }
+            if case .failure = r { return finish(r) }
+            self.awaitMigration("save the template", deadline: MonotonicClock.nanoseconds() + 30_000_000_000) { r in
+                if case .failure = r { return finish(r) }
+                completed = true
+                if received { finish(.success(())) }
+                // QEMU closes its end as it completes; a stream that never ends fails.
+                self.driver.reactor.schedule(afterNS: 5_000_000_000) {
+                    finish(.failure(RPCError(.deadlineExceeded, "sandbox \(self.spec.id): the template's state stream did not end 5 s after QEMU completed it")))
+                }
+            }
+        }
+    }
+
+    /// A clone's start: its saved devices read from the state file (the child's fd after
+    /// the taps), its RAM the template's file already; then it runs.
+    func restore(done: @escaping (Result<Void, RPCError>) -> Void) {
+        let fd = 3 + spec.nics.count
+        run([("migrate-set-capabilities", Self.ignoreShared), ("migrate-incoming", ["uri": .string("fd:\(fd)")])], "restore the template") { [weak self] r in
+            guard let self else { return }
+            if case .failure = r { return done(r) }
+            self.awaitMigration("restore the template", deadline: MonotonicClock.nanoseconds() + 30_000_000_000) { [weak self] r in
+                guard let self else { return }
+                if case .failure = r { return done(r) }
+                // The template was saved paused, and a restored VM keeps that state.
+                self.run([("cont", nil)], "resume the clone", done: done)
             }
         }
     }
