@@ -188,8 +188,17 @@ extension AllTests.VMSandboxTests {
     /// veth `eth0` (10.211.x.2/24 and fd00:211:x::2/64, default routes via .1 and ::1),
     /// whose peer sits in a second netns (.1, ::1). The VM's container has the veth's address, MAC and route on its NIC, reaches
     /// the peer (ping, and a TCP exchange with a server in the peer's netns), and after
-    /// Shutdown the netns holds no tap and no tc redirect.
-    @Test func aVMPodJoinsTheNetworkCNIMadeAndReachesItsPeer() throws {
+    /// Shutdown the netns holds no tap and no tc redirect. Booted, and cloned from a
+    /// template (its NIC wakes with the template's MAC and takes the veth's).
+    @Test(arguments: [false, true]) func aVMPodJoinsTheNetworkCNIMadeAndReachesItsPeer(cloned: Bool) throws {
+        if cloned {
+            try AllTests.VMTemplateTests.withTemplateDir("net") { try joinsTheNetwork(templates: $0) }
+        } else {
+            try joinsTheNetwork(templates: nil)
+        }
+    }
+
+    func joinsTheNetwork(templates: String?) throws {
         let tag = "kq\(getpid() % 100_000)"
         let (podNS, peerNS) = (tag + "p", tag + "q")
         let subnet = "10.211.\(getpid() % 250)"
@@ -209,8 +218,15 @@ extension AllTests.VMSandboxTests {
         let vethMAC = try shell("ip netns exec \(podNS) cat /sys/class/net/eth0/address").out.trimmingWhitespace
         // The peer answers one TCP connection with a line (busybox nc in the peer's netns).
         let server = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/timeout", arguments: ["timeout", "120", "ip", "netns", "exec", peerNS, "/bin/busybox", "sh", "-c", "echo hello-from-the-peer | /bin/busybox nc -l -p 7777"]))
-        try AllTests.PodTests.Node.with("vm-net", config: Self.config()) { node in
+        try AllTests.PodTests.Node.with("vm-net", config: Self.config(templates: templates)) { node in
+            if let templates {
+                #expect(waitUntil(timeoutMS: 120_000, everyMS: 100) { AllTests.VMTemplateTests.installed(templates).count == 1 }, "no template built")
+            }
             let (pid, address) = try node.runPod("vn", AllTests.PodTests.podConfig(hostname: "vn"), sandboxer: "kuasar-vm", netns: "/run/netns/" + podNS)
+            if let templates {
+                let info = try AllTests.VMTemplateTests.status(node, "vn")
+                #expect(info.contains("\"started_from\":\"template \(AllTests.VMTemplateTests.installed(templates).first ?? "?")\""), "\(info)")
+            }
             r = try shell("ip -n \(podNS) -o link show; tc -n \(podNS) filter show dev eth0 ingress")
             #expect(r.out.contains("tap0_kuasar") && r.out.contains("mirred"), "the tap and its redirect are in the pod's netns: \(r.out)")
             let t = try OneShotClient(path: address)

@@ -188,9 +188,15 @@ extension AllTests {
             var mr = Containerd_Services_Sandbox_V1_ControllerMetricsRequest()
             mr.sandboxID = "vm1"
             mr.sandboxer = "kuasar-vm"
-            let metrics = try node.call("Metrics", mr, Containerd_Services_Sandbox_V1_ControllerMetricsResponse.self).metrics
+            var metrics = Containerd_Types_Metric()
+            var m2 = Io_Containerd_Cgroups_V2_Metrics()
+            // Until the shell has exec'd sleep (its cat may still run just after Start).
+            _ = try waitUntil(timeoutMS: 10_000, everyMS: 50) {
+                metrics = try node.call("Metrics", mr, Containerd_Services_Sandbox_V1_ControllerMetricsResponse.self).metrics
+                m2 = try Io_Containerd_Cgroups_V2_Metrics(serializedBytes: metrics.data.value)
+                return m2.pids.current == 1
+            }
             #expect(metrics.id == "vm1" && metrics.data.typeURL.hasSuffix("io.containerd.cgroups.v2.Metrics"), "\(metrics.data.typeURL)")
-            let m2 = try Io_Containerd_Cgroups_V2_Metrics(serializedBytes: metrics.data.value)
             #expect(m2.pids.current == 1 && m2.memory.usage > 0 && m2.cpu.usageUsec > 0, "c1 (sh exec-ed sleep): \(m2)")
 
             // An exec in the same container, with its own FIFO.

@@ -36,7 +36,7 @@ extension AllTests {
 
     @Test func threePodsCloneTheTemplateAtOnceAndEachIsItsOwnGuest() throws {
         try Self.withTemplateDir("clones") { dir in
-            try PodTests.Node.with("vmt", config: VMSandboxTests.config(templates: dir)) { node in
+            try PodTests.Node.with("vmt", config: VMSandboxTests.config(templates: dir), keep: true) { node in
                 // The daemon builds the default size's template at start (one TCG boot).
                 #expect(waitUntil(timeoutMS: 120_000, everyMS: 100) { Self.installed(dir).count == 1 }, "no template in \(dir): \(Files.list(dir))")
                 let key = try #require(Self.installed(dir).first)
@@ -70,8 +70,10 @@ extension AllTests {
                 let started = results.byID
                 let startMS = Double(MonotonicClock.nanoseconds() - t0) / 1e6
                 var seen: [String: [String]] = [:]
+                var pods: [String: (pid: pid_t, address: String)] = [:]
                 for id in ids {
                     let (pid, address) = try #require(try started[id]?.get())
+                    pods[id] = (pid, address)
                     let info = try Self.status(node, id)
                     #expect(info.contains("\"started_from\":\"template \(key)\""), "\(id) was not cloned: \(info)")
                     let t = try OneShotClient(path: address)
@@ -100,8 +102,28 @@ extension AllTests {
                 #expect(try Files.digest(ram).hex == before.hex, "a clone's memory reached the template's RAM file")
                 print("3 clones started at once in \(Int(startMS)) ms")
 
-                for id in ids { try TaskServerTests.shutdown(node, id, "kuasar-vm") }
-                #expect(waitUntil(timeoutMS: 10_000) { VMSandboxTests.qemuProcesses(mentioning: node.root).isEmpty })
+                // A clone is a VM pod like any other to a restarted daemon.
+                let firstKeeper = try node.killAndRestart {}
+                do {
+                    let (pid, address) = try #require(pods["tc-b"])
+                    #expect(try Self.status(node, "tc-b").contains("\"started_from\":\"template \(key)\""))
+                    let t = try OneShotClient(path: address)
+                    defer { t.close() }
+                    let io = try VMSandboxTests.run(t, node, "again", pid: pid, ["cat", "/etc/hostname"])
+                    defer { io.close() }
+                    #expect(try VMSandboxTests.wait(t, "again") == 0)
+                    #expect(io.read("stdout").hasPrefix("host-tc-b\n"), "the recovered clone runs containers")
+                    try VMSandboxTests.delete(t, "again")
+                    for id in ids { try TaskServerTests.shutdown(node, id, "kuasar-vm") }
+                    #expect(waitUntil(timeoutMS: 10_000) { VMSandboxTests.qemuProcesses(mentioning: node.root).isEmpty })
+                } catch {
+                    for p in pods.values { kill(p.pid, SIGKILL) }
+                    _ = try? Spawner.wait(firstKeeper.process)
+                    firstKeeper.log.close()
+                    throw error
+                }
+                #expect(try Spawner.wait(firstKeeper.process) == .exited(137))
+                firstKeeper.log.close()
                 // The template stays, valid, for the next pods.
                 #expect(Self.installed(dir) == [key])
                 #expect(try Files.digest(ram).hex == before.hex)

@@ -136,6 +136,42 @@ enum VMBenchmark {
         } ?? false
     }
 
+    /// Controller Create + Start of a VM pod (ready: its agent answered, the guest set up),
+    /// then its first container (Task Create + Start through the host).
+    static func startPod(_ grpc: GRPCClient, _ id: String, bundle: String) throws -> (ready: Double, container: Double, tasks: OneShotClient, qemu: pid_t) {
+        let t0 = MonotonicClock.nanoseconds()
+        var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
+        create.sandboxID = id
+        create.sandboxer = "kuasar-vm"
+        _ = try grpc.call(controller, "Create", create, as: Containerd_Services_Sandbox_V1_ControllerCreateResponse.self, metadata: md)
+        var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
+        start.sandboxID = id
+        start.sandboxer = "kuasar-vm"
+        let started = try grpc.call(controller, "Start", start, as: Containerd_Services_Sandbox_V1_ControllerStartResponse.self, metadata: md)
+        let t1 = MonotonicClock.nanoseconds()
+        let tasks = try OneShotClient(path: String(started.address.dropFirst("ttrpc+unix://".count)))
+        var tc = Containerd_Task_V3_CreateTaskRequest()
+        tc.id = id + "-c"
+        tc.bundle = bundle
+        _ = try tasks.call(task, "Create", tc, as: Containerd_Task_V3_CreateTaskResponse.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
+        var ts = Containerd_Task_V3_StartRequest()
+        ts.id = tc.id
+        _ = try tasks.call(task, "Start", ts, as: Containerd_Task_V3_StartResponse.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
+        let t2 = MonotonicClock.nanoseconds()
+        return (Double(t1 - t0) / 1e6, Double(t2 - t1) / 1e6, tasks, pid_t(started.pid))
+    }
+
+    /// Controller Status (verbose) of a VM pod: the daemon's info document.
+    static func status(_ grpc: GRPCClient, _ id: String) -> [String: Any] {
+        var r = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
+        r.sandboxID = id
+        r.sandboxer = "kuasar-vm"
+        r.verbose = true
+        guard let s = try? grpc.call(controller, "Status", r, as: Containerd_Services_Sandbox_V1_ControllerStatusResponse.self, metadata: md),
+              let text = s.info["info"], let json = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { return [:] }
+        return json
+    }
+
     static func run(boots: Int, pods: Int) throws {
         let log = ContainerBenchmark.log
         let repo = PodBenchmark.repositoryRoot
@@ -161,6 +197,7 @@ enum VMBenchmark {
         kernel = "\(image)/vmlinux"
         initrd = "\(image)/initrd.lz4"
         accelerator = "tcg"
+        template = false
 
         """
         try config.write(toFile: work + "/config.toml", atomically: true, encoding: .utf8)
@@ -173,39 +210,12 @@ enum VMBenchmark {
         let grpc = daemon.grpc
 
         func startPod(_ id: String) throws -> (ready: Double, container: Double, tasks: OneShotClient, qemu: pid_t) {
-            let t0 = MonotonicClock.nanoseconds()
-            var create = Containerd_Services_Sandbox_V1_ControllerCreateRequest()
-            create.sandboxID = id
-            create.sandboxer = "kuasar-vm"
-            _ = try grpc.call(controller, "Create", create, as: Containerd_Services_Sandbox_V1_ControllerCreateResponse.self, metadata: md)
-            var start = Containerd_Services_Sandbox_V1_ControllerStartRequest()
-            start.sandboxID = id
-            start.sandboxer = "kuasar-vm"
-            let started = try grpc.call(controller, "Start", start, as: Containerd_Services_Sandbox_V1_ControllerStartResponse.self, metadata: md)
-            let t1 = MonotonicClock.nanoseconds()
-            let tasks = try OneShotClient(path: String(started.address.dropFirst("ttrpc+unix://".count)))
-            var tc = Containerd_Task_V3_CreateTaskRequest()
-            tc.id = id + "-c"
-            tc.bundle = bundle
-            _ = try tasks.call(task, "Create", tc, as: Containerd_Task_V3_CreateTaskResponse.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
-            var ts = Containerd_Task_V3_StartRequest()
-            ts.id = tc.id
-            _ = try tasks.call(task, "Start", ts, as: Containerd_Task_V3_StartResponse.self, timeoutNS: 60_000_000_000, namespace: "k8s.io")
-            let t2 = MonotonicClock.nanoseconds()
-            return (Double(t1 - t0) / 1e6, Double(t2 - t1) / 1e6, tasks, pid_t(started.pid))
+            try VMBenchmark.startPod(grpc, id, bundle: bundle)
         }
         func removePod(_ id: String, _ tasks: OneShotClient) {
             PodBenchmark.removePod(grpc, tasks, id: id, sandboxer: "kuasar-vm")
         }
-        func status(_ id: String) -> [String: Any] {
-            var r = Containerd_Services_Sandbox_V1_ControllerStatusRequest()
-            r.sandboxID = id
-            r.sandboxer = "kuasar-vm"
-            r.verbose = true
-            guard let s = try? grpc.call(controller, "Status", r, as: Containerd_Services_Sandbox_V1_ControllerStatusResponse.self, metadata: md),
-                  let text = s.info["info"], let json = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { return [:] }
-            return json
-        }
+        func status(_ id: String) -> [String: Any] { VMBenchmark.status(grpc, id) }
 
         var raw: [Double] = [], ready: [Double] = [], container: [Double] = []
         var steps: [String: [Double]] = [:], guest: [String: [Double]] = [:]
