@@ -106,7 +106,21 @@ enum TestConfig {
     static let stopOnExit: String = {
         // In the build directory, one for every run: not a file left in /tmp per run.
         let path = "\(repositoryRoot)/.build/kuasar-test-config.toml"
-        try? Files.write(path, "[daemon]\non_exit = \"stop\"\n", create: true, mode: 0o644)
+        try? Files.write(path, withoutTemplates("[daemon]\non_exit = \"stop\"\n"), create: true, mode: 0o644)
         return path
     }()
+
+    /// Only the embedded defaults, but no VM template (see `withoutTemplates`).
+    static let defaults: String = {
+        let path = "\(repositoryRoot)/.build/kuasar-test-defaults.toml"
+        try? Files.write(path, withoutTemplates(""), create: true, mode: 0o644)
+        return path
+    }()
+
+    /// A daemon under test builds no VM template at start unless the test asks (its config
+    /// says `[vm]`): the default would boot a guest beside every test's daemon, into the
+    /// machine's /dev/shm.
+    static func withoutTemplates(_ config: String) -> String {
+        config.contains("[vm]") ? config : config + "\n[vm]\ntemplate = false\n"
+    }
 }

@@ -28,7 +28,8 @@ extension AllTests {
         // Tests clean up after themselves: containers go with the daemon unless a test
         // asks for the production default (keep, for recovery).
         let onExit = args.contains("--on-exit") ? [] : ["--on-exit", "stop"]
-        var spec = ProcessSpec(executable: binary, arguments: ["kuasar", "daemon", "--socket", socket] + onExit + args)
+        let config = args.contains("--config") ? [] : ["--config", TestConfig.defaults]
+        var spec = ProcessSpec(executable: binary, arguments: ["kuasar", "daemon", "--socket", socket] + onExit + config + args)
         spec.fdMap = [(from: pipe.second.rawValue, to: 2)]
         let p = try Spawner.spawn(spec)
         pipe.second.close()

@@ -349,7 +349,7 @@ extension AllTests {
     @Test func containerdRunsCrunContainersThroughTheShimPath() throws {
         let scratch = try scratchDirectory("ext-ctd")
         defer { Files.removeTree(scratch) }
-        try Files.write(scratch + "/config.toml", "[daemon]\non_exit = \"stop\"\n" + (try Self.config(scratch)), create: true)
+        try Files.write(scratch + "/config.toml", TestConfig.withoutTemplates("[daemon]\non_exit = \"stop\"\n" + (try Self.config(scratch))), create: true)
         let ctd = try ContainerdFixture("crun", config: scratch + "/config.toml", shims: ["containerd-shim-kuasar-crun-v2"])
         defer { try? ctd.stop() }
         let runtime = "io.containerd.kuasar-crun.v2"

@@ -35,7 +35,7 @@ extension AllTests {
             try makeDirectories(bundles, mode: 0o755)
             var args = ["--root", root]
             if let config {
-                try Files.write(root + "/config.toml", config, create: true)
+                try Files.write(root + "/config.toml", TestConfig.withoutTemplates(config), create: true)
                 args += ["--config", root + "/config.toml"]
             }
             if keep { args += ["--on-exit", "keep"] }

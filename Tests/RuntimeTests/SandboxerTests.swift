@@ -437,7 +437,7 @@ extension AllTests {
         let socketPath = dir + "/kuasar.sock"
         let pipe = try makePipe()
         var spec = ProcessSpec(executable: AllTests.DaemonTests.binary,
-                               arguments: ["kuasar", "daemon", "--socket", socketPath, "--on-exit", "stop"])
+                               arguments: ["kuasar", "daemon", "--socket", socketPath, "--on-exit", "stop", "--config", TestConfig.defaults])
         spec.environment = currentEnvironment() + ["NOTIFY_SOCKET=\(notify)", "WATCHDOG_USEC=100000"]
         spec.fdMap = [(from: pipe.second.rawValue, to: 2)]
         let p = try Spawner.spawn(spec)

@@ -219,3 +219,41 @@ extension AllTests {
     }
 }
 }
+
+extension AllTests.VMTemplateTests {
+    /// A template whose files match their digests but whose state does not restore (saved
+    /// by another QEMU, say): the pod boots instead, and the template is built again.
+    @Test func aTemplateThatDoesNotRestoreIsDroppedAndThePodBoots() throws {
+        try Self.withTemplateDir("bad-state") { dir in
+            let store = try Store(dir: dir)
+            let t = try store.ensure()
+            store.close()
+            // Garbage in place of the device state, with a manifest that vouches for it.
+            _ = chmod(t.state, 0o600)
+            try Files.write(t.state, String(repeating: "not a migration stream\n", count: 100), create: true)
+            _ = chmod(t.dir + "/manifest.json", 0o600)
+            var manifest = try #require(try JSONSerialization.jsonObject(with: Data(Files.read(t.dir + "/manifest.json"))) as? [String: Any])
+            manifest["state_digest"] = try Files.digest(t.state).hex
+            try Files.write(t.dir + "/manifest.json", String(decoding: try JSONSerialization.data(withJSONObject: manifest), as: UTF8.self), create: true)
+            let badState = try Files.digest(t.state).hex
+
+            try AllTests.PodTests.Node.with("vmt-bad", config: AllTests.VMSandboxTests.config(templates: dir)) { node in
+                let (pid, address) = try node.runPod("tb", AllTests.PodTests.podConfig(hostname: "booted"), sandboxer: "kuasar-vm")
+                #expect(try Self.status(node, "tb").contains("\"started_from\":\"cold boot\""))
+                let client = try OneShotClient(path: address)
+                defer { client.close() }
+                let io = try AllTests.VMSandboxTests.run(client, node, "c", pid: pid, ["hostname"])
+                defer { io.close() }
+                #expect(try AllTests.VMSandboxTests.wait(client, "c") == 0)
+                #expect(io.read("stdout") == "booted\n")
+                try AllTests.VMSandboxTests.delete(client, "c")
+                // The bad one is gone and a good one takes its place.
+                #expect(waitUntil(timeoutMS: 120_000, everyMS: 100) {
+                    Self.installed(dir) == [t.key] && (try? Files.digest(t.state).hex) != badState && !Files.list(dir).contains { $0.hasPrefix(".build-") }
+                }, "the template is built again: \(Files.list(dir))")
+                try AllTests.TaskServerTests.shutdown(node, "tb", "kuasar-vm")
+                #expect(waitUntil(timeoutMS: 10_000) { AllTests.VMSandboxTests.qemuProcesses(mentioning: node.root).isEmpty })
+            }
+        }
+    }
+}

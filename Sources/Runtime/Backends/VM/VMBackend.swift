@@ -277,6 +277,8 @@ public final class VMBackend: SandboxBackend {
                 // A template that does not restore is not used again; this pod boots.
                 self.logger.error("sandbox \(s.id): clone of VM template \(key) failed (\(e.message)): the template is dropped and the VM boots")
                 self.templates?.discard(key)
+                // Built again (the default size's) for the pods after this one.
+                self.prepareTemplate()
                 pod.template = nil
                 pod.spec.snapshot = nil
                 for i in pod.setup.interfaces.indices { pod.setup.interfaces[i].guestMac = "" }
