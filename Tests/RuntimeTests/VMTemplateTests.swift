@@ -200,6 +200,13 @@ extension AllTests {
             let rebuilt = try again.ensure()
             #expect(rebuilt.key == first.key && Files.exists(rebuilt.state))
 
+            // A manifest that is not JSON: the template is not trusted either.
+            _ = chmod(rebuilt.dir + "/manifest.json", 0o600)
+            try Files.write(rebuilt.dir + "/manifest.json", "{\"description\": [garbage", create: true)
+            #expect(again.templates.ready(memoryMiB: 256, vcpus: 1, nics: 1, accelerator: .tcg) == nil)
+            #expect(!Files.exists(rebuilt.dir))
+            _ = try again.ensure()
+
             // Another size is another template beside it.
             let bigger = try again.ensure(memory: 320)
             #expect(bigger.key != first.key && Set(Self.installed(dir)) == [first.key, bigger.key])
@@ -221,6 +228,29 @@ extension AllTests {
 }
 
 extension AllTests.VMTemplateTests {
+    /// The template directory lies in /dev/shm, where anyone may make names: one that is
+    /// not ours, or that others can write, is refused.
+    @Test func aTemplateDirectoryOthersControlIsRefused() throws {
+        let dir = "/dev/shm/kuasar-test-owner-\(getpid())"
+        Files.removeTree(dir)
+        defer { Files.removeTree(dir) }
+        try VMTemplates.prepareRoot(dir)
+        #expect(chmod(dir, 0o777) == 0)
+        #expect(throws: RPCError.self) { try VMTemplates.prepareRoot(dir) }
+        #expect(chmod(dir, 0o700) == 0 && chown(dir, 65534, 65534) == 0)
+        do {
+            try VMTemplates.prepareRoot(dir)
+            Issue.record("a directory of uid 65534 was accepted")
+        } catch let e as RPCError {
+            #expect(e.code == .permissionDenied && e.message.contains("65534"), "\(e)")
+        }
+        // A symlink in its place is not a directory of ours either.
+        Files.removeTree(dir)
+        #expect(symlink("/tmp", dir) == 0)
+        #expect(throws: RPCError.self) { try VMTemplates.prepareRoot(dir) }
+        _ = unlink(dir)
+    }
+
     /// A template whose files match their digests but whose state does not restore (saved
     /// by another QEMU, say): the pod boots instead, and the template is built again.
     @Test func aTemplateThatDoesNotRestoreIsDroppedAndThePodBoots() throws {

@@ -123,6 +123,8 @@ public final class VMTemplates {
             return done(.failure(RPCError.from(error)))
         }
         let key = Self.key(d)
+        // Nothing is read from (or built into) a directory someone else controls.
+        do { try Self.prepareRoot(root) } catch { return done(.failure(RPCError.from(error))) }
         if let t = templates[key], currentFingerprints(t) == t.fingerprints { return done(.success(t)) }
         if let t = load(key: key, description: d) { return done(.success(t)) }
         if building[key] != nil { building[key]!.append(done); return }
@@ -145,10 +147,13 @@ public final class VMTemplates {
     func load(key: String, description: String) -> Template? {
         let dir = root + "/" + key
         guard Files.isDirectory(dir) else { return nil }
+        let examined = Files.fingerprint(dir)
         func reject(_ why: String) -> Template? {
+            templates[key] = nil
+            // Another daemon on the same directory may have put a new one in its place meanwhile.
+            guard Files.fingerprint(dir) == examined else { return nil }
             logger.warning("VM template \(key): \(why): removed, it is built again")
             Files.removeTree(dir)
-            templates[key] = nil
             return nil
         }
         guard let bytes = try? Files.read(dir + "/manifest.json"), let m = try? JSONValue.parse(bytes) else { return reject("no readable manifest.json") }
@@ -265,7 +270,7 @@ public final class VMTemplates {
 
     /// `root` made if missing; refused unless it is a directory of ours that no one else can
     /// write (it lies in /dev/shm, where anyone may make names).
-    static func prepareRoot(_ root: String) throws {
+    public static func prepareRoot(_ root: String) throws {
         try makeDirectories(root, mode: 0o700)
         var st = stat()
         guard lstat(root, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
@@ -281,6 +286,10 @@ public final class VMTemplates {
     /// a clone already running keeps its RAM file open).
     public func removeLeftovers() {
         guard Files.isDirectory(root) else { return }
+        do { try Self.prepareRoot(root) } catch {
+            logger.error("\(RPCError.from(error).message): nothing in it is removed or used")
+            return
+        }
         let current = try? image()
         for name in Files.list(root) {
             let dir = root + "/" + name
