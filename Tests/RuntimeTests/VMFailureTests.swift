@@ -10,11 +10,26 @@ extension AllTests.VMSandboxTests {
     /// Debian's containerd 1.6 through the shim path: runtime `io.containerd.kuasar-vm.v2`
     /// is the shim binary `containerd-shim-kuasar-vm-v2`, whose sandboxer `kuasar-vm` is the
     /// vm kind. `ctr run --rm` boots a VM for the container, prints its output, exits with
-    /// its code, and leaves no QEMU and no mount behind.
-    @Test func containerdRunsVMContainersThroughTheShimPath() throws {
+    /// its code, and leaves no QEMU and no mount behind. Booted, and cloned from a template
+    /// `kuasar vm template build` made beforehand.
+    @Test(arguments: [false, true]) func containerdRunsVMContainersThroughTheShimPath(cloned: Bool) throws {
+        if cloned {
+            try AllTests.VMTemplateTests.withTemplateDir("ctd") { try shimPath(templates: $0) }
+        } else {
+            try shimPath(templates: nil)
+        }
+    }
+
+    func shimPath(templates: String?) throws {
         let scratch = try scratchDirectory("vm-ctd")
         defer { Files.removeTree(scratch) }
-        try Files.write(scratch + "/config.toml", "[daemon]\non_exit = \"stop\"\n" + Self.config(), create: true)
+        try Files.write(scratch + "/config.toml", "[daemon]\non_exit = \"stop\"\n" + Self.config(templates: templates), create: true)
+        if let templates {
+            let r = try shell("\(AllTests.DaemonTests.binary) vm template build --config \(scratch)/config.toml")
+            #expect(r.code == 0 && r.out.contains("template ") && r.out.contains("256 MiB, 1 vCPU, tcg"), "\(r.out)")
+            let list = try shell("\(AllTests.DaemonTests.binary) vm template list --config \(scratch)/config.toml")
+            #expect(list.out.contains("256 MiB, 1 vCPU, 1 NIC slot(s)") && AllTests.VMTemplateTests.installed(templates).count == 1, "\(list.out)")
+        }
         let ctd = try ContainerdFixture("vm", config: scratch + "/config.toml", shims: ["containerd-shim-kuasar-vm-v2"])
         defer { try? ctd.stop() }
         let runtime = "io.containerd.kuasar-vm.v2"
@@ -29,6 +44,10 @@ extension AllTests.VMSandboxTests {
         r = try ctd.ctr("run -d --runtime \(runtime) \(ContainerdFixture.image) vmc2 sleep 300", timeoutS: 120)
         #expect(r.code == 0, "\(r.out)")
         #expect(Self.qemuProcesses(mentioning: ctd.kuasarRoot).count == 1)
+        if templates != nil {
+            let cmd = Self.qemuProcesses(mentioning: ctd.kuasarRoot).map { String(decoding: ((try? Files.read("/proc/\($0)/cmdline")) ?? []).map { $0 == 0 ? 32 : $0 }, as: UTF8.self) }
+            #expect(cmd.first?.contains("-incoming defer") == true && cmd.first?.contains("share=off") == true, "the first container's VM is a clone: \(cmd)")
+        }
         r = try ctd.ctr("task kill -s SIGKILL vmc2")
         #expect(r.code == 0, "\(r.out)")
         #expect(waitUntil { ((try? ctd.ctr("task ls"))?.out ?? "").contains("STOPPED") }, "vmc2 did not stop")

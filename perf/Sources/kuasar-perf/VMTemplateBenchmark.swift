@@ -39,6 +39,9 @@ enum VMTemplateBenchmark {
         /// A clone's Start, p50 per step (ms from Start's beginning to the step's end).
         var cloneStartStepsMs: [String: Double]
         var memory: [Memory]
+        /// containerd 1.6, `ctr run -d`: the vm handler whose VM is a clone, against runc's.
+        var containerd: [ContainerBenchmark.Row]
+        var ctrRunRatio: Double?
         var pool: String
     }
 
@@ -55,10 +58,8 @@ enum VMTemplateBenchmark {
         let bundle = work + "/bundle"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         try ContainerBenchmark.makeBundle(bundle, args: ["sleep", "3600"])
-        func daemon(_ name: String, template: Bool) throws -> PodBenchmark.DaemonProcess {
-            let root = work + "/" + name
-            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
-            let config = """
+        func config(template: Bool) -> String {
+            """
             [sandboxers]
             kuasar-vm = "vm"
             [vm]
@@ -69,7 +70,11 @@ enum VMTemplateBenchmark {
             template_dir = "\(templates)"
 
             """
-            try config.write(toFile: root + ".toml", atomically: true, encoding: .utf8)
+        }
+        func daemon(_ name: String, template: Bool) throws -> PodBenchmark.DaemonProcess {
+            let root = work + "/" + name
+            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+            try config(template: template).write(toFile: root + ".toml", atomically: true, encoding: .utf8)
             return try PodBenchmark.DaemonProcess(kuasar: kuasar, root: root, socket: root + "/kuasar.sock", config: root + ".toml", log: root + ".log", level: "warning")
         }
         let cold = try daemon("cold", template: false)
@@ -128,6 +133,8 @@ enum VMTemplateBenchmark {
             log("vm-templates: \(pods) \(kind) pods: QEMU PSS \(q) kB, daemon growth \(g) kB, per pod \((q + g) / pods) kB")
             for (id, t, _) in running { PodBenchmark.removePod(d.grpc, t, id: id, sandboxer: "kuasar-vm") }
         }
+        // containerd 1.6's shim path: its daemon finds the template the other one built.
+        let ctdRows = VMBenchmark.ctrRun(kuasar: kuasar, config: config(template: true), runs: max(3, runs / 2))
         let resident = (try? ContainerBenchmark.sh("du -k \(manifest["dir"] as? String ?? "")/ram | cut -f1"))
             .flatMap { Double($0.trimmingCharacters(in: .whitespacesAndNewlines)) }.map { $0 / 1024 }
 
@@ -141,11 +148,13 @@ enum VMTemplateBenchmark {
             cloneFirstContainerMs: ContainerBenchmark.row("first container in a clone", first["clone"] ?? []),
             readyRatio: p50(ready["clone"]).flatMap { c in p50(ready["cold"]).map { c / $0 } },
             cloneStartStepsMs: steps.compactMapValues { p50($0) }, memory: memory,
+            containerd: ctdRows, ctrRunRatio: ctdRows[0].p50ms.flatMap { v in ctdRows[1].p50ms.map { v / $0 } },
             pool: "not built: a restored clone's share (9p fsdev path) and tap are fixed at QEMU start and a microvm cannot hot-plug them, so a pre-restored VM cannot be handed to a pod yet")
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(report).write(to: URL(fileURLWithPath: repo + "/perf/results/vm-templates.json"))
         log("vm-templates: ready p50 cold \(p50(ready["cold"]) ?? -1) ms, clone \(p50(ready["clone"]) ?? -1) ms (ratio \(report.readyRatio.map { ReactorBenchmark.fmt($0) } ?? "?")); first container cold \(p50(first["cold"]) ?? -1) ms, clone \(p50(first["clone"]) ?? -1) ms")
         log("vm-templates: clone Start steps \(report.cloneStartStepsMs)")
+        for r in ctdRows { log("vm-templates: \(r.runtime) (clone): p50 \(r.p50ms ?? -1) ms over \(r.runs) runs\(r.failed.map { " FAILED \($0)" } ?? "")") }
     }
 }
