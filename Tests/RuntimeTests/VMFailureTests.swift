@@ -75,8 +75,14 @@ extension AllTests.VMSandboxTests {
         #expect(loop.hasPrefix("/dev/loop"), "\(out)")
         guard code == 0, loop.hasPrefix("/dev/loop") else { return }
         defer { _ = try? shell("losetup -d \(loop)") }
-        for machine in ["q35", "microvm"] {
-            try AllTests.PodTests.Node.with("vm-blk-\(machine)", config: Self.config(machine: machine)) { node in
+        // q35 also as a clone: a disk hot-plugged into a restored VM.
+        for (machine, cloned) in [("q35", false), ("q35", true), ("microvm", false)] {
+            let templates = cloned ? "/dev/shm/kuasar-test-blk-\(getpid())" : nil
+            defer { if let templates { Files.removeTree(templates) } }
+            try AllTests.PodTests.Node.with("vm-blk-\(machine)", config: Self.config(machine: machine, templates: templates)) { node in
+                if let templates {
+                    #expect(waitUntil(timeoutMS: 120_000, everyMS: 100) { AllTests.VMTemplateTests.installed(templates).count == 1 }, "no q35 template built")
+                }
                 let (pid, address) = try node.runPod("blk", AllTests.PodTests.podConfig(hostname: "blk"), sandboxer: "kuasar-vm")
                 let t = try OneShotClient(path: address)
                 defer { t.close() }
@@ -92,6 +98,9 @@ extension AllTests.VMSandboxTests {
                 #expect(try Self.wait(t, "c") == 0)
                 let text = io.read("stdout")
                 #expect(text.hasPrefix("from the block device\n"), "\(machine): \(text)")
+                if cloned {
+                    #expect(try AllTests.VMTemplateTests.status(node, "blk").contains("\"started_from\":\"template "))
+                }
                 if machine == "q35" {
                     #expect(text.contains("/dev/vda ext4"), "the guest mounted the hot-plugged disk: \(text)")
                 } else {

@@ -21,6 +21,8 @@ enum VMBenchmark {
     static let md = [("containerd-namespace", "k8s.io")]
 
     struct Memory: Codable {
+        /// "cold" or "clone" (vm-templates); nil in vm.json, where every pod boots.
+        var kind: String? = nil
         var pods: Int
         var qemuPSSkB: Int
         var daemonGrowthkB: Int

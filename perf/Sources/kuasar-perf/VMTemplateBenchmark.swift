@@ -16,14 +16,6 @@ enum VMTemplateBenchmark {
     static let work = "/tmp/kuasar-perf-vmt"
     static let templates = "/dev/shm/kuasar-perf-vm-templates"
 
-    struct Memory: Codable {
-        var kind: String
-        var pods: Int
-        var qemuPSSkB: Int
-        var daemonGrowthkB: Int
-        var perPodkB: Int
-    }
-
     struct Report: Codable {
         var date: String
         var accelerator: String
@@ -38,7 +30,7 @@ enum VMTemplateBenchmark {
         var readyRatio: Double?
         /// A clone's Start, p50 per step (ms from Start's beginning to the step's end).
         var cloneStartStepsMs: [String: Double]
-        var memory: [Memory]
+        var memory: [VMBenchmark.Memory]
         /// containerd 1.6, `ctr run -d`: the vm handler whose VM is a clone, against runc's.
         var containerd: [ContainerBenchmark.Row]
         var ctrRunRatio: Double?
@@ -117,7 +109,7 @@ enum VMTemplateBenchmark {
             }
         }
 
-        var memory: [Memory] = []
+        var memory: [VMBenchmark.Memory] = []
         for (kind, d) in [("cold", cold), ("clone", clones)] {
             let base = VMBenchmark.pss(d.pid)
             var running: [(String, OneShotClient, pid_t)] = []
@@ -129,7 +121,7 @@ enum VMTemplateBenchmark {
             sleep(3)
             let q = running.reduce(0) { $0 + VMBenchmark.pss($1.2) }
             let g = max(0, VMBenchmark.pss(d.pid) - base)
-            memory.append(Memory(kind: kind, pods: pods, qemuPSSkB: q, daemonGrowthkB: g, perPodkB: (q + g) / pods))
+            memory.append(VMBenchmark.Memory(kind: kind, pods: pods, qemuPSSkB: q, daemonGrowthkB: g, perPodkB: (q + g) / pods))
             log("vm-templates: \(pods) \(kind) pods: QEMU PSS \(q) kB, daemon growth \(g) kB, per pod \((q + g) / pods) kB")
             for (id, t, _) in running { PodBenchmark.removePod(d.grpc, t, id: id, sandboxer: "kuasar-vm") }
         }
@@ -155,6 +147,6 @@ enum VMTemplateBenchmark {
         try enc.encode(report).write(to: URL(fileURLWithPath: repo + "/perf/results/vm-templates.json"))
         log("vm-templates: ready p50 cold \(p50(ready["cold"]) ?? -1) ms, clone \(p50(ready["clone"]) ?? -1) ms (ratio \(report.readyRatio.map { ReactorBenchmark.fmt($0) } ?? "?")); first container cold \(p50(first["cold"]) ?? -1) ms, clone \(p50(first["clone"]) ?? -1) ms")
         log("vm-templates: clone Start steps \(report.cloneStartStepsMs)")
-        for r in ctdRows { log("vm-templates: \(r.runtime) (clone): p50 \(r.p50ms ?? -1) ms over \(r.runs) runs\(r.failed.map { " FAILED \($0)" } ?? "")") }
+        for r in ctdRows { log("vm-templates, templates on: \(r.runtime): p50 \(r.p50ms ?? -1) ms over \(r.runs) runs\(r.failed.map { " FAILED \($0)" } ?? "")") }
     }
 }
