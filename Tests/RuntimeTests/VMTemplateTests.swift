@@ -75,7 +75,8 @@ extension AllTests {
                     let (pid, address) = try #require(try started[id]?.get())
                     pods[id] = (pid, address)
                     let info = try Self.status(node, id)
-                    #expect(info.contains("\"started_from\":\"template \(key)\""), "\(id) was not cloned: \(info)")
+                    #expect(info.contains("\"started_from\":\"template \(key)\"") && info.contains("\"template\":{") && info.contains("\"key\":\"\(key)\""),
+                            "\(id) was not cloned: \(info)")
                     let t = try OneShotClient(path: address)
                     defer { t.close() }
                     // Its own identity, and a write of 32 MiB into its memory (tmpfs).

@@ -70,8 +70,19 @@ public enum Files {
         var out: (UInt64, UInt64) = (0, 0)
         var size: UInt64 = 0
         _ = try shim("read", path) { withUnsafeMutableBytes(of: &out) { ks_digest_fd(fd, $0.baseAddress!.assumingMemoryBound(to: UInt64.self), &size) } }
-        func hex(_ v: UInt64) -> String { let h = String(v, radix: 16); return String(repeating: "0", count: 16 - h.count) + h }
-        return (hex(out.0) + hex(out.1), size)
+        return (hex(out), size)
+    }
+
+    /// The same digest of bytes in memory (a file with these contents has it too).
+    public static func digest(bytes: [UInt8]) -> String {
+        var out: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &out) { o in bytes.withUnsafeBytes { ks_digest_bytes($0.baseAddress ?? UnsafeRawPointer(o.baseAddress!), $0.count, o.baseAddress!.assumingMemoryBound(to: UInt64.self)) } }
+        return hex(out)
+    }
+
+    private static func hex(_ v: (UInt64, UInt64)) -> String {
+        func h(_ x: UInt64) -> String { let s = String(x, radix: 16); return String(repeating: "0", count: 16 - s.count) + s }
+        return h(v.0) + h(v.1)
     }
 
     /// What changes when a file is replaced or written: device, inode, size, mtime, ctime.

@@ -478,6 +478,7 @@ public final class VMBackend: SandboxBackend {
                                    "console": pod.spec.consoleLog, "memory_mib": Int(pod.spec.memoryMiB), "vcpus": Int(pod.spec.vcpus),
                                    "kernel": pod.spec.kernel, "initrd": pod.spec.initrd,
                                    "started_from": pod.template.map { "template \($0)" } ?? "cold boot"]
+        if let key = pod.template, let t = templates?.info.first(where: { $0["key"] as? String == key }) { info["template"] = t }
         if let vm = pod.vm { info["vmm_pid"] = Int(vm.pid); info["vmm_running"] = !vm.hasExited; info["hypervisor_version"] = vm.vmmVersion }
         if let net = pod.network {
             info["network"] = net.links.map { ["name": $0.name, "mac": $0.mac, "addresses": $0.addresses, "tap_ifindex": Int($0.tapIndex)] as [String: Any] }
