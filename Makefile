@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf python3-pip golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2 lz4 binutils
 # The tests boot the guest image under QEMU and run containers with crun (the external-runtime kind).
-TEST_APT_PACKAGES := qemu-system-x86 crun
+TEST_APT_PACKAGES := qemu-system-x86 crun wabt
 SWIFT_FLAGS := -Xswiftc -warnings-as-errors
 SOCKET ?= /run/kuasar/kuasar.sock
 

@@ -77,6 +77,11 @@ let package = Package(
         .target(
             name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Backends/VM"),
+        // WebAssembly engines (the wasm kind's runner): Wasmtime through its C API, loaded
+        // with dlopen at run time, so nothing here links an engine at build time.
+        .target(
+            name: "KuasarWasm", dependencies: ["CShims", "KuasarSystem", "KuasarWire"],
+            path: "Sources/Runtime/Backends/Wasm"),
         // The Task service and the events publisher: the part of the API layer the guest
         // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials
         // only, like every layer below it): the agent's static binary stays small.
@@ -95,7 +100,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -107,7 +112,7 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

@@ -11,6 +11,7 @@ import KuasarSandbox
 import KuasarNamespace
 import KuasarExternal
 import KuasarVM
+import KuasarWasm
 import KuasarServices
 import KuasarTasks
 import KuasarAgent
@@ -26,7 +27,7 @@ struct Kuasar: ParsableCommand {
         abstract: "A multi-sandbox container runtime: one daemon per node, no shim per pod.",
         version: KuasarVersion.string,
         subcommands: [DaemonCommand.self, ConfigCommand.self, HealthCommand.self, InfoCommand.self, RunCommand.self, ExecCommand.self,
-                      PsCommand.self, KillCommand.self, RmCommand.self, LogsCommand.self, VMCommand.self])
+                      PsCommand.self, KillCommand.self, RmCommand.self, LogsCommand.self, VMCommand.self, WasmRunCommand.self])
 }
 
 struct DaemonCommand: ParsableCommand {
@@ -204,6 +205,14 @@ struct InfoCommand: ParsableCommand {
                 print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
             }
         }
+        print("wasm engines:")
+        do {
+            let w = try Wasmtime(library: nil, cacheDir: nil)
+            print("  wasmtime: available: \(w.version) (\(w.library)); kuasar wasm-run runs modules with it (the wasm kind is not built yet)")
+        } catch {
+            print("  wasmtime: not available: \(RPCError.from(error).message)")
+        }
+        print("  wasmkit: not available: not built into this binary yet")
         if !file.runtimes.isEmpty { print("OCI runtimes:") }
         for (name, r) in file.runtimes.sorted(by: { $0.key < $1.key }) {
             let names = file.sandboxers.filter { $0.value == KuasarConfig.ociKindPrefix + name }.keys.sorted()
@@ -219,6 +228,54 @@ struct InfoCommand: ParsableCommand {
         }
     }
 
+}
+
+/// The wasm kind's runner: one module in this process (the container engine starts it as
+/// a container's process, its stdio already wired). Exits with the module's status: its
+/// proc_exit code, 134 for a trap (the trap's message on stderr), 125 when it could not
+/// start (the reason on stderr: not a module, an import nothing provides, no engine).
+struct WasmRunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "wasm-run", abstract: "Run a WebAssembly (WASI preview 1) module in this process.")
+    @Option(help: "The engine: wasmtime (its C library from PyPI's wasmtime, loaded at run time).")
+    var engine = "wasmtime"
+    @Option(help: "Wasmtime's shared library (default: found in Python's site-packages).")
+    var wasmtimeLibrary: String?
+    @Option(help: "Directory of compiled modules (default: none, every run compiles).")
+    var cache: String?
+    @Option(name: .customLong("dir"), help: "A preopened directory, GUEST=HOST (repeatable; the rootfs as /).")
+    var dirs: [String] = []
+    @Option(name: .customLong("env"), help: "An environment variable, K=V (repeatable).")
+    var env: [String] = []
+    @Option(help: "Linear memory cap in bytes.")
+    var memoryLimit: Int64?
+    @Argument(help: "The module, then its arguments (argv[0] first; default: the module's path).")
+    var command: [String]
+
+    func run() throws {
+        guard let module = command.first else { throw ValidationError("no module given") }
+        var request = WasmRun(module: module, args: command.count > 1 ? Array(command.dropFirst()) : [module])
+        for d in dirs {
+            guard let eq = d.firstIndex(of: "="), d[..<eq].hasPrefix("/") || d[..<eq] == "." else { throw ValidationError("--dir \(d): GUEST=HOST") }
+            request.preopens.append((String(d[..<eq]), String(d[d.index(after: eq)...])))
+        }
+        for e in env {
+            guard let eq = e.firstIndex(of: "="), eq != e.startIndex else { throw ValidationError("--env \(e): K=V") }
+            request.environment[String(e[..<eq])] = String(e[e.index(after: eq)...])
+        }
+        request.memoryLimit = memoryLimit
+        let outcome: WasmOutcome
+        do {
+            guard engine == "wasmtime" else {
+                throw RPCError(.failedPrecondition, "engine \(engine) is not available: this build has wasmtime only (WasmKit is not built in yet)")
+            }
+            outcome = try Wasmtime(library: wasmtimeLibrary, cacheDir: cache).run(request)
+        } catch {
+            FileHandleStderr.write("kuasar wasm-run: \(RPCError.from(error).message)\n")
+            throw ExitCode(125)
+        }
+        if case .trapped(let why) = outcome { FileHandleStderr.write("kuasar wasm-run: \(module): wasm trap: \(why)\n") }
+        throw ExitCode(outcome.exitCode)
+    }
 }
 
 struct VMCommand: ParsableCommand {

@@ -9,6 +9,7 @@
 @_exported import KuasarSandbox
 @_exported import KuasarNamespace
 @_exported import KuasarVM
+@_exported import KuasarWasm
 @_exported import KuasarExternal
 @_exported import KuasarServices
 @_exported import KuasarTasks

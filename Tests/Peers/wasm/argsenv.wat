@@ -1,0 +1,20 @@
+;; Writes its argv buffer, then its environ buffer, to stdout (NUL-separated, as WASI
+;; gives them); returns from _start (exit 0).
+(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $env_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $env (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func $out (param $buf i32) (param $len i32)
+    (i32.store (i32.const 16) (local.get $buf))
+    (i32.store (i32.const 20) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24))))
+  (func (export "_start")
+    (drop (call $args_sizes (i32.const 0) (i32.const 4)))
+    (drop (call $args (i32.const 1024) (i32.const 4096)))
+    (call $out (i32.const 4096) (i32.load (i32.const 4)))
+    (drop (call $env_sizes (i32.const 0) (i32.const 4)))
+    (drop (call $env (i32.const 2048) (i32.const 8192)))
+    (call $out (i32.const 8192) (i32.load (i32.const 4)))))

@@ -1,0 +1,172 @@
+import Foundation
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The wasm kind's runner (`kuasar wasm-run`) on real modules and a real engine:
+/// Wasmtime's C library from PyPI's `wasmtime` wheel (fetched once into .build/peers),
+/// loaded at run time; the modules are WAT in Tests/Peers/wasm compiled by wabt's
+/// wat2wasm. Each case is a separate runner process, as a container's would be.
+extension AllTests {
+@Suite(.serialized) struct WasmRunnerTests {
+    static let wasmtimeVersion = "50.0.1"
+
+    /// `<peers>/wasmtime/site/wasmtime/linux-x86_64/_libwasmtime.so` with its dist-info
+    /// beside it (the version the cache is keyed by), extracted from the wheel.
+    static let wasmtimeLibrary: String = {
+        let dir = "\(repositoryRoot)/.build/peers/wasmtime"
+        let lib = dir + "/site/wasmtime/linux-x86_64/_libwasmtime.so"
+        if access(lib, R_OK) == 0 { return lib }
+        _ = try? makeDirectories(dir)
+        let r = try? shell("""
+            set -e
+            cd \(dir)
+            \(systemPython) -m pip download --quiet --no-deps wasmtime==\(wasmtimeVersion) --platform manylinux1_x86_64 --only-binary=:all: -d .
+            \(systemPython) -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('wasmtime-*.whl')[0]); [z.extract(n,'site') for n in z.namelist() if n.startswith('wasmtime/linux-x86_64/') or '.dist-info/' in n]"
+            """, timeoutS: 300)
+        #expect(access(lib, R_OK) == 0, "the wasmtime wheel: \(r?.out ?? "pip did not run")")
+        return lib
+    }()
+
+    /// Each WAT peer compiled once into .build/peers/wasm.
+    static let modules: String = {
+        let dir = "\(repositoryRoot)/.build/peers/wasm"
+        _ = try? makeDirectories(dir)
+        for wat in Files.list("\(repositoryRoot)/Tests/Peers/wasm") where wat.hasSuffix(".wat") {
+            let r = try? shell("wat2wasm \(repositoryRoot)/Tests/Peers/wasm/\(wat) -o \(dir)/\(wat.dropLast(4)).wasm")
+            #expect(r?.code == 0, "wat2wasm \(wat): \(r?.out ?? "")")
+        }
+        return dir
+    }()
+
+    struct Result {
+        var code: Int32
+        var stdout: [UInt8]
+        var stderr: String
+        var text: String { String(decoding: stdout, as: UTF8.self) }
+    }
+
+    /// `kuasar wasm-run` with `args`, stdin from `stdin` (a file) or /dev/null.
+    static func runner(_ args: [String], engine: String = "wasmtime", stdin: String = "/dev/null", library: String? = nil) throws -> Result {
+        let scratch = "/tmp/kuasar-wasm-run-\(getpid())"
+        try makeDirectories(scratch)
+        defer { Files.removeTree(scratch) }
+        let out = open(scratch + "/out", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let err = open(scratch + "/err", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let input = open(stdin, O_RDONLY | O_CLOEXEC)
+        defer { close(out); close(err); close(input) }
+        let argv = ["kuasar", "wasm-run", "--engine", engine, "--wasmtime-library", library ?? wasmtimeLibrary] + args
+        let p = try Spawner.spawn(ProcessSpec(executable: AllTests.DaemonTests.binary, arguments: argv, fdMap: [(input, 0), (out, 1), (err, 2)]))
+        let status = try Spawner.wait(p)
+        return Result(code: status.code, stdout: (try? Files.read(scratch + "/out", limit: 1 << 24)) ?? [], stderr: (try? Files.readString(scratch + "/err")) ?? "")
+    }
+
+    static func module(_ name: String) -> String { modules + "/" + name + ".wasm" }
+
+    @Test(arguments: ["wasmtime"]) func argsEnvironmentStdioAndExitCodes(engine: String) throws {
+        var r = try Self.runner([Self.module("hello")], engine: engine)
+        #expect(r.code == 7 && r.text == "hello from wasm\n", "\(r)")
+        r = try Self.runner(["--env", "K=V", "--env", "EMPTY=", Self.module("argsenv"), "--", "prog", "a b", "c"], engine: engine)
+        #expect(r.code == 0, "\(r.stderr)")
+        #expect(r.text == "prog\0a b\0c\0EMPTY=\0K=V\0", "argv then environ, NUL-separated: \(r.stdout)")
+        // stdin to EOF, every byte through.
+        let input = "/tmp/kuasar-wasm-in-\(getpid())"
+        defer { unlink(input) }
+        let bytes = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 13) }
+        try Files.writeAtomically(input, bytes)
+        r = try Self.runner([Self.module("cat")], engine: engine, stdin: input)
+        #expect(r.code == 0 && r.stdout == bytes, "cat: \(r.stdout.count) of \(bytes.count) bytes; \(r.stderr)")
+    }
+
+    @Test(arguments: ["wasmtime"]) func thePreopenedRootfsIsTheModulesWholeFilesystem(engine: String) throws {
+        let root = try scratchDirectory("wasm-root")
+        defer { Files.removeTree(root) }
+        try Files.write(root + "/in.txt", "from the rootfs\n", create: true)
+        let r = try Self.runner(["--dir", "/=" + root, Self.module("files")], engine: engine)
+        #expect(r.code == 0, "exit \(r.code) (99: it created ../outside): \(r.stderr)")
+        #expect(r.text == "from the rootfs\n")
+        #expect((try? Files.readString(root + "/out.txt")) == "written by wasm\n")
+        #expect(!Files.exists(root + "/../outside") && !Files.exists("/tmp/outside"), "nothing outside the preopen")
+    }
+
+    @Test(arguments: ["wasmtime"]) func trapsLimitsAndKill(engine: String) throws {
+        var r = try Self.runner([Self.module("trap")], engine: engine)
+        #expect(r.code == 134 && r.stderr.contains("wasm trap") && r.stderr.contains("unreachable"), "\(r)")
+        // A memory cap: the module's memory.grow is refused (it exits 1), not OOM-killed.
+        r = try Self.runner(["--memory-limit", "1048576", Self.module("grow")], engine: engine)
+        #expect(r.code == 1, "\(r)")
+        r = try Self.runner([Self.module("grow")], engine: engine)
+        #expect(r.code == 0, "\(r)")
+        // A module that never ends stops at SIGKILL like any process.
+        let p = try Spawner.spawn(ProcessSpec(executable: AllTests.DaemonTests.binary,
+                                              arguments: ["kuasar", "wasm-run", "--engine", engine, "--wasmtime-library", Self.wasmtimeLibrary, Self.module("spin")]))
+        usleep(300_000)
+        #expect(!processGone(p.pid), "spin ended by itself")
+        try sendSignal(pidfd: p.pidfd.rawValue, SIGKILL)
+        #expect(try Spawner.wait(p) == .signaled(SIGKILL, coreDumped: false))
+    }
+
+    @Test(arguments: ["wasmtime"]) func badModulesAreClearErrors(engine: String) throws {
+        let scratch = try scratchDirectory("wasm-bad")
+        defer { Files.removeTree(scratch) }
+        var r = try Self.runner([Self.module("missing-import")], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("env::kuasar_nope"), "the import is named: \(r.stderr)")
+        try Files.write(scratch + "/text.wasm", "(module)\n", create: true)
+        r = try Self.runner([scratch + "/text.wasm"], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("not a WebAssembly module") && r.stderr.contains("WAT"), "\(r.stderr)")
+        let good = try Files.read(Self.module("hello"))
+        try Files.writeAtomically(scratch + "/truncated.wasm", Array(good.prefix(good.count / 2)))
+        r = try Self.runner([scratch + "/truncated.wasm"], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("compile") && r.stderr.contains("truncated.wasm"), "\(r.stderr)")
+        // 100 MB of garbage is refused by its first bytes, at once.
+        #expect(try shell("head -c 104857600 /dev/urandom > \(scratch)/garbage.wasm").code == 0)
+        let t0 = MonotonicClock.nanoseconds()
+        r = try Self.runner([scratch + "/garbage.wasm"], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("not a WebAssembly module"), "\(r.stderr)")
+        #expect(MonotonicClock.nanoseconds() - t0 < 5_000_000_000, "the garbage was not read through")
+        r = try Self.runner([scratch + "/absent.wasm"], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("absent.wasm"), "\(r.stderr)")
+        // A component (layer 1) is named as one.
+        try Files.writeAtomically(scratch + "/component.wasm", [0, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00])
+        r = try Self.runner([scratch + "/component.wasm"], engine: engine)
+        #expect(r.code == 125 && r.stderr.contains("component"), "\(r.stderr)")
+        // An engine library that is not there, or is not Wasmtime's.
+        r = try Self.runner([Self.module("hello")], engine: engine, library: scratch + "/no-such.so")
+        #expect(r.code == 125 && r.stderr.contains("no-such.so"), "\(r.stderr)")
+        r = try Self.runner([Self.module("hello")], engine: engine, library: "/lib/x86_64-linux-gnu/libz.so.1")
+        #expect(r.code == 125 && r.stderr.contains("has no wasm_engine_new"), "\(r.stderr)")
+        r = try Self.runner([Self.module("hello")], engine: "wasmkit")
+        #expect(r.code == 125 && r.stderr.contains("wasmkit"), "\(r.stderr)")
+    }
+
+    @Test func compiledModulesAreCachedAndACorruptEntryIsRecompiled() throws {
+        let cache = try scratchDirectory("wasm-cache")
+        defer { Files.removeTree(cache) }
+        var r = try Self.runner(["--cache", cache, Self.module("hello")])
+        #expect(r.code == 7 && r.text == "hello from wasm\n")
+        let dir = cache + "/wasmtime-" + Self.wasmtimeVersion
+        let entries = Files.list(dir).sorted()
+        #expect(entries.count == 2 && entries[0].hasSuffix(".bin") && entries[1].hasSuffix(".sum"), "\(entries)")
+        guard entries.count == 2 else { return }
+        let bin = dir + "/" + entries[0]
+        let key = String(entries[0].dropLast(4))
+        #expect(key == ModuleCache.key(try Files.read(Self.module("hello"))), "keyed by the module's digest")
+        let built = try Files.read(bin, limit: 1 << 26)
+        // A hit leaves the entry as it is.
+        r = try Self.runner(["--cache", cache, Self.module("hello")])
+        let hit = try Files.read(bin, limit: 1 << 26)
+        #expect(r.code == 7 && hit == built)
+        // A corrupt entry (a byte flipped, its sum kept) is never deserialized: recompiled.
+        var bad = built
+        bad[bad.count / 2] ^= 0xff
+        try Files.writeAtomically(bin, bad)
+        r = try Self.runner(["--cache", cache, Self.module("hello")])
+        #expect(r.code == 7 && r.text == "hello from wasm\n", "\(r.stderr)")
+        let rewritten = try Files.read(bin, limit: 1 << 26)
+        #expect(rewritten == built, "the entry was written again")
+        #expect(Files.list(dir).allSatisfy { !$0.hasSuffix(".tmp") })
+    }
+}
+}
