@@ -30,6 +30,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-http2", from: "1.46.0"),
         // The configuration file (toml++ underneath); its tests' own dependency is never fetched.
         .package(url: "https://github.com/LebJe/TOMLKit", exact: "0.6.0"),
+        // The embedded WebAssembly engine (an interpreter; WASI preview 1). Heavy to build
+        // (swift-syntax for its macros): only KuasarWasmKit depends on it.
+        .package(url: "https://github.com/swiftwasm/WasmKit", exact: "0.4.2"),
     ],
     targets: [
         .systemLibrary(
@@ -82,6 +85,10 @@ let package = Package(
         .target(
             name: "KuasarWasm", dependencies: ["CShims", "KuasarSystem", "KuasarWire"],
             path: "Sources/Runtime/Backends/Wasm"),
+        .target(
+            name: "KuasarWasmKit", dependencies: ["KuasarWasm", "KuasarSystem", "KuasarWire",
+                                                  .product(name: "WasmKit", package: "WasmKit"), .product(name: "WasmKitWASI", package: "WasmKit")],
+            path: "Sources/Runtime/Backends/WasmKit"),
         // The Task service and the events publisher: the part of the API layer the guest
         // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials
         // only, like every layer below it): the agent's static binary stays small.
@@ -100,7 +107,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -112,7 +119,7 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),

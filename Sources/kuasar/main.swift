@@ -12,6 +12,7 @@ import KuasarNamespace
 import KuasarExternal
 import KuasarVM
 import KuasarWasm
+import KuasarWasmKit
 import KuasarServices
 import KuasarTasks
 import KuasarAgent
@@ -208,11 +209,11 @@ struct InfoCommand: ParsableCommand {
         print("wasm engines:")
         do {
             let w = try Wasmtime(library: nil, cacheDir: nil)
-            print("  wasmtime: available: \(w.version) (\(w.library)); kuasar wasm-run runs modules with it (the wasm kind is not built yet)")
+            print("  wasmtime: available: \(w.version) (\(w.library))")
         } catch {
             print("  wasmtime: not available: \(RPCError.from(error).message)")
         }
-        print("  wasmkit: not available: not built into this binary yet")
+        print("  wasmkit: available: \(WasmKitEngine().version) (embedded interpreter)")
         if !file.runtimes.isEmpty { print("OCI runtimes:") }
         for (name, r) in file.runtimes.sorted(by: { $0.key < $1.key }) {
             let names = file.sandboxers.filter { $0.value == KuasarConfig.ociKindPrefix + name }.keys.sorted()
@@ -236,8 +237,8 @@ struct InfoCommand: ParsableCommand {
 /// start (the reason on stderr: not a module, an import nothing provides, no engine).
 struct WasmRunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "wasm-run", abstract: "Run a WebAssembly (WASI preview 1) module in this process.")
-    @Option(help: "The engine: wasmtime (its C library from PyPI's wasmtime, loaded at run time).")
-    var engine = "wasmtime"
+    @Option(help: "The engine: wasmkit (embedded) or wasmtime (its C library from PyPI's wasmtime, loaded at run time).")
+    var engine = "wasmkit"
     @Option(help: "Wasmtime's shared library (default: found in Python's site-packages).")
     var wasmtimeLibrary: String?
     @Option(help: "Directory of compiled modules (default: none, every run compiles).")
@@ -265,10 +266,11 @@ struct WasmRunCommand: ParsableCommand {
         request.memoryLimit = memoryLimit
         let outcome: WasmOutcome
         do {
-            guard engine == "wasmtime" else {
-                throw RPCError(.failedPrecondition, "engine \(engine) is not available: this build has wasmtime only (WasmKit is not built in yet)")
+            switch engine {
+            case "wasmkit": outcome = try WasmKitEngine().run(request)
+            case "wasmtime": outcome = try Wasmtime(library: wasmtimeLibrary, cacheDir: cache).run(request)
+            default: throw RPCError(.invalidArgument, "engine \(engine): not one of wasmkit, wasmtime")
             }
-            outcome = try Wasmtime(library: wasmtimeLibrary, cacheDir: cache).run(request)
         } catch {
             FileHandleStderr.write("kuasar wasm-run: \(RPCError.from(error).message)\n")
             throw ExitCode(125)

@@ -5,10 +5,10 @@ import Testing
 import Glibc
 #endif
 
-/// The wasm kind's runner (`kuasar wasm-run`) on real modules and a real engine:
-/// Wasmtime's C library from PyPI's `wasmtime` wheel (fetched once into .build/peers),
-/// loaded at run time; the modules are WAT in Tests/Peers/wasm compiled by wabt's
-/// wat2wasm. Each case is a separate runner process, as a container's would be.
+/// The wasm kind's runner (`kuasar wasm-run`) on real modules and both engines: WasmKit
+/// (embedded) and Wasmtime's C library from PyPI's `wasmtime` wheel (fetched once into
+/// .build/peers), loaded at run time; the modules are WAT in Tests/Peers/wasm compiled by
+/// wabt's wat2wasm. Each case is a separate runner process, as a container's would be.
 extension AllTests {
 @Suite(.serialized) struct WasmRunnerTests {
     static let wasmtimeVersion = "50.0.1"
@@ -65,22 +65,27 @@ extension AllTests {
 
     static func module(_ name: String) -> String { modules + "/" + name + ".wasm" }
 
-    @Test(arguments: ["wasmtime"]) func argsEnvironmentStdioAndExitCodes(engine: String) throws {
+    @Test(arguments: ["wasmtime", "wasmkit"]) func argsEnvironmentStdioAndExitCodes(engine: String) throws {
         var r = try Self.runner([Self.module("hello")], engine: engine)
         #expect(r.code == 7 && r.text == "hello from wasm\n", "\(r)")
         r = try Self.runner(["--env", "K=V", "--env", "EMPTY=", Self.module("argsenv"), "--", "prog", "a b", "c"], engine: engine)
         #expect(r.code == 0, "\(r.stderr)")
-        #expect(r.text == "prog\0a b\0c\0EMPTY=\0K=V\0", "argv then environ, NUL-separated: \(r.stdout)")
+        // (WasmKit 0.4.2's environ_sizes_get counts a byte per variable more than environ_get
+        // writes: the module dumps by that size, so trailing NULs are not compared.)
+        // argv in order; the environment as a set (WasmKit takes it as a dictionary).
+        let fields = r.stdout.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        #expect(Array(fields.prefix(3)) == ["prog", "a b", "c"], "argv, NUL-separated: \(r.stdout)")
+        #expect(Set(fields.dropFirst(3).filter { !$0.isEmpty }) == ["EMPTY=", "K=V"], "environ: \(r.stdout)")
         // stdin to EOF, every byte through.
         let input = "/tmp/kuasar-wasm-in-\(getpid())"
         defer { unlink(input) }
-        let bytes = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 13) }
-        try Files.writeAtomically(input, bytes)
+        let input_ = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 2654435761 >> 13) }
+        try Files.writeAtomically(input, input_)
         r = try Self.runner([Self.module("cat")], engine: engine, stdin: input)
-        #expect(r.code == 0 && r.stdout == bytes, "cat: \(r.stdout.count) of \(bytes.count) bytes; \(r.stderr)")
+        #expect(r.code == 0 && r.stdout == input_, "cat: \(r.stdout.count) of \(input_.count) bytes; \(r.stderr)")
     }
 
-    @Test(arguments: ["wasmtime"]) func thePreopenedRootfsIsTheModulesWholeFilesystem(engine: String) throws {
+    @Test(arguments: ["wasmtime", "wasmkit"]) func thePreopenedRootfsIsTheModulesWholeFilesystem(engine: String) throws {
         let root = try scratchDirectory("wasm-root")
         defer { Files.removeTree(root) }
         try Files.write(root + "/in.txt", "from the rootfs\n", create: true)
@@ -91,7 +96,7 @@ extension AllTests {
         #expect(!Files.exists(root + "/../outside") && !Files.exists("/tmp/outside"), "nothing outside the preopen")
     }
 
-    @Test(arguments: ["wasmtime"]) func trapsLimitsAndKill(engine: String) throws {
+    @Test(arguments: ["wasmtime", "wasmkit"]) func trapsLimitsAndKill(engine: String) throws {
         var r = try Self.runner([Self.module("trap")], engine: engine)
         #expect(r.code == 134 && r.stderr.contains("wasm trap") && r.stderr.contains("unreachable"), "\(r)")
         // A memory cap: the module's memory.grow is refused (it exits 1), not OOM-killed.
@@ -108,11 +113,11 @@ extension AllTests {
         #expect(try Spawner.wait(p) == .signaled(SIGKILL, coreDumped: false))
     }
 
-    @Test(arguments: ["wasmtime"]) func badModulesAreClearErrors(engine: String) throws {
+    @Test(arguments: ["wasmtime", "wasmkit"]) func badModulesAreClearErrors(engine: String) throws {
         let scratch = try scratchDirectory("wasm-bad")
         defer { Files.removeTree(scratch) }
         var r = try Self.runner([Self.module("missing-import")], engine: engine)
-        #expect(r.code == 125 && r.stderr.contains("env::kuasar_nope"), "the import is named: \(r.stderr)")
+        #expect(r.code == 125 && r.stderr.contains("env") && r.stderr.contains("kuasar_nope"), "the import is named: \(r.stderr)")
         try Files.write(scratch + "/text.wasm", "(module)\n", create: true)
         r = try Self.runner([scratch + "/text.wasm"], engine: engine)
         #expect(r.code == 125 && r.stderr.contains("not a WebAssembly module") && r.stderr.contains("WAT"), "\(r.stderr)")
@@ -132,13 +137,14 @@ extension AllTests {
         try Files.writeAtomically(scratch + "/component.wasm", [0, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00])
         r = try Self.runner([scratch + "/component.wasm"], engine: engine)
         #expect(r.code == 125 && r.stderr.contains("component"), "\(r.stderr)")
+        r = try Self.runner([Self.module("hello")], engine: "v8")
+        #expect(r.code == 125 && r.stderr.contains("engine v8"), "\(r.stderr)")
+        guard engine == "wasmtime" else { return }
         // An engine library that is not there, or is not Wasmtime's.
         r = try Self.runner([Self.module("hello")], engine: engine, library: scratch + "/no-such.so")
         #expect(r.code == 125 && r.stderr.contains("no-such.so"), "\(r.stderr)")
         r = try Self.runner([Self.module("hello")], engine: engine, library: "/lib/x86_64-linux-gnu/libz.so.1")
         #expect(r.code == 125 && r.stderr.contains("has no wasm_engine_new"), "\(r.stderr)")
-        r = try Self.runner([Self.module("hello")], engine: "wasmkit")
-        #expect(r.code == 125 && r.stderr.contains("wasmkit"), "\(r.stderr)")
     }
 
     @Test func compiledModulesAreCachedAndACorruptEntryIsRecompiled() throws {
