@@ -83,7 +83,7 @@ let package = Package(
         // WebAssembly engines (the wasm kind's runner): Wasmtime through its C API, loaded
         // with dlopen at run time, so nothing here links an engine at build time.
         .target(
-            name: "KuasarWasm", dependencies: ["CShims", "KuasarSystem", "KuasarWire"],
+            name: "KuasarWasm", dependencies: ["KuasarSystem", "KuasarWire"],
             path: "Sources/Runtime/Backends/Wasm"),
         .target(
             name: "KuasarWasmKit", dependencies: ["KuasarWasm", "KuasarSystem", "KuasarWire",

@@ -260,12 +260,6 @@ int ks_if_by_mac(const unsigned char *mac, char *name_out);
 /// SIOCSIFHWADDR: a (down) NIC takes `mac` (6 bytes).
 int ks_if_set_mac(const char *name, const unsigned char *mac);
 
-// ---- Wasmtime's C API: the two structs its calls take by pointer -------------------
-// (the functions are looked up with dlsym; these match the public headers' layouts,
-// wasm.h's wasm_byte_vec_t and wasmtime/extern.h's wasmtime_func_t)
-typedef struct ks_wasm_byte_vec { size_t size; uint8_t *_Nullable data; } ks_wasm_byte_vec;
-typedef struct ks_wasmtime_func { uint64_t store_id; void *_Nullable private_data; } ks_wasmtime_func;
-
 // ---- digests and random state (digest.c) -----------------------------------------
 /// A 128-bit content digest (not cryptographic: it detects changed or corrupt files) of
 /// everything `fd` holds from offset 0, and its size; 0 or -errno.

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CShims
 import KuasarSystem
 import KuasarWire
 
@@ -74,7 +73,7 @@ public final class Wasmtime: WasmEngine {
         defer { api.linkerDelete(linker) }
         try check(api.linkerDefineWasi(linker), "define WASI")
         try check(api.linkerModule(linker, context, "", 0, module), "link \(run.module)", code: .failedPrecondition)
-        var start = ks_wasmtime_func(store_id: 0, private_data: nil)
+        var start = Func(storeID: 0, opaque: nil)
         try check(api.linkerGetDefault(linker, context, "", 0, &start), "find the start function of \(run.module)", code: .failedPrecondition)
         var trap: OpaquePointer?
         let error = api.funcCall(context, &start, nil, 0, nil, 0, &trap)
@@ -104,7 +103,7 @@ public final class Wasmtime: WasmEngine {
         try check(e, "compile \(path)", code: .invalidArgument)
         guard let module else { throw RPCError(.internal, "wasmtime: compile \(path): no module") }
         if let cache, let key {
-            var out = ks_wasm_byte_vec(size: 0, data: nil)
+            var out = ByteVec(size: 0, data: nil)
             if api.moduleSerialize(module, &out) == nil, let data = out.data {
                 cache.put(key, Array(UnsafeBufferPointer(start: data, count: out.size)))
                 api.byteVecDelete(&out)
@@ -136,8 +135,8 @@ public final class Wasmtime: WasmEngine {
         throw RPCError(code, "wasmtime: \(what): \(message(error, api.errorMessage))")
     }
 
-    private func message(_ p: OpaquePointer, _ get: (OpaquePointer?, UnsafeMutablePointer<ks_wasm_byte_vec>) -> Void) -> String {
-        var vec = ks_wasm_byte_vec(size: 0, data: nil)
+    private func message(_ p: OpaquePointer, _ get: (OpaquePointer?, UnsafeMutableRawPointer) -> Void) -> String {
+        var vec = ByteVec(size: 0, data: nil)
         get(p, &vec)
         defer { api.byteVecDelete(&vec) }
         guard let data = vec.data else { return "(no message)" }
@@ -154,6 +153,19 @@ public final class Wasmtime: WasmEngine {
 
     // MARK: the C API
 
+    /// wasm.h's `wasm_byte_vec_t` (also `wasm_name_t`, `wasm_message_t`): two words.
+    struct ByteVec {
+        var size: Int
+        var data: UnsafeMutablePointer<UInt8>?
+    }
+
+    /// wasmtime/extern.h's `wasmtime_func_t`: a store id and a word (an index or a pointer,
+    /// by version; 16 bytes in all of them).
+    struct Func {
+        var storeID: UInt64
+        var opaque: UnsafeMutableRawPointer?
+    }
+
     /// The functions, looked up once; a missing one names itself.
     struct API {
         typealias P = OpaquePointer
@@ -165,15 +177,15 @@ public final class Wasmtime: WasmEngine {
         let storeLimiter: @convention(c) (P?, Int64, Int64, Int64, Int64, Int64) -> Void
         let moduleNew: @convention(c) (P?, UnsafePointer<UInt8>?, Int, UnsafeMutablePointer<P?>?) -> P?
         let moduleDelete: @convention(c) (P?) -> Void
-        let moduleSerialize: @convention(c) (P?, UnsafeMutablePointer<ks_wasm_byte_vec>) -> P?
+        let moduleSerialize: @convention(c) (P?, UnsafeMutableRawPointer) -> P?
         let moduleDeserialize: @convention(c) (P?, UnsafePointer<UInt8>?, Int, UnsafeMutablePointer<P?>?) -> P?
-        let byteVecDelete: @convention(c) (UnsafeMutablePointer<ks_wasm_byte_vec>) -> Void
+        let byteVecDelete: @convention(c) (UnsafeMutableRawPointer) -> Void
         let linkerNew: @convention(c) (P?) -> P?
         let linkerDelete: @convention(c) (P?) -> Void
         let linkerDefineWasi: @convention(c) (P?) -> P?
         let linkerModule: @convention(c) (P?, P?, UnsafePointer<CChar>?, Int, P?) -> P?
-        let linkerGetDefault: @convention(c) (P?, P?, UnsafePointer<CChar>?, Int, UnsafeMutablePointer<ks_wasmtime_func>) -> P?
-        let funcCall: @convention(c) (P?, UnsafePointer<ks_wasmtime_func>, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?, Int, UnsafeMutablePointer<P?>) -> P?
+        let linkerGetDefault: @convention(c) (P?, P?, UnsafePointer<CChar>?, Int, UnsafeMutableRawPointer) -> P?
+        let funcCall: @convention(c) (P?, UnsafeRawPointer, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?, Int, UnsafeMutablePointer<P?>) -> P?
         let wasiConfigNew: @convention(c) () -> P?
         // Older libraries return void, newer bool: the result is not read.
         let wasiSetArgv: @convention(c) (P?, Int, UnsafePointer<UnsafePointer<CChar>?>) -> Void
@@ -184,9 +196,9 @@ public final class Wasmtime: WasmEngine {
         let wasiPreopenDir: @convention(c) (P?, UnsafePointer<CChar>, UnsafePointer<CChar>, Int, Int) -> Bool
         let contextSetWasi: @convention(c) (P?, P?) -> P?
         let errorExitStatus: @convention(c) (P?, UnsafeMutablePointer<Int32>) -> Bool
-        let errorMessage: @convention(c) (P?, UnsafeMutablePointer<ks_wasm_byte_vec>) -> Void
+        let errorMessage: @convention(c) (P?, UnsafeMutableRawPointer) -> Void
         let errorDelete: @convention(c) (P?) -> Void
-        let trapMessage: @convention(c) (P?, UnsafeMutablePointer<ks_wasm_byte_vec>) -> Void
+        let trapMessage: @convention(c) (P?, UnsafeMutableRawPointer) -> Void
         let trapDelete: @convention(c) (P?) -> Void
 
         init(_ handle: UnsafeMutableRawPointer, _ path: String) throws {
