@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "kuasar", targets: ["kuasar"]),
         .executable(name: "kuasar-keeper", targets: ["kuasar-keeper"]),
         .executable(name: "kuasar-agent", targets: ["kuasar-agent"]),
+        .executable(name: "kuasar-wasm-run", targets: ["kuasar-wasm-run"]),
         .library(name: "Runtime", targets: ["Runtime"]),
     ],
     dependencies: [
@@ -111,6 +112,8 @@ let package = Package(
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
+        // A wasm container's process: the runner only (no argument parser, no Foundation).
+        .executableTarget(name: "kuasar-wasm-run", dependencies: ["KuasarWasmKit"]),
         // The guest's PID 1 on its own: only the agent's layers, no argument parser, no
         // TOMLKit, no full Foundation, so `make guest` can link it statically and small.
         .executableTarget(name: "kuasar-agent", dependencies: ["KuasarAgent", "CAgentInit"]),

@@ -231,52 +231,16 @@ struct InfoCommand: ParsableCommand {
 
 }
 
-/// The wasm kind's runner: one module in this process (the container engine starts it as
-/// a container's process, its stdio already wired). Exits with the module's status: its
-/// proc_exit code, 134 for a trap (the trap's message on stderr), 125 when it could not
-/// start (the reason on stderr: not a module, an import nothing provides, no engine).
+/// The wasm kind's runner for people: `kuasar wasm-run …` is `kuasar-wasm-run …`
+/// (WasmRunner: the module's status, 134 after a trap, 125 when it could not start).
 struct WasmRunCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "wasm-run", abstract: "Run a WebAssembly (WASI preview 1) module in this process.")
-    @Option(help: "The engine: wasmkit (embedded) or wasmtime (its C library from PyPI's wasmtime, loaded at run time).")
-    var engine = "wasmkit"
-    @Option(help: "Wasmtime's shared library (default: found in Python's site-packages).")
-    var wasmtimeLibrary: String?
-    @Option(help: "Directory of compiled modules (default: none, every run compiles).")
-    var cache: String?
-    @Option(name: .customLong("dir"), help: "A preopened directory, GUEST=HOST (repeatable; the rootfs as /).")
-    var dirs: [String] = []
-    @Option(name: .customLong("env"), help: "An environment variable, K=V (repeatable).")
-    var env: [String] = []
-    @Option(help: "Linear memory cap in bytes.")
-    var memoryLimit: Int64?
-    @Argument(help: "The module, then its arguments (argv[0] first; default: the module's path).")
-    var command: [String]
+    static let configuration = CommandConfiguration(commandName: "wasm-run", abstract: "Run a WebAssembly (WASI preview 1) module in this process.",
+                                                    discussion: WasmRunner.usage)
+    @Argument(parsing: .allUnrecognized, help: "Options and the module, as kuasar-wasm-run takes them.")
+    var arguments: [String] = []
 
     func run() throws {
-        guard let module = command.first else { throw ValidationError("no module given") }
-        var request = WasmRun(module: module, args: command.count > 1 ? Array(command.dropFirst()) : [module])
-        for d in dirs {
-            guard let eq = d.firstIndex(of: "="), d[..<eq].hasPrefix("/") || d[..<eq] == "." else { throw ValidationError("--dir \(d): GUEST=HOST") }
-            request.preopens.append((String(d[..<eq]), String(d[d.index(after: eq)...])))
-        }
-        for e in env {
-            guard let eq = e.firstIndex(of: "="), eq != e.startIndex else { throw ValidationError("--env \(e): K=V") }
-            request.environment[String(e[..<eq])] = String(e[e.index(after: eq)...])
-        }
-        request.memoryLimit = memoryLimit
-        let outcome: WasmOutcome
-        do {
-            switch engine {
-            case "wasmkit": outcome = try WasmKitEngine().run(request)
-            case "wasmtime": outcome = try Wasmtime(library: wasmtimeLibrary, cacheDir: cache).run(request)
-            default: throw RPCError(.invalidArgument, "engine \(engine): not one of wasmkit, wasmtime")
-            }
-        } catch {
-            FileHandleStderr.write("kuasar wasm-run: \(RPCError.from(error).message)\n")
-            throw ExitCode(125)
-        }
-        if case .trapped(let why) = outcome { FileHandleStderr.write("kuasar wasm-run: \(module): wasm trap: \(why)\n") }
-        throw ExitCode(outcome.exitCode)
+        throw ExitCode(WasmRunner.main(arguments, name: "kuasar wasm-run"))
     }
 }
 

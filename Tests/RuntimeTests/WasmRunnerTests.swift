@@ -57,13 +57,30 @@ extension AllTests {
         let err = open(scratch + "/err", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         let input = open(stdin, O_RDONLY | O_CLOEXEC)
         defer { close(out); close(err); close(input) }
-        let argv = ["kuasar", "wasm-run", "--engine", engine, "--wasmtime-library", library ?? wasmtimeLibrary] + args
-        let p = try Spawner.spawn(ProcessSpec(executable: AllTests.DaemonTests.binary, arguments: argv, fdMap: [(input, 0), (out, 1), (err, 2)]))
+        let argv = ["kuasar-wasm-run", "--engine", engine, "--wasmtime-library", library ?? wasmtimeLibrary] + args
+        let p = try Spawner.spawn(ProcessSpec(executable: runnerBinary, arguments: argv, fdMap: [(input, 0), (out, 1), (err, 2)]))
         let status = try Spawner.wait(p)
         return Result(code: status.code, stdout: (try? Files.read(scratch + "/out", limit: 1 << 24)) ?? [], stderr: (try? Files.readString(scratch + "/err")) ?? "")
     }
 
     static func module(_ name: String) -> String { modules + "/" + name + ".wasm" }
+
+    /// The small runner a wasm container runs (built beside kuasar).
+    static var runnerBinary: String { URL(fileURLWithPath: AllTests.DaemonTests.binary).deletingLastPathComponent().path + "/kuasar-wasm-run" }
+
+    @Test func kuasarWasmRunIsTheSameRunnerAndBadCommandLinesAreRefused() throws {
+        let r = try shell("\(AllTests.DaemonTests.binary) wasm-run --engine wasmkit --env A=1 \(Self.module("argsenv")) -- me x | od -An -c")
+        #expect(r.code == 0 && r.out.contains("m   e  \\0   x  \\0   A   =   1"), "\(r.out)")
+        for (args, why) in [([String](), "no module given"), (["--dir", "rel=/tmp", "m.wasm"], "GUEST absolute"), (["--env", "=x", "m.wasm"], "K=V"),
+                            (["--memory-limit", "lots", "m.wasm"], "a number of bytes"), (["--engine"], "needs a value"), (["--frobnicate", "m.wasm"], "unknown option --frobnicate")] {
+            #expect(throws: RPCError.self) { try WasmRunner.parse(args) }
+            do { _ = try WasmRunner.parse(args) } catch let e as RPCError { #expect(e.code == .invalidArgument && e.message.contains(why), "\(args): \(e.message)") }
+        }
+        let o = try WasmRunner.parse(["--engine", "wasmtime", "--dir", "/=/tmp/r", "--dir", "/data=/tmp/d", "--memory-limit", "4096", "m.wasm", "--", "m", "--not-an-option"])
+        #expect(o.engine == "wasmtime" && o.run.memoryLimit == 4096 && o.run.args == ["m", "--not-an-option"] && o.run.preopens.map(\.guest) == ["/", "/data"])
+        let bad = try shell("\(Self.runnerBinary) --frobnicate x.wasm")
+        #expect(bad.code == 2 && bad.out.contains("unknown option --frobnicate") && bad.out.contains("usage:"), "\(bad.out)")
+    }
 
     @Test(arguments: ["wasmtime", "wasmkit"]) func argsEnvironmentStdioAndExitCodes(engine: String) throws {
         var r = try Self.runner([Self.module("hello")], engine: engine)
@@ -105,8 +122,8 @@ extension AllTests {
         r = try Self.runner([Self.module("grow")], engine: engine)
         #expect(r.code == 0, "\(r)")
         // A module that never ends stops at SIGKILL like any process.
-        let p = try Spawner.spawn(ProcessSpec(executable: AllTests.DaemonTests.binary,
-                                              arguments: ["kuasar", "wasm-run", "--engine", engine, "--wasmtime-library", Self.wasmtimeLibrary, Self.module("spin")]))
+        let p = try Spawner.spawn(ProcessSpec(executable: Self.runnerBinary,
+                                              arguments: ["kuasar-wasm-run", "--engine", engine, "--wasmtime-library", Self.wasmtimeLibrary, Self.module("spin")]))
         usleep(300_000)
         #expect(!processGone(p.pid), "spin ended by itself")
         try sendSignal(pidfd: p.pidfd.rawValue, SIGKILL)

@@ -10,6 +10,7 @@
 @_exported import KuasarNamespace
 @_exported import KuasarVM
 @_exported import KuasarWasm
+@_exported import KuasarWasmKit
 @_exported import KuasarExternal
 @_exported import KuasarServices
 @_exported import KuasarTasks

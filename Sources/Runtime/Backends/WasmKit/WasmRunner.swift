@@ -1,0 +1,99 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KuasarWasm
+import KuasarWire
+
+/// The runner's command line, shared by `kuasar wasm-run` and the small `kuasar-wasm-run`
+/// executable (the one a wasm container runs: no argument-parser, no Foundation, so it
+/// starts in a few milliseconds):
+///
+///     [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--cache DIR]
+///     [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]
+///
+/// Exit status: the module's (proc_exit), 134 after a trap (its message on stderr), 125
+/// when it could not start (the reason on stderr), 2 for a bad command line.
+public enum WasmRunner {
+    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]"
+
+    public struct Options: Equatable {
+        public var engine = "wasmkit"
+        public var wasmtimeLibrary: String?
+        public var cache: String?
+        public var run: WasmRun
+    }
+
+    /// `args` without the program's name.
+    public static func parse(_ args: [String]) throws -> Options {
+        var engine = "wasmkit", library: String?, cache: String?, memory: Int64?
+        var dirs: [(String, String)] = [], env: [String: String] = [:]
+        var rest: [String] = []
+        var i = 0
+        func value(_ flag: String) throws -> String {
+            i += 1
+            guard i < args.count else { throw RPCError(.invalidArgument, "\(flag) needs a value") }
+            return args[i]
+        }
+        while i < args.count {
+            let a = args[i]
+            switch a {
+            case "--engine": engine = try value(a)
+            case "--wasmtime-library": library = try value(a)
+            case "--cache": cache = try value(a)
+            case "--memory-limit":
+                let v = try value(a)
+                guard let n = Int64(v), n > 0 else { throw RPCError(.invalidArgument, "--memory-limit \(v): a number of bytes") }
+                memory = n
+            case "--dir":
+                let d = try value(a)
+                guard let eq = d.firstIndex(of: "="), d[..<eq].hasPrefix("/"), d.index(after: eq) < d.endIndex else {
+                    throw RPCError(.invalidArgument, "--dir \(d): GUEST=HOST, GUEST absolute")
+                }
+                dirs.append((String(d[..<eq]), String(d[d.index(after: eq)...])))
+            case "--env":
+                let e = try value(a)
+                guard let eq = e.firstIndex(of: "="), eq != e.startIndex else { throw RPCError(.invalidArgument, "--env \(e): K=V") }
+                env[String(e[..<eq])] = String(e[e.index(after: eq)...])
+            case "--":
+                rest += args[(i + 1)...]
+                i = args.count
+                continue
+            default:
+                if a.hasPrefix("--") && rest.isEmpty { throw RPCError(.invalidArgument, "unknown option \(a)") }
+                rest.append(a)
+            }
+            i += 1
+        }
+        guard let module = rest.first else { throw RPCError(.invalidArgument, "no module given") }
+        var run = WasmRun(module: module, args: rest.count > 1 ? Array(rest.dropFirst()) : [module])
+        run.environment = env
+        run.preopens = dirs
+        run.memoryLimit = memory
+        return Options(engine: engine, wasmtimeLibrary: library, cache: cache, run: run)
+    }
+
+    public static func engine(_ o: Options) throws -> WasmEngine {
+        switch o.engine {
+        case "wasmkit": return WasmKitEngine()
+        case "wasmtime": return try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache)
+        default: throw RPCError(.invalidArgument, "engine \(o.engine): not one of wasmkit, wasmtime")
+        }
+    }
+
+    /// Parses, runs, reports; the process's exit status.
+    public static func main(_ args: [String], name: String) -> Int32 {
+        func say(_ s: String) { _ = s.withCString { write(2, $0, strlen($0)) } }
+        let options: Options
+        do { options = try parse(args) } catch {
+            say("\(name): \(RPCError.from(error).message)\n\(usage)\n")
+            return 2
+        }
+        let outcome: WasmOutcome
+        do { outcome = try engine(options).run(options.run) } catch {
+            say("\(name): \(RPCError.from(error).message)\n")
+            return 125
+        }
+        if case .trapped(let why) = outcome { say("\(name): \(options.run.module): wasm trap: \(why)\n") }
+        return outcome.exitCode
+    }
+}
