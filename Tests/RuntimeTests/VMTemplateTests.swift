@@ -288,3 +288,17 @@ extension AllTests.VMTemplateTests {
         }
     }
 }
+
+extension AllTests.VMTemplateTests {
+    /// A daemon that exits while it builds its template leaves no VM and no build directory
+    /// (no next daemon could finish it).
+    @Test func aDaemonThatExitsMidBuildLeavesNothing() throws {
+        try Self.withTemplateDir("exit") { dir in
+            let node = try AllTests.PodTests.Node("vmt-exit", config: AllTests.VMSandboxTests.config(templates: dir))
+            #expect(waitUntil(timeoutMS: 30_000) { !AllTests.VMSandboxTests.qemuProcesses(mentioning: dir).isEmpty }, "the build's QEMU started")
+            try node.stop()
+            #expect(waitUntil(timeoutMS: 10_000) { AllTests.VMSandboxTests.qemuProcesses(mentioning: dir).isEmpty }, "the build's QEMU is gone")
+            #expect(Files.list(dir).isEmpty, "nothing left in \(dir): \(Files.list(dir))")
+        }
+    }
+}

@@ -52,6 +52,9 @@ public protocol SandboxBackend: AnyObject {
     func recover(_ sandbox: Sandbox, state: [String: String], exits: ExitRecords)
     /// The keeper's exit records the sandbox's `state` names (kept at recovery).
     func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String]
+    /// The daemon is exiting (its pods stay or go by on_exit, elsewhere): work of the kind's
+    /// own that no next daemon could finish ends now.
+    func daemonExiting()
     /// What runs the containers of a sandbox of this kind that containerd 1.6/1.7 makes
     /// through the shim v2 protocol (no Controller, no pod holder); nil: no shim path.
     var shimTasks: TaskBackend? { get }
@@ -60,6 +63,7 @@ public protocol SandboxBackend: AnyObject {
 extension SandboxBackend {
     public func exitRecordNames(_ sandbox: Sandbox, state: [String: String]) -> [String] { [] }
     public var shimTasks: TaskBackend? { nil }
+    public func daemonExiting() {}
 }
 
 /// Controller.Create, as a kind sees it.

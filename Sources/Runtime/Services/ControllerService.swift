@@ -173,6 +173,11 @@ public final class ControllerService {
         backends[s.kind]?.shutdown(s)
     }
 
+    /// Every kind is told the daemon exits.
+    public func daemonExiting() {
+        for b in backends.values { b.daemonExiting() }
+    }
+
     /// The backend a new sandbox of sandboxer `name` gets: its kind's, if built and usable here.
     func backend(forSandboxer name: String) throws -> SandboxBackend {
         try checkSandboxer(name)

@@ -242,6 +242,7 @@ public final class Daemon {
         grpc = nil
         let controller = self.controller
         self.controller = nil
+        controller?.daemonExiting()
         // on_exit = "stop": containers go with the daemon, and so do their cgroups,
         // mounts and state. "keep": they run on, recorded for the next daemon, and the
         // keeper reaps them if they end before it comes.

@@ -174,15 +174,22 @@ enum VMBenchmark {
         return json
     }
 
+    /// The guest image's directory and the kuasar binary, or nil (said in the log) when
+    /// either, or QEMU, is missing.
+    static func prerequisites(_ bench: String) -> (image: String, kuasar: String)? {
+        let image = PodBenchmark.repositoryRoot + "/.build/guest"
+        guard access(image + "/initrd.lz4", R_OK) == 0, access("/usr/bin/qemu-system-x86_64", X_OK) == 0 else {
+            ContainerBenchmark.log("\(bench): needs the guest image (make guest) and qemu-system-x86")
+            return nil
+        }
+        guard let kuasar = PodBenchmark.kuasarBinary() else { ContainerBenchmark.log("\(bench): no kuasar binary"); return nil }
+        return (image, kuasar)
+    }
+
     static func run(boots: Int, pods: Int) throws {
         let log = ContainerBenchmark.log
         let repo = PodBenchmark.repositoryRoot
-        let image = repo + "/.build/guest"
-        guard access(image + "/initrd.lz4", R_OK) == 0, access("/usr/bin/qemu-system-x86_64", X_OK) == 0 else {
-            log("vm: needs the guest image (make guest) and qemu-system-x86")
-            return
-        }
-        guard let kuasar = PodBenchmark.kuasarBinary() else { log("vm: no kuasar binary"); return }
+        guard let (image, kuasar) = prerequisites("vm") else { return }
         ContainerBenchmark.shIgnoringFailure("umount -R \(work) 2>/dev/null; rm -rf \(work)")
         try FileManager.default.createDirectory(atPath: work + "/raw/share", withIntermediateDirectories: true)
         _ = try ContainerBenchmark.sh("python3 \(repo)/guest/build.py --baseline --out \(work)")

@@ -40,12 +40,7 @@ enum VMTemplateBenchmark {
     static func run(runs: Int, pods: Int) throws {
         let log = ContainerBenchmark.log
         let repo = PodBenchmark.repositoryRoot
-        let image = repo + "/.build/guest"
-        guard access(image + "/initrd.lz4", R_OK) == 0, access("/usr/bin/qemu-system-x86_64", X_OK) == 0 else {
-            log("vm-templates: needs the guest image (make guest) and qemu-system-x86")
-            return
-        }
-        guard let kuasar = PodBenchmark.kuasarBinary() else { log("vm-templates: no kuasar binary"); return }
+        guard let (image, kuasar) = VMBenchmark.prerequisites("vm-templates") else { return }
         ContainerBenchmark.shIgnoringFailure("umount -R \(work) 2>/dev/null; rm -rf \(work) \(templates)")
         let bundle = work + "/bundle"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)

@@ -470,6 +470,11 @@ public final class VMBackend: SandboxBackend {
         }
     }
 
+    /// A template build cannot be finished by the next daemon: its VM and directory go.
+    public func daemonExiting() {
+        templates?.abandonBuilds()
+    }
+
     public func pid(_ s: Sandbox) -> UInt32 { pods[s.id]?.vm.map { UInt32($0.pid) } ?? 0 }
 
     public func statusInfo(_ s: Sandbox) -> [String: Any] {

@@ -50,6 +50,8 @@ public final class VMTemplates {
     /// Builds that failed, by key, and why: not tried again until the daemon restarts.
     public private(set) var failures: [String: String] = [:]
     private var imageCache: (fingerprints: String, id: String)?
+    /// Builds under way: how to end each at once (its VM killed, its directory removed).
+    private var underWay: [String: () -> Void] = [:]
 
     public init(root: String, hypervisor: Hypervisor, settings: VMSettings, reactor: Reactor, logger: Logger) {
         self.root = root
@@ -194,6 +196,17 @@ public final class VMTemplates {
         var vm: VirtualMachine?
         var link: AgentLink?
         var finished = false
+        var spawned: (pid: pid_t, start: UInt64)?
+        underWay[tmp] = {
+            finished = true
+            link?.close()
+            if let vm { vm.kill() } else if let (pid, start) = spawned, ExitRecords.startTime(of: pid) == start { _ = Glibc.kill(pid, SIGKILL) }
+            Files.removeTree(tmp)
+        }
+        let done: (Result<Template, RPCError>) -> Void = { [weak self] r in
+            self?.underWay[tmp] = nil
+            done(r)
+        }
         func fail(_ e: RPCError) {
             guard !finished else { return }
             finished = true
@@ -206,6 +219,7 @@ public final class VMTemplates {
             done(.failure(RPCError(e.code, message)))
         }
         hypervisor.launch(spec, spawned: { state in
+            if let pid = state["vmm_pid"].flatMap({ pid_t($0) }), let start = state["vmm_start"].flatMap({ UInt64($0) }) { spawned = (pid, start) }
             // A daemon that dies mid-build leaves this for the next one to end (`removeLeftovers`).
             try? Files.writeAtomically(tmp + "/vmm.state", Array(state.map { "\($0.key)=\($0.value)" }.sorted().joined(separator: "\n").utf8))
         }) { [weak self] result in
@@ -314,6 +328,14 @@ public final class VMTemplates {
                 Files.removeTree(dir)
             }
         }
+    }
+
+    /// The daemon exits: builds under way are ended (their callers are not told).
+    public func abandonBuilds() {
+        let builds = underWay
+        underWay.removeAll()
+        for end in builds.values { end() }
+        if !builds.isEmpty { logger.info("VM templates: \(builds.count) build(s) abandoned as the daemon exits") }
     }
 
     /// A template a clone could not restore from: removed, built again on the next `ensure`.
