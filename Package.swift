@@ -90,6 +90,11 @@ let package = Package(
             name: "KuasarWasmKit", dependencies: ["KuasarWasm", "KuasarSystem", "KuasarWire",
                                                   .product(name: "WasmKit", package: "WasmKit"), .product(name: "WasmKitWASI", package: "WasmKit")],
             path: "Sources/Runtime/Backends/WasmKit"),
+        // The wasm kind: a namespace pod whose containers with a module entrypoint run it
+        // through kuasar-wasm-run (opened by the daemon, executed by the container's child).
+        .target(
+            name: "KuasarWasmSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarWire", "KuasarSandbox", "KuasarWasm", logging],
+            path: "Sources/Runtime/Backends/WasmSandbox"),
         // The Task service and the events publisher: the part of the API layer the guest
         // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials
         // only, like every layer below it): the agent's static binary stays small.
@@ -108,7 +113,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -122,14 +127,14 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

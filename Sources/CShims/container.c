@@ -490,6 +490,10 @@ static void load_seccomp(const ks_container_attr *a, int sync_fd) {
 
 // execvpe with the container's PATH (from envp), after pivot_root.
 static void exec_in_container(const ks_container_attr *a, int sync_fd) {
+    if (a->exec_fd >= 0) {
+        syscall(SYS_execveat, a->exec_fd, "", (char *const *)a->argv, (char *const *)a->envp, AT_EMPTY_PATH);
+        fail(sync_fd, "exec the host program for", a->path, errno);
+    }
     if (strchr(a->path, '/')) {
         execve(a->path, (char *const *)a->argv, (char *const *)a->envp);
         fail(sync_fd, "exec", a->path, errno);

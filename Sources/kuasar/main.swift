@@ -8,6 +8,7 @@ import KuasarWire
 import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarWasmSandbox
 import KuasarNamespace
 import KuasarExternal
 import KuasarVM
@@ -202,6 +203,11 @@ struct InfoCommand: ParsableCommand {
                 } else {
                     print("    templates: off ([vm] template = false): every VM pod boots")
                 }
+            } else if kind == .wasm {
+                let programs = Backends.wasmPrograms(file.wasm, root: file.effectiveRoot, logger: Logger(label: "kuasar.info"))
+                let why = programs.unavailableReason
+                print("  wasm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
+                print("    runner: \(programs.settings.runner); engine \(file.wasm.engine)\(file.wasm.engineAnnotation ? ", or per container by the annotation \(WasmPrograms.engineAnnotation)" : " only")")
             } else {
                 print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
             }
@@ -500,13 +506,33 @@ enum Backends {
         return VMBackend(hypervisor: qemu, settings: settings, registry: ctx.registry, reactor: ctx.reactor, logger: ctx.logger)
     }
 
-    static let built: Set<String> = ["namespace", "vm"]
+    static let built: Set<String> = ["namespace", "vm", "wasm"]
+
+    /// The wasm kind's module programs, from `[wasm]`.
+    static func wasmPrograms(_ w: KuasarConfig.WasmConfig, root: String, logger: Logger) -> WasmPrograms {
+        WasmPrograms(settings: .init(engine: w.engine, engineAnnotation: w.engineAnnotation, wasmtimeLibrary: w.wasmtimeLibrary,
+                                     cacheDir: w.cacheDir ?? root + "/wasm-cache", runner: w.runner ?? defaultRunner()),
+                     logger: logger)
+    }
+
+    /// `kuasar-wasm-run` beside the binary that is running.
+    static func defaultRunner() -> String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        guard n > 0 else { return "/usr/local/bin/kuasar-wasm-run" }
+        let exe = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return exe[..<(exe.lastIndex(of: "/") ?? exe.startIndex)] + "/kuasar-wasm-run"
+    }
 
     /// The namespace kind, and one `oci:<name>` kind per configured runtime: the same pods,
     /// with that runtime running their containers.
     static func all(_ ctx: BackendContext, config: KuasarConfig) -> [SandboxBackend] {
         var kinds: [SandboxBackend] = [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
         kinds.append(vm(ctx, config: config))
+        // The wasm kind: the namespace kind's pods, whose module entrypoints run through the runner.
+        let programs = wasmPrograms(config.wasm, root: ctx.registry.root, logger: ctx.logger)
+        kinds.append(NamespaceBackend(kind: "wasm", registry: ctx.registry, tasks: ContainerTaskBackend(registry: ctx.registry, logger: ctx.logger, programs: programs),
+                                      reactor: ctx.reactor, logger: ctx.logger, unavailableReason: { programs.unavailableReason }))
         // One task-server kind per [servers.<name>] a sandboxer uses.
         for (name, s) in config.servers.sorted(by: { $0.key < $1.key }) where config.sandboxers.values.contains(KuasarConfig.serverKindPrefix + name) {
             let program = TaskServerProgram(name: name, path: s.path, args: s.args, address: s.address, restartOnFailure: s.restart == "on-failure",

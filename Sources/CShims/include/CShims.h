@@ -194,6 +194,10 @@ typedef struct ks_container_attr {
     int sync_fd;                             // child's end of the sync socket
     int parent_sync_fd;                      // the parent's end: closed in the child at once, so closing it means EOF
     int wait_for_start;                      // report ready, then wait for 'S' before exec
+    // A program the parent opened on the host (a wasm container's runner, through the
+    // host's dynamic loader): executed from this fd with execveat(AT_EMPTY_PATH) instead
+    // of `path`, so nothing in the container's root can stand in for it. -1: `path`.
+    int exec_fd;
 } ks_container_attr;
 
 /// What the child writes on its sync socket: ready (kind 0), an error (kind 1) naming

@@ -106,6 +106,9 @@ public final class ContainerProcess {
     private var waiters = WaiterList<(ExitStatus, WallTime)>()
     /// Its container, told of the exit (`onProcessExit`) once the output is drained.
     weak var container: Container?
+    /// What the child executes instead of `spec.args[0]` (a wasm module's runner); set
+    /// before the process is launched.
+    public var hostProgram: HostProgram?
 
     init(execID: String, spec: OCISpec.Process, stdio: StdioPaths, io: ProcessIO) {
         self.execID = execID
@@ -423,7 +426,8 @@ public final class Container {
     /// up and waiting for Start. `done` runs on the loop with the init pid.
     public static func create(
         id: String, bundle: String, spec: OCISpec, rootfs: String, stdio: StdioPaths, cgroupPath: String?,
-        engine: ContainerEngine, done: @escaping (Result<Container, ContainerError>) -> Void
+        engine: ContainerEngine, program: HostProgram? = nil,
+        done: @escaping (Result<Container, ContainerError>) -> Void
     ) {
         let container: Container
         var cleanup: [() -> Void] = []
@@ -449,11 +453,13 @@ public final class Container {
             let io = try ProcessIO(reactor: engine.reactor, paths: stdio, supervisor: engine.supervisor)
             cleanup.append { io.close() }
             let process = ContainerProcess(execID: "", spec: spec.process!, stdio: stdio, io: io)
+            process.hostProgram = program
             container = Container(id: id, bundle: bundle, spec: spec, rootfs: rootfs, cgroup: cgroup, initProcess: process, engine: engine)
             process.container = container
             let child = try ContainerLauncher.launch(
                 spec: spec, process: spec.process!, target: .initProcess(rootfs: rootfs), bundle: bundle,
-                stdio: io.stdioMap, console: io.terminal, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace)
+                stdio: io.stdioMap, console: io.terminal, cgroup: cgroup, selfPidNamespace: engine.selfPidNamespace,
+                program: process.hostProgram)
             let pid = child.pid
             tLaunch = MonotonicClock.nanoseconds()
             // From here the child exists: a failure kills it (it has not run anything yet).
@@ -617,7 +623,7 @@ public final class Container {
             let child = try ContainerLauncher.launch(
                 spec: spec, process: p.spec, target: .exec(pidfd: initProcess.pidfdRaw, namespaces: execNamespaces & ~NamespaceFlag.user),
                 bundle: bundle, stdio: p.io.stdioMap, console: p.io.terminal, cgroup: cgroup,
-                selfPidNamespace: engine.selfPidNamespace)
+                selfPidNamespace: engine.selfPidNamespace, program: p.hostProgram)
             try p.attach(child, engine: engine)
             try p.io.start()
             p.io.keep(in: engine.keeperStore, key: ProcessIO.keeperKey(p.stdio, execID: p.execID))

@@ -11,6 +11,7 @@
 @_exported import KuasarVM
 @_exported import KuasarWasm
 @_exported import KuasarWasmKit
+@_exported import KuasarWasmSandbox
 @_exported import KuasarExternal
 @_exported import KuasarServices
 @_exported import KuasarTasks

@@ -22,10 +22,13 @@ public final class ContainerTaskBackend: TaskBackend {
     let registry: SandboxRegistry
     let logger: Logger
     public weak var events: TaskEventSink?
+    /// A kind's own program for some processes (the wasm kind runs modules so).
+    let programs: ProcessPrograms?
 
-    public init(registry: SandboxRegistry, logger: Logger) {
+    public init(registry: SandboxRegistry, logger: Logger, programs: ProcessPrograms? = nil) {
         self.registry = registry
         self.logger = logger
+        self.programs = programs
     }
 
     var engine: ContainerEngine { registry.engine }
@@ -66,9 +69,19 @@ public final class ContainerTaskBackend: TaskBackend {
         let mounted = Array(repeating: rootfs, count: try RootfsMounts.mountAll(r.rootfs, at: rootfs))
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
+        var program: HostProgram?
+        do {
+            // Without a process Container.create names the missing field.
+            if let programs, let process = spec.process, process.args?.isEmpty == false {
+                program = try programs.program(for: process, of: spec, rootfs: rootfs, containerID: r.id, isInit: true)
+            }
+        } catch {
+            for m in mounted.reversed() { Mounts.unmountAll(under: m) }
+            throw error
+        }
         sandbox.pendingCreates.insert(r.id)
         Container.create(id: r.id, bundle: r.bundle, spec: spec, rootfs: rootfs, stdio: stdio,
-                         cgroupPath: sandbox.cgroupPath(for: r.id), engine: engine) { [weak self] result in
+                         cgroupPath: sandbox.cgroupPath(for: r.id), engine: engine, program: program) { [weak self] result in
             sandbox.pendingCreates.remove(r.id)
             guard let self else { return }
             switch result {
@@ -130,7 +143,9 @@ public final class ContainerTaskBackend: TaskBackend {
         let process = try TaskPayloads.process(r)
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
-        _ = try c.exec(id: r.execID, process: process, stdio: stdio)
+        let program = try programs?.program(for: process, of: c.spec, rootfs: c.rootfs, containerID: c.id, isInit: false)
+        let p = try c.exec(id: r.execID, process: process, stdio: stdio)
+        p.hostProgram = program
         reply(.success(()))
     }
 
@@ -388,4 +403,12 @@ package func stopGroup<Member>(_ members: [Member], timeoutSecs: UInt32, reactor
             for m in members where !isGone(m) { signal(m, SIGKILL) }
         }
     }
+}
+
+/// How a kind runs some processes of its containers with a program of its own instead
+/// of the rootfs binary OCI names (the wasm kind: the module's runner). Asked at Create
+/// (the rootfs is mounted) and at Exec; a refusal is the call's error.
+public protocol ProcessPrograms: AnyObject {
+    /// nil: the process runs as its spec says.
+    func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, isInit: Bool) throws -> HostProgram?
 }

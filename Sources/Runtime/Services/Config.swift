@@ -31,7 +31,7 @@ public struct KuasarConfig: Sendable, Equatable {
             switch self {
             case .namespace: return nil
             case .vm: return nil
-            case .wasm: return "WebAssembly sandboxes are not implemented yet"
+            case .wasm: return nil
             }
         }
     }
@@ -45,7 +45,7 @@ public struct KuasarConfig: Sendable, Equatable {
     public var onExit = OnExit.keep
     /// containerd's sandboxer (proxy plugin) names → sandbox kind: a `Kind`'s name, or
     /// `oci:<runtime>` for pods whose containers an external OCI runtime of `runtimes` runs.
-    public var sandboxers: [String: String] = ["kuasar": "namespace", "kuasar-ns": "namespace", "namespace": "namespace", "kuasar-vm": "vm"]
+    public var sandboxers: [String: String] = ["kuasar": "namespace", "kuasar-ns": "namespace", "namespace": "namespace", "kuasar-vm": "vm", "kuasar-wasm": "wasm"]
     /// External OCI runtimes ([runtimes.<name>]), by name.
     public var runtimes: [String: OCIRuntimeConfig] = [:]
 
@@ -119,6 +119,23 @@ public struct KuasarConfig: Sendable, Equatable {
         public init() {}
     }
 
+    /// `[wasm]`: WebAssembly sandboxes.
+    public var wasm = WasmConfig()
+
+    public struct WasmConfig: Sendable, Equatable {
+        /// "wasmkit" (embedded) or "wasmtime" (its C library, loaded at run time).
+        public var engine = "wasmkit"
+        /// A container's `io.kuasar.wasm.engine` annotation may choose the other engine.
+        public var engineAnnotation = true
+        /// Wasmtime's shared library; nil: found in the Python site-packages (pip's `wasmtime`).
+        public var wasmtimeLibrary: String?
+        /// Compiled modules (Wasmtime); nil: `<root>/wasm-cache`.
+        public var cacheDir: String?
+        /// The module runner; nil: `kuasar-wasm-run` beside the daemon's binary.
+        public var runner: String?
+        public init() {}
+    }
+
     /// The cgroup (below the daemon's own) under which each namespace sandbox gets its parent.
     public var cgroupParent = "kuasar"
     /// containerd's ttrpc address, where events of sandboxes made through the Controller go.
@@ -154,14 +171,14 @@ public struct KuasarConfig: Sendable, Equatable {
     on_exit = "keep"
 
     # containerd sandboxer (proxy plugin) names and the sandbox kind each one starts.
-    # Kinds: "namespace" (Linux namespaces and cgroups), "vm" (a microVM per pod, see [vm]);
-    # "wasm" is accepted, but this build has no backend for it yet: its Controller.Create
-    # answers FailedPrecondition.
+    # Kinds: "namespace" (Linux namespaces and cgroups), "vm" (a microVM per pod, see [vm]),
+    # "wasm" (a namespace pod whose containers are WebAssembly modules, see [wasm]).
     [sandboxers]
     kuasar = "namespace"
     kuasar-ns = "namespace"
     namespace = "namespace"
     kuasar-vm = "vm"
+    kuasar-wasm = "wasm"
 
     # An external OCI runtime runs a sandboxer's containers (the daemon still makes the pod):
     # [runtimes.crun]
@@ -208,6 +225,20 @@ public struct KuasarConfig: Sendable, Equatable {
     template = true
     template_dir = "/dev/shm/kuasar-vm-templates"
 
+    [wasm]
+    # A container whose entrypoint is a WebAssembly module (WASI preview 1) runs it in its own
+    # process, in the pod's namespaces and its own cgroup; other entrypoints run as Linux
+    # processes. "wasmkit" (embedded interpreter) or "wasmtime" (compiles; pip's wasmtime).
+    engine = "wasmkit"
+    # A container's io.kuasar.wasm.engine annotation may pick the other engine.
+    engine_annotation = true
+    # Wasmtime's C library; default: wasmtime/linux-x86_64/_libwasmtime.so in Python's site-packages.
+    # wasmtime_library = "/usr/local/lib/python3.11/site-packages/wasmtime/linux-x86_64/_libwasmtime.so"
+    # Compiled modules, by digest and engine version; default <root>/wasm-cache.
+    # cache_dir = "/run/kuasar/wasm-cache"
+    # The module runner; default: kuasar-wasm-run beside the daemon's binary.
+    # runner = "/usr/local/bin/kuasar-wasm-run"
+
     [namespace]
     # Cgroup, relative to the daemon's own, under which every sandbox gets <cgroup_parent>/<sandbox id>.
     cgroup_parent = "kuasar"
@@ -249,6 +280,7 @@ public struct KuasarConfig: Sendable, Equatable {
             case "runtimes": try c.applyRuntimes(section, origin)
             case "servers": try c.applyServers(section, origin)
             case "vm": try c.applyVM(section, origin)
+            case "wasm": try c.applyWasm(section, origin)
             default: throw Error("\(origin): unknown section [\(key)] (sections: \(Self.sections.joined(separator: ", ")))")
             }
         }
@@ -330,7 +362,7 @@ public struct KuasarConfig: Sendable, Equatable {
         }
     }
 
-    static let sections = ["daemon", "sandboxers", "namespace", "vm", "containerd", "runtimes", "servers"]
+    static let sections = ["daemon", "sandboxers", "namespace", "vm", "wasm", "containerd", "runtimes", "servers"]
 
     private mutating func applySandboxers(_ t: TOMLTable, _ origin: String) throws(Error) {
         var map: [String: String] = [:]
@@ -441,6 +473,25 @@ public struct KuasarConfig: Sendable, Equatable {
                 vm.kernelArgs = args
             default:
                 throw Error("\(origin): unknown key [vm] \(key) (keys: \(keys))")
+            }
+        }
+    }
+
+    private mutating func applyWasm(_ t: TOMLTable, _ origin: String) throws(Error) {
+        for key in t.keys {
+            switch key {
+            case "engine":
+                let v = try Self.string(t, "wasm", key, origin)
+                guard v == "wasmkit" || v == "wasmtime" else { throw Error("\(origin): [wasm] engine: \"\(v)\" is not one of wasmkit, wasmtime") }
+                wasm.engine = v
+            case "engine_annotation":
+                guard let v = t[key]?.bool else { throw Error("\(origin): [wasm] engine_annotation must be true or false") }
+                wasm.engineAnnotation = v
+            case "wasmtime_library": wasm.wasmtimeLibrary = try Self.path(t, "wasm", key, origin)
+            case "cache_dir": wasm.cacheDir = try Self.path(t, "wasm", key, origin)
+            case "runner": wasm.runner = try Self.path(t, "wasm", key, origin)
+            default:
+                throw Error("\(origin): unknown key [wasm] \(key) (keys: engine, engine_annotation, wasmtime_library, cache_dir, runner)")
             }
         }
     }

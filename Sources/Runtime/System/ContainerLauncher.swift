@@ -20,6 +20,25 @@ public enum LaunchTarget {
     case exec(pidfd: Int32, namespaces: UInt64)
 }
 
+/// What a container's child executes instead of `process.args[0]` looked up in its root:
+/// a program the parent opened on the host (the wasm kind's runner, run by the host's
+/// dynamic loader), so the container's root cannot stand in for it. `fds` are the
+/// parent's descriptors the child gets at these numbers (above stdio), the loader's
+/// library directories and the runner among them; their owner keeps them open.
+public struct HostProgram {
+    public var fd: Int32
+    public var argv: [String]
+    public var env: [String]
+    public var fds: [(from: Int32, to: Int32)]
+
+    public init(fd: Int32, argv: [String], env: [String], fds: [(from: Int32, to: Int32)]) {
+        self.fd = fd
+        self.argv = argv
+        self.env = env
+        self.fds = fds
+    }
+}
+
 /// Turns an OCI spec into the attr the C child runs (CShims' container.c) and clones it.
 /// Everything that allocates — JSON, path lookups, the seccomp filter — happens here in
 /// the parent; the child only makes system calls.
@@ -40,7 +59,8 @@ public enum ContainerLauncher {
     /// a pty in the container instead and sends its master back.
     public static func launch(
         spec: OCISpec, process: OCISpec.Process, target: LaunchTarget, bundle: String,
-        stdio: [(from: Int32, to: Int32)], console: Bool, cgroup: Cgroup?, selfPidNamespace: Int32
+        stdio: [(from: Int32, to: Int32)], console: Bool, cgroup: Cgroup?, selfPidNamespace: Int32,
+        program: HostProgram? = nil
     ) throws -> LaunchedChild {
         let arena = CArena()
         defer { arena.free() }
@@ -51,15 +71,16 @@ public enum ContainerLauncher {
         // The process.
         let args = process.args ?? []
         attr.path = arena.string(args[0])
-        attr.argv = arena.stringArray(args)
-        var env = process.env ?? []
+        attr.argv = arena.stringArray(program?.argv ?? args)
+        attr.exec_fd = program?.fd ?? -1
+        var env = program?.env ?? process.env ?? []
         if !env.contains(where: { $0.hasPrefix("PATH=") }) {
             env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         }
         if process.terminal == true && !env.contains(where: { $0.hasPrefix("TERM=") }) { env.append("TERM=xterm") }
         attr.envp = arena.stringArray(env)
         attr.cwd = arena.string(process.cwd)
-        let fds = console ? [] : stdio
+        let fds = (console ? [] : stdio) + (program?.fds ?? [])
         attr.fds = arena.array(fds.map { ks_fd_map(from: $0.from, to: $0.to) })
         attr.fd_count = Int32(fds.count)
         attr.create_console = console ? 1 : 0

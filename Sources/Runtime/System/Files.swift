@@ -62,6 +62,20 @@ public enum Files {
 
     public static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+    /// Opens `path` read-only as if `root` were "/": no symlink or ".." leads out of it
+    /// (openat2 RESOLVE_IN_ROOT, no magic links). For files a container's root holds.
+    /// open(2)'s O_PATH (Glibc's module leaves it out): a handle to a name, not its content.
+    public static let pathOnly: Int32 = 0o10000000
+
+    public static func openInRoot(_ root: String, _ path: String) throws(SystemError) -> OwnedFD {
+        let rootfd = open(root, Files.pathOnly | O_DIRECTORY | O_CLOEXEC)
+        guard rootfd >= 0 else { throw SystemError("open", root, errno: .current) }
+        defer { _ = close(rootfd) }
+        let fd = ks_openat2(rootfd, path, O_RDONLY, UInt64(0x10 | 0x02))  // RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+        guard fd >= 0 else { throw SystemError("open in \(root)", path, errno: Errno(rawValue: -fd)) }
+        return OwnedFD(adopting: fd)
+    }
+
     /// A 128-bit content digest of the file (32 hex digits; not cryptographic: it tells a
     /// changed or corrupt file), and its size. ~GB/s: a 256 MiB VM image in a few 10 ms.
     public static func digest(_ path: String) throws(SystemError) -> (hex: String, size: UInt64) {

@@ -42,7 +42,9 @@ public final class Wasmtime: WasmEngine {
     }
 
     /// Loads `library` (found automatically when nil); throws why it cannot be used.
-    public init(library: String?, cacheDir: String?) throws {
+    /// `version` overrides what pip recorded (the wasm kind's runner gets the library as a
+    /// /proc/self/fd path, with nothing beside it).
+    public init(library: String?, cacheDir: String?, version: String? = nil) throws {
         guard let path = library ?? Self.findLibrary() else {
             throw RPCError(.failedPrecondition, "wasmtime: no library found (pip install wasmtime ships wasmtime/linux-x86_64/_libwasmtime.so; or set [wasm] wasmtime_library)")
         }
@@ -50,7 +52,7 @@ public final class Wasmtime: WasmEngine {
             throw RPCError(.failedPrecondition, "wasmtime: dlopen \(path): \(dlerror().map { String(cString: $0) } ?? "unknown error")")
         }
         self.library = path
-        let version = Self.version(of: path)
+        let version = version ?? Self.version(of: path)
         self.version = version
         api = try API(handle, path)
         cache = cacheDir.map { ModuleCache(dir: $0 + "/wasmtime-" + version) }
@@ -227,7 +229,7 @@ public final class Wasmtime: WasmEngine {
 }
 
 /// The directory a path is in ("/" for a top-level one).
-func parentDirectory(_ path: String) -> String {
+package func parentDirectory(_ path: String) -> String {
     guard let i = path.lastIndex(of: "/") else { return "." }
     return i == path.startIndex ? "/" : String(path[..<i])
 }

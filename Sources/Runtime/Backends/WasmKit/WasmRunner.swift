@@ -8,24 +8,25 @@ import KuasarWire
 /// executable (the one a wasm container runs: no argument-parser, no Foundation, so it
 /// starts in a few milliseconds):
 ///
-///     [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--cache DIR]
+///     [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR]
 ///     [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]
 ///
 /// Exit status: the module's (proc_exit), 134 after a trap (its message on stderr), 125
 /// when it could not start (the reason on stderr), 2 for a bad command line.
 public enum WasmRunner {
-    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]"
+    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]"
 
     public struct Options: Equatable {
         public var engine = "wasmkit"
         public var wasmtimeLibrary: String?
+        public var wasmtimeVersion: String?
         public var cache: String?
         public var run: WasmRun
     }
 
     /// `args` without the program's name.
     public static func parse(_ args: [String]) throws -> Options {
-        var engine = "wasmkit", library: String?, cache: String?, memory: Int64?
+        var engine = "wasmkit", library: String?, version: String?, cache: String?, memory: Int64?
         var dirs: [(String, String)] = [], env: [String: String] = [:]
         var rest: [String] = []
         var i = 0
@@ -39,6 +40,7 @@ public enum WasmRunner {
             switch a {
             case "--engine": engine = try value(a)
             case "--wasmtime-library": library = try value(a)
+            case "--wasmtime-version": version = try value(a)
             case "--cache": cache = try value(a)
             case "--memory-limit":
                 let v = try value(a)
@@ -69,13 +71,13 @@ public enum WasmRunner {
         run.environment = env
         run.preopens = dirs
         run.memoryLimit = memory
-        return Options(engine: engine, wasmtimeLibrary: library, cache: cache, run: run)
+        return Options(engine: engine, wasmtimeLibrary: library, wasmtimeVersion: version, cache: cache, run: run)
     }
 
     public static func engine(_ o: Options) throws -> WasmEngine {
         switch o.engine {
         case "wasmkit": return WasmKitEngine()
-        case "wasmtime": return try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache)
+        case "wasmtime": return try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache, version: o.wasmtimeVersion)
         default: throw RPCError(.invalidArgument, "engine \(o.engine): not one of wasmkit, wasmtime")
         }
     }

@@ -1,0 +1,294 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import KuasarOCI
+import KuasarSystem
+import KuasarWire
+import KuasarSandbox
+import KuasarWasm
+
+/// The wasm kind's containers: a pod like the namespace kind's (its holder, namespaces,
+/// cgroup parent), whose containers with a WebAssembly entrypoint run the module instead
+/// of a rootfs binary. Each such process is an ordinary container child — the pod's
+/// namespaces, its own cgroup, the rootfs pivoted to, the spec's mounts, capabilities,
+/// seccomp and user — that executes `kuasar-wasm-run` at the last step. The runner is not
+/// in the rootfs: the daemon opened the host's dynamic loader, the runner and its library
+/// directories once, and the child executes the loader from its descriptor with
+/// `--library-path /proc/self/fd/N`, so nothing in a rootfs can stand in for them and a
+/// rootfs needs nothing but its module. The daemon's loop never runs guest code.
+///
+/// The entrypoint is a module when `process.args[0]` (resolved in the rootfs as execvp
+/// would, symlinks kept inside it) starts with the wasm magic, ends in `.wasm`, or the
+/// image says `module.wasm.image/variant: compat`; anything else runs as a Linux process.
+/// The module is checked at Create (header, sections within the file, WASI-only imports),
+/// so a bad module fails Create with its problem named.
+public final class WasmPrograms: ProcessPrograms {
+    public struct Settings: Sendable {
+        public var engine: String
+        public var engineAnnotation: Bool
+        public var wasmtimeLibrary: String?
+        public var cacheDir: String
+        public var runner: String
+
+        public init(engine: String = "wasmkit", engineAnnotation: Bool = true, wasmtimeLibrary: String? = nil, cacheDir: String, runner: String) {
+            self.engine = engine
+            self.engineAnnotation = engineAnnotation
+            self.wasmtimeLibrary = wasmtimeLibrary
+            self.cacheDir = cacheDir
+            self.runner = runner
+        }
+    }
+
+    public static let engineAnnotation = "io.kuasar.wasm.engine"
+    public static let variantAnnotation = "module.wasm.image/variant"
+
+    public let settings: Settings
+    let logger: Logger
+    private var image: RunnerImage?
+    private var imageError: String?
+    private var wasmtime: WasmtimeFiles?
+    private var wasmtimeError: String?
+
+    public init(settings: Settings, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+    }
+
+    /// Why no module can run (the runner or the loader is missing); nil: they can.
+    public var unavailableReason: String? {
+        _ = loadImage()
+        return imageError
+    }
+
+    private func loadImage() -> RunnerImage? {
+        if let image { return image }
+        do {
+            image = try RunnerImage(runner: settings.runner)
+            imageError = nil
+        } catch {
+            imageError = RPCError.from(error).message
+        }
+        return image
+    }
+
+    /// Wasmtime's library and the cache directory, opened at its first use.
+    private func loadWasmtime() throws -> WasmtimeFiles {
+        if let wasmtime { return wasmtime }
+        do {
+            let w = try WasmtimeFiles(library: settings.wasmtimeLibrary, cacheDir: settings.cacheDir)
+            wasmtime = w
+            return w
+        } catch {
+            throw RPCError(.failedPrecondition, "engine wasmtime is not available: \(RPCError.from(error).message)")
+        }
+    }
+
+    public func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, isInit: Bool) throws -> HostProgram? {
+        guard let args = process.args, let first = args.first else { return nil }
+        let annotations = spec.annotations ?? [:]
+        let declared = annotations[Self.variantAnnotation].map { $0.hasPrefix("compat") } ?? false
+        let what = isInit ? "container \(containerID)" : "exec in \(containerID)"
+        let env = process.env ?? []
+        guard let (path, fd) = Self.resolve(first, env: env, cwd: process.cwd, rootfs: rootfs) else {
+            if declared || first.hasSuffix(".wasm") {
+                throw RPCError(.notFound, "\(what): module \(first) not found in the rootfs")
+            }
+            return nil
+        }
+        defer { _ = close(fd) }
+        guard WasmImports.hasMagic(fd) || declared || first.hasSuffix(".wasm") else { return nil }
+        try WasmImports.check(fd, name: path)
+
+        var engine = settings.engine
+        if let chosen = annotations[Self.engineAnnotation], chosen != engine {
+            guard chosen == "wasmkit" || chosen == "wasmtime" else {
+                throw RPCError(.invalidArgument, "\(what): annotation \(Self.engineAnnotation)=\(chosen) is not one of wasmkit, wasmtime")
+            }
+            guard settings.engineAnnotation else {
+                throw RPCError(.failedPrecondition, "\(what): annotation \(Self.engineAnnotation)=\(chosen), but [wasm] engine_annotation = false (this daemon runs \(engine) only)")
+            }
+            engine = chosen
+        }
+        if spec.mounts?.contains(where: { $0.destination == "/proc" && $0.type == "proc" }) != true {
+            throw RPCError(.failedPrecondition, "\(what): a wasm container needs /proc mounted (its runner is loaded through /proc/self/fd)")
+        }
+        guard let image = loadImage() else {
+            throw RPCError(.failedPrecondition, "\(what): wasm modules cannot run here: \(imageError ?? "no runner")")
+        }
+
+        var fds = image.fds
+        var runnerArgs = ["--engine", engine]
+        if engine == "wasmtime" {
+            let w = try loadWasmtime()
+            let lib = Int32(3 + fds.count), cache = lib + 1
+            fds += [w.library, w.cache]
+            runnerArgs += ["--wasmtime-library", "/proc/self/fd/\(lib)", "--wasmtime-version", w.version, "--cache", "/proc/self/fd/\(cache)"]
+        }
+        if let limit = spec.linux?.resources?.memory?.limit, limit > 0 { runnerArgs += ["--memory-limit", String(limit)] }
+        runnerArgs += ["--dir", "/=/"]
+        for d in Self.extraPreopens(spec) { runnerArgs += ["--dir", "\(d)=\(d)"] }
+        for e in env where e.contains("=") { runnerArgs += ["--env", e] }
+        runnerArgs += ["--", path] + args
+        return HostProgram(fd: 3, argv: image.loaderArgs + runnerArgs, env: ["PATH=/"],
+                           fds: fds.enumerated().map { (from: $0.element, to: Int32(3 + $0.offset)) })
+    }
+
+    /// The entrypoint as execvp would find it in the rootfs: a path (relative to the
+    /// process's cwd), or a bare name through PATH, or at the rootfs's top (runwasi's
+    /// convention for `hello.wasm`). Opened inside the root; nil when it is not there.
+    static func resolve(_ first: String, env: [String], cwd: String, rootfs: String) -> (String, Int32)? {
+        var candidates: [String] = []
+        if first.hasPrefix("/") {
+            candidates = [first]
+        } else if first.contains("/") {
+            candidates = [(cwd.hasSuffix("/") ? cwd : cwd + "/") + first]
+        } else {
+            let pathVar = env.last { $0.hasPrefix("PATH=") }.map { String($0.dropFirst(5)) } ?? "/usr/local/bin:/usr/bin:/bin"
+            candidates = pathVar.split(separator: ":").map { $0.hasSuffix("/") ? $0 + first : $0 + "/" + first } + ["/" + first]
+        }
+        for c in candidates {
+            guard let fd = try? Files.openInRoot(rootfs, c) else { continue }
+            var st = stat()
+            if fstat(fd.rawValue, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG { return (c, fd.take()) }
+            fd.close()
+        }
+        return nil
+    }
+
+    /// The spec's bind mounts of directories, each its own preopen as well (the module
+    /// sees them under "/" too; a preopen of its own is what WASI programs look for).
+    static func extraPreopens(_ spec: OCISpec) -> [String] {
+        let system = ["/proc", "/dev", "/sys", "/run/secrets"]
+        return (spec.mounts ?? []).compactMap { m in
+            let bind = m.type == "bind" || (m.options ?? []).contains { $0 == "bind" || $0 == "rbind" }
+            guard bind, m.destination != "/", !system.contains(where: { m.destination == $0 || m.destination.hasPrefix($0 + "/") }),
+                  let source = m.source, source.hasPrefix("/"), Files.isDirectory(source) else { return nil }
+            return m.destination
+        }
+    }
+
+    /// What `kuasar info` and Status say of the engines.
+    public func engines() -> [(name: String, status: String)] {
+        var out: [(String, String)] = [("wasmkit", "embedded interpreter")]
+        do {
+            let w = try loadWasmtime()
+            out.append(("wasmtime", "\(w.version) (\(w.path))"))
+        } catch {
+            out.append(("wasmtime", "not available: \(RPCError.from(error).message)"))
+        }
+        return out
+    }
+}
+
+/// The runner, the host's dynamic loader and the runner's library directories, opened
+/// once (close-on-exec in the daemon) and mapped into each wasm container's child.
+final class RunnerImage {
+    /// [loader, runner, library directories...], mapped to 3, 4, 5, ... in the child.
+    let fds: [Int32]
+    /// The loader's argv up to the runner's own arguments.
+    let loaderArgs: [String]
+
+    init(runner: String) throws {
+        guard access(runner, X_OK) == 0 else {
+            throw RPCError(.failedPrecondition, "the module runner \(runner) is not there or not executable (build it: swift build --product kuasar-wasm-run; or set [wasm] runner)")
+        }
+        let (loader, dirs) = try Self.dependencies(of: runner)
+        var opened: [Int32] = []
+        func open(_ path: String, _ flags: Int32) throws {
+            let fd = Glibc.open(path, flags | O_CLOEXEC)
+            guard fd >= 0 else {
+                for f in opened { _ = close(f) }
+                throw RPCError(.failedPrecondition, "open \(path): \(Errno.current)")
+            }
+            opened.append(fd)
+        }
+        try open(loader, O_RDONLY)
+        try open(runner, O_RDONLY)
+        for d in dirs { try open(d, Files.pathOnly | O_DIRECTORY) }
+        fds = opened
+        let libraryPath = (0..<dirs.count).map { "/proc/self/fd/\(5 + $0)" }.joined(separator: ":")
+        loaderArgs = ["kuasar-wasm-run"] + (dirs.isEmpty ? [] : ["--library-path", libraryPath]) + ["--inhibit-cache", "--argv0", "kuasar-wasm-run", "/proc/self/fd/4"]
+    }
+
+    deinit { for f in fds { _ = close(f) } }
+
+    /// The runner's program interpreter (its PT_INTERP) and the directories of the shared
+    /// libraries it loads, as that loader lists them.
+    static func dependencies(of runner: String) throws -> (loader: String, dirs: [String]) {
+        let loader = try interpreter(of: runner)
+        guard let listed = Spawner.output(loader, ["--list", runner]) else {
+            throw RPCError(.failedPrecondition, "\(loader) --list \(runner) failed: the runner's libraries are not all there")
+        }
+        var dirs: [String] = []
+        for line in listed.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.contains("not"), parts.contains("found") {
+                throw RPCError(.failedPrecondition, "the module runner \(runner) needs \(parts.first ?? ""), which is not found")
+            }
+            guard let arrow = parts.firstIndex(of: "=>"), arrow + 1 < parts.count, parts[arrow + 1].hasPrefix("/") else { continue }
+            let dir = parentDirectory(String(parts[arrow + 1]))
+            if !dirs.contains(dir) { dirs.append(dir) }
+        }
+        return (loader, dirs)
+    }
+
+    /// PT_INTERP of an x86-64/aarch64 ELF64 executable.
+    static func interpreter(of path: String) throws -> String {
+        let bytes: [UInt8]
+        do { bytes = try Files.read(path, limit: 64 << 20) } catch {
+            throw RPCError(.failedPrecondition, "read the runner \(path): \(error)")
+        }
+        func u16(_ o: Int) -> Int { Int(bytes[o]) | Int(bytes[o + 1]) << 8 }
+        func u64(_ o: Int) -> Int { (0..<8).reduce(0) { $0 | Int(bytes[o + $1]) << (8 * $1) } }
+        guard bytes.count > 64, bytes[0..<4] == [0x7f, 0x45, 0x4c, 0x46], bytes[4] == 2 else {
+            throw RPCError(.failedPrecondition, "the runner \(path) is not a 64-bit ELF executable")
+        }
+        let phoff = u64(32), phentsize = u16(54), phnum = u16(56)
+        for i in 0..<phnum {
+            let h = phoff + i * phentsize
+            guard h + 56 <= bytes.count else { break }
+            if bytes[h] == 3, bytes[h + 1] == 0, bytes[h + 2] == 0, bytes[h + 3] == 0 {  // PT_INTERP
+                let off = u64(h + 8), size = u64(h + 32)
+                guard off + size <= bytes.count, size > 1 else { break }
+                return String(decoding: bytes[off..<off + size - 1], as: UTF8.self)
+            }
+        }
+        throw RPCError(.failedPrecondition, "the runner \(path) is statically linked or has no interpreter; a dynamically linked kuasar-wasm-run is expected")
+    }
+}
+
+/// Wasmtime's library and the compiled-module cache, opened for the wasm containers.
+final class WasmtimeFiles {
+    let path: String
+    let version: String
+    /// Read-only, and the cache directory (O_PATH); both close-on-exec, closed at deinit.
+    let library: Int32
+    let cache: Int32
+
+    init(library: String?, cacheDir: String) throws {
+        // Loading it here says whether it works (and its version) before a container fails on it.
+        let w = try Wasmtime(library: library, cacheDir: nil)
+        path = w.library
+        version = w.version
+        let lib = Glibc.open(w.library, O_RDONLY | O_CLOEXEC)
+        guard lib >= 0 else { throw RPCError(.failedPrecondition, "open \(w.library): \(Errno.current)") }
+        do { try makeDirectories(cacheDir, mode: 0o700) } catch {
+            _ = close(lib)
+            throw RPCError(.failedPrecondition, "the wasm cache \(cacheDir): \(error)")
+        }
+        let dir = Glibc.open(cacheDir, Files.pathOnly | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else {
+            let e = Errno.current
+            _ = close(lib)
+            throw RPCError(.failedPrecondition, "open \(cacheDir): \(e)")
+        }
+        self.library = lib
+        cache = dir
+    }
+
+    deinit {
+        _ = close(library)
+        _ = close(cache)
+    }
+}

@@ -1,0 +1,298 @@
+import Foundation
+import SwiftProtobuf
+import Testing
+@testable import Runtime
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The wasm kind through containerd's Controller (the project's gRPC client) and the Task
+/// API, with containerd 2.3's CRI container spec (the fixture) around real modules, on both
+/// engines: a pod of the `kuasar-wasm` sandboxer whose containers' entrypoints are modules.
+extension AllTests {
+@Suite(.serialized) struct WasmSandboxTests {
+    typealias Node = AllTests.PodTests.Node
+
+    /// The Task API of one pod, a connection per call (Wait blocks only its own).
+    struct Tasks: AgentPeer {
+        let path: String
+        func call<Resp: SwiftProtobuf.Message>(_ service: String, _ m: String, _ r: some SwiftProtobuf.Message, _: Resp.Type) throws -> Resp {
+            let t = try OneShotClient(path: path)
+            defer { t.close() }
+            return try t.call(service, m, r, as: Resp.self, namespace: "k8s.io")
+        }
+
+        /// Exec of `args`, its stdout and stderr to `out`, started.
+        func exec(_ id: String, _ execID: String, _ args: [String], out: String) throws {
+            var exec = Containerd_Task_V3_ExecProcessRequest()
+            exec.id = id
+            exec.execID = execID
+            exec.stdout = "file://" + out
+            exec.stderr = "file://" + out
+            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: args, env: ["PATH=/bin"], cwd: "/"))
+            _ = try task("Exec", exec, Google_Protobuf_Empty.self)
+            var start = Containerd_Task_V3_StartRequest()
+            start.id = id
+            start.execID = execID
+            _ = try task("Start", start, Containerd_Task_V3_StartResponse.self)
+        }
+
+        func state(_ id: String) throws -> Containerd_Task_V3_StateResponse {
+            var s = Containerd_Task_V3_StateRequest()
+            s.id = id
+            return try task("State", s, Containerd_Task_V3_StateResponse.self)
+        }
+    }
+
+    static func config(engine: String, annotation: Bool = true) -> String {
+        """
+        [sandboxers]
+        kuasar = "namespace"
+        kuasar-wasm = "wasm"
+
+        [wasm]
+        engine = "\(engine)"
+        engine_annotation = \(annotation)
+        wasmtime_library = "\(AllTests.WasmRunnerTests.wasmtimeLibrary)"
+        """
+    }
+
+    /// A bundle of containerd's CRI spec whose rootfs (busybox) also holds the test modules
+    /// at its top, `args` its process.
+    static func bundle(_ node: Node, _ name: String, pid: pid_t, args: [String], annotations: [String: String] = [:]) throws -> String {
+        let dir = try node.bundle(name, pid: pid, args: args) { json in
+            var a = json["annotations"] as? [String: Any] ?? [:]
+            for (k, v) in annotations { a[k] = v }
+            json["annotations"] = a
+        }
+        for m in Files.list(AllTests.WasmRunnerTests.modules) where m.hasSuffix(".wasm") {
+            try Files.writeAtomically(dir + "/rootfs/" + m, try Files.read(AllTests.WasmRunnerTests.modules + "/" + m), mode: 0o644)
+        }
+        return dir
+    }
+
+    /// Each of the pod's processes (the holder's children) is gone or a zombie being reaped.
+    static func noChildren(_ holder: pid_t) -> Bool { AllTests.PodTests.children(of: holder).isEmpty }
+
+    @Test(arguments: ["wasmkit", "wasmtime"]) func aWasmPodRunsModulesAsContainers(engine: String) throws {
+        try Node.with("wasm-\(engine)", config: Self.config(engine: engine)) { node in
+            let (pod, address) = try node.runPod("wpod", AllTests.PodTests.podConfig(hostname: "wasm-pod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+
+            // hello: its line, then proc_exit(7) as the exit status.
+            let hello = try Self.bundle(node, "hello", pid: pod, args: ["/hello.wasm"])
+            let helloPid = try node.startContainer(address, "hello", bundle: hello)
+            #expect(helloPid > 0)
+            #expect(try tasks.wait("hello") == 7)
+            #expect(node.output(hello) == "hello from wasm\n", "hello: \(node.output(hello))")
+            // It ran in the pod's namespaces (not the daemon's) while it lived: its state says so.
+            #expect(try tasks.state("hello").status == .stopped)
+            try tasks.delete("hello")
+
+            // args and environment, from the spec; a bare name found at the rootfs's top (runwasi's convention).
+            let argsenv = try Self.bundle(node, "argsenv", pid: pod, args: ["argsenv.wasm", "one", "two words"])
+            _ = try node.startContainer(address, "argsenv", bundle: argsenv)
+            #expect(try tasks.wait("argsenv") == 0)
+            let fields = Array(((try? Files.read(argsenv + "/out")) ?? []).split(separator: 0).map { String(decoding: $0, as: UTF8.self) })
+            #expect(Array(fields.prefix(3)) == ["argsenv.wasm", "one", "two words"], "argv: \(fields)")
+            #expect(fields.contains("HOSTNAME=wasm-pod") || fields.contains { $0.hasPrefix("PATH=") }, "the spec's environment: \(fields)")
+
+            // The rootfs is the module's "/": it writes a file the host then finds there.
+            try Files.write(hello + "/rootfs/in.txt", "from the image\n", create: true)
+            let files = try Self.bundle(node, "files", pid: pod, args: ["/files.wasm"])
+            try Files.write(files + "/rootfs/in.txt", "from the image\n", create: true)
+            _ = try node.startContainer(address, "files", bundle: files)
+            #expect(try tasks.wait("files") == 0, "files: \(node.output(files))")
+            #expect(node.output(files) == "from the image\n")
+            #expect((try? Files.readString(files + "/rootfs/out.txt")) == "written by wasm\n")
+            try tasks.delete("files")
+
+            // A module that never ends is stopped by Kill, and Wait tells SIGKILL.
+            let spin = try Self.bundle(node, "spin", pid: pod, args: ["/spin.wasm"])
+            let spinPid = try node.startContainer(address, "spin", bundle: spin)
+            usleep(200_000)
+            #expect(try tasks.state("spin").status == .running)
+            // Exec of another module in the running container: the same rootfs, its own exit.
+            try tasks.exec("spin", "e1", ["/hello.wasm"], out: spin + "/exec-out")
+            #expect(try tasks.wait("spin", exec: "e1") == 7)
+            #expect((try? Files.readString(spin + "/exec-out")) == "hello from wasm\n")
+            try tasks.delete("spin", exec: "e1")
+            // A Linux binary of the rootfs still runs as one, in the same pod.
+            try tasks.exec("spin", "e2", ["sh", "-c", "echo linux"], out: spin + "/exec2-out")
+            #expect(try tasks.wait("spin", exec: "e2") == 0)
+            #expect((try? Files.readString(spin + "/exec2-out")) == "linux\n")
+            try tasks.kill("spin")
+            #expect(try tasks.wait("spin") == 137)
+            #expect(processGone(spinPid))
+            try tasks.delete("spin")
+
+            // A trap: exit 134, the trap named on the container's stderr.
+            let trap = try Self.bundle(node, "trap", pid: pod, args: ["/trap.wasm"])
+            _ = try node.startContainer(address, "trap", bundle: trap)
+            #expect(try tasks.wait("trap") == 134)
+            #expect(node.output(trap).contains("wasm trap") && node.output(trap).contains("unreachable"), "trap: \(node.output(trap))")
+            try tasks.delete("trap")
+
+            // The memory limit of the spec caps linear memory: grow is refused (exit 1), no OOM kill.
+            let grow = try node.bundle("grow", pid: pod, args: ["/grow.wasm"]) { json in
+                var linux = json["linux"] as! [String: Any]
+                var res = linux["resources"] as? [String: Any] ?? [:]
+                res["memory"] = ["limit": 64 << 20]
+                linux["resources"] = res
+                json["linux"] = linux
+            }
+            try Files.writeAtomically(grow + "/rootfs/grow.wasm", try Files.read(AllTests.WasmRunnerTests.module("grow")))
+            _ = try node.startContainer(address, "grow", bundle: grow)
+            #expect(try tasks.wait("grow") == 0, "6.25 MiB under a 64 MiB limit is granted: \(node.output(grow))")
+            try tasks.delete("grow")
+
+            // Bad modules fail Create, each with its problem named; the pod keeps serving.
+            let bad = try Self.bundle(node, "bad", pid: pod, args: ["/missing-import.wasm"])
+            try Files.write(bad + "/rootfs/text.wasm", "(module)\n", create: true)
+            let good = try Files.read(AllTests.WasmRunnerTests.module("hello"))
+            try Files.writeAtomically(bad + "/rootfs/truncated.wasm", Array(good.prefix(good.count / 2)))
+            #expect(try shell("head -c 104857600 /dev/urandom > \(bad)/rootfs/garbage.wasm").code == 0)
+            for (args, code, words) in [
+                (["/missing-import.wasm"], RPCCode.invalidArgument, ["env", "kuasar_nope"]),
+                (["/text.wasm"], .invalidArgument, ["not a WebAssembly module", "text.wasm"]),
+                (["/truncated.wasm"], .invalidArgument, ["truncated", "truncated.wasm"]),
+                (["/garbage.wasm"], .invalidArgument, ["not a WebAssembly module", "garbage.wasm"]),
+                (["/absent.wasm"], .notFound, ["absent.wasm", "not found"]),
+            ] as [([String], RPCCode, [String])] {
+                try Self.setArgs(bad, args)
+                let t0 = MonotonicClock.nanoseconds()
+                do {
+                    _ = try node.startContainer(address, "bad", bundle: bad)
+                    Issue.record("\(args[0]) was created")
+                } catch let e as RPCError {
+                    #expect(e.code == code && words.allSatisfy { e.message.contains($0) }, "\(args[0]): \(e)")
+                }
+                #expect(MonotonicClock.nanoseconds() - t0 < 3_000_000_000, "\(args[0]) was not refused at once")
+            }
+            // The same pod still runs a module afterwards.
+            try tasks.delete("argsenv")
+            _ = try node.startContainer(address, "hello2", bundle: hello)
+            #expect(try tasks.wait("hello2") == 7)
+            try tasks.delete("hello2")
+
+            try node.shutdown("wpod")
+            #expect(waitUntil { processGone(pod) }, "the pod holder is left")
+        }
+    }
+
+    static func setArgs(_ bundle: String, _ args: [String]) throws {
+        var json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: bundle + "/config.json"))) as! [String: Any]
+        var p = json["process"] as! [String: Any]
+        p["args"] = args
+        json["process"] = p
+        try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: bundle + "/config.json"))
+    }
+
+    /// The annotation chooses the other engine where the config allows it, and is refused
+    /// with the reason where it does not; a module reads its stdin from containerd's FIFO.
+    @Test func theEngineAnnotationAndStdin() throws {
+        try Node.with("wasm-ann", config: Self.config(engine: "wasmkit")) { node in
+            let (pod, address) = try node.runPod("apod", AllTests.PodTests.podConfig(hostname: "apod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+            let cache = node.root + "/wasm-cache/wasmtime-" + AllTests.WasmRunnerTests.wasmtimeVersion
+            let wt = try Self.bundle(node, "wt", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
+            _ = try node.startContainer(address, "wt", bundle: wt)
+            #expect(try tasks.wait("wt") == 7)
+            #expect(node.output(wt) == "hello from wasm\n")
+            // Wasmtime compiled it into the daemon's cache (WasmKit keeps none): that is the engine that ran.
+            #expect(Files.list(cache).contains { $0.hasSuffix(".bin") }, "no compiled module in \(cache): \(Files.list(node.root))")
+            #expect(Files.list(cache).allSatisfy { !$0.hasSuffix(".tmp") })
+            try tasks.delete("wt")
+
+            let v8 = try Self.bundle(node, "v8", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "v8"])
+            do {
+                _ = try node.startContainer(address, "v8", bundle: v8)
+                Issue.record("engine v8 accepted")
+            } catch let e as RPCError {
+                #expect(e.code == .invalidArgument && e.message.contains("v8"), "\(e)")
+            }
+
+            // stdin: a FIFO as containerd makes it, written and closed; every byte comes back.
+            let cat = try Self.bundle(node, "cat", pid: pod, args: ["/cat.wasm"])
+            let fifo = cat + "/in"
+            #expect(mkfifo(fifo, 0o600) == 0)
+            let t = try OneShotClient(path: address)
+            defer { t.close() }
+            var create = Containerd_Task_V3_CreateTaskRequest()
+            create.id = "cat"
+            create.bundle = cat
+            create.stdin = fifo
+            create.stdout = "file://" + cat + "/out"
+            create.stderr = "file://" + cat + "/err"
+            // The daemon opens the FIFO's read end at Create; our write end opens once it has.
+            let writer = Thread {
+                let fd = open(fifo, O_WRONLY | O_CLOEXEC)
+                guard fd >= 0 else { return }
+                let data = Array(repeating: Array("wasm stdin\n".utf8), count: 20_000).flatMap { $0 }
+                data.withUnsafeBytes { b in
+                    var off = 0
+                    while off < b.count {
+                        let n = write(fd, b.baseAddress! + off, b.count - off)
+                        if n <= 0 { break }
+                        off += n
+                    }
+                }
+                close(fd)
+            }
+            writer.start()
+            _ = try t.call("containerd.task.v3.Task", "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+            var start = Containerd_Task_V3_StartRequest()
+            start.id = "cat"
+            _ = try t.call("containerd.task.v3.Task", "Start", start, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
+            // The daemon holds its FIFO open read-write (a writer may come and go); EOF is
+            // containerd's CloseIO once its writer is done, as `ctr run` does it.
+            #expect(waitUntil(timeoutMS: 10_000) { writer.isFinished }, "the writer did not finish")
+            var closeIO = Containerd_Task_V3_CloseIORequest()
+            closeIO.id = "cat"
+            closeIO.stdin = true
+            _ = try tasks.task("CloseIO", closeIO, Google_Protobuf_Empty.self)
+            #expect(try tasks.wait("cat") == 0, "cat: \((try? Files.readString(cat + "/err")) ?? "")")
+            let out = (try? Files.read(cat + "/out", limit: 1 << 24)) ?? []
+            #expect(out.count == 220_000 && out.prefix(11) == Array("wasm stdin\n".utf8)[...], "stdin came back as \(out.count) bytes")
+            try tasks.delete("cat")
+            try node.shutdown("apod")
+        }
+
+        // A daemon that allows one engine only says so.
+        try Node.with("wasm-noann", config: Self.config(engine: "wasmkit", annotation: false)) { node in
+            let (pod, address) = try node.runPod("npod", AllTests.PodTests.podConfig(hostname: "npod"), sandboxer: "kuasar-wasm")
+            let wt = try Self.bundle(node, "wt", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
+            do {
+                _ = try node.startContainer(address, "wt", bundle: wt)
+                Issue.record("the annotation was obeyed against the config")
+            } catch let e as RPCError {
+                #expect(e.code == .failedPrecondition && e.message.contains("engine_annotation"), "\(e)")
+            }
+            try node.shutdown("npod")
+        }
+    }
+
+    /// An engine library that is absent fails the containers that need it with the reason;
+    /// the daemon serves the rest (WasmKit) as before.
+    @Test func anAbsentWasmtimeLibraryIsAClearError() throws {
+        let config = Self.config(engine: "wasmkit").replacingOccurrences(of: AllTests.WasmRunnerTests.wasmtimeLibrary, with: "/nonexistent/_libwasmtime.so")
+        try Node.with("wasm-nolib", config: config) { node in
+            let (pod, address) = try node.runPod("lpod", AllTests.PodTests.podConfig(hostname: "lpod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+            let wt = try Self.bundle(node, "wt", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
+            do {
+                _ = try node.startContainer(address, "wt", bundle: wt)
+                Issue.record("a container ran on an absent engine")
+            } catch let e as RPCError {
+                #expect(e.code == .failedPrecondition && e.message.contains("/nonexistent/_libwasmtime.so"), "\(e)")
+            }
+            let wk = try Self.bundle(node, "wk", pid: pod, args: ["/hello.wasm"])
+            _ = try node.startContainer(address, "wk", bundle: wk)
+            #expect(try tasks.wait("wk") == 7)
+            try tasks.delete("wk")
+            try node.shutdown("lpod")
+        }
+    }
+}
+}
