@@ -93,8 +93,13 @@ final class ContainerdFixture {
             waitUntil { processGone(daemon) }
             #expect(processGone(daemon), "daemon \(daemon) did not stop on SIGTERM")
         }
-        // runtimes/: external runtimes' roots (each pod's is gone with the pod).
-        let leftovers = Files.list(kuasarRoot).filter { !["daemon.log", "runtimes"].contains($0) }
+        // runtimes/: external runtimes' roots (each pod's is gone with the pod); wasm-cache/:
+        // compiled modules, kept on purpose, but never a half-written entry.
+        let leftovers = Files.list(kuasarRoot).filter { !["daemon.log", "runtimes", "wasm-cache"].contains($0) }
+        for v in Files.list(kuasarRoot + "/wasm-cache") {
+            let temp = Files.list(kuasarRoot + "/wasm-cache/" + v).filter { $0.hasSuffix(".tmp") }
+            #expect(temp.isEmpty, "half-written cache entries: \(temp)")
+        }
         for r in Files.list(kuasarRoot + "/runtimes") where !r.hasSuffix(".calls") {
             #expect(Files.list(kuasarRoot + "/runtimes/" + r).isEmpty, "runtime state left in \(r): \(Files.list(kuasarRoot + "/runtimes/" + r))")
         }

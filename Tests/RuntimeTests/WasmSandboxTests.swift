@@ -113,6 +113,20 @@ extension AllTests {
             let spinPid = try node.startContainer(address, "spin", bundle: spin)
             usleep(200_000)
             #expect(try tasks.state("spin").status == .running)
+            // Pause and Resume through the cgroup freezer, Pids, as for any container.
+            var pause = Containerd_Task_V3_PauseRequest()
+            pause.id = "spin"
+            _ = try tasks.task("Pause", pause, Google_Protobuf_Empty.self)
+            #expect(try tasks.state("spin").status == .paused)
+            var resume = Containerd_Task_V3_ResumeRequest()
+            resume.id = "spin"
+            _ = try tasks.task("Resume", resume, Google_Protobuf_Empty.self)
+            #expect(try tasks.state("spin").status == .running)
+            var pids = Containerd_Task_V3_PidsRequest()
+            pids.id = "spin"
+            #expect(try tasks.task("Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid) == [UInt32(spinPid)])
+            // The process is the runner executing the module, not a binary of the rootfs.
+            #expect((try? Files.readString("/proc/\(spinPid)/cmdline"))?.contains("spin.wasm") == true)
             // Exec of another module in the running container: the same rootfs, its own exit.
             try tasks.exec("spin", "e1", ["/hello.wasm"], out: spin + "/exec-out")
             #expect(try tasks.wait("spin", exec: "e1") == 7)
@@ -293,6 +307,41 @@ extension AllTests {
             try tasks.delete("wk")
             try node.shutdown("lpod")
         }
+    }
+
+    /// Debian's containerd 1.6 through the shim path: runtime `io.containerd.kuasar-wasm.v2`
+    /// is the shim binary `containerd-shim-kuasar-wasm-v2`, whose sandboxer `kuasar-wasm` is
+    /// the wasm kind; the image is an OCI tarball of modules only, imported with ctr.
+    @Test func containerdRunsAWasmImageThroughTheShimPath() throws {
+        let scratch = try scratchDirectory("wasm-ctd")
+        defer { Files.removeTree(scratch) }
+        try Files.write(scratch + "/config.toml", TestConfig.withoutTemplates("[daemon]\non_exit = \"stop\"\n" + Self.config(engine: "wasmtime")), create: true)
+        let ctd = try ContainerdFixture("wasm", config: scratch + "/config.toml", shims: ["containerd-shim-kuasar-wasm-v2"])
+        defer { try? ctd.stop() }
+        let image = "docker.io/kuasar/wasm-tests:latest"
+        var r = try shell("python3 \(repositoryRoot)/Tests/Peers/containerd/make_image.py \(scratch)/wasm.tar \(image) --wasm \(AllTests.WasmRunnerTests.modules) && \(ctd.ctr) images import \(scratch)/wasm.tar")
+        #expect(r.code == 0, "import: \(r.out)")
+        let runtime = "io.containerd.kuasar-wasm.v2"
+        // The image's entrypoint: its output and proc_exit's status.
+        r = try ctd.ctr("run --rm --runtime \(runtime) \(image) w1")
+        #expect(r.code == 7 && r.out.contains("hello from wasm"), "\(r.out)")
+        // Another module of the image with arguments, on WasmKit by the annotation.
+        r = try ctd.ctr("run --rm --runtime \(runtime) --annotation \(WasmPrograms.engineAnnotation)=wasmkit \(image) w2 /argsenv.wasm first second")
+        #expect(r.code == 0 && r.out.contains("first\0second"), "\(r.out)")
+        // A module that never ends, killed by ctr.
+        r = try ctd.ctr("run -d --runtime \(runtime) \(image) w3 /spin.wasm")
+        #expect(r.code == 0, "\(r.out)")
+        #expect(waitUntil { ((try? ctd.ctr("task ls"))?.out ?? "").contains("RUNNING") }, "w3 is not running")
+        r = try ctd.ctr("task kill -s SIGKILL w3")
+        #expect(r.code == 0, "\(r.out)")
+        #expect(waitUntil { ((try? ctd.ctr("task ls"))?.out ?? "").contains("STOPPED") }, "w3 did not stop")
+        r = try ctd.ctr("task delete w3")
+        #expect(r.code == 0, "\(r.out)")
+        _ = try ctd.ctr("container delete w3")
+        // A module with an import no host has: ctr's run fails, naming it.
+        r = try ctd.ctr("run --rm --runtime \(runtime) \(image) w4 /missing-import.wasm")
+        #expect(r.code != 0 && r.out.contains("kuasar_nope"), "\(r.out)")
+        _ = try? ctd.ctr("container delete w4")
     }
 }
 }

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Writes an OCI image tarball of a busybox rootfs (from Debian's busybox-static) that
 `ctr images import` accepts offline: oci-layout, index.json with the image name as
-annotation, a manifest, a config, one gzip layer. Usage: make_image.py OUT.tar NAME"""
+annotation, a manifest, a config, one gzip layer. Usage: make_image.py OUT.tar NAME
+[--wasm DIR]: with --wasm, the layer holds DIR's .wasm files at its top (and the empty
+directories a container's mounts need) and the entrypoint is /hello.wasm: a wasm image
+as runwasi's examples are built, no busybox."""
 import gzip, hashlib, io, json, os, subprocess, sys, tarfile, time
 
 out, name = sys.argv[1], sys.argv[2]
+wasm = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--wasm" else None
 busybox = "/bin/busybox"
 applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
 
@@ -16,11 +20,16 @@ def add_file(tar, path, data, mode=0o644):
 
 raw = io.BytesIO()
 with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "usr", "usr/bin"]:
+    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "usr", "usr/bin"] if wasm is None else ["dev", "etc", "proc", "sys", "tmp"]:
         add_dir(tar, d)
+    for m in sorted(os.listdir(wasm)) if wasm else []:
+        if m.endswith(".wasm"):
+            with open(os.path.join(wasm, m), "rb") as f:
+                add_file(tar, m, f.read(), 0o755)
     with open(busybox, "rb") as f:
-        add_file(tar, "bin/busybox", f.read(), 0o755)
-    for a in applets:
+        if wasm is None:
+            add_file(tar, "bin/busybox", f.read(), 0o755)
+    for a in applets if wasm is None else []:
         if a == "busybox":
             continue
         ti = tarfile.TarInfo("bin/" + a); ti.type = tarfile.SYMTYPE; ti.linkname = "busybox"; tar.addfile(ti)
@@ -33,7 +42,8 @@ def digest(b): return "sha256:" + hashlib.sha256(b).hexdigest()
 
 config = json.dumps({
     "architecture": "amd64", "os": "linux",
-    "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+    "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]} if wasm is None else
+              {"Env": ["PATH=/"], "Entrypoint": ["/hello.wasm"]},
     "rootfs": {"type": "layers", "diff_ids": [digest(layer_tar)]},
     "created": "2024-01-01T00:00:00Z",
 }).encode()
