@@ -347,7 +347,10 @@ struct RunCommand: ParsableCommand {
     @Option(help: "Hostname (with --rootfs).") var hostname: String?
     @Flag(name: .shortAndLong, help: "Start it and print its id; do not wait.") var detach = false
     @Flag(help: "Mount the rootfs read-only (with --rootfs).") var readOnly = false
-    @Argument(parsing: .postTerminator, help: "The command (after --), with --rootfs.") var command: [String] = []
+    @Option(help: "A WebAssembly module (WASI preview 1) to run as the container, in a pod of the wasm kind; its arguments after --.") var wasm: String?
+    @Option(help: "With --wasm: the engine (wasmkit or wasmtime; default: the config's [wasm] engine).") var engine: String?
+    @Option(help: "With --wasm: the sandboxer whose kind runs it.") var sandboxer = "kuasar-wasm"
+    @Argument(parsing: .postTerminator, help: "The command (after --), with --rootfs; the module's arguments with --wasm.") var command: [String] = []
 
     func run() throws {
         try reportingErrors("run") {
@@ -360,6 +363,9 @@ struct RunCommand: ParsableCommand {
             o.hostname = hostname
             o.detach = detach
             o.readonlyRootfs = readOnly
+            o.wasm = wasm
+            o.sandboxer = sandboxer
+            if let engine { o.annotations[WasmPrograms.engineAnnotation] = engine }
             let code = try common.client().run(o)
             if code != 0 { throw ExitCode(code) }
         }

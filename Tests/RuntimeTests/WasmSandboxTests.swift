@@ -146,6 +146,12 @@ extension AllTests {
             _ = try node.startContainer(address, "trap", bundle: trap)
             #expect(try tasks.wait("trap") == 134)
             #expect(node.output(trap).contains("wasm trap") && node.output(trap).contains("unreachable"), "trap: \(node.output(trap))")
+            // ...and in the daemon's log, which the container's stderr is not.
+            var log = ""
+            #expect(waitUntil {
+                if let fd = node.daemon?.log.rawValue, let more = (try? drain(fd)) ?? nil { log += String(decoding: more, as: UTF8.self) }
+                return log.contains("container trap: exit 134, the module trapped") && log.contains("unreachable")
+            }, "the daemon's log: \(log.suffix(2000))")
             try tasks.delete("trap")
 
             // The memory limit of the spec caps linear memory: grow is refused (exit 1), no OOM kill.
@@ -342,6 +348,30 @@ extension AllTests {
         r = try ctd.ctr("run --rm --runtime \(runtime) \(image) w4 /missing-import.wasm")
         #expect(r.code != 0 && r.out.contains("kuasar_nope"), "\(r.out)")
         _ = try? ctd.ctr("container delete w4")
+    }
+
+    /// `kuasar run --wasm` for people: the module alone as the container, its arguments
+    /// after --, the exit status its own; detached, `kill` (TERM) stops it although it is
+    /// its namespace's PID 1 and a module cannot handle a signal.
+    @Test func kuasarRunWasmRunsAModule() throws {
+        let root = AllTests.CompatibilityTests.DaemonRoot("wasm-run")
+        defer { root.stop() }
+        var r = try root.run("run --id w1 --wasm \(AllTests.WasmRunnerTests.module("hello"))")
+        #expect(r.code == 7 && r.out == "hello from wasm\n", "\(r)")
+        r = try root.run("run --id w2 --wasm \(AllTests.WasmRunnerTests.module("argsenv")) -- x 'y z' | tr '\\0' '\\n'")
+        #expect(r.code == 0 && r.out.hasPrefix("/argsenv.wasm\nx\ny z\n"), "\(r)")
+        r = try root.run("run --id w3 --wasm \(AllTests.WasmRunnerTests.module("missing-import"))")
+        #expect(r.code != 0 && r.out.contains("kuasar_nope"), "\(r)")
+        r = try root.run("run --id w4 --wasm /nonexistent/m.wasm")
+        #expect(r.code != 0 && r.out.contains("/nonexistent/m.wasm"), "\(r)")
+        r = try root.run("run -d --id w5 --wasm \(AllTests.WasmRunnerTests.module("spin"))")
+        #expect(r.code == 0 && r.out.contains("w5"), "\(r)")
+        #expect(try root.run("ps").out.contains("running"))
+        r = try root.run("kill w5")
+        #expect(r.code == 0, "\(r)")
+        #expect(waitUntil { ((try? root.run("ps"))?.out ?? "").contains("stopped") }, "TERM did not stop the module: \((try? root.run("ps"))?.out ?? "")")
+        r = try root.run("rm w5")
+        #expect(r.code == 0, "\(r)")
     }
 }
 }

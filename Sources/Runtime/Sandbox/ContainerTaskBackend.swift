@@ -73,7 +73,7 @@ public final class ContainerTaskBackend: TaskBackend {
         do {
             // Without a process Container.create names the missing field.
             if let programs, let process = spec.process, process.args?.isEmpty == false {
-                program = try programs.program(for: process, of: spec, rootfs: rootfs, containerID: r.id, isInit: true)
+                program = try programs.program(for: process, of: spec, rootfs: rootfs, containerID: r.id, execID: "")
             }
         } catch {
             for m in mounted.reversed() { Mounts.unmountAll(under: m) }
@@ -87,6 +87,7 @@ public final class ContainerTaskBackend: TaskBackend {
             switch result {
             case .failure(let e):
                 for m in mounted.reversed() { Mounts.unmountAll(under: m) }
+                if program != nil { self.programs?.forget(containerID: r.id) }
                 reply(.failure(RPCError.from(e)))
             case .success(let c):
                 c.ownedMounts = mounted
@@ -112,6 +113,7 @@ public final class ContainerTaskBackend: TaskBackend {
         guard p.state == .stopped, let status = p.exitStatus else { return }
         c.pollOOM()
         events?.taskExited(sandbox, containerID: c.id, execID: p.isInit ? "" : p.execID, pid: UInt32(p.pid), status: status, at: p.exitedAt)
+        if p.hostProgram != nil { programs?.ended(containerID: c.id, execID: p.isInit ? "" : p.execID, status: status) }
         // Recorded before anything else can happen: a restart must not report it again.
         registry.save(sandbox)
         if p.isInit {
@@ -143,8 +145,12 @@ public final class ContainerTaskBackend: TaskBackend {
         let process = try TaskPayloads.process(r)
         var stdio = StdioPaths(stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, terminal: r.terminal)
         stdio.namespace = sandbox.namespace
-        let program = try programs?.program(for: process, of: c.spec, rootfs: c.rootfs, containerID: c.id, isInit: false)
-        let p = try c.exec(id: r.execID, process: process, stdio: stdio)
+        let program = try programs?.program(for: process, of: c.spec, rootfs: c.rootfs, containerID: c.id, execID: r.execID)
+        let p: ContainerProcess
+        do { p = try c.exec(id: r.execID, process: process, stdio: stdio) } catch {
+            if program != nil { programs?.ended(containerID: c.id, execID: r.execID, status: nil) }
+            throw error
+        }
         p.hostProgram = program
         reply(.success(()))
     }
@@ -161,6 +167,7 @@ public final class ContainerTaskBackend: TaskBackend {
             }
             _ = c.removeExec(r.execID)
             p.io.close()
+            if p.hostProgram != nil { programs?.ended(containerID: r.id, execID: r.execID, status: nil) }
             registry.save(sandbox)
             resp.pid = UInt32(p.pid)
             resp.exitStatus = UInt32(bitPattern: p.exitStatus?.code ?? 0)
@@ -180,6 +187,7 @@ public final class ContainerTaskBackend: TaskBackend {
         let wasCreated = c.state == .created
         c.destroy()
         sandbox.remove(r.id)
+        programs?.forget(containerID: r.id)
         registry.save(sandbox)
         let finish = { (status: ExitStatus?, at: WallTime?) in
             resp.pid = UInt32(p.pid)
@@ -409,6 +417,10 @@ package func stopGroup<Member>(_ members: [Member], timeoutSecs: UInt32, reactor
 /// of the rootfs binary OCI names (the wasm kind: the module's runner). Asked at Create
 /// (the rootfs is mounted) and at Exec; a refusal is the call's error.
 public protocol ProcessPrograms: AnyObject {
-    /// nil: the process runs as its spec says.
-    func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, isInit: Bool) throws -> HostProgram?
+    /// nil: the process runs as its spec says. `execID` is "" for the container's init.
+    func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, execID: String) throws -> HostProgram?
+    /// A process that ran a program of ours exited (`status`), or will never run (nil).
+    func ended(containerID: String, execID: String, status: ExitStatus?)
+    /// The container is gone: whatever is still kept for its processes.
+    func forget(containerID: String)
 }

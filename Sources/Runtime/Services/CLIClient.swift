@@ -36,6 +36,12 @@ public final class CLIClient {
         public var hostname: String?
         public var detach = false
         public var readonlyRootfs = false
+        /// A WebAssembly module run in a pod of `sandboxer` (the wasm kind): its rootfs is
+        /// a directory holding only the module (and the mount points), `args` its argv.
+        public var wasm: String?
+        public var sandboxer = "kuasar-wasm"
+        /// Spec annotations (`io.kuasar.wasm.engine`).
+        public var annotations: [String: String] = [:]
         public init(id: String) { self.id = id }
     }
 
@@ -77,12 +83,34 @@ public final class CLIClient {
         var bundle = o.bundle ?? ""
         var madeBundle = false
         var specToWrite: Data?
+        // --wasm: a rootfs of the module alone, beside the bundle (scratch, or the sandbox's
+        // state directory when detached), made once the bundle's directory exists.
+        var wasmRootfs: (dir: String, module: [UInt8], name: String)?
+        var o = o
+        if let module = o.wasm {
+            guard o.bundle == nil, o.rootfs == nil else { throw RPCError(.invalidArgument, "--wasm runs a module in a rootfs of its own: not with --bundle or --rootfs") }
+            let abs = module.hasPrefix("/") ? module : FileManager.default.currentDirectoryPath + "/" + module
+            let bytes: [UInt8]
+            do { bytes = try Files.read(abs, limit: 256 << 20) } catch { throw RPCError(.invalidArgument, "--wasm \(abs): \(error)") }
+            let name = String(abs.split(separator: "/").last ?? "module.wasm")
+            let dir = o.detach ? root + "/" + o.id + "/bundle/rootfs" : root + "/run/" + o.id + ".rootfs"
+            wasmRootfs = (dir, bytes, name)
+            o.rootfs = dir
+            o.args = ["/" + name] + o.args
+        }
+        func makeWasmRootfs() throws {
+            guard let w = wasmRootfs else { return }
+            for d in ["proc", "dev", "sys", "tmp"] { try makeDirectories(w.dir + "/" + d, mode: 0o755) }
+            try Files.writeAtomically(w.dir + "/" + w.name, w.module, mode: 0o755)
+        }
         if bundle.isEmpty {
+            if wasmRootfs != nil, !o.detach { try makeWasmRootfs() }
             guard let rootfs = o.rootfs else { throw RPCError(.invalidArgument, "kuasar run needs --bundle or --rootfs") }
             let abs = rootfs.hasPrefix("/") ? rootfs : FileManager.default.currentDirectoryPath + "/" + rootfs
-            guard Files.isDirectory(abs) else { throw RPCError(.invalidArgument, "rootfs \(abs) is not a directory") }
+            guard Files.isDirectory(abs) || (wasmRootfs != nil && o.detach) else { throw RPCError(.invalidArgument, "rootfs \(abs) is not a directory") }
             guard !o.args.isEmpty else { throw RPCError(.invalidArgument, "kuasar run --rootfs needs a command after --") }
-            let spec = Self.defaultSpec(rootfs: abs, args: o.args, env: o.env, cwd: o.cwd, hostname: o.hostname, readonly: o.readonlyRootfs)
+            var spec = Self.defaultSpec(rootfs: abs, args: o.args, env: o.env, cwd: o.cwd, hostname: o.hostname, readonly: o.readonlyRootfs)
+            if !o.annotations.isEmpty { spec["annotations"] = o.annotations }
             specToWrite = try JSONSerialization.data(withJSONObject: spec, options: [.prettyPrinted])
             // A detached container's bundle lives as long as its sandbox (a restarted
             // daemon reads it again): in the sandbox's state directory, made below once
@@ -101,6 +129,7 @@ public final class CLIClient {
         }
         defer {
             if madeBundle { Files.removeTree(bundle) }
+            if let w = wasmRootfs, !o.detach { Files.removeTree(w.dir) }
             _ = rmdir(root + "/run")  // our scratch space, once no other run uses it
         }
 
@@ -109,6 +138,7 @@ public final class CLIClient {
         reg.sandboxID = o.id
         reg.namespace = "kuasar"
         reg.bundle = bundle
+        if wasmRootfs != nil { reg.sandboxer = o.sandboxer }
         let address: String
         do {
             address = try admin.call(AdminService.service, "RegisterSandbox", reg, as: Kuasar_Admin_V1_RegisterSandboxResponse.self).taskAddress
@@ -119,6 +149,7 @@ public final class CLIClient {
         }
         if let specToWrite {
             try makeDirectories(bundle, mode: 0o700)
+            if o.detach { try makeWasmRootfs() }
             try specToWrite.write(to: URL(fileURLWithPath: bundle + "/config.json"))
         }
         let session = try TaskSession(address: address)

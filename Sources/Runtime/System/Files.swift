@@ -67,6 +67,13 @@ public enum Files {
     /// open(2)'s O_PATH (Glibc's module leaves it out): a handle to a name, not its content.
     public static let pathOnly: Int32 = 0o10000000
 
+    /// An anonymous file in memory (memfd, close-on-exec), `name` for /proc's eyes.
+    public static func memoryFile(_ name: String) throws(SystemError) -> Int32 {
+        let fd = ks_memfd(name)
+        guard fd >= 0 else { throw SystemError("memfd_create", name, errno: Errno(rawValue: -fd)) }
+        return fd
+    }
+
     public static func openInRoot(_ root: String, _ path: String) throws(SystemError) -> OwnedFD {
         let rootfd = open(root, Files.pathOnly | O_DIRECTORY | O_CLOEXEC)
         guard rootfd >= 0 else { throw SystemError("open", root, errno: .current) }

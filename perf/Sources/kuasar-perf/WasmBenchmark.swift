@@ -9,7 +9,8 @@ import Runtime
 ///   it (cold) and from the compile cache (warm), against a static C hello exec'd directly;
 /// - compute: a sieve of Eratosthenes below 10^7 (Tests/Peers/wasm/sieve.wat) on both
 ///   engines against the same C program built with gcc -O2; every run's count is checked.
-/// Each figure is a process from spawn to exit. Writes perf/results/wasm.json.
+/// Each figure is a process from spawn to exit. Then the wasm kind through the daemon
+/// (WasmPodBenchmark: lifecycles and memory). Writes perf/results/wasm.json.
 enum WasmBenchmark {
     static let work = "/tmp/kuasar-perf-wasm"
 
@@ -23,7 +24,11 @@ enum WasmBenchmark {
         var compute: [ContainerBenchmark.Row]
         /// p50 / native p50.
         var computeRatios: [String: Double]
-        var notYet: String
+        /// Through the daemon: a wasm pod's containers, and the same pod's Linux container.
+        var lifecycle: [WasmPodBenchmark.Lifecycle]
+        /// Lifecycle p50 / the namespace container's p50.
+        var lifecycleRatios: [String: Double]
+        var memory: [WasmPodBenchmark.Memory]
     }
 
     static func parentDirectory(_ p: String) -> String { URL(fileURLWithPath: p).deletingLastPathComponent().path }
@@ -40,7 +45,7 @@ enum WasmBenchmark {
         return (ms, status.code, (try? Files.read(work + "/out")) ?? [])
     }
 
-    static func run(starts: Int, computes: Int) throws {
+    static func run(starts: Int, computes: Int, lifecycles: Int, idle: Int) throws {
         let log = ContainerBenchmark.log
         let repo = PodBenchmark.repositoryRoot
         let kuasar = ProcessInfo.processInfo.environment["KUASAR_BIN"] ?? repo + "/.build/release/kuasar"
@@ -93,6 +98,9 @@ enum WasmBenchmark {
                 times[name, default: []].append(ms)
             }
         }
+        let (lifecycle, memory) = try WasmPodBenchmark.run(kuasar: kuasar, library: library, work: work, runs: lifecycles, idle: idle)
+        let lifecycleBase = lifecycle.first?.lifecycle.p50ms ?? 1
+        let lifecycleRatios = Dictionary(lifecycle.dropFirst().compactMap { l in l.lifecycle.p50ms.map { (l.runtime, $0 / lifecycleBase) } }, uniquingKeysWith: { a, _ in a })
         let start = startCases.map { ContainerBenchmark.row($0.0, times[$0.0] ?? []) }
         let compute = computeCases.map { ContainerBenchmark.row($0.0, times[$0.0] ?? []) }
         func ratios(_ rows: [ContainerBenchmark.Row]) -> [String: Double] {
@@ -103,11 +111,15 @@ enum WasmBenchmark {
             date: ISO8601DateFormatter().string(from: Date()), kuasar: kuasar,
             wasmtime: (try? Wasmtime(library: library, cacheDir: nil).version) ?? "?",
             start: start, startRatios: ratios(start), compute: compute, computeRatios: ratios(compute),
-            notYet: "the wasm kind (containers as modules through the Task API) is not built yet: no lifecycle through the daemon, no per-pod memory")
+            lifecycle: lifecycle, lifecycleRatios: lifecycleRatios, memory: memory)
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(report).write(to: URL(fileURLWithPath: repo + "/perf/results/wasm.json"))
         for r in start + compute { log("wasm: \(r.runtime): p50 \(r.p50ms.map { ReactorBenchmark.fmt($0) } ?? "-") ms over \(r.runs) runs") }
+        for l in lifecycle {
+            log("wasm: through the daemon: \(l.runtime): lifecycle p50 \(l.lifecycle.p50ms.map { ReactorBenchmark.fmt($0) } ?? "-") ms, Create+Start p50 \(l.createStart.p50ms.map { ReactorBenchmark.fmt($0) } ?? "-") ms")
+        }
+        log("wasm: lifecycle ratios to the namespace container \(lifecycleRatios.mapValues { ReactorBenchmark.fmt($0) })")
         log("wasm: start ratios \(report.startRatios.mapValues { ReactorBenchmark.fmt($0) }); compute ratios \(report.computeRatios.mapValues { ReactorBenchmark.fmt($0) })")
     }
 }

@@ -10,7 +10,8 @@ import Runtime
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
 ///   kuasar-perf agent [--boots N] [--runs N]  guest boot to agent-ready vs a /init that prints a line; container lifecycle in the guest vs on the host
 ///   kuasar-perf vm [--boots N] [--pods N]  VM pod ready + first container vs raw QEMU to a /init, same command line; PSS at 1 and N pods
-///   kuasar-perf wasm [--runs N] [--computes N]  kuasar wasm-run start (WasmKit, Wasmtime cold/warm) vs a native exec; a sieve vs native C
+///   kuasar-perf wasm [--runs N] [--computes N] [--lifecycles N] [--idle N]  kuasar wasm-run start (WasmKit, Wasmtime cold/warm) vs a native exec; a sieve vs native C;
+///                    the wasm kind through the daemon (lifecycle vs a namespace container, memory of N idle containers)
 ///   kuasar-perf vm-templates [--runs N] [--pods N]  VM pod ready + first container: clone of a template vs cold boot; PSS of N each
 ///   kuasar-perf all                     all of them
 ///   kuasar-perf echo-server KIND SOCKET, ttrpc-server / grpc-server SOCKET (internal: the server processes)
@@ -53,7 +54,8 @@ case "agent":
 case "vm":
     try VMBenchmark.run(boots: Int(option("--boots", default: 8)), pods: Int(option("--pods", default: 10)))
 case "wasm":
-    try WasmBenchmark.run(starts: Int(option("--runs", default: 30)), computes: Int(option("--computes", default: 3)))
+    try WasmBenchmark.run(starts: Int(option("--runs", default: 30)), computes: Int(option("--computes", default: 3)),
+                          lifecycles: Int(option("--lifecycles", default: 30)), idle: Int(option("--idle", default: 100)))
 case "vm-templates":
     try VMTemplateBenchmark.run(runs: Int(option("--runs", default: 8)), pods: Int(option("--pods", default: 10)))
 case "external":

@@ -9,24 +9,28 @@ import KuasarWire
 /// starts in a few milliseconds):
 ///
 ///     [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR]
-///     [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]
+///     [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] [--report-fd N] MODULE [-- ARGV...]
+///
+/// `--report-fd N`: a trap's or a failed start's message goes to descriptor N as well as
+/// to stderr (the daemon reads it into its log; stderr is the container's).
 ///
 /// Exit status: the module's (proc_exit), 134 after a trap (its message on stderr), 125
 /// when it could not start (the reason on stderr), 2 for a bad command line.
 public enum WasmRunner {
-    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] MODULE [-- ARGV...]"
+    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] [--report-fd N] MODULE [-- ARGV...]"
 
     public struct Options: Equatable {
         public var engine = "wasmkit"
         public var wasmtimeLibrary: String?
         public var wasmtimeVersion: String?
         public var cache: String?
+        public var reportFD: Int32?
         public var run: WasmRun
     }
 
     /// `args` without the program's name.
     public static func parse(_ args: [String]) throws -> Options {
-        var engine = "wasmkit", library: String?, version: String?, cache: String?, memory: Int64?
+        var engine = "wasmkit", library: String?, version: String?, cache: String?, memory: Int64?, report: Int32?
         var dirs: [(String, String)] = [], env: [String: String] = [:]
         var rest: [String] = []
         var i = 0
@@ -42,6 +46,10 @@ public enum WasmRunner {
             case "--wasmtime-library": library = try value(a)
             case "--wasmtime-version": version = try value(a)
             case "--cache": cache = try value(a)
+            case "--report-fd":
+                let v = try value(a)
+                guard let n = Int32(v), n > 2 else { throw RPCError(.invalidArgument, "--report-fd \(v): a descriptor above 2") }
+                report = n
             case "--memory-limit":
                 let v = try value(a)
                 guard let n = Int64(v), n > 0 else { throw RPCError(.invalidArgument, "--memory-limit \(v): a number of bytes") }
@@ -71,7 +79,7 @@ public enum WasmRunner {
         run.environment = env
         run.preopens = dirs
         run.memoryLimit = memory
-        return Options(engine: engine, wasmtimeLibrary: library, wasmtimeVersion: version, cache: cache, run: run)
+        return Options(engine: engine, wasmtimeLibrary: library, wasmtimeVersion: version, cache: cache, reportFD: report, run: run)
     }
 
     public static func engine(_ o: Options) throws -> WasmEngine {
@@ -90,12 +98,16 @@ public enum WasmRunner {
             say("\(name): \(RPCError.from(error).message)\n\(usage)\n")
             return 2
         }
+        func report(_ s: String) {
+            say(s)
+            if let fd = options.reportFD { _ = s.withCString { write(fd, $0, strlen($0)) } }
+        }
         let outcome: WasmOutcome
         do { outcome = try engine(options).run(options.run) } catch {
-            say("\(name): \(RPCError.from(error).message)\n")
+            report("\(name): \(RPCError.from(error).message)\n")
             return 125
         }
-        if case .trapped(let why) = outcome { say("\(name): \(options.run.module): wasm trap: \(why)\n") }
+        if case .trapped(let why) = outcome { report("\(name): \(options.run.module): wasm trap: \(why)\n") }
         return outcome.exitCode
     }
 }

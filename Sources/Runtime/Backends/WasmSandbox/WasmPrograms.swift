@@ -49,6 +49,9 @@ public final class WasmPrograms: ProcessPrograms {
     private var imageError: String?
     private var wasmtime: WasmtimeFiles?
     private var wasmtimeError: String?
+    /// Per running module process ("container/exec"): a memfd the runner writes its trap
+    /// or start failure to, read at its exit into the daemon's log.
+    private var reports: [String: Int32] = [:]
 
     public init(settings: Settings, logger: Logger) {
         self.settings = settings
@@ -84,7 +87,8 @@ public final class WasmPrograms: ProcessPrograms {
         }
     }
 
-    public func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, isInit: Bool) throws -> HostProgram? {
+    public func program(for process: OCISpec.Process, of spec: OCISpec, rootfs: String, containerID: String, execID: String) throws -> HostProgram? {
+        let isInit = execID.isEmpty
         guard let args = process.args, let first = args.first else { return nil }
         let annotations = spec.annotations ?? [:]
         let declared = annotations[Self.variantAnnotation].map { $0.hasPrefix("compat") } ?? false
@@ -126,6 +130,11 @@ public final class WasmPrograms: ProcessPrograms {
             runnerArgs += ["--wasmtime-library", "/proc/self/fd/\(lib)", "--wasmtime-version", w.version, "--cache", "/proc/self/fd/\(cache)"]
         }
         if let limit = spec.linux?.resources?.memory?.limit, limit > 0 { runnerArgs += ["--memory-limit", String(limit)] }
+        let report = try Files.memoryFile("kuasar-wasm-report")
+        let key = containerID + "/" + execID
+        if let old = reports.updateValue(report, forKey: key) { _ = close(old) }
+        runnerArgs += ["--report-fd", String(3 + fds.count)]
+        fds.append(report)
         runnerArgs += ["--dir", "/=/"]
         for d in Self.extraPreopens(spec) { runnerArgs += ["--dir", "\(d)=\(d)"] }
         for e in env where e.contains("=") { runnerArgs += ["--env", e] }
@@ -133,6 +142,29 @@ public final class WasmPrograms: ProcessPrograms {
         return HostProgram(fd: 3, argv: image.loaderArgs + runnerArgs, env: ["PATH=/"],
                            fds: fds.enumerated().map { (from: $0.element, to: Int32(3 + $0.offset)) })
     }
+
+    public func ended(containerID: String, execID: String, status: ExitStatus?) {
+        guard let fd = reports.removeValue(forKey: containerID + "/" + execID) else { return }
+        defer { _ = close(fd) }
+        guard let status else { return }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        let n = pread(fd, &buf, buf.count, 0)
+        let what = execID.isEmpty ? "container \(containerID)" : "exec \(execID) in \(containerID)"
+        let text = n > 0 ? String(decoding: buf[0..<n], as: UTF8.self).trimmingWhitespace : ""
+        switch status.code {
+        case 134 where !text.isEmpty: logger.warning("\(what): exit 134, the module trapped: \(text)")
+        case 125 where !text.isEmpty: logger.warning("\(what): exit 125, the module could not start: \(text)")
+        default: if !text.isEmpty { logger.info("\(what): \(status): \(text)") }
+        }
+    }
+
+    public func forget(containerID: String) {
+        for key in reports.keys where key.hasPrefix(containerID + "/") {
+            if let fd = reports.removeValue(forKey: key) { _ = close(fd) }
+        }
+    }
+
+    deinit { for fd in reports.values { _ = close(fd) } }
 
     /// The entrypoint as execvp would find it in the rootfs: a path (relative to the
     /// process's cwd), or a bare name through PATH, or at the rootfs's top (runwasi's
