@@ -3,8 +3,9 @@
 #   make test   install what the tests need, build with warnings as errors, run every test
 SHELL := /bin/bash
 APT_PACKAGES := liburing-dev libseccomp-dev pkg-config util-linux containerd runc busybox-static protobuf-compiler libprotobuf-dev python3-protobuf python3-pip golang-1.19-go golang-github-containerd-ttrpc-dev golang-github-containerd-containerd-dev python3-grpcio python3-h2 lz4 binutils
-# The tests boot the guest image under QEMU and run containers with crun (the external-runtime kind).
-TEST_APT_PACKAGES := qemu-system-x86 crun wabt
+# The tests boot the guest image under QEMU, run containers with crun (the external-runtime kind),
+# and build their wasm modules: WAT with wabt, C for wasm32-wasi with clang, lld and wasi-libc.
+TEST_APT_PACKAGES := qemu-system-x86 crun wabt clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32
 SWIFT_FLAGS := -Xswiftc -warnings-as-errors
 SOCKET ?= /run/kuasar/kuasar.sock
 

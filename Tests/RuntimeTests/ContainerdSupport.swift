@@ -28,6 +28,9 @@ final class ContainerdFixture {
     var kuasarRoot: String { dir + "/kuasar" }
     var containerdPID: pid_t = 0
     var containerdPidfd: Int32 = -1
+    /// Container cgroups that were there before this fixture (another test's leak, reported
+    /// by that test): only the ones this fixture adds count as its leaks.
+    let cgroupsBefore: Set<String>
     static let image = "docker.io/library/busybox:latest"
     static let runtime = "io.containerd.kuasar.v2"
 
@@ -35,6 +38,7 @@ final class ContainerdFixture {
     /// (`containerd-shim-kuasar-<x>-v2` serves sandboxer `kuasar-<x>`).
     init(_ name: String, config: String = TestConfig.stopOnExit, shims: [String] = []) throws {
         dir = "/tmp/kuasar-ctd-\(name)-\(getpid())"
+        cgroupsBefore = Self.containerCgroups()
         socket = dir + "/containerd.sock"
         Mounts.unmountAll(under: dir)
         Files.removeTree(dir)
@@ -59,6 +63,14 @@ final class ContainerdFixture {
         waitUntil(timeoutMS: 3000) { access(socket, F_OK) == 0 }
         let (code, out) = try shell("python3 \(repositoryRoot)/Tests/Peers/containerd/make_image.py \(dir)/busybox.tar \(Self.image) && \(ctr) images import \(dir)/busybox.tar")
         #expect(code == 0, "image import: \(out)")
+    }
+
+    /// `<controller>/<name>` of every cgroup under the daemon's `kuasar` parent.
+    static func containerCgroups() -> Set<String> {
+        guard let dirs = try? CgroupHost.detect().existing("kuasar").dirs else { return [] }
+        return Set(dirs.flatMap { (c, base) in
+            Files.list(base).filter { Files.isDirectory(base + "/" + $0) }.map { c + "/" + $0 }
+        })
     }
 
     var ctr: String { "ctr -a \(socket)" }
@@ -104,10 +116,8 @@ final class ContainerdFixture {
             #expect(Files.list(kuasarRoot + "/runtimes/" + r).isEmpty, "runtime state left in \(r): \(Files.list(kuasarRoot + "/runtimes/" + r))")
         }
         #expect(leftovers.isEmpty, "left in \(kuasarRoot): \(leftovers)")
-        for (c, base) in try CgroupHost.detect().existing("kuasar").dirs {
-            let left = Files.list(base).filter { Files.isDirectory(base + "/" + $0) }
-            #expect(left.isEmpty, "cgroups left in \(c): \(left)")
-        }
+        let left = Self.containerCgroups().subtracting(cgroupsBefore)
+        #expect(left.isEmpty, "cgroups left: \(left.sorted())")
         Mounts.unmountAll(under: dir + "/root")
         #expect(mountsUnder(dir).isEmpty, "mounts left: \(mountsUnder(dir))")
         Files.removeTree(dir)

@@ -24,6 +24,9 @@ extension AllTests {
         var grpc: GRPCClient
         let args: [String]
         let bundles: String
+        /// Pods this node created: a body that fails midway has them shut down, since a
+        /// daemon that stops leaves its pods running (the next daemon adopts them).
+        var pods: [String] = []
 
         init(_ name: String, config: String? = nil, keep: Bool = false) throws {
             root = "/tmp/kuasar-pod-\(name)-\(getpid())"
@@ -77,6 +80,7 @@ extension AllTests {
             create.options.typeURL = "type.googleapis.com/runtime.v1.PodSandboxConfig"
             create.options.value = try config.serializedData()
             _ = try call("Create", create, Containerd_Services_Sandbox_V1_ControllerCreateResponse.self)
+            pods.append(id)
         }
 
         /// Controller Create + Start of a pod; returns the pid Start answered and the Task address.
@@ -127,6 +131,7 @@ extension AllTests {
         static func with(_ name: String, config: String? = nil, keep: Bool = false, _ body: (Node) throws -> Void) throws {
             let node = try Node(name, config: config, keep: keep)
             do { try body(node) } catch {
+                for pod in node.pods { try? node.shutdown(pod) }
                 try? node.stop()
                 throw error
             }

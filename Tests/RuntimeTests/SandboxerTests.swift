@@ -413,7 +413,7 @@ extension AllTests {
         // A sandboxer name from the file is what the Controller accepts.
         try Files.write(dir + "/mine.toml", "[sandboxers]\nedge = \"namespace\"\n", create: true)
         let info = try shell("\(AllTests.DaemonTests.binary) info --config \(dir)/mine.toml")
-        #expect(info.out.contains("sandboxers: edge") && info.out.contains("wasm: not available") && info.out.contains("    accelerator: "), "\(info.out)")
+        #expect(info.out.contains("sandboxers: edge") && info.out.contains("wasm: available; sandboxers: none configured") && info.out.contains("    accelerator: "), "\(info.out)")
     }
 
     /// Type=notify: READY with MAINPID (the daemon, not the keeper systemd started), then

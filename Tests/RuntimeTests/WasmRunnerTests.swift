@@ -30,13 +30,18 @@ extension AllTests {
         return lib
     }()
 
-    /// Each WAT peer compiled once into .build/peers/wasm.
+    /// Each WAT peer compiled once into .build/peers/wasm, and each C peer (Tests/Peers/wasm/c)
+    /// for wasm32-wasi with Debian's clang and wasi-libc, as `c-<name>.wasm`.
     static let modules: String = {
         let dir = "\(repositoryRoot)/.build/peers/wasm"
         _ = try? makeDirectories(dir)
         for wat in Files.list("\(repositoryRoot)/Tests/Peers/wasm") where wat.hasSuffix(".wat") {
             let r = try? shell("wat2wasm \(repositoryRoot)/Tests/Peers/wasm/\(wat) -o \(dir)/\(wat.dropLast(4)).wasm")
             #expect(r?.code == 0, "wat2wasm \(wat): \(r?.out ?? "")")
+        }
+        for c in Files.list("\(repositoryRoot)/Tests/Peers/wasm/c") where c.hasSuffix(".c") {
+            let r = try? shell("clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o \(dir)/c-\(c.dropLast(2)).wasm \(repositoryRoot)/Tests/Peers/wasm/c/\(c) 2>&1")
+            #expect(r?.code == 0, "clang-14 --target=wasm32-wasi \(c) (make test-deps installs clang-14, lld-14, wasi-libc): \(r?.out ?? "")")
         }
         return dir
     }()
@@ -78,6 +83,9 @@ extension AllTests {
         }
         let o = try WasmRunner.parse(["--engine", "wasmtime", "--dir", "/=/tmp/r", "--dir", "/data=/tmp/d", "--memory-limit", "4096", "m.wasm", "--", "m", "--not-an-option"])
         #expect(o.engine == "wasmtime" && o.run.memoryLimit == 4096 && o.run.args == ["m", "--not-an-option"] && o.run.preopens.map(\.guest) == ["/", "/data"])
+        // The container's limit less the runner's own memory and room for the engine; a page at least.
+        #expect(WasmRunner.linearMemoryCap(containerLimit: 64 << 20, resident: 20 << 20) == 28 << 20)
+        #expect(WasmRunner.linearMemoryCap(containerLimit: 1 << 20, resident: 20 << 20) == 65_536)
         let bad = try shell("\(Self.runnerBinary) --frobnicate x.wasm")
         #expect(bad.code == 2 && bad.out.contains("unknown option --frobnicate") && bad.out.contains("usage:"), "\(bad.out)")
     }

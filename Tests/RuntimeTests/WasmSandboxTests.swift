@@ -60,11 +60,13 @@ extension AllTests {
 
     /// A bundle of containerd's CRI spec whose rootfs (busybox) also holds the test modules
     /// at its top, `args` its process.
-    static func bundle(_ node: Node, _ name: String, pid: pid_t, args: [String], annotations: [String: String] = [:]) throws -> String {
+    static func bundle(_ node: Node, _ name: String, pid: pid_t, args: [String], annotations: [String: String] = [:],
+                       edit: (inout [String: Any]) -> Void = { _ in }) throws -> String {
         let dir = try node.bundle(name, pid: pid, args: args) { json in
             var a = json["annotations"] as? [String: Any] ?? [:]
             for (k, v) in annotations { a[k] = v }
             json["annotations"] = a
+            edit(&json)
         }
         for m in Files.list(AllTests.WasmRunnerTests.modules) where m.hasSuffix(".wasm") {
             try Files.writeAtomically(dir + "/rootfs/" + m, try Files.read(AllTests.WasmRunnerTests.modules + "/" + m), mode: 0o644)
@@ -209,6 +211,47 @@ extension AllTests {
         try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: bundle + "/config.json"))
     }
 
+    /// Create + Start of `id` with stdin from a FIFO as containerd makes it: a writer puts
+    /// `data` in and closes, then CloseIO (as `ctr run` does once its writer is done), since
+    /// the daemon holds the FIFO open read-write (a writer may come and go). stdout and
+    /// stderr go to the files `out` and `err` in the bundle.
+    static func startFeedingStdin(_ address: String, _ tasks: Tasks, _ id: String, bundle: String, _ data: [UInt8]) throws {
+        let fifo = bundle + "/in"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let t = try OneShotClient(path: address)
+        defer { t.close() }
+        var create = Containerd_Task_V3_CreateTaskRequest()
+        create.id = id
+        create.bundle = bundle
+        create.stdin = fifo
+        create.stdout = "file://" + bundle + "/out"
+        create.stderr = "file://" + bundle + "/err"
+        // The daemon opens the FIFO's read end at Create; our write end opens once it has.
+        let writer = Thread {
+            let fd = open(fifo, O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else { return }
+            data.withUnsafeBytes { b in
+                var off = 0
+                while off < b.count {
+                    let n = write(fd, b.baseAddress! + off, b.count - off)
+                    if n <= 0 { break }
+                    off += n
+                }
+            }
+            close(fd)
+        }
+        writer.start()
+        _ = try t.call("containerd.task.v3.Task", "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
+        var start = Containerd_Task_V3_StartRequest()
+        start.id = id
+        _ = try t.call("containerd.task.v3.Task", "Start", start, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
+        #expect(waitUntil(timeoutMS: 10_000) { writer.isFinished }, "the writer did not finish")
+        var closeIO = Containerd_Task_V3_CloseIORequest()
+        closeIO.id = id
+        closeIO.stdin = true
+        _ = try tasks.task("CloseIO", closeIO, Google_Protobuf_Empty.self)
+    }
+
     /// The annotation chooses the other engine where the config allows it, and is refused
     /// with the reason where it does not; a module reads its stdin from containerd's FIFO.
     @Test func theEngineAnnotationAndStdin() throws {
@@ -235,43 +278,8 @@ extension AllTests {
 
             // stdin: a FIFO as containerd makes it, written and closed; every byte comes back.
             let cat = try Self.bundle(node, "cat", pid: pod, args: ["/cat.wasm"])
-            let fifo = cat + "/in"
-            #expect(mkfifo(fifo, 0o600) == 0)
-            let t = try OneShotClient(path: address)
-            defer { t.close() }
-            var create = Containerd_Task_V3_CreateTaskRequest()
-            create.id = "cat"
-            create.bundle = cat
-            create.stdin = fifo
-            create.stdout = "file://" + cat + "/out"
-            create.stderr = "file://" + cat + "/err"
-            // The daemon opens the FIFO's read end at Create; our write end opens once it has.
-            let writer = Thread {
-                let fd = open(fifo, O_WRONLY | O_CLOEXEC)
-                guard fd >= 0 else { return }
-                let data = Array(repeating: Array("wasm stdin\n".utf8), count: 20_000).flatMap { $0 }
-                data.withUnsafeBytes { b in
-                    var off = 0
-                    while off < b.count {
-                        let n = write(fd, b.baseAddress! + off, b.count - off)
-                        if n <= 0 { break }
-                        off += n
-                    }
-                }
-                close(fd)
-            }
-            writer.start()
-            _ = try t.call("containerd.task.v3.Task", "Create", create, as: Containerd_Task_V3_CreateTaskResponse.self, namespace: "k8s.io")
-            var start = Containerd_Task_V3_StartRequest()
-            start.id = "cat"
-            _ = try t.call("containerd.task.v3.Task", "Start", start, as: Containerd_Task_V3_StartResponse.self, namespace: "k8s.io")
-            // The daemon holds its FIFO open read-write (a writer may come and go); EOF is
-            // containerd's CloseIO once its writer is done, as `ctr run` does it.
-            #expect(waitUntil(timeoutMS: 10_000) { writer.isFinished }, "the writer did not finish")
-            var closeIO = Containerd_Task_V3_CloseIORequest()
-            closeIO.id = "cat"
-            closeIO.stdin = true
-            _ = try tasks.task("CloseIO", closeIO, Google_Protobuf_Empty.self)
+            try Self.startFeedingStdin(address, tasks, "cat", bundle: cat,
+                                       Array(repeating: Array("wasm stdin\n".utf8), count: 20_000).flatMap { $0 })
             #expect(try tasks.wait("cat") == 0, "cat: \((try? Files.readString(cat + "/err")) ?? "")")
             let out = (try? Files.read(cat + "/out", limit: 1 << 24)) ?? []
             #expect(out.count == 220_000 && out.prefix(11) == Array("wasm stdin\n".utf8)[...], "stdin came back as \(out.count) bytes")
@@ -372,6 +380,70 @@ extension AllTests {
         #expect(waitUntil { ((try? root.run("ps"))?.out ?? "").contains("stopped") }, "TERM did not stop the module: \((try? root.run("ps"))?.out ?? "")")
         r = try root.run("rm w5")
         #expect(r.code == 0, "\(r)")
+    }
+
+    /// C programs built for wasm32-wasi with clang and wasi-libc (Tests/Peers/wasm/c), as
+    /// containers: libc's view of args, environment, files, an OCI bind mount, stdin, and
+    /// malloc under the spec's memory limit.
+    @Test(arguments: ["wasmkit", "wasmtime"]) func cProgramsBuiltForWasiRunAsContainers(engine: String) throws {
+        try Node.with("wasm-c-\(engine)", config: Self.config(engine: engine)) { node in
+            let (pod, address) = try node.runPod("cpod", AllTests.PodTests.podConfig(hostname: "cpod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+
+            let greet = try Self.bundle(node, "greet", pid: pod, args: ["/c-greet.wasm", "9", "two words"]) { json in
+                var p = json["process"] as! [String: Any]
+                p["env"] = ((p["env"] as? [String]) ?? []) + ["GREETING=from the spec"]
+                json["process"] = p
+            }
+            _ = try node.startContainer(address, "greet", bundle: greet)
+            #expect(try tasks.wait("greet") == 9)
+            let out = node.output(greet)
+            #expect(out.contains("arg 0: /c-greet.wasm\narg 1: 9\narg 2: two words\nGREETING=from the spec\n") && out.contains("to stderr\n"), "greet: \(out)")
+            try tasks.delete("greet")
+
+            // The rootfs's files through fopen, a file written into it, and a read-only bind
+            // mount of the spec listed with opendir.
+            let data = node.bundles + "/data-src"
+            try makeDirectories(data, mode: 0o755)
+            for f in ["one.txt", "two.txt"] { try Files.write(data + "/" + f, f, create: true) }
+            let files = try Self.bundle(node, "files", pid: pod, args: ["/c-files.wasm", "/data"]) { json in
+                var mounts = json["mounts"] as! [[String: Any]]
+                mounts.append(["destination": "/data", "type": "bind", "source": data, "options": ["rbind", "ro"]])
+                json["mounts"] = mounts
+            }
+            try Files.write(files + "/rootfs/etc/message", "a message in the image\n", create: true)
+            _ = try node.startContainer(address, "files", bundle: files)
+            #expect(try tasks.wait("files") == 0, "files: \(node.output(files))")
+            #expect(node.output(files) == "a message in the image\nentry one.txt\nentry two.txt\n" ||
+                    node.output(files) == "a message in the image\nentry two.txt\nentry one.txt\n", "files: \(node.output(files))")
+            #expect((try? Files.readString(files + "/rootfs/written.txt")) == "written by C through WASI\n")
+            try tasks.delete("files")
+
+            // stdin to its end: a MiB, counted and summed as the module saw it.
+            let count = try Self.bundle(node, "count", pid: pod, args: ["/c-count.wasm"])
+            let input = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2654435761) >> 7) }
+            let want = input.reduce(UInt64(0)) { $0 &* 31 &+ UInt64($1) }
+            try Self.startFeedingStdin(address, tasks, "count", bundle: count, input)
+            #expect(try tasks.wait("count") == 0)
+            #expect(node.output(count) == "\(1 << 20) bytes, sum \(want)\n", "count: \(node.output(count))")
+            try tasks.delete("count")
+
+            // malloc until it fails, under a 64 MiB limit: the cap refuses memory.grow, so the
+            // program sees NULL and exits 0 (not 137: the cgroup never had to kill it).
+            let eat = try Self.bundle(node, "eat", pid: pod, args: ["/c-eat.wasm"]) { json in
+                var linux = json["linux"] as! [String: Any]
+                var res = linux["resources"] as? [String: Any] ?? [:]
+                res["memory"] = ["limit": 64 << 20]
+                linux["resources"] = res
+                json["linux"] = linux
+            }
+            _ = try node.startContainer(address, "eat", bundle: eat)
+            #expect(try tasks.wait("eat") == 0, "eat: \(node.output(eat))")
+            let got = node.output(eat).split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
+            #expect(got > 8 && got < 64, "malloc under a 64 MiB cap: \(node.output(eat))")
+            try tasks.delete("eat")
+            try node.shutdown("cpod")
+        }
     }
 }
 }

@@ -14,7 +14,7 @@ public struct WasmRun: Sendable, Equatable {
     public var environment: [String: String] = [:]
     /// (guest path, host directory): the rootfs as "/", the OCI mounts beside it.
     public var preopens: [(guest: String, host: String)] = []
-    /// Linear memory cap in bytes (from linux.resources.memory.limit); nil: the engine's.
+    /// Linear memory cap in bytes (the runner derives it from linux.resources.memory.limit); nil: the engine's.
     public var memoryLimit: Int64?
 
     public init(module: String, args: [String]) {

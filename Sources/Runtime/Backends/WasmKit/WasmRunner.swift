@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import KuasarWasm
+import KuasarSystem
 import KuasarWire
 
 /// The runner's command line, shared by `kuasar wasm-run` and the small `kuasar-wasm-run`
@@ -10,6 +11,9 @@ import KuasarWire
 ///
 ///     [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR]
 ///     [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] [--report-fd N] MODULE [-- ARGV...]
+///
+/// `--memory-limit BYTES`: the container's memory limit (linux.resources.memory.limit);
+/// linear memory is capped below it by what the runner itself holds (linearMemoryCap).
 ///
 /// `--report-fd N`: a trap's or a failed start's message goes to descriptor N as well as
 /// to stderr (the daemon reads it into its log; stderr is the container's).
@@ -90,6 +94,23 @@ public enum WasmRunner {
         }
     }
 
+    /// Linear memory under the container's memory limit: the limit less what this process
+    /// already holds (the engine and its libraries, loaded by now) and `headroom` for what
+    /// the engine allocates beside the module (compiled code, stacks, WASI buffers), so
+    /// that memory.grow (malloc's NULL) fails before the cgroup's OOM killer must act.
+    /// Never less than one wasm page.
+    public static func linearMemoryCap(containerLimit: Int64, resident: Int64, headroom: Int64 = 16 << 20) -> Int64 {
+        max(65_536, containerLimit - resident - headroom)
+    }
+
+    /// This process's resident set (/proc/self/statm), 0 when unreadable.
+    static func residentBytes() -> Int64 {
+        guard let text = try? Files.readString("/proc/self/statm") else { return 0 }
+        let fields = text.split(separator: " ")
+        guard fields.count > 1, let pages = Int64(fields[1]) else { return 0 }
+        return pages * Int64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
     /// Parses, runs, reports; the process's exit status.
     public static func main(_ args: [String], name: String) -> Int32 {
         func say(_ s: String) { _ = s.withCString { write(2, $0, strlen($0)) } }
@@ -103,7 +124,12 @@ public enum WasmRunner {
             if let fd = options.reportFD { _ = s.withCString { write(fd, $0, strlen($0)) } }
         }
         let outcome: WasmOutcome
-        do { outcome = try engine(options).run(options.run) } catch {
+        do {
+            let engine = try engine(options)
+            var run = options.run
+            if let limit = run.memoryLimit { run.memoryLimit = linearMemoryCap(containerLimit: limit, resident: residentBytes()) }
+            outcome = try engine.run(run)
+        } catch {
             report("\(name): \(RPCError.from(error).message)\n")
             return 125
         }
