@@ -87,13 +87,13 @@ let package = Package(
             name: "KuasarWasm", dependencies: ["KuasarSystem", "KuasarWire"],
             path: "Sources/Runtime/Backends/Wasm"),
         .target(
-            name: "KuasarWasmKit", dependencies: ["KuasarWasm", "KuasarSystem", "KuasarWire",
+            name: "KuasarWasmKit", dependencies: ["KuasarWasm", "KuasarSystem", "KuasarWire", "CShims",
                                                   .product(name: "WasmKit", package: "WasmKit"), .product(name: "WasmKitWASI", package: "WasmKit")],
             path: "Sources/Runtime/Backends/WasmKit"),
         // The wasm kind: a namespace pod whose containers with a module entrypoint run it
         // through kuasar-wasm-run (opened by the daemon, executed by the container's child).
         .target(
-            name: "KuasarWasmSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarWire", "KuasarSandbox", "KuasarWasm", logging],
+            name: "KuasarWasmSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarSandbox", "KuasarWasm", logging],
             path: "Sources/Runtime/Backends/WasmSandbox"),
         // The Task service and the events publisher: the part of the API layer the guest
         // agent serves too, so it stays off TOMLKit and full Foundation (FoundationEssentials

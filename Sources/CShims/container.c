@@ -80,6 +80,25 @@ int ks_memfd(const char *name) {
     return fd < 0 ? -errno : fd;
 }
 
+int ks_memfd_sealable(const char *name) {
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    return fd < 0 ? -errno : fd;
+}
+
+int ks_seal_contents(int fd) {
+    return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) == 0 ? 0 : -errno;
+}
+
+int ks_become_unprivileged(unsigned id, int nice_level) {
+    if (setpriority(PRIO_PROCESS, 0, nice_level) != 0) return -errno;
+    if (geteuid() == 0) {
+        if (setgroups(0, NULL) != 0) return -errno;
+        if (setresgid(id, id, id) != 0) return -errno;
+        if (setresuid(id, id, id) != 0) return -errno;
+    }
+    return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 ? 0 : -errno;
+}
+
 // ---- seccomp (parent side: libseccomp allocates, so it never runs in the child) ----
 
 int ks_seccomp_export(uint32_t default_action, const uint32_t *arches, int arch_count,

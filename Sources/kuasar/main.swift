@@ -515,10 +515,11 @@ enum Backends {
     static let built: Set<String> = ["namespace", "vm", "wasm"]
 
     /// The wasm kind's module programs, from `[wasm]`.
-    static func wasmPrograms(_ w: KuasarConfig.WasmConfig, root: String, logger: Logger) -> WasmPrograms {
+    /// `supervisor` runs the compile helper (nil for a look, as `kuasar info` takes).
+    static func wasmPrograms(_ w: KuasarConfig.WasmConfig, root: String, supervisor: ProcessSupervisor? = nil, logger: Logger) -> WasmPrograms {
         WasmPrograms(settings: .init(engine: w.engine, engineAnnotation: w.engineAnnotation, wasmtimeLibrary: w.wasmtimeLibrary,
                                      cacheDir: w.cacheDir ?? root + "/wasm-cache", runner: w.runner ?? defaultRunner()),
-                     logger: logger)
+                     supervisor: supervisor, logger: logger)
     }
 
     /// `kuasar-wasm-run` beside the binary that is running.
@@ -536,7 +537,7 @@ enum Backends {
         var kinds: [SandboxBackend] = [NamespaceBackend(registry: ctx.registry, tasks: ctx.containers, reactor: ctx.reactor, logger: ctx.logger)]
         kinds.append(vm(ctx, config: config))
         // The wasm kind: the namespace kind's pods, whose module entrypoints run through the runner.
-        let programs = wasmPrograms(config.wasm, root: ctx.registry.root, logger: ctx.logger)
+        let programs = wasmPrograms(config.wasm, root: ctx.registry.root, supervisor: ctx.registry.engine.supervisor, logger: ctx.logger)
         kinds.append(NamespaceBackend(kind: "wasm", registry: ctx.registry, tasks: ContainerTaskBackend(registry: ctx.registry, logger: ctx.logger, programs: programs),
                                       reactor: ctx.reactor, logger: ctx.logger, unavailableReason: { programs.unavailableReason }))
         // One task-server kind per [servers.<name>] a sandboxer uses.

@@ -179,11 +179,13 @@ extension AllTests {
         #expect(r.code == 7 && r.text == "hello from wasm\n")
         let dir = cache + "/wasmtime-" + Self.wasmtimeVersion
         let entries = Files.list(dir).sorted()
-        #expect(entries.count == 2 && entries[0].hasSuffix(".bin") && entries[1].hasSuffix(".sum"), "\(entries)")
-        guard entries.count == 2 else { return }
+        #expect(entries.count == 3 && entries[0].hasSuffix(".bin") && entries[1].hasSuffix(".sum") && entries[2].hasSuffix(".wasm"), "\(entries)")
+        guard entries.count == 3 else { return }
         let bin = dir + "/" + entries[0]
         let key = String(entries[0].dropLast(4))
-        #expect(key == ModuleCache.key(try Files.read(Self.module("hello"))), "keyed by the module's digest")
+        let hello = try Files.read(Self.module("hello"))
+        #expect(key == ModuleCache.key(hello), "keyed by the module's digest")
+        #expect(try Files.read(dir + "/" + key + ".wasm") == hello, "the module it was compiled from is kept beside it")
         let built = try Files.read(bin, limit: 1 << 26)
         // A hit leaves the entry as it is.
         r = try Self.runner(["--cache", cache, Self.module("hello")])
@@ -198,6 +200,40 @@ extension AllTests {
         let rewritten = try Files.read(bin, limit: 1 << 26)
         #expect(rewritten == built, "the entry was written again")
         #expect(Files.list(dir).allSatisfy { !$0.hasSuffix(".tmp") })
+        // The digest is not cryptographic: an entry is only ever handed out for the module
+        // it was compiled from. Another module under the same key (a forged collision) misses.
+        let c = ModuleCache(dir: dir)
+        #expect(c.get(key, module: hello) == built)
+        var other = hello
+        other[other.count - 1] ^= 1
+        #expect(c.get(key, module: other) == nil, "an entry served for bytes it was not compiled from")
+        #expect(c.get(key, module: hello) == built, "a miss on other bytes leaves the entry alone")
+    }
+
+    /// The daemon's helper: `--precompile` writes compiled code to a descriptor (running
+    /// nothing of the module), which `--compiled` then runs; bytes the engine refuses are
+    /// compiled over, never a failure.
+    @Test func precompiledCodeRunsAndRefusedCodeIsCompiledOver() throws {
+        let scratch = try scratchDirectory("wasm-pre")
+        defer { Files.removeTree(scratch) }
+        let out = open(scratch + "/code", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let err = open(scratch + "/err", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        defer { close(out); close(err) }
+        let p = try Spawner.spawn(ProcessSpec(executable: Self.runnerBinary,
+                                              arguments: ["kuasar-wasm-run", "--engine", "wasmtime", "--wasmtime-library", Self.wasmtimeLibrary,
+                                                          "--precompile", "4", Self.module("hello")],
+                                              fdMap: [(out, 4), (err, 2), (err, 1)]))
+        let status = try Spawner.wait(p)
+        let code = try Files.read(scratch + "/code", limit: 1 << 26)
+        #expect(status == .exited(0) && code.count > 1000, "precompile: \(status) \((try? Files.readString(scratch + "/err")) ?? "")")
+        #expect(!((try? Files.readString(scratch + "/err")) ?? "").contains("hello from wasm"), "the module ran")
+        var r = try Self.runner(["--compiled", scratch + "/code", Self.module("hello")])
+        #expect(r.code == 7 && r.text == "hello from wasm\n", "\(r)")
+        try Files.writeAtomically(scratch + "/junk", Array("not compiled code".utf8))
+        r = try Self.runner(["--compiled", scratch + "/junk", Self.module("hello")])
+        #expect(r.code == 7 && r.text == "hello from wasm\n", "\(r)")
+        r = try Self.runner(["--precompile", "4", Self.module("hello")], engine: "wasmkit")
+        #expect(r.code == 2 && r.stderr.contains("only the wasmtime engine"), "\(r)")
     }
 }
 }

@@ -263,8 +263,8 @@ extension AllTests {
             _ = try node.startContainer(address, "wt", bundle: wt)
             #expect(try tasks.wait("wt") == 7)
             #expect(node.output(wt) == "hello from wasm\n")
-            // Wasmtime compiled it into the daemon's cache (WasmKit keeps none): that is the engine that ran.
-            #expect(Files.list(cache).contains { $0.hasSuffix(".bin") }, "no compiled module in \(cache): \(Files.list(node.root))")
+            // Wasmtime ran it, and the daemon's helper compiled it into the cache (WasmKit keeps none).
+            #expect(waitUntil(timeoutMS: 20_000) { Files.list(cache).contains { $0.hasSuffix(".sum") } }, "no compiled module in \(cache): \(Files.list(node.root))")
             #expect(Files.list(cache).allSatisfy { !$0.hasSuffix(".tmp") })
             try tasks.delete("wt")
 
@@ -380,6 +380,57 @@ extension AllTests {
         #expect(waitUntil { ((try? root.run("ps"))?.out ?? "").contains("stopped") }, "TERM did not stop the module: \((try? root.run("ps"))?.out ?? "")")
         r = try root.run("rm w5")
         #expect(r.code == 0, "\(r)")
+    }
+
+    /// Compiled code is native code every container of a module runs, so no container can
+    /// write it: the first container compiles for itself, the daemon's helper fills the
+    /// cache, and the next container gets the code as a sealed memfd and nothing of the
+    /// cache (an image's /etc/ld.so.preload, which the loader honours, finds nothing to poison).
+    @Test func compiledCodeReachesContainersSealedAndTheCacheNever() throws {
+        try Node.with("wasm-seal", config: Self.config(engine: "wasmtime")) { node in
+            let (pod, address) = try node.runPod("spod", AllTests.PodTests.podConfig(hostname: "spod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+            let cache = node.root + "/wasm-cache/wasmtime-" + AllTests.WasmRunnerTests.wasmtimeVersion
+            let first = try Self.bundle(node, "first", pid: pod, args: ["/spin.wasm"])
+            let firstPid = try node.startContainer(address, "first", bundle: first)
+            #expect(waitUntil(timeoutMS: 20_000) { Files.list(cache).contains { $0.hasSuffix(".sum") } }, "the helper filled no cache: \(Files.list(cache))")
+            #expect(Self.descriptors(of: firstPid).allSatisfy { !$0.contains("kuasar-wasm-code") }, "a miss hands out no code")
+            try tasks.kill("first")
+            #expect(try tasks.wait("first") == 137)
+            try tasks.delete("first")
+
+            let second = try Self.bundle(node, "second", pid: pod, args: ["/spin.wasm"])
+            let pid = try node.startContainer(address, "second", bundle: second)
+            let fds = Self.descriptors(of: pid)
+            #expect(fds.allSatisfy { !$0.contains("wasm-cache") }, "the runner holds the cache: \(fds)")
+            let code = fds.filter { $0.contains("memfd:kuasar-wasm-code") }
+            #expect(code.count == 1, "\(fds)")
+            for entry in code {
+                let n = entry.prefix { $0 != " " }
+                // Even root, reopening it for writing through /proc, cannot change a byte.
+                let fd = open("/proc/\(pid)/fd/\(n)", O_RDWR | O_CLOEXEC)
+                #expect(fd >= 0, "open the runner's code memfd: \(Errno.current)")
+                guard fd >= 0 else { continue }
+                defer { close(fd) }
+                let sealWrite: Int32 = 0x0008  // F_SEAL_WRITE
+                #expect(fcntl(fd, 1034 /* F_GET_SEALS */) & sealWrite != 0)
+                var byte: UInt8 = 0
+                #expect(pwrite(fd, &byte, 1, 0) < 0 && errno == EPERM, "a write to sealed code succeeded")
+            }
+            try tasks.kill("second")
+            #expect(try tasks.wait("second") == 137)
+            try tasks.delete("second")
+            try node.shutdown("spod")
+        }
+    }
+
+    /// `<fd> <link>` of each of `pid`'s descriptors.
+    static func descriptors(of pid: pid_t) -> [String] {
+        Files.list("/proc/\(pid)/fd").map { fd in
+            var buf = [CChar](repeating: 0, count: 4096)
+            let n = readlink("/proc/\(pid)/fd/\(fd)", &buf, buf.count - 1)
+            return fd + " " + (n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?")
+        }
     }
 
     /// C programs built for wasm32-wasi with clang and wasi-libc (Tests/Peers/wasm/c), as

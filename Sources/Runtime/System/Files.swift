@@ -68,10 +68,42 @@ public enum Files {
     public static let pathOnly: Int32 = 0o10000000
 
     /// An anonymous file in memory (memfd, close-on-exec), `name` for /proc's eyes.
-    public static func memoryFile(_ name: String) throws(SystemError) -> Int32 {
-        let fd = ks_memfd(name)
+    /// `sealable`: its contents can later be frozen with `seal`.
+    public static func memoryFile(_ name: String, sealable: Bool = false) throws(SystemError) -> Int32 {
+        let fd = sealable ? ks_memfd_sealable(name) : ks_memfd(name)
         guard fd >= 0 else { throw SystemError("memfd_create", name, errno: Errno(rawValue: -fd)) }
         return fd
+    }
+
+    /// A memfd holding `bytes`, sealed: no descriptor of it, in any process, can change
+    /// them (what a container is handed to read but must not be able to alter).
+    /// A memfd holding `bytes`, sealed (`seal`).
+    public static func sealedMemoryFile(_ name: String, _ bytes: [UInt8]) throws(SystemError) -> Int32 {
+        let fd = try memoryFile(name, sealable: true)
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + off, $0.count - off, off_t(off)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                let e = Errno.current
+                _ = close(fd)
+                throw SystemError("write", name, errno: e)
+            }
+            off += n
+        }
+        do { try seal(fd) } catch {
+            _ = close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// Freezes a sealable memfd's contents: no descriptor of it, in any process and with
+    /// any privilege, can write, grow or shrink it again (what a container may read but
+    /// must not alter).
+    public static func seal(_ fd: Int32) throws(SystemError) {
+        let rc = ks_seal_contents(fd)
+        guard rc == 0 else { throw SystemError("seal memfd", nil, errno: Errno(rawValue: -rc)) }
     }
 
     public static func openInRoot(_ root: String, _ path: String) throws(SystemError) -> OwnedFD {

@@ -9,12 +9,15 @@ import KuasarWire
 /// dependency, so a host without it builds and runs and says why the engine is absent.
 /// Only the functions called here are declared, from the public headers' signatures.
 /// Compiled modules are cached (`ModuleCache`), keyed by the module's digest and the
-/// engine's version.
+/// engine's version; or handed in ready (`precompiled`: what the daemon compiled outside
+/// any container, in a sealed memfd), tried before compiling.
 public final class Wasmtime: WasmEngine {
     public let name = "wasmtime"
     public let library: String
     public let version: String
     let cache: ModuleCache?
+    /// Serialized compiled code of the module about to run, from whoever vouches for it.
+    public var precompiled: [UInt8]?
     private let api: API
 
     /// The library found where pip puts it, for `wasmtime_library = ""` in the config.
@@ -90,28 +93,55 @@ public final class Wasmtime: WasmEngine {
         return .trapped(message(error, api.errorMessage))
     }
 
-    /// From the cache when a verified entry is there; else compiled and cached.
+    /// Handed in ready, or from the cache when a sound entry is there; else compiled (and
+    /// cached when there is a cache).
     private func compile(_ engine: OpaquePointer, _ bytes: [UInt8], path: String) throws -> OpaquePointer {
+        if let ready = precompiled, let module = deserialize(engine, ready) { return module }
         let key = cache.map { _ in ModuleCache.key(bytes) }
-        if let cache, let key, let compiled = cache.get(key) {
-            var module: OpaquePointer?
-            let e = compiled.withUnsafeBufferPointer { api.moduleDeserialize(engine, $0.baseAddress, $0.count, &module) }
-            if e == nil, let module { return module }
-            if let e { api.errorDelete(e) }
+        if let cache, let key, let compiled = cache.get(key, module: bytes) {
+            if let module = deserialize(engine, compiled) { return module }
             cache.remove(key)
         }
+        let module = try compileFresh(engine, bytes, path: path)
+        if let cache, let key, let out = serialize(module) { cache.put(key, out, module: bytes) }
+        return module
+    }
+
+    /// The module's compiled code, serialized: what `precompiled` takes. Nothing runs.
+    public func precompile(_ bytes: [UInt8], path: String) throws -> [UInt8] {
+        guard let engine = api.engineNew() else { throw RPCError(.internal, "wasmtime: wasm_engine_new failed") }
+        defer { api.engineDelete(engine) }
+        let module = try compileFresh(engine, bytes, path: path)
+        defer { api.moduleDelete(module) }
+        guard let out = serialize(module) else { throw RPCError(.internal, "wasmtime: serialize \(path) failed") }
+        return out
+    }
+
+    private func compileFresh(_ engine: OpaquePointer, _ bytes: [UInt8], path: String) throws -> OpaquePointer {
         var module: OpaquePointer?
         let e = bytes.withUnsafeBufferPointer { api.moduleNew(engine, $0.baseAddress, $0.count, &module) }
         try check(e, "compile \(path)", code: .invalidArgument)
         guard let module else { throw RPCError(.internal, "wasmtime: compile \(path): no module") }
-        if let cache, let key {
-            var out = ByteVec(size: 0, data: nil)
-            if api.moduleSerialize(module, &out) == nil, let data = out.data {
-                cache.put(key, Array(UnsafeBufferPointer(start: data, count: out.size)))
-                api.byteVecDelete(&out)
-            }
-        }
         return module
+    }
+
+    /// nil when the engine refuses the bytes (another version's, or damaged).
+    private func deserialize(_ engine: OpaquePointer, _ compiled: [UInt8]) -> OpaquePointer? {
+        var module: OpaquePointer?
+        let e = compiled.withUnsafeBufferPointer { api.moduleDeserialize(engine, $0.baseAddress, $0.count, &module) }
+        if let e { api.errorDelete(e) }
+        return e == nil ? module : nil
+    }
+
+    private func serialize(_ module: OpaquePointer) -> [UInt8]? {
+        var out = ByteVec(size: 0, data: nil)
+        if let e = api.moduleSerialize(module, &out) {
+            api.errorDelete(e)
+            return nil
+        }
+        guard let data = out.data else { return nil }
+        defer { api.byteVecDelete(&out) }
+        return Array(UnsafeBufferPointer(start: data, count: out.size))
     }
 
     private func wasi(_ run: WasmRun, _ context: OpaquePointer?) throws {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import KuasarWasm
+import CShims
 import KuasarSystem
 import KuasarWire
 
@@ -21,13 +22,17 @@ import KuasarWire
 /// Exit status: the module's (proc_exit), 134 after a trap (its message on stderr), 125
 /// when it could not start (the reason on stderr), 2 for a bad command line.
 public enum WasmRunner {
-    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] [--report-fd N] MODULE [-- ARGV...]"
+    public static let usage = "usage: [--engine wasmkit|wasmtime] [--wasmtime-library SO] [--wasmtime-version V] [--cache DIR] [--compiled FILE] [--dir GUEST=HOST]... [--env K=V]... [--memory-limit BYTES] [--report-fd N] MODULE [-- ARGV...]\n       --engine wasmtime --precompile OUT_FD [--wasmtime-library SO] MODULE"
 
     public struct Options: Equatable {
         public var engine = "wasmkit"
         public var wasmtimeLibrary: String?
         public var wasmtimeVersion: String?
         public var cache: String?
+        /// Compiled code to run instead of compiling (Wasmtime; tried, compiled on refusal).
+        public var compiled: String?
+        /// Compile only, the serialized code to this descriptor (the daemon's helper).
+        public var precompileFD: Int32?
         public var reportFD: Int32?
         public var run: WasmRun
     }
@@ -35,6 +40,7 @@ public enum WasmRunner {
     /// `args` without the program's name.
     public static func parse(_ args: [String]) throws -> Options {
         var engine = "wasmkit", library: String?, version: String?, cache: String?, memory: Int64?, report: Int32?
+        var compiled: String?, precompile: Int32?
         var dirs: [(String, String)] = [], env: [String: String] = [:]
         var rest: [String] = []
         var i = 0
@@ -50,6 +56,11 @@ public enum WasmRunner {
             case "--wasmtime-library": library = try value(a)
             case "--wasmtime-version": version = try value(a)
             case "--cache": cache = try value(a)
+            case "--compiled": compiled = try value(a)
+            case "--precompile":
+                let v = try value(a)
+                guard let n = Int32(v), n > 2 else { throw RPCError(.invalidArgument, "--precompile \(v): a descriptor above 2") }
+                precompile = n
             case "--report-fd":
                 let v = try value(a)
                 guard let n = Int32(v), n > 2 else { throw RPCError(.invalidArgument, "--report-fd \(v): a descriptor above 2") }
@@ -83,15 +94,39 @@ public enum WasmRunner {
         run.environment = env
         run.preopens = dirs
         run.memoryLimit = memory
-        return Options(engine: engine, wasmtimeLibrary: library, wasmtimeVersion: version, cache: cache, reportFD: report, run: run)
+        if precompile != nil && engine != "wasmtime" { throw RPCError(.invalidArgument, "--precompile: only the wasmtime engine keeps compiled code") }
+        return Options(engine: engine, wasmtimeLibrary: library, wasmtimeVersion: version, cache: cache, compiled: compiled,
+                       precompileFD: precompile, reportFD: report, run: run)
     }
 
     public static func engine(_ o: Options) throws -> WasmEngine {
         switch o.engine {
         case "wasmkit": return WasmKitEngine()
-        case "wasmtime": return try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache, version: o.wasmtimeVersion)
+        case "wasmtime":
+            let w = try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache, version: o.wasmtimeVersion)
+            // Refused bytes (another version's) are compiled over, so an unreadable file is too.
+            if let path = o.compiled { w.precompiled = try? Files.read(path, limit: 1 << 30) }
+            return w
         default: throw RPCError(.invalidArgument, "engine \(o.engine): not one of wasmkit, wasmtime")
         }
+    }
+
+    /// The daemon's compile helper, run on the host, never in a container: loads Wasmtime
+    /// and reads the module, then gives up root (nobody, no groups, no_new_privs, nice 10)
+    /// before the compiler parses untrusted bytes, and writes the serialized code to `out`.
+    /// Nothing of the module runs.
+    static func precompile(_ o: Options, to out: Int32) throws {
+        let w = try Wasmtime(library: o.wasmtimeLibrary, cacheDir: nil, version: o.wasmtimeVersion)
+        let bytes = try WasmModuleFile.read(o.run.module)
+        let rc = ks_become_unprivileged(65534, 10)
+        guard rc == 0 else { throw SystemError("drop privileges", "uid 65534", errno: Errno(rawValue: -rc)) }
+        let code = try w.precompile(bytes, path: o.run.module)
+        let fd = OwnedFD(adopting: out)
+        do { try fd.writeAll(code) } catch {
+            fd.close()
+            throw error
+        }
+        fd.close()
     }
 
     /// Linear memory under the container's memory limit: the limit less what this process
@@ -122,6 +157,15 @@ public enum WasmRunner {
         func report(_ s: String) {
             say(s)
             if let fd = options.reportFD { _ = s.withCString { write(fd, $0, strlen($0)) } }
+        }
+        if let out = options.precompileFD {
+            do {
+                try precompile(options, to: out)
+                return 0
+            } catch {
+                say("\(name): precompile \(options.run.module): \(RPCError.from(error).message)\n")
+                return 1
+            }
         }
         let outcome: WasmOutcome
         do {

@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import KuasarOCI
 import KuasarSystem
+import KuasarReactor
 import KuasarWire
 import KuasarSandbox
 import KuasarWasm
@@ -53,8 +54,12 @@ public final class WasmPrograms: ProcessPrograms {
     /// or start failure to, read at its exit into the daemon's log.
     private var reports: [String: Int32] = [:]
 
-    public init(settings: Settings, logger: Logger) {
+    /// Runs the compile helper (nil: no compiled code is kept, each runner compiles).
+    let supervisor: ProcessSupervisor?
+
+    public init(settings: Settings, supervisor: ProcessSupervisor? = nil, logger: Logger) {
         self.settings = settings
+        self.supervisor = supervisor
         self.logger = logger
     }
 
@@ -125,9 +130,12 @@ public final class WasmPrograms: ProcessPrograms {
         var runnerArgs = ["--engine", engine]
         if engine == "wasmtime" {
             let w = try loadWasmtime()
-            let lib = Int32(3 + fds.count), cache = lib + 1
-            fds += [w.library, w.cache]
-            runnerArgs += ["--wasmtime-library", "/proc/self/fd/\(lib)", "--wasmtime-version", w.version, "--cache", "/proc/self/fd/\(cache)"]
+            runnerArgs += ["--wasmtime-library", "/proc/self/fd/\(3 + fds.count)", "--wasmtime-version", w.version]
+            fds.append(w.library)
+            if let code = w.code(forModule: fd, path: path, runner: settings.runner, supervisor: supervisor, logger: logger) {
+                runnerArgs += ["--compiled", "/proc/self/fd/\(3 + fds.count)"]
+                fds.append(code)
+            }
         }
         if let limit = spec.linux?.resources?.memory?.limit, limit > 0 { runnerArgs += ["--memory-limit", String(limit)] }
         let report = try Files.memoryFile("kuasar-wasm-report")
@@ -290,13 +298,30 @@ final class RunnerImage {
     }
 }
 
-/// Wasmtime's library and the compiled-module cache, opened for the wasm containers.
+/// Wasmtime's library and the compiled-module cache, for the wasm containers.
+///
+/// Compiled code is native code that every container of the same module runs, so no
+/// container may write it: a runner inside a container reads what its image says (an
+/// image's /etc/ld.so.preload reaches the loader), and a cache it could write would let one
+/// pod plant code in another's. So the runner gets no handle on the cache; it gets the code
+/// as a sealed memfd (read-only for everyone, whatever their privileges). On a miss the
+/// runner compiles for itself, in memory, and the daemon has the module compiled once more
+/// by `kuasar-wasm-run --precompile`, on the host, unprivileged (nobody, no_new_privs,
+/// nice 10), its output collected from a memfd at its exit and written to the cache by the
+/// daemon. Each hit compares the module's bytes with the ones the code was compiled from:
+/// the cache's key is a fast digest, not a cryptographic one.
 final class WasmtimeFiles {
     let path: String
     let version: String
-    /// Read-only, and the cache directory (O_PATH); both close-on-exec, closed at deinit.
+    /// Read-only, close-on-exec, closed at deinit.
     let library: Int32
-    let cache: Int32
+    let cache: ModuleCache
+    /// Code handed to containers, per module key: the module's bytes (compared on every
+    /// hit) and a sealed memfd of its code. At most `memoLimit` entries, the oldest dropped.
+    private var memo: [String: (module: [UInt8], code: Int32)] = [:]
+    private var memoOrder: [String] = []
+    static let memoLimit = 32
+    private var compiling: Set<String> = []
 
     init(library: String?, cacheDir: String) throws {
         // Loading it here says whether it works (and its version) before a container fails on it.
@@ -309,18 +334,80 @@ final class WasmtimeFiles {
             _ = close(lib)
             throw RPCError(.failedPrecondition, "the wasm cache \(cacheDir): \(error)")
         }
-        let dir = Glibc.open(cacheDir, Files.pathOnly | O_DIRECTORY | O_CLOEXEC)
-        guard dir >= 0 else {
-            let e = Errno.current
-            _ = close(lib)
-            throw RPCError(.failedPrecondition, "open \(cacheDir): \(e)")
-        }
         self.library = lib
-        cache = dir
+        cache = ModuleCache(dir: cacheDir + "/wasmtime-" + version)
+    }
+
+    /// A sealed memfd of the compiled code of the module open at `fd`, when there is one;
+    /// nil starts its compilation for the next container (once per module at a time).
+    func code(forModule fd: Int32, path: String, runner: String, supervisor: ProcessSupervisor?, logger: Logger) -> Int32? {
+        guard let module = try? Self.readAll(fd) else { return nil }
+        let key = ModuleCache.key(module)
+        if let m = memo[key] {
+            return m.module == module ? m.code : nil
+        }
+        if let code = cache.get(key, module: module), let sealed = try? Files.sealedMemoryFile("kuasar-wasm-code", code) {
+            remember(key, module, sealed)
+            return sealed
+        }
+        if let supervisor, !compiling.contains(key) { compile(key, module, fd: fd, path: path, runner: runner, supervisor: supervisor, logger: logger) }
+        return nil
+    }
+
+    private func compile(_ key: String, _ module: [UInt8], fd: Int32, path: String, runner: String, supervisor: ProcessSupervisor, logger: Logger) {
+        let out: Int32
+        do { out = try Files.memoryFile("kuasar-wasm-code", sealable: true) } catch {
+            logger.warning("wasm: compile \(path) for the cache: \(error)")
+            return
+        }
+        let spec = ProcessSpec(executable: runner,
+                               arguments: ["kuasar-wasm-run", "--engine", "wasmtime", "--wasmtime-library", self.path, "--wasmtime-version", version,
+                                           "--precompile", "4", "/proc/self/fd/3"],
+                               environment: ["PATH=/usr/bin:/bin"], fdMap: [(from: fd, to: 3), (from: out, to: 4), (from: 2, to: 2)])
+        do {
+            try supervisor.spawn(spec) { [weak self] status in
+                guard let self else { _ = close(out); return }
+                self.compiling.remove(key)
+                guard status == .exited(0), let code = try? Self.readAll(out), !code.isEmpty, (try? Files.seal(out)) != nil else {
+                    logger.warning("wasm: compiling \(path) for the cache ended with \(status); containers of it compile for themselves")
+                    _ = close(out)
+                    return
+                }
+                self.cache.put(key, code, module: module)
+                self.remember(key, module, out)
+            }
+            compiling.insert(key)
+        } catch {
+            _ = close(out)
+            logger.warning("wasm: compile \(path) for the cache: \(error)")
+        }
+    }
+
+    private func remember(_ key: String, _ module: [UInt8], _ code: Int32) {
+        if let old = memo.updateValue((module, code), forKey: key) { _ = close(old.code) } else { memoOrder.append(key) }
+        while memoOrder.count > Self.memoLimit {
+            if let dropped = memo.removeValue(forKey: memoOrder.removeFirst()) { _ = close(dropped.code) }
+        }
+    }
+
+    /// The whole file open at `fd` (from offset 0), up to the largest module allowed.
+    static func readAll(_ fd: Int32) throws -> [UInt8] {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError("fstat", nil, errno: .current) }
+        guard st.st_size <= WasmModuleFile.maxBytes else { throw SystemError("read", "module", errno: .EINVAL) }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + off, $0.count - off, off_t(off)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw SystemError("read", nil, errno: n < 0 ? .current : .EIO) }
+            off += n
+        }
+        return bytes
     }
 
     deinit {
         _ = close(library)
-        _ = close(cache)
+        for m in memo.values { _ = close(m.code) }
     }
 }
