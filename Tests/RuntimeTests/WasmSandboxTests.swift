@@ -252,6 +252,19 @@ extension AllTests {
         _ = try tasks.task("CloseIO", closeIO, Google_Protobuf_Empty.self)
     }
 
+    /// Create of `id` fails with `code` and a message naming `word`; `accepted` says what
+    /// went wrong if it starts.
+    static func expectRefused(_ node: Node, _ address: String, _ id: String, bundle: String, _ code: RPCCode, naming word: String, _ accepted: String) {
+        do {
+            _ = try node.startContainer(address, id, bundle: bundle)
+            Issue.record("\(accepted)")
+        } catch let e as RPCError {
+            #expect(e.code == code && e.message.contains(word), "\(e)")
+        } catch {
+            Issue.record("\(id): \(error)")
+        }
+    }
+
     /// The annotation chooses the other engine where the config allows it, and is refused
     /// with the reason where it does not; a module reads its stdin from containerd's FIFO.
     @Test func theEngineAnnotationAndStdin() throws {
@@ -269,12 +282,7 @@ extension AllTests {
             try tasks.delete("wt")
 
             let v8 = try Self.bundle(node, "v8", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "v8"])
-            do {
-                _ = try node.startContainer(address, "v8", bundle: v8)
-                Issue.record("engine v8 accepted")
-            } catch let e as RPCError {
-                #expect(e.code == .invalidArgument && e.message.contains("v8"), "\(e)")
-            }
+            Self.expectRefused(node, address, "v8", bundle: v8, .invalidArgument, naming: "v8", "engine v8 accepted")
 
             // stdin: a FIFO as containerd makes it, written and closed; every byte comes back.
             let cat = try Self.bundle(node, "cat", pid: pod, args: ["/cat.wasm"])
@@ -291,12 +299,7 @@ extension AllTests {
         try Node.with("wasm-noann", config: Self.config(engine: "wasmkit", annotation: false)) { node in
             let (pod, address) = try node.runPod("npod", AllTests.PodTests.podConfig(hostname: "npod"), sandboxer: "kuasar-wasm")
             let wt = try Self.bundle(node, "wt", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
-            do {
-                _ = try node.startContainer(address, "wt", bundle: wt)
-                Issue.record("the annotation was obeyed against the config")
-            } catch let e as RPCError {
-                #expect(e.code == .failedPrecondition && e.message.contains("engine_annotation"), "\(e)")
-            }
+            Self.expectRefused(node, address, "wt", bundle: wt, .failedPrecondition, naming: "engine_annotation", "the annotation was obeyed against the config")
             try node.shutdown("npod")
         }
     }
@@ -309,12 +312,7 @@ extension AllTests {
             let (pod, address) = try node.runPod("lpod", AllTests.PodTests.podConfig(hostname: "lpod"), sandboxer: "kuasar-wasm")
             let tasks = Tasks(path: address)
             let wt = try Self.bundle(node, "wt", pid: pod, args: ["/hello.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
-            do {
-                _ = try node.startContainer(address, "wt", bundle: wt)
-                Issue.record("a container ran on an absent engine")
-            } catch let e as RPCError {
-                #expect(e.code == .failedPrecondition && e.message.contains("/nonexistent/_libwasmtime.so"), "\(e)")
-            }
+            Self.expectRefused(node, address, "wt", bundle: wt, .failedPrecondition, naming: "/nonexistent/_libwasmtime.so", "a container ran on an absent engine")
             let wk = try Self.bundle(node, "wk", pid: pod, args: ["/hello.wasm"])
             _ = try node.startContainer(address, "wk", bundle: wk)
             #expect(try tasks.wait("wk") == 7)
