@@ -422,6 +422,45 @@ extension AllTests {
         }
     }
 
+    /// A module container's Stats come from its cgroup (the runner's memory, one pid); it
+    /// outlives a daemon killed with SIGKILL, and its exit — one while no daemon ran, and one
+    /// after — is reported by the next daemon, as for any container.
+    @Test func statsAndADaemonKilledWithModulesRunning() throws {
+        try Node.with("wasm-rec", config: Self.config(engine: "wasmkit"), keep: true) { node in
+            let (pod, address) = try node.runPod("rpod", AllTests.PodTests.podConfig(hostname: "rpod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+            let a = try Self.bundle(node, "a", pid: pod, args: ["/spin.wasm"])
+            let aPid = try node.startContainer(address, "a", bundle: a)
+            let b = try Self.bundle(node, "b", pid: pod, args: ["/spin.wasm"], annotations: [WasmPrograms.engineAnnotation: "wasmtime"])
+            let bPid = try node.startContainer(address, "b", bundle: b)
+            var stats = Containerd_Task_V3_StatsRequest()
+            stats.id = "a"
+            let metrics = try tasks.task("Stats", stats, Containerd_Task_V3_StatsResponse.self).stats
+            if metrics.typeURL.hasSuffix("v1.Metrics") {
+                let m = try Io_Containerd_Cgroups_V1_Metrics(serializedBytes: metrics.value)
+                #expect(m.pids.current == 1 && m.memory.usage.usage > 1 << 20, "\(m.pids) \(m.memory.usage)")
+            } else {
+                let m = try Io_Containerd_Cgroups_V2_Metrics(serializedBytes: metrics.value)
+                #expect(m.pids.current == 1 && m.memory.usage > 1 << 20, "\(m.pids) \(m.memory)")
+            }
+
+            let keeper = try node.killAndRestart {
+                #expect(!processGone(aPid) && !processGone(bPid), "a module died with the daemon")
+                kill(bPid, SIGKILL)
+                #expect(waitUntil { processGone(bPid) })
+            }
+            #expect(try tasks.wait("b") == 137, "the exit while no daemon ran")
+            #expect(try tasks.state("a").status == .running)
+            try tasks.kill("a")
+            #expect(try tasks.wait("a") == 137)
+            try tasks.delete("a")
+            try tasks.delete("b")
+            try node.shutdown("rpod")
+            #expect(try Spawner.wait(keeper.process) == .exited(137))
+            keeper.log.close()
+        }
+    }
+
     /// `<fd> <link>` of each of `pid`'s descriptors.
     static func descriptors(of pid: pid_t) -> [String] {
         Files.list("/proc/\(pid)/fd").map { fd in
