@@ -172,6 +172,45 @@ extension AllTests {
         #expect(r.code == 125 && r.stderr.contains("has no wasm_engine_new"), "\(r.stderr)")
     }
 
+    /// The daemon checks every module at Create, on its loop, from untrusted bytes: mutated
+    /// real modules (WAT and C) either pass or fail with InvalidArgument, never a crash, a
+    /// hang or another code; a module of empty sections is refused quickly.
+    @Test func theCreateTimeModuleCheckSurvivesFuzzing() throws {
+        let seeds = ["hello", "cat", "missing-import", "c-greet", "c-files"].compactMap { try? Files.read(Self.module($0)) }
+        #expect(seeds.count == 5)
+        let fd = try Files.memoryFile("wasm-fuzz")
+        defer { close(fd) }
+        func check(_ bytes: [UInt8]) -> Swift.Result<Void, Error> {
+            _ = ftruncate(fd, 0)
+            _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+            do { try WasmImports.check(fd, name: "fuzz.wasm"); return .success(()) } catch { return .failure(error) }
+        }
+        var rng = SplitMix(seed: 0x6b75_6173_6172)
+        var refused = 0
+        for round in 0..<3000 {
+            var m = seeds[round % seeds.count]
+            switch rng.next() % 4 {
+            case 0: for _ in 0..<(1 + rng.next() % 8) { m[8 + Int(rng.next() % UInt64(m.count - 8))] = UInt8(truncatingIfNeeded: rng.next()) }
+            case 1: m = Array(m.prefix(8 + Int(rng.next() % UInt64(m.count - 8))))
+            case 2:  // an over-long or huge LEB128 where a section's size goes
+                let at = 9 + Int(rng.next() % 4)
+                m.replaceSubrange(at..<min(at + 1, m.count), with: [0xff, 0xff, 0xff, 0xff, UInt8(rng.next() % 2 == 0 ? 0x0f : 0x7f)])
+            default: m.insert(contentsOf: (0..<(rng.next() % 32)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }, at: 8 + Int(rng.next() % UInt64(m.count - 8)))
+            }
+            if case .failure(let e) = check(m) {
+                refused += 1
+                #expect((e as? RPCError)?.code == .invalidArgument, "round \(round): \(e)")
+            }
+        }
+        #expect(refused > 1000, "the mutations were all accepted: \(refused)")
+        // 1 MiB of empty custom sections: refused by their number, without reading them all.
+        let t0 = MonotonicClock.nanoseconds()
+        let bomb = Array(seeds[0].prefix(8)) + [UInt8](repeating: 0, count: 1 << 20)
+        guard case .failure(let e) = check(bomb) else { Issue.record("a module of 500,000 empty sections passed"); return }
+        #expect(RPCError.from(e).message.contains("sections"), "\(e)")
+        #expect(MonotonicClock.nanoseconds() - t0 < 2_000_000_000)
+    }
+
     @Test func compiledModulesAreCachedAndACorruptEntryIsRecompiled() throws {
         let cache = try scratchDirectory("wasm-cache")
         defer { Files.removeTree(cache) }

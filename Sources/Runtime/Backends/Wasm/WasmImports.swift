@@ -22,6 +22,9 @@ public enum WasmImports {
         "sock_accept", "sock_recv", "sock_send", "sock_shutdown",
     ]
 
+    /// More sections than any toolchain writes (each is a read at Create).
+    public static let maxSections = 10_000
+
     public struct Import: Equatable, Sendable {
         public var module: String
         public var name: String
@@ -51,7 +54,14 @@ public enum WasmImports {
         try WasmModuleFile.check(Array(header.prefix(max(n, 0))), path: name)
         var offset = 8
         var imports: [Import] = []
+        var sections = 0
         while offset < size {
+            // A module of empty sections would keep the daemon's loop reading headers: a real
+            // one has a dozen or two (custom ones included).
+            sections += 1
+            guard sections <= maxSections else {
+                throw RPCError(.invalidArgument, "module \(name) has more than \(maxSections) sections: not a module a compiler writes")
+            }
             var head = [UInt8](repeating: 0, count: 6)
             let got = pread(fd, &head, 6, off_t(offset))
             guard got > 1 else { throw truncated(name, at: offset) }
