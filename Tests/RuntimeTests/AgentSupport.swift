@@ -63,12 +63,14 @@ extension AgentPeer {
         _ = try task("Delete", d, Containerd_Task_V3_DeleteResponse.self)
     }
 
-    /// Exec of `args` with `stream:` stdout, started; answers once it runs.
-    func exec(_ id: String, _ execID: String, _ args: [String]) throws {
+    /// Exec of `args`, started; answers once it runs. Its stdout is `stream:`, or with
+    /// `out` its stdout and stderr go to that file.
+    func exec(_ id: String, _ execID: String, _ args: [String], out: String? = nil) throws {
         var exec = Containerd_Task_V3_ExecProcessRequest()
         exec.id = id
         exec.execID = execID
-        exec.stdout = "stream:"
+        exec.stdout = out.map { "file://" + $0 } ?? "stream:"
+        if let out { exec.stderr = "file://" + out }
         exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
         exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: args, env: ["PATH=/bin"], cwd: "/"))
         _ = try task("Exec", exec, Google_Protobuf_Empty.self)

@@ -22,22 +22,6 @@ extension AllTests {
             return try t.call(service, m, r, as: Resp.self, namespace: "k8s.io")
         }
 
-        /// Exec of `args`, its stdout and stderr to `out`, started.
-        func exec(_ id: String, _ execID: String, _ args: [String], out: String) throws {
-            var exec = Containerd_Task_V3_ExecProcessRequest()
-            exec.id = id
-            exec.execID = execID
-            exec.stdout = "file://" + out
-            exec.stderr = "file://" + out
-            exec.spec.typeURL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-            exec.spec.value = try JSONEncoder().encode(OCISpec.Process(args: args, env: ["PATH=/bin"], cwd: "/"))
-            _ = try task("Exec", exec, Google_Protobuf_Empty.self)
-            var start = Containerd_Task_V3_StartRequest()
-            start.id = id
-            start.execID = execID
-            _ = try task("Start", start, Containerd_Task_V3_StartResponse.self)
-        }
-
         func state(_ id: String) throws -> Containerd_Task_V3_StateResponse {
             var s = Containerd_Task_V3_StateRequest()
             s.id = id
