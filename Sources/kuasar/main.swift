@@ -161,6 +161,13 @@ struct InfoCommand: ParsableCommand {
     @Option(help: "Configuration file (default: KUASAR_CONFIG, else \(KuasarConfig.defaultPath) when it exists).")
     var config: String?
 
+    /// The shim binaries (containerd 1.6/1.7's runtime names) that reach these sandboxers:
+    /// `kuasar` as containerd-shim-kuasar-v2, `kuasar-<x>` as containerd-shim-kuasar-<x>-v2.
+    static func shims(_ sandboxers: [String]) -> String {
+        let shims = sandboxers.filter { $0 == "kuasar" || $0.hasPrefix("kuasar-") }.map { "containerd-shim-\($0)-v2" }
+        return "shim v2: " + (shims.isEmpty ? "none (a sandboxer named kuasar-<x> is containerd-shim-kuasar-<x>-v2)" : shims.joined(separator: ", "))
+    }
+
     func run() throws {
         print("version: \(KuasarVersion.string)")
         let env = currentEnvironmentDictionary()
@@ -191,7 +198,7 @@ struct InfoCommand: ParsableCommand {
             } else if kind == .vm {
                 let v = file.vm
                 let why = QEMU.unavailableReason(binary: v.qemu) ?? VMBackend.missingImage(kernel: v.kernel, initrd: v.initrd)
-                print("  vm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", "))")
+                print("  vm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); \(Self.shims(names))")
                 print("    hypervisor: qemu \(v.qemu): \(Spawner.firstLine(v.qemu, ["--version"]) ?? "no --version"); machine \(v.machine)")
                 let accel = Accelerator.chosen(by: v.accelerator)
                 print("    accelerator: \(accel.0.rawValue) (\(accel.why))")
@@ -206,10 +213,10 @@ struct InfoCommand: ParsableCommand {
             } else if kind == .wasm {
                 let programs = Backends.wasmPrograms(file.wasm, root: file.effectiveRoot, logger: Logger(label: "kuasar.info"))
                 let why = programs.unavailableReason
-                print("  wasm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
+                print("  wasm: \(why.map { "not available: \($0)" } ?? "available"); sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); \(Self.shims(names))")
                 print("    runner: \(programs.settings.runner); engine \(file.wasm.engine)\(file.wasm.engineAnnotation ? ", or per container by the annotation \(WasmPrograms.engineAnnotation)" : " only")")
             } else {
-                print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); shim v2: containerd-shim-kuasar-v2")
+                print("  \(kind.rawValue): available; sandboxers: \(names.isEmpty ? "none configured" : names.joined(separator: ", ")); \(Self.shims(names))")
             }
         }
         print("wasm engines:")

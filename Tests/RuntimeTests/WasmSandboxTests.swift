@@ -445,6 +445,35 @@ extension AllTests {
         }
     }
 
+    /// The runner `make install` ships (the Swift runtime linked in, `make runner-static`)
+    /// is what the daemon executes when `[wasm] runner` names it: both engines, the compile
+    /// helper, and sealed code the second time.
+    @Test func theRunnerMakeInstallShipsRunsModulesOnBothEngines() throws {
+        let runner = repositoryRoot + "/.build-runner/release/kuasar-wasm-run"
+        guard access(runner, X_OK) == 0 else {
+            Issue.record("\(runner) is missing: make test builds it (make runner-static)")
+            return
+        }
+        let config = Self.config(engine: "wasmkit") + "\nrunner = \"\(runner)\"\n"
+        try Node.with("wasm-linked", config: config) { node in
+            let (pod, address) = try node.runPod("lpod", AllTests.PodTests.podConfig(hostname: "lpod"), sandboxer: "kuasar-wasm")
+            let tasks = Tasks(path: address)
+            let cache = node.root + "/wasm-cache/wasmtime-" + AllTests.WasmRunnerTests.wasmtimeVersion
+            for (i, engine) in ["wasmkit", "wasmtime", "wasmtime"].enumerated() {
+                let id = "h\(i)"
+                let b = try Self.bundle(node, id, pid: pod, args: ["/c-greet.wasm", "3"], annotations: [WasmPrograms.engineAnnotation: engine])
+                _ = try node.startContainer(address, id, bundle: b)
+                #expect(try tasks.wait(id) == 3, "\(engine): \(node.output(b))")
+                #expect(node.output(b).contains("arg 0: /c-greet.wasm\narg 1: 3\n"), "\(engine): \(node.output(b))")
+                try tasks.delete(id)
+                if i == 1 {
+                    #expect(waitUntil(timeoutMS: 20_000) { Files.list(cache).contains { $0.hasSuffix(".sum") } }, "the helper filled no cache: \(Files.list(cache))")
+                }
+            }
+            try node.shutdown("lpod")
+        }
+    }
+
     /// `<fd> <link>` of each of `pid`'s descriptors.
     static func descriptors(of pid: pid_t) -> [String] {
         Files.list("/proc/\(pid)/fd").map { fd in

@@ -17,6 +17,8 @@ enum WasmBenchmark {
     struct Report: Codable {
         var date: String
         var kuasar: String
+        /// The runner the daemon executed for the lifecycle and memory figures.
+        var runner: String
         var wasmtime: String
         var start: [ContainerBenchmark.Row]
         /// p50 / the native hello's p50.
@@ -64,6 +66,10 @@ enum WasmBenchmark {
         guard access(runner, X_OK) == 0 else { log("wasm: needs \(runner) (swift build -c release --product kuasar-wasm-run)"); return }
         let wasmkit = [runner, "--engine", "wasmkit"]
         let wasmtime = [runner, "--engine", "wasmtime", "--wasmtime-library", library]
+        // The runner `make install` ships: the Swift runtime linked in (make runner-static).
+        let linked = repo + "/.build-runner/release/kuasar-wasm-run"
+        let hasLinked = access(linked, X_OK) == 0
+        if !hasLinked { log("wasm: no \(linked) (make runner-static): measuring the shared-library runner only") }
         let startCases: [(String, () -> [String], Int32)] = [
             ("native static C hello (exec)", { [work + "/hello"] }, 7),
             ("kuasar-wasm-run, WasmKit", { wasmkit + [work + "/hello.wasm"] }, 7),
@@ -74,7 +80,12 @@ enum WasmBenchmark {
             }, 7),
             ("kuasar-wasm-run, Wasmtime, warm (compile cache hit)", { wasmtime + ["--cache", work + "/cache", work + "/hello.wasm"] }, 7),
             ("kuasar wasm-run (the full CLI binary), WasmKit", { [kuasar, "wasm-run", "--engine", "wasmkit", work + "/hello.wasm"] }, 7),
-        ]
+        ] + (hasLinked ? [
+            ("kuasar-wasm-run with the Swift runtime linked in, WasmKit", { [linked, "--engine", "wasmkit", work + "/hello.wasm"] }, 7),
+            ("kuasar-wasm-run with the Swift runtime linked in, Wasmtime, warm", {
+                [linked, "--engine", "wasmtime", "--wasmtime-library", library, "--cache", work + "/cache", work + "/hello.wasm"]
+            }, 7),
+        ] : [])
         _ = try timed(wasmtime + ["--cache", work + "/cache", work + "/hello.wasm"])  // primes the cache
         var times: [String: [Double]] = [:]
         for i in 0..<(starts + 1) {
@@ -98,7 +109,8 @@ enum WasmBenchmark {
                 times[name, default: []].append(ms)
             }
         }
-        let (lifecycle, memory) = try WasmPodBenchmark.run(kuasar: kuasar, library: library, work: work, runs: lifecycles, idle: idle)
+        let daemonRunner = hasLinked ? linked : runner
+        let (lifecycle, memory) = try WasmPodBenchmark.run(kuasar: kuasar, library: library, runner: daemonRunner, work: work, runs: lifecycles, idle: idle)
         let lifecycleBase = lifecycle.first?.lifecycle.p50ms ?? 1
         let lifecycleRatios = Dictionary(lifecycle.dropFirst().compactMap { l in l.lifecycle.p50ms.map { (l.runtime, $0 / lifecycleBase) } }, uniquingKeysWith: { a, _ in a })
         let start = startCases.map { ContainerBenchmark.row($0.0, times[$0.0] ?? []) }
@@ -108,7 +120,7 @@ enum WasmBenchmark {
             return Dictionary(rows.dropFirst().compactMap { r in r.p50ms.map { (r.runtime, $0 / base) } }, uniquingKeysWith: { a, _ in a })
         }
         let report = Report(
-            date: ISO8601DateFormatter().string(from: Date()), kuasar: kuasar,
+            date: ISO8601DateFormatter().string(from: Date()), kuasar: kuasar, runner: daemonRunner,
             wasmtime: (try? Wasmtime(library: library, cacheDir: nil).version) ?? "?",
             start: start, startRatios: ratios(start), compute: compute, computeRatios: ratios(compute),
             lifecycle: lifecycle, lifecycleRatios: lifecycleRatios, memory: memory)

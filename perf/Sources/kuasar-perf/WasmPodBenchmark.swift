@@ -36,7 +36,7 @@ enum WasmPodBenchmark {
         let tasks: String
         let root: String
 
-        init(kuasar: String, work: String, library: String) throws {
+        init(kuasar: String, work: String, library: String, runner: String) throws {
             root = work + "/kroot"
             let config = work + "/kuasar.toml"
             try """
@@ -50,6 +50,7 @@ enum WasmPodBenchmark {
                 [wasm]
                 engine = "wasmkit"
                 wasmtime_library = "\(library)"
+                runner = "\(runner)"
                 """.write(toFile: config, atomically: true, encoding: .utf8)
             daemon = try PodBenchmark.DaemonProcess(kuasar: kuasar, root: root, socket: root + "/kuasar.sock", config: config,
                                                     log: work + "/daemon.log", level: "info")
@@ -145,13 +146,14 @@ enum WasmPodBenchmark {
         return sums.count >= entries
     }
 
-    static func run(kuasar: String, library: String, work: String, runs: Int, idle: Int) throws -> (lifecycles: [Lifecycle], memory: [Memory]) {
+    /// `runner`: the module runner the daemon executes (the one `make install` ships when built).
+    static func run(kuasar: String, library: String, runner: String, work: String, runs: Int, idle: Int) throws -> (lifecycles: [Lifecycle], memory: [Memory]) {
         let log = ContainerBenchmark.log
         let rootfs = work + "/rootfs"
         for d in ["proc", "dev", "sys", "tmp", "etc"] { try FileManager.default.createDirectory(atPath: rootfs + "/" + d, withIntermediateDirectories: true) }
         for m in ["hello", "cat"] { _ = try ContainerBenchmark.sh("wat2wasm \(PodBenchmark.repositoryRoot)/Tests/Peers/wasm/\(m).wat -o \(rootfs)/\(m).wasm") }
         _ = try ContainerBenchmark.sh("cp \(work)/hello \(rootfs)/hello && gcc -O2 -static -o \(rootfs)/idle \(PodBenchmark.repositoryRoot)/perf/native/idle.c")
-        let pod = try Pod(kuasar: kuasar, work: work, library: library)
+        let pod = try Pod(kuasar: kuasar, work: work, library: library, runner: runner)
         defer { pod.stop() }
         let cases: [(name: String, args: [String], engine: String?, cold: Bool)] = [
             ("namespace container, static C hello", ["/hello"], nil, false),
