@@ -75,13 +75,8 @@ int ks_openat2(int dirfd, const char *path, int flags, uint64_t resolve) {
     return fd < 0 ? -errno : (int)fd;
 }
 
-int ks_memfd(const char *name) {
-    int fd = memfd_create(name, MFD_CLOEXEC);
-    return fd < 0 ? -errno : fd;
-}
-
-int ks_memfd_sealable(const char *name) {
-    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+int ks_memfd(const char *name, int sealable) {
+    int fd = memfd_create(name, MFD_CLOEXEC | (sealable ? MFD_ALLOW_SEALING : 0));
     return fd < 0 ? -errno : fd;
 }
 

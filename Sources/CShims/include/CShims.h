@@ -237,14 +237,14 @@ typedef struct ks_seccomp_rule {
 } ks_seccomp_rule;
 int ks_seccomp_export(uint32_t default_action, const uint32_t *_Nullable arches, int arch_count,
                       const ks_seccomp_rule *_Nullable rules, int rule_count, char *errbuf, size_t errlen);
-/// memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING): contents that can be sealed read-only.
-int ks_memfd_sealable(const char *name);
 /// fcntl(F_ADD_SEALS) of shrink, grow, write and seal: no one can change the contents again.
 int ks_seal_contents(int fd);
 /// For a helper that handles untrusted input: no supplementary groups, gid and uid `id`
 /// (when root), no_new_privs, and a lower CPU priority. 0 or -errno.
 int ks_become_unprivileged(unsigned id, int nice_level);
-int ks_memfd(const char *name);
+/// memfd_create(MFD_CLOEXEC), with MFD_ALLOW_SEALING when `sealable` (contents that can be
+/// sealed read-only later). The fd or -errno.
+int ks_memfd(const char *name, int sealable);
 
 // ---- sockets and terminals ------------------------------------------------------
 /// A vsock address family socket bound or connected to (cid, port).

@@ -34,17 +34,15 @@ public enum Files {
 
     /// Replaces `path` atomically: a temporary file in the same directory, fsync, rename,
     /// fsync of the directory. A crash leaves either the old or the new content.
-    public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600) throws(SystemError) {
+    /// `durable: false` skips the syncs, for what may be lost in a crash but must never be
+    /// read half-written (a cache whose entries carry their own checksum): no disk wait.
+    public static func writeAtomically(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o600, durable: Bool = true) throws(SystemError) {
         let tmp = path + ".tmp"
         let replacing = access(path, F_OK) == 0
         let fd = try sys("open", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         do throws(SystemError) {
-            var off = 0
-            while off < bytes.count {
-                let n = try sys("write", tmp) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) } }
-                off += n
-            }
-            _ = try sys("fdatasync", tmp) { fdatasync(fd) }
+            try writeAll(fd, bytes, name: tmp)
+            if durable { _ = try sys("fdatasync", tmp) { fdatasync(fd) } }
         } catch {
             _ = close(fd)
             _ = unlink(tmp)
@@ -54,7 +52,7 @@ public enum Files {
         _ = try sys("rename", path) { rename(tmp, path) }
         // A new name must reach the disk too; replacing one leaves the old or the new
         // content after a power cut, both complete.
-        guard !replacing else { return }
+        guard durable, !replacing else { return }
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dfd >= 0 { _ = fsync(dfd); _ = close(dfd) }
@@ -70,32 +68,30 @@ public enum Files {
     /// An anonymous file in memory (memfd, close-on-exec), `name` for /proc's eyes.
     /// `sealable`: its contents can later be frozen with `seal`.
     public static func memoryFile(_ name: String, sealable: Bool = false) throws(SystemError) -> Int32 {
-        let fd = sealable ? ks_memfd_sealable(name) : ks_memfd(name)
+        let fd = ks_memfd(name, sealable ? 1 : 0)
         guard fd >= 0 else { throw SystemError("memfd_create", name, errno: Errno(rawValue: -fd)) }
         return fd
     }
 
-    /// A memfd holding `bytes`, sealed: no descriptor of it, in any process, can change
-    /// them (what a container is handed to read but must not be able to alter).
     /// A memfd holding `bytes`, sealed (`seal`).
     public static func sealedMemoryFile(_ name: String, _ bytes: [UInt8]) throws(SystemError) -> Int32 {
         let fd = try memoryFile(name, sealable: true)
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + off, $0.count - off, off_t(off)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                let e = Errno.current
-                _ = close(fd)
-                throw SystemError("write", name, errno: e)
-            }
-            off += n
-        }
-        do { try seal(fd) } catch {
+        do throws(SystemError) {
+            try writeAll(fd, bytes, name: name)
+            try seal(fd)
+        } catch {
             _ = close(fd)
             throw error
         }
         return fd
+    }
+
+    /// Every byte of `bytes` to the blocking descriptor `fd` (`name` in errors).
+    public static func writeAll(_ fd: Int32, _ bytes: [UInt8], name: String) throws(SystemError) {
+        var off = 0
+        while off < bytes.count {
+            off += try sys("write", name) { bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) } }
+        }
     }
 
     /// Freezes a sealable memfd's contents: no descriptor of it, in any process and with

@@ -21,26 +21,26 @@ public final class ModuleCache {
 
     /// The compiled bytes of `module` (whose key is `key`), when a sound entry for it is there.
     public func get(_ key: String, module: [UInt8]) -> [UInt8]? {
-        let bin = dir + "/" + key + ".bin"
         guard let sum = try? Files.readString(dir + "/" + key + ".sum"),
               let source = try? Files.read(dir + "/" + key + ".wasm", limit: module.count + 1),
-              let bytes = try? Files.read(bin, limit: 1 << 30) else { return nil }
+              let bytes = try? Files.read(dir + "/" + key + ".bin", limit: 1 << 30) else { return nil }
         guard source == module else { return nil }
-        guard let d = try? Files.digest(bin), d.hex == sum.trimmingWhitespace, Int(d.size) == bytes.count else {
+        guard Files.digest(bytes: bytes) == sum.trimmingWhitespace else {
             remove(key)
             return nil
         }
         return bytes
     }
 
-    /// Stores what `module` compiled to. The sum goes last: an entry without one is never read.
+    /// Stores what `module` compiled to. The sum goes last: an entry without one is never
+    /// read. Not synced (the daemon writes entries on its loop, and a crash can only leave an
+    /// entry whose sum does not match, which is removed and recompiled).
     public func put(_ key: String, _ bytes: [UInt8], module: [UInt8]) {
         do {
             try makeDirectories(dir, mode: 0o700)
-            let bin = dir + "/" + key + ".bin"
-            try Files.writeAtomically(dir + "/" + key + ".wasm", module, mode: 0o600)
-            try Files.writeAtomically(bin, bytes, mode: 0o600)
-            try Files.writeAtomically(dir + "/" + key + ".sum", Array(try Files.digest(bin).hex.utf8), mode: 0o600)
+            try Files.writeAtomically(dir + "/" + key + ".wasm", module, mode: 0o600, durable: false)
+            try Files.writeAtomically(dir + "/" + key + ".bin", bytes, mode: 0o600, durable: false)
+            try Files.writeAtomically(dir + "/" + key + ".sum", Array(Files.digest(bytes: bytes).utf8), mode: 0o600, durable: false)
         } catch {
             remove(key)
         }

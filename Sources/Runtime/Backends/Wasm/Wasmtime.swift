@@ -17,7 +17,7 @@ public final class Wasmtime: WasmEngine {
     public let version: String
     let cache: ModuleCache?
     /// Serialized compiled code of the module about to run, from whoever vouches for it.
-    public var precompiled: [UInt8]?
+    let precompiled: [UInt8]?
     private let api: API
 
     /// The library found where pip puts it, for `wasmtime_library = ""` in the config.
@@ -47,7 +47,7 @@ public final class Wasmtime: WasmEngine {
     /// Loads `library` (found automatically when nil); throws why it cannot be used.
     /// `version` overrides what pip recorded (the wasm kind's runner gets the library as a
     /// /proc/self/fd path, with nothing beside it).
-    public init(library: String?, cacheDir: String?, version: String? = nil) throws {
+    public init(library: String?, cacheDir: String?, version: String? = nil, precompiled: [UInt8]? = nil) throws {
         guard let path = library ?? Self.findLibrary() else {
             throw RPCError(.failedPrecondition, "wasmtime: no library found (pip install wasmtime ships wasmtime/linux-x86_64/_libwasmtime.so; or set [wasm] wasmtime_library)")
         }
@@ -59,6 +59,7 @@ public final class Wasmtime: WasmEngine {
         self.version = version
         api = try API(handle, path)
         cache = cacheDir.map { ModuleCache(dir: $0 + "/wasmtime-" + version) }
+        self.precompiled = precompiled
     }
 
     // MARK: run

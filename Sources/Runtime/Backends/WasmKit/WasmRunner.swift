@@ -103,10 +103,9 @@ public enum WasmRunner {
         switch o.engine {
         case "wasmkit": return WasmKitEngine()
         case "wasmtime":
-            let w = try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache, version: o.wasmtimeVersion)
             // Refused bytes (another version's) are compiled over, so an unreadable file is too.
-            if let path = o.compiled { w.precompiled = try? Files.read(path, limit: 1 << 30) }
-            return w
+            return try Wasmtime(library: o.wasmtimeLibrary, cacheDir: o.cache, version: o.wasmtimeVersion,
+                                precompiled: o.compiled.flatMap { try? Files.read($0, limit: 1 << 30) })
         default: throw RPCError(.invalidArgument, "engine \(o.engine): not one of wasmkit, wasmtime")
         }
     }
@@ -120,13 +119,7 @@ public enum WasmRunner {
         let bytes = try WasmModuleFile.read(o.run.module)
         let rc = ks_become_unprivileged(65534, 10)
         guard rc == 0 else { throw SystemError("drop privileges", "uid 65534", errno: Errno(rawValue: -rc)) }
-        let code = try w.precompile(bytes, path: o.run.module)
-        let fd = OwnedFD(adopting: out)
-        do { try fd.writeAll(code) } catch {
-            fd.close()
-            throw error
-        }
-        fd.close()
+        try Files.writeAll(out, try w.precompile(bytes, path: o.run.module), name: "the compiled code")
     }
 
     /// Linear memory under the container's memory limit: the limit less what this process
