@@ -37,10 +37,18 @@ extension AllTests {
             spec.fdMap = [(from: log, to: 2)]
             let p = try Spawner.spawn(spec)
             pid = p.pid
-            process = consume p
             let path = socket
             #expect(waitUntil(timeoutMS: 10_000) { access(path, F_OK) == 0 }, "agent socket \(path)")
-            client = try OneShotClient(path: path)
+            do {
+                client = try OneShotClient(path: path)
+            } catch {
+                // No agent to talk to: stop the one started, leaving nothing behind.
+                try? sendSignal(pidfd: p.pidfd.rawValue, SIGKILL)
+                _ = try? Spawner.wait(p)
+                _ = close(log)
+                throw error
+            }
+            process = consume p
         }
 
         var logText: String { (try? Files.readString(dir + "/agent.log")) ?? "" }

@@ -232,6 +232,63 @@ extension AllTests {
         }
     }
 
+    /// A socket file was there before its listen: a client that waited for the file (as
+    /// the agent tests and any supervisor do) and connected at once got ECONNREFUSED, and
+    /// under CI load that crashed a test. Now the file appears only once it accepts.
+    @Test func aListeningSocketFileAcceptsFromTheMomentItExists() throws {
+        let dir = try scratchDirectory("sock-window")
+        defer { Files.removeTree(dir) }
+        let path = dir + "/api.sock"
+        final class Box: @unchecked Sendable { var refused = 0; var connected = 0; var stop = false; var round = -1 }
+        let box = Box()
+        let racer = Thread {
+            var seen = -1
+            while !box.stop {
+                let r = box.round
+                guard r != seen, access(path, F_OK) == 0 else { continue }
+                seen = r
+                do {
+                    let fd = try Socket.connectUnix(path: path, blocking: true)
+                    fd.close()
+                    box.connected += 1
+                } catch { box.refused += 1 }
+            }
+        }
+        racer.start()
+        for i in 0..<300 {
+            box.round = i
+            let l = try Socket.listenUnix(path: path)
+            var st = stat()
+            #expect(lstat(path, &st) == 0 && st.st_mode & 0o777 == 0o600)
+            _ = waitUntil(timeoutMS: 200) { box.connected + box.refused > i }
+            unlink(path)
+            l.close()
+        }
+        box.stop = true
+        _ = waitUntil(timeoutMS: 1000) { racer.isFinished }
+        #expect(box.refused == 0, "\(box.refused) of \(box.connected + box.refused) connects to a socket file that existed were refused")
+        #expect(box.connected > 0)
+        // No staging name is left, a dead socket is replaced, a live one and a non-socket are not.
+        let stale = try Socket.listenUnix(path: path)
+        stale.close()
+        let again = try Socket.listenUnix(path: path)
+        #expect(throws: SystemError.self) { let x = try Socket.listenUnix(path: path); x.close() }
+        again.close()
+        unlink(path)
+        _ = try Files.write(path, "not a socket", create: true)
+        #expect(throws: SystemError.self) { let x = try Socket.listenUnix(path: path); x.close() }
+        #expect(try Files.readString(path) == "not a socket")
+        unlink(path)
+        #expect(Files.list(dir).isEmpty, "\(Files.list(dir))")
+        // A path too long for a staging name beside it still listens (bound in place).
+        let deep = dir + "/" + String(repeating: "d", count: 98 - dir.utf8.count)
+        let long = try Socket.listenUnix(path: deep + "/s.sock")
+        let c = try Socket.connectUnix(path: deep + "/s.sock", blocking: true)
+        c.close()
+        long.close()
+        Files.removeTree(deep)
+    }
+
     /// When a later rootfs mount failed, the earlier ones stayed mounted on the rootfs.
     @Test func failedRootfsMountLeavesNothingMounted() throws {
         try PodTests.Node.with("rootfs") { node in

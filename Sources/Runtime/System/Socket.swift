@@ -39,38 +39,66 @@ public enum Socket {
     /// Listens on a unix socket at `path` with permissions `mode` (0600 by default).
     ///
     /// The parent directory is created (0700) when missing. A socket file left by a
-    /// process that died is removed; if something still answers on it, this throws
+    /// process that died is replaced; if something still answers on it, this throws
     /// `EADDRINUSE` rather than stealing the address from a live daemon.
+    ///
+    /// The socket is bound and listening under a private name in the same directory
+    /// before it is renamed onto `path`, so a file at `path` always accepts: a client
+    /// that waits for the file to appear and then connects is never refused, as it
+    /// would be between a bind and its listen on `path` itself.
     public static func listenUnix(path: String, mode: mode_t = 0o600, backlog: Int32 = 4096) throws(SystemError) -> OwnedFD {
-        try makeDirectories(parentOf: path)
-        if access(path, F_OK) == 0 {
-            var st = stat()
-            _ = try sys("lstat", path) { lstat(path, &st) }
-            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
-                throw SystemError("bind", path, errno: .EEXIST)  // never unlink a non-socket
-            }
-            if let probe = try? connectUnix(path: path, blocking: true) as OwnedFD? {
-                probe.close()
-                throw SystemError("bind", path, errno: .EADDRINUSE)
-            }
-            _ = try sys("unlink", path) { unlink(path) }
+        let abstract = path.hasPrefix("@")
+        var stale = false
+        if !abstract {
+            try makeDirectories(parentOf: path)
+            stale = try deadSocketFile(at: path)
         }
         let fd = OwnedFD(adopting: try sys("socket(AF_UNIX)") { socket(AF_UNIX, streamFlags, 0) })
+        // The private name is this process's and this descriptor's (no other listen in
+        // the process can hold the same number at once), so a leftover of an earlier
+        // crash of the same pid may be removed; a name too long for sun_path binds `path`.
+        let parent = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let staging = "\(parent)/.kb\(String(getpid(), radix: 36)).\(fd.rawValue)"
+        let direct = abstract || staging.utf8.count >= MemoryLayout.size(ofValue: sockaddr_un().sun_path)
+        let bindPath = direct ? path : staging
         do throws(SystemError) {
+            if !direct { unlink(staging) } else if stale { _ = try sys("unlink", path) { unlink(path) } }
             // umask narrows the file bind creates, so it is never wider than `mode`,
             // even for an instant; chmod then sets exactly `mode`.
             let old = umask(~mode & 0o777)
-            let rc = try withUnixAddress(path, "bind") { addr, len in bind(fd.rawValue, addr, len) }
+            let rc = try withUnixAddress(bindPath, "bind") { addr, len in bind(fd.rawValue, addr, len) }
             let bindErrno = Errno.current
             umask(old)
             if rc != 0 { throw SystemError("bind", path, errno: bindErrno) }
-            _ = try sys("chmod", path) { chmod(path, mode) }
-            _ = try sys("listen", path) { listen(fd.rawValue, backlog) }
+            do throws(SystemError) {
+                if !abstract { _ = try sys("chmod", path) { chmod(bindPath, mode) } }
+                _ = try sys("listen", path) { listen(fd.rawValue, backlog) }
+                if !direct { _ = try sys("rename", path) { rename(staging, path) } }
+            } catch {
+                if !direct { unlink(staging) }
+                throw error
+            }
         } catch {
             fd.close()
             throw error
         }
         return fd
+    }
+
+    /// Whether `path` is a socket file nothing answers on (one a dead process left, for
+    /// the caller to replace); throws if it is something other than a socket (never
+    /// replaced) or a socket something still answers on.
+    private static func deadSocketFile(at path: String) throws(SystemError) -> Bool {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return false }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+            throw SystemError("bind", path, errno: .EEXIST)  // never replace a non-socket
+        }
+        if let probe = try? connectUnix(path: path, blocking: true) as OwnedFD? {
+            probe.close()
+            throw SystemError("bind", path, errno: .EADDRINUSE)
+        }
+        return true
     }
 
     /// Connects to a unix socket. Non-blocking sockets may answer EAGAIN when the
