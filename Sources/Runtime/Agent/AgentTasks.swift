@@ -35,8 +35,12 @@ final class AgentTasks: TaskBackendForwarder<ContainerTaskBackend>, TaskEventSin
         return String(cString: p)
     }
 
+    /// Runs before a bundle is looked at: the guest's share may still be on its way.
+    var beforeBundle: (() -> Void)?
+
     /// The bundle, symlinks resolved, must be the share or below it.
     func checkBundle(_ bundle: String) throws {
+        beforeBundle?()
         guard let root = bundleRoot else { return }
         guard bundle.hasPrefix("/") else { throw RPCError(.invalidArgument, "bundle \"\(bundle)\" must be an absolute path") }
         guard let real = Self.resolved(bundle) else {

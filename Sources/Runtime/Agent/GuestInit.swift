@@ -60,18 +60,63 @@ public struct GuestSettings: Equatable, Sendable {
 public enum GuestInit {
     /// Where the host's share (bundles and rootfs) is mounted in the guest.
     public static let sharePath = "/run/kuasar/share"
-    /// What the channels and the share need, in the order they are loaded; each brings
-    /// its dependencies from modules.dep first. Only what the settings use is loaded at
-    /// boot (a module costs ~10–20 ms under TCG): the PCI transport only when the guest
-    /// has virtio PCI devices, vsock only for a vsock channel, virtio-fs only for that
-    /// share; overlay on first use (`ensureModule`).
+    /// What the channels need, in the order they are loaded; each brings its
+    /// dependencies from modules.dep first. Only what the settings use is loaded at boot
+    /// (a module costs ~10–20 ms under TCG): the PCI transport only when the guest has
+    /// virtio PCI devices, vsock only for a vsock channel; the share's modules once the
+    /// channel serves (`finishBoot`), overlay on first use (`ensureModule`).
     public static func modules(for settings: GuestSettings) -> [String] {
         var m = ["virtio_mmio"]
         if hasVirtioPCI() { m.append("virtio_pci") }
         if settings.channels.contains(where: { $0.hasPrefix("serial://") }) { m.append("virtio_console") }
-        m += settings.shareType == "virtiofs" ? ["virtiofs"] : ["9pnet_virtio", "9p"]
         if settings.channels.contains(where: { $0.hasPrefix("vsock://") }) { m.append("vmw_vsock_virtio_transport") }
         return m
+    }
+
+    /// What the share needs: virtio-fs, or 9p over virtio (five modules with their
+    /// dependencies, ~60 ms under TCG — more than the rest of the init together).
+    public static func shareModules(for settings: GuestSettings) -> [String] {
+        settings.shareType == "virtiofs" ? ["virtiofs"] : ["9pnet_virtio", "9p"]
+    }
+
+    /// The boot's last steps, off the path to the first answer: the share's modules and
+    /// the share (not in a template: it mounts the share when restored). The agent runs
+    /// them once the channel serves — after its first answer, or before the first call
+    /// that needs a bundle, whichever comes first. Returns their timings (ms) and whether
+    /// the share is mounted.
+    public static func finishBoot(_ settings: GuestSettings, logger: Logger) -> (timings: [String: Double], shareMounted: Bool) {
+        var timings: [String: Double] = [:]
+        var t = MonotonicClock.nanoseconds()
+        func lap(_ key: String) {
+            let now = MonotonicClock.nanoseconds()
+            timings[key] = Double(now - t) / 1e6
+            t = now
+        }
+        loadModules(shareModules(for: settings), logger: logger)
+        lap("shareModules")
+        var mounted = false
+        do {
+            try mountShare(settings)
+            mounted = true
+        } catch {
+            logger.error("init: share: \(error)")
+        }
+        lap("share")
+        return (timings, mounted)
+    }
+
+    /// Loads each of `names` (with its dependencies) from the image's modules; a failure
+    /// is logged and the others are loaded anyway.
+    static func loadModules(_ names: [String], logger: Logger) {
+        do {
+            var mods = try KernelModules(directory: "/lib/modules/" + kernelRelease())
+            for m in names where mods.knows(m) {
+                do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
+            }
+            logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
+        } catch {
+            logger.error("init: modules: \(error)")
+        }
     }
 
     /// Whether a virtio device of this type (1: network) is on a transport already bound.
@@ -167,22 +212,12 @@ public enum GuestInit {
         lap("mounts")
         attempt("cgroups") { try mountCgroups() }
         lap("cgroups")
-        attempt("modules") {
-            var mods = try KernelModules(directory: "/lib/modules/" + kernelRelease())
-            for m in modules(for: settings) where mods.knows(m) {
-                do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
-            }
-            // A NIC shows once its transport's driver is in: then its driver.
-            if hasVirtioDevice(id: 1), mods.knows("virtio_net") {
-                do { try mods.load("virtio_net") } catch { logger.error("init: module virtio_net: \(error)") }
-            }
-            logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
-        }
+        // A template is saved right after its first answer: what its clones mount when
+        // restored is loaded before, not after.
+        loadModules(modules(for: settings) + (settings.template ? shareModules(for: settings) : []), logger: logger)
+        // A NIC shows once its transport's driver is in: then its driver.
+        if hasVirtioDevice(id: 1) { loadModules(["virtio_net"], logger: logger) }
         lap("modules")
-        if !settings.template {
-            attempt("share") { try mountShare(settings) }
-            lap("share")
-        }
         // Loopback, for the pod's containers (they share the guest's network).
         attempt("lo") { try Network.setUp("lo") }
         attempt("hostname") {
