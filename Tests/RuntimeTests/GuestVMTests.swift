@@ -274,7 +274,15 @@ extension AllTests {
         let vm = try GuestVM("debug", image: image, append: " kuasar.debug=1",
                              extraDevices: ["-chardev", "socket,id=dbg,path=\(debugSocket),server=on,wait=off", "-device", "virtserialport,chardev=dbg,name=debug"])
         defer { try? vm.stop() }
-        _ = try vm.waitReady()
+        // The share comes after the agent's first answer: a Create sent right after it
+        // still finds its bundle (the agent mounts the share before it looks).
+        let early = try vm.bundle("early", ["sh", "-c", "echo early"])
+        let first = try vm.waitReady()
+        #expect(first.bootMs["share"] == nil, "the share was mounted before the first answer: \(first.bootMs)")
+        _ = try vm.run("early", bundle: early)
+        #expect(String(decoding: try vm.readAll("early"), as: UTF8.self) == "early\n")
+        #expect(try vm.wait("early") == 0)
+        try vm.delete("early")
         let fd = try Socket.connectUnix(path: debugSocket, blocking: true).take()
         defer { close(fd) }
         var tv = timeval(tv_sec: 1, tv_usec: 0)
