@@ -83,8 +83,19 @@ public enum GuestInit {
     /// the share (not in a template: it mounts the share when restored). The agent runs
     /// them once the channel serves — after its first answer, or before the first call
     /// that needs a bundle, whichever comes first. Returns their timings (ms) and whether
-    /// the share is mounted.
+    /// the share is mounted. Once per boot: PID 1 serving again after its loop failed
+    /// gets the first outcome, not a second 9p mount stacked on the share.
     public static func finishBoot(_ settings: GuestSettings, logger: Logger) -> (timings: [String: Double], shareMounted: Bool) {
+        if let done = finished { return done }
+        let done = finishBootOnce(settings, logger: logger)
+        finished = done
+        return done
+    }
+
+    /// PID 1 is one thread: its agent's loop is the only caller.
+    nonisolated(unsafe) private static var finished: (timings: [String: Double], shareMounted: Bool)?
+
+    private static func finishBootOnce(_ settings: GuestSettings, logger: Logger) -> (timings: [String: Double], shareMounted: Bool) {
         var timings: [String: Double] = [:]
         var t = MonotonicClock.nanoseconds()
         func lap(_ key: String) {
