@@ -453,7 +453,7 @@ public final class Agent {
     /// A guest's PID 1 (not a template's) has the share to mount once it serves.
     private lazy var bootPending = isPID1 && options.guest.map { !$0.template } == true
 
-    private var finishBootArmed = 0
+    private var finishBootTimer: TimerID?
     /// CLOCK_BOOTTIME (ms) when PID 1 began serving (0: not a guest's init).
     private var servingAtMS = 0.0
 
@@ -463,11 +463,10 @@ public final class Agent {
     /// share's ~70 ms under TCG go into that pause instead of before the answers.
     private func armFinishBoot(idleMS: UInt64) {
         guard bootPending, let reactor else { return }
-        finishBootArmed += 1
-        let armed = finishBootArmed
-        _ = reactor.schedule(afterNS: idleMS * 1_000_000) { [weak self] in
-            guard let self, self.finishBootArmed == armed else { return }
-            self.finishBoot()
+        if let t = finishBootTimer { reactor.cancel(t) }
+        finishBootTimer = reactor.schedule(afterNS: idleMS * 1_000_000) { [weak self] in
+            self?.finishBootTimer = nil
+            self?.finishBoot()
         }
     }
 
@@ -477,6 +476,8 @@ public final class Agent {
     func finishBoot() {
         guard bootPending, let guest = options.guest else { return }
         bootPending = false
+        if let t = finishBootTimer, let reactor { reactor.cancel(t) }
+        finishBootTimer = nil
         let (steps, mounted) = GuestInit.finishBoot(guest, logger: logger)
         bootMS.merge(steps) { $1 }
         shareMounted = mounted

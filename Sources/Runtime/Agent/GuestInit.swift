@@ -103,7 +103,7 @@ public enum GuestInit {
             timings[key] = Double(now - t) / 1e6
             t = now
         }
-        loadModules(shareModules(for: settings), logger: logger)
+        if var mods = bootModules(logger: logger) { load(shareModules(for: settings), &mods, logger: logger) }
         lap("shareModules")
         var mounted = false
         do {
@@ -116,18 +116,21 @@ public enum GuestInit {
         return (timings, mounted)
     }
 
-    /// Loads each of `names` (with its dependencies) from the image's modules; a failure
-    /// is logged and the others are loaded anyway.
-    static func loadModules(_ names: [String], logger: Logger) {
-        do {
-            var mods = try KernelModules(directory: "/lib/modules/" + kernelRelease())
-            for m in names where mods.knows(m) {
-                do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
-            }
-            logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
-        } catch {
+    /// The image's modules (its modules.dep), nil (logged) when it has none.
+    static func bootModules(logger: Logger) -> KernelModules? {
+        do { return try KernelModules(directory: "/lib/modules/" + kernelRelease()) } catch {
             logger.error("init: modules: \(error)")
+            return nil
         }
+    }
+
+    /// Loads each of `names` (with its dependencies); a failure is logged and the others
+    /// are loaded anyway.
+    static func load(_ names: [String], _ mods: inout KernelModules, logger: Logger) {
+        for m in names where mods.knows(m) {
+            do { try mods.load(m) } catch { logger.error("init: module \(m): \(error)") }
+        }
+        logger.debug("init: loaded \(mods.loaded.joined(separator: " "))")
     }
 
     /// Whether a virtio device of this type (1: network) is on a transport already bound.
@@ -225,9 +228,11 @@ public enum GuestInit {
         lap("cgroups")
         // A template is saved right after its first answer: what its clones mount when
         // restored is loaded before, not after.
-        loadModules(modules(for: settings) + (settings.template ? shareModules(for: settings) : []), logger: logger)
-        // A NIC shows once its transport's driver is in: then its driver.
-        if hasVirtioDevice(id: 1) { loadModules(["virtio_net"], logger: logger) }
+        if var mods = bootModules(logger: logger) {
+            load(modules(for: settings) + (settings.template ? shareModules(for: settings) : []), &mods, logger: logger)
+            // A NIC shows once its transport's driver is in: then its driver.
+            if hasVirtioDevice(id: 1) { load(["virtio_net"], &mods, logger: logger) }
+        }
         lap("modules")
         // Loopback, for the pod's containers (they share the guest's network).
         attempt("lo") { try Network.setUp("lo") }

@@ -10,6 +10,10 @@ public enum Files {
         let fd = try sys("open", path) { open(path, O_RDONLY | O_CLOEXEC) }
         defer { _ = close(fd) }
         var out: [UInt8] = []
+        // A regular file says its size (a module, compiled code: one allocation, not a
+        // doubling per chunk); /proc and cgroup files say 0.
+        var st = stat()
+        if fstat(fd, &st) == 0, st.st_size > 0 { out.reserveCapacity(min(Int(st.st_size), limit)) }
         var chunk = [UInt8](repeating: 0, count: 16384)
         while out.count < limit {
             let n = try sys("read", path) { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) } }

@@ -61,8 +61,9 @@ public enum Socket {
         let staging = "\(parent)/.kb\(String(getpid(), radix: 36)).\(fd.rawValue)"
         let direct = abstract || staging.utf8.count >= MemoryLayout.size(ofValue: sockaddr_un().sun_path)
         let bindPath = direct ? path : staging
+        if !direct { unlink(staging) }
         do throws(SystemError) {
-            if !direct { unlink(staging) } else if stale { _ = try sys("unlink", path) { unlink(path) } }
+            if direct && stale { _ = try sys("unlink", path) { unlink(path) } }
             // umask narrows the file bind creates, so it is never wider than `mode`,
             // even for an instant; chmod then sets exactly `mode`.
             let old = umask(~mode & 0o777)
@@ -70,15 +71,11 @@ public enum Socket {
             let bindErrno = Errno.current
             umask(old)
             if rc != 0 { throw SystemError("bind", path, errno: bindErrno) }
-            do throws(SystemError) {
-                if !abstract { _ = try sys("chmod", path) { chmod(bindPath, mode) } }
-                _ = try sys("listen", path) { listen(fd.rawValue, backlog) }
-                if !direct { _ = try sys("rename", path) { rename(staging, path) } }
-            } catch {
-                if !direct { unlink(staging) }
-                throw error
-            }
+            if !abstract { _ = try sys("chmod", path) { chmod(bindPath, mode) } }
+            _ = try sys("listen", path) { listen(fd.rawValue, backlog) }
+            if !direct { _ = try sys("rename", path) { rename(staging, path) } }
         } catch {
+            if !direct { unlink(staging) }  // (nothing there when bind failed: removed above)
             fd.close()
             throw error
         }

@@ -317,10 +317,15 @@ final class WasmtimeFiles {
     let library: Int32
     let cache: ModuleCache
     /// Code handed to containers, per module key: the module's bytes (compared on every
-    /// hit) and a sealed memfd of its code. At most `memoLimit` entries, the oldest dropped.
-    private var memo: [String: (module: [UInt8], code: Int32)] = [:]
+    /// hit) and a sealed memfd of its code. At most `memoLimit` entries and `memoBudget`
+    /// bytes of modules and code together (the daemon's own memory), the oldest dropped
+    /// first — never the newest, whose memfd is being handed out. A module no longer here
+    /// is found in the cache again.
+    private var memo: [String: (module: [UInt8], code: Int32, bytes: Int)] = [:]
     private var memoOrder: [String] = []
+    private var memoBytes = 0
     static let memoLimit = 32
+    static let memoBudget = 64 << 20
     private var compiling: Set<String> = []
 
     init(library: String?, cacheDir: String) throws {
@@ -341,13 +346,14 @@ final class WasmtimeFiles {
     /// A sealed memfd of the compiled code of the module open at `fd`, when there is one;
     /// nil starts its compilation for the next container (once per module at a time).
     func code(forModule fd: Int32, path: String, runner: String, supervisor: ProcessSupervisor?, logger: Logger) -> Int32? {
-        guard let module = try? Self.readAll(fd) else { return nil }
+        // Through /proc, a description of its own: the container's child shares `fd`'s offset.
+        guard let module = try? WasmModuleFile.read("/proc/self/fd/\(fd)") else { return nil }
         let key = ModuleCache.key(module)
         if let m = memo[key] {
             return m.module == module ? m.code : nil
         }
         if let code = cache.get(key, module: module), let sealed = try? Files.sealedMemoryFile("kuasar-wasm-code", code) {
-            remember(key, module, sealed)
+            remember(key, module, sealed, codeBytes: code.count)
             return sealed
         }
         if let supervisor, !compiling.contains(key) { compile(key, module, fd: fd, path: path, runner: runner, supervisor: supervisor, logger: logger) }
@@ -368,13 +374,15 @@ final class WasmtimeFiles {
             try supervisor.spawn(spec) { [weak self] status in
                 guard let self else { _ = close(out); return }
                 self.compiling.remove(key)
-                guard status == .exited(0), let code = try? Self.readAll(out), !code.isEmpty, (try? Files.seal(out)) != nil else {
+                // (Reopened: the helper's writes moved the offset it shared.)
+                guard status == .exited(0), let code = try? Files.read("/proc/self/fd/\(out)", limit: 1 << 30), !code.isEmpty,
+                      (try? Files.seal(out)) != nil else {
                     logger.warning("wasm: compiling \(path) for the cache ended with \(status); containers of it compile for themselves")
                     _ = close(out)
                     return
                 }
                 self.cache.put(key, code, module: module)
-                self.remember(key, module, out)
+                self.remember(key, module, out, codeBytes: code.count)
             }
             compiling.insert(key)
         } catch {
@@ -383,27 +391,20 @@ final class WasmtimeFiles {
         }
     }
 
-    private func remember(_ key: String, _ module: [UInt8], _ code: Int32) {
-        if let old = memo.updateValue((module, code), forKey: key) { _ = close(old.code) } else { memoOrder.append(key) }
-        while memoOrder.count > Self.memoLimit {
-            if let dropped = memo.removeValue(forKey: memoOrder.removeFirst()) { _ = close(dropped.code) }
+    private func remember(_ key: String, _ module: [UInt8], _ code: Int32, codeBytes: Int) {
+        let entry = (module: module, code: code, bytes: module.count + codeBytes)
+        if let old = memo.updateValue(entry, forKey: key) {
+            _ = close(old.code)
+            memoBytes -= old.bytes
+            memoOrder.removeAll { $0 == key }
         }
-    }
-
-    /// The whole file open at `fd` (from offset 0), up to the largest module allowed.
-    static func readAll(_ fd: Int32) throws -> [UInt8] {
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { throw SystemError("fstat", nil, errno: .current) }
-        guard st.st_size <= WasmModuleFile.maxBytes else { throw SystemError("read", "module", errno: .EINVAL) }
-        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + off, $0.count - off, off_t(off)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw SystemError("read", nil, errno: n < 0 ? .current : .EIO) }
-            off += n
+        memoOrder.append(key)
+        memoBytes += entry.bytes
+        while memoOrder.count > 1 && (memoOrder.count > Self.memoLimit || memoBytes > Self.memoBudget) {
+            guard let dropped = memo.removeValue(forKey: memoOrder.removeFirst()) else { continue }
+            _ = close(dropped.code)
+            memoBytes -= dropped.bytes
         }
-        return bytes
     }
 
     deinit {
