@@ -26,7 +26,8 @@ build: deps
 	swift build $(SWIFT_FLAGS)
 
 # The guest image of VM sandboxes: the agent linked statically (stdlib and
-# FoundationEssentials only), stripped, as /init of an initramfs with the modules it loads,
+# FoundationEssentials only) by the toolchain's lld, a section per function so unused
+# ones go, without unwind tables (guest/no-unwind-tables.ld says why), stripped, as /init of an initramfs with the modules it loads,
 # and the vmlinux of Debian's linux-image-amd64 (downloaded, never installed). Built in
 # $(GUEST_DIR), installed where the daemon looks by default; a debug variant with busybox
 # (kuasar.debug=1's shell) in $(GUEST_DIR)-debug. Incremental: a rebuild with nothing
@@ -34,7 +35,9 @@ build: deps
 GUEST_DIR := .build/guest
 GUEST_INSTALL := /var/lib/kuasar/guest
 guest: deps
-	swift build -c release --product kuasar-agent --static-swift-stdlib -Xswiftc -static-executable -Xswiftc -Osize --scratch-path .build-static
+	swift build -c release --product kuasar-agent --static-swift-stdlib -Xswiftc -static-executable -Xswiftc -Osize \
+	  -Xswiftc -Xfrontend -Xswiftc -function-sections -Xswiftc -use-ld=lld -Xlinker -T -Xlinker $(CURDIR)/guest/no-unwind-tables.ld \
+	  --scratch-path .build-static
 	mkdir -p $(GUEST_DIR)
 	strip --strip-all -o $(GUEST_DIR)/kuasar-agent .build-static/release/kuasar-agent
 	python3 guest/build.py --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR) --cache .build/guest-cache

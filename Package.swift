@@ -59,7 +59,13 @@ let package = Package(
             name: "KuasarReactor", dependencies: ["KuasarSystem", "CShims", logging], path: "Sources/Runtime/Reactor"),
         .target(
             name: "KuasarWire", dependencies: ["KuasarReactor", "KuasarSystem", logging, protobuf],
-            path: "Sources/Runtime/Wire", exclude: ["GRPC"]),
+            path: "Sources/Runtime/Wire", exclude: ["GRPC", "Host"]),
+        // The wire only the host speaks: containerd's sandbox Controller and its types, the
+        // admin and health APIs, QMP. Apart so the guest agent, which serves the Task API
+        // alone, does not link their messages (every conformance is kept by the linker).
+        .target(
+            name: "KuasarHostWire", dependencies: ["KuasarReactor", "KuasarSystem", "KuasarWire", logging, protobuf],
+            path: "Sources/Runtime/Wire/Host"),
         // HTTP/2 and gRPC (containerd's sandbox Controller, health) apart from ttrpc: HPACK
         // brings swift-nio's modules, which the guest agent (ttrpc only) must not link.
         .target(
@@ -79,7 +85,7 @@ let package = Package(
             path: "Sources/Runtime/Backends/External"),
         // microVM pods: one driver per VMM (QEMU/) behind the Hypervisor protocol.
         .target(
-            name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Backends/VM"),
         // WebAssembly engines (the wasm kind's runner): Wasmtime through its C API, loaded
         // with dlopen at run time, so nothing here links an engine at build time.
@@ -102,7 +108,7 @@ let package = Package(
             name: "KuasarTasks", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Services/Task"),
         .target(
-            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarTasks", logging, protobuf,
+            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarTasks", logging, protobuf,
                                                   .product(name: "TOMLKit", package: "TOMLKit")],
             path: "Sources/Runtime/Services", exclude: ["Task"]),
         // What runs inside a VM as PID 1 (and, for tests and the task-server kind, as a
@@ -113,7 +119,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -127,14 +133,14 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

@@ -4,6 +4,7 @@
 @_exported import KuasarSystem
 @_exported import KuasarReactor
 @_exported import KuasarWire
+@_exported import KuasarHostWire
 @_exported import KuasarGRPC
 @_exported import KuasarContainer
 @_exported import KuasarSandbox

@@ -8,6 +8,7 @@ import KuasarContainer
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarHostWire
 
 /// VM templates: a guest booted once to its agent's first answer and saved — its RAM in
 /// a file (`ram`), its devices' state beside it (`state`) — so that a pod's VM starts as

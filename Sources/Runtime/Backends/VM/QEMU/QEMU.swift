@@ -5,6 +5,7 @@ import Logging
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarHostWire
 import KuasarSandbox
 
 /// The QEMU driver: a `microvm` (virtio-mmio devices, the PVH `vmlinux`) on x86-64, or a
