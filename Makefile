@@ -106,19 +106,27 @@ install: build runner-static
 clean:
 	rm -rf .build .build-static .build-runner perf/.build
 
-# Regenerates Sources/Runtime/Wire/Generated from Protos/. Needs protoc (apt
-# protobuf-compiler) and builds protoc-gen-swift from the swift-protobuf this package
-# resolves (minutes, once; never in CI). containerd.task.v3 is v2's file under the v3
-# package, as in containerd 2.x.
+# Regenerates Sources/Runtime/Wire/Generated (KuasarWire: what the guest agent links too)
+# and Sources/Runtime/Wire/Host/Generated (KuasarHostWire: HOST_PROTOS, the host's alone)
+# from Protos/. Needs protoc (apt protobuf-compiler) and builds protoc-gen-swift from the
+# swift-protobuf this package resolves (minutes, once; never in CI). containerd.task.v3 is
+# v2's file under the v3 package, as in containerd 2.x. Protos/host-module-mappings.asciipb
+# tells the generator which imported types are KuasarWire's.
 PROTO_OUT := Sources/Runtime/Wire/Generated
+HOST_PROTO_OUT := Sources/Runtime/Wire/Host/Generated
+HOST_PROTOS := containerd/services/sandbox/v1/sandbox.proto containerd/services/streaming/v1/streaming.proto \
+  containerd/types/introspection.proto containerd/types/metrics.proto containerd/types/platform.proto \
+  containerd/types/sandbox.proto containerd/types/transfer/streaming.proto grpc/health/v1/health.proto \
+  kuasar/admin/v1/admin.proto
+PROTOC_SWIFT = protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift \
+  --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores -I Protos -I .build-protos -I /usr/include
 protos:
 	dpkg -s protobuf-compiler >/dev/null 2>&1 || apt-get install -y -qq protobuf-compiler
 	swift package resolve
 	test -x .build-protoc/release/protoc-gen-swift || swift build -c release --package-path .build/checkouts/swift-protobuf --scratch-path .build-protoc --product protoc-gen-swift
 	rm -rf .build-protos && mkdir -p .build-protos/containerd/task/v3
 	sed 's/^package containerd.task.v2;/package containerd.task.v3;/' Protos/containerd/task/v2/shim.proto > .build-protos/containerd/task/v3/shim.proto
-	rm -f $(PROTO_OUT)/*.pb.swift
-	protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift \
-	  --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores --swift_out=$(PROTO_OUT) \
-	  -I Protos -I .build-protos -I /usr/include \
-	  $$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort) containerd/task/v3/shim.proto
+	rm -f $(PROTO_OUT)/*.pb.swift $(HOST_PROTO_OUT)/*.pb.swift
+	$(PROTOC_SWIFT) --swift_out=$(PROTO_OUT) \
+	  $$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort | grep -vxF $(foreach p,$(HOST_PROTOS),-e $(p))) containerd/task/v3/shim.proto
+	$(PROTOC_SWIFT) --swift_opt=ProtoPathModuleMappings=Protos/host-module-mappings.asciipb --swift_out=$(HOST_PROTO_OUT) $(HOST_PROTOS)

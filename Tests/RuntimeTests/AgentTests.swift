@@ -393,6 +393,27 @@ extension AllTests {
         let mods = try KernelModules(directory: dir)
         #expect(mods.knows("9p") && mods.knows("virtio_mmio") && mods.knows("virtio-mmio") && !mods.knows("ext4"))
         #expect(KernelModules.name(of: "kernel/x/vmw_vsock_virtio_transport.ko.xz") == "vmw_vsock_virtio_transport")
+        // The boot's order: dependencies first, each once, built-in ones (not in
+        // modules.dep: virtio_ring, virtio, netfs here) left out.
+        #expect(mods.plan(["9pnet_virtio", "virtio_mmio", "9p", "ext4"]).map(\.name) == ["9pnet", "9pnet_virtio", "virtio_mmio", "9p"])
+        #expect(mods.plan(["9p"]).map(\.file).last == dir + "/kernel/fs/9p/9p.ko")
+        // Loading on the boot's own thread: a file missing is an error before anything
+        // loads; files that are no modules each fail, named, and the caller hears of it.
+        var missing = mods
+        #expect(throws: SystemError.self) { _ = try missing.loadInBackground(["9p"]) }
+        for f in ["kernel/net/9p/9pnet.ko", "kernel/net/9p/9pnet_virtio.ko", "kernel/fs/9p/9p.ko"] {
+            try makeDirectories(dir + "/" + f.split(separator: "/").dropLast().joined(separator: "/"), mode: 0o755)
+            try Files.write(dir + "/" + f, "not a module", create: true)
+        }
+        var garbage = mods
+        let loading = try garbage.loadInBackground(["9pnet_virtio", "9p"])
+        #expect(loading.steps.map(\.name) == ["9pnet", "9pnet_virtio", "9p"])
+        let (failures, elapsed) = loading.wait()
+        #expect(failures.map(\.name) == ["9pnet", "9pnet_virtio", "9p"])
+        #expect(failures.allSatisfy { "\($0.error)".contains(dir) } && elapsed >= 0)
+        #expect(loading.wait().failures.isEmpty)
+        var nothing = mods
+        #expect(try nothing.loadInBackground(["ext4"]).wait().failures.isEmpty)
     }
 }
 }

@@ -80,6 +80,12 @@ public struct AgentOptions: Sendable {
     public var debug = false
     /// PID 1's kernel command-line settings (nil: not a guest's init).
     public var guest: GuestSettings?
+    /// The boot's modules, loading while the agent starts (PID 1 only): waited for
+    /// before the channels open.
+    public var bootModules: GuestInit.PendingModules?
+    /// PID 1's boot lines, logged once it has answered its host: each line on the serial
+    /// console costs milliseconds under TCG, on the way to the first answer.
+    public var bootLog: [String] = []
     public init() {}
 }
 
@@ -117,6 +123,17 @@ public final class Agent {
 
     /// Serves until SIGTERM/SIGINT (never returns as PID 1 unless the loop fails).
     public func run() throws {
+        // The agent's own start in steps, for Check's boot breakdown (PID 1 only).
+        var lapNS = MonotonicClock.nanoseconds()
+        if isPID1 && options.guest != nil {
+            // From the init's end to here: the agent's main (settings, the log line).
+            bootMS["handoff"] = GuestInit.bootMS() - ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
+        }
+        func lap(_ key: String) {
+            let now = MonotonicClock.nanoseconds()
+            if isPID1 && options.guest != nil { bootMS[key] = Double(now - lapNS) / 1e6 }
+            lapNS = now
+        }
         try Signals.block([SIGTERM, SIGINT, SIGCHLD])
         Signals.ignoreSIGPIPE()
         let reactor = try Reactor(logger: logger)
@@ -137,7 +154,9 @@ public final class Agent {
         }
         try makeDirectories(options.root, mode: 0o700)
         try makeDirectories(options.root + "/io", mode: 0o700)
+        lap("reactor")
         let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
+        lap("engine")
         let registry = SandboxRegistry(root: options.root + "/sandboxes", engine: engine, logger: logger)
         registry.cgroupRoot = options.cgroupParent
         try makeDirectories(options.root + "/sandboxes", mode: 0o700)
@@ -158,7 +177,13 @@ public final class Agent {
         tasks.register(on: server, sandbox: sandbox, backend: backend)
         register(on: server)
         self.server = server
+        lap("services")
+        if let pending = options.bootModules {
+            for (k, v) in pending.finish(logger: logger) where isPID1 && options.guest != nil { bootMS[k] = v }
+            lapNS = MonotonicClock.nanoseconds()
+        }
         for channel in options.channels { try open(channel) }
+        lap("channels")
         if options.debug && isPID1 { openDebugShell(attempt: 0) }
         // The share once the host lets the agent be (or at once when a call needs it).
         armFinishBoot(idleMS: 100)
@@ -167,12 +192,20 @@ public final class Agent {
         if isPID1 && options.guest?.template != true {
             _ = reactor.schedule(afterNS: 1_500_000_000) { [logger] in GuestInit.loadDeferredModules(logger: logger) }
         }
+        lap("timers")
         if isPID1 && options.guest != nil {
             // The agent's own start, after the init: its engine, its services, its channels.
             servingAtMS = GuestInit.bootMS()
             bootMS["serve"] = servingAtMS - ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
         }
-        logger.info("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
+        let serving = "kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))"
+        if isPID1 && options.guest != nil {
+            let lines = options.bootLog + [serving]
+            _ = reactor.schedule(afterNS: 150_000_000) { [logger] in for l in lines { logger.info("\(l)") } }
+        } else {
+            for l in options.bootLog { logger.info("\(l)") }
+            logger.info("\(serving)")
+        }
         try reactor.run()
     }
 

@@ -77,7 +77,7 @@ public enum AgentMain {
         var logger = Logger(label: "kuasar.agent")
         logger.logLevel = level
         if pid1 && options.channels.isEmpty {
-            let (settings, timings) = GuestInit.run(logger: logger, processStartBootNS: processStartBootNS, mainStartBootNS: mainStartBootNS)
+            let (settings, timings, modules) = GuestInit.run(logger: logger, processStartBootNS: processStartBootNS, mainStartBootNS: mainStartBootNS)
             if let l = Logger.Level(rawValue: settings.logLevel) { logger.logLevel = l }
             for c in settings.channels {
                 do { options.channels.append(try AgentChannel(c)) } catch { logger.error("init: kuasar.channel: \(error)") }
@@ -87,7 +87,8 @@ public enum AgentMain {
             options.bootMS = timings
             options.debug = settings.debug
             options.guest = settings
-            logger.info("init: kernel \(GuestInit.kernelRelease()) up at \(Int(timings["kernel"] ?? 0)) ms; init took \(String(Int((timings["init"] ?? 0) * 10) / 10)) ms\(procMountedEarly ? " (/proc mounted before main)" : "")")
+            options.bootModules = modules
+            options.bootLog.append("init: kernel \(GuestInit.kernelRelease()) up at \(Int(timings["kernel"] ?? 0)) ms; init took \(String(Int((timings["init"] ?? 0) * 10) / 10)) ms\(procMountedEarly ? " (/proc mounted before main)" : "")")
         }
         guard !options.channels.isEmpty else {
             printError("kuasar agent: no channel to serve: give --listen (or run as a guest's PID 1)\n\(usage)\n")

@@ -194,7 +194,7 @@ public enum GuestInit {
     /// executable's first Swift statement (the Swift runtime's start, with exec's page
     /// faults and, under TCG, the first translation of that code), `main` from there to
     /// here, then each step.
-    public static func run(logger: Logger, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> (GuestSettings, [String: Double]) {
+    public static func run(logger: Logger, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> (GuestSettings, [String: Double], PendingModules?) {
         let now = bootMS()
         let started = processStartBootNS > 0 ? Double(processStartBootNS) / 1e6 : now
         let mainAt = mainStartBootNS > 0 ? Double(mainStartBootNS) / 1e6 : started
@@ -224,16 +224,25 @@ public enum GuestInit {
         let settings = GuestSettings(cmdline: (try? Files.readString("/proc/cmdline")) ?? "")
         for key in settings.unknown { logger.warning("init: unknown kernel command line key \(key)") }
         lap("mounts")
+        // The channel's drivers load on a thread of their own while PID 1 goes on with
+        // its start (the agent waits for them before it opens its channels). A template
+        // is saved right after its first answer: what its clones mount when restored is
+        // loaded before, not after.
+        var pending: PendingModules?
+        if var mods = bootModules(logger: logger) {
+            let wanted = modules(for: settings) + (settings.template ? shareModules(for: settings) : [])
+            do {
+                let loading = try mods.loadInBackground(wanted)
+                pending = PendingModules(mods, loading)
+            } catch {
+                logger.warning("init: modules: \(error); loading them here")
+                load(wanted, &mods, logger: logger)
+                pending = PendingModules(mods, nil)
+            }
+        }
+        lap("modulesStart")
         attempt("cgroups") { try mountCgroups() }
         lap("cgroups")
-        // A template is saved right after its first answer: what its clones mount when
-        // restored is loaded before, not after.
-        if var mods = bootModules(logger: logger) {
-            load(modules(for: settings) + (settings.template ? shareModules(for: settings) : []), &mods, logger: logger)
-            // A NIC shows once its transport's driver is in: then its driver.
-            if hasVirtioDevice(id: 1) { load(["virtio_net"], &mods, logger: logger) }
-        }
-        lap("modules")
         // Loopback, for the pod's containers (they share the guest's network).
         attempt("lo") { try Network.setUp("lo") }
         attempt("hostname") {
@@ -241,8 +250,40 @@ public enum GuestInit {
                 throw SystemError("sethostname", settings.hostname, errno: Errno(rawValue: errno))
             }
         }
+        lap("network")
         timings["init"] = timings.filter { !["kernel", "runtime", "main"].contains($0.key) }.values.reduce(0, +)
-        return (settings, timings)
+        return (settings, timings, pending)
+    }
+
+    /// The boot's modules while they load (`run`), for the agent to wait on.
+    public final class PendingModules: @unchecked Sendable {  // PID 1's one thread only
+        var modules: KernelModules
+        let loading: KernelModules.BackgroundLoad?
+        init(_ modules: KernelModules, _ loading: KernelModules.BackgroundLoad?) {
+            self.modules = modules
+            self.loading = loading
+        }
+
+        /// Waits for the boot's modules (failures logged), then loads a NIC's driver when
+        /// one showed on their transport. Returns the loader's own time (`modules`) and
+        /// how long this waited for it (`modulesWait`), in ms; once per boot.
+        public func finish(logger: Logger) -> [String: Double] {
+            let t = MonotonicClock.nanoseconds()
+            var timings: [String: Double] = [:]
+            if let loading {
+                let (failures, elapsed) = loading.wait()
+                for f in failures { logger.error("init: module \(f.name): \(f.error)") }
+                timings["modules"] = elapsed
+            }
+            timings["modulesWait"] = Double(MonotonicClock.nanoseconds() - t) / 1e6
+            if !finished {
+                finished = true
+                if GuestInit.hasVirtioDevice(id: 1) { GuestInit.load(["virtio_net"], &modules, logger: logger) }
+                logger.debug("init: loaded \(modules.loaded.joined(separator: " "))")
+            }
+            return timings
+        }
+        private var finished = false
     }
 
     /// The host's share at `sharePath` (at boot; a clone's once it was restored).

@@ -32,6 +32,78 @@ public struct KernelModules {
 
     public func knows(_ module: String) -> Bool { entries[Self.name(of: module)] != nil }
 
+    /// What loading `modules` takes, in order: each one's dependencies first, each module
+    /// once, none already loaded here; modules not in modules.dep (built in) left out.
+    public func plan(_ modules: [String]) -> [(name: String, file: String)] {
+        var out: [(name: String, file: String)] = []
+        var seen = Set(loaded)
+        func visit(_ module: String) {
+            let name = Self.name(of: module)
+            guard !seen.contains(name), let entry = entries[name] else { return }
+            seen.insert(name)
+            for dep in entry.deps { visit(dep) }
+            out.append((name, directory + "/" + entry.path))
+        }
+        for m in modules { visit(m) }
+        return out
+    }
+
+    /// Starts loading `modules` (with their dependencies, in order) on a thread of its
+    /// own; `BackgroundLoad.wait()` says how it went. A file that cannot be opened fails
+    /// here, before anything loads.
+    public mutating func loadInBackground(_ modules: [String]) throws(SystemError) -> BackgroundLoad {
+        let steps = plan(modules)
+        var fds: [Int32] = []
+        for step in steps {
+            guard step.file.hasSuffix(".ko") else {
+                for fd in fds { _ = close(fd) }
+                throw SystemError("finit_module", step.file + " (compressed: the guest image must hold modules uncompressed)", errno: Errno(rawValue: ENOEXEC))
+            }
+            let fd = open(step.file, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                let e = errno
+                for fd in fds { _ = close(fd) }
+                throw SystemError("open", step.file, errno: Errno(rawValue: e))
+            }
+            fds.append(fd)
+        }
+        if fds.isEmpty { return BackgroundLoad(loader: nil, steps: []) }
+        guard let loader = fds.withUnsafeBufferPointer({ ks_module_loader_start($0.baseAddress!, Int32($0.count)) }) else {
+            let e = errno
+            for fd in fds { _ = close(fd) }
+            throw SystemError("pthread_create", "module loader", errno: Errno(rawValue: e))
+        }
+        loaded += steps.map(\.name)
+        return BackgroundLoad(loader: loader, steps: steps)
+    }
+
+    /// Modules loading on their own thread (`loadInBackground`): `wait()` joins it, once.
+    public final class BackgroundLoad {
+        private var loader: OpaquePointer?
+        public let steps: [(name: String, file: String)]
+        init(loader: OpaquePointer?, steps: [(name: String, file: String)]) {
+            self.loader = loader
+            self.steps = steps
+        }
+
+        /// Joins the loader: each module that failed with why (one already loaded is
+        /// fine), and the loader's own time in ms. A second call returns nothing.
+        public func wait() -> (failures: [(name: String, error: SystemError)], elapsedMS: Double) {
+            guard let loader else { return ([], 0) }
+            self.loader = nil
+            var results = [Int32](repeating: 0, count: steps.count)
+            var ns: UInt64 = 0
+            results.withUnsafeMutableBufferPointer { ks_module_loader_wait(loader, $0.baseAddress!, &ns) }
+            var failures: [(name: String, error: SystemError)] = []
+            for (step, rc) in zip(steps, results) where rc < 0 && rc != -EEXIST {
+                failures.append((step.name, SystemError("finit_module", step.file, errno: Errno(rawValue: -rc))))
+            }
+            return (failures, Double(ns) / 1e6)
+        }
+
+        deinit { if loader != nil { _ = wait() } }
+    }
+
     /// Loads `module` after its dependencies. A module not in modules.dep is taken to be
     /// built in (returns false); one already loaded is fine.
     @discardableResult
