@@ -126,7 +126,7 @@ public final class Agent {
         // The agent's own start in steps, for Check's boot breakdown (PID 1 only).
         var lapNS = MonotonicClock.nanoseconds()
         if isPID1 && options.guest != nil {
-            // From the init's end to here: the agent's main (settings, the log line).
+            // From the init's end to here: the agent's main (its settings and channels).
             bootMS["handoff"] = GuestInit.bootMS() - ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
         }
         func lap(_ key: String) {
