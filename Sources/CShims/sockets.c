@@ -124,13 +124,13 @@ static void *module_loader_main(void *arg) {
 }
 
 ks_module_loader *ks_module_loader_start(const int *fds, int count) {
-    if (count < 0) { errno = EINVAL; return NULL; }
+    if (count <= 0) { errno = EINVAL; return NULL; }
     struct ks_module_loader *l = calloc(1, sizeof *l);
-    int *buf = calloc((size_t)(count > 0 ? count : 1) * 2, sizeof(int));
+    int *buf = calloc((size_t)count * 2, sizeof(int));
     if (!l || !buf) { free(l); free(buf); errno = ENOMEM; return NULL; }
     l->count = count;
     l->fds = buf;
-    l->results = buf + (count > 0 ? count : 1);
+    l->results = buf + count;
     memcpy(l->fds, fds, (size_t)count * sizeof(int));
     // The thread takes no signals: the agent's signalfd must see every SIGCHLD.
     sigset_t all, saved;

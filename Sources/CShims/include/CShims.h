@@ -255,7 +255,7 @@ int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
 int ks_finit_module(int fd);
 /// A thread of its own that loads modules in order (finit_module of each open .ko, which
 /// it closes), so that PID 1 goes on with its start meanwhile. NULL (errno) when no thread
-/// could be started: the fds are the caller's again.
+/// could be started (or count < 1): the fds are the caller's again.
 typedef struct ks_module_loader ks_module_loader;
 ks_module_loader *_Nullable ks_module_loader_start(const int *fds, int count);
 /// Waits for the thread: results[i] is 0 or -errno of fds[i] (count entries, as started),

@@ -123,15 +123,16 @@ public final class Agent {
 
     /// Serves until SIGTERM/SIGINT (never returns as PID 1 unless the loop fails).
     public func run() throws {
-        // The agent's own start in steps, for Check's boot breakdown (PID 1 only).
+        // The agent's own start in steps, for Check's boot breakdown (a guest's PID 1 only).
+        let guestInit = isPID1 && options.guest != nil
+        // CLOCK_BOOTTIME (ms) when the init ended: its steps follow the kernel's.
+        let initEndMS = ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
+        // From the init's end to here: the agent's main (its settings and channels).
+        if guestInit { bootMS["handoff"] = GuestInit.bootMS() - initEndMS }
         var lapNS = MonotonicClock.nanoseconds()
-        if isPID1 && options.guest != nil {
-            // From the init's end to here: the agent's main (its settings and channels).
-            bootMS["handoff"] = GuestInit.bootMS() - ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
-        }
         func lap(_ key: String) {
             let now = MonotonicClock.nanoseconds()
-            if isPID1 && options.guest != nil { bootMS[key] = Double(now - lapNS) / 1e6 }
+            if guestInit { bootMS[key] = Double(now - lapNS) / 1e6 }
             lapNS = now
         }
         try Signals.block([SIGTERM, SIGINT, SIGCHLD])
@@ -179,7 +180,7 @@ public final class Agent {
         self.server = server
         lap("services")
         if let pending = options.bootModules {
-            for (k, v) in pending.finish(logger: logger) where isPID1 && options.guest != nil { bootMS[k] = v }
+            bootMS.merge(pending.finish(logger: logger)) { $1 }
             lapNS = MonotonicClock.nanoseconds()
         }
         for channel in options.channels { try open(channel) }
@@ -193,13 +194,13 @@ public final class Agent {
             _ = reactor.schedule(afterNS: 1_500_000_000) { [logger] in GuestInit.loadDeferredModules(logger: logger) }
         }
         lap("timers")
-        if isPID1 && options.guest != nil {
+        if guestInit {
             // The agent's own start, after the init: its engine, its services, its channels.
             servingAtMS = GuestInit.bootMS()
-            bootMS["serve"] = servingAtMS - ["kernel", "runtime", "main", "init"].reduce(0) { $0 + (bootMS[$1] ?? 0) }
+            bootMS["serve"] = servingAtMS - initEndMS
         }
         let serving = "kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))"
-        if isPID1 && options.guest != nil {
+        if guestInit {
             let lines = options.bootLog + [serving]
             _ = reactor.schedule(afterNS: 150_000_000) { [logger] in for l in lines { logger.info("\(l)") } }
         } else {

@@ -118,11 +118,23 @@ public enum GuestInit {
 
     /// The image's modules (its modules.dep), nil (logged) when it has none.
     static func bootModules(logger: Logger) -> KernelModules? {
-        do { return try KernelModules(directory: "/lib/modules/" + kernelRelease()) } catch {
+        do { return try imageModules() } catch {
             logger.error("init: modules: \(error)")
             return nil
         }
     }
+
+    /// The running kernel's modules.dep, parsed once (the boot, the share and each first
+    /// use ask for it); each caller gets its own copy to load with.
+    static func imageModules() throws(SystemError) -> KernelModules {
+        if let parsed = parsedImageModules { return parsed }
+        let parsed = try KernelModules(directory: "/lib/modules/" + kernelRelease())
+        parsedImageModules = parsed
+        return parsed
+    }
+
+    /// The agent's one thread (the loop; PID 1's init before it) is the only caller.
+    nonisolated(unsafe) private static var parsedImageModules: KernelModules?
 
     /// Loads each of `names` (with its dependencies); a failure is logged and the others
     /// are loaded anyway.
@@ -160,7 +172,7 @@ public enum GuestInit {
     /// in neither is taken to be built in.
     public static func ensureModule(_ name: String) throws {
         guard !Files.exists("/sys/module/" + name) else { return }
-        var boot = try KernelModules(directory: "/lib/modules/" + kernelRelease())
+        var boot = try imageModules()
         if boot.knows(name) {
             try boot.load(name)
             return
@@ -268,6 +280,8 @@ public enum GuestInit {
         /// one showed on their transport. Returns the loader's own time (`modules`) and
         /// how long this waited for it (`modulesWait`), in ms; once per boot.
         public func finish(logger: Logger) -> [String: Double] {
+            guard !finished else { return [:] }
+            finished = true
             let t = MonotonicClock.nanoseconds()
             var timings: [String: Double] = [:]
             if let loading {
@@ -276,11 +290,8 @@ public enum GuestInit {
                 timings["modules"] = elapsed
             }
             timings["modulesWait"] = Double(MonotonicClock.nanoseconds() - t) / 1e6
-            if !finished {
-                finished = true
-                if GuestInit.hasVirtioDevice(id: 1) { GuestInit.load(["virtio_net"], &modules, logger: logger) }
-                logger.debug("init: loaded \(modules.loaded.joined(separator: " "))")
-            }
+            if GuestInit.hasVirtioDevice(id: 1) { GuestInit.load(["virtio_net"], &modules, logger: logger) }
+            logger.debug("init: loaded \(modules.loaded.joined(separator: " "))")
             return timings
         }
         private var finished = false

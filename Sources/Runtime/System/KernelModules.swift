@@ -54,18 +54,11 @@ public struct KernelModules {
     public mutating func loadInBackground(_ modules: [String]) throws(SystemError) -> BackgroundLoad {
         let steps = plan(modules)
         var fds: [Int32] = []
-        for step in steps {
-            guard step.file.hasSuffix(".ko") else {
-                for fd in fds { _ = close(fd) }
-                throw SystemError("finit_module", step.file + " (compressed: the guest image must hold modules uncompressed)", errno: Errno(rawValue: ENOEXEC))
-            }
-            let fd = open(step.file, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                let e = errno
-                for fd in fds { _ = close(fd) }
-                throw SystemError("open", step.file, errno: Errno(rawValue: e))
-            }
-            fds.append(fd)
+        do throws(SystemError) {
+            for step in steps { fds.append(try Self.open(step.file)) }
+        } catch {
+            for fd in fds { _ = close(fd) }
+            throw error
         }
         if fds.isEmpty { return BackgroundLoad(loader: nil, steps: []) }
         guard let loader = fds.withUnsafeBufferPointer({ ks_module_loader_start($0.baseAddress!, Int32($0.count)) }) else {
@@ -95,8 +88,8 @@ public struct KernelModules {
             var ns: UInt64 = 0
             results.withUnsafeMutableBufferPointer { ks_module_loader_wait(loader, $0.baseAddress!, &ns) }
             var failures: [(name: String, error: SystemError)] = []
-            for (step, rc) in zip(steps, results) where rc < 0 && rc != -EEXIST {
-                failures.append((step.name, SystemError("finit_module", step.file, errno: Errno(rawValue: -rc))))
+            for (step, rc) in zip(steps, results) {
+                if let error = KernelModules.failure(rc, step.file) { failures.append((step.name, error)) }
             }
             return (failures, Double(ns) / 1e6)
         }
@@ -108,19 +101,27 @@ public struct KernelModules {
     /// built in (returns false); one already loaded is fine.
     @discardableResult
     public mutating func load(_ module: String) throws(SystemError) -> Bool {
-        let name = Self.name(of: module)
-        if loaded.contains(name) { return true }
-        guard let entry = entries[name] else { return false }
-        for dep in entry.deps { try load(dep) }
-        let file = directory + "/" + entry.path
+        guard knows(module) else { return false }
+        for step in plan([module]) {
+            let fd = try Self.open(step.file)
+            let rc = ks_finit_module(fd)
+            _ = close(fd)
+            if let error = Self.failure(rc, step.file) { throw error }
+            loaded.append(step.name)
+        }
+        return true
+    }
+
+    /// What finit_module's result means: nil when loaded (or loaded already).
+    static func failure(_ rc: Int32, _ file: String) -> SystemError? {
+        rc < 0 && rc != -EEXIST ? SystemError("finit_module", file, errno: Errno(rawValue: -rc)) : nil
+    }
+
+    /// A module's file, open for finit_module (the guest image holds them uncompressed).
+    private static func open(_ file: String) throws(SystemError) -> Int32 {
         guard file.hasSuffix(".ko") else {
             throw SystemError("finit_module", file + " (compressed: the guest image must hold modules uncompressed)", errno: Errno(rawValue: ENOEXEC))
         }
-        let fd = try sys("open", file) { open(file, O_RDONLY | O_CLOEXEC) }
-        defer { _ = close(fd) }
-        let rc = ks_finit_module(fd)
-        if rc < 0 && rc != -EEXIST { throw SystemError("finit_module", file, errno: Errno(rawValue: -rc)) }
-        loaded.append(name)
-        return true
+        return try sys("open", file) { Glibc.open(file, O_RDONLY | O_CLOEXEC) }
     }
 }
