@@ -31,7 +31,8 @@ enum { KS_EPOLL_ADD = 1, KS_EPOLL_DEL = 2, KS_EPOLL_MOD = 3 };
 
 // ---- io_uring (readiness through one-shot POLL_ADD) ---------------------------
 typedef struct ks_uring ks_uring;
-/// Creates a ring; returns NULL and sets *err to -errno when the kernel refuses.
+/// Creates a ring; returns NULL and sets *err to -errno when the kernel refuses it, or
+/// -EOPNOTSUPP when the ring lacks an opcode this backend needs (POLL_ADD, POLL_REMOVE).
 ks_uring *_Nullable ks_uring_create(unsigned entries, int *err);
 void ks_uring_destroy(ks_uring *ring);
 int ks_uring_fd(const ks_uring *ring);
@@ -44,8 +45,6 @@ int ks_uring_submit_and_wait(ks_uring *ring, unsigned wait_nr);
 /// Copies up to `max` completions out (token=user_data, result=res, events=res when
 /// positive) and marks them seen. Returns how many.
 int ks_uring_reap(ks_uring *ring, ks_event *out, int max);
-/// Whether the kernel supports every opcode this backend needs.
-int ks_uring_probe_ok(void);
 
 // ---- eventfd, timerfd, signalfd ---------------------------------------------
 int ks_eventfd(unsigned initial);

@@ -92,12 +92,15 @@ public final class Reactor {
     private var closed = false
 
     public init(backend kind: BackendKind? = nil, logger: Logger = Logger(label: "kuasar.reactor")) throws(SystemError) {
-        let chosen = kind ?? BackendKind.preferred(environment: currentEnvironmentDictionary())
-        switch chosen {
-        case .uring: backend = try UringBackend()
-        case .epoll: backend = try EpollBackend()
+        // Unless asked for one: the io_uring ring itself is the probe (a kernel that
+        // refuses it, or lacks an opcode, gets epoll), so a start sets up one ring, not three.
+        switch kind ?? BackendKind.forced(getenv("KUASAR_REACTOR").map { String(cString: $0) }) {
+        case .uring?: backend = try UringBackend()
+        case .epoll?: backend = try EpollBackend()
+        case nil:
+            if let uring = try? UringBackend() { backend = uring } else { backend = try EpollBackend() }
         }
-        backendKind = chosen
+        backendKind = backend.kind
         self.logger = logger
         threadID = Signals.currentThreadID()
         // A write to a peer that went away must come back as EPIPE to the connection

@@ -32,7 +32,7 @@ final class UringBackend: ReactorBackend {
 
     static let isAvailable: Bool = {
         var err: Int32 = 0
-        guard ks_uring_probe_ok() != 0, let r = ks_uring_create(4, &err) else { return false }
+        guard let r = ks_uring_create(4, &err) else { return false }
         ks_uring_destroy(r)
         return true
     }()
