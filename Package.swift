@@ -128,8 +128,10 @@ let package = Package(
         // The guest's PID 1 on its own: only the agent's layers, no argument parser, no
         // TOMLKit, no full Foundation, so `make guest` can link it statically and small.
         .executableTarget(name: "kuasar-agent", dependencies: ["KuasarAgent", "CAgentInit"]),
-        // Before-main /proc for PID 1: a C constructor, linked into the agent binary only.
-        .target(name: "CAgentInit"),
+        // PID 1's start before the Swift runtime's: a C constructor (mounts, then the
+        // channel's modules, cgroup2 and loopback on a thread), linked into the agent binary
+        // and the tests only (it acts only as PID 1 of a fresh initramfs).
+        .target(name: "CAgentInit", dependencies: ["CShims"], cSettings: [.define("_GNU_SOURCE")]),
         .executableTarget(
             name: "kuasar",
             dependencies: [
@@ -140,7 +142,7 @@ let package = Package(
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims", "CAgentInit",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

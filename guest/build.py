@@ -17,6 +17,12 @@ import argparse, hashlib, json, lzma, os, shutil, struct, subprocess, sys
 # every boot.
 MODULES = ["virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "9pnet_virtio", "9p", "virtiofs",
            "vmw_vsock_virtio_transport", "virtio_balloon"]
+# What PID 1's first C constructor loads on its boot thread, before the Swift runtime
+# starts (Sources/CAgentInit): the serial channel's drivers, the channel every VM driver
+# here configures (kuasar.channel=serial://agent). Written, dependencies first, to
+# lib/modules/<release>/kuasar.boot; GuestInit loads what else its settings need (the PCI
+# transport, vsock, a template's share) once that thread is done.
+EARLY = ["virtio_mmio", "virtio_console"]
 # What it loads on first use (overlay, a hot-plugged block rootfs's driver and filesystem):
 # not in the initramfs but in DIR/modules/<release>/, which the host shares read-only into
 # each VM's share (.modules). Their dependencies that are boot modules must be ones every
@@ -233,6 +239,9 @@ def main():
             entries["lib/modules/%s/%s" % (release, "/".join(parts[:i]))] = (0o040755, b"", (0, 0))
         entries["lib/modules/%s/%s" % (release, path)] = (0o100644, data, (0, 0))
     entries["lib/modules/%s/modules.dep" % release] = (0o100644, dep_text.encode(), (0, 0))
+    plain = {n: (p[:-3] if p.endswith(".xz") else p) for n, p, _ in mods}
+    early = [plain[n] for n, _, _ in module_closure(moddir, EARLY)]
+    entries["lib/modules/%s/kuasar.boot" % release] = (0o100644, "".join(p + "\n" for p in early).encode(), (0, 0))
     if a.debug:
         entries["bin"] = (0o040755, b"", (0, 0))
         entries["sbin"] = (0o040755, b"", (0, 0))

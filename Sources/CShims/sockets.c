@@ -1,7 +1,6 @@
 #include "CShims.h"
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <pty.h>
 #include <seccomp.h>
 #include <signal.h>
@@ -95,59 +94,6 @@ pid_t ks_peer_pid(int fd) {
 int ks_finit_module(int fd) {
     long r = syscall(SYS_finit_module, fd, "", 0);
     return r < 0 ? -errno : 0;
-}
-
-struct ks_module_loader {
-    pthread_t thread;
-    int count;
-    unsigned long long elapsed_ns;
-    int *fds;
-    int *results;
-};
-
-static unsigned long long monotonic_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
-}
-
-// Only syscalls on this thread: no Swift, no allocation, nothing that could unwind.
-static void *module_loader_main(void *arg) {
-    struct ks_module_loader *l = arg;
-    unsigned long long t = monotonic_ns();
-    for (int i = 0; i < l->count; i++) {
-        l->results[i] = ks_finit_module(l->fds[i]);
-        close(l->fds[i]);
-    }
-    l->elapsed_ns = monotonic_ns() - t;
-    return NULL;
-}
-
-ks_module_loader *ks_module_loader_start(const int *fds, int count) {
-    if (count <= 0) { errno = EINVAL; return NULL; }
-    struct ks_module_loader *l = calloc(1, sizeof *l);
-    int *buf = calloc((size_t)count * 2, sizeof(int));
-    if (!l || !buf) { free(l); free(buf); errno = ENOMEM; return NULL; }
-    l->count = count;
-    l->fds = buf;
-    l->results = buf + count;
-    memcpy(l->fds, fds, (size_t)count * sizeof(int));
-    // The thread takes no signals: the agent's signalfd must see every SIGCHLD.
-    sigset_t all, saved;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    int rc = pthread_create(&l->thread, NULL, module_loader_main, l);
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    if (rc != 0) { free(buf); free(l); errno = rc; return NULL; }
-    return l;
-}
-
-void ks_module_loader_wait(ks_module_loader *l, int *results, unsigned long long *elapsed_ns) {
-    pthread_join(l->thread, NULL);
-    memcpy(results, l->results, (size_t)l->count * sizeof(int));
-    *elapsed_ns = l->elapsed_ns;
-    free(l->fds);
-    free(l);
 }
 
 // ---- network interfaces (the guest agent: ioctl, no netlink needed) -------------

@@ -1,20 +1,48 @@
 // The guest's PID 1 (and `kuasar agent` on its own): the agent's layers only, linked
-// statically by `make guest`. All of it is in KuasarAgent; this only starts it.
+// statically by `make guest`. All of it is in KuasarAgent; this only starts it, with what
+// CAgentInit's constructor did before the runtime started.
 #if canImport(Glibc)
 import Glibc
 #endif
 import CAgentInit
-import Logging
 import KuasarAgent
 
 // The boot breakdown's mark between the Swift runtime's start and ours.
 var mainStarted = timespec()
 clock_gettime(CLOCK_BOOTTIME, &mainStarted)
-LoggingSystem.bootstrap { label in
-    var h = StreamLogHandler.standardError(label: label)
-    h.logLevel = .info
-    return h
+// No LoggingSystem.bootstrap: swift-log's own default is the handler this wants
+// (StreamLogHandler.standardError at .info), and PID 1 skips the code that replaces it.
+
+func cKind(_ kind: EarlyBoot.Step.Kind) -> Int32 {
+    switch kind {
+    case .mount: Int32(KS_BOOT_MOUNT)
+    case .module: Int32(KS_BOOT_MODULE)
+    case .cgroup: Int32(KS_BOOT_CGROUP)
+    case .network: Int32(KS_BOOT_NET)
+    }
 }
-exit(AgentMain.main(Array(CommandLine.arguments.dropFirst()), procMountedEarly: ks_agent_early_proc_mounted() != 0,
+
+let early = EarlyBoot(mounted: ks_agent_early_proc_mounted() != 0, source: EarlyBoot.Source(
+    summary: { kind in
+        var ns: UInt64 = 0
+        let failed = ks_agent_boot_summary(cKind(kind), &ns)
+        return (Double(ns) / 1e6, Int(failed))
+    },
+    steps: {
+        var out: [EarlyBoot.Step] = []
+        var i: Int32 = 0, kind: Int32 = 0, result: Int32 = 0, ns: UInt64 = 0
+        var what: UnsafePointer<CChar>?
+        while ks_agent_boot_step(i, &kind, &what, &result, &ns) == 0, let w = what {
+            out.append(EarlyBoot.Step(kind: EarlyBoot.Step.Kind.allCases.first { cKind($0) == kind } ?? .mount, what: String(cString: w), result: result, ms: Double(ns) / 1e6))
+            i += 1
+        }
+        return out
+    },
+    join: {
+        var waited: UInt64 = 0, thread: UInt64 = 0
+        _ = ks_agent_boot_wait(&waited, &thread)
+        return (Double(waited) / 1e6, Double(thread) / 1e6)
+    }))
+exit(AgentMain.main(Array(CommandLine.arguments.dropFirst()), early: early,
                     processStartBootNS: UInt64(ks_agent_early_boottime_ns()),
                     mainStartBootNS: UInt64(mainStarted.tv_sec) * 1_000_000_000 + UInt64(mainStarted.tv_nsec)))

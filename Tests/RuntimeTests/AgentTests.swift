@@ -4,6 +4,7 @@ import SwiftProtobuf
 @testable import Runtime
 #if canImport(Glibc)
 import Glibc
+import CAgentInit
 #endif
 
 /// The guest agent's services on a host: `kuasar agent --listen unix://…` is the same
@@ -397,24 +398,53 @@ extension AllTests {
         // modules.dep: virtio_ring, virtio, netfs here) left out.
         #expect(mods.plan(["9pnet_virtio", "virtio_mmio", "9p", "ext4"]).map(\.name) == ["9pnet", "9pnet_virtio", "virtio_mmio", "9p"])
         #expect(mods.plan(["9p"]).map(\.file).last == dir + "/kernel/fs/9p/9p.ko")
-        // Loading on the boot's own thread: a file missing is an error before anything
-        // loads; files that are no modules each fail, named, and the caller hears of it.
-        var missing = mods
-        #expect(throws: SystemError.self) { _ = try missing.loadInBackground(["9p"]) }
-        for f in ["kernel/net/9p/9pnet.ko", "kernel/net/9p/9pnet_virtio.ko", "kernel/fs/9p/9p.ko"] {
+        // Planning after the boot thread loaded some: those are left out.
+        var after = mods
+        after.markLoaded(["kernel/net/9p/9pnet.ko", "virtio-mmio"])
+        #expect(after.plan(["9pnet_virtio", "virtio_mmio", "9p"]).map(\.name) == ["9pnet_virtio", "9p"])
+    }
+
+    /// PID 1's boot thread (CAgentInit), as its constructor starts it but on files of this
+    /// test: each module the list names is loaded in order and reported by path, one that
+    /// is missing or no module fails with its errno, and the caller hears of every step.
+    @Test func bootThreadLoadsTheListedModulesInOrderAndReportsEach() throws {
+        let dir = try scratchDirectory("agent-boot")
+        defer { Files.removeTree(dir) }
+        for f in ["kernel/net/9p/9pnet.ko", "kernel/fs/9p/9p.ko"] {
             try makeDirectories(dir + "/" + f.split(separator: "/").dropLast().joined(separator: "/"), mode: 0o755)
             try Files.write(dir + "/" + f, "not a module", create: true)
         }
-        var garbage = mods
-        let loading = try garbage.loadInBackground(["9pnet_virtio", "9p"])
-        #expect(loading.steps.map(\.name) == ["9pnet", "9pnet_virtio", "9p"])
-        let (failures, elapsed) = loading.wait()
-        #expect(failures.map(\.name) == ["9pnet", "9pnet_virtio", "9p"])
-        #expect(failures.allSatisfy { "\($0.error)".contains(dir) } && elapsed >= 0)
-        #expect(loading.wait().failures.isEmpty)
-        var nothing = mods
-        #expect(try nothing.loadInBackground(["ext4"]).wait().failures.isEmpty)
+        try Files.write(dir + "/kuasar.boot", "kernel/net/9p/9pnet.ko\n# a comment\n\nkernel/missing.ko\nkernel/fs/9p/9p.ko\n", create: true)
+        func steps(_ count: Int32) -> [(what: String, result: Int32)] {
+            (0..<count).compactMap { i in
+                var kind: Int32 = 0, result: Int32 = 0, ns: UInt64 = 0
+                var what: UnsafePointer<CChar>?
+                guard ks_agent_boot_step(i, &kind, &what, &result, &ns) == 0, let what, kind == Int32(KS_BOOT_MODULE) else { return nil }
+                return (String(cString: what), result)
+            }
+        }
+        #expect(ks_agent_boot_running() == 0)
+        #expect(ks_agent_boot_start(dir, dir + "/kuasar.boot", 0) == 0)
+        #expect(ks_agent_boot_start(dir, dir + "/kuasar.boot", 0) == -EBUSY)
+        var waited: UInt64 = 0, thread: UInt64 = 0
+        let loaded = steps(ks_agent_boot_wait(&waited, &thread))
+        #expect(loaded.map(\.what) == ["kernel/net/9p/9pnet.ko", "kernel/missing.ko", "kernel/fs/9p/9p.ko"])
+        #expect(loaded[1].result == -ENOENT)
+        #expect(loaded[0].result < 0 && loaded[2].result < 0 && loaded[0].result != -ENOENT)
+        #expect(thread > 0 && ks_agent_boot_running() == 0)
+        var ns: UInt64 = 0
+        #expect(ks_agent_boot_summary(Int32(KS_BOOT_MODULE), &ns) == 3 && ns > 0)
+        #expect(ks_agent_boot_summary(Int32(KS_BOOT_CGROUP), &ns) == 0 && ns == 0)
+        // A second wait has nothing to join; a list that is missing is one failed step.
+        #expect(steps(ks_agent_boot_wait(&waited, &thread)).count == 3)
+        #expect(ks_agent_boot_start(dir, dir + "/none.boot", 0) == 0)
+        let none = steps(ks_agent_boot_wait(&waited, &thread))
+        #expect(none.count == 1 && none[0].what == dir + "/none.boot" && none[0].result == -ENOENT)
+        // What the agent logs of a failed step names the call, the file and the errno.
+        let step = EarlyBoot.Step(kind: .module, what: "kernel/x.ko", result: -ENOEXEC, ms: 1)
+        #expect("\(step)".contains("finit_module") && "\(step)".contains("kernel/x.ko") && "\(step)".contains("ENOEXEC"))
     }
+
 }
 }
 

@@ -252,15 +252,6 @@ int ks_vsock_bind(int fd, uint32_t cid, uint32_t port);
 // ---- kernel modules (the guest agent) -----------------------------------------
 /// finit_module(2) of an open .ko with no parameters; 0 or -errno (-EEXIST: loaded).
 int ks_finit_module(int fd);
-/// A thread of its own that loads modules in order (finit_module of each open .ko, which
-/// it closes), so that PID 1 goes on with its start meanwhile. NULL (errno) when no thread
-/// could be started (or count < 1): the fds are the caller's again.
-typedef struct ks_module_loader ks_module_loader;
-ks_module_loader *_Nullable ks_module_loader_start(const int *fds, int count);
-/// Waits for the thread: results[i] is 0 or -errno of fds[i] (count entries, as started),
-/// elapsed_ns the thread's own time. Frees the loader.
-void ks_module_loader_wait(ks_module_loader *loader, int *results, unsigned long long *elapsed_ns);
-
 /// Forks a child that runs a tiny real-mode guest under KVM and exits 0 when it reached
 /// its marker, else with the step that failed; -1 (errno) when fork fails.
 pid_t ks_kvm_probe_fork(void);

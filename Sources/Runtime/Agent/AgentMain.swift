@@ -61,7 +61,8 @@ public enum AgentMain {
 
     /// Runs the agent; returns the exit code (never returns as a guest's init).
     /// `processStartBootNS`: CLOCK_BOOTTIME at the process's first C constructor (0: unknown).
-    public static func main(_ args: [String], procMountedEarly: Bool = false, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> Int32 {
+    /// `early`: what the executable's C constructor did before the runtime started.
+    public static func main(_ args: [String], early: EarlyBoot? = nil, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> Int32 {
         let pid1 = getpid() == 1
         var parsed: (AgentOptions, Logger.Level)
         do {
@@ -77,7 +78,7 @@ public enum AgentMain {
         var logger = Logger(label: "kuasar.agent")
         logger.logLevel = level
         if pid1 && options.channels.isEmpty {
-            let (settings, timings, modules) = GuestInit.run(logger: logger, processStartBootNS: processStartBootNS, mainStartBootNS: mainStartBootNS)
+            let (settings, timings, boot) = GuestInit.run(logger: logger, processStartBootNS: processStartBootNS, mainStartBootNS: mainStartBootNS, early: early)
             if let l = Logger.Level(rawValue: settings.logLevel) { logger.logLevel = l }
             for c in settings.channels {
                 do { options.channels.append(try AgentChannel(c)) } catch { logger.error("init: kuasar.channel: \(error)") }
@@ -87,8 +88,7 @@ public enum AgentMain {
             options.bootMS = timings
             options.debug = settings.debug
             options.guest = settings
-            options.bootModules = modules
-            options.bootLog.append("init: kernel \(GuestInit.kernelRelease()) up at \(Int(timings["kernel"] ?? 0)) ms; init took \(String(Int((timings["init"] ?? 0) * 10) / 10)) ms\(procMountedEarly ? " (/proc mounted before main)" : "")")
+            options.boot = boot
         }
         guard !options.channels.isEmpty else {
             printError("kuasar agent: no channel to serve: give --listen (or run as a guest's PID 1)\n\(usage)\n")

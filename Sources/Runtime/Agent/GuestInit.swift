@@ -35,19 +35,24 @@ public struct GuestSettings: Equatable, Sendable {
 
     public init() {}
 
+    /// Parsed as bytes, not Characters: PID 1 reads this before it serves, and under TCG
+    /// each stdlib path run for the first time (grapheme breaking here) costs milliseconds.
     public init(cmdline: String) {
-        for word in cmdline.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }) where word.hasPrefix("kuasar.") {
-            let kv = word.dropFirst(7).split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let key = String(kv[0]), value = kv.count > 1 ? String(kv[1]) : ""
+        let prefix = Array("kuasar.".utf8)
+        for word in cmdline.utf8.split(whereSeparator: { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 }) where word.starts(with: prefix) {
+            let body = word.dropFirst(prefix.count)
+            let eq = body.firstIndex(of: UInt8(ascii: "="))
+            let key = String(decoding: body[..<(eq ?? body.endIndex)], as: UTF8.self)
+            let value = eq.map { String(decoding: body[body.index(after: $0)...], as: UTF8.self) } ?? ""
             switch key {
-            case "channel": channels = value.split(separator: ",").map(String.init)
+            case "channel": channels = value.utf8.split(separator: UInt8(ascii: ",")).map { String(decoding: $0, as: UTF8.self) }
             case "share": shareTag = value
             case "share_type": shareType = value
             case "log": logLevel = value
             case "hostname": hostname = value
             case "debug": debug = value == "1" || value == "true"
             case "template": template = value == "1" || value == "true"
-            default: unknown.append(String(word))
+            default: unknown.append(String(decoding: word, as: UTF8.self))
             }
         }
     }
@@ -61,10 +66,12 @@ public enum GuestInit {
     /// Where the host's share (bundles and rootfs) is mounted in the guest.
     public static let sharePath = "/run/kuasar/share"
     /// What the channels need, in the order they are loaded; each brings its
-    /// dependencies from modules.dep first. Only what the settings use is loaded at boot
-    /// (a module costs ~10–20 ms under TCG): the PCI transport only when the guest has
-    /// virtio PCI devices, vsock only for a vsock channel; the share's modules once the
-    /// channel serves (`finishBoot`), overlay on first use (`ensureModule`).
+    /// dependencies from modules.dep first. The serial channel's (the image's
+    /// `kuasar.boot`) load on the constructor's boot thread before the runtime starts;
+    /// what else the settings use (a module costs ~10–20 ms under TCG) once that thread is
+    /// done (`PendingBoot.finish`): the PCI transport only when the guest has virtio PCI
+    /// devices, vsock only for a vsock channel; the share's modules once the channel
+    /// serves (`finishBoot`), overlay on first use (`ensureModule`).
     public static func modules(for settings: GuestSettings) -> [String] {
         var m = ["virtio_mmio"]
         if hasVirtioPCI() { m.append("virtio_pci") }
@@ -201,16 +208,17 @@ public enum GuestInit {
         let run: () throws -> Void
     }
 
-    /// Runs the early init; returns the settings and the boot breakdown (ms): `kernel`
-    /// until the process started (its first C constructor), `runtime` from there to the
-    /// executable's first Swift statement (the Swift runtime's start, with exec's page
-    /// faults and, under TCG, the first translation of that code), `main` from there to
-    /// here, then each step.
-    public static func run(logger: Logger, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0) -> (GuestSettings, [String: Double], PendingModules?) {
+    /// Runs the early init; returns the settings, the boot breakdown (ms) and the boot's
+    /// kernel work still under way. `kernel` is until the process started (its first C
+    /// constructor); `mounts` the constructor's mounts (`early`) or this function's;
+    /// `runtime` from there to the executable's first Swift statement (the Swift
+    /// runtime's start, with exec's page faults and, under TCG, the first translation of
+    /// that code); `main` from there to here; then each step.
+    public static func run(logger: Logger, processStartBootNS: UInt64 = 0, mainStartBootNS: UInt64 = 0, early: EarlyBoot? = nil) -> (GuestSettings, [String: Double], PendingBoot) {
         let now = bootMS()
         let started = processStartBootNS > 0 ? Double(processStartBootNS) / 1e6 : now
         let mainAt = mainStartBootNS > 0 ? Double(mainStartBootNS) / 1e6 : started
-        var timings: [String: Double] = ["kernel": started, "runtime": mainAt - started, "main": now - mainAt]
+        var timings: [String: Double] = ["kernel": started, "main": now - mainAt]
         var t = MonotonicClock.nanoseconds()
         func lap(_ key: String) {
             let now = MonotonicClock.nanoseconds()
@@ -220,78 +228,104 @@ public enum GuestInit {
         func attempt(_ what: String, _ body: () throws -> Void) {
             do { try body() } catch { logger.error("init: \(what): \(error)") }
         }
-        umask(0o022)
-        attempt("mount /proc") { if !Files.exists("/proc/self") { try mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC) } }
-        attempt("mount /sys") { try mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC) }
-        attempt("mount /dev") { try mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") }
-        attempt("mount /dev/pts") { try mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") }
-        attempt("mount /dev/shm") { try mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
-        attempt("mount /run") { try mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") }
-        attempt("mount /tmp") { try mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
-        for (link, target) in [("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
-                               ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
-            _ = unlink(link)
-            _ = symlink(target, link)
+        if let early, early.mounted {
+            // Done by the constructor, before the runtime started.
+            for step in early.failures(.mount) { logger.error("init: \(step)") }
+            timings["mounts"] = early.source.summary(.mount).ms
+        } else {
+            umask(0o022)
+            attempt("mount /proc") { if !Files.exists("/proc/self") { try mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC) } }
+            attempt("mount /sys") { try mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC) }
+            attempt("mount /dev") { try mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") }
+            attempt("mount /dev/pts") { try mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") }
+            attempt("mount /dev/shm") { try mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
+            attempt("mount /run") { try mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") }
+            attempt("mount /tmp") { try mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
+            for (link, target) in [("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                                   ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+                _ = unlink(link)
+                _ = symlink(target, link)
+            }
+            lap("mounts")
         }
+        timings["runtime"] = max(0, mainAt - started - (early?.mounted == true ? timings["mounts"] ?? 0 : 0))
         let settings = GuestSettings(cmdline: (try? Files.readString("/proc/cmdline")) ?? "")
         for key in settings.unknown { logger.warning("init: unknown kernel command line key \(key)") }
-        lap("mounts")
-        // The channel's drivers load on a thread of their own while PID 1 goes on with
-        // its start (the agent waits for them before it opens its channels). A template
-        // is saved right after its first answer: what its clones mount when restored is
-        // loaded before, not after.
-        var pending: PendingModules?
-        if var mods = bootModules(logger: logger) {
-            let wanted = modules(for: settings) + (settings.template ? shareModules(for: settings) : [])
-            do {
-                let loading = try mods.loadInBackground(wanted)
-                pending = PendingModules(mods, loading)
-            } catch {
-                logger.warning("init: modules: \(error); loading them here")
-                load(wanted, &mods, logger: logger)
-                pending = PendingModules(mods, nil)
-            }
-        }
-        lap("modulesStart")
-        attempt("cgroups") { try mountCgroups() }
-        lap("cgroups")
-        // Loopback, for the pod's containers (they share the guest's network).
-        attempt("lo") { try Network.setUp("lo") }
         attempt("hostname") {
             guard sethostname(settings.hostname, settings.hostname.utf8.count) == 0 else {
                 throw SystemError("sethostname", settings.hostname, errno: Errno(rawValue: errno))
             }
         }
-        lap("network")
+        lap("settings")
         timings["init"] = timings.filter { !["kernel", "runtime", "main"].contains($0.key) }.values.reduce(0, +)
-        return (settings, timings, pending)
+        return (settings, timings, PendingBoot(early: early, settings: settings))
     }
 
-    /// The boot's modules while they load (`run`), for the agent to wait on.
-    public final class PendingModules: @unchecked Sendable {  // PID 1's one thread only
-        var modules: KernelModules
-        let loading: KernelModules.BackgroundLoad?
-        init(_ modules: KernelModules, _ loading: KernelModules.BackgroundLoad?) {
-            self.modules = modules
-            self.loading = loading
+    /// The boot's kernel work while it runs on the constructor's thread (`run`): the
+    /// channel's modules, cgroup2, loopback. The agent waits for it before its container
+    /// engine looks at the cgroups; `finish` then does what that thread did not.
+    public final class PendingBoot: @unchecked Sendable {  // PID 1's one thread only
+        let early: EarlyBoot?
+        let settings: GuestSettings
+        init(early: EarlyBoot?, settings: GuestSettings) {
+            self.early = early
+            self.settings = settings
         }
 
-        /// Waits for the boot's modules (failures logged), then loads a NIC's driver when
-        /// one showed on their transport. Returns the loader's own time (`modules`) and
-        /// how long this waited for it (`modulesWait`), in ms; once per boot.
+        /// Waits for the boot thread (its failures logged), then loads what else the
+        /// settings need (the PCI transport, vsock, a template's share modules, a NIC's
+        /// driver) and mounts cgroups or brings up loopback where the thread did not.
+        /// Returns the thread's steps and this one's in ms — `bootWait` is how long it
+        /// waited — once per boot.
         public func finish(logger: Logger) -> [String: Double] {
             guard !finished else { return [:] }
             finished = true
-            let t = MonotonicClock.nanoseconds()
             var timings: [String: Double] = [:]
-            if let loading {
-                let (failures, elapsed) = loading.wait()
-                for f in failures { logger.error("init: module \(f.name): \(f.error)") }
-                timings["modules"] = elapsed
+            var threadDid: Set<EarlyBoot.Step.Kind> = []
+            if let early {
+                let (waitedMS, threadMS) = early.source.join()
+                timings["bootWait"] = waitedMS
+                timings["bootThread"] = threadMS
+                for kind in [EarlyBoot.Step.Kind.module, .cgroup, .network] {
+                    let (ms, failed) = early.source.summary(kind)
+                    timings["\(kind)"] = ms
+                    if ms > 0 || failed > 0 { threadDid.insert(kind) }
+                    for step in early.failures(kind) {
+                        // No cgroup2 in this kernel is no failure: v1 below.
+                        if step.kind == .cgroup && step.what == "cgroup2" && step.result == -ENODEV { threadDid.remove(.cgroup); continue }
+                        logger.error("init: \(step)")
+                    }
+                }
             }
-            timings["modulesWait"] = Double(MonotonicClock.nanoseconds() - t) / 1e6
-            if GuestInit.hasVirtioDevice(id: 1) { GuestInit.load(["virtio_net"], &modules, logger: logger) }
-            logger.debug("init: loaded \(modules.loaded.joined(separator: " "))")
+            var t = MonotonicClock.nanoseconds()
+            func lap(_ key: String) {
+                let now = MonotonicClock.nanoseconds()
+                timings[key] = Double(now - t) / 1e6
+                t = now
+            }
+            // What the thread did not load; modules.dep is read only when there is some
+            // (none for the serial channel on microvm).
+            var mods: KernelModules?
+            func load(_ names: [String]) {
+                let missing = names.filter { !Files.exists("/sys/module/" + $0) }
+                guard !missing.isEmpty else { return }
+                if mods == nil {
+                    mods = GuestInit.bootModules(logger: logger)
+                    mods?.markLoaded((early?.source.steps() ?? []).filter { $0.kind == .module && $0.result == 0 }.map { KernelModules.name(of: $0.what) })
+                }
+                if mods != nil { GuestInit.load(missing, &mods!, logger: logger) }
+            }
+            load(GuestInit.modules(for: settings) + (settings.template ? GuestInit.shareModules(for: settings) : []))
+            // A NIC shows once its transport's driver is loaded.
+            if GuestInit.hasVirtioDevice(id: 1) { load(["virtio_net"]) }
+            if !threadDid.contains(.cgroup) {
+                do { try GuestInit.mountCgroups() } catch { logger.error("init: cgroups: \(error)") }
+            }
+            // Loopback, for the pod's containers (they share the guest's network).
+            if !threadDid.contains(.network) {
+                do { try Network.setUp("lo") } catch { logger.error("init: lo: \(error)") }
+            }
+            lap("afterBoot")
             return timings
         }
         private var finished = false

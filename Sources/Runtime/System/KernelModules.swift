@@ -48,53 +48,10 @@ public struct KernelModules {
         return out
     }
 
-    /// Starts loading `modules` (with their dependencies, in order) on a thread of its
-    /// own; `BackgroundLoad.wait()` says how it went. A file that cannot be opened fails
-    /// here, before anything loads.
-    public mutating func loadInBackground(_ modules: [String]) throws(SystemError) -> BackgroundLoad {
-        let steps = plan(modules)
-        var fds: [Int32] = []
-        do throws(SystemError) {
-            for step in steps { fds.append(try Self.open(step.file)) }
-        } catch {
-            for fd in fds { _ = close(fd) }
-            throw error
-        }
-        if fds.isEmpty { return BackgroundLoad(loader: nil, steps: []) }
-        guard let loader = fds.withUnsafeBufferPointer({ ks_module_loader_start($0.baseAddress!, Int32($0.count)) }) else {
-            let e = errno
-            for fd in fds { _ = close(fd) }
-            throw SystemError("pthread_create", "module loader", errno: Errno(rawValue: e))
-        }
-        loaded += steps.map(\.name)
-        return BackgroundLoad(loader: loader, steps: steps)
-    }
-
-    /// Modules loading on their own thread (`loadInBackground`): `wait()` joins it, once.
-    public final class BackgroundLoad {
-        private var loader: OpaquePointer?
-        public let steps: [(name: String, file: String)]
-        init(loader: OpaquePointer?, steps: [(name: String, file: String)]) {
-            self.loader = loader
-            self.steps = steps
-        }
-
-        /// Joins the loader: each module that failed with why (one already loaded is
-        /// fine), and the loader's own time in ms. A second call returns nothing.
-        public func wait() -> (failures: [(name: String, error: SystemError)], elapsedMS: Double) {
-            guard let loader else { return ([], 0) }
-            self.loader = nil
-            var results = [Int32](repeating: 0, count: steps.count)
-            var ns: UInt64 = 0
-            results.withUnsafeMutableBufferPointer { ks_module_loader_wait(loader, $0.baseAddress!, &ns) }
-            var failures: [(name: String, error: SystemError)] = []
-            for (step, rc) in zip(steps, results) {
-                if let error = KernelModules.failure(rc, step.file) { failures.append((step.name, error)) }
-            }
-            return (failures, Double(ns) / 1e6)
-        }
-
-        deinit { if loader != nil { _ = wait() } }
+    /// Takes these as loaded (by the guest's boot thread, before this was parsed): plans
+    /// leave them out.
+    public mutating func markLoaded(_ names: [String]) {
+        for n in names.map(Self.name(of:)) where !loaded.contains(n) { loaded.append(n) }
     }
 
     /// Loads `module` after its dependencies. A module not in modules.dep is taken to be

@@ -45,11 +45,11 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     }
 
     static let names: [Int32: String] = [
-        1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 10: "ECHILD",
+        1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 8: "ENOEXEC", 9: "EBADF", 10: "ECHILD",
         11: "EAGAIN", 12: "ENOMEM", 13: "EACCES", 16: "EBUSY", 17: "EEXIST", 20: "ENOTDIR",
-        22: "EINVAL", 24: "EMFILE", 28: "ENOSPC", 32: "EPIPE", 34: "ERANGE", 36: "ENAMETOOLONG", 38: "ENOSYS", 88: "ENOTSOCK", 98: "EADDRINUSE",
+        19: "ENODEV", 22: "EINVAL", 24: "EMFILE", 27: "EFBIG", 28: "ENOSPC", 32: "EPIPE", 34: "ERANGE", 36: "ENAMETOOLONG", 38: "ENOSYS", 88: "ENOTSOCK", 98: "EADDRINUSE",
         103: "ECONNABORTED", 104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT",
-        111: "ECONNREFUSED", 115: "EINPROGRESS", 125: "ECANCELED",
+        95: "EOPNOTSUPP", 111: "ECONNREFUSED", 115: "EINPROGRESS", 125: "ECANCELED",
     ]
 
     /// The calling thread's errno, read right after a failed libc call.
