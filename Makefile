@@ -27,7 +27,11 @@ build: deps
 
 # The guest image of VM sandboxes: the agent linked statically (stdlib and
 # FoundationEssentials only) by the toolchain's lld, a section per function so unused
-# ones go, without unwind tables (guest/no-unwind-tables.ld says why), stripped, as /init of an initramfs with the modules it loads,
+# ones go, without unwind tables (guest/no-unwind-tables.ld says why), with link-time
+# optimization of our code and its packages (0.2 MB: what no call reaches goes) and
+# identical code folding (0.3 MB: lld folds functions whose bytes and relocations are the
+# same — code only, never data; nothing in the agent compares function addresses),
+# stripped, as /init of an initramfs with the modules it loads,
 # and the vmlinux of Debian's linux-image-amd64 (downloaded, never installed). Built in
 # $(GUEST_DIR), installed where the daemon looks by default; a debug variant with busybox
 # (kuasar.debug=1's shell) in $(GUEST_DIR)-debug. Incremental: a rebuild with nothing
@@ -37,7 +41,7 @@ GUEST_INSTALL := /var/lib/kuasar/guest
 guest: deps
 	swift build -c release --product kuasar-agent --static-swift-stdlib -Xswiftc -static-executable -Xswiftc -Osize \
 	  -Xswiftc -Xfrontend -Xswiftc -function-sections -Xswiftc -use-ld=lld -Xlinker -T -Xlinker $(CURDIR)/guest/no-unwind-tables.ld \
-	  --scratch-path .build-static
+	  --experimental-lto-mode=full -Xlinker --icf=all --scratch-path .build-static
 	mkdir -p $(GUEST_DIR)
 	strip --strip-all -o $(GUEST_DIR)/kuasar-agent .build-static/release/kuasar-agent
 	python3 guest/build.py --agent $(GUEST_DIR)/kuasar-agent --out $(GUEST_DIR) --cache .build/guest-cache
@@ -110,14 +114,16 @@ clean:
 # and Sources/Runtime/Wire/Host/Generated (KuasarHostWire: HOST_PROTOS, the host's alone)
 # from Protos/. Needs protoc (apt protobuf-compiler) and builds protoc-gen-swift from the
 # swift-protobuf this package resolves (minutes, once; never in CI). containerd.task.v3 is
-# v2's file under the v3 package, as in containerd 2.x. Protos/host-module-mappings.asciipb
+# v2's file under the v3 package, as in containerd 2.x; the runtime serves both services
+# with v2's messages (the same bytes), so v3's types are the host's, for clients (tests,
+# perf), and the guest agent does not link a second copy. Protos/host-module-mappings.asciipb
 # tells the generator which imported types are KuasarWire's.
 PROTO_OUT := Sources/Runtime/Wire/Generated
 HOST_PROTO_OUT := Sources/Runtime/Wire/Host/Generated
 HOST_PROTOS := containerd/services/sandbox/v1/sandbox.proto containerd/services/streaming/v1/streaming.proto \
   containerd/types/introspection.proto containerd/types/metrics.proto containerd/types/platform.proto \
   containerd/types/sandbox.proto containerd/types/transfer/streaming.proto grpc/health/v1/health.proto \
-  kuasar/admin/v1/admin.proto
+  kuasar/admin/v1/admin.proto cri/pod_sandbox_config.proto
 PROTOC_SWIFT = protoc --plugin=protoc-gen-swift=.build-protoc/release/protoc-gen-swift \
   --swift_opt=Visibility=Public --swift_opt=FileNaming=PathToUnderscores -I Protos -I .build-protos -I /usr/include
 protos:
@@ -128,5 +134,5 @@ protos:
 	sed 's/^package containerd.task.v2;/package containerd.task.v3;/' Protos/containerd/task/v2/shim.proto > .build-protos/containerd/task/v3/shim.proto
 	rm -f $(PROTO_OUT)/*.pb.swift $(HOST_PROTO_OUT)/*.pb.swift
 	$(PROTOC_SWIFT) --swift_out=$(PROTO_OUT) \
-	  $$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort | grep -vxF $(foreach p,$(HOST_PROTOS),-e $(p))) containerd/task/v3/shim.proto
-	$(PROTOC_SWIFT) --swift_opt=ProtoPathModuleMappings=Protos/host-module-mappings.asciipb --swift_out=$(HOST_PROTO_OUT) $(HOST_PROTOS)
+	  $$(cd Protos && find . -name '*.proto' | sed 's|^\./||' | sort | grep -vxF $(foreach p,$(HOST_PROTOS),-e $(p)))
+	$(PROTOC_SWIFT) --swift_opt=ProtoPathModuleMappings=Protos/host-module-mappings.asciipb --swift_out=$(HOST_PROTO_OUT) $(HOST_PROTOS) containerd/task/v3/shim.proto

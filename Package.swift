@@ -76,16 +76,22 @@ let package = Package(
             path: "Sources/Runtime/Container"),
         .target(
             name: "KuasarSandbox", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", logging, protobuf],
-            path: "Sources/Runtime/Sandbox"),
+            path: "Sources/Runtime/Sandbox", exclude: ["Kinds"]),
+        // The sandbox seam the kinds plug into (SandboxBackend, a Create as a kind sees it):
+        // the daemon's alone — a Create carries containerd's CRI config (the host's wire),
+        // so the guest agent, which links KuasarSandbox, does not link that.
         .target(
-            name: "KuasarNamespace", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            name: "KuasarSandboxKinds", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            path: "Sources/Runtime/Sandbox/Kinds"),
+        .target(
+            name: "KuasarNamespace", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", logging, protobuf],
             path: "Sources/Runtime/Backends/Namespace"),
         .target(
-            name: "KuasarExternal", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            name: "KuasarExternal", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", logging, protobuf],
             path: "Sources/Runtime/Backends/External"),
         // microVM pods: one driver per VMM (QEMU/) behind the Hypervisor protocol.
         .target(
-            name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
+            name: "KuasarVM", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", logging, protobuf],
             path: "Sources/Runtime/Backends/VM"),
         // WebAssembly engines (the wasm kind's runner): Wasmtime through its C API, loaded
         // with dlopen at run time, so nothing here links an engine at build time.
@@ -108,7 +114,7 @@ let package = Package(
             name: "KuasarTasks", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarContainer", "KuasarSandbox", logging, protobuf],
             path: "Sources/Runtime/Services/Task"),
         .target(
-            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarTasks", logging, protobuf,
+            name: "KuasarServices", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", "KuasarTasks", logging, protobuf,
                                                   .product(name: "TOMLKit", package: "TOMLKit")],
             path: "Sources/Runtime/Services", exclude: ["Task"]),
         // What runs inside a VM as PID 1 (and, for tests and the task-server kind, as a
@@ -119,7 +125,7 @@ let package = Package(
             path: "Sources/Runtime/Agent"),
         // Every layer at once, for the tests and the benchmarks (not for the daemon's code).
         .target(
-            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent"],
+            name: "Runtime", dependencies: ["KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent"],
             path: "Sources/Runtime/Exports"),
         // The daemon's parent (CShims/keeper.c): C only, so it costs ~100 kB, not a runtime.
         .executableTarget(name: "kuasar-keeper", dependencies: ["CShims"]),
@@ -135,14 +141,14 @@ let package = Package(
         .executableTarget(
             name: "kuasar",
             dependencies: [
-                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent",
+                "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmKit", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims", "CAgentInit",
+                "Runtime", "KuasarOCI", "KuasarSystem", "KuasarReactor", "KuasarWire", "KuasarHostWire", "KuasarGRPC", "KuasarContainer", "KuasarSandbox", "KuasarSandboxKinds", "KuasarNamespace", "KuasarExternal", "KuasarVM", "KuasarWasm", "KuasarWasmSandbox", "KuasarTasks", "KuasarServices", "KuasarAgent", "CShims", "CAgentInit",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
             ]),

@@ -8,6 +8,7 @@ import KuasarWire
 import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 import KuasarWasmSandbox
 import KuasarNamespace
 import KuasarExternal

@@ -8,6 +8,7 @@
 @_exported import KuasarGRPC
 @_exported import KuasarContainer
 @_exported import KuasarSandbox
+@_exported import KuasarSandboxKinds
 @_exported import KuasarNamespace
 @_exported import KuasarVM
 @_exported import KuasarWasm

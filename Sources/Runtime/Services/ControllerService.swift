@@ -12,6 +12,7 @@ import KuasarHostWire
 import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 import KuasarTasks
 
 /// containerd 2.x's sandboxer endpoint: `containerd.services.sandbox.v1.Controller` over

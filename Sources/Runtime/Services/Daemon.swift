@@ -9,6 +9,7 @@ import KuasarWire
 import KuasarGRPC
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 import KuasarTasks
 
 /// The daemon process: one reactor, the API socket (gRPC: the sandbox Controller and

@@ -9,6 +9,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 
 /// A task-serving sandbox program, as the config names it (`[servers.<name>]`).
 public struct TaskServerProgram: Sendable {

@@ -10,6 +10,7 @@ import KuasarReactor
 import KuasarWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 
 /// The namespace kind (the original's runc-sandboxer, without runc): a CRI pod is a
 /// holder process in the pod's namespaces, pinned ns files, its hostname/DNS/hosts files

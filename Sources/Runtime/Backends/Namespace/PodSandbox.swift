@@ -6,6 +6,7 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarHostWire
 import KuasarContainer
 import KuasarSandbox
 

@@ -12,8 +12,10 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarHostWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 
 /// The `vm` kind's settings, as `[vm]` gives them.
 public struct VMSettings: Sendable {

@@ -6,8 +6,10 @@ import KuasarOCI
 import KuasarSystem
 import KuasarReactor
 import KuasarWire
+import KuasarHostWire
 import KuasarContainer
 import KuasarSandbox
+import KuasarSandboxKinds
 
 /// The `vm` kind on containerd 1.6/1.7's shim path (runtime `io.containerd.kuasar-vm.v2`).
 /// No Controller makes the pod there: the sandbox is registered by the shim binary and its

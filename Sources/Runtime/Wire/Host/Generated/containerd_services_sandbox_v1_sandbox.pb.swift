@@ -9,6 +9,7 @@
 //   https://github.com/apple/swift-protobuf/
 
 import SwiftProtobuf
+
 import KuasarWire
 
 // If the compiler emits an error on this type, it is because this file
@@ -31,7 +32,7 @@ public nonisolated struct Containerd_Services_Sandbox_V1_ControllerCreateRequest
     set {_uniqueStorage()._sandboxID = newValue}
   }
 
-  public var rootfs: [Containerd_Types_Mount] {
+  public var rootfs: [KuasarWire.Containerd_Types_Mount] {
     get {_storage._rootfs}
     set {_uniqueStorage()._rootfs = newValue}
   }
@@ -410,7 +411,7 @@ nonisolated extension Containerd_Services_Sandbox_V1_ControllerCreateRequest: Sw
 
   fileprivate class _StorageClass {
     var _sandboxID: String = String()
-    var _rootfs: [Containerd_Types_Mount] = []
+    var _rootfs: [KuasarWire.Containerd_Types_Mount] = []
     var _options: SwiftProtobuf.Google_Protobuf_Any? = nil
     var _netnsPath: String = String()
     var _annotations: Dictionary<String,String> = [:]
