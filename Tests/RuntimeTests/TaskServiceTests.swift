@@ -52,6 +52,65 @@ extension AllTests {
         }
     }
 
+    /// CloseIO right after the writer closed the stdin FIFO: every byte written reaches the
+    /// container, also what still sat in the FIFO while the daemon's reading was paused
+    /// (the container not reading yet, its pipe and the daemon's queue full). Before, those
+    /// bytes — up to the FIFO's 64 KiB — were dropped with the FIFO.
+    @Test func closeIOLosesNoStdinStillInTheFIFO() throws {
+        let bundle = try TestBundle("tasks-stdin")
+        defer { bundle.remove() }
+        try bundle.setProcess(args: ["sh", "-c", "sleep 3; wc -c"])
+        try withReactor(.epoll) { reactor in
+            let h = try Harness(reactor, "stdin")
+            let c = try h.client()
+            let fifo = h.root + "/stdin-fifo"
+            #expect(mkfifo(fifo, 0o600) == 0)
+            var create = Containerd_Task_V2_CreateTaskRequest()
+            create.id = "reader"
+            create.bundle = bundle.path
+            create.stdin = fifo
+            create.stdout = "file://" + h.root + "/count"
+            _ = try h.call(c, "Create", create, Containerd_Task_V2_CreateTaskResponse.self).get()
+            var start = Containerd_Task_V2_StartRequest()
+            start.id = "reader"
+            _ = try h.call(c, "Start", start, Containerd_Task_V2_StartResponse.self).get()
+            // Fill everything while the container sleeps: its pipe, the daemon's queue up
+            // to its watermark (reading then pauses), and the FIFO itself. This thread is
+            // the daemon's loop too, so the FIFO is read only while it spins.
+            let fd = open(fifo, O_WRONLY | O_CLOEXEC | O_NONBLOCK)
+            #expect(fd >= 0)
+            let chunk = [UInt8](repeating: 0x61, count: 4096)
+            var size = 0, stalled = 0
+            while stalled < 3 && size < 16 << 20 {
+                var wrote = 0
+                while true {
+                    let n = chunk.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                    if n <= 0 { break }
+                    wrote += n
+                }
+                size += wrote
+                stalled = wrote == 0 ? stalled + 1 : 0
+                try settle(reactor, ms: 50)
+            }
+            close(fd)
+            #expect(size > 256 << 10, "only \(size) bytes went in")
+            var closeIO = Containerd_Task_V2_CloseIORequest()
+            closeIO.id = "reader"
+            closeIO.stdin = true
+            _ = try h.call(c, "CloseIO", closeIO, Google_Protobuf_Empty.self).get()
+            var wait = Containerd_Task_V2_WaitRequest()
+            wait.id = "reader"
+            #expect(try h.call(c, "Wait", wait, Containerd_Task_V2_WaitResponse.self).get().exitStatus == 0)
+            let counted = (try? Files.readString(h.root + "/count"))?.trimmingWhitespace
+            #expect(counted == String(size), "the container read \(counted ?? "nothing") of \(size) bytes")
+            var del = Containerd_Task_V2_DeleteRequest()
+            del.id = "reader"
+            _ = try h.call(c, "Delete", del, Containerd_Task_V2_DeleteResponse.self).get()
+            c.close()
+            try h.close()
+        }
+    }
+
     @Test func badInputGetsTheRightStatusAndTheServiceKeepsServing() throws {
         let bundle = try TestBundle("tasks-bad")
         defer { bundle.remove() }

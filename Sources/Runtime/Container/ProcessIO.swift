@@ -431,6 +431,13 @@ public final class ProcessIO {
     public func closeStdin() {
         // The keeper's copy of the pipe would keep the input open.
         if let store, !terminal, stdinSink != nil { store.drop(storeKey + "/stdin") }
+        // What the writer put in the FIFO before CloseIO is the container's, also what
+        // still sits there while its reading is paused (the container's pipe full): queue
+        // it behind the rest. We hold the FIFO read-write, so this ends when it is empty
+        // (at most its pipe buffer); what is written after CloseIO is not read.
+        if let source = stdinSource, let sink = stdinSink {
+            source.readAvailable(limit: 16 << 20) { _ = sink.write($0) }
+        }
         stdinSource?.close()
         stdinSource = nil
         if let s = stdinSink, s !== master { s.closeAfterFlush() }

@@ -258,6 +258,25 @@ public final class Connection {
         }
     }
 
+    /// Reads what the fd holds now, paused or not, until it would block, reports end of
+    /// file, or `limit` bytes came; hands each chunk to `body` (valid during the call).
+    /// For a source about to be closed whose buffered bytes still belong to someone
+    /// (CloseIO's stdin FIFO). Returns how many bytes it read.
+    @discardableResult
+    public func readAvailable(limit: Int, _ body: (UnsafeRawBufferPointer) -> Void) -> Int {
+        guard state == .open else { return 0 }
+        let raw = rawFD
+        let buffer = reactor.sharedReadBuffer
+        var total = 0
+        while total < limit {
+            guard let result = try? sysNonBlocking("read", "fd \(raw)", { Glibc.read(raw, buffer.baseAddress, min(buffer.count, limit - total)) }),
+                  case .done(let n) = result, n > 0 else { break }
+            body(UnsafeRawBufferPointer(rebasing: buffer[..<n]))
+            total += n
+        }
+        return total
+    }
+
     // MARK: Flow control and closing
 
     /// Stops reading from the peer until `resumeReading` (e.g. while a request is handled elsewhere).
