@@ -30,7 +30,8 @@ build: deps
 # ones go, without unwind tables (guest/no-unwind-tables.ld says why), with link-time
 # optimization of our code and its packages (0.2 MB: what no call reaches goes) and
 # identical code folding (0.3 MB: lld folds functions whose bytes and relocations are the
-# same — code only, never data; nothing in the agent compares function addresses),
+# same — code only, never data; Swift gives functions no identity to compare, and the
+# suite runs on the folded agent),
 # stripped, as /init of an initramfs with the modules it loads,
 # and the vmlinux of Debian's linux-image-amd64 (downloaded, never installed). Built in
 # $(GUEST_DIR), installed where the daemon looks by default; a debug variant with busybox

@@ -12,7 +12,11 @@ import SwiftProtobuf
 ///   with the guest-side breakdown the agent reports (kernel, mounts, modules, share);
 /// - Create+Start+Wait+Delete of `/bin/true` inside the guest over the channel, against
 ///   the same calls to `kuasar agent --listen` on the host (a namespace sandbox there);
-/// - the agent's RSS in the guest, and the image's sizes.
+/// - the agent's RSS in the guest, and the image's sizes;
+/// - with `--against INITRD`, another image's agent (an earlier build, say) booted in the
+///   same rounds, alternating with this one: its first answer and its own time, from the
+///   kernel's hand-over to the first call read, paired round by round with this image's
+///   (boots on a noisy machine spread more than a change moves them; pairs do not drift).
 /// Writes perf/results/agent.json. Needs `make guest` (the image in .build/guest) and QEMU.
 enum AgentBenchmark {
     static let work = "/tmp/kuasar-perf-agent"
@@ -37,6 +41,40 @@ enum AgentBenchmark {
         var agentBinaryBytes: Int
         var initrdBytes: Int
         var vmlinuxBytes: Int
+        /// `--against`: the other image's first answer, and both images' own time (ms).
+        var against: Against?
+    }
+
+    struct Against: Codable {
+        var initrd: String
+        var readyMs: ContainerBenchmark.Row
+        /// p50 of (this image - the other) over the rounds both answered.
+        var readyDifferenceMs: Double?
+        /// The agent's own time, from the kernel's hand-over to the first call read.
+        var ownMs: Double?
+        var againstOwnMs: Double?
+        var ownDifferenceMs: Double?
+        var againstBreakdownMs: [String: Double]
+    }
+
+    /// The agent's own part of a boot in its Check breakdown: after the kernel's, to the first call read.
+    static func ownMs(_ bootMs: [String: Double]) -> Double {
+        ["runtime", "main", "init", "serve", "firstCall"].reduce(0) { $0 + (bootMs[$1] ?? 0) }
+    }
+
+    /// Waits (60 s at most) for the first Check `vm`'s agent answers: QEMU start to then,
+    /// its answer, and the client that got it.
+    static func firstAnswer(_ vm: VM) -> (ms: Double, check: Kuasar_Agent_V1_CheckResponse, client: OneShotClient)? {
+        var client: OneShotClient?
+        while vm.ms() < 60_000 {
+            if client == nil { client = try? OneShotClient(path: vm.channel) }
+            guard let c = client else { usleep(2_000); continue }
+            if let check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 20_000_000) {
+                return (vm.ms(), check, c)
+            }
+        }
+        client?.close()
+        return nil
     }
 
     /// The command line of ../shared/MACHINE.md's fastest TCG boot, with the agent's devices.
@@ -80,7 +118,7 @@ enum AgentBenchmark {
         }
     }
 
-    static func run(boots: Int, lifecycles: Int) throws {
+    static func run(boots: Int, lifecycles: Int, against: String? = nil) throws {
         let log = ContainerBenchmark.log
         let root = PodBenchmark.repositoryRoot
         let image = root + "/.build/guest"
@@ -109,6 +147,21 @@ enum AgentBenchmark {
         var baseline: [Double] = [], ready: [Double] = [], breakdown: [String: [Double]] = [:]
         var inGuest: [Double] = []
         var rss: Int?
+        // --against: the other image's first answers and both images' own times, by round.
+        var againstReady: [Int: Double] = [:], readyByRound: [Int: Double] = [:]
+        var againstOwn: [Int: Double] = [:], ownByRound: [Int: Double] = [:]
+        var againstBreakdown: [String: [Double]] = [:]
+        func bootAgainst(_ round: Int) throws {
+            guard let against else { return }
+            let other = try VM(initrd: against, image: image, dir: work, share: share)
+            defer { other.kill() }
+            guard let answer = firstAnswer(other) else { log("agent: --against boot \(round): no answer"); return }
+            let (ms, check, c) = answer
+            c.close()
+            againstReady[round] = ms
+            againstOwn[round] = ownMs(check.bootMs)
+            for (k, v) in check.bootMs { againstBreakdown[k, default: []].append(v) }
+        }
         for i in 0..<boots {
             // The floor: the same kernel to a line printed by /init.
             let b = try VM(initrd: work + "/initrd-baseline.lz4", image: image, dir: work, share: share)
@@ -119,19 +172,21 @@ enum AgentBenchmark {
             }
             if seen { baseline.append(b.ms()) }
             b.kill()
+            // The other image before this one in odd rounds, after it in even ones.
+            if i % 2 == 1 { try bootAgainst(i) }
+            defer { if i % 2 == 0 { try? bootAgainst(i) } }
             // The agent: to its first answer over the channel.
             let vm = try VM(initrd: image + "/initrd.lz4", image: image, dir: work, share: share)
             defer { vm.kill() }
-            var client: OneShotClient?
-            var check: Kuasar_Agent_V1_CheckResponse?
-            while vm.ms() < 60_000 && check == nil {
-                if client == nil { client = try? OneShotClient(path: vm.channel) }
-                guard let c = client else { usleep(2_000); continue }
-                check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 20_000_000)
+            guard let answer = firstAnswer(vm) else {
+                let console = (try? String(contentsOfFile: vm.console, encoding: .utf8)) ?? ""
+                log("agent: boot \(i): no answer in 60 s; the end of its console:\n\(console.suffix(2000))")
+                continue
             }
-            guard let check, let c = client else { log("agent: boot \(i): no answer"); continue }
-            let readyMs = vm.ms()
+            let (readyMs, check, c) = answer
             ready.append(readyMs)
+            readyByRound[i] = readyMs
+            ownByRound[i] = ownMs(check.bootMs)
             for (k, v) in check.bootMs { breakdown[k, default: []].append(v) }
             // The rest, from QEMU's start: what QEMU takes before the kernel runs, and the
             // first answer from the moment the agent read its call until the host has it.
@@ -204,11 +259,23 @@ enum AgentBenchmark {
             lifecycleInGuest: gRow, lifecycleOnHost: hRow,
             lifecycleRatio: p50(inGuest).flatMap { g in p50(onHost).map { g / $0 } },
             agentRSSKiB: rss, agentBinaryBytes: manifest["agentBytes"] as? Int ?? 0,
-            initrdBytes: bytes["initrd.lz4"] ?? 0, vmlinuxBytes: bytes["vmlinux"] ?? 0)
+            initrdBytes: bytes["initrd.lz4"] ?? 0, vmlinuxBytes: bytes["vmlinux"] ?? 0,
+            against: against.map { path in
+                let rounds = readyByRound.keys.filter { againstReady[$0] != nil }
+                return Against(
+                    initrd: path, readyMs: ContainerBenchmark.row("the --against image's agent (first Check)", Array(againstReady.values)),
+                    readyDifferenceMs: p50(rounds.map { readyByRound[$0]! - againstReady[$0]! }),
+                    ownMs: p50(Array(ownByRound.values)), againstOwnMs: p50(Array(againstOwn.values)),
+                    ownDifferenceMs: p50(rounds.compactMap { r in ownByRound[r].flatMap { o in againstOwn[r].map { o - $0 } } }),
+                    againstBreakdownMs: againstBreakdown.compactMapValues { p50($0) })
+            })
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(report).write(to: URL(fileURLWithPath: root + "/perf/results/agent.json"))
         log("agent: baseline p50 \(p50(baseline) ?? -1) ms, agent-ready p50 \(p50(ready) ?? -1) ms (ratio \(report.readyRatio ?? -1)); breakdown \(report.guestBreakdownMs)")
+        if let a = report.against {
+            log("agent: --against \(a.initrd): its first answer p50 \(a.readyMs.p50ms ?? .nan) ms; this image minus it, paired by round: \(a.readyDifferenceMs ?? .nan) ms end to end, own time \(a.ownMs ?? .nan) vs \(a.againstOwnMs ?? .nan) ms (paired \(a.ownDifferenceMs ?? .nan) ms)")
+        }
         log("agent: lifecycle in guest p50 \(p50(inGuest) ?? -1) ms vs on host \(p50(onHost) ?? -1) ms; agent RSS \(rss ?? -1) KiB; agent \(report.agentBinaryBytes) B, initrd \(report.initrdBytes) B")
         ContainerBenchmark.shIgnoringFailure("rm -rf \(work)")
     }

@@ -8,7 +8,7 @@ import Runtime
 ///   kuasar-perf container [--runs N]    container lifecycle and per-pod memory: kuasar vs shim-runc-v2+runc, runc, crun
 ///   kuasar-perf external [--runs N]     container lifecycle with runc/crun under the daemon vs the runtime's own commands vs our engine
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
-///   kuasar-perf agent [--boots N] [--runs N]  guest boot to agent-ready vs a /init that prints a line; container lifecycle in the guest vs on the host
+///   kuasar-perf agent [--boots N] [--runs N] [--against INITRD]  guest boot to agent-ready vs a /init that prints a line (and vs another image's agent, paired by round); container lifecycle in the guest vs on the host
 ///   kuasar-perf vm [--boots N] [--pods N]  VM pod ready + first container vs raw QEMU to a /init, same command line; PSS at 1 and N pods
 ///   kuasar-perf wasm [--runs N] [--computes N] [--lifecycles N] [--idle N]  kuasar wasm-run start (WasmKit, Wasmtime cold/warm) vs a native exec; a sieve vs native C;
 ///                    the wasm kind through the daemon (lifecycle vs a namespace container, memory of N idle containers)
@@ -21,6 +21,11 @@ let me = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
 func option(_ name: String, default value: Double) -> Double {
     if let i = args.firstIndex(of: name), i + 1 < args.count, let v = Double(args[i + 1]) { return v }
     return value
+}
+
+func stringOption(_ name: String) -> String? {
+    guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
+    return args[i + 1]
 }
 
 switch args.count > 1 ? args[1] : "reactor" {
@@ -50,7 +55,7 @@ case "kuasar-daemon":
 case "container":
     try ContainerBenchmark.run(count: Int(option("--runs", default: 200)), pods: [1, 100], executable: me)
 case "agent":
-    try AgentBenchmark.run(boots: Int(option("--boots", default: 5)), lifecycles: Int(option("--runs", default: 30)))
+    try AgentBenchmark.run(boots: Int(option("--boots", default: 5)), lifecycles: Int(option("--runs", default: 30)), against: stringOption("--against"))
 case "vm":
     try VMBenchmark.run(boots: Int(option("--boots", default: 8)), pods: Int(option("--pods", default: 10)))
 case "wasm":
