@@ -68,7 +68,7 @@ static void guest_mounts(void) {
     for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
         unsigned long long t = monotonic_ns();
         unlink(links[i][0]);
-        record(KS_BOOT_MOUNT, links[i][0], symlink(links[i][1], links[i][0]) == 0 ? 0 : -errno, t);
+        record(KS_BOOT_LINK, links[i][0], symlink(links[i][1], links[i][0]) == 0 ? 0 : -errno, t);
     }
 }
 

@@ -13,19 +13,10 @@ clock_gettime(CLOCK_BOOTTIME, &mainStarted)
 // No LoggingSystem.bootstrap: swift-log's own default is the handler this wants
 // (StreamLogHandler.standardError at .info), and PID 1 skips the code that replaces it.
 
-func cKind(_ kind: EarlyBoot.Step.Kind) -> Int32 {
-    switch kind {
-    case .mount: Int32(KS_BOOT_MOUNT)
-    case .module: Int32(KS_BOOT_MODULE)
-    case .cgroup: Int32(KS_BOOT_CGROUP)
-    case .network: Int32(KS_BOOT_NET)
-    }
-}
-
 let early = EarlyBoot(mounted: ks_agent_early_proc_mounted() != 0, source: EarlyBoot.Source(
     summary: { kind in
         var ns: UInt64 = 0
-        let failed = ks_agent_boot_summary(cKind(kind), &ns)
+        let failed = ks_agent_boot_summary(kind.rawValue, &ns)
         return (Double(ns) / 1e6, Int(failed))
     },
     steps: {
@@ -33,7 +24,9 @@ let early = EarlyBoot(mounted: ks_agent_early_proc_mounted() != 0, source: Early
         var i: Int32 = 0, kind: Int32 = 0, result: Int32 = 0, ns: UInt64 = 0
         var what: UnsafePointer<CChar>?
         while ks_agent_boot_step(i, &kind, &what, &result, &ns) == 0, let w = what {
-            out.append(EarlyBoot.Step(kind: EarlyBoot.Step.Kind.allCases.first { cKind($0) == kind } ?? .mount, what: String(cString: w), result: result, ms: Double(ns) / 1e6))
+            if let kind = EarlyBoot.Step.Kind(rawValue: kind) {
+                out.append(EarlyBoot.Step(kind: kind, what: String(cString: w), result: result, ms: Double(ns) / 1e6))
+            }
             i += 1
         }
         return out

@@ -171,11 +171,17 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         print("version: \(KuasarVersion.string)")
-        let env = currentEnvironmentDictionary()
-        let chosen = BackendKind.preferred(environment: env)
-        let why = env["KUASAR_REACTOR"] != nil ? "forced by KUASAR_REACTOR"
-            : BackendKind.uring.isAvailable ? "io_uring is available" : "the kernel refuses io_uring"
-        print("reactor: \(chosen.rawValue) (\(why))")
+        // The backend a daemon would get: a reactor picks it the way the daemon's does.
+        let forced = currentEnvironmentDictionary()["KUASAR_REACTOR"] != nil
+        do {
+            let reactor = try Reactor()
+            let chosen = reactor.backendKind
+            reactor.close()
+            let why = forced ? "forced by KUASAR_REACTOR" : chosen == .uring ? "io_uring is available" : "the kernel refuses io_uring"
+            print("reactor: \(chosen.rawValue) (\(why))")
+        } catch {
+            print("reactor: none: \(error)")
+        }
         print("libseccomp: \(HostInfo.seccompVersion)")
         if let cg = try? CgroupHost.detect() {
             print("cgroups: \(cg.mode.rawValue) (controllers: \(cg.controllers.joined(separator: ", ")))")

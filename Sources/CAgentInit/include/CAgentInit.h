@@ -22,10 +22,11 @@ unsigned long long ks_agent_early_boottime_ns(void);
 
 /// What a step of the early boot was.
 enum {
-    KS_BOOT_MOUNT = 1,   // a mount or a /dev link, in the constructor (done before main)
+    KS_BOOT_MOUNT = 1,   // a mount, in the constructor (done before main)
     KS_BOOT_MODULE = 2,  // finit_module of a module the image lists for the boot
     KS_BOOT_CGROUP = 3,  // cgroup2 on /sys/fs/cgroup, its controllers enabled below
     KS_BOOT_NET = 4,     // loopback up
+    KS_BOOT_LINK = 5,    // a /dev link (ptmx, fd, stdin...), in the constructor
 };
 /// What the boot thread does besides the modules (flags of ks_agent_boot_start).
 enum { KS_BOOT_DO_CGROUP2 = 1, KS_BOOT_DO_LOOPBACK = 2 };
@@ -48,7 +49,7 @@ int ks_agent_boot_mounts(void);
 /// their time together (ns); returns how many failed.
 int ks_agent_boot_summary(int kind, unsigned long long *ns);
 /// Step `i` (0 ≤ i < the count ks_agent_boot_wait returned): its kind, what it did (a
-/// mount point, a module's path, "cgroup2", "lo"), 0 or -errno, and its time (ns).
+/// mount point or link, a module's path, "cgroup2", "lo"), 0 or -errno, and its time (ns).
 /// Returns 0, or -EINVAL for an index out of range (or a thread's step before the wait).
 int ks_agent_boot_step(int i, int *kind, const char *_Nullable *_Nonnull what, int *result, unsigned long long *ns);
 

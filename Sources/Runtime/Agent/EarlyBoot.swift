@@ -10,9 +10,20 @@ import KuasarSystem
 /// the steps themselves become Swift values only when one failed or is needed by name.
 public struct EarlyBoot {
     public struct Step: CustomStringConvertible, Sendable {
-        public enum Kind: String, Sendable, CaseIterable, CustomStringConvertible {
-            case mount = "mounts", module = "modules", cgroup = "cgroups", network = "lo"
-            public var description: String { rawValue }
+        /// The C side's KS_BOOT_* values (CAgentInit.h; a test holds them equal): this
+        /// module does not link CAgentInit, whose constructor belongs to PID 1's binary only.
+        public enum Kind: Int32, Sendable, CustomStringConvertible {
+            case mount = 1, module = 2, cgroup = 3, network = 4, link = 5
+            /// The boot breakdown's name for the kind's total.
+            public var description: String {
+                switch self {
+                case .mount: "mounts"
+                case .module: "modules"
+                case .cgroup: "cgroups"
+                case .network: "lo"
+                case .link: "links"
+                }
+            }
         }
         public let kind: Kind
         /// A mount point or link, a module's path under the modules directory, "cgroup2",
@@ -31,7 +42,8 @@ public struct EarlyBoot {
 
         public var description: String {
             let call = switch kind {
-            case .mount: what.hasPrefix("/dev/") && !what.hasPrefix("/dev/pts") && !what.hasPrefix("/dev/shm") ? "symlink" : "mount"
+            case .mount: "mount"
+            case .link: "symlink"
             case .module: "finit_module"
             case .cgroup: what == "cgroup2" ? "mount" : "write"
             case .network: "SIOCSIFFLAGS"

@@ -178,8 +178,8 @@ public enum GuestInit {
     /// The image's boot modules first, then the on-demand ones the host shares; a module
     /// in neither is taken to be built in.
     public static func ensureModule(_ name: String) throws {
-        guard !Files.exists("/sys/module/" + name) else { return }
         var boot = try imageModules()
+        guard !boot.isLoaded(name) else { return }
         if boot.knows(name) {
             try boot.load(name)
             return
@@ -230,25 +230,15 @@ public enum GuestInit {
         }
         if let early, early.mounted {
             // Done by the constructor, before the runtime started.
-            for step in early.failures(.mount) { logger.error("init: \(step)") }
-            timings["mounts"] = early.source.summary(.mount).ms
+            for step in early.failures(.mount) + early.failures(.link) { logger.error("init: \(step)") }
+            timings["mounts"] = early.source.summary(.mount).ms + early.source.summary(.link).ms
         } else {
-            umask(0o022)
-            attempt("mount /proc") { if !Files.exists("/proc/self") { try mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC) } }
-            attempt("mount /sys") { try mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC) }
-            attempt("mount /dev") { try mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") }
-            attempt("mount /dev/pts") { try mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") }
-            attempt("mount /dev/shm") { try mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
-            attempt("mount /run") { try mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") }
-            attempt("mount /tmp") { try mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") }
-            for (link, target) in [("/dev/ptmx", "pts/ptmx"), ("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
-                                   ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
-                _ = unlink(link)
-                _ = symlink(target, link)
-            }
-            lap("mounts")
+            // The file systems are the constructor's (CAgentInit, linked into the guest
+            // image's kuasar-agent only): without it this is PID 1 of something else — a
+            // PID namespace with /proc already — whose mounts are not this one's to change.
+            logger.warning("init: not mounting the guest's file systems: this binary is not the guest image's kuasar-agent")
         }
-        timings["runtime"] = max(0, mainAt - started - (early?.mounted == true ? timings["mounts"] ?? 0 : 0))
+        timings["runtime"] = max(0, mainAt - started - (timings["mounts"] ?? 0))
         let settings = GuestSettings(cmdline: (try? Files.readString("/proc/cmdline")) ?? "")
         for key in settings.unknown { logger.warning("init: unknown kernel command line key \(key)") }
         attempt("hostname") {
@@ -303,17 +293,13 @@ public enum GuestInit {
                 timings[key] = Double(now - t) / 1e6
                 t = now
             }
-            // What the thread did not load; modules.dep is read only when there is some
-            // (none for the serial channel on microvm).
+            // What the thread did not load; modules.dep is read only when the kernel
+            // lacks one of them (none for the serial channel on microvm).
             var mods: KernelModules?
             func load(_ names: [String]) {
-                let missing = names.filter { !Files.exists("/sys/module/" + $0) }
-                guard !missing.isEmpty else { return }
-                if mods == nil {
-                    mods = GuestInit.bootModules(logger: logger)
-                    mods?.markLoaded((early?.source.steps() ?? []).filter { $0.kind == .module && $0.result == 0 }.map { KernelModules.name(of: $0.what) })
-                }
-                if mods != nil { GuestInit.load(missing, &mods!, logger: logger) }
+                guard names.contains(where: { !KernelModules.isLoaded($0) }) else { return }
+                if mods == nil { mods = GuestInit.bootModules(logger: logger) }
+                if mods != nil { GuestInit.load(names, &mods!, logger: logger) }
             }
             load(GuestInit.modules(for: settings) + (settings.template ? GuestInit.shareModules(for: settings) : []))
             // A NIC shows once its transport's driver is loaded.

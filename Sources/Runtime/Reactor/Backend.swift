@@ -51,12 +51,6 @@ public enum BackendKind: String, Sendable, CaseIterable, CustomStringConvertible
         }
     }
 
-    /// io_uring unless `KUASAR_REACTOR=epoll` asks otherwise or the kernel refuses it
-    /// (io_uring_disabled, seccomp in a container, an old kernel).
-    public static func preferred(environment: [String: String]) -> BackendKind {
-        forced(environment["KUASAR_REACTOR"]) ?? (UringBackend.isAvailable ? .uring : .epoll)
-    }
-
     /// The backend `KUASAR_REACTOR` names, if it names one.
     static func forced(_ value: String?) -> BackendKind? { value.flatMap(BackendKind.init(rawValue:)) }
 }

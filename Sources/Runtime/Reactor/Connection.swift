@@ -125,29 +125,42 @@ public final class Connection {
     }
 
     private func readLoop() {
-        let buffer = reactor.sharedReadBuffer
+        let size = reactor.sharedReadBuffer.count
         for _ in 0..<limits.readsPerWake {
-            let result: IOResult<Int>
+            let chunk: UnsafeRawBufferPointer
             do {
-                result = try sysNonBlocking("read", "fd \(rawFD)") { Glibc.read(rawFD, buffer.baseAddress, buffer.count) }
-            } catch let error where error.errno == .EIO {
-                // EIO is how a pty master reports that the slave side closed.
-                peerClosedWrite()
-                return
+                guard let read = try readOnce(max: size) else { return }
+                chunk = read
             } catch {
                 close(error: error)
                 return
             }
-            guard case .done(let n) = result else { return }
-            if n == 0 {
+            if chunk.isEmpty {
                 peerClosedWrite()
                 return
             }
-            onRead?(self, UnsafeRawBufferPointer(rebasing: buffer[..<n]))
+            onRead?(self, chunk)
             if state != .open || pausedByUser || pausedByPressure { return }
             // Most likely drained; level-triggered readiness brings us back if not.
-            if n < buffer.count { return }
+            if chunk.count < size { return }
         }
+    }
+
+    /// One nonblocking read of up to `max` bytes into the reactor's shared buffer: the
+    /// bytes (valid until the next read), empty at end of file, nil when it would block.
+    /// EIO is how a pty master reports that the slave side closed: end of file too.
+    @inline(__always)
+    private func readOnce(max: Int) throws(SystemError) -> UnsafeRawBufferPointer? {
+        let buffer = reactor.sharedReadBuffer
+        let raw = rawFD
+        let result: IOResult<Int>
+        do {
+            result = try sysNonBlocking("read", "fd \(raw)") { Glibc.read(raw, buffer.baseAddress, Swift.min(buffer.count, max)) }
+        } catch where error.errno == .EIO {
+            return UnsafeRawBufferPointer(rebasing: buffer[..<0])
+        }
+        guard case .done(let n) = result else { return nil }
+        return UnsafeRawBufferPointer(rebasing: buffer[..<n])
     }
 
     private func peerClosedWrite() {
@@ -265,14 +278,10 @@ public final class Connection {
     @discardableResult
     public func readAvailable(limit: Int, _ body: (UnsafeRawBufferPointer) -> Void) -> Int {
         guard state == .open else { return 0 }
-        let raw = rawFD
-        let buffer = reactor.sharedReadBuffer
         var total = 0
-        while total < limit {
-            guard let result = try? sysNonBlocking("read", "fd \(raw)", { Glibc.read(raw, buffer.baseAddress, min(buffer.count, limit - total)) }),
-                  case .done(let n) = result, n > 0 else { break }
-            body(UnsafeRawBufferPointer(rebasing: buffer[..<n]))
-            total += n
+        while total < limit, let chunk = try? readOnce(max: limit - total), !chunk.isEmpty {
+            body(chunk)
+            total += chunk.count
         }
         return total
     }

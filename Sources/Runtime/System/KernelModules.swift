@@ -7,13 +7,18 @@ import CShims
 /// the running kernel gives each module's file and what it needs, loaded first.
 public struct KernelModules {
     public let directory: String
+    /// Where the running kernel lists what it has loaded (`/sys/module/<name>`): a module
+    /// found there is not loaded again, whoever loaded it (the guest's boot thread, an
+    /// earlier call). Built-in modules with parameters show there too, rightly skipped.
+    public let kernelModules: String
     /// Module name (dashes as underscores) → (file relative to `directory`, its dependencies).
     private var entries: [String: (path: String, deps: [String])] = [:]
     public private(set) var loaded: [String] = []
 
     /// Reads `<directory>/modules.dep` (`kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko ...`).
-    public init(directory: String) throws(SystemError) {
+    public init(directory: String, kernelModules: String = "/sys/module") throws(SystemError) {
         self.directory = directory
+        self.kernelModules = kernelModules
         let text = try Files.readString(directory + "/modules.dep")
         for line in text.split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
@@ -33,7 +38,7 @@ public struct KernelModules {
     public func knows(_ module: String) -> Bool { entries[Self.name(of: module)] != nil }
 
     /// What loading `modules` takes, in order: each one's dependencies first, each module
-    /// once, none already loaded here; modules not in modules.dep (built in) left out.
+    /// once, none the kernel has already; modules not in modules.dep (built in) left out.
     public func plan(_ modules: [String]) -> [(name: String, file: String)] {
         var out: [(name: String, file: String)] = []
         var seen = Set(loaded)
@@ -41,6 +46,7 @@ public struct KernelModules {
             let name = Self.name(of: module)
             guard !seen.contains(name), let entry = entries[name] else { return }
             seen.insert(name)
+            guard !isLoaded(name) else { return }
             for dep in entry.deps { visit(dep) }
             out.append((name, directory + "/" + entry.path))
         }
@@ -48,14 +54,16 @@ public struct KernelModules {
         return out
     }
 
-    /// Takes these as loaded (by the guest's boot thread, before this was parsed): plans
-    /// leave them out.
-    public mutating func markLoaded(_ names: [String]) {
-        for n in names.map(Self.name(of:)) where !loaded.contains(n) { loaded.append(n) }
+    /// Whether the running kernel has `name` (dashes as underscores) loaded.
+    public func isLoaded(_ name: String) -> Bool { Self.isLoaded(name, kernelModules: kernelModules) }
+
+    /// The same without a modules.dep read, for a caller that parses it only when needed.
+    public static func isLoaded(_ name: String, kernelModules: String = "/sys/module") -> Bool {
+        access(kernelModules + "/" + Self.name(of: name), F_OK) == 0
     }
 
-    /// Loads `module` after its dependencies. A module not in modules.dep is taken to be
-    /// built in (returns false); one already loaded is fine.
+    /// Loads `module` after its dependencies, each only when the kernel does not have it
+    /// yet. A module not in modules.dep is taken to be built in (returns false).
     @discardableResult
     public mutating func load(_ module: String) throws(SystemError) -> Bool {
         guard knows(module) else { return false }
