@@ -32,6 +32,10 @@ enum AgentBenchmark {
         var agentReadyMs: ContainerBenchmark.Row
         /// agent-ready p50 / baseline p50: the goal is ≤ 1.10.
         var readyRatio: Double?
+        /// The same per round (each agent boot over the baseline boot just before it):
+        /// p25, p50, p75. Neighbouring boots share the machine's load of the moment, so
+        /// this drifts less than the ratio of two p50s taken over minutes.
+        var roundRatios: [Double]?
         /// Guest-side, from the agent's Check (p50 of each step, ms).
         var guestBreakdownMs: [String: Double]
         var lifecycleInGuest: ContainerBenchmark.Row
@@ -64,16 +68,30 @@ enum AgentBenchmark {
 
     /// Waits (60 s at most) for the first Check `vm`'s agent answers: QEMU start to then,
     /// its answer, and the client that got it.
-    static func firstAnswer(_ vm: VM) -> (ms: Double, check: Kuasar_Agent_V1_CheckResponse, client: OneShotClient)? {
+    static func firstAnswer(_ vm: VM, round: String) -> (ms: Double, check: Kuasar_Agent_V1_CheckResponse, client: OneShotClient)? {
         var client: OneShotClient?
+        var lastError = "QEMU's channel socket never accepted a connection"
         while vm.ms() < 60_000 {
-            if client == nil { client = try? OneShotClient(path: vm.channel) }
+            if client == nil {
+                do { client = try OneShotClient(path: vm.channel) } catch { lastError = "connect: \(error)" }
+            }
             guard let c = client else { usleep(2_000); continue }
-            if let check = try? c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 20_000_000) {
+            do {
+                let check = try c.call(agentService, "Check", Kuasar_Agent_V1_CheckRequest(), as: Kuasar_Agent_V1_CheckResponse.self, timeoutNS: 20_000_000)
                 return (vm.ms(), check, c)
+            } catch let error as RPCError where error.code == .deadlineExceeded {
+                lastError = "Check: \(error)"
+            } catch {
+                // Not a timeout: the connection is gone; a new one next time round.
+                lastError = "Check: \(error)"
+                c.close()
+                client = nil
+                usleep(2_000)
             }
         }
         client?.close()
+        let console = (try? String(contentsOfFile: vm.console, encoding: .utf8)) ?? ""
+        ContainerBenchmark.log("agent: \(round): no answer in 60 s (last: \(lastError)); the end of its console:\n\(console.suffix(3000))")
         return nil
     }
 
@@ -144,10 +162,10 @@ enum AgentBenchmark {
             try JSONSerialization.data(withJSONObject: spec).write(to: url)
         }
 
-        var baseline: [Double] = [], ready: [Double] = [], breakdown: [String: [Double]] = [:]
+        var baseline: [Double] = [], baselineByRound: [Int: Double] = [:], breakdown: [String: [Double]] = [:]
         var inGuest: [Double] = []
         var rss: Int?
-        // --against: the other image's first answers and both images' own times, by round.
+        // The first answers and own times by round: this image's, and --against's to pair them with.
         var againstReady: [Int: Double] = [:], readyByRound: [Int: Double] = [:]
         var againstOwn: [Int: Double] = [:], ownByRound: [Int: Double] = [:]
         var againstBreakdown: [String: [Double]] = [:]
@@ -155,7 +173,7 @@ enum AgentBenchmark {
             guard let against else { return }
             let other = try VM(initrd: against, image: image, dir: work, share: share)
             defer { other.kill() }
-            guard let answer = firstAnswer(other) else { log("agent: --against boot \(round): no answer"); return }
+            guard let answer = firstAnswer(other, round: "--against boot \(round)") else { return }
             let (ms, check, c) = answer
             c.close()
             againstReady[round] = ms
@@ -170,7 +188,10 @@ enum AgentBenchmark {
                 if ((try? String(contentsOfFile: b.console, encoding: .utf8)) ?? "").contains("kuasar-baseline-ready") { seen = true; break }
                 usleep(2_000)
             }
-            if seen { baseline.append(b.ms()) }
+            if seen {
+                baseline.append(b.ms())
+                baselineByRound[i] = b.ms()
+            }
             b.kill()
             // The other image before this one in odd rounds, after it in even ones.
             if i % 2 == 1 { try bootAgainst(i) }
@@ -178,13 +199,8 @@ enum AgentBenchmark {
             // The agent: to its first answer over the channel.
             let vm = try VM(initrd: image + "/initrd.lz4", image: image, dir: work, share: share)
             defer { vm.kill() }
-            guard let answer = firstAnswer(vm) else {
-                let console = (try? String(contentsOfFile: vm.console, encoding: .utf8)) ?? ""
-                log("agent: boot \(i): no answer in 60 s; the end of its console:\n\(console.suffix(2000))")
-                continue
-            }
+            guard let answer = firstAnswer(vm, round: "boot \(i)") else { continue }
             let (readyMs, check, c) = answer
-            ready.append(readyMs)
             readyByRound[i] = readyMs
             ownByRound[i] = ownMs(check.bootMs)
             for (k, v) in check.bootMs { breakdown[k, default: []].append(v) }
@@ -247,6 +263,7 @@ enum AgentBenchmark {
         let manifest = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: image + "/manifest.json")))) as? [String: Any] ?? [:]
         let bytes = manifest["bytes"] as? [String: Int] ?? [:]
         let bRow = ContainerBenchmark.row("baseline /init (prints a line)", baseline)
+        let ready = Array(readyByRound.values)
         let aRow = ContainerBenchmark.row("kuasar agent (first Check over virtio-serial)", ready)
         let gRow = ContainerBenchmark.row("in the guest, over the channel", inGuest)
         let hRow = ContainerBenchmark.row("kuasar agent --listen on the host", onHost)
@@ -255,6 +272,8 @@ enum AgentBenchmark {
             qemu: (try? ContainerBenchmark.sh("qemu-system-x86_64 --version | head -1"))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "",
             boots: boots, baselineInitMs: bRow, agentReadyMs: aRow,
             readyRatio: p50(ready).flatMap { a in p50(baseline).map { a / $0 } },
+            roundRatios: { (r: [Double]) in r.isEmpty ? nil : [r[r.count / 4], r[r.count / 2], r[r.count * 3 / 4]] }(
+                readyByRound.compactMap { i, a in baselineByRound[i].map { a / $0 } }.sorted()),
             guestBreakdownMs: breakdown.compactMapValues { p50($0) },
             lifecycleInGuest: gRow, lifecycleOnHost: hRow,
             lifecycleRatio: p50(inGuest).flatMap { g in p50(onHost).map { g / $0 } },
@@ -272,7 +291,7 @@ enum AgentBenchmark {
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
         try enc.encode(report).write(to: URL(fileURLWithPath: root + "/perf/results/agent.json"))
-        log("agent: baseline p50 \(p50(baseline) ?? -1) ms, agent-ready p50 \(p50(ready) ?? -1) ms (ratio \(report.readyRatio ?? -1)); breakdown \(report.guestBreakdownMs)")
+        log("agent: baseline p50 \(p50(baseline) ?? -1) ms, agent-ready p50 \(p50(ready) ?? -1) ms (ratio \(report.readyRatio ?? -1); by round p25/p50/p75 \(report.roundRatios ?? [])); breakdown \(report.guestBreakdownMs)")
         if let a = report.against {
             log("agent: --against \(a.initrd): its first answer p50 \(a.readyMs.p50ms ?? .nan) ms; this image minus it, paired by round: \(a.readyDifferenceMs ?? .nan) ms end to end, own time \(a.ownMs ?? .nan) vs \(a.againstOwnMs ?? .nan) ms (paired \(a.ownDifferenceMs ?? .nan) ms)")
         }
