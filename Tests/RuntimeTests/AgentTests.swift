@@ -397,6 +397,10 @@ extension AllTests {
         let mods = try KernelModules(directory: dir, kernelModules: sys)
         #expect(mods.knows("9p") && mods.knows("virtio_mmio") && mods.knows("virtio-mmio") && !mods.knows("ext4"))
         #expect(KernelModules.name(of: "kernel/x/vmw_vsock_virtio_transport.ko.xz") == "vmw_vsock_virtio_transport")
+        for (path, name) in [("kernel/drivers/virtio/virtio-mmio.ko", "virtio_mmio"), ("virtio-mmio", "virtio_mmio"), ("9p.ko.zst", "9p"),
+                             ("overlay", "overlay"), ("kernel/x/crc32c-generic.ko.gz", "crc32c_generic"), (".ko", ".ko"), ("a/b.kox", "b.kox")] {
+            #expect(KernelModules.name(of: path) == name, "\(path)")
+        }
         // The boot's order: dependencies first, each once, built-in ones (not in
         // modules.dep: virtio_ring, virtio, netfs here) left out.
         #expect(mods.plan(["9pnet_virtio", "virtio_mmio", "9p", "ext4"]).map(\.name) == ["9pnet", "9pnet_virtio", "virtio_mmio", "9p"])

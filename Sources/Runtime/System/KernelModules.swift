@@ -29,10 +29,21 @@ public struct KernelModules {
     }
 
     /// `kernel/net/9p/9pnet_virtio.ko` → `9pnet_virtio` (and `virtio-mmio` → `virtio_mmio`).
+    /// On bytes: PID 1 asks this on its way to the first answer, where each piece of code
+    /// run for the first time costs its translation under TCG (Character iteration is
+    /// the grapheme breaking code).
     public static func name(of path: String) -> String {
-        var base = path.split(separator: "/").last.map(String.init) ?? path
-        for ext in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] where base.hasSuffix(ext) { base = String(base.dropLast(ext.count)); break }
-        return String(base.map { $0 == "-" ? "_" : $0 })
+        var base = Array(path.utf8)
+        if let slash = base.lastIndex(of: UInt8(ascii: "/")) { base.removeSubrange(...slash) }
+        for ext in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] {
+            let e = Array(ext.utf8)
+            if base.count > e.count && base[(base.count - e.count)...].elementsEqual(e) {
+                base.removeLast(e.count)
+                break
+            }
+        }
+        for i in base.indices where base[i] == UInt8(ascii: "-") { base[i] = UInt8(ascii: "_") }
+        return String(decoding: base, as: UTF8.self)
     }
 
     public func knows(_ module: String) -> Bool { entries[Self.name(of: module)] != nil }
