@@ -122,15 +122,17 @@ enum AgentBenchmark {
         let started: UInt64
         let console: String
         let channel: String
-        init(initrd: String, image: String, dir: String, share: String) throws {
+        /// `qemuOptions` go first on QEMU's command line (the TCG profile's `-d`).
+        init(initrd: String, image: String, dir: String, share: String, qemuOptions: [String] = []) throws {
             console = dir + "/console.log"
             channel = dir + "/agent.sock"
             unlink(console); unlink(channel)
             let null = open("/dev/null", O_RDWR | O_CLOEXEC)
             defer { close(null) }
+            let argv = AgentBenchmark.qemu(initrd: initrd, image: image, console: console, channel: channel, share: share)
             started = MonotonicClock.nanoseconds()
             let p = try Spawner.spawn(ProcessSpec(executable: "/usr/bin/qemu-system-x86_64",
-                                                  arguments: AgentBenchmark.qemu(initrd: initrd, image: image, console: console, channel: channel, share: share),
+                                                  arguments: [argv[0]] + qemuOptions + argv.dropFirst(),
                                                   fdMap: [(null, 0), (null, 1), (null, 2)]))
             pid = p.pid
             pidfd = p.pidfd.take()
