@@ -205,16 +205,18 @@ public final class Agent {
         }
         logBoot("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
         if guestInit {
-            _ = reactor.schedule(afterNS: 150_000_000) { [unowned self] in self.flushBootLog() }
+            // After the first answer (Check), or after a second without a host.
+            _ = reactor.schedule(afterNS: 1_000_000_000) { [unowned self] in self.flushBootLog() }
         } else {
             flushBootLog()
         }
         try reactor.run()
     }
 
-    /// PID 1's boot lines until they are logged (`flushBootLog`), 150 ms after it serves:
-    /// each line on the serial console costs milliseconds under TCG, on the way to the
-    /// first answer. Elsewhere they are logged at once.
+    /// PID 1's boot lines until they are logged (`flushBootLog`), shortly after its first
+    /// answer: each line on the serial console costs milliseconds under TCG, and its
+    /// formatting code is translated afresh, which must not come before that answer (a
+    /// fixed delay after serving did on a slow boot). Elsewhere they are logged at once.
     private lazy var bootLog: [String]? = options.bootLog
 
     private func logBoot(_ line: String) {
@@ -222,7 +224,7 @@ public final class Agent {
     }
 
     private func flushBootLog() {
-        var lines = bootLog ?? []
+        guard var lines = bootLog else { return }
         bootLog = nil
         if isPID1, options.guest != nil {
             // Formatted here, not before the first answer: number formatting is code PID 1
@@ -395,6 +397,7 @@ public final class Agent {
             }
             resp.bootMs = self.bootMS
             call.respond(resp)
+            if self.bootLog != nil { _ = self.reactor?.schedule(afterNS: 50_000_000) { [weak self] in self?.flushBootLog() } }
             self.armFinishBoot(idleMS: 50)
         }
         unary("SetupSandbox") { [unowned self] (call: TTRPCServerCall, r: Kuasar_Agent_V1_SetupSandboxRequest) in

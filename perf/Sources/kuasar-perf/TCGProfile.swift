@@ -12,28 +12,33 @@ import Runtime
 /// `make guest` linked, summed by module and function, and cut into phases where the
 /// agent's main, its init and its server are first translated. A count, not a time: the
 /// same image gives the same figures whatever the machine is doing, so a change to the
-/// boot can be weighed without the ±150 ms that boots spread by here.
+/// boot can be weighed without the ±150 ms that boots spread by here. (`make guest` folds
+/// identical functions: a folded block is put on one of their names.)
 /// Writes perf/results/agent-tcg.json. Needs `make guest` (.build/guest and
 /// .build-static/release/kuasar-agent), QEMU, binutils' nm and `swift demangle`.
 enum TCGProfile {
     struct Report: Codable {
         var date: String
-        /// Guest instructions translated to the first answer: the agent's, the kernel's.
+        /// Guest instructions translated to the first answer: the agent's (what its first
+        /// answer starts left out), the kernel's.
         var agentInstructions: Int
         var kernelInstructions: Int
         var agentBlocks: Int
         /// The agent's instructions by phase, in the order they start: before main (libc,
         /// the Swift runtime's and CAgentInit's constructors), main, GuestInit.run,
-        /// Agent.run to its container engine, the engine and the services, the first call.
+        /// Agent.run to its container engine, the engine and the services, serving and the
+        /// first call; then what the first answer starts, not counted above.
         var phases: [Phase]
-        /// By module (a Swift symbol's module; "runtime" for the Swift runtime's C++;
-        /// "C" for libc, the shims and CAgentInit).
+        /// By module (a Swift symbol's module, "Swift" for the standard library; "runtime"
+        /// for the Swift runtime's C++; "C" for libc, libdispatch, the shims and CAgentInit).
         var byModule: [String: Int]
         /// The functions that translated most, demangled.
         var topFunctions: [Function]
     }
     struct Phase: Codable { var name: String; var instructions: Int }
     struct Function: Codable { var name: String; var instructions: Int }
+
+    static let afterAnswer = "after the first answer (its timers)"
 
     static func run() throws {
         let log = ContainerBenchmark.log
@@ -103,7 +108,9 @@ enum TCGProfile {
         func module(_ mangled: String) -> String {
             if mangled.hasPrefix("$s") {
                 let digits = mangled.dropFirst(2).prefix { $0.isNumber }
-                if let n = Int(digits) { return String(mangled.dropFirst(2 + digits.count).prefix(n)) }
+                // The standard library's own symbols name their module by substitution ($ss, $sS…).
+                guard let n = Int(digits) else { return "Swift" }
+                return String(mangled.dropFirst(2 + digits.count).prefix(n))
             }
             if mangled.hasPrefix("_Z") || mangled.hasPrefix("swift_") || mangled.hasPrefix("_swift") { return "runtime" }
             return "C"
@@ -115,20 +122,27 @@ enum TCGProfile {
         }
         // Phases: from where each marker is first translated.
         let markers: [(name: String, prefix: String)] = [("main", "main"), ("GuestInit.run", "static GuestInit.run("), ("Agent.run", "Agent.run()"),
-                                                         ("engine and services", "ContainerEngine.init("), ("serving", "TTRPCServerConnection.")]
+                                                         ("engine and services", "ContainerEngine.init("), ("serving and the first call", "TTRPCServerConnection."),
+                                                         // What the first answer starts (its timers): under the log's weight
+                                                         // the host's first tries time out, and its first answer is a later one.
+                                                         (afterAnswer, "Agent.flushBootLog()"), (afterAnswer, "Agent.finishBoot()")]
         var cuts: [(name: String, index: Int)] = [("before main", 0)]
         for m in markers {
-            if let i = blocks.firstIndex(where: { (readable[$0.symbol] ?? $0.symbol).hasPrefix(m.prefix) }) { cuts.append((m.name, i)) }
+            if let i = blocks.firstIndex(where: { (readable[$0.symbol] ?? $0.symbol).hasPrefix(m.prefix) || (readable[$0.symbol] ?? "").hasPrefix("partial apply for " + m.prefix) }) {
+                cuts.append((m.name, i))
+            }
         }
         cuts.sort { $0.index < $1.index }
         var phases: [Phase] = []
-        for (k, cut) in cuts.enumerated() {
+        for (k, cut) in cuts.enumerated() where k == 0 || cuts[k - 1].name != afterAnswer {
             let end = k + 1 < cuts.count ? cuts[k + 1].index : blocks.count
-            phases.append(Phase(name: cut.name, instructions: blocks[cut.index..<end].reduce(0) { $0 + $1.count }))
+            phases.append(Phase(name: cut.name, instructions: blocks[cut.index..<(cut.name == afterAnswer ? blocks.count : end)].reduce(0) { $0 + $1.count }))
+            if cut.name == afterAnswer { break }
         }
+        let path = phases.filter { $0.name != afterAnswer }.reduce(0) { $0 + $1.instructions }
         let report = Report(
             date: ISO8601DateFormatter().string(from: Date()),
-            agentInstructions: blocks.reduce(0) { $0 + $1.count }, kernelInstructions: kernel, agentBlocks: blocks.count,
+            agentInstructions: path, kernelInstructions: kernel, agentBlocks: blocks.count,
             phases: phases, byModule: byModule,
             topFunctions: byFunction.sorted { $0.value > $1.value }.prefix(40).map { Function(name: $0.key, instructions: $0.value) })
         let enc = JSONEncoder()
