@@ -28,6 +28,9 @@ public struct KernelModules {
         }
     }
 
+    /// A module file's endings, as bytes.
+    private static let extensions = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"].map { Array($0.utf8) }
+
     /// `kernel/net/9p/9pnet_virtio.ko` → `9pnet_virtio` (and `virtio-mmio` → `virtio_mmio`).
     /// On bytes: PID 1 asks this on its way to the first answer, where each piece of code
     /// run for the first time costs its translation under TCG (Character iteration is
@@ -35,8 +38,7 @@ public struct KernelModules {
     public static func name(of path: String) -> String {
         var base = Array(path.utf8)
         if let slash = base.lastIndex(of: UInt8(ascii: "/")) { base.removeSubrange(...slash) }
-        for ext in [".ko", ".ko.xz", ".ko.zst", ".ko.gz"] {
-            let e = Array(ext.utf8)
+        for e in Self.extensions {
             if base.count > e.count && base[(base.count - e.count)...].elementsEqual(e) {
                 base.removeLast(e.count)
                 break

@@ -69,6 +69,20 @@ enum AgentBenchmark {
         var againstBreakdownMs: [String: Double]
     }
 
+    /// One image's first answers, by round.
+    struct Answers {
+        var ready: [Int: Double] = [:]
+        /// The agent's own time (`ownMs`), and the same over that boot's kernel part.
+        var own: [Int: Double] = [:], ownPerKernel: [Int: Double] = [:]
+        var breakdown: [String: [Double]] = [:]
+        mutating func add(_ round: Int, readyMs: Double, bootMs: [String: Double]) {
+            ready[round] = readyMs
+            own[round] = ownMs(bootMs)
+            if let k = bootMs["kernel"], k > 0 { ownPerKernel[round] = ownMs(bootMs) / k }
+            for (k, v) in bootMs { breakdown[k, default: []].append(v) }
+        }
+    }
+
     /// The agent's own part of a boot in its Check breakdown: after the kernel's, to the first call read.
     static func ownMs(_ bootMs: [String: Double]) -> Double {
         ["runtime", "main", "init", "serve", "firstCall"].reduce(0) { $0 + (bootMs[$1] ?? 0) }
@@ -172,25 +186,19 @@ enum AgentBenchmark {
             try JSONSerialization.data(withJSONObject: spec).write(to: url)
         }
 
-        var baseline: [Double] = [], baselineByRound: [Int: Double] = [:], breakdown: [String: [Double]] = [:]
+        var baselineByRound: [Int: Double] = [:]
         var inGuest: [Double] = []
         var rss: Int?
-        // The first answers and own times by round: this image's, and --against's to pair them with.
-        var againstReady: [Int: Double] = [:], readyByRound: [Int: Double] = [:]
-        var againstOwn: [Int: Double] = [:], ownByRound: [Int: Double] = [:]
-        var againstKernel: [Int: Double] = [:], kernelByRound: [Int: Double] = [:]
-        var againstBreakdown: [String: [Double]] = [:]
+        // This image's answers by round, and --against's to pair them with.
+        var this = Answers(), other = Answers()
         func bootAgainst(_ round: Int) throws {
             guard let against else { return }
-            let other = try VM(initrd: against, image: image, dir: work, share: share)
-            defer { other.kill() }
-            guard let answer = firstAnswer(other, round: "--against boot \(round)") else { return }
+            let vm = try VM(initrd: against, image: image, dir: work, share: share)
+            defer { vm.kill() }
+            guard let answer = firstAnswer(vm, round: "--against boot \(round)") else { return }
             let (ms, check, c) = answer
             c.close()
-            againstReady[round] = ms
-            againstOwn[round] = ownMs(check.bootMs)
-            againstKernel[round] = check.bootMs["kernel"]
-            for (k, v) in check.bootMs { againstBreakdown[k, default: []].append(v) }
+            other.add(round, readyMs: ms, bootMs: check.bootMs)
         }
         for i in 0..<boots {
             // The floor: the same kernel to a line printed by /init.
@@ -200,10 +208,7 @@ enum AgentBenchmark {
                 if ((try? String(contentsOfFile: b.console, encoding: .utf8)) ?? "").contains("kuasar-baseline-ready") { seen = true; break }
                 usleep(2_000)
             }
-            if seen {
-                baseline.append(b.ms())
-                baselineByRound[i] = b.ms()
-            }
+            if seen { baselineByRound[i] = b.ms() }
             b.kill()
             // The other image before this one in odd rounds, after it in even ones.
             if i % 2 == 1 { try bootAgainst(i) }
@@ -213,13 +218,10 @@ enum AgentBenchmark {
             defer { vm.kill() }
             guard let answer = firstAnswer(vm, round: "boot \(i)") else { continue }
             let (readyMs, check, c) = answer
-            readyByRound[i] = readyMs
-            ownByRound[i] = ownMs(check.bootMs)
-            kernelByRound[i] = check.bootMs["kernel"]
-            for (k, v) in check.bootMs { breakdown[k, default: []].append(v) }
+            this.add(i, readyMs: readyMs, bootMs: check.bootMs)
             // The rest, from QEMU's start: what QEMU takes before the kernel runs, and the
             // first answer from the moment the agent read its call until the host has it.
-            breakdown["qemuAndAnswer", default: []].append(readyMs - ["kernel", "runtime", "main", "init", "serve", "firstCall"].reduce(0) { $0 + (check.bootMs[$1] ?? 0) })
+            this.breakdown["qemuAndAnswer", default: []].append(readyMs - ["kernel", "runtime", "main", "init", "serve", "firstCall"].reduce(0) { $0 + (check.bootMs[$1] ?? 0) })
             if i == boots - 1 {
                 // Warm the translation cache, then time the lifecycle inside the guest.
                 for n in 0..<(lifecycles + 3) {
@@ -273,16 +275,13 @@ enum AgentBenchmark {
         hc.close()
 
         func p50(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.sorted()[xs.count / 2] }
-        func perKernel(_ own: [Int: Double], _ kernel: [Int: Double]) -> [Int: Double] {
-            var out: [Int: Double] = [:]
-            for (round, o) in own { if let k = kernel[round], k > 0 { out[round] = o / k } }
-            return out
-        }
-        let ownPerKernel = perKernel(ownByRound, kernelByRound), againstPerKernel = perKernel(againstOwn, againstKernel)
+        // p50 of this image's minus the other's, over the rounds both answered.
+        func paired(_ a: [Int: Double], _ b: [Int: Double]) -> Double? { p50(a.compactMap { r, x in b[r].map { x - $0 } }) }
+        let baseline = Array(baselineByRound.values)
         let manifest = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: image + "/manifest.json")))) as? [String: Any] ?? [:]
         let bytes = manifest["bytes"] as? [String: Int] ?? [:]
         let bRow = ContainerBenchmark.row("baseline /init (prints a line)", baseline)
-        let ready = Array(readyByRound.values)
+        let ready = Array(this.ready.values)
         let aRow = ContainerBenchmark.row("kuasar agent (first Check over virtio-serial)", ready)
         let gRow = ContainerBenchmark.row("in the guest, over the channel", inGuest)
         let hRow = ContainerBenchmark.row("kuasar agent --listen on the host", onHost)
@@ -292,22 +291,21 @@ enum AgentBenchmark {
             boots: boots, baselineInitMs: bRow, agentReadyMs: aRow,
             readyRatio: p50(ready).flatMap { a in p50(baseline).map { a / $0 } },
             roundRatios: { (r: [Double]) in r.isEmpty ? nil : [r[r.count / 4], r[r.count / 2], r[r.count * 3 / 4]] }(
-                readyByRound.compactMap { i, a in baselineByRound[i].map { a / $0 } }.sorted()),
-            guestBreakdownMs: breakdown.compactMapValues { p50($0) },
+                this.ready.compactMap { i, a in baselineByRound[i].map { a / $0 } }.sorted()),
+            guestBreakdownMs: this.breakdown.compactMapValues { p50($0) },
             lifecycleInGuest: gRow, lifecycleOnHost: hRow,
             lifecycleRatio: p50(inGuest).flatMap { g in p50(onHost).map { g / $0 } },
             agentRSSKiB: rss, agentBinaryBytes: manifest["agentBytes"] as? Int ?? 0,
             initrdBytes: bytes["initrd.lz4"] ?? 0, vmlinuxBytes: bytes["vmlinux"] ?? 0,
             against: against.map { path in
-                let rounds = readyByRound.keys.filter { againstReady[$0] != nil }
-                return Against(
-                    initrd: path, readyMs: ContainerBenchmark.row("the --against image's agent (first Check)", Array(againstReady.values)),
-                    readyDifferenceMs: p50(rounds.map { readyByRound[$0]! - againstReady[$0]! }),
-                    ownMs: p50(Array(ownByRound.values)), againstOwnMs: p50(Array(againstOwn.values)),
-                    ownDifferenceMs: p50(rounds.compactMap { r in ownByRound[r].flatMap { o in againstOwn[r].map { o - $0 } } }),
-                    ownPerKernel: p50(Array(ownPerKernel.values)), againstOwnPerKernel: p50(Array(againstPerKernel.values)),
-                    ownPerKernelDifference: p50(rounds.compactMap { r in ownPerKernel[r].flatMap { o in againstPerKernel[r].map { o - $0 } } }),
-                    againstBreakdownMs: againstBreakdown.compactMapValues { p50($0) })
+                Against(
+                    initrd: path, readyMs: ContainerBenchmark.row("the --against image's agent (first Check)", Array(other.ready.values)),
+                    readyDifferenceMs: paired(this.ready, other.ready),
+                    ownMs: p50(Array(this.own.values)), againstOwnMs: p50(Array(other.own.values)),
+                    ownDifferenceMs: paired(this.own, other.own),
+                    ownPerKernel: p50(Array(this.ownPerKernel.values)), againstOwnPerKernel: p50(Array(other.ownPerKernel.values)),
+                    ownPerKernelDifference: paired(this.ownPerKernel, other.ownPerKernel),
+                    againstBreakdownMs: other.breakdown.compactMapValues { p50($0) })
             })
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
