@@ -289,6 +289,15 @@ extension AllTests {
         #expect(String(decoding: try a.readAll("long", exec: "e1"), as: UTF8.self) == "from exec\n")
         #expect(try a.wait("long", exec: "e1") == 5)
         try a.delete("long", exec: "e1")
+        // An exec that leaves a child holding its stdout: the stream still ends, with what
+        // was written, OutputStream.exitDrainNS (2 s) after the exec exited.
+        try a.exec("long", "e2", ["sh", "-c", "sleep 60 & echo left a child"])
+        let t0 = MonotonicClock.nanoseconds()
+        #expect(String(decoding: try a.readAll("long", exec: "e2"), as: UTF8.self) == "left a child\n")
+        let endedMS = (MonotonicClock.nanoseconds() - t0) / 1_000_000
+        #expect(endedMS >= 1_500 && endedMS < 10_000, "the stream ended \(endedMS) ms after the exec started")
+        #expect(try a.wait("long", exec: "e2") == 0)
+        try a.delete("long", exec: "e2")
         var pids = Containerd_Task_V3_PidsRequest()
         pids.id = "long"
         #expect(try a.task("Pids", pids, Containerd_Task_V3_PidsResponse.self).processes.map(\.pid).contains(pid))

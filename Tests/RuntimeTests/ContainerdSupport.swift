@@ -23,6 +23,7 @@ func shell(_ command: String, env: [String]? = nil, timeoutS: Int = 60) throws -
 /// (a link to the kuasar binary under test) and a busybox image imported offline. The
 /// first `ctr run` starts the kuasar daemon through the shim protocol.
 final class ContainerdFixture {
+    let name: String
     let dir: String
     let socket: String
     var kuasarRoot: String { dir + "/kuasar" }
@@ -37,6 +38,7 @@ final class ContainerdFixture {
     /// `config`: the daemon's config file; `shims`: more names for the shim binary
     /// (`containerd-shim-kuasar-<x>-v2` serves sandboxer `kuasar-<x>`).
     init(_ name: String, config: String = TestConfig.stopOnExit, shims: [String] = []) throws {
+        self.name = name
         dir = "/tmp/kuasar-ctd-\(name)-\(getpid())"
         cgroupsBefore = Self.containerCgroups()
         socket = dir + "/containerd.sock"
@@ -120,6 +122,8 @@ final class ContainerdFixture {
         #expect(left.isEmpty, "cgroups left: \(left.sorted())")
         Mounts.unmountAll(under: dir + "/root")
         #expect(mountsUnder(dir).isEmpty, "mounts left: \(mountsUnder(dir))")
+        keepLog("ctd-\(name)-daemon", (try? Files.readString(kuasarRoot + "/daemon.log")) ?? "")
+        keepLog("ctd-\(name)-containerd", (try? Files.readString(dir + "/containerd.log")) ?? "")
         Files.removeTree(dir)
     }
 }

@@ -17,6 +17,7 @@ extension AllTests {
     static let fixture = repositoryRoot + "/Tests/Fixtures/containerd-2.3-cri-container-config.json"
 
     final class Node {
+        let name: String
         let root: String
         let socket: String
         var daemon: AllTests.DaemonTests.Running?
@@ -29,6 +30,7 @@ extension AllTests {
         var pods: [String] = []
 
         init(_ name: String, config: String? = nil, keep: Bool = false) throws {
+            self.name = name
             root = "/tmp/kuasar-pod-\(name)-\(getpid())"
             Files.removeTree(root)
             try makeDirectories(root, mode: 0o700)
@@ -154,6 +156,7 @@ extension AllTests {
         func stop() throws {
             if let d = daemon.take() {
                 let (status, log) = try AllTests.DaemonTests.stop(d)
+                keepLog("pod-\(name)", log)
                 #expect(status == .exited(0), "daemon: \(log)")
             }
             #expect(mountsUnder(root).isEmpty, "mounts left: \(mountsUnder(root))")

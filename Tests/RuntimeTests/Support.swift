@@ -85,3 +85,11 @@ func childCount() -> Int {
     }
     return n
 }
+
+/// A daemon's (or containerd's) log, kept after its test in `.build/test-logs/<name>.log`
+/// (the last run's): a failure seen once, in CI say, can be read after the fact.
+func keepLog(_ name: String, _ text: String) {
+    let dir = repositoryRoot + "/.build/test-logs"
+    try? makeDirectories(dir, mode: 0o755)
+    try? Files.write(dir + "/" + name + ".log", text, create: true)
+}

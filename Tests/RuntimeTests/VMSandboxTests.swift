@@ -127,6 +127,11 @@ extension AllTests {
         _ = try call(t, "Delete", d, Containerd_Task_V3_DeleteResponse.self)
     }
 
+    /// Shell that returns once the container's init (pid 1 of its PID namespace) has exec'd
+    /// `sleep`: everything its script did before is done. Metrics' one pid is not that: it
+    /// is also the shell between two commands.
+    static let untilSleeping = "until [ \"$(cat /proc/1/comm)\" = sleep ]; do sleep 0.05; done; "
+
     /// Exec of `args` with stdout on `fifo`, started.
     static func exec(_ t: OneShotClient, _ id: String, _ execID: String, _ args: [String], stdout fifo: String) throws {
         var exec = Containerd_Task_V3_ExecProcessRequest()
@@ -202,7 +207,8 @@ extension AllTests {
             // An exec in the same container, with its own FIFO.
             let ioE = try FIFOs(b1, ["exec-out"])
             defer { ioE.close() }
-            try Self.exec(t, "c1", "e1", ["sh", "-c", "echo exec sees $(cat /etc/hostname); exit 4"], stdout: ioE.path("exec-out"))
+            // (It first waits for the init to be sleep: its shell has written everything by then.)
+            try Self.exec(t, "c1", "e1", ["sh", "-c", Self.untilSleeping + "echo exec sees $(cat /etc/hostname); exit 4"], stdout: ioE.path("exec-out"))
             #expect(try Self.wait(t, "c1", exec: "e1") == 4)
             #expect(ioE.read("exec-out") == "exec sees vm-pod\n")
             try Self.delete(t, "c1", exec: "e1")
@@ -219,7 +225,9 @@ extension AllTests {
             #expect(try Self.wait(t, "c1") == 137)
             let out = io1.read("stdout")
             #expect(out.contains("hello from vm-pod") && out.contains("nameserver 10.96.0.10") && out.contains("search default.svc.cluster.local") && out.contains("\n99\n"), "\(out)")
-            #expect(io1.read("stderr") == "to-stderr\n")
+            let errText = io1.read("stderr")
+            if errText != "to-stderr\n" { _ = try? shell("cp -r \(node.root)/vm1 /tmp/loop/fail-vm1-$(date +%s)") }
+            #expect(errText == "to-stderr\n")
             #expect(try Self.call(t, "State", state, Containerd_Task_V3_StateResponse.self).status == .stopped)
             try Self.delete(t, "c1")
             #expect(Files.list(node.root + "/vm1/share") == [".modules"], "the container's share directory goes with Delete; the image's on-demand modules stay: \(Files.list(node.root + "/vm1/share"))")
@@ -254,6 +262,51 @@ extension AllTests {
             _ = try Self.call(t, "Kill", k3, Google_Protobuf_Empty.self)
             #expect(try Self.wait(t, "c3") == 137)
             try Self.delete(t, "c3")
+
+            // Output still in the guest when its container is killed: the exit is reported
+            // once those bytes are in the FIFO — State stays running until then, as the
+            // engine's processes do until their drain, so a client that deletes on STOPPED
+            // (ctr) loses nothing — and every byte arrives. A FIFO nobody reads holds the
+            // exit back for a bounded time only (VMTasks.exitReportBoundNS).
+            let mib = 1 << 20
+            let io4 = try Self.run(t, node, "c4", pid: pid, ["sh", "-c", "head -c \(mib) /dev/zero; exec sleep 300"])
+            defer { io4.close() }
+            let io5 = try Self.run(t, node, "c5", pid: pid, ["sh", "-c", "head -c \(mib) /dev/zero; exec sleep 300"])
+            defer { io5.close() }
+            for id in ["c4", "c5"] {
+                try Self.exec(t, id, "synced", ["sh", "-c", Self.untilSleeping], stdout: "")
+                #expect(try Self.wait(t, id, exec: "synced") == 0)
+                try Self.delete(t, id, exec: "synced")
+            }
+            let killed = MonotonicClock.nanoseconds()
+            for id in ["c4", "c5"] {
+                var k = Containerd_Task_V3_KillRequest()
+                k.id = id
+                k.signal = 9
+                _ = try Self.call(t, "Kill", k, Google_Protobuf_Empty.self)
+            }
+            usleep(2_000_000)   // the exits have reached the host long since
+            for id in ["c4", "c5"] {
+                var st = Containerd_Task_V3_StateRequest()
+                st.id = id
+                let s = try Self.call(t, "State", st, Containerd_Task_V3_StateResponse.self)
+                #expect(s.status == .running && s.exitStatus == 0, "\(id): its exit is not reported while its output is in the guest: \(s)")
+            }
+            var got = 0
+            #expect(waitUntil(timeoutMS: 30_000) { got += io4.read("stdout").utf8.count; return got >= mib }, "\(got) of \(mib) bytes")
+            #expect(try Self.wait(t, "c4") == 137)
+            got += io4.read("stdout").utf8.count
+            #expect(got == mib, "every byte written before the kill: \(got) of \(mib)")
+            var st4 = Containerd_Task_V3_StateRequest()
+            st4.id = "c4"
+            #expect(try Self.call(t, "State", st4, Containerd_Task_V3_StateResponse.self).status == .stopped)
+            try Self.delete(t, "c4")
+            // c5's FIFO was never read: its exit comes at the bound, and Delete goes.
+            #expect(try Self.wait(t, "c5") == 137)
+            let heldMS = (MonotonicClock.nanoseconds() - killed) / 1_000_000
+            #expect(heldMS >= 9_500 && heldMS < 25_000, "c5's exit after \(heldMS) ms: the bound is 10 s")
+            try Self.delete(t, "c5")
+            #expect(io5.read("stdout").utf8.count >= 64 * 1024, "what reached c5's FIFO (its pipe buffer, full) stays readable")
 
             // Unknown ids are NotFound; a path trick in an id is refused before anything.
             do {

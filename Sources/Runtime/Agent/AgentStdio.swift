@@ -20,11 +20,17 @@ import KuasarWire
 ///
 /// End of file: the agent keeps a writer of each output FIFO open until the process has
 /// exited (its exit reported by the engine, which is after the engine dropped its own
-/// holds), so EOF means every writer is gone and every byte was read.
+/// holds), so EOF means every writer is gone and every byte was read. A process the exited
+/// one left behind (an exec's `daemon &`) may hold the FIFO for as long as it lives: as the
+/// engine's drain of a pipe, the stream then ends `exitDrainNS` after the exit, with
+/// everything written until then — the host's Wait and Delete do not hang on it.
 final class OutputStream {
     static let bufferLimit = 1 << 20
+    static let exitDrainNS: UInt64 = 2_000_000_000
     let path: String
+    private let reactor: Reactor
     private let connection: Connection
+    private var exitTimer: TimerID?
     /// Holds EOF back until the process exited.
     private var guardFD: Int32
     /// Read ahead of the host's pulls (consumed from the front without moving the rest):
@@ -38,6 +44,7 @@ final class OutputStream {
 
     init(reactor: Reactor, path: String) throws(SystemError) {
         self.path = path
+        self.reactor = reactor
         _ = unlink(path)
         _ = try sys("mkfifo", path) { mkfifo(path, 0o600) }
         let rd = try sys("open", path) { open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC) }
@@ -64,6 +71,26 @@ final class OutputStream {
     /// The process exited: the agent's writer goes, so EOF comes once the others have.
     func processExited() {
         if guardFD >= 0 { _ = Glibc.close(guardFD); guardFD = -1 }
+        guard !eof, exitTimer == nil else { return }
+        exitTimer = reactor.schedule(afterNS: Self.exitDrainNS) { [weak self] in self?.endAfterExit() }
+    }
+
+    /// `exitDrainNS` after the exit and still no EOF: another process holds the FIFO. What
+    /// it holds is read out and the stream ends — unless the host is behind (the buffer
+    /// full), which is no reason to end: then again later.
+    private func endAfterExit() {
+        exitTimer = nil
+        guard !eof, connection.state == .open else { return }
+        while buffer.count < Self.bufferLimit,
+              connection.readAvailable(limit: Self.bufferLimit - buffer.count, { buffer.append($0) }) > 0 {}
+        if buffer.count >= Self.bufferLimit {
+            connection.pauseReading()
+            exitTimer = reactor.schedule(afterNS: Self.exitDrainNS) { [weak self] in self?.endAfterExit() }
+            answer()
+            return
+        }
+        // Its writes from now on fail (EPIPE) instead of filling a FIFO nobody reads.
+        connection.close()
     }
 
     /// A read from the host that has received everything before `offset` (nil: it does
@@ -111,7 +138,8 @@ final class OutputStream {
     }
 
     func close() {
-        processExited()
+        if guardFD >= 0 { _ = Glibc.close(guardFD); guardFD = -1 }
+        if let t = exitTimer { reactor.cancel(t); exitTimer = nil }
         connection.close()
         if let (call, _) = waiter {
             waiter = nil

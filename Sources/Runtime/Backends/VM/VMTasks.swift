@@ -345,6 +345,7 @@ public final class VMTasks: TaskBackend {
     private func exited(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess, _ status: ExitStatus, at: WallTime?, save: Bool) {
         proc.exit = (status, at)
         finishIfDone(s, c, proc, save: save)
+        if !proc.finished { boundExitReport(s, c, proc) }
         if proc.execID.isEmpty {
             let waiters = c.initExitWaiters
             c.initExitWaiters.removeAll()
@@ -352,10 +353,27 @@ public final class VMTasks: TaskBackend {
         }
     }
 
-    /// Reports the exit (event, waiters) once it is known and the output is all out.
-    /// `save: false` when the caller saves once for a batch.
-    private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess, save: Bool = true) {
-        guard !proc.finished, let (status, at) = proc.exit, proc.bridge?.drained ?? true else { return }
+    /// How long after an exit its output may take to reach the FIFOs before the exit is
+    /// reported without it. The agent ends a stream at most 2 s after the exit, and the
+    /// bytes then on their way are a round trip or two; what holds them longer is a FIFO
+    /// nobody reads (`ctr run -d` gone), which must not keep the exit from Wait, State and
+    /// Delete for ever. As the container engine's drain of a pipe: bounded, then reported.
+    static let exitReportBoundNS: UInt64 = 10_000_000_000
+
+    /// The exit is known, the output not all out: reported anyway at the bound; the bridge
+    /// goes on delivering while the FIFO is read, until Delete.
+    private func boundExitReport(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess) {
+        reactor.schedule(afterNS: Self.exitReportBoundNS) { [weak self, weak s, weak proc] in
+            guard let self, let s, let proc, !proc.finished, proc.exit != nil else { return }
+            self.logger.warning("container \(c.id)\(proc.execID.isEmpty ? "" : " exec \(proc.execID)"): its output has not all reached the FIFOs \(Self.exitReportBoundNS / 1_000_000_000) s after the exit (is anyone reading them?); the exit is reported, the rest follows while they are read, until Delete")
+            self.finishIfDone(s, c, proc, force: true)
+        }
+    }
+
+    /// Reports the exit (event, waiters) once it is known and the output is all out (or
+    /// `force`, at the bound). `save: false` when the caller saves once for a batch.
+    private func finishIfDone(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess, save: Bool = true, force: Bool = false) {
+        guard !proc.finished, let (status, at) = proc.exit, force || proc.bridge?.drained ?? true else { return }
         proc.finished = true
         if save { registry.save(s) }
         events?.taskExited(s, containerID: c.id, execID: proc.execID, pid: proc.pid, status: status, at: at)
@@ -368,6 +386,7 @@ public final class VMTasks: TaskBackend {
             for other in c.processes.values where other !== proc && other.started && other.exit == nil {
                 other.exit = (.signaled(SIGKILL, coreDumped: false), at)
                 finishIfDone(s, c, other, save: save)
+                if !other.finished { boundExitReport(s, c, other) }
             }
         }
     }
@@ -406,8 +425,20 @@ public final class VMTasks: TaskBackend {
         let p = try running(s)
         let c = try container(p, r.id)
         let proc = try process(p, r.id, r.execID)
-        guard !proc.started || proc.finished else {
+        guard !proc.started || proc.exit != nil else {
             throw RPCError(.failedPrecondition, "\(r.execID.isEmpty ? "container \(r.id)" : "exec \(r.execID)") is still running; kill it first")
+        }
+        guard !proc.started || proc.finished else {
+            // It exited and its last output is on its way (the agent ends a stream at most
+            // OutputStream.exitDrainNS after the exit): Delete waits for it, as a runc
+            // shim's Delete waits for its copies, rather than refuse or drop those bytes.
+            let token = proc.nextWaiter
+            proc.nextWaiter += 1
+            proc.waiters.append((token, { [weak self] _ in
+                guard let self else { return }
+                do { try self.delete(r, in: s, reply: reply) } catch { reply(.failure(RPCError.from(error))) }
+            }))
+            return
         }
         forward(p, "Delete", r, as: Containerd_Task_V2_DeleteResponse.self) { [weak self] result in
             guard let self else { return }
@@ -459,8 +490,12 @@ public final class VMTasks: TaskBackend {
         guard let p = podOf(s) else { throw RPCError(.notFound, "container \(r.id) not found") }
         let c = try container(p, r.id)
         let proc = try process(p, r.id, r.execID)
-        let status: Containerd_V1_Types_Status = proc.exit != nil ? .stopped : !proc.started ? .created : (proc.execID.isEmpty && c.paused) ? .paused : .running
-        return Containerd_Task_V2_StateResponse(r, bundle: c.bundle, pid: pid_t(proc.pid), status: status, stdio: proc.stdio, exit: proc.exit?.0, exitedAt: proc.exit?.1)
+        // Stopped once the exit is reported — after the output reached the FIFOs, as the
+        // container engine's processes stop only after their drain: a client that sees
+        // STOPPED and deletes (ctr) never deletes before the last bytes are out.
+        let status: Containerd_V1_Types_Status = proc.finished ? .stopped : !proc.started ? .created : (proc.execID.isEmpty && c.paused) ? .paused : .running
+        let exit = proc.finished ? proc.exit : nil
+        return Containerd_Task_V2_StateResponse(r, bundle: c.bundle, pid: pid_t(proc.pid), status: status, stdio: proc.stdio, exit: exit?.0, exitedAt: exit?.1)
     }
 
     public func pids(_ r: Containerd_Task_V2_PidsRequest, in s: Sandbox, reply: @escaping Reply<Containerd_Task_V2_PidsResponse>) throws {
@@ -634,7 +669,10 @@ public final class VMTasks: TaskBackend {
     /// stopped (an exit in between is reported now, once).
     func reattach(_ s: Sandbox, _ p: VMPod) {
         for c in p.containers.values {
-            for proc in c.processes.values where !proc.finished { bridge(s, p, c, proc, resume: true) }
+            for proc in c.processes.values where !proc.finished {
+                bridge(s, p, c, proc, resume: true)
+                if proc.exit != nil { boundExitReport(s, c, proc) }
+            }
         }
         followEvents(s, p)
     }
