@@ -164,7 +164,7 @@ public final class Agent {
             bootMS.merge(boot.finish(logger: logger)) { $1 }
             lapNS = MonotonicClock.nanoseconds()
         }
-        let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, logger: logger)
+        let engine = try ContainerEngine(reactor: reactor, supervisor: supervisor, cgroups: options.boot?.cgroups, logger: logger)
         lap("engine")
         let registry = SandboxRegistry(root: options.root + "/sandboxes", engine: engine, logger: logger)
         registry.cgroupRoot = options.cgroupParent

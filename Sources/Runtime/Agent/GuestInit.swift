@@ -272,6 +272,7 @@ public enum GuestInit {
             finished = true
             var timings: [String: Double] = [:]
             var threadDid: Set<EarlyBoot.Step.Kind> = []
+            var cgroup2Failed = false
             if let early {
                 let (waitedMS, threadMS) = early.source.join()
                 timings["bootWait"] = waitedMS
@@ -281,12 +282,16 @@ public enum GuestInit {
                     timings["\(kind)"] = ms
                     if ms > 0 || failed > 0 { threadDid.insert(kind) }
                     for step in early.failures(kind) {
-                        // No cgroup2 in this kernel is no failure: v1 below.
-                        if step.kind == .cgroup && step.what == "cgroup2" && step.result == -ENODEV { threadDid.remove(.cgroup); continue }
+                        if step.kind == .cgroup && step.what == "cgroup2" {
+                            cgroup2Failed = true
+                            // No cgroup2 in this kernel is no failure: v1 below.
+                            if step.result == -ENODEV { threadDid.remove(.cgroup); continue }
+                        }
                         logger.error("init: \(step)")
                     }
                 }
             }
+            var unified = threadDid.contains(.cgroup) && !cgroup2Failed
             var t = MonotonicClock.nanoseconds()
             func lap(_ key: String) {
                 let now = MonotonicClock.nanoseconds()
@@ -305,8 +310,11 @@ public enum GuestInit {
             // A NIC shows once its transport's driver is loaded.
             if GuestInit.hasVirtioDevice(id: 1) { load(["virtio_net"]) }
             if !threadDid.contains(.cgroup) {
-                do { try GuestInit.mountCgroups() } catch { logger.error("init: cgroups: \(error)") }
+                do { unified = try GuestInit.mountCgroups() } catch { logger.error("init: cgroups: \(error)") }
             }
+            // PID 1 in the root of the cgroup2 just mounted: what the engine would find
+            // by parsing /proc/self/mountinfo, known without it.
+            cgroups = unified ? CgroupHost.unified(at: "/sys/fs/cgroup") : nil
             // Loopback, for the pod's containers (they share the guest's network).
             if !threadDid.contains(.network) {
                 do { try Network.setUp("lo") } catch { logger.error("init: lo: \(error)") }
@@ -315,6 +323,8 @@ public enum GuestInit {
             return timings
         }
         private var finished = false
+        /// The guest's cgroups once `finish` mounted cgroup2 (nil: the engine looks).
+        public private(set) var cgroups: CgroupHost?
     }
 
     /// The host's share at `sharePath` (at boot; a clone's once it was restored).
@@ -334,7 +344,9 @@ public enum GuestInit {
 
     /// cgroup v2 where the kernel has it (the container engine handles both); else v1's
     /// controllers, each on its own directory under a tmpfs.
-    static func mountCgroups() throws {
+    /// True when it is cgroup2, at /sys/fs/cgroup.
+    @discardableResult
+    static func mountCgroups() throws -> Bool {
         let fs = (try? Files.readString("/proc/filesystems")) ?? ""
         if fs.contains("cgroup2") {
             try mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, "nsdelegate")
@@ -342,7 +354,7 @@ public enum GuestInit {
             let controllers = (try? Files.readString("/sys/fs/cgroup/cgroup.controllers")) ?? ""
             let enable = controllers.split(separator: " ").map { "+" + $0.filter { !$0.isWhitespace } }.joined(separator: " ")
             if !enable.isEmpty { try? Files.write("/sys/fs/cgroup/cgroup.subtree_control", enable) }
-            return
+            return true
         }
         try mount("tmpfs", "/sys/fs/cgroup", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755")
         let lines = ((try? Files.readString("/proc/cgroups")) ?? "").split(separator: "\n").dropFirst()
@@ -352,5 +364,6 @@ public enum GuestInit {
             let name = String(f[0])
             try mount("cgroup", "/sys/fs/cgroup/" + name, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, name)
         }
+        return false
     }
 }

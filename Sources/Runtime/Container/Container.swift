@@ -53,12 +53,14 @@ public final class ContainerEngine {
     /// Removes container cgroups once the kernel lets go of them, off the request path.
     public let cgroupReaper: CgroupReaper
 
-    public init(reactor: Reactor, supervisor: ProcessSupervisor, logger: Logger = Logger(label: "kuasar.container")) throws(SystemError) {
+    /// `cgroups`: the layout when the caller knows it (a guest's PID 1 that mounted it);
+    /// nil: read from /proc/self.
+    public init(reactor: Reactor, supervisor: ProcessSupervisor, cgroups known: CgroupHost? = nil, logger: Logger = Logger(label: "kuasar.container")) throws(SystemError) {
         self.reactor = reactor
         self.supervisor = supervisor
         self.logger = logger
         cgroupReaper = CgroupReaper(reactor: reactor, logger: logger)
-        cgroups = try? CgroupHost.detect()
+        cgroups = known ?? (try? CgroupHost.detect())
         selfPidNamespace = try sys("open", "/proc/self/ns/pid") { open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC) }
     }
 

@@ -39,6 +39,12 @@ public struct CgroupHost: Sendable {
     /// v1 controllers a container cgroup is made in (when the host has them).
     static let v1Controllers = ["memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "freezer", "devices", "name=systemd"]
 
+    /// A cgroup2 hierarchy at `mount` whose root is our own cgroup (a guest's PID 1 that
+    /// mounted it): what `detect` finds there.
+    public static func unified(at mount: String) -> CgroupHost {
+        CgroupHost(mode: .v2, hierarchies: ["": (mount, "/")], order: [""])
+    }
+
     public static func detect() throws(SystemError) -> CgroupHost {
         var own: [String: String] = [:]
         for line in try Files.readString("/proc/self/cgroup").split(separator: "\n") {

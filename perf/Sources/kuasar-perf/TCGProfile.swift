@@ -115,11 +115,6 @@ enum TCGProfile {
             if mangled.hasPrefix("_Z") || mangled.hasPrefix("swift_") || mangled.hasPrefix("_swift") { return "runtime" }
             return "C"
         }
-        var byModule: [String: Int] = [:], byFunction: [String: Int] = [:]
-        for b in blocks {
-            byModule[module(b.symbol), default: 0] += b.count
-            byFunction[readable[b.symbol] ?? b.symbol, default: 0] += b.count
-        }
         // Phases: from where each marker is first translated.
         let markers: [(name: String, prefix: String)] = [("main", "main"), ("GuestInit.run", "static GuestInit.run("), ("Agent.run", "Agent.run()"),
                                                          ("engine and services", "ContainerEngine.init("), ("serving and the first call", "TTRPCServerConnection."),
@@ -140,6 +135,24 @@ enum TCGProfile {
             if cut.name == afterAnswer { break }
         }
         let path = phases.filter { $0.name != afterAnswer }.reduce(0) { $0 + $1.instructions }
+        // Modules and functions on the path to the first answer only, as its count.
+        let pathEnd = cuts.first { $0.name == afterAnswer }?.index ?? blocks.count
+        var byModule: [String: Int] = [:], byFunction: [String: Int] = [:]
+        for b in blocks[..<pathEnd] {
+            byModule[module(b.symbol), default: 0] += b.count
+            byFunction[readable[b.symbol] ?? b.symbol, default: 0] += b.count
+        }
+        // Every function of the path, by phase, for a closer look (`--functions FILE`).
+        if let i = CommandLine.arguments.firstIndex(of: "--functions"), i + 1 < CommandLine.arguments.count {
+            var lines: [String] = []
+            for (k, cut) in cuts.enumerated() where cut.index < pathEnd {
+                let end = min(k + 1 < cuts.count ? cuts[k + 1].index : blocks.count, pathEnd)
+                var f: [String: Int] = [:]
+                for b in blocks[cut.index..<end] { f[readable[b.symbol] ?? b.symbol, default: 0] += b.count }
+                lines += f.sorted { $0.value > $1.value }.map { "\(cut.name)\t\($0.value)\t\($0.key)" }
+            }
+            try (lines.joined(separator: "\n") + "\n").write(toFile: CommandLine.arguments[i + 1], atomically: false, encoding: .utf8)
+        }
         let report = Report(
             date: ISO8601DateFormatter().string(from: Date()),
             agentInstructions: path, kernelInstructions: kernel, agentBlocks: blocks.count,

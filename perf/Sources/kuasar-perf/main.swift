@@ -9,7 +9,7 @@ import Runtime
 ///   kuasar-perf external [--runs N]     container lifecycle with runc/crun under the daemon vs the runtime's own commands vs our engine
 ///   kuasar-perf pod [--runs N]          pod start over the sandbox Controller + Task API, ctr run -d vs containerd+runc, PSS at 1/100/500 pods
 ///   kuasar-perf agent [--boots N] [--runs N] [--against INITRD]  guest boot to agent-ready vs a /init that prints a line (and vs another image's agent, paired by round); container lifecycle in the guest vs on the host
-///   kuasar-perf agent-tcg  what one guest boot translates to the agent's first answer (QEMU's -d in_asm), by phase, module and function: a count that does not drift with the machine's load
+///   kuasar-perf agent-tcg [--functions FILE]  what one guest boot translates to the agent's first answer (QEMU's -d in_asm), by phase, module and function: a count that does not drift with the machine's load
 ///   kuasar-perf vm [--boots N] [--pods N]  VM pod ready + first container vs raw QEMU to a /init, same command line; PSS at 1 and N pods
 ///   kuasar-perf wasm [--runs N] [--computes N] [--lifecycles N] [--idle N]  kuasar wasm-run start (WasmKit, Wasmtime cold/warm) vs a native exec; a sieve vs native C;
 ///                    the wasm kind through the daemon (lifecycle vs a namespace container, memory of N idle containers)
