@@ -401,11 +401,18 @@ public final class Cgroup: @unchecked Sendable {
 }
 
 extension StringProtocol {
+    /// Without spaces, tabs and newlines at either end. On UTF-8 bytes, not Characters:
+    /// a guest's PID 1 calls it on its way to serving, where grapheme breaking run for the
+    /// first time is translated code under TCG.
     package var trimmingWhitespace: String {
-        var s = Substring(self)
-        while let c = s.first, c == " " || c == "\n" || c == "\t" { s.removeFirst() }
-        while let c = s.last, c == " " || c == "\n" || c == "\t" { s.removeLast() }
-        return String(s)
+        var text = String(self)
+        return text.withUTF8 { u in
+            func blank(_ b: UInt8) -> Bool { b == 0x20 || b == 0x0A || b == 0x09 }
+            var lo = 0, hi = u.count
+            while lo < hi, blank(u[lo]) { lo += 1 }
+            while hi > lo, blank(u[hi - 1]) { hi -= 1 }
+            return String(decoding: UnsafeBufferPointer(rebasing: u[lo..<hi]), as: UTF8.self)
+        }
     }
 }
 
