@@ -265,6 +265,9 @@ extension AllTests {
         let again = try GuestVMTests.reconnect(vm)
         #expect(again.pid == 1 && again.uptimeNs > check.uptimeNs, "the same agent serves on: \(again)")
         #expect(!vm.console.contains("Kernel panic") && !vm.console.contains("Fatal error"), "\(vm.console.suffix(2000))")
+        // PID 1's boot lines, formatted and logged after its first answer.
+        #expect(vm.console.contains("init: kernel 6.") && vm.console.contains("kuasar agent \(KuasarVersion.string) serving serial://agent")
+                && vm.console.contains("channel serial://agent is /dev/vport"), "\(vm.console.suffix(2000))")
     }
 
     /// kuasar.debug=1 with the debug image: a shell on the port named `debug`.

@@ -203,7 +203,8 @@ public final class Agent {
             servingAtMS = GuestInit.bootMS()
             bootMS["serve"] = servingAtMS - initEndMS
         }
-        logBoot("kuasar agent \(KuasarVersion.string) serving \(options.channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
+        let channels = options.channels
+        logBoot("kuasar agent \(KuasarVersion.string) serving \(channels.map(\.description).joined(separator: ", ")) (pid \(getpid()), reactor: \(reactor.backendKind))")
         if guestInit {
             // After the first answer (Check), or after a second without a host.
             _ = reactor.schedule(afterNS: 1_000_000_000) { [unowned self] in self.flushBootLog() }
@@ -217,15 +218,17 @@ public final class Agent {
     /// answer: each line on the serial console costs milliseconds under TCG, and its
     /// formatting code is translated afresh, which must not come before that answer (a
     /// fixed delay after serving did on a slow boot). Elsewhere they are logged at once.
-    private lazy var bootLog: [String]? = options.bootLog
+    /// Kept as closures: the lines are formatted when they are logged, not on the way.
+    private lazy var bootLog: [() -> String]? = options.bootLog.map { line in { line } }
 
-    private func logBoot(_ line: String) {
-        if bootLog != nil { bootLog?.append(line) } else { logger.info("\(line)") }
+    private func logBoot(_ line: @autoclosure @escaping () -> String) {
+        if bootLog != nil { bootLog?.append(line) } else { logger.info("\(line())") }
     }
 
     private func flushBootLog() {
-        guard var lines = bootLog else { return }
+        guard let pending = bootLog else { return }
         bootLog = nil
+        var lines = pending.map { $0() }
         if isPID1, options.guest != nil {
             // Formatted here, not before the first answer: number formatting is code PID 1
             // would otherwise run (and TCG translate) first on its way to the answer.
