@@ -83,9 +83,6 @@ public struct AgentOptions: Sendable {
     /// The boot's kernel work (modules, cgroups, loopback) while the agent starts (PID 1
     /// only): waited for before the container engine looks at the cgroups.
     public var boot: GuestInit.PendingBoot?
-    /// PID 1's boot lines, logged once it has answered its host: each line on the serial
-    /// console costs milliseconds under TCG, on the way to the first answer.
-    public var bootLog: [String] = []
     public init() {}
 }
 
@@ -219,7 +216,7 @@ public final class Agent {
     /// formatting code is translated afresh, which must not come before that answer (a
     /// fixed delay after serving did on a slow boot). Elsewhere they are logged at once.
     /// Kept as closures: the lines are formatted when they are logged, not on the way.
-    private lazy var bootLog: [() -> String]? = options.bootLog.map { line in { line } }
+    private var bootLog: [() -> String]? = []
 
     private func logBoot(_ line: @autoclosure @escaping () -> String) {
         if bootLog != nil { bootLog?.append(line) } else { logger.info("\(line())") }

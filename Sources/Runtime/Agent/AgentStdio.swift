@@ -70,7 +70,7 @@ final class OutputStream {
 
     /// The process exited: the agent's writer goes, so EOF comes once the others have.
     func processExited() {
-        if guardFD >= 0 { _ = Glibc.close(guardFD); guardFD = -1 }
+        closeGuard()
         guard !eof, exitTimer == nil else { return }
         exitTimer = reactor.schedule(afterNS: Self.exitDrainNS) { [weak self] in self?.endAfterExit() }
     }
@@ -137,8 +137,12 @@ final class OutputStream {
         call.respond(resp)
     }
 
-    func close() {
+    private func closeGuard() {
         if guardFD >= 0 { _ = Glibc.close(guardFD); guardFD = -1 }
+    }
+
+    func close() {
+        closeGuard()
         if let t = exitTimer { reactor.cancel(t); exitTimer = nil }
         connection.close()
         if let (call, _) = waiter {

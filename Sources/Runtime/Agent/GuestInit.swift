@@ -48,13 +48,14 @@ public struct GuestSettings: Equatable, Sendable {
             while i < bytes.count && bytes[i] != 0x20 && bytes[i] != 0x0A && bytes[i] != 0x09 { i += 1 }
             let word = bytes[start..<i]
             i += 1
-            guard word.count >= prefix.count, word.prefix(prefix.count).elementsEqual(prefix) else { continue }
+            guard word.starts(with: prefix) else { continue }
             let body = word.dropFirst(prefix.count)
-            let eq = body.firstIndex(of: UInt8(ascii: "="))
-            let key = String(decoding: body[..<(eq ?? body.endIndex)], as: UTF8.self)
-            let value = eq.map { String(decoding: body[body.index(after: $0)...], as: UTF8.self) } ?? ""
+            let eq = body.firstIndex(of: UInt8(ascii: "=")) ?? body.endIndex
+            let valueBytes = body[min(eq + 1, body.endIndex)...]
+            let key = String(decoding: body[..<eq], as: UTF8.self)
+            let value = String(decoding: valueBytes, as: UTF8.self)
             switch key {
-            case "channel": channels = (eq.map { body[body.index(after: $0)...] } ?? []).split(separator: UInt8(ascii: ",")).map { String(decoding: $0, as: UTF8.self) }
+            case "channel": channels = valueBytes.split(separator: UInt8(ascii: ",")).map { String(decoding: $0, as: UTF8.self) }
             case "share": shareTag = value
             case "share_type": shareType = value
             case "log": logLevel = value

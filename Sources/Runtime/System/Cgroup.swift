@@ -39,10 +39,10 @@ public struct CgroupHost: Sendable {
     /// v1 controllers a container cgroup is made in (when the host has them).
     static let v1Controllers = ["memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "freezer", "devices", "name=systemd"]
 
-    /// A cgroup2 hierarchy at `mount` whose root is our own cgroup (a guest's PID 1 that
-    /// mounted it): what `detect` finds there.
-    public static func unified(at mount: String) -> CgroupHost {
-        CgroupHost(mode: .v2, hierarchies: ["": (mount, "/")], order: [""])
+    /// The cgroup2 hierarchy at `mount`, ours at `own` in it (its root for a guest's PID 1
+    /// that mounted it, which knows so without `detect`).
+    public static func unified(at mount: String, own: String = "/") -> CgroupHost {
+        CgroupHost(mode: .v2, hierarchies: ["": (mount, own)], order: [""])
     }
 
     public static func detect() throws(SystemError) -> CgroupHost {
@@ -73,7 +73,7 @@ public struct CgroupHost: Sendable {
             }
         }
         if let root = unifiedRoot {
-            return CgroupHost(mode: .v2, hierarchies: ["": (root, own[""] ?? "/")], order: [""])
+            return unified(at: root, own: own[""] ?? "/")
         }
         var h: [String: (mount: String, own: String)] = [:]
         for (c, m) in mounts { h[c] = (m, own[c] ?? "/") }

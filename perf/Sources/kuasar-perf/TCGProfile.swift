@@ -40,7 +40,8 @@ enum TCGProfile {
 
     static let afterAnswer = "after the first answer (its timers)"
 
-    static func run() throws {
+    /// `functionsFile`: every function of the path, by phase, written there for a closer look.
+    static func run(functionsFile: String?) throws {
         let log = ContainerBenchmark.log
         let root = PodBenchmark.repositoryRoot
         let image = root + "/.build/guest", elf = root + "/.build-static/release/kuasar-agent"
@@ -104,6 +105,7 @@ enum TCGProfile {
         let demangled = try ContainerBenchmark.sh("swift demangle --simplified --compact < \(input)").split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         var readable: [String: String] = [:]
         for (i, n) in names.enumerated() where i < demangled.count { readable[n] = demangled[i] }
+        func name(_ symbol: String) -> String { readable[symbol] ?? symbol }
 
         func module(_ mangled: String) -> String {
             if mangled.hasPrefix("$s") {
@@ -123,35 +125,35 @@ enum TCGProfile {
                                                          (afterAnswer, "Agent.flushBootLog()"), (afterAnswer, "Agent.finishBoot()")]
         var cuts: [(name: String, index: Int)] = [("before main", 0)]
         for m in markers {
-            if let i = blocks.firstIndex(where: { (readable[$0.symbol] ?? $0.symbol).hasPrefix(m.prefix) || (readable[$0.symbol] ?? "").hasPrefix("partial apply for " + m.prefix) }) {
+            if let i = blocks.firstIndex(where: { name($0.symbol).hasPrefix(m.prefix) || name($0.symbol).hasPrefix("partial apply for " + m.prefix) }) {
                 cuts.append((m.name, i))
             }
         }
         cuts.sort { $0.index < $1.index }
-        var phases: [Phase] = []
-        for (k, cut) in cuts.enumerated() where k == 0 || cuts[k - 1].name != afterAnswer {
-            let end = k + 1 < cuts.count ? cuts[k + 1].index : blocks.count
-            phases.append(Phase(name: cut.name, instructions: blocks[cut.index..<(cut.name == afterAnswer ? blocks.count : end)].reduce(0) { $0 + $1.count }))
-            if cut.name == afterAnswer { break }
+        // Each phase's blocks: to the next cut, and everything from the first answer's.
+        var ranges: [(name: String, blocks: Range<Int>)] = []
+        for (k, cut) in cuts.enumerated() {
+            if cut.name == afterAnswer { ranges.append((cut.name, cut.index..<blocks.count)); break }
+            ranges.append((cut.name, cut.index..<(k + 1 < cuts.count ? cuts[k + 1].index : blocks.count)))
         }
+        let phases = ranges.map { r in Phase(name: r.name, instructions: blocks[r.blocks].reduce(0) { $0 + $1.count }) }
+        let onPath = ranges.filter { $0.name != afterAnswer }
         let path = phases.filter { $0.name != afterAnswer }.reduce(0) { $0 + $1.instructions }
         // Modules and functions on the path to the first answer only, as its count.
-        let pathEnd = cuts.first { $0.name == afterAnswer }?.index ?? blocks.count
+        let pathEnd = onPath.last?.blocks.upperBound ?? 0
         var byModule: [String: Int] = [:], byFunction: [String: Int] = [:]
         for b in blocks[..<pathEnd] {
             byModule[module(b.symbol), default: 0] += b.count
-            byFunction[readable[b.symbol] ?? b.symbol, default: 0] += b.count
+            byFunction[name(b.symbol), default: 0] += b.count
         }
-        // Every function of the path, by phase, for a closer look (`--functions FILE`).
-        if let i = CommandLine.arguments.firstIndex(of: "--functions"), i + 1 < CommandLine.arguments.count {
+        if let functionsFile {
             var lines: [String] = []
-            for (k, cut) in cuts.enumerated() where cut.index < pathEnd {
-                let end = min(k + 1 < cuts.count ? cuts[k + 1].index : blocks.count, pathEnd)
+            for r in onPath {
                 var f: [String: Int] = [:]
-                for b in blocks[cut.index..<end] { f[readable[b.symbol] ?? b.symbol, default: 0] += b.count }
-                lines += f.sorted { $0.value > $1.value }.map { "\(cut.name)\t\($0.value)\t\($0.key)" }
+                for b in blocks[r.blocks] { f[name(b.symbol), default: 0] += b.count }
+                lines += f.sorted { $0.value > $1.value }.map { "\(r.name)\t\($0.value)\t\($0.key)" }
             }
-            try (lines.joined(separator: "\n") + "\n").write(toFile: CommandLine.arguments[i + 1], atomically: false, encoding: .utf8)
+            try (lines.joined(separator: "\n") + "\n").write(toFile: functionsFile, atomically: false, encoding: .utf8)
         }
         let report = Report(
             date: ISO8601DateFormatter().string(from: Date()),

@@ -58,7 +58,7 @@ case "container":
 case "agent":
     try AgentBenchmark.run(boots: Int(option("--boots", default: 5)), lifecycles: Int(option("--runs", default: 30)), against: stringOption("--against"))
 case "agent-tcg":
-    try TCGProfile.run()
+    try TCGProfile.run(functionsFile: stringOption("--functions"))
 case "vm":
     try VMBenchmark.run(boots: Int(option("--boots", default: 8)), pods: Int(option("--pods", default: 10)))
 case "wasm":

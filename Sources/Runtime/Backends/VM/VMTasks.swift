@@ -344,8 +344,7 @@ public final class VMTasks: TaskBackend {
     /// is all out; stopAll hears of an init's exit at once.
     private func exited(_ s: Sandbox, _ p: VMPod, _ c: VMContainer, _ proc: VMProcess, _ status: ExitStatus, at: WallTime?, save: Bool) {
         proc.exit = (status, at)
-        finishIfDone(s, c, proc, save: save)
-        if !proc.finished { boundExitReport(s, c, proc) }
+        reportExit(s, c, proc, save: save)
         if proc.execID.isEmpty {
             let waiters = c.initExitWaiters
             c.initExitWaiters.removeAll()
@@ -360,9 +359,11 @@ public final class VMTasks: TaskBackend {
     /// Delete for ever. As the container engine's drain of a pipe: bounded, then reported.
     static let exitReportBoundNS: UInt64 = 10_000_000_000
 
-    /// The exit is known, the output not all out: reported anyway at the bound; the bridge
-    /// goes on delivering while the FIFO is read, until Delete.
-    private func boundExitReport(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess) {
+    /// `proc`'s exit is known: reported now if its output is all out, else once it is — or
+    /// at the bound, the bridge then delivering the rest while the FIFO is read, until Delete.
+    private func reportExit(_ s: Sandbox, _ c: VMContainer, _ proc: VMProcess, save: Bool = true) {
+        finishIfDone(s, c, proc, save: save)
+        guard !proc.finished else { return }
         reactor.schedule(afterNS: Self.exitReportBoundNS) { [weak self, weak s, weak proc] in
             guard let self, let s, let proc, !proc.finished, proc.exit != nil else { return }
             self.logger.warning("container \(c.id)\(proc.execID.isEmpty ? "" : " exec \(proc.execID)"): its output has not all reached the FIFOs \(Self.exitReportBoundNS / 1_000_000_000) s after the exit (is anyone reading them?); the exit is reported, the rest follows while they are read, until Delete")
@@ -385,8 +386,7 @@ public final class VMTasks: TaskBackend {
             // The init is gone: so is every exec of the container (the guest killed them).
             for other in c.processes.values where other !== proc && other.started && other.exit == nil {
                 other.exit = (.signaled(SIGKILL, coreDumped: false), at)
-                finishIfDone(s, c, other, save: save)
-                if !other.finished { boundExitReport(s, c, other) }
+                reportExit(s, c, other, save: save)
             }
         }
     }
@@ -671,7 +671,7 @@ public final class VMTasks: TaskBackend {
         for c in p.containers.values {
             for proc in c.processes.values where !proc.finished {
                 bridge(s, p, c, proc, resume: true)
-                if proc.exit != nil { boundExitReport(s, c, proc) }
+                if proc.exit != nil { reportExit(s, c, proc) }
             }
         }
         followEvents(s, p)
